@@ -1,0 +1,1 @@
+"""Resonant's code generator: schema/*.yaml -> Cython codec, Python classes, specs, tests."""

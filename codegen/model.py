@@ -1,0 +1,606 @@
+"""Load and validate the YAML schema into a frozen model.
+
+Every problem is reported as a :class:`SchemaError` whose message starts with the
+YAML file and path of the offending entry, e.g.
+``vframe.yaml: enums.dtype.values[2].size.rule: unknown size rule 'bits' (expected one of element, packed, block, opaque)``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+WIDTHS = {"u8": 1, "u16": 2, "u32": 4, "u64": 8}
+STRUCT_CHARS = {"u8": "B", "u16": "H", "u32": "I", "u64": "Q"}
+C_TYPES = {"u8": "uint8_t", "u16": "uint16_t", "u32": "uint32_t", "u64": "uint64_t"}
+SIZE_RULES = ("element", "packed", "block", "opaque")
+ROLE_KINDS = ("tensor", "text", "json")
+IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+HANDSHAKE_TYPES = ("string", "number", "bool", "u32", "object", "list[string]")
+
+
+class SchemaError(Exception):
+    """The schema is invalid; the message names the YAML file and path."""
+
+
+class _Node:
+    """A YAML value with the path that leads to it, for error messages."""
+
+    def __init__(self, value: Any, path: str, file: str):
+        self.value = value
+        self.path = path
+        self.file = file
+
+    def fail(self, msg: str) -> "SchemaError":
+        return SchemaError(f"{self.file}: {self.path}: {msg}")
+
+    def child(self, key: str | int) -> "_Node":
+        if isinstance(key, int):
+            path = f"{self.path}[{key}]"
+            return _Node(self.value[key], path, self.file)
+        path = f"{self.path}.{key}" if self.path else key
+        return _Node(self.value.get(key) if isinstance(self.value, dict) else None, path, self.file)
+
+    def mapping(self, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> "_Node":
+        if not isinstance(self.value, dict):
+            raise self.fail(f"expected a mapping, got {type(self.value).__name__}")
+        for key in required:
+            if key not in self.value:
+                raise self.fail(f"missing required key '{key}'")
+        allowed = set(required) | set(optional)
+        for key in self.value:
+            if key not in allowed:
+                raise self.child(str(key)).fail(f"unknown key (allowed: {', '.join(sorted(allowed))})")
+        return self
+
+    def seq(self) -> list["_Node"]:
+        if not isinstance(self.value, list):
+            raise self.fail(f"expected a list, got {type(self.value).__name__}")
+        return [self.child(i) for i in range(len(self.value))]
+
+    def str(self) -> str:
+        if not isinstance(self.value, str) or not self.value.strip():
+            raise self.fail(f"expected a non-empty string, got {self.value!r}")
+        return self.value
+
+    def ident(self) -> str:
+        s = self.str()
+        if not IDENT.match(s):
+            raise self.fail(f"{s!r} is not a valid identifier")
+        return s
+
+    def int(self, lo: int = 0, hi: int | None = None) -> int:
+        if not isinstance(self.value, int) or isinstance(self.value, bool):
+            raise self.fail(f"expected an integer, got {self.value!r}")
+        if self.value < lo or (hi is not None and self.value > hi):
+            raise self.fail(f"{self.value} is out of range [{lo}, {hi}]")
+        return self.value
+
+    def doc(self) -> str:
+        d = self.child("doc")
+        if d.value is None:
+            raise self.fail("missing required key 'doc' (every entry carries a one-line doc)")
+        s = d.str()
+        if "\n" in s.strip():
+            raise d.fail("doc must be one line")
+        return s.strip()
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class Limit:
+    name: str
+    value: int
+    doc: str
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    type: str
+    doc: str
+    enum: str | None = None
+    count: str | None = None
+    limit: str | None = None
+    length: str | None = None
+
+    @property
+    def width(self) -> int:
+        return WIDTHS.get(self.type, 0)
+
+    @property
+    def struct_char(self) -> str:
+        return STRUCT_CHARS[self.type]
+
+    @property
+    def ctype(self) -> str:
+        return C_TYPES[self.type]
+
+    @property
+    def max_value(self) -> int:
+        return (1 << (8 * self.width)) - 1
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    kind: str
+    doc: str
+
+
+@dataclass(frozen=True)
+class SizeRule:
+    rule: str
+    bytes: int = 0
+    bits: int = 0
+    block_elements: int = 0
+    block_bytes: int = 0
+
+    def describe(self) -> str:
+        if self.rule == "element":
+            return f"n × {self.bytes}"
+        if self.rule == "packed":
+            return f"ceil(n × {self.bits} / 8)"
+        if self.rule == "block":
+            return f"ceil(n / {self.block_elements}) × {self.block_bytes}"
+        return "slice_len (any length)"
+
+    def nbytes(self, n: int) -> int | None:
+        """Payload bytes for n elements, or None when the size is free (opaque)."""
+        if self.rule == "element":
+            return n * self.bytes
+        if self.rule == "packed":
+            return (n * self.bits + 7) // 8
+        if self.rule == "block":
+            return -(-n // self.block_elements) * self.block_bytes
+        return None
+
+
+@dataclass(frozen=True)
+class EnumValue:
+    name: str
+    value: int
+    doc: str
+    class_name: str | None = None
+    roles: tuple[Role, ...] = ()
+    layouts: tuple[tuple[str, ...], ...] = ()
+    size: SizeRule | None = None
+    numpy: str | None = None
+    body_transform: bool = False
+
+    def role(self, name: str) -> Role:
+        return next(r for r in self.roles if r.name == name)
+
+    @property
+    def min_slices(self) -> int:
+        return min(len(lay) for lay in self.layouts)
+
+    @property
+    def max_slices(self) -> int:
+        return max(len(lay) for lay in self.layouts)
+
+    def role_index(self, role: str, count: int) -> int | None:
+        """Index of `role` in the layout with `count` slices, or None."""
+        for lay in self.layouts:
+            if len(lay) == count:
+                return lay.index(role) if role in lay else None
+        return None
+
+
+@dataclass(frozen=True)
+class Enum:
+    name: str
+    doc: str
+    bits: bool
+    values: tuple[EnumValue, ...]
+
+    @property
+    def mask(self) -> int:
+        m = 0
+        for v in self.values:
+            m |= v.value
+        return m
+
+    def by_name(self, name: str) -> EnumValue:
+        return next(v for v in self.values if v.name == name)
+
+
+@dataclass(frozen=True)
+class ErrorDef:
+    name: str
+    bases: tuple[str, ...]
+    doc: str
+
+
+@dataclass(frozen=True)
+class VFrame:
+    source: str
+    id: str
+    title: str
+    version: int
+    doc: str
+    limits: tuple[Limit, ...]
+    header: tuple[Field, ...]
+    slice_len_rule_doc: str
+    slice: tuple[Field, ...]
+    trailer: tuple[Field, ...]
+    enums: dict[str, Enum]
+    errors: tuple[ErrorDef, ...]
+
+    def limit(self, name: str) -> int:
+        return next(lim.value for lim in self.limits if lim.name == name)
+
+    @property
+    def counted_index(self) -> int:
+        return next(i for i, f in enumerate(self.header) if f.count)
+
+    @property
+    def prefix(self) -> tuple[Field, ...]:
+        """Fixed-width header fields before the slice_len table."""
+        return self.header[: self.counted_index]
+
+    @property
+    def suffix(self) -> tuple[Field, ...]:
+        """Fixed-width header fields after the slice_len table."""
+        return self.header[self.counted_index + 1 :]
+
+    @property
+    def counted(self) -> Field:
+        return self.header[self.counted_index]
+
+    def prefix_offset(self, name: str) -> int:
+        off = 0
+        for f in self.prefix:
+            if f.name == name:
+                return off
+            off += f.width
+        raise KeyError(name)
+
+    @property
+    def prefix_size(self) -> int:
+        return sum(f.width for f in self.prefix)
+
+    def suffix_offset(self, name: str) -> int:
+        off = 0
+        for f in self.suffix:
+            if f.name == name:
+                return off
+            off += f.width
+        raise KeyError(name)
+
+    @property
+    def suffix_size(self) -> int:
+        return sum(f.width for f in self.suffix)
+
+    @property
+    def crc(self) -> Field:
+        return self.trailer[0]
+
+    @property
+    def min_frame_bytes(self) -> int:
+        return self.prefix_size + self.suffix_size + self.crc.width
+
+    @property
+    def message_types(self) -> tuple[EnumValue, ...]:
+        return self.enums["msg_type"].values
+
+    @property
+    def dtypes(self) -> tuple[EnumValue, ...]:
+        return self.enums["dtype"].values
+
+    def field(self, name: str) -> Field:
+        for f in self.header + self.slice + self.trailer:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class HField:
+    name: str
+    type: str
+    required: bool
+    doc: str
+    const: str | None = None
+    choices: tuple[str, ...] = ()
+    fields: tuple["HField", ...] = ()
+
+
+@dataclass(frozen=True)
+class HMessage:
+    name: str
+    doc: str
+    fields: tuple[HField, ...]
+    example: Any = field(compare=False, default=None)
+
+
+@dataclass(frozen=True)
+class Handshake:
+    source: str
+    title: str
+    version: int
+    doc: str
+    limits: tuple[Limit, ...]
+    flow: tuple[tuple[int, str, str, str], ...]
+    messages: tuple[HMessage, ...]
+
+    def limit(self, name: str) -> int:
+        return next(lim.value for lim in self.limits if lim.name == name)
+
+
+@dataclass(frozen=True)
+class Model:
+    vframe: VFrame
+    handshake: Handshake
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read(path: Path) -> _Node:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise SchemaError(f"{path.name}: not valid YAML: {exc}") from None
+    return _Node(data, "", path.name)
+
+
+def _limits(node: _Node) -> tuple[Limit, ...]:
+    out = []
+    seen = set()
+    for item in node.seq():
+        item.mapping(("name", "value", "doc"))
+        name = item.child("name").ident()
+        if name in seen:
+            raise item.child("name").fail(f"duplicate limit '{name}'")
+        seen.add(name)
+        out.append(Limit(name, item.child("value").int(1), item.doc()))
+    return tuple(out)
+
+
+def _fields(node: _Node, limits: set[str], counts: set[str]) -> tuple[Field, ...]:
+    out = []
+    names: set[str] = set()
+    for item in node.seq():
+        item.mapping(("name", "type", "doc"), ("enum", "count", "limit", "length", "check"))
+        name = item.child("name").ident()
+        if name in names:
+            raise item.child("name").fail(f"duplicate field '{name}'")
+        names.add(name)
+        ftype = item.child("type").str()
+        if ftype not in WIDTHS and ftype != "bytes":
+            raise item.child("type").fail(f"unknown type '{ftype}' (expected u8, u16, u32, u64 or bytes)")
+        lim = item.child("limit").value
+        if lim is not None and lim not in limits:
+            raise item.child("limit").fail(f"unknown limit '{lim}' (defined: {', '.join(sorted(limits))})")
+        cnt = item.child("count").value
+        if cnt is not None and cnt not in counts and cnt not in names:
+            raise item.child("count").fail(f"count '{cnt}' names neither an earlier field nor a count rule")
+        length = item.child("length").value
+        if ftype == "bytes" and length is None:
+            raise item.fail("a bytes field needs 'length'")
+        out.append(Field(name, ftype, item.doc(), item.child("enum").value, cnt, lim, length))
+    return tuple(out)
+
+
+def _roles(node: _Node) -> tuple[Role, ...]:
+    out = []
+    for item in node.seq():
+        item.mapping(("name", "kind", "doc"))
+        kind = item.child("kind").str()
+        if kind not in ROLE_KINDS:
+            raise item.child("kind").fail(f"unknown role kind '{kind}' (expected one of {', '.join(ROLE_KINDS)})")
+        out.append(Role(item.child("name").ident(), kind, item.doc()))
+    if len({r.name for r in out}) != len(out):
+        raise node.fail("duplicate role names")
+    return tuple(out)
+
+
+def _size(node: _Node) -> SizeRule:
+    node.mapping(("rule",), ("bytes", "bits", "block_elements", "block_bytes"))
+    rule = node.child("rule").str()
+    if rule not in SIZE_RULES:
+        raise node.child("rule").fail(f"unknown size rule '{rule}' (expected one of {', '.join(SIZE_RULES)})")
+    if rule == "element":
+        return SizeRule(rule, bytes=node.child("bytes").int(1, 64))
+    if rule == "packed":
+        return SizeRule(rule, bits=node.child("bits").int(1, 7))
+    if rule == "block":
+        return SizeRule(rule, block_elements=node.child("block_elements").int(1, 4096),
+                        block_bytes=node.child("block_bytes").int(1, 65536))
+    return SizeRule(rule)
+
+
+def _enum(name: str, node: _Node, width: int) -> Enum:
+    node.mapping(("doc", "values"), ("bits",))
+    bits = bool(node.child("bits").value)
+    values: list[EnumValue] = []
+    for item in node.child("values").seq():
+        item.mapping(("name", "value", "doc"),
+                     ("class", "roles", "layouts", "size", "numpy", "body_transform"))
+        vname = item.child("name").ident()
+        value = item.child("value").int(0, (1 << (8 * width)) - 1)
+        if bits and (value == 0 or value & (value - 1)):
+            raise item.child("value").fail(f"{value} is not a single bit")
+        if any(v.value == value for v in values):
+            raise item.child("value").fail(f"duplicate value {value}")
+        if any(v.name == vname for v in values):
+            raise item.child("name").fail(f"duplicate name '{vname}'")
+        extra: dict[str, Any] = {}
+        if name == "msg_type":
+            item.mapping(("name", "value", "doc", "class", "roles", "layouts"))
+            extra["class_name"] = item.child("class").ident()
+            roles = _roles(item.child("roles"))
+            layouts = []
+            counts = set()
+            for lay in item.child("layouts").seq():
+                names = tuple(r.str() for r in lay.seq())
+                for i, r in enumerate(names):
+                    if r not in {ro.name for ro in roles}:
+                        raise lay.child(i).fail(f"unknown role '{r}'")
+                if len(names) in counts:
+                    raise lay.fail(f"two layouts with {len(names)} slices: slice roles would be ambiguous")
+                counts.add(len(names))
+                layouts.append(names)
+            if not layouts:
+                raise item.child("layouts").fail("at least one layout is required")
+            extra["roles"] = roles
+            extra["layouts"] = tuple(layouts)
+        if name == "dtype":
+            item.mapping(("name", "value", "doc", "size"), ("numpy",))
+            extra["size"] = _size(item.child("size"))
+            extra["numpy"] = item.child("numpy").value
+        if name == "flags":
+            item.mapping(("name", "value", "doc"), ("body_transform",))
+            extra["body_transform"] = bool(item.child("body_transform").value)
+        if name == "modality":
+            item.mapping(("name", "value", "doc"))
+        values.append(EnumValue(vname, value, item.doc(), **extra))
+    return Enum(name, node.doc(), bits, tuple(values))
+
+
+def load_vframe(path: Path) -> VFrame:
+    root = _read(path).mapping(
+        ("meta", "limits", "header", "slice_len_rule", "slice", "trailer", "enums", "errors"))
+    meta = root.child("meta").mapping(("id", "title", "version", "endian", "doc"))
+    if meta.child("endian").value != "little":
+        raise meta.child("endian").fail("only little-endian layouts are supported")
+    limits = _limits(root.child("limits"))
+    lnames = {lim.name for lim in limits}
+    for needed in ("max_frame_bytes", "max_slices", "max_dims"):
+        if needed not in lnames:
+            raise root.child("limits").fail(f"missing limit '{needed}'")
+    rule = root.child("slice_len_rule").mapping(("name", "doc"))
+    rule_name = rule.child("name").ident()
+    header = _fields(root.child("header"), lnames, {rule_name})
+    slice_ = _fields(root.child("slice"), lnames, set())
+    trailer = _fields(root.child("trailer"), lnames, set())
+
+    # The generator renders one family of layouts: fixed header fields, one counted
+    # u32 table, fixed fields; slices of (dtype, shape_len, shape[shape_len], payload);
+    # a CRC trailer. Anything else is named here rather than mis-rendered.
+    hnode = root.child("header")
+    counted = [i for i, f in enumerate(header) if f.count]
+    if len(counted) != 1 or header[counted[0]].count != rule_name or header[counted[0]].type != "u32":
+        raise hnode.fail(f"exactly one header field must be a u32 table with count '{rule_name}'")
+    for i, f in enumerate(header):
+        if f.type == "bytes":
+            raise hnode.child(i).child("type").fail("header fields must be fixed-width integers")
+    need = {"version": "u8", "msg_type": "u8", "flags": "u16", "num_slices": "u64", "modality": "u8",
+            "space_hash32": "u32", "stream_id": "u32", "frame_seq": "u64"}
+    hmap = {f.name: f for f in header}
+    for n, t in need.items():
+        if n not in hmap:
+            raise hnode.fail(f"missing header field '{n}'")
+        if hmap[n].type != t:
+            raise hnode.child(header.index(hmap[n])).child("type").fail(f"'{n}' must be {t}")
+    if header.index(hmap["num_slices"]) > counted[0] or header.index(hmap["version"]) != 0:
+        raise hnode.fail("'version' must come first and 'num_slices' before the slice_len table")
+    snode = root.child("slice")
+    shape_ok = (
+        [f.name for f in slice_] == ["dtype", "shape_len", "shape", "payload"]
+        and slice_[0].type == "u8" and slice_[1].type == "u8" and slice_[2].type == "u32"
+        and slice_[2].count == "shape_len" and slice_[3].type == "bytes"
+        and slice_[3].length == header[counted[0]].name
+    )
+    if not shape_ok:
+        raise snode.fail("slice must be dtype u8, shape_len u8, shape u32[shape_len], payload bytes[slice_len]")
+    if len(trailer) != 1 or trailer[0].type != "u32" or trailer[0].name != "crc32":
+        raise root.child("trailer").fail("trailer must be one u32 field 'crc32'")
+
+    enode = root.child("enums").mapping(("msg_type", "modality", "flags", "dtype"))
+    enums = {name: _enum(name, enode.child(name), hmap[name].width if name in hmap else 1)
+             for name in ("msg_type", "modality", "flags", "dtype")}
+    for fld, fnode in ((f, hnode.child(i)) for i, f in enumerate(header)):
+        if fld.enum is not None and fld.enum not in enums:
+            raise fnode.child("enum").fail(f"unknown enum '{fld.enum}'")
+    if not enums["flags"].bits:
+        raise enode.child("flags").fail("flags must have 'bits: true'")
+    classes = [v.class_name for v in enums["msg_type"].values]
+    if len(set(classes)) != len(classes):
+        raise enode.child("msg_type").fail("duplicate class names")
+
+    errors: list[ErrorDef] = []
+    known: set[str] = set()
+    for item in root.child("errors").seq():
+        item.mapping(("name", "doc"), ("base",))
+        ename = item.child("name").ident()
+        bases = tuple(item.child("base").value or ["Exception"])
+        for j, b in enumerate(bases):
+            if b not in known and b not in ("Exception", "ValueError", "TypeError"):
+                raise item.child("base").child(j).fail(f"base '{b}' is not an earlier error")
+        known.add(ename)
+        errors.append(ErrorDef(ename, bases, item.doc()))
+    for needed in ("ResonantError", "DecodeError", "EncodeError", "TruncatedFrame", "TrailingBytes",
+                   "ChecksumMismatch", "UnknownVersion", "UnknownMessageType", "UnknownFlags",
+                   "UnknownModality", "UnknownDType", "SizeMismatch", "LimitExceeded", "LayoutError",
+                   "UnsupportedDType"):
+        if needed not in known:
+            raise root.child("errors").fail(f"missing error '{needed}' (the codec raises it)")
+
+    return VFrame(
+        source=path.name,
+        id=meta.child("id").ident(),
+        title=meta.child("title").str(),
+        version=meta.child("version").int(1, 255),
+        doc=meta.doc(),
+        limits=limits,
+        header=header,
+        slice_len_rule_doc=rule.doc(),
+        slice=slice_,
+        trailer=trailer,
+        enums=enums,
+        errors=tuple(errors),
+    )
+
+
+def _hfields(node: _Node) -> tuple[HField, ...]:
+    out = []
+    for item in node.seq():
+        item.mapping(("name", "type", "required", "doc"), ("const", "choices", "fields"))
+        htype = item.child("type").str()
+        if htype not in HANDSHAKE_TYPES:
+            raise item.child("type").fail(f"unknown type '{htype}' (expected one of {', '.join(HANDSHAKE_TYPES)})")
+        req = item.child("required").value
+        if not isinstance(req, bool):
+            raise item.child("required").fail("expected true or false")
+        choices = tuple(c.str() for c in item.child("choices").seq()) if item.child("choices").value else ()
+        sub = _hfields(item.child("fields")) if item.child("fields").value is not None else ()
+        if sub and htype != "object":
+            raise item.child("fields").fail("only an object has fields")
+        out.append(HField(item.child("name").str(), htype, req, item.doc(),
+                          item.child("const").value, choices, sub))
+    return tuple(out)
+
+
+def load_handshake(path: Path) -> Handshake:
+    root = _read(path).mapping(("meta", "limits", "flow", "messages"))
+    meta = root.child("meta").mapping(("id", "title", "version", "doc"))
+    limits = _limits(root.child("limits"))
+    for needed in ("max_json_bytes", "max_list_items", "max_string_chars"):
+        if needed not in {lim.name for lim in limits}:
+            raise root.child("limits").fail(f"missing limit '{needed}'")
+    flow = []
+    for item in root.child("flow").seq():
+        item.mapping(("step", "sender", "message", "doc"))
+        flow.append((item.child("step").int(1), item.child("sender").str(),
+                     item.child("message").str(), item.doc()))
+    messages = []
+    for item in root.child("messages").seq():
+        item.mapping(("name", "doc", "fields"), ("example",))
+        fields = _hfields(item.child("fields"))
+        if not fields or fields[0].name != "method" or fields[0].const != item.child("name").value:
+            raise item.child("fields").fail("the first field must be 'method' with const equal to the message name")
+        messages.append(HMessage(item.child("name").ident(), item.doc(), fields, item.child("example").value))
+    return Handshake(path.name, meta.child("title").str(), meta.child("version").int(1), meta.doc(),
+                     limits, tuple(flow), tuple(messages))
+
+
+def load(schema_dir: Path) -> Model:
+    return Model(load_vframe(schema_dir / "vframe.yaml"), load_handshake(schema_dir / "handshake.yaml"))

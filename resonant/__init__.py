@@ -1,0 +1,45 @@
+"""Resonant: V-Frames for hidden states, KV caches, embeddings and control messages.
+
+>>> import numpy as np, resonant
+>>> frame = resonant.Think(np.zeros((1, 8), np.float16), stream_id=7)
+>>> resonant.decode(resonant.encode(frame)) == frame
+True
+"""
+
+from resonant._codec import (
+    Ask,
+    Cache,
+    Critique,
+    Frame,
+    Slice,
+    Sync,
+    Think,
+    crc32,
+    crc32_backend,
+    decode,
+    encode,
+    make_frame,
+)
+from resonant._spec import (
+    MAX_DIMS,
+    MAX_FRAME_BYTES,
+    MAX_SLICES,
+    MIN_FRAME_BYTES,
+    VERSION,
+    DType,
+    Flags,
+    Modality,
+    MsgType,
+)
+from resonant.errors import *  # noqa: F401,F403
+from resonant.errors import __all__ as _errors_all
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Ask", "Cache", "Critique", "Frame", "Slice", "Sync", "Think",
+    "decode", "encode", "make_frame", "crc32", "crc32_backend",
+    "DType", "Flags", "Modality", "MsgType",
+    "MAX_DIMS", "MAX_FRAME_BYTES", "MAX_SLICES", "MIN_FRAME_BYTES", "VERSION",
+    *_errors_all,
+]

@@ -1,0 +1,44 @@
+"""Builds the Cython codec. Switches (environment variables, as asyncpg's setup.py has):
+
+RESONANT_DEBUG=1      compile with -O0 -g and Cython's bounds checks on
+RESONANT_ANNOTATE=1   write the Cython HTML annotation next to the .pyx
+RESONANT_LINETRACE=1  enable line tracing for coverage of the Cython code
+"""
+
+import os
+import sys
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+debug = os.environ.get("RESONANT_DEBUG") == "1"
+linetrace = os.environ.get("RESONANT_LINETRACE") == "1"
+
+directives = {"language_level": "3"}
+macros = []
+if debug:
+    directives.update(boundscheck=True, wraparound=True)
+if linetrace:
+    directives.update(linetrace=True, binding=True)
+    macros.append(("CYTHON_TRACE_NOGIL", "1"))
+
+compile_args = ["-O0", "-g"] if debug else ["-O3"]
+libraries = ["dl"] if sys.platform.startswith("linux") else []
+
+extensions = [
+    Extension(
+        "resonant._codec",
+        ["resonant/_codec.pyx"],
+        extra_compile_args=compile_args,
+        define_macros=macros,
+        libraries=libraries,
+    )
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives=directives,
+        annotate=os.environ.get("RESONANT_ANNOTATE") == "1",
+    )
+)
