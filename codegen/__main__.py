@@ -1,7 +1,7 @@
 """`python -m codegen [--check] [--schema DIR] [--out DIR]`.
 
-Without --check, writes every generated file. With --check, renders into memory and
-compares with what is on disk; exits 1 (printing the fix command) when anything differs.
+Without --check, writes every generated file. With --check, renders into a temporary directory and
+compares them with what is checked in; exits 1 (printing the fix command) when anything differs.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
+import tempfile
 from pathlib import Path
 
 from .model import SchemaError, load
@@ -29,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     rendered = render_all(model)
     if args.check:
         stale = []
-        for target, text in rendered.items():
+        with tempfile.TemporaryDirectory(prefix="resonant-codegen-") as tmp:
+            _write(rendered, Path(tmp), quiet=True)
+            fresh = {target: (Path(tmp) / target).read_text(encoding="utf-8") for target in rendered}
+        for target, text in fresh.items():
             path = args.out / target
             current = path.read_text(encoding="utf-8") if path.exists() else ""
             if current != text:
@@ -43,13 +47,18 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"codegen: {len(rendered)} generated files are up to date")
         return 0
+    _write(rendered, args.out, quiet=False)
+    return 0
+
+
+def _write(rendered: dict[str, str], root: Path, quiet: bool) -> None:
     for target, text in rendered.items():
-        path = args.out / target
+        path = root / target
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             path.write_text(text, encoding="utf-8")
-            print(f"codegen: wrote {target}")
-    return 0
+            if not quiet:
+                print(f"codegen: wrote {target}")
 
 
 if __name__ == "__main__":

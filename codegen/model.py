@@ -50,7 +50,8 @@ class _Node:
             raise self.fail(f"expected a mapping, got {type(self.value).__name__}")
         for key in required:
             if key not in self.value:
-                raise self.fail(f"missing required key '{key}'")
+                why = " (every entry carries a one-line doc)" if key == "doc" else ""
+                raise self.fail(f"missing required key '{key}'{why}")
         allowed = set(required) | set(optional)
         for key in self.value:
             if key not in allowed:

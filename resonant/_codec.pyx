@@ -34,6 +34,7 @@ from resonant.errors import (
     SizeMismatch,
     LimitExceeded,
     LayoutError,
+    HandshakeError,
     EncodeError,
     UnsupportedDType,
 )

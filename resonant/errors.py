@@ -23,6 +23,7 @@ __all__ = [
     "SizeMismatch",
     "LimitExceeded",
     "LayoutError",
+    "HandshakeError",
     "EncodeError",
     "UnsupportedDType",
 ]
@@ -85,6 +86,10 @@ class LimitExceeded(DecodeError):
 
 class LayoutError(DecodeError):
     """The slices do not fit the message type (count or role dtype)."""
+
+
+class HandshakeError(DecodeError):
+    """A handshake JSON document is malformed, oversized or breaks its schema."""
 
 
 class EncodeError(ResonantError, ValueError):

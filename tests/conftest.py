@@ -1,0 +1,44 @@
+"""Shared fixtures: the reference vectors, Hypothesis profiles (dev / ci / expensive).
+
+HYPOTHESIS_PROFILE picks the profile; with CI=true the default is `ci`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/strategies.py (generated)
+
+ROOT = Path(__file__).resolve().parent.parent
+VECTORS = Path(__file__).parent / "vectors" / "reference"
+SHARED_VECTORS = ROOT.parent / "shared" / "vectors" / "reference"
+
+settings.register_profile("dev", max_examples=200, deadline=None)
+settings.register_profile("ci", max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                          print_blob=True)
+settings.register_profile("expensive", max_examples=20000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") == "true" else "dev"))
+
+
+def load_manifest() -> list[dict]:
+    return json.loads((VECTORS / "manifest.json").read_text())["vectors"]
+
+
+MANIFEST = load_manifest()
+
+
+def vector_bytes(name: str) -> bytes:
+    return (VECTORS / name).read_bytes()
+
+
+@pytest.fixture(params=[v["file"] for v in MANIFEST])
+def vector(request):
+    entry = next(v for v in MANIFEST if v["file"] == request.param)
+    return entry, vector_bytes(entry["file"])

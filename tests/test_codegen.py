@@ -1,0 +1,119 @@
+"""The generator: generated files are current, carry the banner, render deterministically,
+and every schema error names the YAML file and path."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from codegen.model import SchemaError, load
+from codegen.render import ROOT, TARGETS, render_all
+
+SCHEMA = ROOT / "schema"
+
+
+def test_checked_in_files_are_current():
+    proc = subprocess.run([sys.executable, "-m", "codegen", "--check"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "up to date" in proc.stdout
+
+
+def test_check_fails_with_the_fix_command(tmp_path):
+    out = tmp_path / "tree"
+    subprocess.run([sys.executable, "-m", "codegen", "--out", str(out)], cwd=ROOT, check=True, capture_output=True)
+    target = out / "specs" / "vframe_binary_layout.md"
+    target.write_text(target.read_text() + "hand edit\n")
+    proc = subprocess.run([sys.executable, "-m", "codegen", "--check", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "specs/vframe_binary_layout.md" in proc.stderr
+    assert "fix with: make codegen" in proc.stderr
+
+
+def test_render_is_deterministic_and_bannered():
+    model = load(SCHEMA)
+    first, second = render_all(model), render_all(load(SCHEMA))
+    assert first == second
+    assert set(first) == set(TARGETS.values())
+    for target, text in first.items():
+        assert "do not edit" in text.splitlines()[0], target
+
+
+def _mutated(tmp_path: Path, file: str, edit) -> Path:
+    d = tmp_path / "schema"
+    shutil.copytree(SCHEMA, d)
+    data = yaml.safe_load((d / file).read_text())
+    edit(data)
+    (d / file).write_text(yaml.safe_dump(data, sort_keys=False))
+    return d
+
+
+def _dtype(data, name):
+    return next(v for v in data["enums"]["dtype"]["values"] if v["name"] == name)
+
+
+@pytest.mark.parametrize(
+    "file, edit, message",
+    [
+        ("vframe.yaml", lambda d: _dtype(d, "Q4")["size"].update(rule="nibbles"),
+         "vframe.yaml: enums.dtype.values[2].size.rule: unknown size rule 'nibbles' (expected one of element, packed, block, opaque)"),
+        ("vframe.yaml", lambda d: _dtype(d, "I8").pop("doc"),
+         "vframe.yaml: enums.dtype.values[1]: missing required key 'doc' (every entry carries a one-line doc)"),
+        ("vframe.yaml", lambda d: _dtype(d, "I8").update(value=1),
+         "vframe.yaml: enums.dtype.values[1].value: duplicate value 1"),
+        ("vframe.yaml", lambda d: d["enums"]["msg_type"]["values"][0]["layouts"].append(["hidden", "thought"]),
+         "vframe.yaml: enums.msg_type.values[0].layouts[1][1]: unknown role 'thought'"),
+        ("vframe.yaml", lambda d: d["header"][3].update(type="u24"),
+         "vframe.yaml: header[3].type: unknown type 'u24' (expected u8, u16, u32, u64 or bytes)"),
+        ("vframe.yaml", lambda d: d["header"][5].update(limit="max_everything"),
+         "vframe.yaml: header[5].limit: unknown limit 'max_everything' (defined: max_dims, max_frame_bytes, max_slices)"),
+        ("vframe.yaml", lambda d: d["enums"]["flags"]["values"][1].update(value=3),
+         "vframe.yaml: enums.flags.values[1].value: 3 is not a single bit"),
+        ("vframe.yaml", lambda d: d["enums"]["msg_type"]["values"][4]["layouts"].append(["divergence", "mask"]),
+         "vframe.yaml: enums.msg_type.values[4].layouts[3]: two layouts with 2 slices: slice roles would be ambiguous"),
+        ("vframe.yaml", lambda d: d["slice"][1].update(name="rank"),
+         "vframe.yaml: slice[2].count: count 'shape_len' names neither an earlier field nor a count rule"),
+        ("vframe.yaml", lambda d: d["limits"][0].update(colour="red"),
+         "vframe.yaml: limits[0].colour: unknown key (allowed: doc, name, value)"),
+        ("handshake.yaml", lambda d: d["messages"][1]["fields"][1].update(type="float128"),
+         "handshake.yaml: messages[1].fields[1].type: unknown type 'float128' (expected one of string, number, bool, u32, object, list[string])"),
+        ("handshake.yaml", lambda d: d["messages"][0]["fields"][0].update(const="pong"),
+         "handshake.yaml: messages[0].fields: the first field must be 'method' with const equal to the message name"),
+    ],
+    ids=["size-rule", "doc", "dup-value", "role", "type", "limit", "flag-bit", "ambiguous-layout", "count", "key",
+         "hs-type", "hs-method"],
+)
+def test_schema_errors_name_the_yaml_path(tmp_path, file, edit, message):
+    with pytest.raises(SchemaError) as exc:
+        load(_mutated(tmp_path, file, edit))
+    assert str(exc.value) == message
+
+
+def test_cli_reports_schema_errors(tmp_path):
+    d = _mutated(tmp_path, "vframe.yaml", lambda d: _dtype(d, "F16").update(value=300))
+    proc = subprocess.run([sys.executable, "-m", "codegen", "--schema", str(d), "--out", str(tmp_path / "o")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "vframe.yaml: enums.dtype.values[0].value: 300 is out of range [0, 255]" in proc.stderr
+
+
+def test_invalid_yaml_is_reported(tmp_path):
+    d = tmp_path / "schema"
+    shutil.copytree(SCHEMA, d)
+    (d / "vframe.yaml").write_text("meta: [unclosed\n")
+    with pytest.raises(SchemaError, match=r"^vframe\.yaml: not valid YAML"):
+        load(d)
+
+
+def test_worked_example_is_the_reference_ping():
+    from conftest import vector_bytes
+
+    from codegen.render import worked_example
+    assert worked_example(load(SCHEMA))["bytes"] == vector_bytes("01_sync_ping.bin")
+    spec = (ROOT / "specs" / "vframe_binary_layout.md").read_text()
+    assert vector_bytes("01_sync_ping.bin")[:16].hex(" ") in spec

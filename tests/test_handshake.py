@@ -1,0 +1,64 @@
+"""Handshake JSON documents are validated against the schema generated from the YAML."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import vector_bytes
+
+import resonant
+from resonant import handshake
+from resonant.errors import DecodeError, HandshakeError
+
+
+@pytest.mark.parametrize("method", sorted(handshake.EXAMPLES))
+def test_examples_are_valid(method):
+    doc = handshake.EXAMPLES[method]
+    assert handshake.parse(json.dumps(doc).encode()) == doc
+
+
+def test_reference_ping_frame_carries_a_valid_ping():
+    frame = resonant.decode(vector_bytes("01_sync_ping.bin"))
+    assert handshake.parse(frame.json.payload) == {"method": "ping", "ts": 1730616000}
+
+
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        ([], "$: expected a JSON object, got list"),
+        ({"method": "hello"}, "$.method: 'hello' is not one of ping, capability, error"),
+        ({"method": "capability", "v": 1}, "capability.agreed_proto: required field is missing"),
+        ({"method": "capability", "v": -1, "agreed_proto": 1}, "capability.v: expected an integer in [0, 4294967295], got -1"),
+        ({"method": "capability", "v": 1, "agreed_proto": 1, "supports": {"dtype": ["f16", 3]}},
+         "capability.supports.dtype[1]: expected a string, got int"),
+        ({"method": "capability", "v": 1, "agreed_proto": 1, "supports": {"colour": 1}},
+         "capability.supports.colour: unknown key (extensions start with 'x-')"),
+        ({"method": "error", "code": "NOPE", "message": "x"},
+         "error.code: 'NOPE' is not one of SPACE_MISMATCH, UNSUPPORTED_VERSION, BAD_REQUEST, UNSUPPORTED_FEATURE, INTERNAL"),
+        ({"method": "ping", "ts": "now"}, "ping.ts: expected a number, got str"),
+        ({"method": "capability", "v": 1, "agreed_proto": 1, "compress": ["zstd"] * 65},
+         "capability.compress: 65 items, more than max_list_items (64)"),
+    ],
+)
+def test_invalid_documents_name_the_path(doc, message):
+    with pytest.raises(HandshakeError) as exc:
+        handshake.validate(doc)
+    assert str(exc.value) == message
+
+
+def test_extensions_and_unknown_top_level_keys_pass():
+    doc = {"method": "capability", "v": 1, "agreed_proto": 1, "supports": {"x-custom": True}, "future": 1}
+    assert handshake.validate(doc) is doc
+
+
+def test_oversized_and_malformed_json():
+    with pytest.raises(HandshakeError, match=r"more than max_json_bytes \(16384\)"):
+        handshake.parse(b" " * 16385)
+    with pytest.raises(HandshakeError, match="not valid UTF-8 JSON"):
+        handshake.parse(b"{\"method\": ")
+    with pytest.raises(HandshakeError, match="not valid UTF-8 JSON"):
+        handshake.parse(b"\xff\xfe")
+    with pytest.raises(HandshakeError, match="not valid UTF-8 JSON"):
+        handshake.parse(b"[" * 5000 + b"]" * 5000)
+    assert issubclass(HandshakeError, DecodeError)

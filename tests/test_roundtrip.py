@@ -1,0 +1,166 @@
+"""Hypothesis round-trips for every message type, dtype and modality; Cython vs plain Python;
+and the message-building API."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import strategies
+from hypothesis import given
+from hypothesis import strategies as st
+
+import resonant
+from resonant import DType, Flags, Modality, MsgType, Slice, refcodec
+
+
+def roundtrip(frame: resonant.Frame) -> bytes:
+    data = resonant.encode(frame)
+    back = resonant.decode(data)
+    assert back == frame
+    assert type(back) is type(frame)
+    assert resonant.encode(back) == data
+    ref = refcodec.decode(data)  # the second codec reads the same fields
+    assert ref == refcodec.from_frame(frame)
+    assert refcodec.encode(ref) == data
+    return data
+
+
+@pytest.mark.parametrize("msg_type", list(MsgType), ids=lambda m: m.name)
+@given(data=st.data())
+def test_roundtrip_every_message_type(msg_type, data):
+    roundtrip(data.draw(strategies.frames(msg_type)))
+
+
+@pytest.mark.parametrize("dtype", list(DType), ids=lambda d: d.name)
+@given(data=st.data())
+def test_roundtrip_every_dtype(dtype, data):
+    s = data.draw(strategies.slices(dtype))
+    modality = data.draw(st.sampled_from(list(Modality)))
+    roundtrip(resonant.Think(s, modality=modality, stream_id=1))
+    roundtrip(resonant.Cache(s, s, modality=modality))
+
+
+@pytest.mark.parametrize("modality", list(Modality), ids=lambda m: m.name)
+def test_roundtrip_every_modality(modality):
+    frame = resonant.Think(np.arange(6, dtype=np.float16).reshape(2, 3), modality=modality)
+    assert resonant.decode(roundtrip(frame)).modality is modality
+
+
+@given(st.integers(0, 7), st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1))
+def test_header_fields_over_their_range(flags, stream_id, frame_seq, space):
+    frame = resonant.Sync({"method": "ping"}, flags=flags, stream_id=stream_id, frame_seq=frame_seq,
+                          space_hash32=space)
+    back = resonant.decode(roundtrip(frame))
+    assert (back.flags, back.stream_id, back.frame_seq, back.space_hash32) == (flags, stream_id, frame_seq, space)
+
+
+@given(strategies.frames())
+def test_codecs_agree_on_generated_frames(frame):
+    data = resonant.encode(frame)
+    assert refcodec.decode(data) == refcodec.from_frame(resonant.decode(data))
+
+
+# ------------------------------------------------------------------ the building API
+
+
+def test_think_from_one_array_with_defaults():
+    h = np.random.default_rng(0).standard_normal((1, 384)).astype(np.float16)
+    t = resonant.Think(h)
+    assert (t.version, t.msg_type, t.flags, t.stream_id, t.frame_seq, t.space_hash32, t.modality) == (
+        1, MsgType.THINK, Flags(0), 0, 0, 0, Modality.TEXT)
+    assert t.hidden.dtype == DType.F16 and t.hidden.shape == (1, 384)
+    back = resonant.decode(resonant.encode(t))
+    np.testing.assert_array_equal(back.hidden.numpy(), h)
+
+
+def test_from_array_does_not_copy_contiguous_input():
+    h = np.ones((4, 8), np.float16)
+    s = Slice.from_array(h)
+    assert np.shares_memory(s.numpy(), h)
+
+
+def test_from_array_big_endian_and_strided_input_is_converted():
+    be = np.arange(12, dtype=">f2").reshape(3, 4)
+    s = Slice.from_array(be)
+    assert s.dtype == DType.F16
+    np.testing.assert_array_equal(s.numpy(), be.astype("<f2"))
+    strided = np.arange(20, dtype=np.int8).reshape(4, 5)[:, ::2]
+    np.testing.assert_array_equal(Slice.from_array(strided).numpy(), strided)
+
+
+def test_float32_needs_an_explicit_dtype():
+    x = np.ones(4, np.float32)
+    with pytest.raises(resonant.EncodeError, match=r"^hidden\.dtype: no dtype for numpy float32"):
+        resonant.Think(x)
+    t = resonant.Think(Slice.from_array(x, dtype=DType.F16))
+    assert t.hidden.numpy().dtype == np.float16
+
+
+def test_text_and_json_roles():
+    c = resonant.Critique(np.zeros(8, np.float16), np.array([1, 0, 1], np.int8), {"note": "x"})
+    assert c.mask.numpy().tolist() == [1, 0, 1] and c.explanation.json() == {"note": "x"}
+    only_mask = resonant.Critique(np.zeros(8, np.float16), mask=np.array([1], np.int8))
+    assert len(only_mask.slices) == 3 and only_mask.explanation.nbytes == 0  # explanation slot left empty
+    a = resonant.Ask(np.zeros(4, np.int8), context="héllo")
+    assert resonant.decode(resonant.encode(a)).context.text() == "héllo"
+    s = resonant.Sync(b'{"method": "ping"}')
+    assert s.json.json() == {"method": "ping"}
+
+
+def test_replace_returns_a_modified_copy():
+    t = resonant.Think(np.zeros(4, np.float16), stream_id=1)
+    u = t.replace(frame_seq=9, flags=Flags.STRONG_TAIL)
+    assert (t.frame_seq, u.frame_seq, u.stream_id, u.flags) == (0, 9, 1, Flags.STRONG_TAIL)
+    assert u.hidden == t.hidden
+    with pytest.raises(TypeError, match="unexpected field 'colour'"):
+        t.replace(colour=1)
+
+
+def test_messages_are_immutable():
+    t = resonant.Think(np.zeros(4, np.float16))
+    with pytest.raises(AttributeError):
+        t.stream_id = 3
+    with pytest.raises(TypeError):
+        hash(t)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: resonant.Think(np.zeros(4, np.float16), stream_id=2**32), r"^stream_id: 4294967296 is not an integer that fits u32$"),
+        (lambda: resonant.Think(np.zeros(4, np.float16), frame_seq=-1), r"^frame_seq: -1 is not an integer that fits u64$"),
+        (lambda: resonant.Think(np.zeros(4, np.float16), modality=9), r"^modality: 9 is not a modality"),
+        (lambda: resonant.Think(np.zeros(4, np.float16), flags=8), r"^flags: 8 has bits outside"),
+        (lambda: resonant.Think("text"), r"^hidden: expected a numpy array or Slice, got str$"),
+        (lambda: resonant.Cache(np.zeros(4, np.float16), None), r"^values: Cache with keys needs values$"),
+        (lambda: resonant.Think(np.zeros(40000, np.float16)), r"^hidden\.payload: 80000 bytes, more than max_frame_bytes \(65536\)$"),
+        (lambda: resonant.encode(resonant.Cache(np.zeros(20000, np.float16), np.zeros(20000, np.float16))),
+         r"^frame: 80053 bytes, more than max_frame_bytes \(65536\); send it as a stream$"),
+        (lambda: Slice(DType.F16, (3,), b"\0" * 5), r"^payload: F16 of shape \(3,\) \(3 elements\) needs 6 bytes, the payload is 5$"),
+        (lambda: Slice(DType.Q4, (3,), b"\0" * 3), r"^payload: Q4 of shape \(3,\) \(3 elements\) needs 2 bytes, the payload is 3$"),
+        (lambda: Slice(0x42, (3,), b""), r"^dtype: 66 is not a dtype"),
+        (lambda: Slice(DType.I8, (1,) * 9, b"\0"), r"^shape: 9 dimensions, more than max_dims \(8\)$"),
+        (lambda: Slice(DType.I8, (2**32,), b""), r"^shape\[0\]: 4294967296 does not fit u32$"),
+        (lambda: Slice(DType.I8, (1,), "x"), r"^payload: expected a bytes-like object, got str$"),
+        (lambda: resonant.make_frame(MsgType.THINK, []), r"^slices: Think carries 1 slices, got 0$"),
+        (lambda: resonant.make_frame(MsgType.SYNC, [Slice.from_array(np.zeros(2, np.float16))]), r"^slices\[0\]: the json slice carries text"),
+    ],
+)
+def test_encode_errors_name_the_field(build, message):
+    with pytest.raises(resonant.EncodeError, match=message):
+        build()
+
+
+def test_encode_rejects_non_frames():
+    with pytest.raises(TypeError):
+        resonant.encode(b"not a frame")
+    with pytest.raises(TypeError):
+        resonant.Frame()
+
+
+def test_empty_and_zero_sized_slices():
+    t = resonant.Think(np.zeros((0, 5), np.float16))
+    back = resonant.decode(roundtrip(t))
+    assert back.hidden.shape == (0, 5) and back.hidden.numpy().size == 0
+    scalar = resonant.Think(np.array(1.5, np.float16))
+    assert resonant.decode(roundtrip(scalar)).hidden.numpy() == np.float16(1.5)
