@@ -41,6 +41,7 @@ from resonant.errors import (
 
 cdef extern from "Python.h":
     Py_buffer *PyMemoryView_GET_BUFFER(object mview)
+    int PyBuffer_FillInfo(Py_buffer *view, object exporter, void *buf, Py_ssize_t len, int readonly, int flags) except -1
     object PyMemoryView_FromMemory(char *mem, Py_ssize_t size, int flags)
     int PyBUF_READ
 
@@ -333,22 +334,19 @@ cdef class Slice:
 
     @property
     def payload(self):
-        """The payload bytes as a read-only memoryview (no copy)."""
-        return memoryview(self._base)[self._off:self._off + self._len].toreadonly()
+        """The payload bytes as a read-only memoryview of the frame's buffer (no copy)."""
+        return memoryview(_payload_view(self))
 
     def tobytes(self):
         """A copy of the payload bytes."""
-        if type(self._base) is bytes and self._off == 0 and self._len == PyBytes_GET_SIZE(self._base):
-            return self._base
-        return bytes(memoryview(self._base)[self._off:self._off + self._len])
+        return PyBytes_FromStringAndSize(<const char *>_slice_ptr(self), self._len)
 
     def numpy(self):
         """The payload as a numpy array of this slice's shape, viewing the buffer (no copy)."""
         npdt = _NUMPY.get(self._dtype)
         if npdt is None:
             raise UnsupportedDType("dtype", f"{_dtype_name(self._dtype)} has no numpy view; use .payload")
-        arr = _np.frombuffer(self._base, dtype=npdt, count=self._len // npdt.itemsize, offset=self._off)
-        return arr.reshape(self.shape)
+        return _np.ndarray(self.shape, npdt, _payload_view(self))
 
     def __array__(self, dtype=None, copy=None):
         arr = self.numpy()
@@ -386,6 +384,27 @@ cdef class Slice:
 
     def __repr__(self):
         return f"Slice({_dtype_name(self._dtype)}, shape={self.shape}, nbytes={self._len})"
+
+
+@cython.final
+@cython.freelist(32)
+cdef class _PayloadView:
+    """Exports one slice's payload bytes, read-only; an export keeps the slice (and so the
+    received buffer) alive for as long as any view of it exists."""
+
+    cdef Slice _slice
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        PyBuffer_FillInfo(view, self, <void *>_slice_ptr(self._slice), self._slice._len, 1, flags)
+
+    def __releasebuffer__(self, Py_buffer *view):
+        pass
+
+
+cdef inline _PayloadView _payload_view(Slice s):
+    cdef _PayloadView v = _PayloadView.__new__(_PayloadView)
+    v._slice = s
+    return v
 
 
 cdef object _byte_buffer(object payload, str path):

@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests/strategies.py (generated)
+
+import resonant  # noqa: E402,F401  (the installed package, imported before the checkout is put on the path)
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))  # tests/strategies.py (generated)
+sys.path.append(str(ROOT))  # `codegen` for its tests; appended, so it never shadows the installed `resonant`
 VECTORS = Path(__file__).parent / "vectors" / "reference"
 SHARED_VECTORS = ROOT.parent / "shared" / "vectors" / "reference"
 

@@ -105,8 +105,14 @@ def test_numpy_views_share_the_received_buffer():
 
 def test_payload_of_bytes_input_is_read_only_view():
     data = vector_bytes("04_think_f16_random.bin")
-    p = resonant.decode(data).hidden.payload
-    assert isinstance(p, memoryview) and p.readonly and p.obj is data
+    frame = resonant.decode(data)
+    p = frame.hidden.payload
+    assert isinstance(p, memoryview) and p.readonly and p.nbytes == 4096
+    assert np.shares_memory(np.frombuffer(p, np.uint8), np.frombuffer(data, np.uint8))
+    with pytest.raises(TypeError):
+        p[0] = 1
+    del frame, data  # the view keeps the received buffer alive
+    assert hashlib.sha256(p).hexdigest() == MANIFEST[3]["expect"]["slices"][0]["payload_sha256"]
 
 
 def test_q4_and_sparse_have_no_numpy_view():
