@@ -8,6 +8,7 @@ RESONANT_LINETRACE=1  enable line tracing for coverage of the Cython code
 import os
 import sys
 
+import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
@@ -30,7 +31,8 @@ extensions = [
         "resonant._codec",
         ["resonant/_codec.pyx"],
         extra_compile_args=compile_args,
-        define_macros=macros,
+        include_dirs=[numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), *macros],
         libraries=libraries,
     )
 ]

@@ -15,6 +15,9 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.ref cimport Py_INCREF
 
+cimport numpy as cnp
+from cpython.object cimport PyTypeObject
+
 import json as _json
 
 import numpy as _np
@@ -44,6 +47,10 @@ cdef extern from "Python.h":
     int PyBuffer_FillInfo(Py_buffer *view, object exporter, void *buf, Py_ssize_t len, int readonly, int flags) except -1
     object PyMemoryView_FromMemory(char *mem, Py_ssize_t size, int flags)
     int PyBUF_READ
+
+cdef extern from "numpy/arrayobject.h":
+    object PyArray_NewFromDescr(PyTypeObject *subtype, cnp.dtype descr, int nd, cnp.npy_intp *dims,
+                                cnp.npy_intp *strides, void *data, int flags, object obj)
 
 cdef extern from *:
     """
@@ -106,6 +113,8 @@ cdef enum:
 # An element count above this cannot fit any payload under max_frame_bytes; counts are
 # saturated here so that a product of eight u32 dimensions never overflows.
 cdef uint64_t ELEMS_SATURATE = (<uint64_t>1) << 40
+
+cnp.import_array()
 
 # --------------------------------------------------------------------------- CRC-32
 
@@ -343,10 +352,21 @@ cdef class Slice:
 
     def numpy(self):
         """The payload as a numpy array of this slice's shape, viewing the buffer (no copy)."""
+        cdef cnp.npy_intp dims[MAX_DIMS]
+        cdef int k
         npdt = _NUMPY.get(self._dtype)
         if npdt is None:
             raise UnsupportedDType("dtype", f"{_dtype_name(self._dtype)} has no numpy view; use .payload")
-        return _np.ndarray(self.shape, npdt, _payload_view(self))
+        for k in range(self._ndim):
+            dims[k] = self._dims[k]
+        # A read-only array over the payload bytes whose base is this slice (which keeps the
+        # received buffer alive); numpy works out contiguity and alignment itself.
+        Py_INCREF(npdt)  # PyArray_NewFromDescr steals a reference to the descr
+        arr = PyArray_NewFromDescr(<PyTypeObject *>cnp.ndarray, <cnp.dtype>npdt, self._ndim, dims, NULL,
+                                       <void *>_slice_ptr(self), 0, None)
+        Py_INCREF(self)  # PyArray_SetBaseObject steals a reference to the base
+        cnp.PyArray_SetBaseObject(<cnp.ndarray>arr, self)
+        return arr
 
     def __array__(self, dtype=None, copy=None):
         arr = self.numpy()

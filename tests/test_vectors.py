@@ -148,3 +148,17 @@ def test_api_builds_the_reference_bytes():
     big = resonant.decode(vector_bytes("08_think_near_64k.bin"))
     rebuilt = resonant.Think(big.hidden.numpy(), stream_id=13, frame_seq=6, space_hash32=h, modality=Modality.MIXED)
     assert resonant.encode(rebuilt) == vector_bytes("08_think_near_64k.bin")
+
+
+def test_views_keep_the_received_buffer_alive():
+    import gc
+    data = bytearray(vector_bytes("05_cache_kv.bin"))
+    frame = resonant.decode(data)
+    keys = frame.keys.numpy()
+    expected = keys.copy()
+    assert keys.base is frame.keys and not keys.flags.writeable
+    with pytest.raises(BufferError):
+        data.extend(b"x")  # the decoded frame pins the buffer: it cannot be resized under the view
+    del frame, data
+    gc.collect()
+    np.testing.assert_array_equal(keys, expected)
