@@ -152,15 +152,6 @@ class SizeRule:
             return f"ceil(n / {self.block_elements}) × {self.block_bytes}"
         return "slice_len (any length)"
 
-    def nbytes(self, n: int) -> int | None:
-        """Payload bytes for n elements, or None when the size is free (opaque)."""
-        if self.rule == "element":
-            return n * self.bytes
-        if self.rule == "packed":
-            return (n * self.bits + 7) // 8
-        if self.rule == "block":
-            return -(-n // self.block_elements) * self.block_bytes
-        return None
 
 
 @dataclass(frozen=True)
@@ -256,24 +247,16 @@ class VFrame:
         return self.header[self.counted_index]
 
     def prefix_offset(self, name: str) -> int:
-        off = 0
-        for f in self.prefix:
-            if f.name == name:
-                return off
-            off += f.width
-        raise KeyError(name)
+        """Offset of a prefix field from the start of the frame."""
+        return _offset(self.prefix, name)
 
     @property
     def prefix_size(self) -> int:
         return sum(f.width for f in self.prefix)
 
     def suffix_offset(self, name: str) -> int:
-        off = 0
-        for f in self.suffix:
-            if f.name == name:
-                return off
-            off += f.width
-        raise KeyError(name)
+        """Offset of a suffix field from the end of the slice_len table."""
+        return _offset(self.suffix, name)
 
     @property
     def suffix_size(self) -> int:
@@ -300,6 +283,15 @@ class VFrame:
             if f.name == name:
                 return f
         raise KeyError(name)
+
+
+def _offset(fields: tuple[Field, ...], name: str) -> int:
+    off = 0
+    for f in fields:
+        if f.name == name:
+            return off
+        off += f.width
+    raise KeyError(name)
 
 
 @dataclass(frozen=True)
