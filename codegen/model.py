@@ -110,10 +110,12 @@ class Field:
     count: str | None = None
     limit: str | None = None
     length: str | None = None
+    when: str | None = None
+    size: int | None = None
 
     @property
     def width(self) -> int:
-        return WIDTHS.get(self.type, 0)
+        return WIDTHS.get(self.type, self.size or 0)
 
     @property
     def struct_char(self) -> str:
@@ -204,6 +206,24 @@ class Enum:
 
 
 @dataclass(frozen=True)
+class Version:
+    value: int
+    doc: str
+
+
+@dataclass(frozen=True)
+class Transforms:
+    compression_flag: str
+    compression_doc: str
+    encryption_flag: str
+    algorithm: str
+    key_bytes: int
+    nonce_bytes: int
+    tag_bytes: int
+    encryption_doc: str
+
+
+@dataclass(frozen=True)
 class ErrorDef:
     name: str
     bases: tuple[str, ...]
@@ -224,6 +244,31 @@ class VFrame:
     trailer: tuple[Field, ...]
     enums: dict[str, Enum]
     errors: tuple[ErrorDef, ...]
+    versions: tuple[Version, ...]
+    envelope: tuple[Field, ...]
+    transforms: Transforms
+
+    @property
+    def raw_version(self) -> int:
+        return self.versions[0].value
+
+    @property
+    def transformed_version(self) -> int:
+        return self.versions[1].value
+
+    @property
+    def envelope_base(self) -> tuple[Field, ...]:
+        """Envelope fields present in every version 2 frame."""
+        return tuple(f for f in self.envelope if f.when is None)
+
+    @property
+    def envelope_crypto(self) -> tuple[Field, ...]:
+        """Envelope fields present only when the frame is encrypted."""
+        return tuple(f for f in self.envelope if f.when == self.transforms.encryption_flag)
+
+    def envelope_offset(self, name: str) -> int:
+        """Offset of an envelope field from the end of the header."""
+        return _offset(self.envelope, name)
 
     def limit(self, name: str) -> int:
         return next(lim.value for lim in self.limits if lim.name == name)
@@ -361,7 +406,7 @@ def _fields(node: _Node, limits: set[str], counts: set[str]) -> tuple[Field, ...
     out = []
     names: set[str] = set()
     for item in node.seq():
-        item.mapping(("name", "type", "doc"), ("enum", "count", "limit", "length", "check"))
+        item.mapping(("name", "type", "doc"), ("enum", "count", "limit", "length", "check", "when", "size"))
         name = item.child("name").ident()
         if name in names:
             raise item.child("name").fail(f"duplicate field '{name}'")
@@ -376,9 +421,11 @@ def _fields(node: _Node, limits: set[str], counts: set[str]) -> tuple[Field, ...
         if cnt is not None and cnt not in counts and cnt not in names:
             raise item.child("count").fail(f"count '{cnt}' names neither an earlier field nor a count rule")
         length = item.child("length").value
-        if ftype == "bytes" and length is None:
-            raise item.fail("a bytes field needs 'length'")
-        out.append(Field(name, ftype, item.doc(), item.child("enum").value, cnt, lim, length))
+        size = item.child("size").int(1, 4096) if item.child("size").value is not None else None
+        if ftype == "bytes" and length is None and size is None:
+            raise item.fail("a bytes field needs 'length' or 'size'")
+        out.append(Field(name, ftype, item.doc(), item.child("enum").value, cnt, lim, length,
+                         item.child("when").value, size))
     return tuple(out)
 
 
@@ -452,7 +499,7 @@ def _enum(name: str, node: _Node, width: int) -> Enum:
         if name == "flags":
             item.mapping(("name", "value", "doc"), ("body_transform",))
             extra["body_transform"] = bool(item.child("body_transform").value)
-        if name == "modality":
+        if name in ("modality", "filters"):
             item.mapping(("name", "value", "doc"))
         values.append(EnumValue(vname, value, item.doc(), **extra))
     return Enum(name, node.doc(), bits, tuple(values))
@@ -460,7 +507,8 @@ def _enum(name: str, node: _Node, width: int) -> Enum:
 
 def load_vframe(path: Path) -> VFrame:
     root = _read(path).mapping(
-        ("meta", "limits", "header", "slice_len_rule", "slice", "trailer", "enums", "errors"))
+        ("meta", "limits", "versions", "header", "slice_len_rule", "slice", "envelope", "transforms", "trailer",
+         "enums", "errors"))
     meta = root.child("meta").mapping(("id", "title", "version", "endian", "doc"))
     if meta.child("endian").value != "little":
         raise meta.child("endian").fail("only little-endian layouts are supported")
@@ -507,9 +555,9 @@ def load_vframe(path: Path) -> VFrame:
     if len(trailer) != 1 or trailer[0].type != "u32" or trailer[0].name != "crc32":
         raise root.child("trailer").fail("trailer must be one u32 field 'crc32'")
 
-    enode = root.child("enums").mapping(("msg_type", "modality", "flags", "dtype"))
+    enode = root.child("enums").mapping(("msg_type", "modality", "flags", "filters", "dtype"))
     enums = {name: _enum(name, enode.child(name), hmap[name].width if name in hmap else 1)
-             for name in ("msg_type", "modality", "flags", "dtype")}
+             for name in ("msg_type", "modality", "flags", "filters", "dtype")}
     for fld, fnode in ((f, hnode.child(i)) for i, f in enumerate(header)):
         if fld.enum is not None and fld.enum not in enums:
             raise fnode.child("enum").fail(f"unknown enum '{fld.enum}'")
@@ -518,6 +566,40 @@ def load_vframe(path: Path) -> VFrame:
     classes = [v.class_name for v in enums["msg_type"].values]
     if len(set(classes)) != len(classes):
         raise enode.child("msg_type").fail("duplicate class names")
+
+    versions = []
+    for item in root.child("versions").seq():
+        item.mapping(("value", "doc"))
+        versions.append(Version(item.child("value").int(1, 255), item.doc()))
+    if len(versions) != 2 or versions[1].value != versions[0].value + 1:
+        raise root.child("versions").fail("expected two consecutive versions: raw body, then transformed body")
+
+    tnode = root.child("transforms").mapping(("compression", "encryption"))
+    comp = tnode.child("compression").mapping(("flag", "doc"))
+    enc = tnode.child("encryption").mapping(("flag", "algorithm", "key_bytes", "nonce_bytes", "tag_bytes", "doc"))
+    flag_names = {v.name for v in enums["flags"].values}
+    for node in (comp.child("flag"), enc.child("flag")):
+        if node.value not in flag_names:
+            raise node.fail(f"unknown flag '{node.value}'")
+    transforms = Transforms(comp.child("flag").str(), comp.doc(), enc.child("flag").str(), enc.child("algorithm").str(),
+                            enc.child("key_bytes").int(16, 64), enc.child("nonce_bytes").int(8, 64),
+                            enc.child("tag_bytes").int(8, 64), enc.doc())
+
+    envnode = root.child("envelope")
+    envelope = _fields(envnode, lnames, set())
+    names = [f.name for f in envelope]
+    if names[:2] != ["body_len", "filters"] or envelope[0].type != "u32" or envelope[1].type != "u8":
+        raise envnode.fail("the envelope starts with body_len u32 and filters u8")
+    for i, f in enumerate(envelope):
+        if f.when is not None and f.when != transforms.encryption_flag:
+            raise envnode.child(i).child("when").fail(f"'when' must name the encryption flag '{transforms.encryption_flag}'")
+        if f.type == "bytes" and f.size is None:
+            raise envnode.child(i).fail("envelope bytes need a fixed 'size'")
+    crypto = [f for f in envelope if f.when]
+    if [f.name for f in crypto] != ["key_id", "nonce"] or crypto[1].size != transforms.nonce_bytes:
+        raise envnode.fail(f"the encrypted envelope adds key_id u32 and nonce bytes[{transforms.nonce_bytes}]")
+    if envelope.index(crypto[0]) < 2 or envelope[1].enum != "filters":
+        raise envnode.fail("key_id and nonce follow body_len and filters (enum filters)")
 
     errors: list[ErrorDef] = []
     known: set[str] = set()
@@ -533,7 +615,8 @@ def load_vframe(path: Path) -> VFrame:
     for needed in ("ResonantError", "DecodeError", "EncodeError", "TruncatedFrame", "TrailingBytes",
                    "ChecksumMismatch", "UnknownVersion", "UnknownMessageType", "UnknownFlags",
                    "UnknownModality", "UnknownDType", "SizeMismatch", "LimitExceeded", "LayoutError",
-                   "UnsupportedDType"):
+                   "UnsupportedDType", "SpaceMismatch", "UnknownKey", "DecryptionFailed", "DecompressionFailed",
+                   "KeyFileError"):
         if needed not in known:
             raise root.child("errors").fail(f"missing error '{needed}' (the codec raises it)")
 
@@ -550,6 +633,9 @@ def load_vframe(path: Path) -> VFrame:
         trailer=trailer,
         enums=enums,
         errors=tuple(errors),
+        versions=tuple(versions),
+        envelope=envelope,
+        transforms=transforms,
     )
 
 

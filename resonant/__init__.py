@@ -20,7 +20,10 @@ from resonant._codec import (
     encode,
     make_frame,
 )
+from resonant._codec import byte_shuffle
 from resonant._spec import (
+    VERSION_TRANSFORMED,
+    Filters,
     MAX_DIMS,
     MAX_FRAME_BYTES,
     MAX_SLICES,
@@ -32,14 +35,17 @@ from resonant._spec import (
     MsgType,
 )
 from resonant.errors import *  # noqa: F401,F403
+from resonant.space import ModelSignature, space_hash32
+from resonant.transforms import Codec, Key, Keyring
 from resonant.errors import __all__ as _errors_all
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Ask", "Cache", "Critique", "Frame", "Slice", "Sync", "Think",
-    "decode", "encode", "make_frame", "crc32", "crc32_backend",
-    "DType", "Flags", "Modality", "MsgType",
-    "MAX_DIMS", "MAX_FRAME_BYTES", "MAX_SLICES", "MIN_FRAME_BYTES", "VERSION",
+    "decode", "encode", "make_frame", "crc32", "crc32_backend", "byte_shuffle",
+    "Codec", "Key", "Keyring", "ModelSignature", "space_hash32",
+    "DType", "Filters", "Flags", "Modality", "MsgType",
+    "MAX_DIMS", "MAX_FRAME_BYTES", "MAX_SLICES", "MIN_FRAME_BYTES", "VERSION", "VERSION_TRANSFORMED",
     *_errors_all,
 ]

@@ -22,7 +22,7 @@ import json as _json
 
 import numpy as _np
 
-from resonant._spec import DType, Flags, Modality, MsgType, NUMPY_DTYPES
+from resonant._spec import DType, Filters, Flags, Modality, MsgType, NUMPY_DTYPES
 from resonant.errors import (
     ResonantError,
     DecodeError,
@@ -38,8 +38,13 @@ from resonant.errors import (
     LimitExceeded,
     LayoutError,
     HandshakeError,
+    SpaceMismatch,
+    UnknownKey,
+    DecryptionFailed,
+    DecompressionFailed,
     EncodeError,
     UnsupportedDType,
+    KeyFileError,
 )
 
 cdef extern from "Python.h":
@@ -90,7 +95,8 @@ cdef extern from "<dlfcn.h>" nogil:
     int RTLD_NOLOAD
 
 cdef enum:
-    VERSION = 1
+    VERSION = 1             # raw body
+    VERSION_TRANSFORMED = 2 # envelope + compressed and/or encrypted body
     MAX_FRAME_BYTES = 65536
     MAX_SLICES = 1024
     MAX_DIMS = 8
@@ -109,6 +115,18 @@ cdef enum:
     FLAGS_MASK = 7
     BODY_TRANSFORM_MASK = 3
     ROLE_CHECK_SLOTS = 8           # slices whose dtype/rank the layout check looks at
+    FLAG_COMPRESS = 1
+    FLAG_ENCRYPT = 2
+    FILTERS_MASK = 1
+    FILTER_BYTE_SHUFFLE = 1
+    ENV_BASE_SIZE = 5    # body_len, filters
+    ENV_CRYPTO_SIZE = 28  # key_id, nonce
+    ENV_BODY_LEN = 0
+    ENV_FILTERS = 4
+    ENV_KEY_ID = 5
+    ENV_NONCE = 9
+    NONCE_BYTES = 24
+    TAG_BYTES = 16
 
 # An element count above this cannot fit any payload under max_frame_bytes; counts are
 # saturated here so that a product of eight u32 dimensions never overflows.
@@ -218,6 +236,15 @@ cdef inline long long _expected_size(uint8_t dtype, uint64_t n) noexcept:
     if dtype == 16:  # SPARSE_COO: slice_len (any length)
         return -1
     return -2
+
+
+cdef inline int _element_bytes(uint8_t dtype) noexcept:
+    """Bytes per element for dtypes sized per element (what BYTE_SHUFFLE groups); 0 otherwise."""
+    if dtype == 1:  # F16
+        return 2
+    if dtype == 2:  # I8
+        return 1
+    return 0
 
 
 cdef inline uint64_t _elems(const uint32_t *dims, int ndim) noexcept:
@@ -483,6 +510,7 @@ cdef class Frame:
     cdef uint32_t _space_hash32
     cdef uint8_t _modality
     cdef tuple _slices
+    cdef uint16_t _applied   # body transforms the decoder applied (version 2); 0 for built frames
 
     def __init__(self, *args, **kwargs):
         raise TypeError("Frame is abstract: build a message class (Think, Cache, Ask, Sync, Critique) or use make_frame()")
@@ -536,10 +564,16 @@ cdef class Frame:
     def ignored_flags(self):
         """Body-transform flags (ZSTD, XCHACHA) that are set but were not applied to the body.
 
-        Version 1 bodies are always raw, so this is ``flags & (ZSTD | XCHACHA)``:
-        the reference sender sets these flags without compressing or encrypting.
+        A version 1 body is always raw, so there this is ``flags & (ZSTD | XCHACHA)``:
+        the reference sender sets these flags without compressing or encrypting. A version
+        2 frame applies every transform it flags, so nothing is ignored.
         """
-        return _FLAGS[self._flags & BODY_TRANSFORM_MASK]
+        return _FLAGS[self._flags & BODY_TRANSFORM_MASK & ~self._applied]
+
+    @property
+    def transforms(self):
+        """Body transforms (ZSTD, XCHACHA) that were really applied on the wire and undone by the decoder."""
+        return _FLAGS[self._applied]
 
     def replace(self, **changes):
         """A copy with some header fields (or ``slices``) changed."""
@@ -552,17 +586,18 @@ cdef class Frame:
         return make_frame(self._msg_type, slices, **header)
 
     def __eq__(self, other):
+        """Same message: class, header fields and slices. The wire version and the transforms a
+        decoder undid are properties of the encoding, not of the message, and are not compared."""
         if not isinstance(other, Frame):
             return NotImplemented
         cdef Frame o = <Frame>other
         return (
-            self._version == o._version and
-            self._msg_type == o._msg_type and
-            self._flags == o._flags and
+            type(self) is type(o) and
             self._stream_id == o._stream_id and
             self._frame_seq == o._frame_seq and
             self._space_hash32 == o._space_hash32 and
             self._modality == o._modality and
+            (self._flags & ~self._applied) == (o._flags & ~o._applied) and
             self._slices == o._slices
         )
 
@@ -845,115 +880,162 @@ cdef Frame _new_frame(uint8_t code):
         return Critique.__new__(Critique)
     raise AssertionError(code)
 
+
 # --------------------------------------------------------------------------- decode
+
+cdef struct Hdr:
+    uint8_t version
+    Py_ssize_t nslices     # number of slices (<= max_slices)
+    Py_ssize_t tab         # offset of the slice_len table
+    Py_ssize_t body        # offset just after the header (start of the body, or of the envelope)
+    Py_ssize_t end         # offset of the crc32 (frame length - 4)
 
 _PREFIX_FIELDS = (("version", 0, 1), ("msg_type", 1, 1), ("flags", 2, 2), ("stream_id", 4, 4), ("frame_seq", 8, 8), ("num_slices", 16, 8), )
 _SUFFIX_FIELDS = (("space_hash32", 0, 4), ("modality", 4, 1), )
+_ENVELOPE_FIELDS = (("body_len", 0, 4), ("filters", 4, 1), ("key_id", 5, 4), ("nonce", 9, 24), )
+cdef str _BEFORE_CRC = f"before the {CRC_SIZE}-byte crc32"
+cdef str _IN_BODY = "in the decoded body"
 
 
-cdef _truncated(str path, Py_ssize_t off, Py_ssize_t need, Py_ssize_t end):
+cdef _truncated(str path, Py_ssize_t off, Py_ssize_t need, Py_ssize_t end, str where):
     have = end - off if end > off else 0
-    return TruncatedFrame(path, f"needs {need} bytes, {have} remain before the {CRC_SIZE}-byte crc32", off)
+    return TruncatedFrame(path, f"needs {need} bytes, {have} remain {where}", off)
 
 
 cdef _truncated_fixed(tuple fields, Py_ssize_t base, Py_ssize_t end):
     for name, off, width in fields:
         if base + off + width > end:
-            return _truncated(name, base + off, width, end)
+            return _truncated(name, base + off, width, end, _BEFORE_CRC)
     raise AssertionError("no field is truncated")
 
 
-cdef int _validate(const unsigned char *p, Py_ssize_t n) except -1:
-    """Check a whole frame, without allocating, in the spec's order: size, version,
-    structure (every length against the input), trailing bytes, CRC, then meaning."""
-    cdef Py_ssize_t end, pos, tab, poff, i, k, nslices
-    cdef uint64_t num, nel
-    cdef uint32_t slen, stored, computed
-    cdef uint8_t ndim, dtype, msg_type, modality
-    cdef uint16_t flags
-    cdef long long need
-    cdef uint32_t dims[MAX_DIMS]
-    cdef uint8_t role_dtype[ROLE_CHECK_SLOTS]
-    cdef uint8_t role_ndim[ROLE_CHECK_SLOTS]
-    cdef Py_ssize_t role_off[ROLE_CHECK_SLOTS]
-
+cdef int _check_header(const unsigned char *p, Py_ssize_t n, Hdr *h) except -1:
+    """Size, version, and every header length against the input (nothing read before it is known to be there)."""
+    cdef uint64_t num
+    cdef Py_ssize_t end, k
     if n > MAX_FRAME_BYTES:
         raise LimitExceeded("frame", f"{n} bytes, more than max_frame_bytes ({MAX_FRAME_BYTES})", 0)
     if n < 1:
         raise TruncatedFrame("version", "empty input", 0)
-    if p[OFF_VERSION] != VERSION:
-        raise UnknownVersion("version", f"{p[OFF_VERSION]} (this decoder speaks version {VERSION})", OFF_VERSION)
+    if p[OFF_VERSION] != VERSION and p[OFF_VERSION] != VERSION_TRANSFORMED:
+        raise UnknownVersion("version", f"{p[OFF_VERSION]} (this decoder speaks versions {VERSION} and {VERSION_TRANSFORMED})", OFF_VERSION)
     end = n - CRC_SIZE
     if PREFIX_SIZE > end:
         raise _truncated_fixed(_PREFIX_FIELDS, 0, end)
     num = rz_ld_u64(p + OFF_NUM_SLICES)
     if num > MAX_SLICES:
         raise LimitExceeded("num_slices", f"{num}, more than max_slices ({MAX_SLICES})", OFF_NUM_SLICES)
-    nslices = <Py_ssize_t>num
-    tab = PREFIX_SIZE
-    if tab + 4 * nslices > end:
-        k = (end - tab) // 4 if end > tab else 0
-        raise _truncated(f"slice_len[{k}]", tab + 4 * k, 4, end)
-    pos = tab + 4 * nslices
-    if pos + SUFFIX_SIZE > end:
-        raise _truncated_fixed(_SUFFIX_FIELDS, pos, end)
-    pos += SUFFIX_SIZE
-    for i in range(nslices):
-        if pos + 2 > end:
-            raise _truncated(f"slices[{i}].dtype" if pos + 1 > end else f"slices[{i}].shape_len", pos if pos + 1 > end else pos + 1, 1, end)
-        ndim = p[pos + 1]
+    h.version = p[OFF_VERSION]
+    h.nslices = <Py_ssize_t>num
+    h.tab = PREFIX_SIZE
+    h.end = end
+    if h.tab + 4 * h.nslices > end:
+        k = (end - h.tab) // 4 if end > h.tab else 0
+        raise _truncated(f"slice_len[{k}]", h.tab + 4 * k, 4, end, _BEFORE_CRC)
+    h.body = h.tab + 4 * h.nslices
+    if h.body + SUFFIX_SIZE > end:
+        raise _truncated_fixed(_SUFFIX_FIELDS, h.body, end)
+    h.body += SUFFIX_SIZE
+    return 0
+
+
+cdef int _check_body(const unsigned char *p, Hdr *h, const unsigned char *b, Py_ssize_t blen, Py_ssize_t base,
+                     str prefix, str where, str trailer_path, str trailer) except -1:
+    """The slices' structure inside b[0:blen]: every length checked before it is read, nothing left over.
+    Offsets in errors are base + the offset in b; paths start with prefix."""
+    cdef Py_ssize_t pos = 0, poff, i, k
+    cdef uint8_t ndim
+    cdef uint32_t slen
+    for i in range(h.nslices):
+        if pos + 2 > blen:
+            if pos + 1 > blen:
+                raise _truncated(f"{prefix}slices[{i}].dtype", base + pos, 1, base + blen, where)
+            raise _truncated(f"{prefix}slices[{i}].shape_len", base + pos + 1, 1, base + blen, where)
+        ndim = b[pos + 1]
         if ndim > MAX_DIMS:
-            raise LimitExceeded(f"slices[{i}].shape_len", f"{ndim} dimensions, more than max_dims ({MAX_DIMS})", pos + 1)
-        if pos + 2 + 4 * ndim > end:
-            k = (end - pos - 2) // 4 if end > pos + 2 else 0
-            raise _truncated(f"slices[{i}].shape[{k}]", pos + 2 + 4 * k, 4, end)
+            raise LimitExceeded(f"{prefix}slices[{i}].shape_len", f"{ndim} dimensions, more than max_dims ({MAX_DIMS})", base + pos + 1)
+        if pos + 2 + 4 * ndim > blen:
+            k = (blen - pos - 2) // 4 if blen > pos + 2 else 0
+            raise _truncated(f"{prefix}slices[{i}].shape[{k}]", base + pos + 2 + 4 * k, 4, base + blen, where)
         poff = pos + 2 + 4 * ndim
-        slen = rz_ld_u32(p + tab + 4 * i)
-        if slen > end - poff:
-            raise _truncated(f"slices[{i}].payload", poff, slen, end)
+        slen = rz_ld_u32(p + h.tab + 4 * i)
+        if slen > blen - poff:
+            raise _truncated(f"{prefix}slices[{i}].payload", base + poff, slen, base + blen, where)
         pos = poff + slen
-    if pos != end:
-        raise TrailingBytes("crc32", f"{end - pos} unexpected bytes between the last slice and the crc32", pos)
-    stored = rz_ld_u32(p + end)
-    computed = _crc32(p, end)
+    if pos != blen:
+        raise TrailingBytes(trailer_path, f"{blen - pos} unexpected bytes between the last slice and {trailer}", base + pos)
+    return 0
+
+
+cdef int _check_crc(const unsigned char *p, Hdr *h) except -1:
+    cdef uint32_t stored = rz_ld_u32(p + h.end)
+    cdef uint32_t computed = _crc32(p, h.end)
     if stored != computed:
-        raise ChecksumMismatch("crc32", f"stored 0x{stored:08x}, computed 0x{computed:08x} over {end} bytes", end)
+        raise ChecksumMismatch("crc32", f"stored 0x{stored:08x}, computed 0x{computed:08x} over {h.end} bytes", h.end)
+    return 0
+
+
+cdef int _check_flags(const unsigned char *p) except -1:
+    cdef uint16_t flags = rz_ld_u16(p + OFF_FLAGS)
+    if flags & ~FLAGS_MASK:
+        raise UnknownFlags("flags", f"0x{flags:04x} sets bits outside {', '.join(f'{m.name}={m.value}' for m in Flags)}", OFF_FLAGS)
+    return 0
+
+
+cdef int _check_space(const unsigned char *p, Hdr *h, object expected) except -1:
+    cdef uint32_t got
+    if expected is None:
+        return 0
+    got = rz_ld_u32(p + h.body - SUFFIX_SIZE + SUF_SPACE_HASH32)
+    if got != expected:
+        raise SpaceMismatch("space_hash32", f"the frame is for embedding space {got} (0x{got:08x}), this receiver expects {expected} (0x{expected:08x})",
+                            h.body - SUFFIX_SIZE + SUF_SPACE_HASH32)
+    return 0
+
+
+cdef int _check_meaning(const unsigned char *p, Hdr *h, const unsigned char *b, Py_ssize_t base, str prefix) except -1:
+    """Message type, flags, modality, every slice's dtype and size rule, then the layout."""
+    cdef Py_ssize_t pos = 0, i, k
+    cdef uint64_t nel
+    cdef uint32_t slen
+    cdef uint8_t ndim, dtype, msg_type, modality
+    cdef long long need
+    cdef uint32_t dims[MAX_DIMS]
+    cdef uint8_t role_dtype[ROLE_CHECK_SLOTS]
+    cdef uint8_t role_ndim[ROLE_CHECK_SLOTS]
+    cdef Py_ssize_t role_off[ROLE_CHECK_SLOTS]
 
     msg_type = p[OFF_MSG_TYPE]
     if not _known_msg_type(msg_type):
         raise UnknownMessageType("msg_type", f"{msg_type} is not a message type ({', '.join(f'{m.value} {m.name}' for m in MsgType)})", OFF_MSG_TYPE)
-    flags = rz_ld_u16(p + OFF_FLAGS)
-    if flags & ~FLAGS_MASK:
-        raise UnknownFlags("flags", f"0x{flags:04x} sets bits outside {', '.join(f'{m.name}={m.value}' for m in Flags)}", OFF_FLAGS)
-    pos = tab + 4 * nslices
-    modality = p[pos + SUF_MODALITY]
+    _check_flags(p)
+    modality = p[h.body - SUFFIX_SIZE + SUF_MODALITY]
     if not _known_modality(modality):
-        raise UnknownModality("modality", f"{modality} is not a modality ({', '.join(f'{m.value} {m.name}' for m in Modality)})", pos + SUF_MODALITY)
-    pos += SUFFIX_SIZE
-    for i in range(nslices):
-        dtype = p[pos]
-        ndim = p[pos + 1]
+        raise UnknownModality("modality", f"{modality} is not a modality ({', '.join(f'{m.value} {m.name}' for m in Modality)})", h.body - SUFFIX_SIZE + SUF_MODALITY)
+    for i in range(h.nslices):
+        dtype = b[pos]
+        ndim = b[pos + 1]
         if i < ROLE_CHECK_SLOTS:
             role_dtype[i] = dtype
             role_ndim[i] = ndim
-            role_off[i] = pos
+            role_off[i] = base + pos
         for k in range(ndim):
-            dims[k] = rz_ld_u32(p + pos + 2 + 4 * k)
+            dims[k] = rz_ld_u32(b + pos + 2 + 4 * k)
         nel = _elems(dims, ndim)
         need = _expected_size(dtype, nel)
-        slen = rz_ld_u32(p + tab + 4 * i)
+        slen = rz_ld_u32(p + h.tab + 4 * i)
         if need == -2:
-            raise UnknownDType(f"slices[{i}].dtype", f"0x{dtype:02x} is not a dtype ({', '.join(f'0x{d.value:02x} {d.name}' for d in DType)})", pos)
+            raise UnknownDType(f"{prefix}slices[{i}].dtype", f"0x{dtype:02x} is not a dtype ({', '.join(f'0x{d.value:02x} {d.name}' for d in DType)})", base + pos)
         if need >= 0 and <uint64_t>need != slen:
             shape = tuple([dims[k] for k in range(ndim)])
-            raise SizeMismatch(f"slices[{i}].payload", _size_detail(dtype, shape, nel, need, slen, f"slice_len[{i}]"), pos + 2 + 4 * ndim)
+            raise SizeMismatch(f"{prefix}slices[{i}].payload", _size_detail(dtype, shape, nel, need, slen, f"slice_len[{i}]"), base + pos + 2 + 4 * ndim)
         pos += 2 + 4 * ndim + slen
-    _check_layout(msg_type, nslices, role_dtype, role_ndim, role_off)
+    _check_layout(msg_type, h.nslices, role_dtype, role_ndim, role_off, prefix)
     return 0
 
 
 cdef int _check_layout(uint8_t msg_type, Py_ssize_t nslices, const uint8_t *dt, const uint8_t *nd,
-                       const Py_ssize_t *off) except -1:
+                       const Py_ssize_t *off, str prefix) except -1:
     """Slice count allowed for the message type; text/json roles must be one-dimensional I8."""
     if msg_type == 0:  # Think
         if nslices == 1:
@@ -970,7 +1052,7 @@ cdef int _check_layout(uint8_t msg_type, Py_ssize_t nslices, const uint8_t *dt, 
             pass
         elif nslices == 2:
             if dt[1] != 2 or nd[1] != 1:
-                raise LayoutError("slices[1].dtype", f"the context slice of Ask carries text: it must be I8 of one dimension, got {_dtype_name(dt[1])} of {nd[1]} dimensions", off[1])
+                raise LayoutError(f"{prefix}slices[1].dtype", f"the context slice of Ask carries text: it must be I8 of one dimension, got {_dtype_name(dt[1])} of {nd[1]} dimensions", off[1])
         else:
             raise LayoutError("num_slices", f"Ask carries 1 or 2 slices, got {nslices}", OFF_NUM_SLICES)
     elif msg_type == 3:  # Sync
@@ -978,7 +1060,7 @@ cdef int _check_layout(uint8_t msg_type, Py_ssize_t nslices, const uint8_t *dt, 
             pass
         elif nslices == 1:
             if dt[0] != 2 or nd[0] != 1:
-                raise LayoutError("slices[0].dtype", f"the json slice of Sync carries text: it must be I8 of one dimension, got {_dtype_name(dt[0])} of {nd[0]} dimensions", off[0])
+                raise LayoutError(f"{prefix}slices[0].dtype", f"the json slice of Sync carries text: it must be I8 of one dimension, got {_dtype_name(dt[0])} of {nd[0]} dimensions", off[0])
         else:
             raise LayoutError("num_slices", f"Sync carries 0 or 1 slices, got {nslices}", OFF_NUM_SLICES)
     elif msg_type == 4:  # Critique
@@ -986,114 +1068,307 @@ cdef int _check_layout(uint8_t msg_type, Py_ssize_t nslices, const uint8_t *dt, 
             pass
         elif nslices == 2:
             if dt[1] != 2 or nd[1] != 1:
-                raise LayoutError("slices[1].dtype", f"the explanation slice of Critique carries text: it must be I8 of one dimension, got {_dtype_name(dt[1])} of {nd[1]} dimensions", off[1])
+                raise LayoutError(f"{prefix}slices[1].dtype", f"the explanation slice of Critique carries text: it must be I8 of one dimension, got {_dtype_name(dt[1])} of {nd[1]} dimensions", off[1])
         elif nslices == 3:
             if dt[2] != 2 or nd[2] != 1:
-                raise LayoutError("slices[2].dtype", f"the explanation slice of Critique carries text: it must be I8 of one dimension, got {_dtype_name(dt[2])} of {nd[2]} dimensions", off[2])
+                raise LayoutError(f"{prefix}slices[2].dtype", f"the explanation slice of Critique carries text: it must be I8 of one dimension, got {_dtype_name(dt[2])} of {nd[2]} dimensions", off[2])
         else:
             raise LayoutError("num_slices", f"Critique carries 1 or 2 or 3 slices, got {nslices}", OFF_NUM_SLICES)
     return 0
 
 
-cdef Frame _build(const unsigned char *p, Py_ssize_t n, object base):
-    """Build the message from a frame that _validate() accepted (no checks repeated)."""
-    cdef Py_ssize_t nslices = <Py_ssize_t>rz_ld_u64(p + OFF_NUM_SLICES)
-    cdef Py_ssize_t tab = PREFIX_SIZE
-    cdef Py_ssize_t pos = tab + 4 * nslices
-    cdef Py_ssize_t i, k
+cdef Frame _build(const unsigned char *p, Hdr *h, const unsigned char *b, object base, Py_ssize_t boff,
+                  uint16_t applied):
+    """Build the message from checked bytes: the header at p, the body at b, which is base[boff:]."""
+    cdef Py_ssize_t pos = 0, i, k
     cdef Slice s
     cdef Frame f = _new_frame(p[OFF_MSG_TYPE])
+    cdef Py_ssize_t suffix = h.body - SUFFIX_SIZE
     f._version = rz_ld_u8(p + OFF_VERSION)
     f._msg_type = rz_ld_u8(p + OFF_MSG_TYPE)
     f._flags = rz_ld_u16(p + OFF_FLAGS)
     f._stream_id = rz_ld_u32(p + OFF_STREAM_ID)
     f._frame_seq = rz_ld_u64(p + OFF_FRAME_SEQ)
-    f._space_hash32 = rz_ld_u32(p + pos + SUF_SPACE_HASH32)
-    f._modality = rz_ld_u8(p + pos + SUF_MODALITY)
-    pos += SUFFIX_SIZE
-    cdef tuple slices = PyTuple_New(nslices)
-    for i in range(nslices):
+    f._space_hash32 = rz_ld_u32(p + suffix + SUF_SPACE_HASH32)
+    f._modality = rz_ld_u8(p + suffix + SUF_MODALITY)
+    f._applied = applied
+    cdef tuple slices = PyTuple_New(h.nslices)
+    for i in range(h.nslices):
         s = Slice.__new__(Slice)
-        s._dtype = p[pos]
-        s._ndim = p[pos + 1]
+        s._dtype = b[pos]
+        s._ndim = b[pos + 1]
         for k in range(s._ndim):
-            s._dims[k] = rz_ld_u32(p + pos + 2 + 4 * k)
+            s._dims[k] = rz_ld_u32(b + pos + 2 + 4 * k)
         s._base = base
-        s._off = pos + 2 + 4 * s._ndim
-        s._len = rz_ld_u32(p + tab + 4 * i)
-        pos = s._off + s._len
+        s._off = boff + pos + 2 + 4 * s._ndim
+        s._len = rz_ld_u32(p + h.tab + 4 * i)
+        pos += 2 + 4 * s._ndim + s._len
         Py_INCREF(s)
         PyTuple_SET_ITEM(slices, i, s)
     f._slices = slices
     return f
 
 
-def decode(data):
+cdef object _unshuffle_body(const unsigned char *p, Hdr *h, const unsigned char *b, Py_ssize_t blen):
+    """A new body with every element-sized payload's bytes put back in element order."""
+    out = PyBytes_FromStringAndSize(NULL, blen)
+    cdef unsigned char *q = <unsigned char *>PyBytes_AS_STRING(out)
+    cdef Py_ssize_t pos = 0, i, head
+    cdef uint32_t slen
+    cdef int width
+    for i in range(h.nslices):
+        head = 2 + 4 * b[pos + 1]
+        slen = rz_ld_u32(p + h.tab + 4 * i)
+        memcpy(q + pos, b + pos, head)
+        width = _element_bytes(b[pos])
+        _byte_unshuffle(b + pos + head, q + pos + head, slen, width)
+        pos += head + slen
+    return out
+
+
+cdef void _byte_shuffle(const unsigned char *src, unsigned char *dst, Py_ssize_t nbytes, int width) noexcept nogil:
+    """Group the bytes of `width`-byte elements by significance: dst = all byte 0s, all byte 1s, ..."""
+    cdef Py_ssize_t n, i
+    cdef int j
+    if width < 2 or nbytes % width:
+        memcpy(dst, src, nbytes)
+        return
+    n = nbytes // width
+    if width == 2:
+        for i in range(n):
+            dst[i] = src[2 * i]
+            dst[n + i] = src[2 * i + 1]
+        return
+    for i in range(n):
+        for j in range(width):
+            dst[j * n + i] = src[i * width + j]
+
+
+cdef void _byte_unshuffle(const unsigned char *src, unsigned char *dst, Py_ssize_t nbytes, int width) noexcept nogil:
+    cdef Py_ssize_t n, i
+    cdef int j
+    if width < 2 or nbytes % width:
+        memcpy(dst, src, nbytes)
+        return
+    n = nbytes // width
+    if width == 2:
+        for i in range(n):
+            dst[2 * i] = src[i]
+            dst[2 * i + 1] = src[n + i]
+        return
+    for i in range(n):
+        for j in range(width):
+            dst[i * width + j] = src[j * n + i]
+
+
+def byte_shuffle(data, int width, bint inverse=False):
+    """BYTE_SHUFFLE (or its inverse) of a buffer of `width`-byte elements, as the codec applies it."""
+    cdef const unsigned char[::1] src = memoryview(data).cast("B")
+    cdef Py_ssize_t n = src.shape[0]
+    out = PyBytes_FromStringAndSize(NULL, n)
+    if n:
+        if inverse:
+            _byte_unshuffle(&src[0], <unsigned char *>PyBytes_AS_STRING(out), n, width)
+        else:
+            _byte_shuffle(&src[0], <unsigned char *>PyBytes_AS_STRING(out), n, width)
+    return out
+
+
+cdef Frame _decode_transformed(const unsigned char *p, Hdr *h, object base, object codec, object expected_space):
+    """Version 2: envelope, CRC, space, decrypt, decompress, then the body's checks."""
+    cdef uint16_t flags, applied
+    cdef Py_ssize_t env = h.body, env_size, tb
+    cdef uint32_t body_len, key_id
+    cdef uint8_t filters
+    cdef const unsigned char *pb
+    _check_flags(p)
+    flags = rz_ld_u16(p + OFF_FLAGS)
+    applied = flags & BODY_TRANSFORM_MASK
+    if applied == 0:
+        raise LayoutError("flags", "a version 2 frame must set ZSTD or XCHACHA (or both)", OFF_FLAGS)
+    env_size = ENV_BASE_SIZE + (ENV_CRYPTO_SIZE if applied & FLAG_ENCRYPT else 0)
+    if env + env_size > h.end:
+        raise _truncated_fixed(_ENVELOPE_FIELDS if applied & FLAG_ENCRYPT else _ENVELOPE_FIELDS[:2], env, h.end)
+    body_len = rz_ld_u32(p + env + ENV_BODY_LEN)
+    filters = p[env + ENV_FILTERS]
+    if body_len > MAX_FRAME_BYTES:
+        raise LimitExceeded("body_len", f"{body_len}, more than max_frame_bytes ({MAX_FRAME_BYTES})", env + ENV_BODY_LEN)
+    if filters & ~FILTERS_MASK:
+        raise UnknownFlags("filters", f"0x{filters:02x} sets bits outside {', '.join(f'{m.name}={m.value}' for m in Filters)}", env + ENV_FILTERS)
+    if filters and not applied & FLAG_COMPRESS:
+        raise LayoutError("filters", "filters apply only to compressed (ZSTD) bodies", env + ENV_FILTERS)
+    tb = env + env_size
+    if applied & FLAG_ENCRYPT:
+        if h.end - tb < TAG_BYTES:
+            raise _truncated("body", tb, TAG_BYTES, h.end, _BEFORE_CRC)
+        if not applied & FLAG_COMPRESS and h.end - tb != body_len + TAG_BYTES:
+            raise SizeMismatch("body", f"{h.end - tb} bytes of ciphertext and tag, body_len {body_len} needs {body_len + TAG_BYTES}", tb)
+    elif h.end - tb < 1:
+        raise _truncated("body", tb, 1, h.end, _BEFORE_CRC)
+    _check_crc(p, h)
+    _check_space(p, h, expected_space)
+
+    if codec is None:
+        from resonant.transforms import default_codec
+        codec = default_codec()
+    mv = memoryview(base)
+    plain = mv[tb:h.end]
+    if applied & FLAG_ENCRYPT:
+        key_id = rz_ld_u32(p + env + ENV_KEY_ID)
+        plain = codec._open(key_id, mv[env + ENV_NONCE:env + ENV_NONCE + NONCE_BYTES], mv[:tb], plain, tb)
+    if applied & FLAG_COMPRESS:
+        plain = codec._inflate(plain, body_len, tb)
+    if type(plain) is not bytes or PyBytes_GET_SIZE(plain) != body_len:
+        raise DecompressionFailed("body", f"the transforms produced {len(plain)} bytes, body_len is {body_len}", tb)
+    pb = <const unsigned char *>PyBytes_AS_STRING(plain)
+    _check_body(p, h, pb, body_len, 0, "body.", _IN_BODY, "body", f"the end of the body (body_len {body_len})")
+    if filters & FILTER_BYTE_SHUFFLE:
+        plain = _unshuffle_body(p, h, pb, body_len)
+        pb = <const unsigned char *>PyBytes_AS_STRING(plain)
+    _check_meaning(p, h, pb, 0, "body.")
+    return _build(p, h, pb, plain, 0, applied)
+
+
+def decode(data, *, codec=None, expected_space_hash=None):
     """Decode one V-Frame from a bytes-like object into its message class.
 
-    The result's slices are views of `data` (no copy). Malformed input raises a
-    DecodeError subclass naming the field path and byte offset.
+    A version 1 frame's slices are views of `data` (no copy). A version 2 frame is
+    decrypted and/or decompressed by `codec` (a resonant.Codec; the default one can decompress
+    but holds no key), and its slices view the one buffer that produces. With
+    `expected_space_hash`, a frame for another embedding space raises SpaceMismatch.
+    Malformed input raises a DecodeError subclass naming the field path and byte offset.
     """
     cdef const unsigned char *p
     cdef Py_ssize_t n
     cdef Py_buffer *view
+    cdef Hdr h
+    if expected_space_hash is not None and not (isinstance(expected_space_hash, int) and 0 <= expected_space_hash <= 0xFFFFFFFF):
+        raise TypeError(f"expected_space_hash must be an integer that fits u32, got {expected_space_hash!r}")
     if type(data) is bytes:
         p = <const unsigned char *>PyBytes_AS_STRING(data)
         n = PyBytes_GET_SIZE(data)
-        _validate(p, n)
-        return _build(p, n, data)
-    try:
-        mv = memoryview(data)
-    except TypeError:
-        raise TypeError(f"decode() needs a bytes-like object, got {type(data).__name__}") from None
-    if not mv.c_contiguous:
-        raise TypeError("decode() needs a C-contiguous buffer")
-    if mv.format != "B" or mv.ndim != 1:
-        mv = mv.cast("B")
-    view = PyMemoryView_GET_BUFFER(mv)
-    p = <const unsigned char *>view.buf
-    n = view.len
-    _validate(p, n)
-    return _build(p, n, mv)
+        base = data
+    else:
+        try:
+            base = memoryview(data)
+        except TypeError:
+            raise TypeError(f"decode() needs a bytes-like object, got {type(data).__name__}") from None
+        if not base.c_contiguous:
+            raise TypeError("decode() needs a C-contiguous buffer")
+        if base.format != "B" or base.ndim != 1:
+            base = base.cast("B")
+        view = PyMemoryView_GET_BUFFER(base)
+        p = <const unsigned char *>view.buf
+        n = view.len
+    _check_header(p, n, &h)
+    if h.version == VERSION_TRANSFORMED:
+        return _decode_transformed(p, &h, base, codec, expected_space_hash)
+    _check_body(p, &h, p + h.body, h.end - h.body, h.body, "", _BEFORE_CRC, "crc32", "the crc32")
+    _check_crc(p, &h)
+    _check_space(p, &h, expected_space_hash)
+    _check_meaning(p, &h, p + h.body, h.body, "")
+    return _build(p, &h, p + h.body, base, h.body, 0)
 
 # --------------------------------------------------------------------------- encode
 
 
-def encode(Frame frame not None):
-    """The frame's bytes: header, slices, CRC-32."""
-    cdef tuple slices = frame._slices
-    cdef Py_ssize_t nslices = len(slices)
-    cdef Py_ssize_t size = MIN_FRAME_BYTES + 4 * nslices
-    cdef Py_ssize_t i, k, pos, tab
+cdef Py_ssize_t _body_size(tuple slices):
+    cdef Py_ssize_t size = 0, i
     cdef Slice s
-    for i in range(nslices):
+    for i in range(len(slices)):
         s = <Slice>slices[i]
         size += 2 + 4 * s._ndim + s._len
-    if size > MAX_FRAME_BYTES:
-        raise EncodeError("frame", f"{size} bytes, more than max_frame_bytes ({MAX_FRAME_BYTES}); send it as a stream")
-    out = PyBytes_FromStringAndSize(NULL, size)
-    cdef unsigned char *q = <unsigned char *>PyBytes_AS_STRING(out)
-    rz_st_u8(q + OFF_VERSION, frame._version)
+    return size
+
+
+cdef void _write_header(Frame frame, unsigned char *q, uint8_t version, uint16_t flags, Py_ssize_t nslices) noexcept:
+    cdef Py_ssize_t pos = PREFIX_SIZE + 4 * nslices, i
+    rz_st_u8(q + OFF_VERSION, version)
     rz_st_u8(q + OFF_MSG_TYPE, frame._msg_type)
-    rz_st_u16(q + OFF_FLAGS, frame._flags)
+    rz_st_u16(q + OFF_FLAGS, flags)
     rz_st_u32(q + OFF_STREAM_ID, frame._stream_id)
     rz_st_u64(q + OFF_FRAME_SEQ, frame._frame_seq)
     rz_st_u64(q + OFF_NUM_SLICES, <uint64_t>nslices)
-    tab = PREFIX_SIZE
-    pos = tab + 4 * nslices
+    for i in range(nslices):
+        rz_st_u32(q + PREFIX_SIZE + 4 * i, <uint32_t>(<Slice>frame._slices[i])._len)
     rz_st_u32(q + pos + SUF_SPACE_HASH32, frame._space_hash32)
     rz_st_u8(q + pos + SUF_MODALITY, frame._modality)
-    pos += SUFFIX_SIZE
-    for i in range(nslices):
+
+
+cdef Py_ssize_t _write_body(tuple slices, unsigned char *q, bint shuffle) noexcept:
+    cdef Py_ssize_t pos = 0, i, k
+    cdef Slice s
+    for i in range(len(slices)):
         s = <Slice>slices[i]
-        rz_st_u32(q + tab + 4 * i, <uint32_t>s._len)
         q[pos] = s._dtype
         q[pos + 1] = s._ndim
         for k in range(s._ndim):
             rz_st_u32(q + pos + 2 + 4 * k, s._dims[k])
         pos += 2 + 4 * s._ndim
         if s._len:
-            memcpy(q + pos, _slice_ptr(s), s._len)
+            if shuffle:
+                _byte_shuffle(_slice_ptr(s), q + pos, s._len, _element_bytes(s._dtype))
+            else:
+                memcpy(q + pos, _slice_ptr(s), s._len)
         pos += s._len
-    rz_st_u32(q + pos, _crc32(q, pos))
+    return pos
+
+
+cdef int _check_size(Py_ssize_t size) except -1:
+    if size > MAX_FRAME_BYTES:
+        raise EncodeError("frame", f"{size} bytes, more than max_frame_bytes ({MAX_FRAME_BYTES}); send it as a stream")
+    return 0
+
+
+def encode(Frame frame not None):
+    """The frame's bytes: version 1 header, raw slices, CRC-32.
+
+    Flags are written as the frame has them (a ZSTD or XCHACHA flag set by hand is carried,
+    as the reference does, and reported by the receiver in ignored_flags); transforms a
+    decoder applied to this frame are not claimed again. resonant.Codec compresses and encrypts.
+    """
+    cdef tuple slices = frame._slices
+    cdef Py_ssize_t nslices = len(slices)
+    cdef Py_ssize_t hsize = PREFIX_SIZE + 4 * nslices + SUFFIX_SIZE
+    cdef Py_ssize_t size = hsize + _body_size(slices) + CRC_SIZE
+    _check_size(size)
+    out = PyBytes_FromStringAndSize(NULL, size)
+    cdef unsigned char *q = <unsigned char *>PyBytes_AS_STRING(out)
+    _write_header(frame, q, VERSION, frame._flags & ~frame._applied, nslices)
+    _write_body(slices, q + hsize, False)
+    rz_st_u32(q + size - CRC_SIZE, _crc32(q, size - CRC_SIZE))
+    return out
+
+
+def _encode_header(Frame frame not None, uint16_t transforms):
+    """The version 2 header of a frame whose body gets `transforms` (ZSTD, XCHACHA)."""
+    cdef Py_ssize_t nslices = len(frame._slices)
+    header = PyBytes_FromStringAndSize(NULL, PREFIX_SIZE + 4 * nslices + SUFFIX_SIZE)
+    _write_header(frame, <unsigned char *>PyBytes_AS_STRING(header), VERSION_TRANSFORMED,
+                  (frame._flags & ~BODY_TRANSFORM_MASK) | (transforms & BODY_TRANSFORM_MASK), nslices)
+    return header
+
+
+def _encode_body(Frame frame not None, bint shuffle):
+    """The raw body (every slice, version 1 layout), its payloads byte-shuffled if asked."""
+    cdef tuple slices = frame._slices
+    cdef Py_ssize_t bsize = _body_size(slices)
+    _check_size(PREFIX_SIZE + 4 * len(slices) + SUFFIX_SIZE + bsize + CRC_SIZE)
+    body = PyBytes_FromStringAndSize(NULL, bsize)
+    _write_body(slices, <unsigned char *>PyBytes_AS_STRING(body), shuffle)
+    return body
+
+
+def _assemble(bytes head, object tail):
+    """head + tail + CRC-32 of both, as one bytes object (one copy of tail)."""
+    cdef const unsigned char[::1] t = memoryview(tail).cast("B")
+    cdef Py_ssize_t hn = PyBytes_GET_SIZE(head), tn = t.shape[0]
+    cdef Py_ssize_t size = hn + tn + CRC_SIZE
+    _check_size(size)
+    out = PyBytes_FromStringAndSize(NULL, size)
+    cdef unsigned char *q = <unsigned char *>PyBytes_AS_STRING(out)
+    memcpy(q, PyBytes_AS_STRING(head), hn)
+    if tn:
+        memcpy(q + hn, &t[0], tn)
+    rz_st_u32(q + hn + tn, _crc32(q, hn + tn))
     return out

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import enum
 
+#: Raw body: the slices follow the header directly. ZSTD and XCHACHA flags are carried but not applied, and a decoder reports them in ignored_flags (the reference sets them without compressing or encrypting).
 VERSION = 1
+#: Transformed body: the envelope follows the header, then the body compressed (ZSTD) and/or encrypted (XCHACHA) exactly as the flags say; at least one of the two is set.
+VERSION_TRANSFORMED = 2
 
 #: A whole frame, header to CRC, is at most 64 KiB; larger input is rejected before it is parsed.
 MAX_FRAME_BYTES = 65536
@@ -60,6 +63,27 @@ class Flags(enum.IntFlag):
     XCHACHA = 2  #: Body is XChaCha20-Poly1305 encrypted. Version 1 decoders read the body as raw and report the flag in ignored_flags (the reference sets it without encrypting).
     STRONG_TAIL = 4  #: The stream ends with a TAIL frame carrying an xxh3_64 of the whole stream.
 
+
+class Filters(enum.IntFlag):
+    """Filters of the envelope's filters field (version 2 with ZSTD only)."""
+
+    BYTE_SHUFFLE = 1  #: Each payload whose dtype has elements of more than one byte is stored with the bytes of its elements grouped by significance (all first bytes, then all second bytes, ...), as Blosc and HDF5 do, so that zstd sees the slowly varying exponent bytes together.
+
+
+#: XChaCha20-Poly1305 (IETF, libsodium's crypto_aead_xchacha20poly1305_ietf): key, nonce and tag sizes in bytes.
+KEY_BYTES = 32
+NONCE_BYTES = 24
+TAG_BYTES = 16
+
+#: Envelope fields of version 2 frames: (name, offset after the header, size, only when encrypted).
+ENVELOPE = (
+    ("body_len", 0, 4, False),
+    ("filters", 4, 1, False),
+    ("key_id", 5, 4, True),
+    ("nonce", 9, 24, True),
+)
+ENVELOPE_BASE_BYTES = 5
+ENVELOPE_CRYPTO_BYTES = 28
 
 #: Flags that name a transform of the body (compression, encryption).
 BODY_TRANSFORM_FLAGS = Flags(3)

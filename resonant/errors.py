@@ -24,8 +24,13 @@ __all__ = [
     "LimitExceeded",
     "LayoutError",
     "HandshakeError",
+    "SpaceMismatch",
+    "UnknownKey",
+    "DecryptionFailed",
+    "DecompressionFailed",
     "EncodeError",
     "UnsupportedDType",
+    "KeyFileError",
 ]
 
 
@@ -92,9 +97,29 @@ class HandshakeError(DecodeError):
     """A handshake JSON document is malformed, oversized or breaks its schema."""
 
 
+class SpaceMismatch(DecodeError):
+    """The frame's space_hash32 is not the embedding space the receiver expects."""
+
+
+class UnknownKey(DecodeError):
+    """An encrypted frame names a key_id that is not in the receiver's keyring (or no keyring was given)."""
+
+
+class DecryptionFailed(DecodeError):
+    """The ciphertext does not authenticate under the key (wrong key, or the frame was altered); no plaintext is returned."""
+
+
+class DecompressionFailed(DecodeError):
+    """The compressed body is not one zstd frame of exactly body_len bytes."""
+
+
 class EncodeError(ResonantError, ValueError):
     """A frame cannot be built from what the caller gave (local misuse, never the peer's fault)."""
 
 
 class UnsupportedDType(ResonantError, TypeError):
     """The operation is not defined for this dtype (for example a numpy view of Q4)."""
+
+
+class KeyFileError(ResonantError, ValueError):
+    """A key cannot be loaded (wrong size or encoding, unreadable file)."""

@@ -26,6 +26,7 @@ from resonant.errors import (
     SizeMismatch,
     LimitExceeded,
     LayoutError,
+    UnknownKey,
     EncodeError,
 )
 

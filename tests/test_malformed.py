@@ -41,8 +41,14 @@ def outcome(decode, data):
 
 
 def agree(data) -> tuple:
-    """Both codecs give the same frame or the same error (class, field path, byte offset)."""
-    fast, slow = outcome(resonant.decode, data), outcome(refcodec.decode, data)
+    """Both codecs give the same frame or the same error (class, field path, byte offset).
+
+    The plain codec speaks version 1 only; version 2 input (transformed bodies) is checked
+    for raising nothing but DecodeErrors (test_transforms.py covers it in depth)."""
+    fast = outcome(resonant.decode, data)
+    if data[:1] == b"\x02":
+        return fast
+    slow = outcome(refcodec.decode, data)
     assert fast == slow, (data.hex(), fast, slow)
     return fast
 
@@ -112,8 +118,8 @@ THINK = vector_bytes("04_think_f16_random.bin")  # Think, 1 slice: F16 [1, 2048]
 @pytest.mark.parametrize(
     "data, cls, message",
     [
-        (patch(PING, 0, "B", 2, fix_crc=False), UnknownVersion,
-         "version: 2 (this decoder speaks version 1) (at byte 0)"),
+        (patch(PING, 0, "B", 3, fix_crc=False), UnknownVersion,
+         "version: 3 (this decoder speaks versions 1 and 2) (at byte 0)"),
         (patch(PING, 1, "B", 9), UnknownMessageType,
          "msg_type: 9 is not a message type (0 THINK, 1 CACHE, 2 ASK, 3 SYNC, 4 CRITIQUE) (at byte 1)"),
         (patch(PING, 2, "H", 0x0100), UnknownFlags,
@@ -179,7 +185,7 @@ def test_non_buffer_input_is_a_type_error():
 @given(st.binary(max_size=300))
 def test_random_bytes(data):
     result = agree(data)
-    assert result[0] == "error" or resonant.encode(resonant.decode(data)) == data
+    assert result[0] == "error" or data[:1] == b"\x02" or resonant.encode(resonant.decode(data)) == data
 
 
 @given(st.binary(min_size=20, max_size=300))

@@ -1,0 +1,265 @@
+"""Real compression and authenticated encryption of V-Frames (version 2 frames).
+
+    key = resonant.Key.generate()                    # or Key.from_file("peer.key")
+    codec = resonant.Codec(zstd_level=3, key=key)    # compress, then encrypt
+    msg = codec.decode(codec.encode(resonant.Think(hidden)))
+
+The wire layout (envelope, associated data, raw fallback, bounds) is specified in
+schema/vframe.yaml and specs/vframe_binary_layout.md. Security properties and their limits
+are in specs/security.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import struct
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+import zstandard
+from nacl import bindings as _sodium
+from nacl.exceptions import CryptoError
+
+from resonant import _codec
+from resonant._spec import (
+    BODY_TRANSFORM_FLAGS,
+    ENVELOPE_BASE_BYTES,
+    KEY_BYTES,
+    MAX_FRAME_BYTES,
+    NONCE_BYTES,
+    Filters,
+    Flags,
+)
+from resonant.errors import DecompressionFailed, DecryptionFailed, EncodeError, KeyFileError, UnknownKey
+
+__all__ = ["Codec", "Key", "Keyring", "default_codec"]
+
+_ENV_BASE = struct.Struct("<IB")  # body_len, filters
+_KEY_ID = struct.Struct("<I")
+_HEX_KEY = re.compile(rb"^[0-9a-fA-F]{%d}$" % (2 * KEY_BYTES))
+# Zstd may use a window no larger than this while decompressing (frames are <= 64 KiB).
+_MAX_WINDOW = 1 << 20
+
+
+class Key:
+    """A 32-byte XChaCha20-Poly1305 key and its 32-bit key id.
+
+    The id travels in every encrypted frame so a receiver holding several keys (a Keyring)
+    picks the right one; by default it is derived from the key (BLAKE2b, so it reveals
+    nothing usable about the key), or it can be set explicitly.
+    """
+
+    __slots__ = ("_secret", "key_id")
+
+    def __init__(self, secret: bytes, key_id: int | None = None) -> None:
+        secret = bytes(secret)
+        if len(secret) != KEY_BYTES:
+            raise KeyFileError("key", f"{len(secret)} bytes, a key is exactly {KEY_BYTES}")
+        if key_id is None:
+            key_id = int.from_bytes(hashlib.blake2b(secret, digest_size=4, person=b"resonant-keyid").digest(), "little")
+        if not isinstance(key_id, int) or not 0 <= key_id <= 0xFFFFFFFF:
+            raise KeyFileError("key_id", f"{key_id!r} does not fit u32")
+        self._secret = secret
+        self.key_id = key_id
+
+    @classmethod
+    def generate(cls, key_id: int | None = None) -> "Key":
+        """A fresh random key."""
+        return cls(os.urandom(KEY_BYTES), key_id)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, key_id: int | None = None) -> "Key":
+        """Load a key file: 32 raw bytes, or 64 hexadecimal characters (surrounding whitespace ignored)."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise KeyFileError(str(path), f"cannot read the key file: {exc.strerror or exc}") from None
+        if len(data) == KEY_BYTES:
+            return cls(data, key_id)
+        text = data.strip()
+        if _HEX_KEY.match(text):
+            return cls(bytes.fromhex(text.decode("ascii")), key_id)
+        raise KeyFileError(str(path), f"{len(data)} bytes: a key file holds {KEY_BYTES} raw bytes or "
+                           f"{2 * KEY_BYTES} hexadecimal characters")
+
+    def to_file(self, path: str | os.PathLike) -> None:
+        """Write the key as hexadecimal text, readable by the owner only."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self._secret.hex() + "\n")
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"Key(key_id=0x{self.key_id:08x})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Key) and other._secret == self._secret and other.key_id == self.key_id
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class Keyring:
+    """Keys by id: the primary one encrypts, any of them decrypts.
+
+    Rotating keys without breaking a running stream: add the new key to both peers'
+    keyrings, make it primary on the sender, and drop the old one once no frame under it
+    can still arrive.
+    """
+
+    def __init__(self, keys: Iterable[Key] | Key, primary: int | None = None) -> None:
+        keys = [keys] if isinstance(keys, Key) else list(keys)
+        if not keys:
+            raise KeyFileError("keyring", "at least one key is needed")
+        self._keys: dict[int, Key] = {}
+        for k in keys:
+            if not isinstance(k, Key):
+                raise TypeError(f"a Keyring holds Key objects, got {type(k).__name__}")
+            if k.key_id in self._keys and self._keys[k.key_id] != k:
+                raise KeyFileError("keyring", f"two different keys share key_id 0x{k.key_id:08x}")
+            self._keys[k.key_id] = k
+        self.primary = self._keys[keys[0].key_id if primary is None else primary]
+
+    def add(self, key: Key, make_primary: bool = False) -> None:
+        if key.key_id in self._keys and self._keys[key.key_id] != key:
+            raise KeyFileError("keyring", f"two different keys share key_id 0x{key.key_id:08x}")
+        self._keys[key.key_id] = key
+        if make_primary:
+            self.primary = key
+
+    def remove(self, key_id: int) -> None:
+        if key_id == self.primary.key_id:
+            raise KeyFileError("keyring", "cannot remove the primary key; make another key primary first")
+        self._keys.pop(key_id, None)
+
+    def get(self, key_id: int) -> Key | None:
+        return self._keys.get(key_id)
+
+    def __contains__(self, key_id: int) -> bool:
+        return key_id in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __repr__(self) -> str:
+        ids = ", ".join(f"0x{i:08x}" for i in self._keys)
+        return f"Keyring([{ids}], primary=0x{self.primary.key_id:08x})"
+
+
+class Codec:
+    """Encodes and decodes frames with optional zstd compression and XChaCha20-Poly1305.
+
+    zstd_level: None (no compression) or a zstd level; compressor and decompressor contexts
+    are reused. shuffle: apply BYTE_SHUFFLE to multi-byte payloads before compressing.
+    key: a Key or Keyring to encrypt with (and decrypt with). expected_space_hash: decode
+    rejects frames of any other embedding space with SpaceMismatch.
+
+    A frame is sent compressed only when that makes it smaller (raw fallback), and as a
+    plain version 1 frame when no transform applies. A Codec is not thread-safe (its zstd
+    contexts are not); use one per thread.
+    """
+
+    def __init__(self, zstd_level: int | None = None, *, shuffle: bool = True, key: Key | Keyring | None = None,
+                 expected_space_hash: int | None = None) -> None:
+        if zstd_level is not None and not isinstance(zstd_level, int):
+            raise TypeError(f"zstd_level must be an int or None, got {zstd_level!r}")
+        if zstd_level is not None and not (zstandard.MAX_COMPRESSION_LEVEL * -1 <= zstd_level <= zstandard.MAX_COMPRESSION_LEVEL):
+            raise ValueError(f"zstd_level {zstd_level} is outside zstd's range")
+        self.zstd_level = zstd_level
+        self.shuffle = bool(shuffle)
+        self.keyring = key if isinstance(key, Keyring) or key is None else Keyring([key])
+        self.expected_space_hash = expected_space_hash
+        self._cctx = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True, write_checksum=False) \
+            if zstd_level is not None else None
+        self._dctx = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW)
+
+    # ------------------------------------------------------------------ encode
+
+    def encode(self, frame: _codec.Frame) -> bytes:
+        """The frame's bytes, compressed and/or encrypted as configured."""
+        transforms = 0
+        filters = 0
+        body = None
+        raw_len = 0
+        if self._cctx is not None:
+            raw = _codec._encode_body(frame, self.shuffle)
+            raw_len = len(raw)
+            compressed = self._cctx.compress(raw)
+            if len(compressed) < raw_len:  # raw fallback otherwise: never send a larger "compressed" body
+                body = compressed
+                transforms |= Flags.ZSTD
+                filters = Filters.BYTE_SHUFFLE if self.shuffle else 0
+        if self.keyring is not None:
+            transforms |= Flags.XCHACHA
+        if not transforms:
+            return _codec.encode(frame if not frame.flags & BODY_TRANSFORM_FLAGS
+                                 else frame.replace(flags=frame.flags & ~BODY_TRANSFORM_FLAGS))
+        if body is None:
+            body = _codec._encode_body(frame, False)
+            raw_len = len(body)
+        header = _codec._encode_header(frame, int(transforms))
+        envelope = _ENV_BASE.pack(raw_len, int(filters))
+        if transforms & Flags.XCHACHA:
+            key = self.keyring.primary
+            nonce = os.urandom(NONCE_BYTES)
+            head = header + envelope + _KEY_ID.pack(key.key_id) + nonce
+            body = _sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(body, head, nonce, key._secret)
+        else:
+            head = header + envelope
+        try:
+            return _codec._assemble(head, body)
+        except EncodeError:
+            raise EncodeError("frame", f"{len(head) + len(body) + 4} bytes after the transforms, more than "
+                              f"max_frame_bytes ({MAX_FRAME_BYTES}); send it as a stream") from None
+
+    # ------------------------------------------------------------------ decode
+
+    def decode(self, data) -> _codec.Frame:
+        """Decode a frame of either version, undoing compression and encryption."""
+        return _codec.decode(data, codec=self, expected_space_hash=self.expected_space_hash)
+
+    def _open(self, key_id: int, nonce, aad, ciphertext, offset: int) -> bytes:
+        key = self.keyring.get(key_id) if self.keyring is not None else None
+        if key is None:
+            have = "no keyring was given" if self.keyring is None else f"the keyring holds {self.keyring!r}"
+            raise UnknownKey("key_id", f"0x{key_id:08x} is not a known key ({have})",
+                             offset - NONCE_BYTES - _KEY_ID.size)
+        try:
+            return _sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
+                bytes(ciphertext), bytes(aad), bytes(nonce), key._secret)
+        except CryptoError:
+            raise DecryptionFailed("body", f"authentication failed under key 0x{key_id:08x}: wrong key, or the "
+                                   "frame was altered", offset) from None
+
+    def _inflate(self, data, body_len: int, offset: int) -> bytes:
+        # The zstd frame must declare its content size, and that size must be body_len
+        # (<= max_frame_bytes): checked before anything is allocated, because zstandard's
+        # decompress() trusts a declared size over max_output_size.
+        size = zstandard.frame_content_size(data)
+        if size < 0:
+            raise DecompressionFailed("body", "not a zstd frame that records its content size", offset)
+        if size != body_len:
+            raise DecompressionFailed("body", f"the zstd frame declares {size} bytes, body_len is {body_len}", offset)
+        try:
+            return self._dctx.decompress(data, max_output_size=body_len, allow_extra_data=False)
+        except zstandard.ZstdError as exc:
+            raise DecompressionFailed("body", f"zstd: {exc}", offset) from None
+
+    def __repr__(self) -> str:
+        return (f"Codec(zstd_level={self.zstd_level}, shuffle={self.shuffle}, key={self.keyring!r}, "
+                f"expected_space_hash={self.expected_space_hash})")
+
+
+_local = threading.local()
+
+
+def default_codec() -> Codec:
+    """The codec `resonant.decode` uses for version 2 frames: decompresses, holds no key (per thread)."""
+    codec = getattr(_local, "codec", None)
+    if codec is None:
+        codec = _local.codec = Codec()
+    return codec
+
+
+assert ENVELOPE_BASE_BYTES == _ENV_BASE.size
