@@ -215,6 +215,7 @@ class Version:
 class Transforms:
     compression_flag: str
     compression_doc: str
+    segments: tuple[Field, ...]
     encryption_flag: str
     algorithm: str
     key_bytes: int
@@ -514,7 +515,7 @@ def load_vframe(path: Path) -> VFrame:
         raise meta.child("endian").fail("only little-endian layouts are supported")
     limits = _limits(root.child("limits"))
     lnames = {lim.name for lim in limits}
-    for needed in ("max_frame_bytes", "max_slices", "max_dims"):
+    for needed in ("max_frame_bytes", "max_slices", "max_dims", "max_segments"):
         if needed not in lnames:
             raise root.child("limits").fail(f"missing limit '{needed}'")
     rule = root.child("slice_len_rule").mapping(("name", "doc"))
@@ -575,13 +576,17 @@ def load_vframe(path: Path) -> VFrame:
         raise root.child("versions").fail("expected two consecutive versions: raw body, then transformed body")
 
     tnode = root.child("transforms").mapping(("compression", "encryption"))
-    comp = tnode.child("compression").mapping(("flag", "doc"))
+    comp = tnode.child("compression").mapping(("flag", "doc", "segments"))
+    segments = _fields(comp.child("segments"), lnames, set())
+    if [(f.name, f.type) for f in segments] != [("segment_count", "u8"), ("segment_len", "u32"), ("segments", "bytes")] \
+            or segments[0].limit != "max_segments" or segments[1].count != "segment_count":
+        raise comp.child("segments").fail("expected segment_count u8 (limit max_segments), segment_len u32[segment_count], segments bytes")
     enc = tnode.child("encryption").mapping(("flag", "algorithm", "key_bytes", "nonce_bytes", "tag_bytes", "doc"))
     flag_names = {v.name for v in enums["flags"].values}
     for node in (comp.child("flag"), enc.child("flag")):
         if node.value not in flag_names:
             raise node.fail(f"unknown flag '{node.value}'")
-    transforms = Transforms(comp.child("flag").str(), comp.doc(), enc.child("flag").str(), enc.child("algorithm").str(),
+    transforms = Transforms(comp.child("flag").str(), comp.doc(), segments, enc.child("flag").str(), enc.child("algorithm").str(),
                             enc.child("key_bytes").int(16, 64), enc.child("nonce_bytes").int(8, 64),
                             enc.child("tag_bytes").int(8, 64), enc.doc())
 

@@ -100,6 +100,7 @@ cdef enum:
     MAX_FRAME_BYTES = 65536
     MAX_SLICES = 1024
     MAX_DIMS = 8
+    MAX_SEGMENTS = 64
     PREFIX_SIZE = 24      # fixed header bytes before the slice_len table
     SUFFIX_SIZE = 5      # fixed header bytes after the slice_len table
     CRC_SIZE = 4
@@ -1159,6 +1160,11 @@ cdef void _byte_unshuffle(const unsigned char *src, unsigned char *dst, Py_ssize
     for i in range(n):
         for j in range(width):
             dst[i * width + j] = src[j * n + i]
+
+
+def element_bytes(dtype):
+    """Bytes per element of a dtype sized per element (the width BYTE_SHUFFLE uses), else 0."""
+    return _element_bytes(int(DType(dtype)))
 
 
 def byte_shuffle(data, int width, bint inverse=False):

@@ -16,6 +16,8 @@ MAX_FRAME_BYTES = 65536
 MAX_SLICES = 1024
 #: Upper bound on a slice's shape_len (tensor rank); checked before the shape is read.
 MAX_DIMS = 8
+#: Upper bound on the zstd segments of a compressed body; checked before the segment table is read.
+MAX_SEGMENTS = 64
 #: Smallest possible frame: the fixed header fields, no slice and the CRC.
 MIN_FRAME_BYTES = 33
 
@@ -82,6 +84,9 @@ ENVELOPE = (
     ("key_id", 5, 4, True),
     ("nonce", 9, 24, True),
 )
+#: Compressed bodies: segment_count u8, then segment_len u32 x segment_count, then the zstd frames.
+SEGMENT_COUNT_FORMAT = "<B"
+SEGMENT_LEN_FORMAT = "<I"
 ENVELOPE_BASE_BYTES = 5
 ENVELOPE_CRYPTO_BYTES = 28
 

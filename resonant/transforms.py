@@ -29,6 +29,9 @@ from resonant._spec import (
     ENVELOPE_BASE_BYTES,
     KEY_BYTES,
     MAX_FRAME_BYTES,
+    MAX_SEGMENTS,
+    SEGMENT_COUNT_FORMAT,
+    SEGMENT_LEN_FORMAT,
     NONCE_BYTES,
     Filters,
     Flags,
@@ -38,8 +41,12 @@ from resonant.errors import DecompressionFailed, DecryptionFailed, EncodeError, 
 __all__ = ["Codec", "Key", "Keyring", "default_codec"]
 
 _ENV_BASE = struct.Struct("<IB")  # body_len, filters
+_SEG_COUNT = struct.Struct(SEGMENT_COUNT_FORMAT)
+_SEG_LEN = struct.Struct(SEGMENT_LEN_FORMAT)
 _KEY_ID = struct.Struct("<I")
 _HEX_KEY = re.compile(rb"^[0-9a-fA-F]{%d}$" % (2 * KEY_BYTES))
+# The nonce source; tests replace it to check known answers. Never reuse a nonce under one key.
+_urandom = os.urandom
 # Zstd may use a window no larger than this while decompressing (frames are <= 64 KiB).
 _MAX_WINDOW = 1 << 20
 
@@ -185,7 +192,7 @@ class Codec:
         if self._cctx is not None:
             raw = _codec._encode_body(frame, self.shuffle)
             raw_len = len(raw)
-            compressed = self._cctx.compress(raw)
+            compressed = self._compress(raw, _plane_cuts(frame) if self.shuffle else ())
             if len(compressed) < raw_len:  # raw fallback otherwise: never send a larger "compressed" body
                 body = compressed
                 transforms |= Flags.ZSTD
@@ -202,7 +209,7 @@ class Codec:
         envelope = _ENV_BASE.pack(raw_len, int(filters))
         if transforms & Flags.XCHACHA:
             key = self.keyring.primary
-            nonce = os.urandom(NONCE_BYTES)
+            nonce = _urandom(NONCE_BYTES)
             head = header + envelope + _KEY_ID.pack(key.key_id) + nonce
             body = _sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(body, head, nonce, key._secret)
         else:
@@ -232,23 +239,77 @@ class Codec:
             raise DecryptionFailed("body", f"authentication failed under key 0x{key_id:08x}: wrong key, or the "
                                    "frame was altered", offset) from None
 
+    def _compress(self, body: bytes, cuts: Iterable[int]) -> bytes:
+        """segment_count, segment_len[], then one zstd frame per segment (cut at the byte planes)."""
+        bounds = [0, *sorted({c for c in cuts if 0 < c < len(body)}), len(body)]
+        if len(bounds) - 1 > MAX_SEGMENTS:  # keep the first cuts; the last segment takes the rest
+            bounds = bounds[:MAX_SEGMENTS] + [len(body)]
+        view = memoryview(body)
+        frames = [self._cctx.compress(view[a:b]) for a, b in zip(bounds, bounds[1:])]
+        table = _SEG_COUNT.pack(len(frames)) + b"".join(_SEG_LEN.pack(len(f)) for f in frames)
+        return b"".join((table, *frames))
+
     def _inflate(self, data, body_len: int, offset: int) -> bytes:
-        # The zstd frame must declare its content size, and that size must be body_len
-        # (<= max_frame_bytes): checked before anything is allocated, because zstandard's
-        # decompress() trusts a declared size over max_output_size.
-        size = zstandard.frame_content_size(data)
-        if size < 0:
-            raise DecompressionFailed("body", "not a zstd frame that records its content size", offset)
-        if size != body_len:
-            raise DecompressionFailed("body", f"the zstd frame declares {size} bytes, body_len is {body_len}", offset)
-        try:
-            return self._dctx.decompress(data, max_output_size=body_len, allow_extra_data=False)
-        except zstandard.ZstdError as exc:
-            raise DecompressionFailed("body", f"zstd: {exc}", offset) from None
+        # Every segment must be one zstd frame that declares its content size, and the sizes
+        # must add up to body_len (<= max_frame_bytes): all checked before anything is
+        # allocated, because zstandard's decompress() trusts a declared size over max_output_size.
+        data = memoryview(data)
+        if len(data) < _SEG_COUNT.size:
+            raise DecompressionFailed("body.segment_count", "missing", offset)
+        (count,) = _SEG_COUNT.unpack_from(data, 0)
+        if not 1 <= count <= MAX_SEGMENTS:
+            raise DecompressionFailed("body.segment_count", f"{count}, not in 1..max_segments ({MAX_SEGMENTS})", offset)
+        pos = _SEG_COUNT.size + count * _SEG_LEN.size
+        if pos > len(data):
+            raise DecompressionFailed("body.segment_len", f"the table of {count} segments needs {pos} bytes, "
+                                      f"{len(data)} remain", offset + _SEG_COUNT.size)
+        segments, total = [], 0
+        for i in range(count):
+            (length,) = _SEG_LEN.unpack_from(data, _SEG_COUNT.size + i * _SEG_LEN.size)
+            if length > len(data) - pos:
+                raise DecompressionFailed(f"body.segments[{i}]", f"needs {length} bytes, {len(data) - pos} remain",
+                                          offset + pos)
+            seg = data[pos:pos + length]
+            try:
+                size = zstandard.frame_content_size(seg)
+            except zstandard.ZstdError:
+                size = -1
+            if size < 0:
+                raise DecompressionFailed(f"body.segments[{i}]", "not a zstd frame that records its content size",
+                                          offset + pos)
+            total += size
+            if total > body_len:
+                raise DecompressionFailed(f"body.segments[{i}]", f"the zstd frames declare more than body_len "
+                                          f"({body_len}) bytes", offset + pos)
+            segments.append((seg, size, pos))
+            pos += length
+        if pos != len(data):
+            raise DecompressionFailed("body", f"{len(data) - pos} bytes after the last segment", offset + pos)
+        if total != body_len:
+            raise DecompressionFailed("body", f"the zstd frames declare {total} bytes, body_len is {body_len}", offset)
+        out = []
+        for i, (seg, size, at) in enumerate(segments):
+            try:
+                out.append(self._dctx.decompress(seg, max_output_size=size, allow_extra_data=False))
+            except zstandard.ZstdError as exc:
+                raise DecompressionFailed(f"body.segments[{i}]", f"zstd: {exc}", offset + at) from None
+        return out[0] if count == 1 else b"".join(out)
 
     def __repr__(self) -> str:
         return (f"Codec(zstd_level={self.zstd_level}, shuffle={self.shuffle}, key={self.keyring!r}, "
                 f"expected_space_hash={self.expected_space_hash})")
+
+
+def _plane_cuts(frame: _codec.Frame) -> list[int]:
+    """Body offsets where BYTE_SHUFFLE starts a byte plane other than a payload's first."""
+    cuts, pos = [], 0
+    for s in frame.slices:
+        pos += 2 + 4 * len(s.shape)
+        width, n = _codec.element_bytes(s.dtype), s.nbytes
+        if width > 1 and n and n % width == 0:
+            cuts.extend(pos + k * (n // width) for k in range(1, width))
+        pos += n
+    return cuts
 
 
 _local = threading.local()
