@@ -620,7 +620,7 @@ def load_vframe(path: Path) -> VFrame:
     for needed in ("ResonantError", "DecodeError", "EncodeError", "TruncatedFrame", "TrailingBytes",
                    "ChecksumMismatch", "UnknownVersion", "UnknownMessageType", "UnknownFlags",
                    "UnknownModality", "UnknownDType", "SizeMismatch", "LimitExceeded", "LayoutError",
-                   "UnsupportedDType", "SpaceMismatch", "UnknownKey", "DecryptionFailed", "DecompressionFailed",
+                   "UnsupportedDType", "SpaceMismatch", "UnknownKey", "DecryptionFailed", "DecompressionFailed", "NotEncrypted",
                    "KeyFileError"):
         if needed not in known:
             raise root.child("errors").fail(f"missing error '{needed}' (the codec raises it)")

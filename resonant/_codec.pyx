@@ -20,6 +20,7 @@ from cpython.object cimport PyTypeObject
 
 import json as _json
 
+import ml_dtypes as _ml_dtypes  # noqa: F401  (registers numpy's bfloat16)
 import numpy as _np
 
 from resonant._spec import DType, Filters, Flags, Modality, MsgType, NUMPY_DTYPES
@@ -41,6 +42,7 @@ from resonant.errors import (
     SpaceMismatch,
     UnknownKey,
     DecryptionFailed,
+    NotEncrypted,
     DecompressionFailed,
     EncodeError,
     UnsupportedDType,
@@ -234,6 +236,10 @@ cdef inline long long _expected_size(uint8_t dtype, uint64_t n) noexcept:
         return <long long>(n * 1)
     if dtype == 3:  # Q4: ceil(n × 4 / 8)
         return <long long>((n * 4 + 7) // 8)
+    if dtype == 4:  # BF16: n × 2
+        return <long long>(n * 2)
+    if dtype == 5:  # F32: n × 4
+        return <long long>(n * 4)
     if dtype == 16:  # SPARSE_COO: slice_len (any length)
         return -1
     return -2
@@ -245,6 +251,10 @@ cdef inline int _element_bytes(uint8_t dtype) noexcept:
         return 2
     if dtype == 2:  # I8
         return 1
+    if dtype == 4:  # BF16
+        return 2
+    if dtype == 5:  # F32
+        return 4
     return 0
 
 
@@ -518,7 +528,7 @@ cdef class Frame:
 
     @property
     def version(self):
-        """Protocol version; this spec describes version 1 and a decoder rejects any other."""
+        """Frame format version (see versions); a decoder rejects any version it does not list."""
         return self._version
 
     @property

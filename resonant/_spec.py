@@ -55,6 +55,8 @@ class DType(enum.IntEnum):
     F16 = 0x01  #: IEEE 754 binary16, little-endian.
     I8 = 0x02  #: Signed 8-bit integers; also carries UTF-8 text and JSON.
     Q4 = 0x03  #: Bare 4-bit values packed two per byte with no scale (the reference's Q4).
+    BF16 = 0x04  #: bfloat16 (8-bit exponent, 7-bit mantissa), little-endian; numpy through ml_dtypes.
+    F32 = 0x05  #: IEEE 754 binary32, little-endian.
     SPARSE_COO = 0x10  #: Sparse COO tensor of the given dense shape; its inner layout is opaque here, so its size comes from slice_len alone.
 
 
@@ -97,4 +99,6 @@ BODY_TRANSFORM_FLAGS = Flags(3)
 NUMPY_DTYPES = {
     DType.F16: "<f2",
     DType.I8: "i1",
+    DType.BF16: "bfloat16",
+    DType.F32: "<f4",
 }

@@ -27,6 +27,7 @@ __all__ = [
     "SpaceMismatch",
     "UnknownKey",
     "DecryptionFailed",
+    "NotEncrypted",
     "DecompressionFailed",
     "EncodeError",
     "UnsupportedDType",
@@ -107,6 +108,10 @@ class UnknownKey(DecodeError):
 
 class DecryptionFailed(DecodeError):
     """The ciphertext does not authenticate under the key (wrong key, or the frame was altered); no plaintext is returned."""
+
+
+class NotEncrypted(DecodeError):
+    """The frame is not encrypted, but the receiver requires encryption (it holds a key)."""
 
 
 class DecompressionFailed(DecodeError):

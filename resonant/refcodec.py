@@ -47,7 +47,7 @@ _U32 = struct.Struct("<I")
 MSG_TYPES = {0: "THINK", 1: "CACHE", 2: "ASK", 3: "SYNC", 4: "CRITIQUE"}
 MODALITIES = {0: "TEXT", 1: "IMAGE", 2: "AUDIO", 3: "GRAPH", 4: "MIXED"}
 FLAGS = {1: "ZSTD", 2: "XCHACHA", 4: "STRONG_TAIL"}
-DTYPES = {1: "F16", 2: "I8", 3: "Q4", 16: "SPARSE_COO"}
+DTYPES = {1: "F16", 2: "I8", 3: "Q4", 4: "BF16", 5: "F32", 16: "SPARSE_COO"}
 I8 = 2
 # (class name, {slice count: ((role, kind), ...)}) per message type
 LAYOUTS = {
@@ -67,6 +67,10 @@ def expected_size(dtype: int, n: int) -> int | None:
         return n * 1
     if dtype == 3:  # Q4: ceil(n × 4 / 8)
         return (n * 4 + 7) // 8
+    if dtype == 4:  # BF16: n × 2
+        return n * 2
+    if dtype == 5:  # F32: n × 4
+        return n * 4
     if dtype == 16:  # SPARSE_COO: slice_len (any length)
         return None
     return -1

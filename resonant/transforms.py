@@ -36,7 +36,7 @@ from resonant._spec import (
     Filters,
     Flags,
 )
-from resonant.errors import DecompressionFailed, DecryptionFailed, EncodeError, KeyFileError, UnknownKey
+from resonant.errors import DecompressionFailed, DecryptionFailed, EncodeError, KeyFileError, NotEncrypted, UnknownKey
 
 __all__ = ["Codec", "Key", "Keyring", "default_codec"]
 
@@ -93,8 +93,14 @@ class Key:
                            f"{2 * KEY_BYTES} hexadecimal characters")
 
     def to_file(self, path: str | os.PathLike) -> None:
-        """Write the key as hexadecimal text, readable by the owner only."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        """Write the key as hexadecimal text, readable by the owner only (an existing file's mode is
+        reset to 0600 before the key is written; a symbolic link is refused)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        except BaseException:
+            os.close(fd)
+            raise
         with os.fdopen(fd, "w") as f:
             f.write(self._secret.hex() + "\n")
 
@@ -159,8 +165,10 @@ class Codec:
 
     zstd_level: None (no compression) or a zstd level; compressor and decompressor contexts
     are reused. shuffle: apply BYTE_SHUFFLE to multi-byte payloads before compressing.
-    key: a Key or Keyring to encrypt with (and decrypt with). expected_space_hash: decode
-    rejects frames of any other embedding space with SpaceMismatch.
+    key: a Key or Keyring to encrypt with (and decrypt with). require_encryption: decode rejects
+    frames that are not encrypted with NotEncrypted (default: True when a key is given, as an
+    unencrypted frame is unauthenticated and anyone on the path could inject it).
+    expected_space_hash: decode rejects frames of any other embedding space with SpaceMismatch.
 
     A frame is sent compressed only when that makes it smaller (raw fallback), and as a
     plain version 1 frame when no transform applies. A Codec is not thread-safe (its zstd
@@ -168,7 +176,7 @@ class Codec:
     """
 
     def __init__(self, zstd_level: int | None = None, *, shuffle: bool = True, key: Key | Keyring | None = None,
-                 expected_space_hash: int | None = None) -> None:
+                 require_encryption: bool | None = None, expected_space_hash: int | None = None) -> None:
         if zstd_level is not None and not isinstance(zstd_level, int):
             raise TypeError(f"zstd_level must be an int or None, got {zstd_level!r}")
         if zstd_level is not None and not (zstandard.MAX_COMPRESSION_LEVEL * -1 <= zstd_level <= zstandard.MAX_COMPRESSION_LEVEL):
@@ -176,6 +184,9 @@ class Codec:
         self.zstd_level = zstd_level
         self.shuffle = bool(shuffle)
         self.keyring = key if isinstance(key, Keyring) or key is None else Keyring([key])
+        self.require_encryption = self.keyring is not None if require_encryption is None else bool(require_encryption)
+        if self.require_encryption and self.keyring is None:
+            raise ValueError("require_encryption needs a key to decrypt with")
         self.expected_space_hash = expected_space_hash
         self._cctx = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True, write_checksum=False) \
             if zstd_level is not None else None
@@ -224,7 +235,11 @@ class Codec:
 
     def decode(self, data) -> _codec.Frame:
         """Decode a frame of either version, undoing compression and encryption."""
-        return _codec.decode(data, codec=self, expected_space_hash=self.expected_space_hash)
+        frame = _codec.decode(data, codec=self, expected_space_hash=self.expected_space_hash)
+        if self.require_encryption and not frame.transforms & Flags.XCHACHA:
+            raise NotEncrypted("flags", "the frame is not encrypted, and this receiver requires encryption "
+                               "(Codec(require_encryption=False) accepts it)", 2)
+        return frame
 
     def _open(self, key_id: int, nonce, aad, ciphertext, offset: int) -> bytes:
         key = self.keyring.get(key_id) if self.keyring is not None else None
@@ -297,7 +312,7 @@ class Codec:
 
     def __repr__(self) -> str:
         return (f"Codec(zstd_level={self.zstd_level}, shuffle={self.shuffle}, key={self.keyring!r}, "
-                f"expected_space_hash={self.expected_space_hash})")
+                f"require_encryption={self.require_encryption}, expected_space_hash={self.expected_space_hash})")
 
 
 def _plane_cuts(frame: _codec.Frame) -> list[int]:

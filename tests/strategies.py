@@ -24,6 +24,8 @@ LAYOUTS = {
 # F16: n × 2
 # I8: n × 1
 # Q4: ceil(n × 4 / 8)
+# BF16: n × 2
+# F32: n × 4
 # SPARSE_COO: slice_len (any length)
 
 
@@ -35,6 +37,10 @@ def payload_size(dtype: DType, n: int, free: int) -> int:
         return n * 1
     if dtype == DType.Q4:
         return (n * 4 + 7) // 8
+    if dtype == DType.BF16:
+        return n * 2
+    if dtype == DType.F32:
+        return n * 4
     if dtype == DType.SPARSE_COO:
         return free
     raise AssertionError(dtype)

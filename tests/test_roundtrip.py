@@ -88,12 +88,23 @@ def test_from_array_big_endian_and_strided_input_is_converted():
     np.testing.assert_array_equal(Slice.from_array(strided).numpy(), strided)
 
 
-def test_float32_needs_an_explicit_dtype():
-    x = np.ones(4, np.float32)
-    with pytest.raises(resonant.EncodeError, match=r"^hidden\.dtype: no dtype for numpy float32"):
+def test_float64_needs_an_explicit_dtype():
+    x = np.ones(4, np.float64)
+    with pytest.raises(resonant.EncodeError, match=r"^hidden\.dtype: no dtype for numpy float64"):
         resonant.Think(x)
     t = resonant.Think(Slice.from_array(x, dtype=DType.F16))
     assert t.hidden.numpy().dtype == np.float16
+
+
+def test_bf16_and_f32_round_trip_without_widening():
+    import ml_dtypes
+    x = np.random.default_rng(3).standard_normal((4, 96)).astype(np.float32)
+    for dtype, arr in ((DType.F32, x), (DType.BF16, x.astype(ml_dtypes.bfloat16))):
+        t = resonant.Think(arr)
+        assert t.hidden.dtype == dtype and t.hidden.nbytes == arr.nbytes
+        back = resonant.decode(resonant.encode(t)).hidden.numpy()
+        assert back.dtype == arr.dtype and back.shape == arr.shape
+        np.testing.assert_array_equal(back.view(np.uint8), arr.view(np.uint8))
 
 
 def test_text_and_json_roles():

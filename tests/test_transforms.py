@@ -26,6 +26,7 @@ from resonant.errors import (
     KeyFileError,
     LayoutError,
     LimitExceeded,
+    NotEncrypted,
     SizeMismatch,
     SpaceMismatch,
     TrailingBytes,
@@ -209,6 +210,16 @@ def test_truncated_tag():
         Codec(key=KEY).decode(with_crc(small[:-4 - 16]))
 
 
+def test_a_codec_with_a_key_refuses_unencrypted_frames():
+    plain, compressed = resonant.encode(Think(HIDDEN)), Codec(3).encode(Think(HIDDEN))
+    for data in (plain, compressed):
+        with pytest.raises(NotEncrypted, match=r"^flags: the frame is not encrypted, and this receiver requires encryption"):
+            Codec(key=KEY).decode(data)
+        assert Codec(key=KEY, require_encryption=False).decode(data) == Think(HIDDEN)
+    with pytest.raises(ValueError, match="needs a key"):
+        Codec(require_encryption=True)
+
+
 def test_key_rotation_without_breaking_a_stream():
     old, new = Key.generate(), Key.generate()
     sender, receiver = Codec(key=Keyring([old])), Codec(key=Keyring([old]))
@@ -228,6 +239,11 @@ def test_keys_from_files(tmp_path):
     k.to_file(tmp_path / "k.hex")
     assert stat.S_IMODE(os.stat(tmp_path / "k.hex").st_mode) == 0o600
     assert Key.from_file(tmp_path / "k.hex") == k
+    loose = tmp_path / "loose"
+    loose.write_text("x")
+    os.chmod(loose, 0o644)
+    k.to_file(loose)  # an existing file is tightened before the key is written
+    assert stat.S_IMODE(os.stat(loose).st_mode) == 0o600 and Key.from_file(loose) == k
     (tmp_path / "raw").write_bytes(bytes(range(32)))
     assert Key.from_file(tmp_path / "raw") == Key(bytes(range(32)))
     (tmp_path / "bad").write_text("not a key")
