@@ -62,3 +62,18 @@ def test_oversized_and_malformed_json():
     with pytest.raises(HandshakeError, match="not valid UTF-8 JSON"):
         handshake.parse(b"[" * 5000 + b"]" * 5000)
     assert issubclass(HandshakeError, DecodeError)
+
+
+def test_model_signature_travels_in_the_handshake():
+    from resonant import ModelSignature
+    sig = ModelSignature("sentence-transformers/all-MiniLM-L6-v2", "main", "f16", 6, 384, 12, 32, "ab12")
+    doc = {"method": "capability", "v": 2, "agreed_proto": 2, "space_hash32": sig.space_hash32(),
+           "model_signature": sig.to_json()}
+    assert handshake.parse(json.dumps(doc)) == doc
+    assert ModelSignature.from_json(doc["model_signature"]) == sig
+    ping = {"method": "ping", "ts": 1, "model_signature": {**sig.to_json(), "num_layers": "six"}}
+    with pytest.raises(HandshakeError, match=r"^ping.model_signature.num_layers: expected an integer"):
+        handshake.validate(ping)
+    missing = {k: v for k, v in sig.to_json().items() if k != "head_dim"}
+    with pytest.raises(HandshakeError, match=r"^ping.model_signature.head_dim: required field is missing$"):
+        handshake.validate({"method": "ping", "model_signature": missing})
