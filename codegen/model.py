@@ -20,7 +20,7 @@ C_TYPES = {"u8": "uint8_t", "u16": "uint16_t", "u32": "uint32_t", "u64": "uint64
 SIZE_RULES = ("element", "packed", "block", "opaque")
 ROLE_KINDS = ("tensor", "text", "json")
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-HANDSHAKE_TYPES = ("string", "number", "bool", "u32", "object", "list[string]")
+HANDSHAKE_TYPES = ("string", "number", "bool", "u32", "u64", "object", "list[string]", "list[u32]", "list[object]")
 
 
 class SchemaError(Exception):
@@ -367,6 +367,7 @@ class Handshake:
     doc: str
     limits: tuple[Limit, ...]
     flow: tuple[tuple[int, str, str, str], ...]
+    streams: tuple[tuple[str, str], ...]
     messages: tuple[HMessage, ...]
 
     def limit(self, name: str) -> int:
@@ -656,18 +657,18 @@ def _hfields(node: _Node) -> tuple[HField, ...]:
             raise item.child("required").fail("expected true or false")
         choices = tuple(c.str() for c in item.child("choices").seq()) if item.child("choices").value else ()
         sub = _hfields(item.child("fields")) if item.child("fields").value is not None else ()
-        if sub and htype != "object":
-            raise item.child("fields").fail("only an object has fields")
+        if sub and htype not in ("object", "list[object]"):
+            raise item.child("fields").fail("only an object or a list of objects has fields")
         out.append(HField(item.child("name").str(), htype, req, item.doc(),
                           item.child("const").value, choices, sub))
     return tuple(out)
 
 
 def load_handshake(path: Path) -> Handshake:
-    root = _read(path).mapping(("meta", "limits", "flow", "messages"))
+    root = _read(path).mapping(("meta", "limits", "flow", "streams", "messages"))
     meta = root.child("meta").mapping(("id", "title", "version", "doc"))
     limits = _limits(root.child("limits"))
-    for needed in ("max_json_bytes", "max_list_items", "max_string_chars"):
+    for needed in ("max_json_bytes", "max_list_items", "max_string_chars", "max_objects"):
         if needed not in {lim.name for lim in limits}:
             raise root.child("limits").fail(f"missing limit '{needed}'")
     flow = []
@@ -675,6 +676,10 @@ def load_handshake(path: Path) -> Handshake:
         item.mapping(("step", "sender", "message", "doc"))
         flow.append((item.child("step").int(1), item.child("sender").str(),
                      item.child("message").str(), item.doc()))
+    streams = []
+    for item in root.child("streams").seq():
+        item.mapping(("name", "doc"))
+        streams.append((item.child("name").ident(), item.doc()))
     messages = []
     for item in root.child("messages").seq():
         item.mapping(("name", "doc", "fields"), ("example",))
@@ -683,7 +688,7 @@ def load_handshake(path: Path) -> Handshake:
             raise item.child("fields").fail("the first field must be 'method' with const equal to the message name")
         messages.append(HMessage(item.child("name").ident(), item.doc(), fields, item.child("example").value))
     return Handshake(path.name, meta.child("title").str(), meta.child("version").int(1), meta.doc(),
-                     limits, tuple(flow), tuple(messages))
+                     limits, tuple(flow), tuple(streams), tuple(messages))
 
 
 def load(schema_dir: Path) -> Model:

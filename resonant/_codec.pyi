@@ -166,6 +166,24 @@ class Critique(Frame):
     def explanation(self) -> Slice | None:
         """Optional JSON explanation."""
 
+class Chunk(Frame):
+    """One piece of a V-Stream object (see streams): frame_seq - 1 is the chunk's index in the stream."""
+
+    MSG_TYPE: ClassVar[MsgType]
+    def __init__(
+        self,
+        data: npt.ArrayLike | Slice,
+        *,
+        stream_id: int = 0,
+        frame_seq: int = 0,
+        space_hash32: int = 0,
+        modality: Modality | int = Modality.TEXT,
+        flags: Flags | int = 0,
+    ) -> None: ...
+    @property
+    def data(self) -> Slice | None:
+        """The chunk's bytes: the object's dtype with shape (elements,) when it is sized per element, else I8 bytes."""
+
 def make_frame(
     msg_type: MsgType | int,
     slices: Any,

@@ -223,7 +223,7 @@ _DTYPE_OF_NUMPY = {_np.dtype(s).newbyteorder("="): int(d) for d, s in NUMPY_DTYP
 
 
 cdef inline bint _known_msg_type(uint8_t v) noexcept:
-    return v == 0 or v == 1 or v == 2 or v == 3 or v == 4
+    return v == 0 or v == 1 or v == 2 or v == 3 or v == 4 or v == 5
 
 cdef inline bint _known_modality(uint8_t v) noexcept:
     return v == 0 or v == 1 or v == 2 or v == 3 or v == 4
@@ -497,6 +497,7 @@ _ROLES = {
     2: (("query", "tensor"), ("context", "text"), ),
     3: (("json", "json"), ),
     4: (("divergence", "tensor"), ("mask", "tensor"), ("explanation", "json"), ),
+    5: (("data", "tensor"), ),
 }
 _LAYOUTS = {
     0: (("hidden", ), ),
@@ -504,6 +505,7 @@ _LAYOUTS = {
     2: (("query", ), ("query", "context", ), ),
     3: ((), ("json", ), ),
     4: (("divergence", ), ("divergence", "explanation", ), ("divergence", "mask", "explanation", ), ),
+    5: (("data", ), ),
 }
 
 
@@ -524,7 +526,7 @@ cdef class Frame:
     cdef uint16_t _applied   # body transforms the decoder applied (version 2); 0 for built frames
 
     def __init__(self, *args, **kwargs):
-        raise TypeError("Frame is abstract: build a message class (Think, Cache, Ask, Sync, Critique) or use make_frame()")
+        raise TypeError("Frame is abstract: build a message class (Think, Cache, Ask, Sync, Critique, Chunk) or use make_frame()")
 
     @property
     def version(self):
@@ -878,6 +880,28 @@ cdef class Critique(Frame):
         return None
 
 
+@cython.final
+cdef class Chunk(Frame):
+    """One piece of a V-Stream object (see streams): frame_seq - 1 is the chunk's index in the stream.
+
+    Slices by count: 1: [data].
+    """
+
+    MSG_TYPE = MsgType.CHUNK
+
+    def __init__(self, data, *, stream_id=0, frame_seq=0,
+                 space_hash32=0, modality=Modality.TEXT, flags=0):
+        _init_message(self, 5, (data, ), stream_id, frame_seq, space_hash32, modality, flags)
+
+    @property
+    def data(self):
+        """The chunk's bytes: the object's dtype with shape (elements,) when it is sized per element, else I8 bytes. (Slice, or None when absent)"""
+        cdef Py_ssize_t n = len(self._slices)
+        if n == 1:
+            return self._slices[0]
+        return None
+
+
 cdef Frame _new_frame(uint8_t code):
     if code == 0:
         return Think.__new__(Think)
@@ -889,6 +913,8 @@ cdef Frame _new_frame(uint8_t code):
         return Sync.__new__(Sync)
     elif code == 4:
         return Critique.__new__(Critique)
+    elif code == 5:
+        return Chunk.__new__(Chunk)
     raise AssertionError(code)
 
 
@@ -1085,6 +1111,11 @@ cdef int _check_layout(uint8_t msg_type, Py_ssize_t nslices, const uint8_t *dt, 
                 raise LayoutError(f"{prefix}slices[2].dtype", f"the explanation slice of Critique carries text: it must be I8 of one dimension, got {_dtype_name(dt[2])} of {nd[2]} dimensions", off[2])
         else:
             raise LayoutError("num_slices", f"Critique carries 1 or 2 or 3 slices, got {nslices}", OFF_NUM_SLICES)
+    elif msg_type == 5:  # Chunk
+        if nslices == 1:
+            pass
+        else:
+            raise LayoutError("num_slices", f"Chunk carries 1 slices, got {nslices}", OFF_NUM_SLICES)
     return 0
 
 

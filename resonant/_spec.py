@@ -21,8 +21,10 @@ MAX_SEGMENTS = 64
 #: Smallest possible frame: the fixed header fields, no slice and the CRC.
 MIN_FRAME_BYTES = 33
 
-#: A handshake document is at most 16 KiB of UTF-8 JSON.
-HANDSHAKE_MAX_JSON_BYTES = 16384
+#: A control document is at most 60,000 bytes of UTF-8 JSON (it must fit one frame).
+HANDSHAKE_MAX_JSON_BYTES = 60000
+#: A V-Stream carries at most 4096 objects (tensors).
+HANDSHAKE_MAX_OBJECTS = 4096
 #: Lists in a handshake document (compress, crypto, dtype) have at most 64 items.
 HANDSHAKE_MAX_LIST_ITEMS = 64
 #: Strings in a handshake document are at most 256 characters.
@@ -37,6 +39,7 @@ class MsgType(enum.IntEnum):
     ASK = 2  #: A query embedding, optionally with context text.
     SYNC = 3  #: Control message carrying JSON (handshake, ping); with no slice it is a keepalive.
     CRITIQUE = 4  #: One model's critique of another's latent state.
+    CHUNK = 5  #: One piece of a V-Stream object (see streams): frame_seq - 1 is the chunk's index in the stream.
 
 
 class Modality(enum.IntEnum):

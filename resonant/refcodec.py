@@ -44,7 +44,7 @@ _SUFFIX = struct.Struct("<IB")
 _SUFFIX_FIELDS = (("space_hash32", 0, 4), ("modality", 4, 1), )
 _U32 = struct.Struct("<I")
 
-MSG_TYPES = {0: "THINK", 1: "CACHE", 2: "ASK", 3: "SYNC", 4: "CRITIQUE"}
+MSG_TYPES = {0: "THINK", 1: "CACHE", 2: "ASK", 3: "SYNC", 4: "CRITIQUE", 5: "CHUNK"}
 MODALITIES = {0: "TEXT", 1: "IMAGE", 2: "AUDIO", 3: "GRAPH", 4: "MIXED"}
 FLAGS = {1: "ZSTD", 2: "XCHACHA", 4: "STRONG_TAIL"}
 DTYPES = {1: "F16", 2: "I8", 3: "Q4", 4: "BF16", 5: "F32", 16: "SPARSE_COO"}
@@ -56,6 +56,7 @@ LAYOUTS = {
     2: ("Ask", {1: (("query", "tensor"), ), 2: (("query", "tensor"), ("context", "text"), )}),
     3: ("Sync", {0: (), 1: (("json", "json"), )}),
     4: ("Critique", {1: (("divergence", "tensor"), ), 2: (("divergence", "tensor"), ("explanation", "json"), ), 3: (("divergence", "tensor"), ("mask", "tensor"), ("explanation", "json"), )}),
+    5: ("Chunk", {1: (("data", "tensor"), )}),
 }
 
 

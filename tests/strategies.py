@@ -20,6 +20,7 @@ LAYOUTS = {
     MsgType.ASK: {1: (("query", "tensor"), ), 2: (("query", "tensor"), ("context", "text"), )},
     MsgType.SYNC: {0: (), 1: (("json", "json"), )},
     MsgType.CRITIQUE: {1: (("divergence", "tensor"), ), 2: (("divergence", "tensor"), ("explanation", "json"), ), 3: (("divergence", "tensor"), ("mask", "tensor"), ("explanation", "json"), )},
+    MsgType.CHUNK: {1: (("data", "tensor"), )},
 }
 # F16: n × 2
 # I8: n × 1

@@ -27,9 +27,16 @@ def test_reference_ping_frame_carries_a_valid_ping():
     "doc, message",
     [
         ([], "$: expected a JSON object, got list"),
-        ({"method": "hello"}, "$.method: 'hello' is not one of ping, capability, error"),
+        ({"method": "hello"}, "$.method: 'hello' is not one of ping, capability, head, tail, error"),
         ({"method": "capability", "v": 1}, "capability.agreed_proto: required field is missing"),
         ({"method": "capability", "v": -1, "agreed_proto": 1}, "capability.v: expected an integer in [0, 4294967295], got -1"),
+        ({"method": "head", "v": 1, "msg_type": 1, "chunk_bytes": 8, "total_bytes": 2**64, "objects": [], "hash": "xxh3_64"},
+         "head.total_bytes: expected an integer in [0, 18446744073709551615], got 18446744073709551616"),
+        ({"method": "head", "v": 1, "msg_type": 1, "chunk_bytes": 8, "total_bytes": 1, "hash": "xxh3_64",
+          "objects": [{"dtype": 1, "shape": [1, -2], "nbytes": 4}]},
+         "head.objects[0].shape[1]: expected an integer in [0, 4294967295], got -2"),
+        ({"method": "head", "v": 1, "msg_type": 1, "chunk_bytes": 8, "total_bytes": 1, "hash": "xxh3_64",
+          "objects": [{"dtype": 1, "shape": [1]}]}, "head.objects[0].nbytes: required field is missing"),
         ({"method": "capability", "v": 1, "agreed_proto": 1, "supports": {"dtype": ["f16", 3]}},
          "capability.supports.dtype[1]: expected a string, got int"),
         ({"method": "capability", "v": 1, "agreed_proto": 1, "supports": {"colour": 1}},
@@ -53,8 +60,8 @@ def test_extensions_and_unknown_top_level_keys_pass():
 
 
 def test_oversized_and_malformed_json():
-    with pytest.raises(HandshakeError, match=r"more than max_json_bytes \(16384\)"):
-        handshake.parse(b" " * 16385)
+    with pytest.raises(HandshakeError, match=r"more than max_json_bytes \(60000\)"):
+        handshake.parse(b" " * 60001)
     with pytest.raises(HandshakeError, match="not valid UTF-8 JSON"):
         handshake.parse(b"{\"method\": ")
     with pytest.raises(HandshakeError, match="not valid UTF-8 JSON"):

@@ -121,7 +121,7 @@ THINK = vector_bytes("04_think_f16_random.bin")  # Think, 1 slice: F16 [1, 2048]
         (patch(PING, 0, "B", 3, fix_crc=False), UnknownVersion,
          "version: 3 (this decoder speaks versions 1 and 2) (at byte 0)"),
         (patch(PING, 1, "B", 9), UnknownMessageType,
-         "msg_type: 9 is not a message type (0 THINK, 1 CACHE, 2 ASK, 3 SYNC, 4 CRITIQUE) (at byte 1)"),
+         "msg_type: 9 is not a message type (0 THINK, 1 CACHE, 2 ASK, 3 SYNC, 4 CRITIQUE, 5 CHUNK) (at byte 1)"),
         (patch(PING, 2, "H", 0x0100), UnknownFlags,
          "flags: 0x0100 sets bits outside ZSTD=1, XCHACHA=2, STRONG_TAIL=4 (at byte 2)"),
         (patch(PING, 32, "B", 7), UnknownModality,
