@@ -284,18 +284,15 @@ def table_b(title: str, rows: list[RowB]) -> str:
 
 def versions() -> dict[str, Any]:
     info = machine()
+    libzstd = ".".join(map(str, zstandard.ZSTD_VERSION))
     v = {"resonant": resonant.__version__, "numpy": np.__version__,
-         "zstandard": f"{zstandard.__version__} ({zstandard.backend}, libzstd {zstandard.ZSTD_VERSION})"}
+         "zstandard": f"{zstandard.__version__} ({zstandard.backend}, libzstd {libzstd})"}
     for mod, dist in (("nacl", "pynacl"), ("ml_dtypes", "ml_dtypes"), ("torch", "torch"),
                       ("transformers", "transformers")):
         try:
             v[dist] = __import__(mod).__version__
         except ImportError:
             v[dist] = None
-    if isinstance(v["zstandard"], str):
-        v["zstandard"] = v["zstandard"].replace("(", "").replace(")", "").replace(", ", " ") \
-            if False else "{} ({}, libzstd {})".format(zstandard.__version__, zstandard.backend,
-                                                        ".".join(map(str, zstandard.ZSTD_VERSION)))
     info["versions"] = v
     return info
 

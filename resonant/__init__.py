@@ -9,6 +9,7 @@ True
 from resonant._codec import (
     Ask,
     Cache,
+    Chunk,
     Critique,
     Frame,
     Slice,
@@ -36,13 +37,23 @@ from resonant._spec import (
 )
 from resonant.errors import *  # noqa: F401,F403
 from resonant.space import ModelSignature, space_hash32
+from resonant.stream import (
+    ObjectReady,
+    Reassembler,
+    StreamComplete,
+    StreamFailed,
+    StreamLimits,
+    StreamSender,
+    StreamStarted,
+)
 from resonant.transforms import Codec, Key, Keyring
 from resonant.errors import __all__ as _errors_all
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Ask", "Cache", "Critique", "Frame", "Slice", "Sync", "Think",
+    "Ask", "Cache", "Chunk", "Critique", "Frame", "Slice", "Sync", "Think",
+    "StreamSender", "Reassembler", "StreamLimits", "StreamStarted", "ObjectReady", "StreamComplete", "StreamFailed",
     "decode", "encode", "make_frame", "crc32", "crc32_backend", "byte_shuffle",
     "Codec", "Key", "Keyring", "ModelSignature", "space_hash32",
     "DType", "Filters", "Flags", "Modality", "MsgType",

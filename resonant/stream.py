@@ -1,0 +1,581 @@
+"""V-Stream: tensors of any size over frames of at most 64 KiB, verified end to end.
+
+Sans-IO: the sender yields frame bytes, the reassembler takes frame bytes (or decoded
+frames) and the time, and returns events. Nothing here reads a clock or touches a socket.
+
+    sender = StreamSender(stream_id=7, objects=[k0, v0, k1, v1], msg_type=MsgType.CACHE)
+    for data in sender:                      # HEAD, chunks, TAIL
+        transport.send(data)
+
+    r = Reassembler()
+    for event in r.receive(data, now=time.monotonic()):
+        ...                                  # StreamStarted, ObjectReady, StreamComplete, StreamFailed
+
+The wire rules (HEAD/TAIL documents, chunk numbering and geometry, the hash) are in
+schema/handshake.yaml (`streams`, `head`, `tail`) and specs/capability_handshake.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import xxhash
+
+from resonant import _codec, handshake
+from resonant._codec import Chunk, Frame, Slice, Sync
+from resonant._spec import MAX_FRAME_BYTES, NUMPY_DTYPES, DType, Flags, Modality, MsgType
+from resonant.errors import DecodeError, EncodeError, HandshakeError
+
+__all__ = [
+    "StreamSender", "Reassembler", "StreamLimits", "StreamLayout", "StreamObject",
+    "StreamStarted", "ObjectReady", "StreamComplete", "StreamFailed",
+]
+
+STREAM_VERSION = 1
+# Bytes a Chunk frame needs besides its payload: header with one slice_len (33), the slice's
+# dtype, shape_len and one dimension (6), CRC (4); with a Codec, the envelope (33), the tag
+# (16) and a segment table for up to 8 byte planes (33).
+_CHUNK_OVERHEAD = 43
+_TRANSFORM_OVERHEAD = 33 + 16 + 33
+_I8 = DType.I8
+
+
+# ------------------------------------------------------------------ layout
+
+
+@dataclass(frozen=True)
+class StreamObject:
+    """One tensor of a stream and where its bytes sit."""
+
+    index: int
+    dtype: DType
+    shape: tuple[int, ...]
+    nbytes: int
+    offset: int          # byte offset in the stream (objects laid end to end)
+    first_chunk: int     # index of its first chunk
+    chunks: int          # number of its chunks
+    name: str | None = None
+    layer: int | None = None
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """The geometry of a stream, derived from its HEAD alone."""
+
+    msg_type: int
+    chunk_bytes: int
+    total_bytes: int
+    objects: tuple[StreamObject, ...]
+    legacy_md5: bool = False
+
+    @property
+    def chunks(self) -> int:
+        return self.objects[-1].first_chunk + self.objects[-1].chunks if self.objects else 0
+
+    def chunk(self, k: int) -> tuple[StreamObject, int, int]:
+        """(object, offset in the object, length) of chunk k."""
+        lo, hi = 0, len(self.objects) - 1
+        while lo < hi:  # the last object whose first chunk is <= k
+            mid = (lo + hi + 1) // 2
+            if self.objects[mid].first_chunk <= k:
+                lo = mid
+            else:
+                hi = mid - 1
+        obj = self.objects[lo]
+        start = (k - obj.first_chunk) * self.chunk_bytes
+        return obj, start, min(self.chunk_bytes, obj.nbytes - start)
+
+    @classmethod
+    def build(cls, msg_type: int, chunk_bytes: int, specs: Sequence[tuple[DType, tuple[int, ...], int, str | None, int | None]],
+              legacy_md5: bool = False) -> "StreamLayout":
+        objects, offset, first = [], 0, 0
+        for i, (dtype, shape, nbytes, name, layer) in enumerate(specs):
+            n = max(1, math.ceil(nbytes / chunk_bytes))  # an empty object still takes one (empty) chunk
+            objects.append(StreamObject(i, DType(dtype), tuple(shape), nbytes, offset, first, n, name, layer))
+            offset += nbytes
+            first += n
+        return cls(int(msg_type), chunk_bytes, offset, tuple(objects), legacy_md5)
+
+    def head_document(self) -> dict:
+        doc = {
+            "method": "head", "v": STREAM_VERSION, "msg_type": self.msg_type, "chunk_bytes": self.chunk_bytes,
+            "total_bytes": self.total_bytes,
+            "objects": [{**({"name": o.name} if o.name is not None else {}),
+                         **({"layer": o.layer} if o.layer is not None else {}),
+                         "dtype": int(o.dtype), "shape": list(o.shape), "nbytes": o.nbytes} for o in self.objects],
+            "hash": "xxh3_64",
+        }
+        if self.legacy_md5:
+            doc["legacy_md5"] = True
+        return doc
+
+    @classmethod
+    def from_head(cls, doc: dict) -> "StreamLayout":
+        """Check a validated head document for consistency and derive the layout."""
+        if doc["v"] != STREAM_VERSION:
+            raise HandshakeError("head.v", f"{doc['v']}: this receiver speaks V-Stream version {STREAM_VERSION}")
+        try:
+            MsgType(doc["msg_type"])
+        except ValueError:
+            raise HandshakeError("head.msg_type", f"{doc['msg_type']} is not a message type") from None
+        chunk_bytes = doc["chunk_bytes"]
+        if not 1 <= chunk_bytes <= MAX_FRAME_BYTES:
+            raise HandshakeError("head.chunk_bytes", f"{chunk_bytes} is not in 1..{MAX_FRAME_BYTES}")
+        specs, total = [], 0
+        for i, o in enumerate(doc["objects"]):
+            path = f"head.objects[{i}]"
+            try:
+                dtype = DType(o["dtype"])
+            except ValueError:
+                raise HandshakeError(f"{path}.dtype", f"{o['dtype']} is not a dtype") from None
+            width = _codec.element_bytes(dtype)
+            if width:
+                need = math.prod(o["shape"]) * width
+                if o["nbytes"] != need:
+                    raise HandshakeError(f"{path}.nbytes", f"{o['nbytes']}, but {dtype.name} of shape "
+                                         f"{tuple(o['shape'])} is {need} bytes")
+                if chunk_bytes % width:
+                    raise HandshakeError("head.chunk_bytes", f"{chunk_bytes} is not a multiple of {dtype.name}'s "
+                                         f"{width}-byte elements")
+            specs.append((dtype, tuple(o["shape"]), o["nbytes"], o.get("name"), o.get("layer")))
+            total += o["nbytes"]
+        if total != doc["total_bytes"]:
+            raise HandshakeError("head.total_bytes", f"{doc['total_bytes']}, but the objects add up to {total}")
+        return cls.build(doc["msg_type"], chunk_bytes, specs, bool(doc.get("legacy_md5", False)))
+
+
+def _chunk_bytes_for(max_frame_bytes: int, dtypes: Iterable[DType], transformed: bool) -> int:
+    if not 128 <= max_frame_bytes <= MAX_FRAME_BYTES:
+        raise EncodeError("max_frame_bytes", f"{max_frame_bytes} is not in 128..{MAX_FRAME_BYTES}")
+    unit = math.lcm(1, *(_codec.element_bytes(d) or 1 for d in dtypes))
+    room = max_frame_bytes - _CHUNK_OVERHEAD - (_TRANSFORM_OVERHEAD if transformed else 0)
+    return max(unit, room // unit * unit)
+
+
+# ------------------------------------------------------------------ sender
+
+
+class StreamSender:
+    """Splits tensors into the frames of one V-Stream: HEAD, Chunk frames, TAIL.
+
+    objects: numpy arrays (any dtype resonant maps: float16, bfloat16, float32, int8) or
+    Slices (any dtype, including Q4 and SparseCoo). Chunks are views of the sources (no copy
+    until a frame is encoded); with `codec`, every frame is compressed/encrypted by it.
+    """
+
+    def __init__(self, stream_id: int, objects: Sequence, *, msg_type: int = MsgType.CACHE,
+                 names: Sequence[str] | None = None, layers: Sequence[int] | None = None,
+                 max_frame_bytes: int = MAX_FRAME_BYTES, codec=None, space_hash32: int = 0,
+                 modality: int = Modality.TEXT, legacy_md5: bool = False) -> None:
+        slices = [_source(o, i) for i, o in enumerate(objects)]
+        if not slices:
+            raise EncodeError("objects", "a stream needs at least one object")
+        if names is not None and len(names) != len(slices):
+            raise EncodeError("names", f"{len(names)} names for {len(slices)} objects")
+        if layers is not None and len(layers) != len(slices):
+            raise EncodeError("layers", f"{len(layers)} layers for {len(slices)} objects")
+        self.stream_id = stream_id
+        self.codec = codec
+        self._header = {"stream_id": stream_id, "space_hash32": space_hash32, "modality": modality}
+        self._sources = [s.payload for s in slices]  # zero-copy byte views of the sources
+        chunk_bytes = _chunk_bytes_for(max_frame_bytes, [s.dtype for s in slices], codec is not None)
+        self.layout = StreamLayout.build(
+            msg_type, chunk_bytes,
+            [(s.dtype, s.shape, s.nbytes, names[i] if names else None, layers[i] if layers else None)
+             for i, s in enumerate(slices)], legacy_md5)
+        handshake.validate(self.layout.head_document())
+        self._hearts = 0
+        self._digest: tuple[int, str | None] | None = None
+
+    def _encode(self, frame: Frame) -> bytes:
+        return self.codec.encode(frame) if self.codec is not None else _codec.encode(frame)
+
+    def head(self) -> bytes:
+        return self._encode(Sync(self.layout.head_document(), frame_seq=0, **self._header))
+
+    def chunks(self) -> Iterator[bytes]:
+        """The Chunk frames, in order (send them in any order)."""
+        cb = self.layout.chunk_bytes
+        h = xxhash.xxh3_64()  # the stream hash, fed while each chunk is in cache
+        md5 = hashlib.md5(usedforsecurity=False) if self.layout.legacy_md5 else None
+        for obj in self.layout.objects:
+            src = self._sources[obj.index]
+            width = _codec.element_bytes(obj.dtype)
+            dtype = obj.dtype if width else _I8
+            for j in range(obj.chunks):
+                piece = src[j * cb:(j + 1) * cb]
+                n = len(piece) // width if width else len(piece)
+                frame = self._encode(Chunk(Slice(dtype, (n,), piece), frame_seq=obj.first_chunk + j + 1,
+                                           **self._header))
+                h.update(piece)
+                if md5 is not None:
+                    md5.update(piece)
+                yield frame
+        self._digest = (h.intdigest(), md5.hexdigest() if md5 is not None else None)
+
+    def digest(self) -> tuple[int, str | None]:
+        """xxh3_64 of every object's bytes (and their MD5 when HEAD asked for it)."""
+        if self._digest is not None:
+            return self._digest
+        h = xxhash.xxh3_64()
+        md5 = hashlib.md5(usedforsecurity=False) if self.layout.legacy_md5 else None
+        for src in self._sources:
+            h.update(src)
+            if md5 is not None:
+                md5.update(src)
+        return h.intdigest(), (md5.hexdigest() if md5 is not None else None)
+
+    def tail(self) -> bytes:
+        xxh, md5 = self.digest()
+        doc = {"method": "tail", "chunks": self.layout.chunks, "total_bytes": self.layout.total_bytes,
+               "xxh3_64": f"{xxh:016x}"}
+        if md5 is not None:
+            doc["md5"] = md5
+        return self._encode(Sync(doc, frame_seq=self.layout.chunks + 1, flags=Flags.STRONG_TAIL, **self._header))
+
+    def heart(self) -> bytes:
+        """A keepalive for this stream (frame_seq above TAIL's)."""
+        self._hearts += 1
+        return self._encode(Sync(frame_seq=self.layout.chunks + 1 + self._hearts, **self._header))
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.head()
+        yield from self.chunks()
+        yield self.tail()
+
+
+@dataclass(frozen=True)
+class _Source:
+    dtype: DType
+    shape: tuple[int, ...]
+    nbytes: int
+    payload: memoryview
+
+
+def _source(obj, i: int) -> _Source:
+    """A stream object as dtype, shape and a zero-copy byte view (a copy only to make an array
+    C-contiguous and little-endian)."""
+    if isinstance(obj, Slice):
+        return _Source(obj.dtype, obj.shape, obj.nbytes, obj.payload)
+    arr = np.asarray(obj)
+    code = _codec._DTYPE_OF_NUMPY.get(arr.dtype.newbyteorder("="))
+    if code is None:
+        raise EncodeError(f"objects[{i}].dtype", f"no dtype for numpy {arr.dtype}; convert it (e.g. to float16) first")
+    arr = np.ascontiguousarray(arr, dtype=np.dtype(NUMPY_DTYPES[DType(code)]))
+    return _Source(DType(code), arr.shape, arr.nbytes, memoryview(arr.reshape(-1).view(np.uint8)))
+
+
+def send_stream(stream_id: int, objects: Sequence, **kwargs) -> Iterator[bytes]:
+    """Every frame of a stream: HEAD, chunks, TAIL."""
+    return iter(StreamSender(stream_id, objects, **kwargs))
+
+
+# ------------------------------------------------------------------ events
+
+
+@dataclass(frozen=True)
+class StreamStarted:
+    stream_id: int
+    layout: StreamLayout
+
+
+@dataclass(frozen=True)
+class ObjectReady:
+    """Every chunk of one object has arrived (each checked by its CRC; the stream hash is checked
+    at StreamComplete). `array` is the object, a view of the stream's one output buffer."""
+
+    stream_id: int
+    index: int
+    name: str | None
+    layer: int | None
+    array: np.ndarray
+
+
+@dataclass(frozen=True)
+class StreamComplete:
+    stream_id: int
+    objects: list[np.ndarray]
+    xxh3_64: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class StreamFailed:
+    """The stream was dropped and its memory released. reason: 'hash_mismatch', 'gap_after_tail',
+    'timeout', 'limit', 'bad_head', 'bad_chunk', 'bad_tail'. missing: byte ranges never received."""
+
+    stream_id: int
+    reason: str
+    detail: str
+    missing: list[tuple[int, int]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------ reassembler
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """Hard limits of a Reassembler; every one is checked before memory is committed."""
+
+    max_stream_bytes: int = 4 << 30       # the largest stream accepted (HEAD's total_bytes)
+    max_streams: int = 64                 # streams open at once
+    max_buffered_bytes: int = 8 << 30     # output buffers of open streams + frames held before their HEAD
+    max_early_bytes: int = 16 << 20       # frames held because they arrived before their HEAD
+    idle_timeout: float = 30.0            # seconds without a frame before a stream fails
+    tail_grace: float = 5.0               # seconds after TAIL for missing chunks to arrive
+
+
+class _Stream:
+    __slots__ = ("layout", "buffer", "arrays", "have", "have_count", "object_left", "tail", "tail_at", "last",
+                 "hasher", "hashed")
+
+    def __init__(self, layout: StreamLayout, now: float) -> None:
+        self.layout = layout
+        self.buffer = np.empty(layout.total_bytes, np.uint8)  # the one copy: chunks land here
+        self.arrays = [_object_view(self.buffer, o) for o in layout.objects]
+        self.have = bytearray(layout.chunks)
+        self.have_count = 0
+        self.object_left = [o.chunks for o in layout.objects]
+        self.tail: dict | None = None
+        self.tail_at = 0.0
+        self.last = now
+        self.hasher = xxhash.xxh3_64()  # fed while chunks arrive in order (cache-hot); else one pass at the end
+        self.hashed = 0                 # bytes of the stream's prefix already hashed
+
+    def missing(self) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        for k, got in enumerate(self.have):
+            if not got:
+                obj, start, length = self.layout.chunk(k)
+                a, b = obj.offset + start, obj.offset + start + length
+                if out and out[-1][1] == a:
+                    out[-1] = (out[-1][0], b)
+                else:
+                    out.append((a, b))
+        return out
+
+
+def _object_view(buffer: np.ndarray, o: StreamObject) -> np.ndarray:
+    raw = buffer[o.offset:o.offset + o.nbytes]
+    npdt = NUMPY_DTYPES.get(o.dtype)
+    if npdt is None:
+        return raw
+    return raw.view(np.dtype(npdt)).reshape(o.shape)
+
+
+class Reassembler:
+    """Receives the frames of any number of V-Streams, in any order, and rebuilds the tensors.
+
+    Each chunk is written straight into a buffer allocated once at HEAD (one copy in all);
+    duplicates are ignored. Frames of a stream whose HEAD has not arrived yet are held, up to
+    max_early_bytes. Pass the time (`now`, seconds, any monotonic origin) to receive() and call
+    tick(now) now and then: idle streams, and streams whose TAIL came but whose chunks did not,
+    fail and release their memory.
+    """
+
+    def __init__(self, limits: StreamLimits = StreamLimits(), *, codec=None, expected_space_hash: int | None = None) -> None:
+        self.limits = limits
+        self.codec = codec
+        self.expected_space_hash = expected_space_hash
+        self._streams: dict[int, _Stream] = {}
+        self._early: dict[int, list[tuple[Frame, float]]] = {}
+        self._early_bytes = 0
+        self._closed: dict[int, float] = {}  # stream_id -> when it completed or failed
+        self.dropped_frames = 0   # early frames over the limit; late frames of closed streams
+
+    # -------------------------------------------------------------- state
+
+    @property
+    def buffered_bytes(self) -> int:
+        return sum(s.layout.total_bytes for s in self._streams.values()) + self._early_bytes
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    # -------------------------------------------------------------- input
+
+    def receive(self, data, now: float) -> list:
+        """Take one frame (bytes or a decoded Frame); return the events it causes."""
+        if isinstance(data, Frame):
+            frame = data
+        else:
+            frame = (self.codec.decode(data) if self.codec is not None
+                     else _codec.decode(data, expected_space_hash=self.expected_space_hash))
+        sid = frame.stream_id
+        if sid in self._closed and not self._is_head(frame):
+            self.dropped_frames += 1  # a late duplicate of a finished stream
+            return []
+        if isinstance(frame, Sync):
+            if frame.json is None:  # HEART
+                if sid in self._streams:
+                    self._streams[sid].last = now
+                return []
+            try:
+                doc = handshake.parse(frame.json.payload)
+            except HandshakeError as exc:
+                if sid in self._streams:
+                    return self._fail(sid, "bad_tail", str(exc))
+                return [StreamFailed(sid, "bad_head", str(exc))] if exc.path.startswith("head") else []
+            if doc["method"] == "head":
+                return self._head(sid, doc, now)
+            if doc["method"] == "tail":
+                return self._hold(frame, now) if sid not in self._streams else self._tail(sid, doc, now)
+            return []  # other control messages (ping, capability...) are the session's business
+        if isinstance(frame, Chunk):
+            if sid not in self._streams:
+                return self._hold(frame, now)
+            return self._chunk(sid, frame, now)
+        return []  # not a stream frame
+
+    def tick(self, now: float) -> list:
+        """Fail idle streams and streams whose TAIL's grace period ran out; drop stale early frames."""
+        events = []
+        for sid, st in list(self._streams.items()):
+            if st.tail is not None and now - st.tail_at > self.limits.tail_grace:
+                events += self._fail(sid, "gap_after_tail", f"{st.layout.chunks - st.have_count} of "
+                                     f"{st.layout.chunks} chunks never arrived after TAIL")
+            elif now - st.last > self.limits.idle_timeout:
+                events += self._fail(sid, "timeout", f"no frame for {now - st.last:.1f} s "
+                                     f"(idle_timeout {self.limits.idle_timeout} s)")
+        for sid, held in list(self._early.items()):
+            if held and now - held[-1][1] > self.limits.idle_timeout:
+                self._drop_early(sid)
+        for sid, when in list(self._closed.items()):
+            if now - when > self.limits.idle_timeout:
+                del self._closed[sid]
+        return events
+
+    @staticmethod
+    def _is_head(frame: Frame) -> bool:
+        return isinstance(frame, Sync) and frame.json is not None and b'"method": "head"' in frame.json.tobytes()[:32]
+
+    def _close(self, sid: int, now: float) -> None:
+        self._closed[sid] = now
+        while len(self._closed) > 4 * self.limits.max_streams + 1024:  # bounded: forget the oldest
+            del self._closed[next(iter(self._closed))]
+
+    # -------------------------------------------------------------- steps
+
+    def _head(self, sid: int, doc: dict, now: float) -> list:
+        if sid in self._streams:
+            return []  # a repeated HEAD
+        self._closed.pop(sid, None)  # a new stream may reuse a finished stream's id
+        try:
+            layout = StreamLayout.from_head(doc)
+        except HandshakeError as exc:
+            self._drop_early(sid)
+            return [StreamFailed(sid, "bad_head", str(exc))]
+        lim = self.limits
+        problem = None
+        if layout.total_bytes > lim.max_stream_bytes:
+            problem = f"{layout.total_bytes} bytes announced, more than max_stream_bytes ({lim.max_stream_bytes})"
+        elif len(self._streams) >= lim.max_streams:
+            problem = f"{len(self._streams)} streams open, max_streams is {lim.max_streams}"
+        elif self.buffered_bytes + layout.total_bytes > lim.max_buffered_bytes:
+            problem = (f"{layout.total_bytes} more bytes would exceed max_buffered_bytes ({lim.max_buffered_bytes}); "
+                       f"{self.buffered_bytes} are buffered")
+        if problem:
+            self._drop_early(sid)
+            return [StreamFailed(sid, "limit", problem)]
+        self._streams[sid] = _Stream(layout, now)
+        events: list = [StreamStarted(sid, layout)]
+        for frame, _ in self._drop_early(sid):
+            if sid not in self._streams:
+                break
+            if isinstance(frame, Chunk):
+                events += self._chunk(sid, frame, now)
+            else:
+                events += self._tail(sid, handshake.parse(frame.json.payload), now)
+        return events
+
+    def _chunk(self, sid: int, frame: Chunk, now: float) -> list:
+        st = self._streams[sid]
+        st.last = now
+        k = frame.frame_seq - 1
+        if not 0 <= k < st.layout.chunks:
+            return self._fail(sid, "bad_chunk", f"frame_seq {frame.frame_seq} is not a chunk of this stream "
+                              f"(chunks are 1..{st.layout.chunks})")
+        if st.have[k]:
+            return []  # duplicate
+        obj, start, length = st.layout.chunk(k)
+        s = frame.data
+        want = obj.dtype if _codec.element_bytes(obj.dtype) else _I8
+        if s.nbytes != length or s.dtype != want:
+            return self._fail(sid, "bad_chunk", f"chunk {k} is {s.dtype.name} of {s.nbytes} bytes, HEAD says "
+                              f"{want.name} of {length} bytes")
+        a = obj.offset + start
+        st.buffer[a:a + length] = np.frombuffer(s.payload, np.uint8)
+        if a == st.hashed:  # in order: hash it now, while it is in cache, and any chunks already waiting
+            st.hasher.update(st.buffer[a:a + length])
+            st.hashed += length
+            j = k + 1
+            while j < st.layout.chunks and st.have[j]:
+                o2, s2, l2 = st.layout.chunk(j)
+                st.hasher.update(st.buffer[o2.offset + s2:o2.offset + s2 + l2])
+                st.hashed += l2
+                j += 1
+        st.have[k] = 1
+        st.have_count += 1
+        events: list = []
+        st.object_left[obj.index] -= 1
+        if st.object_left[obj.index] == 0:
+            events.append(ObjectReady(sid, obj.index, obj.name, obj.layer, st.arrays[obj.index]))
+        return events + self._maybe_complete(sid)
+
+    def _tail(self, sid: int, doc: dict, now: float) -> list:
+        st = self._streams[sid]
+        st.last = now
+        if st.tail is not None:
+            return []
+        if doc["chunks"] != st.layout.chunks or doc["total_bytes"] != st.layout.total_bytes:
+            return self._fail(sid, "bad_tail", f"TAIL says {doc['chunks']} chunks of {doc['total_bytes']} bytes, "
+                              f"HEAD said {st.layout.chunks} of {st.layout.total_bytes}")
+        if len(doc["xxh3_64"]) != 16 or any(c not in "0123456789abcdef" for c in doc["xxh3_64"]):
+            return self._fail(sid, "bad_tail", f"xxh3_64 {doc['xxh3_64']!r} is not 16 lowercase hex digits")
+        st.tail = doc
+        st.tail_at = now
+        return self._maybe_complete(sid)
+
+    def _maybe_complete(self, sid: int) -> list:
+        st = self._streams[sid]
+        if st.tail is None or st.have_count != st.layout.chunks:
+            return []
+        got = st.hasher.intdigest() if st.hashed == st.layout.total_bytes else xxhash.xxh3_64_intdigest(st.buffer)
+        want = int(st.tail["xxh3_64"], 16)
+        if got != want:
+            return self._fail(sid, "hash_mismatch", f"xxh3_64 of the received bytes is {got:016x}, TAIL says {want:016x}")
+        if st.layout.legacy_md5 and "md5" in st.tail:
+            md5 = hashlib.md5(st.buffer, usedforsecurity=False).hexdigest()
+            if md5 != st.tail["md5"]:
+                return self._fail(sid, "hash_mismatch", f"MD5 of the received bytes is {md5}, TAIL says {st.tail['md5']}")
+        del self._streams[sid]
+        self._close(sid, st.last)
+        return [StreamComplete(sid, st.arrays, got, st.layout.total_bytes)]
+
+    def _fail(self, sid: int, reason: str, detail: str) -> list:
+        st = self._streams.pop(sid, None)
+        missing = st.missing() if st is not None else []
+        if st is not None:
+            self._close(sid, st.last)
+        return [StreamFailed(sid, reason, detail, missing)]
+
+    def _hold(self, frame: Frame, now: float) -> list:
+        size = sum(s.nbytes for s in frame.slices) + 64
+        lim = self.limits
+        if self._early_bytes + size > lim.max_early_bytes or self.buffered_bytes + size > lim.max_buffered_bytes:
+            self.dropped_frames += 1
+            return []
+        # keep an owned copy only of what arrived before its HEAD (views would pin the caller's buffers)
+        self._early.setdefault(frame.stream_id, []).append((_codec.decode(_codec.encode(frame)), now))
+        self._early_bytes += size
+        return []
+
+    def _drop_early(self, sid: int) -> list[tuple[Frame, float]]:
+        held = self._early.pop(sid, [])
+        self._early_bytes -= sum(sum(s.nbytes for s in f.slices) + 64 for f, _ in held)
+        return held
