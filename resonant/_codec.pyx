@@ -130,6 +130,7 @@ cdef enum:
     ENV_NONCE = 9
     NONCE_BYTES = 24
     TAG_BYTES = 16
+    NOGIL_BYTES = 16384            # copies and CRCs this large release the GIL
 
 # An element count above this cannot fit any payload under max_frame_bytes; counts are
 # saturated here so that a product of eight u32 dimensions never overflows.
@@ -147,8 +148,13 @@ cdef str _crc_name = "none"
 
 
 cdef uint32_t _crc32(const unsigned char *p, Py_ssize_t n) except? 0:
+    cdef uint32_t v
     if _crc_c != NULL:
-        return _crc_c(0, p, <uint64_t>n)
+        if n < NOGIL_BYTES:
+            return _crc_c(0, p, <uint64_t>n)
+        with nogil:  # large buffers: let another thread run meanwhile
+            v = _crc_c(0, p, <uint64_t>n)
+        return v
     return <uint32_t>_crc_py(PyMemoryView_FromMemory(<char *>p, n, PyBUF_READ))
 
 
@@ -1345,6 +1351,8 @@ cdef void _write_header(Frame frame, unsigned char *q, uint8_t version, uint16_t
 cdef Py_ssize_t _write_body(tuple slices, unsigned char *q, bint shuffle) noexcept:
     cdef Py_ssize_t pos = 0, i, k
     cdef Slice s
+    cdef const unsigned char *src
+    cdef int width
     for i in range(len(slices)):
         s = <Slice>slices[i]
         q[pos] = s._dtype
@@ -1353,10 +1361,19 @@ cdef Py_ssize_t _write_body(tuple slices, unsigned char *q, bint shuffle) noexce
             rz_st_u32(q + pos + 2 + 4 * k, s._dims[k])
         pos += 2 + 4 * s._ndim
         if s._len:
-            if shuffle:
-                _byte_shuffle(_slice_ptr(s), q + pos, s._len, _element_bytes(s._dtype))
+            src = _slice_ptr(s)
+            width = _element_bytes(s._dtype)
+            if s._len < NOGIL_BYTES:
+                if shuffle:
+                    _byte_shuffle(src, q + pos, s._len, width)
+                else:
+                    memcpy(q + pos, src, s._len)
             else:
-                memcpy(q + pos, _slice_ptr(s), s._len)
+                with nogil:
+                    if shuffle:
+                        _byte_shuffle(src, q + pos, s._len, width)
+                    else:
+                        memcpy(q + pos, src, s._len)
         pos += s._len
     return pos
 
