@@ -218,6 +218,120 @@ def crc32(data, uint32_t value=0):
         return _crc_c(value, &view[0] if view.shape[0] else NULL, <uint64_t>view.shape[0])
     return _crc_py(view, value)
 
+# --------------------------------------------------------------------------- AEAD
+
+ctypedef int (*aead_seal_t)(unsigned char *c, unsigned long long *clen, const unsigned char *m,
+                            unsigned long long mlen, const unsigned char *ad, unsigned long long adlen,
+                            const unsigned char *nsec, const unsigned char *npub, const unsigned char *k) noexcept nogil
+ctypedef int (*aead_open_t)(unsigned char *m, unsigned long long *mlen, unsigned char *nsec,
+                            const unsigned char *c, unsigned long long clen, const unsigned char *ad,
+                            unsigned long long adlen, const unsigned char *npub, const unsigned char *k) noexcept nogil
+
+cdef aead_seal_t _seal_c = NULL
+cdef aead_open_t _open_c = NULL
+
+# draft-irtf-cfrg-xchacha-03, A.3.1: checked before the C entry points are trusted
+_AEAD_KAT_KEY = bytes(range(0x80, 0xA0))
+_AEAD_KAT_NONCE = bytes(range(0x40, 0x58))
+_AEAD_KAT_AD = bytes.fromhex("50515253c0c1c2c3c4c5c6c7")
+_AEAD_KAT_PT = (b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for the future, "
+                b"sunscreen would be it.")
+_AEAD_KAT_CT = bytes.fromhex(
+    "bd6d179d3e83d43b9576579493c0e939572a1700252bfaccbed2902c21396cbb731c7f1b0b4aa6440bf3a82f4eda7e39"
+    "ae64c6708c54c216cb96b72e1213b4522f8c9ba40db5d945b11b69b982c1bb9e3f3fac2bc369488f76b2383565d3fff9"
+    "21f9664c97637da9768812f615c68b13b52ec0875924c1c7987947deafd8780acf49")
+
+
+def _select_aead(str prefer=None):
+    """Use libsodium's crypto_aead_xchacha20poly1305_ietf_{encrypt,decrypt} through C function
+    pointers when the libsodium inside PyNaCl exports them and they give the known answer, so that
+    encryption writes straight into the frame and decryption reads straight from it; otherwise
+    (or with prefer="pynacl") the codec uses nacl.bindings, with one more copy each way."""
+    global _seal_c, _open_c
+    cdef void *handle
+    cdef aead_seal_t seal
+    cdef aead_open_t open_
+    cdef unsigned long long n = 0
+    _seal_c = NULL
+    _open_c = NULL
+    if prefer == "pynacl":
+        return "pynacl"
+    import nacl.bindings  # noqa: F401  (initialises libsodium)
+    import nacl._sodium as _sodium_mod
+    handle = dlopen(_sodium_mod.__file__.encode(), RTLD_NOW | RTLD_NOLOAD)
+    if handle == NULL:
+        return "pynacl"
+    seal = <aead_seal_t>dlsym(handle, b"crypto_aead_xchacha20poly1305_ietf_encrypt")
+    open_ = <aead_open_t>dlsym(handle, b"crypto_aead_xchacha20poly1305_ietf_decrypt")
+    if seal == NULL or open_ == NULL:
+        return "pynacl"
+    out = bytearray(len(_AEAD_KAT_CT))
+    cdef unsigned char[::1] o = out
+    seal(&o[0], &n, _AEAD_KAT_PT, len(_AEAD_KAT_PT), _AEAD_KAT_AD, len(_AEAD_KAT_AD), NULL, _AEAD_KAT_NONCE, _AEAD_KAT_KEY)
+    if bytes(out) != _AEAD_KAT_CT or n != len(_AEAD_KAT_CT):
+        return "pynacl"
+    back = bytearray(len(_AEAD_KAT_PT))
+    cdef unsigned char[::1] b = back
+    if open_(&b[0], &n, NULL, _AEAD_KAT_CT, len(_AEAD_KAT_CT), _AEAD_KAT_AD, len(_AEAD_KAT_AD), _AEAD_KAT_NONCE, _AEAD_KAT_KEY) != 0 \
+            or bytes(back) != _AEAD_KAT_PT:
+        return "pynacl"
+    _seal_c, _open_c = seal, open_
+    return "sodium-c"
+
+
+def aead_backend():
+    """'sodium-c' when XChaCha20-Poly1305 runs through C pointers into PyNaCl's libsodium, else 'pynacl'."""
+    return "sodium-c" if _seal_c != NULL else "pynacl"
+
+
+def _seal_frame(bytes head not None, body, bytes nonce not None, bytes key not None):
+    """head + XChaCha20-Poly1305(body, ad=head) + tag + CRC-32, encrypted straight into the frame."""
+    cdef const unsigned char[::1] m = memoryview(body).cast("B")
+    cdef Py_ssize_t hn = PyBytes_GET_SIZE(head), mn = m.shape[0]
+    cdef Py_ssize_t size = hn + mn + TAG_BYTES + CRC_SIZE
+    cdef unsigned long long clen = 0
+    cdef const unsigned char *mp = &m[0] if mn else <const unsigned char *>b""
+    if _seal_c == NULL:
+        raise RuntimeError("the C AEAD path is not available")
+    if len(nonce) != NONCE_BYTES or len(key) != 32:
+        raise EncodeError("key", "a 24-byte nonce and a 32-byte key are needed")
+    _check_size(size)
+    out = PyBytes_FromStringAndSize(NULL, size)
+    cdef unsigned char *q = <unsigned char *>PyBytes_AS_STRING(out)
+    cdef const unsigned char *np_ = <const unsigned char *>PyBytes_AS_STRING(nonce)
+    cdef const unsigned char *kp = <const unsigned char *>PyBytes_AS_STRING(key)
+    memcpy(q, PyBytes_AS_STRING(head), hn)
+    with nogil:
+        _seal_c(q + hn, &clen, mp, mn, q, hn, NULL, np_, kp)
+    rz_st_u32(q + size - CRC_SIZE, _crc32(q, size - CRC_SIZE))
+    return out
+
+
+def _open_body(ciphertext, aad, nonce, bytes key not None):
+    """The plaintext of an XChaCha20-Poly1305 ciphertext+tag, read straight from the frame; None when
+    it does not authenticate (nothing of the plaintext is returned then)."""
+    cdef const unsigned char[::1] c = memoryview(ciphertext).cast("B")
+    cdef const unsigned char[::1] a = memoryview(aad).cast("B")
+    cdef const unsigned char[::1] nv = memoryview(nonce).cast("B")
+    cdef Py_ssize_t cn = c.shape[0]
+    cdef unsigned long long mlen = 0
+    cdef int rc
+    if _open_c == NULL:
+        raise RuntimeError("the C AEAD path is not available")
+    if cn < TAG_BYTES or nv.shape[0] != NONCE_BYTES or len(key) != 32 or a.shape[0] == 0:
+        return None
+    out = PyBytes_FromStringAndSize(NULL, cn - TAG_BYTES)
+    cdef unsigned char *q = <unsigned char *>PyBytes_AS_STRING(out)
+    cdef const unsigned char *kp = <const unsigned char *>PyBytes_AS_STRING(key)
+    with nogil:
+        rc = _open_c(q, &mlen, NULL, &c[0], cn, &a[0], a.shape[0], &nv[0], kp)
+    if rc != 0:
+        return None
+    return out
+
+
+_select_aead()
+
 # --------------------------------------------------------------------------- tables
 
 _MSG_TYPES = {int(m): m for m in MsgType}
@@ -1423,16 +1537,22 @@ def _encode_body(Frame frame not None, bint shuffle):
     return body
 
 
-def _assemble(bytes head, object tail):
-    """head + tail + CRC-32 of both, as one bytes object (one copy of tail)."""
-    cdef const unsigned char[::1] t = memoryview(tail).cast("B")
-    cdef Py_ssize_t hn = PyBytes_GET_SIZE(head), tn = t.shape[0]
-    cdef Py_ssize_t size = hn + tn + CRC_SIZE
+def _assemble(bytes head, *parts):
+    """head + parts + CRC-32 of all of it, as one bytes object (each part copied once)."""
+    cdef Py_ssize_t hn = PyBytes_GET_SIZE(head), size = hn + CRC_SIZE, pos
+    cdef const unsigned char[::1] t
+    views = [memoryview(p).cast("B") for p in parts]
+    for v in views:
+        size += len(v)
     _check_size(size)
     out = PyBytes_FromStringAndSize(NULL, size)
     cdef unsigned char *q = <unsigned char *>PyBytes_AS_STRING(out)
     memcpy(q, PyBytes_AS_STRING(head), hn)
-    if tn:
-        memcpy(q + hn, &t[0], tn)
-    rz_st_u32(q + hn + tn, _crc32(q, hn + tn))
+    pos = hn
+    for v in views:
+        t = v
+        if t.shape[0]:
+            memcpy(q + pos, &t[0], t.shape[0])
+            pos += t.shape[0]
+    rz_st_u32(q + pos, _crc32(q, pos))
     return out

@@ -203,9 +203,9 @@ class Codec:
         if self._cctx is not None:
             raw = _codec._encode_body(frame, self.shuffle)
             raw_len = len(raw)
-            compressed = self._compress(raw, _plane_cuts(frame) if self.shuffle else ())
-            if len(compressed) < raw_len:  # raw fallback otherwise: never send a larger "compressed" body
-                body = compressed
+            parts = self._compress(raw, _plane_cuts(frame) if self.shuffle else ())
+            if sum(map(len, parts)) < raw_len:  # raw fallback otherwise: never send a larger "compressed" body
+                body = parts
                 transforms |= Flags.ZSTD
                 filters = Filters.BYTE_SHUFFLE if self.shuffle else 0
         if self.keyring is not None:
@@ -214,21 +214,28 @@ class Codec:
             return _codec.encode(frame if not frame.flags & BODY_TRANSFORM_FLAGS
                                  else frame.replace(flags=frame.flags & ~BODY_TRANSFORM_FLAGS))
         if body is None:
-            body = _codec._encode_body(frame, False)
-            raw_len = len(body)
+            body = [_codec._encode_body(frame, False)]
+            raw_len = len(body[0])
         header = _codec._encode_header(frame, int(transforms))
         envelope = _ENV_BASE.pack(raw_len, int(filters))
         if transforms & Flags.XCHACHA:
             key = self.keyring.primary
             nonce = _urandom(NONCE_BYTES)
             head = header + envelope + _KEY_ID.pack(key.key_id) + nonce
-            body = _sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(body, head, nonce, key._secret)
+            body = body[0] if len(body) == 1 else b"".join(body)
+            if _codec.aead_backend() == "sodium-c":  # encrypt straight into the frame
+                try:
+                    return _codec._seal_frame(head, body, nonce, key._secret)
+                except EncodeError:
+                    raise EncodeError("frame", f"{len(head) + len(body) + 20} bytes after the transforms, more "
+                                      f"than max_frame_bytes ({MAX_FRAME_BYTES}); send it as a stream") from None
+            body = [_sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(body, head, nonce, key._secret)]
         else:
             head = header + envelope
         try:
-            return _codec._assemble(head, body)
+            return _codec._assemble(head, *body)
         except EncodeError:
-            raise EncodeError("frame", f"{len(head) + len(body) + 4} bytes after the transforms, more than "
+            raise EncodeError("frame", f"{len(head) + sum(map(len, body)) + 4} bytes after the transforms, more than "
                               f"max_frame_bytes ({MAX_FRAME_BYTES}); send it as a stream") from None
 
     # ------------------------------------------------------------------ decode
@@ -247,22 +254,31 @@ class Codec:
             have = "no keyring was given" if self.keyring is None else f"the keyring holds {self.keyring!r}"
             raise UnknownKey("key_id", f"0x{key_id:08x} is not a known key ({have})",
                              offset - NONCE_BYTES - _KEY_ID.size)
-        try:
-            return _sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
-                bytes(ciphertext), bytes(aad), bytes(nonce), key._secret)
-        except CryptoError:
+        if _codec.aead_backend() == "sodium-c":  # decrypt straight from the received buffer
+            plain = _codec._open_body(ciphertext, aad, nonce, key._secret)
+        else:
+            try:
+                plain = _sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
+                    bytes(ciphertext), bytes(aad), bytes(nonce), key._secret)
+            except CryptoError:
+                plain = None
+        if plain is None:
             raise DecryptionFailed("body", f"authentication failed under key 0x{key_id:08x}: wrong key, or the "
-                                   "frame was altered", offset) from None
+                                   "frame was altered", offset)
+        return plain
 
-    def _compress(self, body: bytes, cuts: Iterable[int]) -> bytes:
-        """segment_count, segment_len[], then one zstd frame per segment (cut at the byte planes)."""
+    def _compress(self, body: bytes, cuts: Iterable[int]) -> list[bytes]:
+        """[segment table, zstd frame, ...]: one zstd frame per segment, cut at the byte planes."""
         bounds = [0, *sorted({c for c in cuts if 0 < c < len(body)}), len(body)]
         if len(bounds) - 1 > MAX_SEGMENTS:  # keep the first cuts; the last segment takes the rest
             bounds = bounds[:MAX_SEGMENTS] + [len(body)]
-        view = memoryview(body)
-        frames = [self._cctx.compress(view[a:b]) for a, b in zip(bounds, bounds[1:])]
+        if len(bounds) == 2:
+            frames = [self._cctx.compress(body)]
+        else:
+            view = memoryview(body)
+            frames = [self._cctx.compress(view[a:b]) for a, b in zip(bounds, bounds[1:])]
         table = _SEG_COUNT.pack(len(frames)) + b"".join(_SEG_LEN.pack(len(f)) for f in frames)
-        return b"".join((table, *frames))
+        return [table, *frames]
 
     def _inflate(self, data, body_len: int, offset: int) -> bytes:
         # Every segment must be one zstd frame that declares its content size, and the sizes

@@ -410,3 +410,23 @@ def test_mutated_compressed_frames_raise_only_decode_errors(data):
             resonant.decode(candidate)
         except DecodeError:
             pass
+
+
+def test_aead_backends_interoperate(monkeypatch):
+    """Frames sealed through the C pointers into PyNaCl's libsodium open through nacl.bindings, and back."""
+    from resonant import _codec
+    assert _codec.aead_backend() == "sodium-c"
+    nonce = bytes(range(24))
+    monkeypatch.setattr(transforms, "_urandom", lambda n: nonce)
+    frame = Think(HIDDEN, stream_id=4)
+    fast = Codec(3, key=KEY).encode(frame)
+    try:
+        assert _codec._select_aead("pynacl") == "pynacl" and _codec.aead_backend() == "pynacl"
+        slow = Codec(3, key=KEY).encode(frame)
+        assert slow == fast  # same nonce, same bytes
+        assert Codec(3, key=KEY).decode(fast) == frame
+        with pytest.raises(DecryptionFailed):
+            Codec(key=Key(os.urandom(32), key_id=7)).decode(fast)
+    finally:
+        assert _codec._select_aead() == "sodium-c"
+    assert Codec(3, key=KEY).decode(slow) == frame
