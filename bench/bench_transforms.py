@@ -294,6 +294,8 @@ def versions() -> dict[str, Any]:
         except ImportError:
             v[dist] = None
     info["versions"] = v
+    aead = getattr(_codec, "aead_backend", None)  # sodium-c: libsodium through C pointers; else pynacl
+    info["aead_backend"] = aead() if aead is not None else "pynacl"
     return info
 
 
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     v = info["versions"]
     print(f"machine: {info['cpu']}, {info['cpu_count']} CPUs ({info['uname']})", file=out)
     print(f"python: {info['python']}; " + ", ".join(f"{k} {v[k] or 'n/a'}" for k in v)
-          + f"; crc32 backend: {info['crc32_backend']}", file=out)
+          + f"; crc32 backend: {info['crc32_backend']}; aead backend: {info['aead_backend']}", file=out)
     print(f"timing: best of {repeat} sample(s) of >= {min_ns / 1e9:g} s each, ns per call, GC off", file=out)
 
     frame, source = part_a_frame(states)
