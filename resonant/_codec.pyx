@@ -1341,7 +1341,8 @@ def byte_shuffle(data, int width, bint inverse=False):
     return out
 
 
-cdef Frame _decode_transformed(const unsigned char *p, Hdr *h, object base, object codec, object expected_space):
+cdef Frame _decode_transformed(const unsigned char *p, Hdr *h, object base, object codec, object expected_space,
+                               bint require_encryption):
     """Version 2: envelope, CRC, space, decrypt, decompress, then the body's checks."""
     cdef uint16_t flags, applied
     cdef Py_ssize_t env = h.body, env_size, tb
@@ -1373,6 +1374,7 @@ cdef Frame _decode_transformed(const unsigned char *p, Hdr *h, object base, obje
     elif h.end - tb < 1:
         raise _truncated("body", tb, 1, h.end, _BEFORE_CRC)
     _check_crc(p, h)
+    _check_encrypted(p, h, require_encryption)
     _check_space(p, h, expected_space)
 
     if codec is None:
@@ -1396,13 +1398,21 @@ cdef Frame _decode_transformed(const unsigned char *p, Hdr *h, object base, obje
     return _build(p, h, pb, plain, 0, applied)
 
 
-def decode(data, *, codec=None, expected_space_hash=None):
+cdef int _check_encrypted(const unsigned char *p, Hdr *h, bint required) except -1:
+    if required and (h.version != VERSION_TRANSFORMED or not rz_ld_u16(p + OFF_FLAGS) & FLAG_ENCRYPT):
+        raise NotEncrypted("flags", "the frame is not encrypted, and this receiver requires encryption "
+                           "(Codec(require_encryption=False) accepts it)", OFF_FLAGS)
+    return 0
+
+
+def decode(data, *, codec=None, expected_space_hash=None, bint require_encryption=False):
     """Decode one V-Frame from a bytes-like object into its message class.
 
     A version 1 frame's slices are views of `data` (no copy). A version 2 frame is
     decrypted and/or decompressed by `codec` (a resonant.Codec; the default one can decompress
     but holds no key), and its slices view the one buffer that produces. With
-    `expected_space_hash`, a frame for another embedding space raises SpaceMismatch.
+    `expected_space_hash`, a frame for another embedding space raises SpaceMismatch; with
+    `require_encryption`, a frame that is not encrypted raises NotEncrypted.
     Malformed input raises a DecodeError subclass naming the field path and byte offset.
     """
     cdef const unsigned char *p
@@ -1429,9 +1439,10 @@ def decode(data, *, codec=None, expected_space_hash=None):
         n = view.len
     _check_header(p, n, &h)
     if h.version == VERSION_TRANSFORMED:
-        return _decode_transformed(p, &h, base, codec, expected_space_hash)
+        return _decode_transformed(p, &h, base, codec, expected_space_hash, require_encryption)
     _check_body(p, &h, p + h.body, h.end - h.body, h.body, "", _BEFORE_CRC, "crc32", "the crc32")
     _check_crc(p, &h)
+    _check_encrypted(p, &h, require_encryption)
     _check_space(p, &h, expected_space_hash)
     _check_meaning(p, &h, p + h.body, h.body, "")
     return _build(p, &h, p + h.body, base, h.body, 0)

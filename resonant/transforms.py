@@ -36,11 +36,13 @@ from resonant._spec import (
     Filters,
     Flags,
 )
-from resonant.errors import DecompressionFailed, DecryptionFailed, EncodeError, KeyFileError, NotEncrypted, UnknownKey
+from resonant.errors import DecompressionFailed, DecryptionFailed, EncodeError, KeyFileError, UnknownKey
 
 __all__ = ["Codec", "Key", "Keyring", "default_codec"]
 
 _ENV_BASE = struct.Struct("<IB")  # body_len, filters
+_ZSTD, _XCHACHA, _SHUFFLE = int(Flags.ZSTD), int(Flags.XCHACHA), int(Filters.BYTE_SHUFFLE)  # ints: no enum work per frame
+_TRANSFORM_BITS = int(BODY_TRANSFORM_FLAGS)
 _SEG_COUNT = struct.Struct(SEGMENT_COUNT_FORMAT)
 _SEG_LEN = struct.Struct(SEGMENT_LEN_FORMAT)
 _KEY_ID = struct.Struct("<I")
@@ -206,19 +208,19 @@ class Codec:
             parts = self._compress(raw, _plane_cuts(frame) if self.shuffle else ())
             if sum(map(len, parts)) < raw_len:  # raw fallback otherwise: never send a larger "compressed" body
                 body = parts
-                transforms |= Flags.ZSTD
-                filters = Filters.BYTE_SHUFFLE if self.shuffle else 0
+                transforms |= _ZSTD
+                filters = _SHUFFLE if self.shuffle else 0
         if self.keyring is not None:
-            transforms |= Flags.XCHACHA
+            transforms |= _XCHACHA
         if not transforms:
-            return _codec.encode(frame if not frame.flags & BODY_TRANSFORM_FLAGS
-                                 else frame.replace(flags=frame.flags & ~BODY_TRANSFORM_FLAGS))
+            return _codec.encode(frame if not frame.flags & _TRANSFORM_BITS
+                                 else frame.replace(flags=frame.flags & ~_TRANSFORM_BITS))
         if body is None:
             body = [_codec._encode_body(frame, False)]
             raw_len = len(body[0])
-        header = _codec._encode_header(frame, int(transforms))
-        envelope = _ENV_BASE.pack(raw_len, int(filters))
-        if transforms & Flags.XCHACHA:
+        header = _codec._encode_header(frame, transforms)
+        envelope = _ENV_BASE.pack(raw_len, filters)
+        if transforms & _XCHACHA:
             key = self.keyring.primary
             nonce = _urandom(NONCE_BYTES)
             head = header + envelope + _KEY_ID.pack(key.key_id) + nonce
@@ -242,11 +244,8 @@ class Codec:
 
     def decode(self, data) -> _codec.Frame:
         """Decode a frame of either version, undoing compression and encryption."""
-        frame = _codec.decode(data, codec=self, expected_space_hash=self.expected_space_hash)
-        if self.require_encryption and not frame.transforms & Flags.XCHACHA:
-            raise NotEncrypted("flags", "the frame is not encrypted, and this receiver requires encryption "
-                               "(Codec(require_encryption=False) accepts it)", 2)
-        return frame
+        return _codec.decode(data, codec=self, expected_space_hash=self.expected_space_hash,
+                             require_encryption=self.require_encryption)
 
     def _open(self, key_id: int, nonce, aad, ciphertext, offset: int) -> bytes:
         key = self.keyring.get(key_id) if self.keyring is not None else None
@@ -284,6 +283,10 @@ class Codec:
         # Every segment must be one zstd frame that declares its content size, and the sizes
         # must add up to body_len (<= max_frame_bytes): all checked before anything is
         # allocated, because zstandard's decompress() trusts a declared size over max_output_size.
+        if len(data) > 5 and data[0] == 1:  # one segment (no shuffle): the common case, checked the same way
+            (length,) = _SEG_LEN.unpack_from(data, 1)
+            if length == len(data) - 5:
+                return self._inflate_one(memoryview(data)[5:], body_len, 0, offset + 5)
         data = memoryview(data)
         if len(data) < _SEG_COUNT.size:
             raise DecompressionFailed("body.segment_count", "missing", offset)
@@ -318,13 +321,28 @@ class Codec:
             raise DecompressionFailed("body", f"{len(data) - pos} bytes after the last segment", offset + pos)
         if total != body_len:
             raise DecompressionFailed("body", f"the zstd frames declare {total} bytes, body_len is {body_len}", offset)
-        out = []
-        for i, (seg, size, at) in enumerate(segments):
-            try:
-                out.append(self._dctx.decompress(seg, max_output_size=size, allow_extra_data=False))
-            except zstandard.ZstdError as exc:
-                raise DecompressionFailed(f"body.segments[{i}]", f"zstd: {exc}", offset + at) from None
+        out = [self._decompress(seg, size, i, offset + at) for i, (seg, size, at) in enumerate(segments)]
         return out[0] if count == 1 else b"".join(out)
+
+    def _inflate_one(self, seg, body_len: int, i: int, at: int) -> bytes:
+        """A body of one segment at frame offset `at` (the segment table is the 5 bytes before it)."""
+        try:
+            size = zstandard.frame_content_size(seg)
+        except zstandard.ZstdError:
+            size = -1
+        if size < 0:
+            raise DecompressionFailed(f"body.segments[{i}]", "not a zstd frame that records its content size", at)
+        if size > body_len:
+            raise DecompressionFailed(f"body.segments[{i}]", f"the zstd frames declare more than body_len ({body_len}) bytes", at)
+        if size < body_len:
+            raise DecompressionFailed("body", f"the zstd frames declare {size} bytes, body_len is {body_len}", at - 5)
+        return self._decompress(seg, size, i, at)
+
+    def _decompress(self, seg, size: int, i: int, at: int) -> bytes:
+        try:
+            return self._dctx.decompress(seg, max_output_size=size, allow_extra_data=False)
+        except zstandard.ZstdError as exc:
+            raise DecompressionFailed(f"body.segments[{i}]", f"zstd: {exc}", at) from None
 
     def __repr__(self) -> str:
         return (f"Codec(zstd_level={self.zstd_level}, shuffle={self.shuffle}, key={self.keyring!r}, "
