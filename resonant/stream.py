@@ -18,7 +18,9 @@ schema/handshake.yaml (`streams`, `head`, `tail`) and specs/capability_handshake
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -28,7 +30,8 @@ import xxhash
 from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, Slice, Sync
 from resonant._spec import MAX_FRAME_BYTES, NUMPY_DTYPES, DType, Flags, Modality, MsgType
-from resonant.errors import DecodeError, EncodeError, HandshakeError
+from resonant.errors import EncodeError, HandshakeError
+from resonant.refcodec import expected_size
 
 __all__ = [
     "StreamSender", "Reassembler", "StreamLimits", "StreamLayout", "StreamObject",
@@ -36,6 +39,8 @@ __all__ = [
 ]
 
 STREAM_VERSION = 1
+MIN_STREAM_FRAME = 512  # the smallest max_frame_bytes: a HEAD of one object needs about 200 bytes
+_HEAD_PREFIX = re.compile(rb'\s*\{\s*"method"\s*:\s*"head"')  # a head document too broken to validate
 # Bytes a Chunk frame needs besides its payload: header with one slice_len (33), the slice's
 # dtype, shape_len and one dimension (6), CRC (4); with a Codec, the envelope (33), the tag
 # (16) and a segment table for up to 8 byte planes (33).
@@ -133,11 +138,11 @@ class StreamLayout:
             except ValueError:
                 raise HandshakeError(f"{path}.dtype", f"{o['dtype']} is not a dtype") from None
             width = _codec.element_bytes(dtype)
+            need = expected_size(int(dtype), math.prod(o["shape"]))  # the dtype's size rule; None: any size
+            if need is not None and o["nbytes"] != need:
+                raise HandshakeError(f"{path}.nbytes", f"{o['nbytes']}, but {dtype.name} of shape "
+                                     f"{tuple(o['shape'])} is {need} bytes")
             if width:
-                need = math.prod(o["shape"]) * width
-                if o["nbytes"] != need:
-                    raise HandshakeError(f"{path}.nbytes", f"{o['nbytes']}, but {dtype.name} of shape "
-                                         f"{tuple(o['shape'])} is {need} bytes")
                 if chunk_bytes % width:
                     raise HandshakeError("head.chunk_bytes", f"{chunk_bytes} is not a multiple of {dtype.name}'s "
                                          f"{width}-byte elements")
@@ -148,9 +153,14 @@ class StreamLayout:
         return cls.build(doc["msg_type"], chunk_bytes, specs, bool(doc.get("legacy_md5", False)))
 
 
+def _compact(doc: dict) -> bytes:
+    """HEAD and TAIL documents as compact UTF-8 JSON (they must fit one frame)."""
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
 def _chunk_bytes_for(max_frame_bytes: int, dtypes: Iterable[DType], transformed: bool) -> int:
-    if not 128 <= max_frame_bytes <= MAX_FRAME_BYTES:
-        raise EncodeError("max_frame_bytes", f"{max_frame_bytes} is not in 128..{MAX_FRAME_BYTES}")
+    if not MIN_STREAM_FRAME <= max_frame_bytes <= MAX_FRAME_BYTES:
+        raise EncodeError("max_frame_bytes", f"{max_frame_bytes} is not in {MIN_STREAM_FRAME}..{MAX_FRAME_BYTES}")
     unit = math.lcm(1, *(_codec.element_bytes(d) or 1 for d in dtypes))
     room = max_frame_bytes - _CHUNK_OVERHEAD - (_TRANSFORM_OVERHEAD if transformed else 0)
     return max(unit, room // unit * unit)
@@ -187,15 +197,31 @@ class StreamSender:
             msg_type, chunk_bytes,
             [(s.dtype, s.shape, s.nbytes, names[i] if names else None, layers[i] if layers else None)
              for i, s in enumerate(slices)], legacy_md5)
-        handshake.validate(self.layout.head_document())
+        try:
+            handshake.validate(self.layout.head_document())
+        except HandshakeError as exc:  # the caller's names/layers/object count: local misuse
+            path = exc.path.replace("head.objects", "objects")
+            for field_name in ("name", "layer"):
+                m = re.match(rf"objects\[(\d+)\]\.{field_name}$", path)
+                if m:
+                    path = f"{field_name}s[{m.group(1)}]"
+            raise EncodeError(path, exc.detail) from None
+        head_json = len(_compact(self.layout.head_document()))
+        if head_json > handshake.MAX_JSON_BYTES:
+            raise EncodeError("objects", f"the HEAD document is {head_json} bytes, more than max_json_bytes "
+                              f"({handshake.MAX_JSON_BYTES}); send fewer objects per stream or shorter names")
         self._hearts = 0
         self._digest: tuple[int, str | None] | None = None
+        for what, size in (("HEAD", len(self.head())), ("TAIL", len(self._tail_frame(0, "0" * 32 if legacy_md5 else None)))):
+            if size > max_frame_bytes:
+                raise EncodeError("max_frame_bytes", f"{max_frame_bytes} is too small for this stream's {what} "
+                                  f"({size} bytes)")
 
     def _encode(self, frame: Frame) -> bytes:
         return self.codec.encode(frame) if self.codec is not None else _codec.encode(frame)
 
     def head(self) -> bytes:
-        return self._encode(Sync(self.layout.head_document(), frame_seq=0, **self._header))
+        return self._encode(Sync(_compact(self.layout.head_document()), frame_seq=0, **self._header))
 
     def chunks(self) -> Iterator[bytes]:
         """The Chunk frames, in order (send them in any order)."""
@@ -230,12 +256,15 @@ class StreamSender:
         return h.intdigest(), (md5.hexdigest() if md5 is not None else None)
 
     def tail(self) -> bytes:
-        xxh, md5 = self.digest()
+        return self._tail_frame(*self.digest())
+
+    def _tail_frame(self, xxh: int, md5: str | None) -> bytes:
         doc = {"method": "tail", "chunks": self.layout.chunks, "total_bytes": self.layout.total_bytes,
                "xxh3_64": f"{xxh:016x}"}
         if md5 is not None:
             doc["md5"] = md5
-        return self._encode(Sync(doc, frame_seq=self.layout.chunks + 1, flags=Flags.STRONG_TAIL, **self._header))
+        return self._encode(Sync(_compact(doc), frame_seq=self.layout.chunks + 1, flags=Flags.STRONG_TAIL,
+                                 **self._header))
 
     def heart(self) -> bytes:
         """A keepalive for this stream (frame_seq above TAIL's)."""
@@ -265,7 +294,7 @@ def _source(obj, i: int) -> _Source:
     code = _codec._DTYPE_OF_NUMPY.get(arr.dtype.newbyteorder("="))
     if code is None:
         raise EncodeError(f"objects[{i}].dtype", f"no dtype for numpy {arr.dtype}; convert it (e.g. to float16) first")
-    arr = np.ascontiguousarray(arr, dtype=np.dtype(NUMPY_DTYPES[DType(code)]))
+    arr = np.asarray(arr, dtype=np.dtype(NUMPY_DTYPES[DType(code)]), order="C")  # keeps 0-d shapes
     return _Source(DType(code), arr.shape, arr.nbytes, memoryview(arr.reshape(-1).view(np.uint8)))
 
 
@@ -347,16 +376,26 @@ class _Stream:
         self.hashed = 0                 # bytes of the stream's prefix already hashed
 
     def missing(self) -> list[tuple[int, int]]:
-        out: list[tuple[int, int]] = []
-        for k, got in enumerate(self.have):
-            if not got:
-                obj, start, length = self.layout.chunk(k)
-                a, b = obj.offset + start, obj.offset + start + length
-                if out and out[-1][1] == a:
-                    out[-1] = (out[-1][0], b)
-                else:
-                    out.append((a, b))
-        return out
+        """Byte ranges of the stream not received, merged (vectorised: a stream may have millions of chunks)."""
+        have = np.frombuffer(self.have, np.uint8)
+        cb = self.layout.chunk_bytes
+        starts, ends = [], []
+        for o in self.layout.objects:
+            gone = np.flatnonzero(have[o.first_chunk:o.first_chunk + o.chunks] == 0)
+            if gone.size:
+                a = o.offset + gone * cb
+                starts.append(a)
+                ends.append(np.minimum(a + cb, o.offset + o.nbytes))
+        if not starts:
+            return []
+        a, b = np.concatenate(starts), np.concatenate(ends)
+        breaks = np.flatnonzero(a[1:] != b[:-1]) + 1  # a range starts where the previous one did not end
+        return [(int(x), int(y)) for x, y in zip(a[np.r_[0, breaks]], b[np.r_[breaks - 1, len(b) - 1]])]
+
+
+def _committed(layout: StreamLayout) -> int:
+    """Memory a stream takes once open: its output buffer and its one-byte-per-chunk bitmap."""
+    return layout.total_bytes + layout.chunks
 
 
 def _object_view(buffer: np.ndarray, o: StreamObject) -> np.ndarray:
@@ -391,7 +430,7 @@ class Reassembler:
 
     @property
     def buffered_bytes(self) -> int:
-        return sum(s.layout.total_bytes for s in self._streams.values()) + self._early_bytes
+        return sum(_committed(s.layout) for s in self._streams.values()) + self._early_bytes
 
     @property
     def open_streams(self) -> int:
@@ -407,8 +446,8 @@ class Reassembler:
             frame = (self.codec.decode(data) if self.codec is not None
                      else _codec.decode(data, expected_space_hash=self.expected_space_hash))
         sid = frame.stream_id
-        if sid in self._closed and not self._is_head(frame):
-            self.dropped_frames += 1  # a late duplicate of a finished stream
+        if sid in self._closed:
+            self.dropped_frames += 1  # a late or replayed frame of a finished stream (new streams take new ids)
             return []
         if isinstance(frame, Sync):
             if frame.json is None:  # HEART
@@ -418,9 +457,12 @@ class Reassembler:
             try:
                 doc = handshake.parse(frame.json.payload)
             except HandshakeError as exc:
-                if sid in self._streams:
+                if exc.path.startswith("tail") and sid in self._streams:
                     return self._fail(sid, "bad_tail", str(exc))
-                return [StreamFailed(sid, "bad_head", str(exc))] if exc.path.startswith("head") else []
+                if sid not in self._streams and (exc.path.startswith("head") or _HEAD_PREFIX.match(frame.json.tobytes()[:64])):
+                    self._drop_early(sid)
+                    return [StreamFailed(sid, "bad_head", str(exc))]
+                return []  # not a stream document, or one that is not ours to judge
             if doc["method"] == "head":
                 return self._head(sid, doc, now)
             if doc["method"] == "tail":
@@ -450,10 +492,6 @@ class Reassembler:
                 del self._closed[sid]
         return events
 
-    @staticmethod
-    def _is_head(frame: Frame) -> bool:
-        return isinstance(frame, Sync) and frame.json is not None and b'"method": "head"' in frame.json.tobytes()[:32]
-
     def _close(self, sid: int, now: float) -> None:
         self._closed[sid] = now
         while len(self._closed) > 4 * self.limits.max_streams + 1024:  # bounded: forget the oldest
@@ -464,7 +502,6 @@ class Reassembler:
     def _head(self, sid: int, doc: dict, now: float) -> list:
         if sid in self._streams:
             return []  # a repeated HEAD
-        self._closed.pop(sid, None)  # a new stream may reuse a finished stream's id
         try:
             layout = StreamLayout.from_head(doc)
         except HandshakeError as exc:
@@ -476,8 +513,8 @@ class Reassembler:
             problem = f"{layout.total_bytes} bytes announced, more than max_stream_bytes ({lim.max_stream_bytes})"
         elif len(self._streams) >= lim.max_streams:
             problem = f"{len(self._streams)} streams open, max_streams is {lim.max_streams}"
-        elif self.buffered_bytes + layout.total_bytes > lim.max_buffered_bytes:
-            problem = (f"{layout.total_bytes} more bytes would exceed max_buffered_bytes ({lim.max_buffered_bytes}); "
+        elif self.buffered_bytes + _committed(layout) > lim.max_buffered_bytes:
+            problem = (f"{_committed(layout)} more bytes would exceed max_buffered_bytes ({lim.max_buffered_bytes}); "
                        f"{self.buffered_bytes} are buffered")
         if problem:
             self._drop_early(sid)
