@@ -1567,3 +1567,51 @@ def _assemble(bytes head, *parts):
             pos += t.shape[0]
     rz_st_u32(q + pos, _crc32(q, pos))
     return out
+
+# --------------------------------------------------------------------------- V-Stream fast paths
+
+
+def _encode_chunk(uint32_t stream_id, uint64_t frame_seq, uint32_t space_hash32, uint8_t modality,
+                  uint8_t dtype, uint32_t count, source, Py_ssize_t start, Py_ssize_t length):
+    """The version 1 bytes of Chunk(Slice(dtype, (count,), source[start:start + length])), written
+    straight from the source buffer: what StreamSender sends for every chunk without a Codec."""
+    cdef const unsigned char[::1] src = source
+    cdef long long need = _expected_size(dtype, count)
+    cdef Py_ssize_t size = PREFIX_SIZE + 4 + SUFFIX_SIZE + 2 + 4 + length + CRC_SIZE
+    if start < 0 or length < 0 or start + length > src.shape[0]:
+        raise EncodeError("source", f"bytes {start}..{start + length} are outside a {src.shape[0]}-byte source")
+    if need == -2 or (need >= 0 and need != length):
+        raise EncodeError("payload", f"{_dtype_name(dtype)} of {count} elements does not take {length} bytes")
+    _check_size(size)
+    out = PyBytes_FromStringAndSize(NULL, size)
+    cdef unsigned char *q = <unsigned char *>PyBytes_AS_STRING(out)
+    rz_st_u8(q + OFF_VERSION, VERSION)
+    rz_st_u8(q + OFF_MSG_TYPE, 5)
+    rz_st_u16(q + OFF_FLAGS, 0)
+    rz_st_u32(q + OFF_STREAM_ID, stream_id)
+    rz_st_u64(q + OFF_FRAME_SEQ, frame_seq)
+    rz_st_u64(q + OFF_NUM_SLICES, 1)
+    rz_st_u32(q + PREFIX_SIZE, <uint32_t>length)
+    rz_st_u32(q + PREFIX_SIZE + 4 + SUF_SPACE_HASH32, space_hash32)
+    rz_st_u8(q + PREFIX_SIZE + 4 + SUF_MODALITY, modality)
+    cdef Py_ssize_t pos = PREFIX_SIZE + 4 + SUFFIX_SIZE
+    q[pos] = dtype
+    q[pos + 1] = 1
+    rz_st_u32(q + pos + 2, count)
+    if length:
+        with nogil:
+            memcpy(q + pos + 6, &src[start], length)
+    rz_st_u32(q + size - CRC_SIZE, _crc32(q, size - CRC_SIZE))
+    return out
+
+
+def _copy_payload(Slice s not None, dest, Py_ssize_t offset):
+    """Copy a slice's payload into dest[offset:] (a writable byte buffer): one memcpy, GIL released."""
+    cdef unsigned char[::1] d = dest
+    if offset < 0 or offset + s._len > d.shape[0]:
+        raise ValueError(f"{s._len} bytes at {offset} do not fit a {d.shape[0]}-byte destination")
+    cdef const unsigned char *src = _slice_ptr(s)
+    if s._len:
+        with nogil:
+            memcpy(&d[offset], src, s._len)
+    return s._len

@@ -235,8 +235,12 @@ class StreamSender:
             for j in range(obj.chunks):
                 piece = src[j * cb:(j + 1) * cb]
                 n = len(piece) // width if width else len(piece)
-                frame = self._encode(Chunk(Slice(dtype, (n,), piece), frame_seq=obj.first_chunk + j + 1,
-                                           **self._header))
+                if self.codec is None:  # straight from the source into the frame
+                    frame = _codec._encode_chunk(self.stream_id, obj.first_chunk + j + 1, self._header["space_hash32"],
+                                                 self._header["modality"], dtype, n, src, j * cb, len(piece))
+                else:
+                    frame = self._encode(Chunk(Slice(dtype, (n,), piece), frame_seq=obj.first_chunk + j + 1,
+                                               **self._header))
                 h.update(piece)
                 if md5 is not None:
                     md5.update(piece)
@@ -546,7 +550,7 @@ class Reassembler:
             return self._fail(sid, "bad_chunk", f"chunk {k} is {s.dtype.name} of {s.nbytes} bytes, HEAD says "
                               f"{want.name} of {length} bytes")
         a = obj.offset + start
-        st.buffer[a:a + length] = np.frombuffer(s.payload, np.uint8)
+        _codec._copy_payload(s, st.buffer, a)
         if a == st.hashed:  # in order: hash it now, while it is in cache, and any chunks already waiting
             st.hasher.update(st.buffer[a:a + length])
             st.hashed += length

@@ -957,3 +957,18 @@ def test_memory_committed_at_head_is_what_buffered_bytes_says():
     if of(events, StreamFailed):  # refusing such a HEAD is a fix as well
         return
     assert committed <= 1.2 * r.buffered_bytes  # today: 2 * n (the buffer and a 4 MiB `have` bytearray)
+
+
+def test_chunk_fast_path_writes_the_same_bytes_as_the_general_encoder():
+    from resonant import _codec
+    src = np.random.default_rng(5).standard_normal(3000).astype(np.float16)
+    view = memoryview(src.view(np.uint8))
+    for start, length in ((0, 6000), (100, 468), (5998, 2), (0, 0)):
+        fast = _codec._encode_chunk(7, 3, 99, 2, DType.F16, length // 2, view, start, length)
+        slow = resonant.encode(resonant.Chunk(Slice(DType.F16, (length // 2,), view[start:start + length]),
+                                              stream_id=7, frame_seq=3, space_hash32=99, modality=2))
+        assert fast == slow
+    with pytest.raises(EncodeError, match=r"^source: bytes 5000\.\.7000 are outside a 6000-byte source$"):
+        _codec._encode_chunk(7, 3, 0, 0, DType.F16, 1000, view, 5000, 2000)
+    with pytest.raises(EncodeError, match=r"^payload: F16 of 10 elements does not take 30 bytes$"):
+        _codec._encode_chunk(7, 3, 0, 0, DType.F16, 10, view, 0, 30)
