@@ -227,6 +227,29 @@ def targets(results: dict[str, dict[str, Row]]) -> tuple[list[Target], list[Targ
     return main, info
 
 
+def print_targets(main_t: list[Target], info_t: list[Target], out) -> None:
+    """PASS/FAIL lines for the targets, then the informational ratios."""
+    for tg in main_t:
+        val = "n/a" if tg.value is None else f"{tg.value:.2f}×"
+        note = f" ({tg.note})" if tg.note else ""
+        print(f"- {tg.status} {tg.name}: {val} (need {tg.op} {tg.limit:g}×){note}", file=out)
+    for tg in info_t:
+        val = "n/a" if tg.value is None else f"{tg.value:.2f}×"
+        print(f"- info {tg.name}: {val}" + (f" ({tg.note})" if tg.note else ""), file=out)
+
+
+def finish(args: argparse.Namespace, doc: dict[str, Any] | None, main_t: list[Target]) -> int:
+    """Write the JSON document (--json PATH, or - for stdout); exit 1 on a failed target with --check."""
+    if args.json and doc is not None:
+        text = json.dumps(doc, indent=2, ensure_ascii=False)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+    return 1 if args.check and any(t.status == "FAIL" for t in main_t) else 0
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor()
     try:
@@ -275,25 +298,13 @@ def main(argv: list[str] | None = None) -> int:
 
     main_t, info_t = targets(results)
     print("\n## Targets (decode measured as decode+access)\n", file=out)
-    for tg in main_t:
-        val = "n/a" if tg.value is None else f"{tg.value:.2f}×"
-        note = f" ({tg.note})" if tg.note else ""
-        print(f"- {tg.status} {tg.name}: {val} (need {tg.op} {tg.limit:g}×){note}", file=out)
-    for tg in info_t:
-        val = "n/a" if tg.value is None else f"{tg.value:.2f}×"
-        print(f"- info {tg.name}: {val}" + (f" ({tg.note})" if tg.note else ""), file=out)
-
+    print_targets(main_t, info_t, out)
+    doc = None
     if args.json:
         doc = {"machine": info, "repeat": repeat, "min_sample_ns": min_ns,
                "payloads": {t: {n: asdict(r) for n, r in rows.items()} for t, rows in results.items()},
                "targets": [asdict(t) for t in main_t], "info": [asdict(t) for t in info_t]}
-        text = json.dumps(doc, indent=2, ensure_ascii=False)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
-    return 1 if args.check and any(t.status == "FAIL" for t in main_t) else 0
+    return finish(args, doc, main_t)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ raw payload.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -32,7 +31,7 @@ from resonant._spec import ENVELOPE_BASE_BYTES, ENVELOPE_CRYPTO_BYTES, NONCE_BYT
 
 # Run as a script, the bench directory is sys.path[0]; both helpers live next to this file.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_codec import Target, fmt_ns, fmt_x, machine, time_stmt  # noqa: E402
+from bench_codec import Target, finish, fmt_ns, fmt_x, machine, print_targets, time_stmt  # noqa: E402
 
 SEED = 20241103
 OVERHEAD_LIMIT = 1.2
@@ -342,11 +341,8 @@ def main(argv: list[str] | None = None) -> int:
 
     main_t, info_t = targets_a(rows_a)
     print("\n## Targets (time of encode+decode, ours / raw library calls)\n", file=out)
-    for tg in main_t:
-        print(f"- {tg.status} {tg.name}: {tg.value:.2f}× (need {tg.op} {tg.limit:g}×) ({tg.note})", file=out)
-    for tg in info_t:
-        print(f"- info {tg.name}: {tg.value:.2f}×" + (f" ({tg.note})" if tg.note else ""), file=out)
-
+    print_targets(main_t, info_t, out)
+    doc = None
     if args.json:
         doc = {"machine": info, "repeat": repeat, "min_sample_ns": min_ns,
                "part_a": {"source": source, "frame_bytes": len(resonant.encode(frame)),
@@ -354,13 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                "part_b": None if rows_b is None else [asdict(r) for r in rows_b],
                "part_b_skip": why or None,
                "targets": [asdict(t) for t in main_t], "info": [asdict(t) for t in info_t]}
-        text = json.dumps(doc, indent=2, ensure_ascii=False)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
-    return 1 if args.check and any(t.status == "FAIL" for t in main_t) else 0
+    return finish(args, doc, main_t)
 
 
 if __name__ == "__main__":

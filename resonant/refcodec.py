@@ -26,7 +26,6 @@ from resonant.errors import (
     SizeMismatch,
     LimitExceeded,
     LayoutError,
-    UnknownKey,
     EncodeError,
 )
 

@@ -302,11 +302,6 @@ def _source(obj, i: int) -> _Source:
     return _Source(DType(code), arr.shape, arr.nbytes, memoryview(arr.reshape(-1).view(np.uint8)))
 
 
-def send_stream(stream_id: int, objects: Sequence, **kwargs) -> Iterator[bytes]:
-    """Every frame of a stream: HEAD, chunks, TAIL."""
-    return iter(StreamSender(stream_id, objects, **kwargs))
-
-
 # ------------------------------------------------------------------ events
 
 
