@@ -218,6 +218,146 @@ def crc32(data, uint32_t value=0):
         return _crc_c(value, &view[0] if view.shape[0] else NULL, <uint64_t>view.shape[0])
     return _crc_py(view, value)
 
+# --------------------------------------------------------------------------- xxh3_64
+
+ctypedef void *(*xxh_create_t)() noexcept nogil
+ctypedef int (*xxh_free_t)(void *) noexcept nogil
+ctypedef int (*xxh_reset_t)(void *) noexcept nogil
+ctypedef int (*xxh_update_t)(void *, const void *, size_t) noexcept nogil
+ctypedef uint64_t (*xxh_digest_t)(const void *) noexcept nogil
+ctypedef uint64_t (*xxh_oneshot_t)(const void *, size_t) noexcept nogil
+
+cdef xxh_create_t _xxh_create = NULL
+cdef xxh_free_t _xxh_free = NULL
+cdef xxh_reset_t _xxh_reset = NULL
+cdef xxh_update_t _xxh_update = NULL
+cdef xxh_digest_t _xxh_digest = NULL
+cdef xxh_oneshot_t _xxh_oneshot = NULL
+cdef str _xxh_name = "none"
+
+
+def _select_xxh3(str prefer=None):
+    """Pick the xxh3_64 implementation; returns its name.
+
+    The stream hash is fed from C, in the same GIL-free section as the copy it follows
+    ('xxhash-c'). The xxhash wheel does not publish a C API either, so its XXH3 streaming
+    functions are looked up in the already-loaded extension module and checked against
+    xxhash's own Python answer (one-shot and in pieces); when that fails, the Python
+    xxhash.xxh3_64 object is used ('xxhash').
+    """
+    global _xxh_create, _xxh_free, _xxh_reset, _xxh_update, _xxh_digest, _xxh_oneshot, _xxh_name
+    cdef void *handle
+    cdef void *st
+    cdef uint64_t a, b
+    import xxhash
+    _xxh_create = NULL
+    if prefer not in (None, "xxhash-c", "xxhash"):
+        raise ValueError(f"no xxh3 backend named {prefer!r}")
+    if prefer in (None, "xxhash-c"):
+        import xxhash._xxhash as _xmod
+        handle = dlopen(_xmod.__file__.encode(), RTLD_NOW | RTLD_NOLOAD)
+        if handle != NULL:
+            create = <xxh_create_t>dlsym(handle, b"XXH3_createState")
+            free = <xxh_free_t>dlsym(handle, b"XXH3_freeState")
+            reset = <xxh_reset_t>dlsym(handle, b"XXH3_64bits_reset")
+            update = <xxh_update_t>dlsym(handle, b"XXH3_64bits_update")
+            digest = <xxh_digest_t>dlsym(handle, b"XXH3_64bits_digest")
+            oneshot = <xxh_oneshot_t>dlsym(handle, b"XXH3_64bits")
+            if create != NULL and free != NULL and reset != NULL and update != NULL and digest != NULL and oneshot != NULL:
+                probe = bytes(range(256)) * 5  # crosses xxh3's internal block and stripe sizes
+                st = create()
+                if st != NULL:
+                    a = b = 0
+                    if reset(st) == 0 and update(st, <const char *>probe, 100) == 0 and update(st, <const char *>probe + 100, 1180) == 0:
+                        a = digest(st)
+                        b = oneshot(<const char *>probe, 1280)
+                    free(st)
+                    if a == b == xxhash.xxh3_64_intdigest(probe) and oneshot(<const char *>probe, 0) == xxhash.xxh3_64_intdigest(b""):
+                        _xxh_create, _xxh_free, _xxh_reset, _xxh_update, _xxh_digest, _xxh_oneshot = (
+                            create, free, reset, update, digest, oneshot)
+                        _xxh_name = "xxhash-c"
+                        return _xxh_name
+        if prefer == "xxhash-c":
+            raise ValueError("xxhash's C functions are not reachable in this installation")
+    _xxh_name = "xxhash"
+    return _xxh_name
+
+
+_select_xxh3()
+
+
+def xxh3_backend():
+    """Name of the xxh3_64 implementation in use ('xxhash-c' is the GIL-free C path)."""
+    return _xxh_name
+
+
+cdef class Xxh3:
+    """An incremental xxh3_64 (seed 0), fed from C when the C path is reachable.
+
+    The V-Stream fast paths update it in the same GIL-free section as their copy,
+    while the bytes are still in cache. Equal to xxhash.xxh3_64 in every result.
+    """
+    cdef void *_st
+    cdef object _py
+
+    def __cinit__(self):
+        self._st = NULL
+        self._py = None
+        if _xxh_create != NULL:
+            self._st = _xxh_create()
+            if self._st == NULL or _xxh_reset(self._st) != 0:
+                raise MemoryError("XXH3_createState failed")
+        else:
+            import xxhash
+            self._py = xxhash.xxh3_64()
+
+    def __dealloc__(self):
+        if self._st != NULL:
+            _xxh_free(self._st)
+            self._st = NULL
+
+    cdef int _feed(self, const unsigned char *p, Py_ssize_t n) except -1:
+        cdef int rc = 0
+        if n <= 0:
+            return 0
+        if self._st != NULL:
+            if n < NOGIL_BYTES:
+                rc = _xxh_update(self._st, p, <size_t>n)
+            else:
+                with nogil:
+                    rc = _xxh_update(self._st, p, <size_t>n)
+            if rc != 0:
+                raise ValueError("XXH3_64bits_update failed")
+        else:
+            self._py.update(PyMemoryView_FromMemory(<char *>p, n, PyBUF_READ))
+        return 0
+
+    def update(self, data):
+        """Feed a bytes-like object."""
+        cdef const unsigned char[::1] v = memoryview(data).cast("B")
+        if v.shape[0]:
+            self._feed(&v[0], v.shape[0])
+
+    def intdigest(self):
+        """The hash of everything fed so far, as an int (the state is kept)."""
+        if self._st != NULL:
+            return _xxh_digest(self._st)
+        return self._py.intdigest()
+
+
+def xxh3_64(data):
+    """xxh3_64 (seed 0) of a bytes-like object, as an int."""
+    cdef const unsigned char[::1] v = memoryview(data).cast("B")
+    cdef uint64_t h
+    cdef const unsigned char *p = &v[0] if v.shape[0] else <const unsigned char *>b""
+    cdef size_t n = v.shape[0]
+    if _xxh_oneshot != NULL:
+        with nogil:
+            h = _xxh_oneshot(p, n)
+        return h
+    import xxhash
+    return xxhash.xxh3_64_intdigest(v)
+
 # --------------------------------------------------------------------------- AEAD
 
 ctypedef int (*aead_seal_t)(unsigned char *c, unsigned long long *clen, const unsigned char *m,
@@ -1572,9 +1712,12 @@ def _assemble(bytes head, *parts):
 
 
 def _encode_chunk(uint32_t stream_id, uint64_t frame_seq, uint32_t space_hash32, uint8_t modality,
-                  uint8_t dtype, uint32_t count, source, Py_ssize_t start, Py_ssize_t length):
+                  uint8_t dtype, uint32_t count, source, Py_ssize_t start, Py_ssize_t length, Xxh3 hasher=None):
     """The version 1 bytes of Chunk(Slice(dtype, (count,), source[start:start + length])), written
-    straight from the source buffer: what StreamSender sends for every chunk without a Codec."""
+    straight from the source buffer: what StreamSender sends for every chunk without a Codec.
+
+    With a hasher, the payload is also fed to it; copy, CRC and hash run in one GIL-free
+    section while the bytes are in cache."""
     cdef const unsigned char[::1] src = source
     cdef long long need = _expected_size(dtype, count)
     cdef Py_ssize_t size = PREFIX_SIZE + 4 + SUFFIX_SIZE + 2 + 4 + length + CRC_SIZE
@@ -1598,20 +1741,39 @@ def _encode_chunk(uint32_t stream_id, uint64_t frame_seq, uint32_t space_hash32,
     q[pos] = dtype
     q[pos + 1] = 1
     rz_st_u32(q + pos + 2, count)
-    if length:
+    cdef void *st = hasher._st if hasher is not None else NULL
+    cdef uint32_t crc
+    if _crc_c != NULL and (hasher is None or st != NULL):
         with nogil:
+            if length:
+                memcpy(q + pos + 6, &src[start], length)
+            crc = _crc_c(0, q, <uint64_t>(size - CRC_SIZE))
+            if st != NULL and length:
+                _xxh_update(st, q + pos + 6, <size_t>length)
+    else:
+        if length:
             memcpy(q + pos + 6, &src[start], length)
-    rz_st_u32(q + size - CRC_SIZE, _crc32(q, size - CRC_SIZE))
+        crc = _crc32(q, size - CRC_SIZE)
+        if hasher is not None:
+            hasher._feed(q + pos + 6, length)
+    rz_st_u32(q + size - CRC_SIZE, crc)
     return out
 
 
-def _copy_payload(Slice s not None, dest, Py_ssize_t offset):
-    """Copy a slice's payload into dest[offset:] (a writable byte buffer): one memcpy, GIL released."""
+def _copy_payload(Slice s not None, dest, Py_ssize_t offset, Xxh3 hasher=None):
+    """Copy a slice's payload into dest[offset:] (a writable byte buffer): one memcpy, GIL released.
+    With a hasher, the copied bytes are fed to it in the same GIL-free section."""
     cdef unsigned char[::1] d = dest
     if offset < 0 or offset + s._len > d.shape[0]:
         raise ValueError(f"{s._len} bytes at {offset} do not fit a {d.shape[0]}-byte destination")
     cdef const unsigned char *src = _slice_ptr(s)
-    if s._len:
-        with nogil:
-            memcpy(&d[offset], src, s._len)
+    cdef void *st = hasher._st if hasher is not None else NULL
+    if not s._len:
+        return 0
+    with nogil:
+        memcpy(&d[offset], src, s._len)
+        if st != NULL:
+            _xxh_update(st, &d[offset], <size_t>s._len)
+    if hasher is not None and st == NULL:
+        hasher._feed(&d[offset], s._len)
     return s._len

@@ -25,7 +25,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import xxhash
 
 from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, Slice, Sync
@@ -226,7 +225,7 @@ class StreamSender:
     def chunks(self) -> Iterator[bytes]:
         """The Chunk frames, in order (send them in any order)."""
         cb = self.layout.chunk_bytes
-        h = xxhash.xxh3_64()  # the stream hash, fed while each chunk is in cache
+        h = _codec.Xxh3()  # the stream hash, fed while each chunk is in cache
         md5 = hashlib.md5(usedforsecurity=False) if self.layout.legacy_md5 else None
         for obj in self.layout.objects:
             src = self._sources[obj.index]
@@ -237,11 +236,11 @@ class StreamSender:
                 n = len(piece) // width if width else len(piece)
                 if self.codec is None:  # straight from the source into the frame
                     frame = _codec._encode_chunk(self.stream_id, obj.first_chunk + j + 1, self._header["space_hash32"],
-                                                 self._header["modality"], dtype, n, src, j * cb, len(piece))
+                                                 self._header["modality"], dtype, n, src, j * cb, len(piece), h)
                 else:
                     frame = self._encode(Chunk(Slice(dtype, (n,), piece), frame_seq=obj.first_chunk + j + 1,
                                                **self._header))
-                h.update(piece)
+                    h.update(piece)
                 if md5 is not None:
                     md5.update(piece)
                 yield frame
@@ -251,7 +250,7 @@ class StreamSender:
         """xxh3_64 of every object's bytes (and their MD5 when HEAD asked for it)."""
         if self._digest is not None:
             return self._digest
-        h = xxhash.xxh3_64()
+        h = _codec.Xxh3()
         md5 = hashlib.md5(usedforsecurity=False) if self.layout.legacy_md5 else None
         for src in self._sources:
             h.update(src)
@@ -371,7 +370,7 @@ class _Stream:
         self.tail: dict | None = None
         self.tail_at = 0.0
         self.last = now
-        self.hasher = xxhash.xxh3_64()  # fed while chunks arrive in order (cache-hot); else one pass at the end
+        self.hasher = _codec.Xxh3()  # fed while chunks arrive in order (cache-hot); else one pass at the end
         self.hashed = 0                 # bytes of the stream's prefix already hashed
 
     def missing(self) -> list[tuple[int, int]]:
@@ -545,9 +544,8 @@ class Reassembler:
             return self._fail(sid, "bad_chunk", f"chunk {k} is {s.dtype.name} of {s.nbytes} bytes, HEAD says "
                               f"{want.name} of {length} bytes")
         a = obj.offset + start
-        _codec._copy_payload(s, st.buffer, a)
-        if a == st.hashed:  # in order: hash it now, while it is in cache, and any chunks already waiting
-            st.hasher.update(st.buffer[a:a + length])
+        if a == st.hashed:  # in order: hash it while it is in cache (same GIL-free section), and any chunks already waiting
+            _codec._copy_payload(s, st.buffer, a, st.hasher)
             st.hashed += length
             j = k + 1
             while j < st.layout.chunks and st.have[j]:
@@ -555,6 +553,8 @@ class Reassembler:
                 st.hasher.update(st.buffer[o2.offset + s2:o2.offset + s2 + l2])
                 st.hashed += l2
                 j += 1
+        else:
+            _codec._copy_payload(s, st.buffer, a)
         st.have[k] = 1
         st.have_count += 1
         events: list = []
@@ -581,7 +581,7 @@ class Reassembler:
         st = self._streams[sid]
         if st.tail is None or st.have_count != st.layout.chunks:
             return []
-        got = st.hasher.intdigest() if st.hashed == st.layout.total_bytes else xxhash.xxh3_64_intdigest(st.buffer)
+        got = st.hasher.intdigest() if st.hashed == st.layout.total_bytes else _codec.xxh3_64(st.buffer)
         want = int(st.tail["xxh3_64"], 16)
         if got != want:
             return self._fail(sid, "hash_mismatch", f"xxh3_64 of the received bytes is {got:016x}, TAIL says {want:016x}")
