@@ -27,7 +27,12 @@ SCHEMA: dict[str, dict[str, dict[str, Any]]] = {
     "ping": {
         "method": {"type": "string", "required": True, "const": 'ping', "choices": [], "fields": {}},
         "ts": {"type": "number", "required": False, "const": None, "choices": [], "fields": {}},
+        "v": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
         "space_hash32": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
+        "compress": {"type": "list[string]", "required": False, "const": None, "choices": ['zstd', 'lz4', 'none'], "fields": {}},
+        "crypto": {"type": "list[string]", "required": False, "const": None, "choices": ['xchacha20poly1305', 'aes256gcm', 'none'], "fields": {}},
+        "max_frame_bytes": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
+        "supports": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"critique": {"type": "bool", "required": False, "const": None, "choices": [], "fields": {}}, "dtype": {"type": "list[string]", "required": False, "const": None, "choices": ['f16', 'i8', 'q4', 'sparse', 'bf16', 'f32'], "fields": {}}}},
         "model_signature": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"version": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "model_id": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "revision": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "dtype": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "num_layers": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "hidden_size": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "num_kv_heads": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "head_dim": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "tokenizer_hash": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}}},
     },
     "capability": {
@@ -40,7 +45,8 @@ SCHEMA: dict[str, dict[str, dict[str, Any]]] = {
         "model_signature": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"version": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "model_id": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "revision": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "dtype": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "num_layers": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "hidden_size": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "num_kv_heads": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "head_dim": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "tokenizer_hash": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}}},
         "compress": {"type": "list[string]", "required": False, "const": None, "choices": ['zstd', 'lz4', 'none'], "fields": {}},
         "crypto": {"type": "list[string]", "required": False, "const": None, "choices": ['xchacha20poly1305', 'aes256gcm', 'none'], "fields": {}},
-        "supports": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"critique": {"type": "bool", "required": False, "const": None, "choices": [], "fields": {}}, "dtype": {"type": "list[string]", "required": False, "const": None, "choices": ['f16', 'i8', 'q4', 'sparse'], "fields": {}}}},
+        "max_frame_bytes": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
+        "supports": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"critique": {"type": "bool", "required": False, "const": None, "choices": [], "fields": {}}, "dtype": {"type": "list[string]", "required": False, "const": None, "choices": ['f16', 'i8', 'q4', 'sparse', 'bf16', 'f32'], "fields": {}}}},
     },
     "head": {
         "method": {"type": "string", "required": True, "const": 'head', "choices": [], "fields": {}},
@@ -62,7 +68,7 @@ SCHEMA: dict[str, dict[str, dict[str, Any]]] = {
     },
     "error": {
         "method": {"type": "string", "required": True, "const": 'error', "choices": [], "fields": {}},
-        "code": {"type": "string", "required": True, "const": None, "choices": ['SPACE_MISMATCH', 'UNSUPPORTED_VERSION', 'BAD_REQUEST', 'UNSUPPORTED_FEATURE', 'INTERNAL'], "fields": {}},
+        "code": {"type": "string", "required": True, "const": None, "choices": ['SPACE_MISMATCH', 'UNSUPPORTED_VERSION', 'BAD_REQUEST', 'UNSUPPORTED_FEATURE', 'HANDSHAKE_REQUIRED', 'INTERNAL'], "fields": {}},
         "message": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}},
         "expected": {"type": "string", "required": False, "const": None, "choices": [], "fields": {}},
         "got": {"type": "string", "required": False, "const": None, "choices": [], "fields": {}},
