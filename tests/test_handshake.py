@@ -42,7 +42,7 @@ def test_reference_ping_frame_carries_a_valid_ping():
         ({"method": "capability", "v": 1, "agreed_proto": 1, "supports": {"colour": 1}},
          "capability.supports.colour: unknown key (extensions start with 'x-')"),
         ({"method": "error", "code": "NOPE", "message": "x"},
-         "error.code: 'NOPE' is not one of SPACE_MISMATCH, UNSUPPORTED_VERSION, BAD_REQUEST, UNSUPPORTED_FEATURE, INTERNAL"),
+         "error.code: 'NOPE' is not one of SPACE_MISMATCH, UNSUPPORTED_VERSION, BAD_REQUEST, UNSUPPORTED_FEATURE, HANDSHAKE_REQUIRED, INTERNAL"),
         ({"method": "ping", "ts": "now"}, "ping.ts: expected a number, got str"),
         ({"method": "capability", "v": 1, "agreed_proto": 1, "compress": ["zstd"] * 65},
          "capability.compress: 65 items, more than max_list_items (64)"),
