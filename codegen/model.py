@@ -20,6 +20,8 @@ C_TYPES = {"u8": "uint8_t", "u16": "uint16_t", "u32": "uint32_t", "u64": "uint64
 SIZE_RULES = ("element", "packed", "block", "opaque")
 ROLE_KINDS = ("tensor", "text", "json")
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+FRAMINGS = ("datagram", "length_prefix")
+TRANSPORT_ACTIONS = ("continue", "close", "report")
 HANDSHAKE_TYPES = ("string", "number", "bool", "u32", "u64", "object", "list[string]", "list[u32]", "list[object]")
 
 
@@ -36,7 +38,7 @@ class _Node:
         self.file = file
 
     def fail(self, msg: str) -> "SchemaError":
-        return SchemaError(f"{self.file}: {self.path}: {msg}")
+        return SchemaError(f"{self.file}: {self.path}: {msg}" if self.path else f"{self.file}: {msg}")
 
     def child(self, key: str | int) -> "_Node":
         if isinstance(key, int):
@@ -225,6 +227,54 @@ class Transforms:
 
 
 @dataclass(frozen=True)
+class LengthPrefix:
+    """The length before every frame of a length_prefix transport."""
+
+    type: str
+    endian: str
+    min: int
+
+    @property
+    def width(self) -> int:
+        return WIDTHS[self.type]
+
+    @property
+    def struct_format(self) -> str:
+        return "<" + STRUCT_CHARS[self.type]
+
+    @property
+    def max_value(self) -> int:
+        return (1 << (8 * self.width)) - 1
+
+
+@dataclass(frozen=True)
+class TransportCase:
+    """What a receiver does with one kind of bad input."""
+
+    case: str
+    action: str
+    error: str | None
+    doc: str
+
+
+@dataclass(frozen=True)
+class Transport:
+    name: str
+    doc: str
+    framing: str
+    max_frame_bytes: int
+    length_prefix: LengthPrefix | None
+    small_path_frame_bytes: int | None
+    rules: tuple[str, ...]
+    errors: tuple[TransportCase, ...]
+
+    @property
+    def overhead(self) -> int:
+        """Bytes the transport adds to each frame."""
+        return self.length_prefix.width if self.length_prefix else 0
+
+
+@dataclass(frozen=True)
 class ErrorDef:
     name: str
     bases: tuple[str, ...]
@@ -248,6 +298,10 @@ class VFrame:
     versions: tuple[Version, ...]
     envelope: tuple[Field, ...]
     transforms: Transforms
+    transports: tuple[Transport, ...] = ()
+
+    def transport(self, name: str) -> Transport:
+        return next(t for t in self.transports if t.name == name)
 
     @property
     def raw_version(self) -> int:
@@ -510,7 +564,7 @@ def _enum(name: str, node: _Node, width: int) -> Enum:
 def load_vframe(path: Path) -> VFrame:
     root = _read(path).mapping(
         ("meta", "limits", "versions", "header", "slice_len_rule", "slice", "envelope", "transforms", "trailer",
-         "enums", "errors"))
+         "transports", "enums", "errors"))
     meta = root.child("meta").mapping(("id", "title", "version", "endian", "doc"))
     if meta.child("endian").value != "little":
         raise meta.child("endian").fail("only little-endian layouts are supported")
@@ -614,7 +668,7 @@ def load_vframe(path: Path) -> VFrame:
         ename = item.child("name").ident()
         bases = tuple(item.child("base").value or ["Exception"])
         for j, b in enumerate(bases):
-            if b not in known and b not in ("Exception", "ValueError", "TypeError"):
+            if b not in known and b not in ("Exception", "ValueError", "TypeError", "RuntimeError", "ConnectionError"):
                 raise item.child("base").child(j).fail(f"base '{b}' is not an earlier error")
         known.add(ename)
         errors.append(ErrorDef(ename, bases, item.doc()))
@@ -625,6 +679,10 @@ def load_vframe(path: Path) -> VFrame:
                    "KeyFileError"):
         if needed not in known:
             raise root.child("errors").fail(f"missing error '{needed}' (the codec raises it)")
+
+    min_frame = sum(f.width for f in header if not f.count) + trailer[0].width
+    transports = _transports(root.child("transports"), min_frame, next(lim.value for lim in limits
+                                                                       if lim.name == "max_frame_bytes"), known)
 
     return VFrame(
         source=path.name,
@@ -642,7 +700,62 @@ def load_vframe(path: Path) -> VFrame:
         versions=tuple(versions),
         envelope=envelope,
         transforms=transforms,
+        transports=transports,
     )
+
+
+def _transports(node: _Node, min_frame: int, max_frame: int, errors: set[str]) -> tuple[Transport, ...]:
+    out = []
+    for item in node.seq():
+        item.mapping(("name", "doc", "framing", "max_frame_bytes", "rules", "errors"),
+                     ("length_prefix", "small_path_frame_bytes"))
+        name = item.child("name").ident()
+        if any(t.name == name for t in out):
+            raise item.child("name").fail(f"duplicate transport '{name}'")
+        framing = item.child("framing").str()
+        if framing not in FRAMINGS:
+            raise item.child("framing").fail(f"unknown framing '{framing}' (expected one of {', '.join(FRAMINGS)})")
+        max_bytes = item.child("max_frame_bytes").int(min_frame, max_frame)
+        small = None
+        if item.child("small_path_frame_bytes").value is not None:
+            small = item.child("small_path_frame_bytes").int(min_frame, max_bytes)
+        prefix = None
+        pnode = item.child("length_prefix")
+        if framing == "length_prefix":
+            if pnode.value is None:
+                raise item.fail("missing required key 'length_prefix' (framing is length_prefix)")
+            pnode.mapping(("type", "endian", "min"))
+            ptype = pnode.child("type").str()
+            if ptype not in WIDTHS:
+                raise pnode.child("type").fail(f"unknown type '{ptype}' (expected u8, u16, u32 or u64)")
+            if pnode.child("endian").value != "little":
+                raise pnode.child("endian").fail("only little-endian length prefixes are supported")
+            prefix = LengthPrefix(ptype, "little", pnode.child("min").int(1, max_bytes))
+            if prefix.max_value < max_bytes:
+                raise pnode.child("type").fail(f"a {ptype} cannot hold max_frame_bytes ({max_bytes})")
+        elif pnode.value is not None:
+            raise pnode.fail(f"only a length_prefix transport has a length prefix (framing is {framing})")
+        rules = tuple(r.str().strip() for r in item.child("rules").seq())
+        for i, r in enumerate(rules):
+            if "\n" in r:
+                raise item.child("rules").child(i).fail("a rule must be one line")
+        cases = []
+        for case in item.child("errors").seq():
+            case.mapping(("case", "action", "doc"), ("error",))
+            action = case.child("action").str()
+            if action not in TRANSPORT_ACTIONS:
+                raise case.child("action").fail(
+                    f"unknown action '{action}' (expected one of {', '.join(TRANSPORT_ACTIONS)})")
+            if action == "close" and framing != "length_prefix":
+                raise case.child("action").fail("only a connection (framing length_prefix) can be closed")
+            err = case.child("error").value
+            if err is not None and err not in errors:
+                raise case.child("error").fail(f"unknown error '{err}' (not in errors)")
+            cases.append(TransportCase(case.child("case").str(), action, err, case.doc()))
+        out.append(Transport(name, item.doc(), framing, max_bytes, prefix, small, rules, tuple(cases)))
+    if not out:
+        raise node.fail("at least one transport is required")
+    return tuple(out)
 
 
 def _hfields(node: _Node) -> tuple[HField, ...]:

@@ -66,6 +66,39 @@ def worked_example(model: Model) -> dict:
     return {"rows": rows, "bytes": bytes(out), "payload": payload.decode()}
 
 
+def keepalive_example(model: Model) -> bytes:
+    """A Sync frame without slices (the reference's keepalive), built field by field from the model."""
+    vf = model.vframe
+    values = {"version": vf.version, "msg_type": vf.enums["msg_type"].by_name("SYNC").value, "flags": 0,
+              "stream_id": 14, "frame_seq": 7, "num_slices": 0, "space_hash32": 2451163210, "modality": 0}
+    out = bytearray()
+    for f in vf.prefix + vf.suffix:  # num_slices = 0: no slice_len entry, no slice
+        out += struct.pack("<" + f.struct_char, values[f.name])
+    out += struct.pack("<" + vf.crc.struct_char, zlib.crc32(out))
+    return bytes(out)
+
+
+def transport_example(model: Model, example: dict) -> dict | None:
+    """Two records in one write of the first length-prefixed transport: the worked example's ping
+    and a keepalive, each behind its length prefix."""
+    transport = next((t for t in model.vframe.transports if t.length_prefix), None)
+    if transport is None:
+        return None
+    prefix = transport.length_prefix
+    rows = []
+    out = bytearray()
+    for i, (frame, what) in enumerate(((example["bytes"], "the worked example's Sync ping"),
+                                       (keepalive_example(model), "a Sync keepalive (no slices)"))):
+        raw = struct.pack(prefix.struct_format, len(frame))
+        rows.append({"offset": len(out), "size": len(raw), "part": f"record {i}: length prefix",
+                     "hex": raw.hex(" "), "value": len(frame)})
+        out += raw
+        rows.append({"offset": len(out), "size": len(frame), "part": f"record {i}: frame",
+                     "hex": frame[:8].hex(" ") + " … " + frame[-4:].hex(" "), "value": what})
+        out += frame
+    return {"transport": transport, "rows": rows, "bytes": bytes(out)}
+
+
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES)),
@@ -84,9 +117,11 @@ def environment() -> jinja2.Environment:
 def render_all(model: Model) -> dict[str, str]:
     env = environment()
     example = worked_example(model)
+    records = transport_example(model, example)
     out = {}
     for template, target in sorted(TARGETS.items(), key=lambda kv: kv[1]):
         text = env.get_template(template).render(
-            vf=model.vframe, hs=model.handshake, banner=banner(target, model), example=example)
+            vf=model.vframe, hs=model.handshake, banner=banner(target, model), example=example,
+            records=records)
         out[target] = text.rstrip("\n") + "\n"
     return out

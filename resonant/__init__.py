@@ -47,6 +47,18 @@ from resonant.stream import (
     StreamStarted,
 )
 from resonant.transforms import Codec, Key, Keyring
+from resonant.session import (
+    Agreement,
+    ConnectionBroken,
+    FrameRejected,
+    HandshakeComplete,
+    HandshakeFailed,
+    MessageReceived,
+    RemoteError,
+    Session,
+    SessionConfig,
+)
+from resonant.aio import Peer, Server, connect, serve
 from resonant.errors import __all__ as _errors_all
 
 __version__ = "0.1.0"
@@ -56,6 +68,8 @@ __all__ = [
     "StreamSender", "Reassembler", "StreamLimits", "StreamStarted", "ObjectReady", "StreamComplete", "StreamFailed",
     "decode", "encode", "make_frame", "crc32", "crc32_backend", "byte_shuffle",
     "Codec", "Key", "Keyring", "ModelSignature", "space_hash32",
+    "connect", "serve", "Peer", "Server", "Session", "SessionConfig", "Agreement",
+    "HandshakeComplete", "HandshakeFailed", "MessageReceived", "FrameRejected", "RemoteError", "ConnectionBroken",
     "DType", "Filters", "Flags", "Modality", "MsgType",
     "MAX_DIMS", "MAX_FRAME_BYTES", "MAX_SLICES", "MIN_FRAME_BYTES", "VERSION", "VERSION_TRANSFORMED",
     *_errors_all,

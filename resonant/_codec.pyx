@@ -44,9 +44,12 @@ from resonant.errors import (
     DecryptionFailed,
     NotEncrypted,
     DecompressionFailed,
+    FramingError,
     EncodeError,
     UnsupportedDType,
     KeyFileError,
+    HandshakeRefused,
+    LocalProtocolError,
 )
 
 cdef extern from "Python.h":

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import enum
+from typing import NamedTuple
 
 #: Raw body: the slices follow the header directly. ZSTD and XCHACHA flags are carried but not applied, and a decoder reports them in ignored_flags (the reference sets them without compressing or encrypting).
 VERSION = 1
@@ -20,6 +21,17 @@ MAX_DIMS = 8
 MAX_SEGMENTS = 64
 #: Smallest possible frame: the fixed header fields, no slice and the CRC.
 MIN_FRAME_BYTES = 33
+
+#: Largest frame over udp. One frame per datagram; the datagram boundary is the frame boundary, so nothing is added to the frame.
+MAX_UDP_FRAME_BYTES = 65507
+#: An example frame size for udp over small-MTU paths (the frame size is configurable).
+UDP_SMALL_PATH_FRAME_BYTES = 1200
+#: Largest frame over tcp. A byte stream of records, each a length prefix followed by exactly that many bytes of one frame.
+MAX_TCP_FRAME_BYTES = 65536
+#: The tcp record: the u32 (little-endian) length before every frame, its struct format and its smallest valid value (the largest is MAX_TCP_FRAME_BYTES).
+TCP_LENGTH_PREFIX_BYTES = 4
+TCP_LENGTH_PREFIX_FORMAT = "<I"
+TCP_LENGTH_PREFIX_MIN = 1
 
 #: A control document is at most 60,000 bytes of UTF-8 JSON (it must fit one frame).
 HANDSHAKE_MAX_JSON_BYTES = 60000
@@ -105,3 +117,54 @@ NUMPY_DTYPES = {
     DType.BF16: "bfloat16",
     DType.F32: "<f4",
 }
+
+
+
+
+class LayoutField(NamedTuple):
+    """One field of the frame layout, for tools that walk a frame field by field (resonant.inspect)."""
+
+    name: str
+    format: str | None  #: struct format of one item; None for raw bytes
+    size: int  #: bytes per item
+    enum: type | None  #: the enum (or flag set) its value belongs to
+    count: str | None  #: what gives the number of items: a field, or the slice_len rule; None for one item
+    when: str | None  #: the flag that must be set for it to be present; None for always
+
+
+#: The header, in order. The counted field has one entry per slice (see the slice_len rule: N = num_slices).
+HEADER_FIELDS = (
+    LayoutField("version", "<B", 1, None, None, None),
+    LayoutField("msg_type", "<B", 1, MsgType, None, None),
+    LayoutField("flags", "<H", 2, Flags, None, None),
+    LayoutField("stream_id", "<I", 4, None, None, None),
+    LayoutField("frame_seq", "<Q", 8, None, None, None),
+    LayoutField("num_slices", "<Q", 8, None, None, None),
+    LayoutField("slice_len", "<I", 4, None, "slice_len_count", None),
+    LayoutField("space_hash32", "<I", 4, None, None, None),
+    LayoutField("modality", "<B", 1, Modality, None, None),
+)
+#: One slice (version 1 body), in order; the payload is slice_len[i] bytes.
+SLICE_FIELDS = (
+    LayoutField("dtype", "<B", 1, DType, None, None),
+    LayoutField("shape_len", "<B", 1, None, None, None),
+    LayoutField("shape", "<I", 4, None, "shape_len", None),
+    LayoutField("payload", None, 1, None, "slice_len", None),
+)
+#: The version 2 envelope, between the header and the transformed body.
+ENVELOPE_FIELDS = (
+    LayoutField("body_len", "<I", 4, None, None, None),
+    LayoutField("filters", "<B", 1, Filters, None, None),
+    LayoutField("key_id", "<I", 4, None, None, "XCHACHA"),
+    LayoutField("nonce", None, 24, None, None, "XCHACHA"),
+)
+#: A compressed (ZSTD) body, in order.
+SEGMENT_FIELDS = (
+    LayoutField("segment_count", "<B", 1, None, None, None),
+    LayoutField("segment_len", "<I", 4, None, "segment_count", None),
+    LayoutField("segments", None, 1, None, "segment_len", None),
+)
+#: The trailer.
+TRAILER_FIELDS = (
+    LayoutField("crc32", "<I", 4, None, None, None),
+)

@@ -29,9 +29,12 @@ __all__ = [
     "DecryptionFailed",
     "NotEncrypted",
     "DecompressionFailed",
+    "FramingError",
     "EncodeError",
     "UnsupportedDType",
     "KeyFileError",
+    "HandshakeRefused",
+    "LocalProtocolError",
 ]
 
 
@@ -118,6 +121,10 @@ class DecompressionFailed(DecodeError):
     """The compressed body is not one zstd frame of exactly body_len bytes."""
 
 
+class FramingError(DecodeError):
+    """A TCP record's u32 length is 0 or over max_frame_bytes, or the connection ended inside a record; the connection cannot be resynchronised and is closed."""
+
+
 class EncodeError(ResonantError, ValueError):
     """A frame cannot be built from what the caller gave (local misuse, never the peer's fault)."""
 
@@ -128,3 +135,11 @@ class UnsupportedDType(ResonantError, TypeError):
 
 class KeyFileError(ResonantError, ValueError):
     """A key cannot be loaded (wrong size or encoding, unreadable file)."""
+
+
+class HandshakeRefused(ResonantError, ConnectionError):
+    """The peer refused the handshake (its error code and message are in the text) or never answered it."""
+
+
+class LocalProtocolError(ResonantError, RuntimeError):
+    """The caller used a session out of turn (for example initiate() on a server, or send() after close()); never the peer's fault."""

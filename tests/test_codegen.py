@@ -4,6 +4,7 @@ and every schema error names the YAML file and path."""
 from __future__ import annotations
 
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -80,13 +81,30 @@ def _dtype(data, name):
          "vframe.yaml: slice[2].count: count 'shape_len' names neither an earlier field nor a count rule"),
         ("vframe.yaml", lambda d: d["limits"][0].update(colour="red"),
          "vframe.yaml: limits[0].colour: unknown key (allowed: doc, name, value)"),
+        ("vframe.yaml", lambda d: d["transports"][0].pop("max_frame_bytes"),
+         "vframe.yaml: transports[0]: missing required key 'max_frame_bytes'"),
+        ("vframe.yaml", lambda d: d["transports"][0].update(max_frame_bytes=70000),
+         "vframe.yaml: transports[0].max_frame_bytes: 70000 is out of range [33, 65536]"),
+        ("vframe.yaml", lambda d: d["transports"][1]["length_prefix"].update(type="u16"),
+         "vframe.yaml: transports[1].length_prefix.type: a u16 cannot hold max_frame_bytes (65536)"),
+        ("vframe.yaml", lambda d: d["transports"][1].pop("length_prefix"),
+         "vframe.yaml: transports[1]: missing required key 'length_prefix' (framing is length_prefix)"),
+        ("vframe.yaml", lambda d: d["transports"][0].update(framing="carrier_pigeon"),
+         "vframe.yaml: transports[0].framing: unknown framing 'carrier_pigeon' (expected one of datagram, length_prefix)"),
+        ("vframe.yaml", lambda d: d["transports"][1]["errors"][0].update(action="retry"),
+         "vframe.yaml: transports[1].errors[0].action: unknown action 'retry' (expected one of continue, close, report)"),
+        ("vframe.yaml", lambda d: d["transports"][1]["errors"][0].update(error="OopsError"),
+         "vframe.yaml: transports[1].errors[0].error: unknown error 'OopsError' (not in errors)"),
+        ("vframe.yaml", lambda d: d.pop("transports"),
+         "vframe.yaml: missing required key 'transports'"),
         ("handshake.yaml", lambda d: d["messages"][1]["fields"][1].update(type="float128"),
          "handshake.yaml: messages[1].fields[1].type: unknown type 'float128' (expected one of string, number, bool, u32, u64, object, list[string], list[u32], list[object])"),
         ("handshake.yaml", lambda d: d["messages"][0]["fields"][0].update(const="pong"),
          "handshake.yaml: messages[0].fields: the first field must be 'method' with const equal to the message name"),
     ],
     ids=["size-rule", "doc", "dup-value", "role", "type", "limit", "flag-bit", "ambiguous-layout", "count", "key",
-         "hs-type", "hs-method"],
+         "transport-max", "transport-max-range", "transport-prefix-type", "transport-prefix", "transport-framing",
+         "transport-action", "transport-error", "transports", "hs-type", "hs-method"],
 )
 def test_schema_errors_name_the_yaml_path(tmp_path, file, edit, message):
     with pytest.raises(SchemaError) as exc:
@@ -117,3 +135,62 @@ def test_worked_example_is_the_reference_ping():
     assert worked_example(load(SCHEMA))["bytes"] == vector_bytes("01_sync_ping.bin")
     spec = (ROOT / "specs" / "vframe_binary_layout.md").read_text()
     assert vector_bytes("01_sync_ping.bin")[:16].hex(" ") in spec
+
+
+# --------------------------------------------------------------------------- transports
+
+
+def test_transport_constants_equal_the_yaml():
+    import resonant._spec as spec
+
+    raw = yaml.safe_load((SCHEMA / "vframe.yaml").read_text())["transports"]
+    assert [t["name"] for t in raw] == ["udp", "tcp"]
+    for t in raw:
+        assert getattr(spec, f"MAX_{t['name'].upper()}_FRAME_BYTES") == t["max_frame_bytes"]
+    assert spec.MAX_UDP_FRAME_BYTES == 65507 == 65535 - 20 - 8  # the IPv4 UDP payload limit
+    assert spec.MAX_TCP_FRAME_BYTES == spec.MAX_FRAME_BYTES == 65536
+    assert spec.UDP_SMALL_PATH_FRAME_BYTES == raw[0]["small_path_frame_bytes"] == 1200
+    tcp = raw[1]["length_prefix"]
+    assert (tcp["type"], tcp["endian"]) == ("u32", "little")
+    assert spec.TCP_LENGTH_PREFIX_BYTES == 4 == struct.calcsize(spec.TCP_LENGTH_PREFIX_FORMAT)
+    assert spec.TCP_LENGTH_PREFIX_FORMAT == "<I"
+    assert spec.TCP_LENGTH_PREFIX_MIN == tcp["min"] == 1
+    model = load(SCHEMA).vframe
+    assert model.transport("udp").max_frame_bytes == 65507 and model.transport("udp").overhead == 0
+    assert model.transport("tcp").length_prefix.width == 4 and model.transport("tcp").overhead == 4
+    assert [c.action for c in model.transport("tcp").errors] == ["close", "continue", "report"]
+
+
+def test_spec_renders_the_transports():
+    spec = (ROOT / "specs" / "vframe_binary_layout.md").read_text()
+    section = spec[spec.index("\n## Transports\n"):]
+    for needle in ("### `udp`", "### `tcp`", "`MAX_UDP_FRAME_BYTES`", "`TCP_LENGTH_PREFIX_BYTES`",
+                   "| `udp` | one frame per datagram | 0 | 65507 |", "the length is 1 to 65536",
+                   "reports it and closes the connection, allocating nothing", "`FramingError`",
+                   "e.g. a 4 GiB prefix", "split over many reads", "truncated record", "e.g. 1200 bytes",
+                   "### Two `tcp` records in one write"):
+        assert needle in section, needle
+    assert "at most 65507 over `udp`" in spec  # the Size line of the overview
+
+
+def test_two_records_example_is_two_real_frames():
+    import resonant
+    from conftest import vector_bytes
+
+    from codegen.render import transport_example, worked_example
+
+    model = load(SCHEMA)
+    records = transport_example(model, worked_example(model))
+    data = records["bytes"]
+    frames, pos = [], 0
+    while pos < len(data):  # read the write back as a receiver would
+        (length,) = struct.unpack_from("<I", data, pos)
+        assert 1 <= length <= 65536
+        frames.append(data[pos + 4:pos + 4 + length])
+        pos += 4 + length
+    assert pos == len(data)
+    assert frames == [vector_bytes("01_sync_ping.bin"), vector_bytes("09_heart_no_slices.bin")]
+    assert [type(resonant.decode(f)).__name__ for f in frames] == ["Sync", "Sync"]
+    spec = (ROOT / "specs" / "vframe_binary_layout.md").read_text()
+    dump = "\n".join(f"{i:08x}  {data[i:i + 16].hex(' ')}" for i in range(0, len(data), 16))
+    assert dump in spec

@@ -1,0 +1,527 @@
+"""asyncio transports: thin adapters that move bytes and timers for a sans-IO Session.
+
+    async with resonant.connect("tcp://127.0.0.1:7000") as peer:
+        await peer.send(resonant.Think(hidden))
+        await peer.send_stream([k0, v0, k1, v1], names=[...])
+        async for event in peer: ...
+
+    async with resonant.serve("udp://0.0.0.0:7000") as server:
+        async for peer, event in server: ...
+
+UDP carries one frame per datagram (at most 65,507 bytes, smaller with max_frame_bytes);
+TCP carries records (u32 little-endian length, then one frame), read straight into the
+session's buffer (asyncio.BufferedProtocol) and parsed in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import replace
+from typing import Any, AsyncIterator, Callable, Sequence
+from urllib.parse import urlsplit
+
+from resonant._codec import Frame
+from resonant.errors import HandshakeRefused
+from resonant.session import (
+    ConnectionBroken,
+    HandshakeComplete,
+    HandshakeFailed,
+    Role,
+    Session,
+    SessionConfig,
+)
+
+__all__ = ["connect", "serve", "Peer", "Server", "parse_url", "MAX_UDP_FRAME_BYTES"]
+
+MAX_UDP_FRAME_BYTES = 65507   # the largest IPv4 UDP payload
+_TICK = 0.05                  # seconds between timer ticks
+_UDP_RCVBUF = 4 << 20         # ask the kernel for this much receive buffer
+_QUEUE_LIMIT = 4096           # events waiting for the application before reading pauses
+
+
+def parse_url(url: str) -> tuple[str, str, int]:
+    """'tcp://host:port' or 'udp://host:port' -> (scheme, host, port)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("tcp", "udp"):
+        raise ValueError(f"{url!r}: the scheme must be tcp:// or udp://")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{url!r}: {exc}") from None
+    if not parts.hostname or port is None:
+        raise ValueError(f"{url!r}: give a host and a port, e.g. {parts.scheme}://127.0.0.1:7000")
+    return parts.scheme, parts.hostname, port
+
+
+def _config(role: Role, scheme: str, config: SessionConfig | None, kwargs: dict) -> SessionConfig:
+    cfg = config if config is not None else SessionConfig(role=role, **kwargs)
+    if config is not None and kwargs:
+        raise TypeError("pass a SessionConfig or keyword arguments, not both")
+    cfg = replace(cfg, role=role)
+    if scheme == "udp" and cfg.max_frame_bytes > MAX_UDP_FRAME_BYTES:
+        cfg = replace(cfg, max_frame_bytes=MAX_UDP_FRAME_BYTES)
+    return cfg
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+# ------------------------------------------------------------------ protocols
+
+
+class _Link:
+    """What a Peer needs from a transport: write frames, wait for room, close."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.closed = asyncio.Event()
+        self.transport: asyncio.BaseTransport | None = None
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    async def drain(self) -> None:
+        await self._can_write.wait()
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    def deliver(self, events: list) -> None:
+        for e in events:
+            self.events.put_nowait(e)
+        self.flush()  # replies (capability, error) the events caused
+
+
+class _TcpLink(_Link, asyncio.BufferedProtocol):
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.session.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        events = self.session.buffer_updated(nbytes, _now())
+        self.deliver(events)
+        if any(isinstance(e, ConnectionBroken) for e in events):
+            self.transport.close()  # the record stream cannot be resynchronised
+        elif self.events.qsize() > _QUEUE_LIMIT:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.deliver(self.session.receive_eof(_now()))
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.closed.set()
+        self._can_write.set()
+
+    def flush(self) -> None:
+        data = self.session.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def resume(self) -> None:
+        if self.transport is not None and self.events.qsize() < _QUEUE_LIMIT // 2 and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+
+class _UdpClientLink(_Link, asyncio.DatagramProtocol):
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_RCVBUF)
+            except OSError:
+                pass
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.deliver(self.session.receive_datagram(data, _now()))
+
+    def error_received(self, exc) -> None:
+        pass  # e.g. ICMP port unreachable: UDP has no connection to lose
+
+    def connection_lost(self, exc) -> None:
+        self.closed.set()
+        self._can_write.set()
+
+    def flush(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        for d in self.session.datagrams_to_send():
+            self.transport.sendto(d)
+
+    def resume(self) -> None:
+        pass
+
+
+# ------------------------------------------------------------------ the client side
+
+
+class Peer:
+    """A connected peer (returned by connect()). send() / send_stream() / iterate for events."""
+
+    def __init__(self, link: _Link, scheme: str, address: tuple) -> None:
+        self._link = link
+        self.session = link.session
+        self.scheme = scheme
+        self.address = address
+        self._ticker: asyncio.Task | None = None
+        self._stream_ids = iter(range(1 << 20, 1 << 32))
+
+    @property
+    def agreement(self):
+        return self.session.agreement
+
+    async def handshake(self, timeout: float = 5.0) -> None:
+        """Ping until the server answers; raises HandshakeRefused on an error or no answer."""
+        self.session.initiate(_now())
+        self._link.flush()
+        deadline = _now() + timeout
+        while True:
+            left = deadline - _now()
+            if left <= 0:
+                raise HandshakeRefused("handshake", f"no capability from {self.address} within {timeout} s")
+            try:
+                event = await asyncio.wait_for(self._link.events.get(), left)
+            except asyncio.TimeoutError:
+                continue
+            if isinstance(event, HandshakeComplete):
+                return
+            if isinstance(event, HandshakeFailed):
+                raise HandshakeRefused("handshake", f"{event.code}: {event.message}")
+
+    async def send(self, frame: Frame) -> None:
+        self.session.send(frame, _now())
+        self._link.flush()
+        await self._link.drain()
+
+    async def send_stream(self, objects: Sequence, *, stream_id: int | None = None,
+                          progress: Callable[[int, int], None] | None = None,
+                          rate: float | None = None, **kwargs: Any) -> int:
+        """Send tensors as a V-Stream (HEAD, chunks, TAIL); returns the stream id.
+
+        progress(sent_bytes, total_bytes) is called as frames go out. rate (bytes/s) paces
+        UDP (default 200 MB/s there: without pacing a fast sender overruns the receiver's
+        socket buffer, and UDP streams have no loss recovery yet)."""
+        sid = next(self._stream_ids) if stream_id is None else stream_id
+        sender = self.session.stream(sid, objects, **kwargs)
+        total = sender.layout.total_bytes
+        if rate is None and self.scheme == "udp":
+            rate = 200e6
+        start = _now()
+        sent = 0
+        batch = 1 if self.scheme == "udp" else 16  # UDP: yield after every datagram so a receiver in
+        for i, data in enumerate(sender):          # this event loop (it reads one per turn) keeps up
+            self.session.send_encoded(data)
+            sent += len(data)
+            if i % batch == batch - 1:
+                self._link.flush()
+                await self._link.drain()
+                if rate:
+                    ahead = sent / rate - (_now() - start)
+                    await asyncio.sleep(max(0.0, ahead))
+                if progress is not None:
+                    progress(min(sent, total), total)
+        self._link.flush()
+        await self._link.drain()
+        if progress is not None:
+            progress(total, total)
+        return sid
+
+    async def next_event(self, timeout: float | None = None):
+        """The next event (MessageReceived, stream events, RemoteError, ...)."""
+        event = await asyncio.wait_for(self._link.events.get(), timeout)
+        self._link.resume()
+        return event
+
+    def __aiter__(self) -> AsyncIterator:
+        return self._iter()
+
+    async def _iter(self):
+        while not (self._link.closed.is_set() and self._link.events.empty()):
+            getter = asyncio.ensure_future(self._link.events.get())
+            closed = asyncio.ensure_future(self._link.closed.wait())
+            done, _ = await asyncio.wait({getter, closed}, return_when=asyncio.FIRST_COMPLETED)
+            closed.cancel()
+            if getter in done:
+                self._link.resume()
+                yield getter.result()
+            else:
+                getter.cancel()
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        self.session.close(_now())
+        t = self._link.transport
+        if t is not None and not t.is_closing():
+            if isinstance(self._link, _TcpLink) and t.can_write_eof():
+                t.write_eof()
+            t.close()
+        try:
+            await asyncio.wait_for(self._link.closed.wait(), 2.0)
+        except asyncio.TimeoutError:
+            pass
+
+    async def __aenter__(self) -> "Peer":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+async def _tick(links: Callable[[], list], interval: float = _TICK) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        now = _now()
+        for link in links():
+            link.deliver(link.session.tick(now))
+
+
+class _Connect:
+    """`async with connect(...) as peer` and `peer = await connect(...)` both work."""
+
+    def __init__(self, coro) -> None:
+        self._coro = coro
+        self._peer: Peer | None = None
+
+    def __await__(self):
+        return self._coro.__await__()
+
+    async def __aenter__(self) -> Peer:
+        self._peer = await self._coro
+        return self._peer
+
+    async def __aexit__(self, *exc) -> None:
+        await self._peer.close()
+
+
+def connect(url: str, *, config: SessionConfig | None = None, handshake: bool = True, timeout: float = 5.0,
+            **kwargs: Any) -> _Connect:
+    """Connect to tcp://host:port or udp://host:port and (by default) perform the handshake.
+
+    Keyword arguments are SessionConfig fields (key=, expected_space_hash=, space_hash32=,
+    compress=, max_frame_bytes=, ...)."""
+    return _Connect(_connect(url, config, handshake, timeout, kwargs))
+
+
+async def _connect(url: str, config, handshake: bool, timeout: float, kwargs: dict) -> Peer:
+    scheme, host, port = parse_url(url)
+    session = Session(_config(Role.CLIENT, scheme, config, kwargs))
+    loop = asyncio.get_running_loop()
+    if scheme == "tcp":
+        _, link = await asyncio.wait_for(loop.create_connection(lambda: _TcpLink(session), host, port), timeout)
+    else:
+        _, link = await loop.create_datagram_endpoint(lambda: _UdpClientLink(session), remote_addr=(host, port))
+    peer = Peer(link, scheme, (host, port))
+    peer._ticker = asyncio.ensure_future(_tick(lambda: [link]))
+    if handshake:
+        try:
+            await peer.handshake(timeout)
+        except BaseException:
+            await peer.close()
+            raise
+    return peer
+
+
+# ------------------------------------------------------------------ the server side
+
+
+class Server:
+    """A listening endpoint (returned by serve()). Iterate it for (peer_address, event)."""
+
+    def __init__(self, scheme: str, config: SessionConfig, max_peers: int) -> None:
+        self.scheme = scheme
+        self.config = config
+        self.max_peers = max_peers
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.links: "OrderedDict[tuple, _Link]" = OrderedDict()
+        self.address: tuple | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._udp: asyncio.DatagramTransport | None = None
+        self._ticker: asyncio.Task | None = None
+        self.rejected_peers = 0
+        self.dropped_datagrams = 0
+
+    def _session(self) -> Session:
+        return Session(self.config)
+
+    def __aiter__(self) -> AsyncIterator:
+        return self._iter()
+
+    async def _iter(self):
+        while True:
+            item = await self.events.get()
+            if item is None:
+                return
+            yield item
+
+    async def next_event(self, timeout: float | None = None):
+        item = await asyncio.wait_for(self.events.get(), timeout)
+        if item is None:
+            raise EOFError("the server is closed")
+        return item
+
+    async def reply(self, address: tuple, frame: Frame) -> None:
+        """Send a frame back to one peer."""
+        link = self.links.get(address)
+        if link is None:
+            raise KeyError(f"no peer {address}")
+        link.session.send(frame, _now())
+        if self._udp is not None:
+            for d in link.session.datagrams_to_send():
+                self._udp.sendto(d, address)
+        else:
+            link.flush()
+            await link.drain()
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self._server is not None:
+            self._server.close()
+            for link in list(self.links.values()):
+                if link.transport is not None:
+                    link.transport.close()
+            await self._server.wait_closed()
+        if self._udp is not None:
+            self._udp.close()
+        self.events.put_nowait(None)
+
+    async def __aenter__(self) -> "Server":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+class _ServerTcpLink(_TcpLink):
+    def __init__(self, server: Server) -> None:
+        super().__init__(server._session())
+        self.server = server
+        self.peer: tuple = ()
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.peer = transport.get_extra_info("peername")
+        if len(self.server.links) >= self.server.max_peers:
+            self.server.rejected_peers += 1
+            transport.close()
+            return
+        self.server.links[self.peer] = self
+
+    def deliver(self, events: list) -> None:
+        for e in events:
+            self.server.events.put_nowait((self.peer, e))
+        self.flush()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        super().buffer_updated(nbytes)
+        if self.server.events.qsize() > _QUEUE_LIMIT:
+            self.transport.pause_reading()
+
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        self.server.links.pop(self.peer, None)
+
+
+class _UdpServerProtocol(asyncio.DatagramProtocol):
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        try:
+            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_RCVBUF)
+        except (OSError, AttributeError):
+            pass
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        srv = self.server
+        if srv.events.qsize() >= _QUEUE_LIMIT:  # the application is not keeping up: UDP drops
+            srv.dropped_datagrams += 1
+            return
+        link = srv.links.get(addr)
+        if link is None:
+            if len(srv.links) >= srv.max_peers:  # forget the least recently heard peer
+                srv.links.popitem(last=False)
+            link = _Link(srv._session())
+            srv.links[addr] = link
+        else:
+            srv.links.move_to_end(addr)
+        for e in link.session.receive_datagram(data, _now()):
+            srv.events.put_nowait((addr, e))
+        for d in link.session.datagrams_to_send():
+            self.transport.sendto(d, addr)
+
+    def error_received(self, exc) -> None:
+        pass
+
+
+class _Serve:
+    def __init__(self, coro) -> None:
+        self._coro = coro
+        self._server: Server | None = None
+
+    def __await__(self):
+        return self._coro.__await__()
+
+    async def __aenter__(self) -> Server:
+        self._server = await self._coro
+        return self._server
+
+    async def __aexit__(self, *exc) -> None:
+        await self._server.close()
+
+
+def serve(url: str, *, config: SessionConfig | None = None, max_peers: int = 1024, **kwargs: Any) -> _Serve:
+    """Listen on tcp://host:port or udp://host:port (port 0 picks one; see server.address).
+
+    Keyword arguments are SessionConfig fields. Every peer gets its own Session; at most
+    max_peers at once (TCP: further connections are closed; UDP: the least recently heard
+    peer's session is dropped)."""
+    return _Serve(_serve(url, config, max_peers, kwargs))
+
+
+async def _serve(url: str, config, max_peers: int, kwargs: dict) -> Server:
+    scheme, host, port = parse_url(url)
+    server = Server(scheme, _config(Role.SERVER, scheme, config, kwargs), max_peers)
+    loop = asyncio.get_running_loop()
+    if scheme == "tcp":
+        server._server = await loop.create_server(lambda: _ServerTcpLink(server), host, port)
+        server.address = server._server.sockets[0].getsockname()[:2]
+    else:
+        transport, _ = await loop.create_datagram_endpoint(lambda: _UdpServerProtocol(server), local_addr=(host, port))
+        server._udp = transport
+        server.address = transport.get_extra_info("sockname")[:2]
+
+    async def ticker() -> None:
+        while True:
+            await asyncio.sleep(_TICK)
+            now = _now()
+            for addr, link in list(server.links.items()):
+                for e in link.session.tick(now):
+                    server.events.put_nowait((addr, e))
+                if server._udp is not None:
+                    for d in link.session.datagrams_to_send():
+                        server._udp.sendto(d, addr)
+                else:
+                    link.flush()
+
+    server._ticker = asyncio.ensure_future(ticker())
+    return server
+

@@ -1,0 +1,366 @@
+"""The `resonant` command: recv, send, inspect, demo.
+
+    resonant recv --listen udp://0.0.0.0:7000 [--json] [--save DIR] [--count N]
+    resonant send --to tcp://127.0.0.1:7000 kv.npy --type cache --zstd
+    resonant inspect frame.bin [--json]
+    resonant demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from resonant import _codec
+from resonant._spec import DType, Flags, Modality, MsgType
+from resonant.errors import ResonantError
+from resonant.session import (
+    ConnectionBroken,
+    FrameRejected,
+    HandshakeComplete,
+    HandshakeFailed,
+    MessageReceived,
+    RemoteError,
+)
+from resonant.stream import ObjectReady, StreamComplete, StreamFailed, StreamStarted
+from resonant.transforms import Key
+
+_DTYPES = {"f16": np.float16, "f32": np.float32, "i8": np.int8}
+
+
+def _bf16():
+    import ml_dtypes
+    return ml_dtypes.bfloat16
+
+
+# ------------------------------------------------------------------ formatting
+
+
+def _peer(addr) -> str:
+    return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else str(addr)
+
+
+def frame_json(frame) -> dict:
+    """The header fields as integers named as in the spec, and the slices."""
+    return {"version": frame.version, "msg_type": int(frame.msg_type), "flags": int(frame.flags),
+            "stream_id": frame.stream_id, "frame_seq": frame.frame_seq, "space_hash32": frame.space_hash32,
+            "modality": int(frame.modality),
+            "slices": [{"dtype": int(s.dtype), "shape": list(s.shape), "payload_len": s.nbytes} for s in frame.slices]}
+
+
+def frame_line(frame, doc: dict | None) -> str:
+    """One human-readable line, in the manner of the reference receiver."""
+    mt = MsgType(frame.msg_type).name
+    parts = [f"[{mt}] stream={frame.stream_id} seq={frame.frame_seq} space=0x{frame.space_hash32:08x} "
+             f"modality={Modality(frame.modality).name}"]
+    if int(frame.flags):
+        parts.append("flags=" + "|".join(f.name for f in Flags if f & frame.flags))
+    if frame.transforms:
+        parts.append(f"wire=v{frame.version}")
+    for s in frame.slices:
+        parts.append(f"{DType(s.dtype).name}{list(s.shape)} {s.nbytes}B")
+    if doc is not None:
+        parts.append(json.dumps(doc, separators=(",", ":"))[:160])
+    elif isinstance(frame, _codec.Sync) and frame.json is None:
+        parts.append("(heartbeat)")
+    elif mt in ("THINK", "ASK", "CRITIQUE", "CACHE") and frame.slices:
+        s = frame.slices[0]
+        try:
+            a = s.numpy().astype(np.float32, copy=False).ravel()
+            if a.size:
+                parts.append(f"mean={float(a.mean()):.4g} norm={float(np.linalg.norm(a)):.4g}")
+        except ResonantError:
+            pass  # Q4 / sparse payloads have no element view
+    return " ".join(parts)
+
+
+def _save(directory: Path, ev: StreamComplete, layout) -> list[str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for obj, arr in zip(layout.objects if layout is not None else [], ev.objects):
+        name = obj.name or f"object{obj.index}"
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+        if arr.dtype == np.dtype(_bf16()):  # .npy has no bfloat16: keep the bits, say so in the name
+            path = directory / f"stream{ev.stream_id}_{obj.index:04d}_{safe}.bf16.npy"
+            np.save(path, arr.view(np.uint16), allow_pickle=False)
+        elif arr.dtype.kind == "V":  # Q4 / sparse: the raw payload bytes
+            path = directory / f"stream{ev.stream_id}_{obj.index:04d}_{safe}.{DType(obj.dtype).name.lower()}.npy"
+            np.save(path, arr.view(np.uint8), allow_pickle=False)
+        else:
+            path = directory / f"stream{ev.stream_id}_{obj.index:04d}_{safe}.npy"
+            np.save(path, arr, allow_pickle=False)
+        paths.append(str(path))
+    return paths
+
+
+# ------------------------------------------------------------------ recv
+
+
+def _session_config(args, role: str) -> dict:
+    kw: dict[str, Any] = {}
+    if getattr(args, "key_file", None):
+        kw["key"] = Key.from_file(args.key_file)
+    if getattr(args, "space_hash", None) is not None:
+        kw["expected_space_hash"] = args.space_hash
+        kw["space_hash32"] = args.space_hash
+    if getattr(args, "strict", False):
+        kw["strict"] = True
+    return kw
+
+
+async def _recv(args) -> int:
+    from resonant.aio import serve
+
+    out = sys.stdout
+    count = 0
+    layouts: dict[tuple, Any] = {}
+    save = Path(args.save) if args.save else None
+    cfg = _session_config(args, "server")
+    cfg["compress"] = ("zstd", "none")
+    async with serve(args.listen, **cfg) as server:
+        print(f"listening on {args.listen.split('://')[0]}://{_peer(server.address)}", file=sys.stderr, flush=True)
+        async for addr, ev in server:
+            line: Any = None
+            counted = False
+            if isinstance(ev, MessageReceived):
+                counted = True
+                line = ({"event": "message", "peer": _peer(addr), **frame_json(ev.frame),
+                         **({"document": ev.document} if ev.document is not None else {})}
+                        if args.json else f"{_peer(addr)} {frame_line(ev.frame, ev.document)}")
+            elif isinstance(ev, StreamStarted):
+                layouts[addr, ev.stream_id] = ev.layout
+                lay = ev.layout
+                line = ({"event": "stream_started", "peer": _peer(addr), "stream_id": ev.stream_id,
+                         "objects": len(lay.objects), "total_bytes": lay.total_bytes, "chunks": lay.chunks}
+                        if args.json else f"{_peer(addr)} [STREAM] stream={ev.stream_id} started: "
+                        f"{len(lay.objects)} objects, {lay.total_bytes} bytes in {lay.chunks} chunks")
+            elif isinstance(ev, ObjectReady):
+                continue
+            elif isinstance(ev, StreamComplete):
+                counted = True
+                lay = layouts.pop((addr, ev.stream_id), None)
+                saved = _save(save, ev, lay) if save is not None else []
+                objs = [{"dtype": int(o.dtype), "shape": list(o.shape), "nbytes": o.nbytes, "name": o.name,
+                         "layer": o.layer} for o in (lay.objects if lay else [])]
+                line = ({"event": "stream_complete", "peer": _peer(addr), "stream_id": ev.stream_id,
+                         "nbytes": ev.nbytes, "xxh3_64": f"{ev.xxh3_64:016x}", "verified": True, "objects": objs,
+                         "saved": saved}
+                        if args.json else f"{_peer(addr)} [STREAM] stream={ev.stream_id} complete: {len(ev.objects)} "
+                        f"objects, {ev.nbytes} bytes, xxh3_64 {ev.xxh3_64:016x} verified"
+                        + (f", saved {len(saved)} .npy files to {save}" if saved else ""))
+            elif isinstance(ev, StreamFailed):
+                counted = True
+                layouts.pop((addr, ev.stream_id), None)
+                line = ({"event": "stream_failed", "peer": _peer(addr), "stream_id": ev.stream_id,
+                         "reason": ev.reason, "detail": ev.detail, "missing": [list(r) for r in ev.missing]}
+                        if args.json else f"{_peer(addr)} [STREAM] stream={ev.stream_id} FAILED ({ev.reason}): "
+                        f"{ev.detail}; missing byte ranges {ev.missing[:8]}{' ...' if len(ev.missing) > 8 else ''}")
+            elif isinstance(ev, (FrameRejected, ConnectionBroken)):
+                what = ev.reason if isinstance(ev, FrameRejected) else "connection"
+                detail = ev.detail if isinstance(ev, FrameRejected) else str(ev.error)
+                print(f"{_peer(addr)} rejected ({what}): {detail}", file=sys.stderr, flush=True)
+                continue
+            elif isinstance(ev, HandshakeComplete):
+                a = ev.agreement
+                print(f"{_peer(addr)} handshake: protocol {a.proto}, compress {a.compress}, crypto {a.crypto}, "
+                      f"max_frame_bytes {a.max_frame_bytes}", file=sys.stderr, flush=True)
+                continue
+            elif isinstance(ev, (HandshakeFailed, RemoteError)):
+                print(f"{_peer(addr)} {type(ev).__name__}: {ev.code}: {ev.message}", file=sys.stderr, flush=True)
+                continue
+            else:
+                continue
+            print(json.dumps(line) if args.json else line, file=out, flush=True)
+            if counted:
+                count += 1
+                if args.count and count >= args.count:
+                    return 0
+    return 0
+
+
+# ------------------------------------------------------------------ send
+
+
+def _load(path: str, dtype: str | None) -> np.ndarray:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"resonant send: cannot read {path}: {exc}")
+    if path.endswith(".bf16.npy") and arr.dtype == np.uint16:
+        arr = arr.view(_bf16())
+    if dtype is not None:
+        arr = arr.astype(_bf16() if dtype == "bf16" else _DTYPES[dtype])
+    if arr.dtype not in (np.float16, np.float32, np.int8, np.dtype(_bf16())):
+        raise SystemExit(f"resonant send: {path} holds {arr.dtype}; give --dtype f16|bf16|f32|i8 to convert it")
+    return np.ascontiguousarray(arr)
+
+
+def _message(kind: str, arr: np.ndarray, stream_id: int, space: int):
+    kw = {"stream_id": stream_id, "space_hash32": space}
+    if kind == "think":
+        return _codec.Think(arr, **kw)
+    if kind == "ask":
+        return _codec.Ask(arr, **kw)
+    if kind == "critique":
+        return _codec.Critique(arr, **kw)
+    if arr.ndim == 0 or arr.shape[0] != 2:
+        raise SystemExit("resonant send: --type cache takes an array of shape (2, ...): keys then values")
+    return _codec.Cache(arr[0], arr[1], **kw)
+
+
+class _Progress:
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.start = time.perf_counter()
+        self.last = 0.0
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, sent: int, total: int) -> None:
+        now = time.perf_counter()
+        if sent < total and now - self.last < (0.1 if self.tty else 1.0):
+            return
+        self.last = now
+        frac = sent / total if total else 1.0
+        rate = sent / max(now - self.start, 1e-9) / 1e6
+        bar = "#" * int(frac * 30)
+        end = "\n" if sent >= total or not self.tty else "\r"
+        print(f"[{bar:<30}] {frac:6.1%} {sent / 1e6:8.1f}/{total / 1e6:.1f} MB {rate:8.1f} MB/s", end=end,
+              file=sys.stderr, flush=True)
+
+
+async def _send(args) -> int:
+    from resonant.aio import connect
+
+    arr = _load(args.file, args.dtype)
+    cfg = _session_config(args, "client")
+    cfg["compress"] = ("zstd", "none") if args.zstd else ("none", "zstd")
+    if args.space_hash is not None:
+        cfg.pop("expected_space_hash", None)
+        cfg["strict"] = False
+    async with connect(args.to, handshake=not args.no_handshake, **cfg) as peer:
+        space = args.space_hash or 0
+        try:
+            frame = _message(args.type, arr, args.stream_id, space)
+            await peer.send(frame)
+            print(f"sent {MsgType(frame.msg_type).name} {arr.dtype}{list(arr.shape)} ({arr.nbytes} bytes) "
+                  f"to {args.to}", file=sys.stderr)
+            return 0
+        except ResonantError as exc:
+            if "stream" not in str(exc):
+                raise
+        # Too large for one frame: a V-Stream.
+        objects = [arr[0], arr[1]] if args.type == "cache" and arr.ndim and arr.shape[0] == 2 else [arr]
+        names = ["keys", "values"] if len(objects) == 2 else [Path(args.file).stem]
+        progress = _Progress(arr.nbytes) if arr.nbytes >= (4 << 20) else None
+        t = time.perf_counter()
+        sid = await peer.send_stream(objects, stream_id=args.stream_id or None, names=names,
+                                     msg_type=int(getattr(MsgType, args.type.upper())), progress=progress,
+                                     space_hash32=space)
+        dt = time.perf_counter() - t
+        print(f"sent stream {sid}: {arr.dtype}{list(arr.shape)} ({arr.nbytes} bytes) in {dt:.3f} s "
+              f"({arr.nbytes / max(dt, 1e-9) / 1e6:.1f} MB/s) to {args.to}", file=sys.stderr)
+        await asyncio.sleep(0.05)  # let the last frames leave before the socket closes
+    return 0
+
+
+# ------------------------------------------------------------------ inspect
+
+
+def _inspect(args) -> int:
+    from resonant import inspect as rinspect
+
+    try:
+        data = Path(args.file).read_bytes()
+    except OSError as exc:
+        raise SystemExit(f"resonant inspect: {exc}")
+    if args.json:
+        doc = rinspect.render_json(data)
+        print(json.dumps(doc, indent=2))
+        return 1 if doc.get("error") else 0
+    print(rinspect.render_text(data))
+    return 0
+
+
+# ------------------------------------------------------------------ main
+
+
+def _u32(text: str) -> int:
+    v = int(text, 0)
+    if not 0 <= v < 1 << 32:
+        raise argparse.ArgumentTypeError(f"{text} is not a u32")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="resonant", description="Send and receive V-Frames: hidden states, KV caches, "
+                                "embeddings and control messages between models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("recv", help="receive and print messages", description="Listen for frames and print one line "
+                       "per message (a V-Stream counts once, when it completes or fails).")
+    r.add_argument("--listen", required=True, metavar="URL", help="udp://HOST:PORT or tcp://HOST:PORT")
+    r.add_argument("--json", action="store_true", help="one JSON object per line, header fields as integers")
+    r.add_argument("--save", metavar="DIR", help="save completed streams as .npy files in DIR")
+    r.add_argument("--count", type=int, metavar="N", help="exit 0 after N messages")
+    r.add_argument("--key-file", metavar="F", help="decrypt with this key (and require encryption)")
+    r.add_argument("--space-hash", type=_u32, metavar="H", help="accept only this embedding space (space_hash32)")
+    r.add_argument("--strict", action="store_true", help="require the handshake before data (the default with a key "
+                   "or a space hash)")
+
+    s = sub.add_parser("send", help="send an array (.npy) as one message or a V-Stream",
+                       description="Send FILE.npy; arrays too large for one frame go as a V-Stream.")
+    s.add_argument("--to", required=True, metavar="URL", help="udp://HOST:PORT or tcp://HOST:PORT")
+    s.add_argument("file", metavar="FILE.npy")
+    s.add_argument("--type", choices=["think", "cache", "ask", "critique"], default="think",
+                   help="message type (cache takes an array of shape (2, ...): keys, values)")
+    s.add_argument("--dtype", choices=["f16", "bf16", "f32", "i8"], help="convert the array first")
+    s.add_argument("--zstd", action="store_true", help="compress (when the receiver supports it)")
+    s.add_argument("--key-file", metavar="F", help="encrypt with this key")
+    s.add_argument("--space-hash", type=_u32, metavar="H", help="space_hash32 to stamp on the frames and announce")
+    s.add_argument("--stream-id", type=_u32, default=1, metavar="ID", help="stream_id (default 1)")
+    s.add_argument("--no-handshake", action="store_true", help="send without the handshake (as the reference does)")
+
+    i = sub.add_parser("inspect", help="decode a frame file and annotate every field",
+                       description="Print a frame field by field with the spec's names and byte offsets.")
+    i.add_argument("file", metavar="FILE")
+    i.add_argument("--json", action="store_true", help="JSON output")
+
+    d = sub.add_parser("demo", help="a receiver and a sender on loopback, with a summary table",
+                       description="Start a receiver and a sender on loopback: handshake, a Think, a multi-megabyte "
+                       "KV cache as a V-Stream, and a Critique; print sizes, latencies, throughput and verification.")
+    d.add_argument("--transport", choices=["tcp", "udp"], default="tcp")
+    d.add_argument("--layers", type=int, default=24, help="KV cache layers (default 24)")
+    d.add_argument("--tokens", type=int, default=512, help="KV cache tokens (default 512)")
+    d.add_argument("--zstd", action="store_true", help="compress frames")
+    d.add_argument("--encrypt", action="store_true", help="encrypt frames with a fresh key")
+    d.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "recv":
+            return asyncio.run(_recv(args))
+        if args.command == "send":
+            return asyncio.run(_send(args))
+        if args.command == "inspect":
+            return _inspect(args)
+        from resonant.demo import run_demo
+        return asyncio.run(run_demo(args))
+    except KeyboardInterrupt:
+        return 130
+    except (ResonantError, OSError, ValueError) as exc:
+        print(f"resonant {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,848 @@
+"""A peer session, sans-IO: the capability handshake, negotiation, replay protection and streams.
+
+Bytes go in (`receive_datagram` for UDP, `receive_data` for a TCP byte stream), events come
+out, and the frames to send back wait in `datagrams_to_send()` / `data_to_send()`. The clock
+is passed in (`now=`); nothing here reads the time or touches a socket.
+
+    client = Session(SessionConfig(role="client"))
+    client.initiate(now)                          # queues the ping
+    for d in client.datagrams_to_send(): sock.send(d)
+    events = client.receive_datagram(reply, now)  # -> HandshakeComplete(agreed)
+    client.send(Think(hidden), now)               # encoded with what was agreed
+
+The handshake is the explicit table `TRANSITIONS`: (role, state, input) -> (action, next
+state). Received bytes are first classified into one input (a compatible ping, an incompatible
+ping, a capability, an error, data, a bad frame...), so every row is deterministic and a
+property test drives every row.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from resonant import _codec, handshake
+from resonant._codec import Chunk, Frame, Sync
+from resonant._spec import Flags, MAX_FRAME_BYTES
+from resonant.errors import (
+    DecodeError,
+    FramingError,
+    HandshakeError,
+    LocalProtocolError,
+    NotEncrypted,
+    SpaceMismatch,
+)
+from resonant.space import ModelSignature
+from resonant.stream import MIN_STREAM_FRAME, Reassembler, StreamLimits, StreamSender
+from resonant.transforms import Codec, Key, Keyring
+
+__all__ = [
+    "Role", "State", "Input", "Action", "TRANSITIONS", "SessionConfig", "Agreement", "Session",
+    "ReplayWindow", "RecordReader", "frame_record",
+    "HandshakeComplete", "HandshakeFailed", "RemoteError", "MessageReceived", "FrameRejected", "ConnectionBroken",
+    "PROTOCOL_VERSION", "PROTOCOL_VERSIONS",
+]
+
+#: Protocol versions: 1 = version-1 frames only (the reference; a ping without "v"),
+#: 2 = version-2 frames too (compression and encryption).
+PROTOCOL_VERSIONS = (1, 2)
+PROTOCOL_VERSION = max(PROTOCOL_VERSIONS)
+_LEN_BYTES = 4
+
+
+# ------------------------------------------------------------------ the state table
+
+
+class Role(str, enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(str, enum.Enum):
+    IDLE = "idle"                    # client: not started; server: waiting for a ping
+    AWAIT_CAPABILITY = "await_capability"  # client: ping sent
+    ESTABLISHED = "established"
+    FAILED = "failed"                # client: the handshake was refused or timed out
+    CLOSED = "closed"
+
+
+class Input(str, enum.Enum):
+    START = "start"                  # local: initiate()
+    PING_OK = "ping_ok"              # a ping this side can serve
+    PING_BAD = "ping_bad"            # a ping it cannot (version, space, required encryption)
+    CAPABILITY_OK = "capability_ok"  # a capability this side can use
+    CAPABILITY_BAD = "capability_bad"
+    ERROR = "error"                  # an error document
+    DATA = "data"                    # a data frame or a V-Stream frame
+    BAD_FRAME = "bad_frame"          # bytes that are not a frame, or a control document off its schema
+    RETRY = "retry"                  # tick(): the ping is due again
+    DEADLINE = "deadline"            # tick(): the handshake ran out of attempts
+    CLOSE = "close"                  # local: close()
+
+
+class Action(str, enum.Enum):
+    SEND_PING = "send_ping"
+    ANSWER_CAPABILITY = "answer_capability"
+    ANSWER_ERROR = "answer_error"
+    ADOPT = "adopt"                  # take the capability's agreement
+    FAIL = "fail"                    # report HandshakeFailed
+    ACCEPT = "accept"                # deliver the data
+    ACCEPT_IF_LENIENT = "accept_if_lenient"  # deliver, or refuse with HANDSHAKE_REQUIRED in strict mode
+    REPORT_REMOTE_ERROR = "report_remote_error"
+    REPORT_BAD_FRAME = "report_bad_frame"
+    IGNORE = "ignore"
+    DROP = "drop"                    # closed: count and drop
+    SHUTDOWN = "shutdown"
+    INVALID = "invalid"              # local misuse: LocalProtocolError, nothing changes
+
+
+def _table() -> dict[tuple[Role, State, Input], tuple[Action, State]]:
+    A, S, I = Action, State, Input
+    t: dict[tuple[Role, State, Input], tuple[Action, State]] = {}
+    server = {
+        S.IDLE: {I.START: (A.INVALID, S.IDLE), I.PING_OK: (A.ANSWER_CAPABILITY, S.ESTABLISHED),
+                 I.PING_BAD: (A.ANSWER_ERROR, S.IDLE), I.CAPABILITY_OK: (A.IGNORE, S.IDLE),
+                 I.CAPABILITY_BAD: (A.IGNORE, S.IDLE), I.ERROR: (A.REPORT_REMOTE_ERROR, S.IDLE),
+                 I.DATA: (A.ACCEPT_IF_LENIENT, S.IDLE), I.BAD_FRAME: (A.REPORT_BAD_FRAME, S.IDLE),
+                 I.RETRY: (A.IGNORE, S.IDLE), I.DEADLINE: (A.IGNORE, S.IDLE), I.CLOSE: (A.SHUTDOWN, S.CLOSED)},
+        S.ESTABLISHED: {I.START: (A.INVALID, S.ESTABLISHED),
+                        I.PING_OK: (A.ANSWER_CAPABILITY, S.ESTABLISHED),  # a repeated ping: its answer was lost
+                        I.PING_BAD: (A.ANSWER_ERROR, S.IDLE),  # renegotiation refused: start over
+                        I.CAPABILITY_OK: (A.IGNORE, S.ESTABLISHED), I.CAPABILITY_BAD: (A.IGNORE, S.ESTABLISHED),
+                        I.ERROR: (A.REPORT_REMOTE_ERROR, S.ESTABLISHED), I.DATA: (A.ACCEPT, S.ESTABLISHED),
+                        I.BAD_FRAME: (A.REPORT_BAD_FRAME, S.ESTABLISHED), I.RETRY: (A.IGNORE, S.ESTABLISHED),
+                        I.DEADLINE: (A.IGNORE, S.ESTABLISHED), I.CLOSE: (A.SHUTDOWN, S.CLOSED)},
+    }
+    client = {
+        S.IDLE: {I.START: (A.SEND_PING, S.AWAIT_CAPABILITY), I.PING_OK: (A.IGNORE, S.IDLE),
+                 I.PING_BAD: (A.IGNORE, S.IDLE), I.CAPABILITY_OK: (A.IGNORE, S.IDLE),
+                 I.CAPABILITY_BAD: (A.IGNORE, S.IDLE), I.ERROR: (A.REPORT_REMOTE_ERROR, S.IDLE),
+                 I.DATA: (A.ACCEPT_IF_LENIENT, S.IDLE), I.BAD_FRAME: (A.REPORT_BAD_FRAME, S.IDLE),
+                 I.RETRY: (A.IGNORE, S.IDLE), I.DEADLINE: (A.IGNORE, S.IDLE), I.CLOSE: (A.SHUTDOWN, S.CLOSED)},
+        S.AWAIT_CAPABILITY: {
+            I.START: (A.INVALID, S.AWAIT_CAPABILITY), I.PING_OK: (A.IGNORE, S.AWAIT_CAPABILITY),
+            I.PING_BAD: (A.IGNORE, S.AWAIT_CAPABILITY), I.CAPABILITY_OK: (A.ADOPT, S.ESTABLISHED),
+            I.CAPABILITY_BAD: (A.FAIL, S.FAILED), I.ERROR: (A.FAIL, S.FAILED),
+            I.DATA: (A.ACCEPT_IF_LENIENT, S.AWAIT_CAPABILITY), I.BAD_FRAME: (A.REPORT_BAD_FRAME, S.AWAIT_CAPABILITY),
+            I.RETRY: (A.SEND_PING, S.AWAIT_CAPABILITY), I.DEADLINE: (A.FAIL, S.FAILED), I.CLOSE: (A.SHUTDOWN, S.CLOSED)},
+        S.ESTABLISHED: {
+            I.START: (A.SEND_PING, S.AWAIT_CAPABILITY),  # renegotiate
+            I.PING_OK: (A.IGNORE, S.ESTABLISHED), I.PING_BAD: (A.IGNORE, S.ESTABLISHED),
+            I.CAPABILITY_OK: (A.IGNORE, S.ESTABLISHED), I.CAPABILITY_BAD: (A.IGNORE, S.ESTABLISHED),  # duplicates
+            I.ERROR: (A.REPORT_REMOTE_ERROR, S.ESTABLISHED), I.DATA: (A.ACCEPT, S.ESTABLISHED),
+            I.BAD_FRAME: (A.REPORT_BAD_FRAME, S.ESTABLISHED), I.RETRY: (A.IGNORE, S.ESTABLISHED),
+            I.DEADLINE: (A.IGNORE, S.ESTABLISHED), I.CLOSE: (A.SHUTDOWN, S.CLOSED)},
+        S.FAILED: {I.START: (A.SEND_PING, S.AWAIT_CAPABILITY), I.PING_OK: (A.IGNORE, S.FAILED),
+                   I.PING_BAD: (A.IGNORE, S.FAILED), I.CAPABILITY_OK: (A.IGNORE, S.FAILED),
+                   I.CAPABILITY_BAD: (A.IGNORE, S.FAILED), I.ERROR: (A.REPORT_REMOTE_ERROR, S.FAILED),
+                   I.DATA: (A.ACCEPT_IF_LENIENT, S.FAILED), I.BAD_FRAME: (A.REPORT_BAD_FRAME, S.FAILED),
+                   I.RETRY: (A.IGNORE, S.FAILED), I.DEADLINE: (A.IGNORE, S.FAILED), I.CLOSE: (A.SHUTDOWN, S.CLOSED)},
+    }
+    for role, states in ((Role.SERVER, server), (Role.CLIENT, client)):
+        for state in State:
+            row = states.get(state)
+            for inp in Input:
+                if state is S.CLOSED:
+                    t[role, state, inp] = (A.INVALID if inp is I.START else A.DROP, S.CLOSED)
+                elif row is None:
+                    continue  # a state this role never reaches (server: AWAIT_CAPABILITY, FAILED)
+                else:
+                    t[role, state, inp] = row[inp]
+    return t
+
+
+#: (role, state, input) -> (action, next state). Every reachable pair is listed.
+TRANSITIONS: dict[tuple[Role, State, Input], tuple[Action, State]] = _table()
+
+
+# ------------------------------------------------------------------ configuration and agreement
+
+
+_DTYPE_NAMES = {"f16": 0x01, "i8": 0x02, "q4": 0x03, "bf16": 0x04, "f32": 0x05, "sparse": 0x10}
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """What one side supports and insists on.
+
+    compress / crypto: what this side can use, preferred first ("none" included when plain
+    frames are acceptable). A key turns encryption on: crypto defaults to xchacha20poly1305
+    alone, and the session becomes strict. strict: refuse data before the handshake (default:
+    on when a key or an expected space hash is configured). zstd_level: the level this side
+    compresses with once zstd is agreed.
+    """
+
+    role: Role | str = Role.CLIENT
+    key: Key | Keyring | None = None
+    expected_space_hash: int | None = None
+    space_hash32: int = 0                     # this side's own space, announced in ping/capability
+    model_signature: ModelSignature | None = None
+    embedding_space_id: str | None = None
+    d_model: int | None = None
+    compress: tuple[str, ...] = ("none", "zstd")
+    zstd_level: int = 3
+    crypto: tuple[str, ...] | None = None
+    dtypes: tuple[str, ...] = ("f16", "i8", "q4", "sparse", "bf16", "f32")
+    critique: bool = True
+    versions: tuple[int, ...] = PROTOCOL_VERSIONS
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    strict: bool | None = None
+    stream_limits: StreamLimits = StreamLimits()
+    replay_window: int = 1024                 # frame_seq positions remembered per stream
+    replay_streams: int = 4096                # streams whose window is kept (least recently used dropped)
+    handshake_retry: float = 0.5              # seconds between pings while no capability came
+    handshake_attempts: int = 6               # pings before the handshake fails
+    error_interval: float = 1.0               # at most one unsolicited error reply per interval
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "role", Role(self.role))
+        if self.crypto is None:
+            object.__setattr__(self, "crypto", ("xchacha20poly1305",) if self.key is not None else ("none",))
+        if not MIN_STREAM_FRAME <= self.max_frame_bytes <= MAX_FRAME_BYTES:
+            raise ValueError(f"max_frame_bytes {self.max_frame_bytes} is outside {MIN_STREAM_FRAME}..{MAX_FRAME_BYTES} "
+                             "(a V-Stream HEAD must fit one frame)")
+        if "xchacha20poly1305" in self.crypto and self.key is None:
+            raise ValueError("crypto offers xchacha20poly1305 but no key is configured")
+        for name, values, allowed in (("compress", self.compress, ("zstd", "none")),
+                                      ("crypto", self.crypto, ("xchacha20poly1305", "none")),
+                                      ("dtypes", self.dtypes, tuple(_DTYPE_NAMES))):
+            bad = [v for v in values if v not in allowed]
+            if bad or not values:
+                raise ValueError(f"{name} {list(values)!r}: each must be one of {', '.join(allowed)}")
+
+    @property
+    def is_strict(self) -> bool:
+        if self.strict is not None:
+            return self.strict
+        return self.key is not None or self.expected_space_hash is not None
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """What both sides settled on: the protocol version, what frames are compressed and
+    encrypted with, the dtypes both understand and the largest frame either may send."""
+
+    proto: int
+    compress: str               # "zstd" or "none": what this side sends with
+    crypto: str                 # "xchacha20poly1305" or "none"
+    dtypes: tuple[str, ...]
+    max_frame_bytes: int
+    critique: bool
+    peer_space_hash32: int | None = None
+    peer_model_signature: ModelSignature | None = None
+
+
+# ------------------------------------------------------------------ events
+
+
+@dataclass(frozen=True)
+class HandshakeComplete:
+    agreement: Agreement
+
+
+@dataclass(frozen=True)
+class HandshakeFailed:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class RemoteError:
+    """The peer sent an error document outside the handshake (about one of our frames)."""
+
+    code: str
+    message: str
+    document: dict
+
+
+@dataclass(frozen=True)
+class MessageReceived:
+    """A frame that is not part of a V-Stream: Think, Cache, Ask, Critique, or a Sync
+    (control documents such as ping, capability and error come with `document` parsed)."""
+
+    frame: Frame
+    document: dict | None = None
+
+
+@dataclass(frozen=True)
+class FrameRejected:
+    """A frame was dropped and counted. reason: 'malformed', 'space_mismatch', 'not_encrypted',
+    'replay', 'too_old', 'handshake_required', 'closed'."""
+
+    reason: str
+    detail: str
+    error: DecodeError | None = None
+
+
+@dataclass(frozen=True)
+class ConnectionBroken:
+    """The byte stream cannot continue (a bad TCP record length, or EOF inside a record)."""
+
+    error: FramingError
+
+
+# ------------------------------------------------------------------ replay window
+
+
+class ReplayWindow:
+    """A sliding window over frame_seq per stream, as IPsec and DTLS keep one: a frame whose
+    sequence number was seen, or lies more than `size` below the highest seen, is refused.
+
+    Only authenticated (decrypted) frames update it, so a forger cannot move the window. At
+    most `max_streams` windows are kept; the least recently used is forgotten first.
+    """
+
+    def __init__(self, size: int = 1024, max_streams: int = 4096) -> None:
+        if size < 1 or max_streams < 1:
+            raise ValueError("size and max_streams must be at least 1")
+        self.size = size
+        self.max_streams = max_streams
+        self._win: OrderedDict[int, tuple[int, int]] = OrderedDict()  # stream -> (highest, bitmap)
+
+    def check(self, stream_id: int, seq: int) -> str:
+        """'ok' (and the sequence number is recorded), 'replay' or 'too_old'."""
+        entry = self._win.get(stream_id)
+        if entry is None:
+            self._win[stream_id] = (seq, 1)
+            if len(self._win) > self.max_streams:
+                self._win.popitem(last=False)
+            return "ok"
+        self._win.move_to_end(stream_id)
+        top, bits = entry
+        if seq > top:
+            shift = seq - top
+            bits = ((bits << shift) | 1) & ((1 << self.size) - 1) if shift < self.size else 1
+            self._win[stream_id] = (seq, bits)
+            return "ok"
+        back = top - seq
+        if back >= self.size:
+            return "too_old"
+        if bits >> back & 1:
+            return "replay"
+        self._win[stream_id] = (top, bits | (1 << back))
+        return "ok"
+
+    def __len__(self) -> int:
+        return len(self._win)
+
+
+# ------------------------------------------------------------------ TCP records
+
+
+def frame_record(frame: bytes) -> bytes:
+    """A frame as one TCP record: its u32 little-endian length, then the frame."""
+    return len(frame).to_bytes(_LEN_BYTES, "little") + frame
+
+
+class RecordReader:
+    """Splits a TCP byte stream into frames: each record is a u32 little-endian length, then
+    that many bytes. Lengths are checked (1..max_frame_bytes) before anything is kept, so a
+    4 GiB prefix costs nothing; records may be split over reads and share reads.
+
+    `feed(data)` copies into one reusable buffer and returns the complete records as views of
+    it: they stay valid until the next feed, so decode or copy them before feeding again.
+    """
+
+    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES, read_size: int = 1 << 20) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self._buf = bytearray(read_size + max_frame_bytes + _LEN_BYTES)
+        self._view = memoryview(self._buf)
+        self._start = 0  # first unparsed byte
+        self._end = 0    # end of the data
+        self.consumed = 0  # bytes of the stream parsed so far (for error offsets)
+        self.broken: FramingError | None = None
+
+    def _compact(self, need: int) -> None:
+        if self._end + need <= len(self._buf):
+            return
+        n = self._end - self._start
+        self._view[:n] = self._view[self._start:self._end]
+        self._start, self._end = 0, n
+
+    def feed(self, data) -> list[memoryview]:
+        """Take bytes; return the complete records' frames. Raises FramingError once the
+        stream is unusable (and on every later call)."""
+        if self.broken is not None:
+            raise self.broken
+        mv = memoryview(data).cast("B")
+        out: list[memoryview] = []
+        while len(mv):
+            if out:  # the buffer is about to move: records already found must not change under the caller
+                out = [bytes(v) for v in out]  # type: ignore[misc]
+            self._compact(min(len(mv), len(self._buf) - (self._end - self._start)))
+            room = len(self._buf) - self._end
+            take = min(room, len(mv))
+            self._view[self._end:self._end + take] = mv[:take]
+            self._end += take
+            mv = mv[take:]
+            out += self._records()
+            if len(mv) and self._start == 0 and self._end == len(self._buf):
+                raise self._break("record", "buffer full without a complete record")  # cannot happen: a record fits
+        return out
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Free space to receive into (asyncio.BufferedProtocol style): the kernel writes
+        straight into this buffer and `buffer_updated(n)` parses in place."""
+        if self.broken is not None:
+            raise self.broken
+        self._compact(self.max_frame_bytes + _LEN_BYTES)
+        return self._view[self._end:]
+
+    def buffer_updated(self, n: int) -> list[memoryview]:
+        """n bytes were written into the last get_buffer(); returns the complete records."""
+        if self.broken is not None:
+            raise self.broken
+        self._end += n
+        return self._records()
+
+    def _records(self) -> list[memoryview]:
+        out = []
+        buf = self._buf
+        while self._end - self._start >= _LEN_BYTES:
+            size = int.from_bytes(buf[self._start:self._start + _LEN_BYTES], "little")
+            if not 1 <= size <= self.max_frame_bytes:
+                raise self._break("record.length", f"{size} is outside 1..max_frame_bytes ({self.max_frame_bytes}); "
+                                  "the connection cannot be resynchronised")
+            if self._end - self._start - _LEN_BYTES < size:
+                break
+            a = self._start + _LEN_BYTES
+            out.append(self._view[a:a + size])
+            self._start = a + size
+            self.consumed += _LEN_BYTES + size
+        if self._start == self._end:
+            self._start = self._end = 0
+        return out
+
+    def eof(self) -> None:
+        """The peer closed the connection: FramingError when it stopped inside a record."""
+        left = self._end - self._start
+        if left and self.broken is None:
+            need = (int.from_bytes(self._buf[self._start:self._start + _LEN_BYTES], "little") + _LEN_BYTES
+                    if left >= _LEN_BYTES else _LEN_BYTES)
+            raise self._break("record", f"the connection ended {left} bytes into a record of {need} bytes")
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete record held."""
+        return self._end - self._start
+
+    def _break(self, path: str, detail: str) -> FramingError:
+        self.broken = FramingError(path, detail, self.consumed)
+        self._start = self._end = 0
+        return self.broken
+
+
+# ------------------------------------------------------------------ the session
+
+
+class Session:
+    """One peer relationship, sans-IO. See the module docstring."""
+
+    def __init__(self, config: SessionConfig | None = None, **kwargs: Any) -> None:
+        if config is None:
+            config = SessionConfig(**kwargs)
+        elif kwargs:
+            raise TypeError("pass a SessionConfig or keyword arguments, not both")
+        self.config = config
+        self.role = config.role
+        self.state = State.IDLE
+        self.agreement: Agreement | None = None
+        self._keyring = config.key if isinstance(config.key, Keyring) or config.key is None else Keyring([config.key])
+        # What this side reads: anything it can (compressed or not, encrypted when it holds a key).
+        # The space hash is checked here, not in the decoder, so that a ping from another space
+        # is answered with an explained SPACE_MISMATCH rather than dropped.
+        self._decoder = Codec(key=self._keyring, require_encryption=self._keyring is not None)
+        self._encoder: Codec | None = None  # until agreed: plain frames (or encrypted when a key is held)
+        if self._keyring is not None:
+            self._encoder = Codec(key=self._keyring)
+        self.reassembler = Reassembler(config.stream_limits, codec=self._decoder)
+        self.replay = ReplayWindow(config.replay_window, config.replay_streams)
+        self.records = RecordReader(config.max_frame_bytes)
+        self._out: list[bytes] = []
+        self._pings_sent = 0
+        self._next_ping = 0.0
+        self._last_error_reply = float("-inf")
+        self._seq: dict[int, int] = {}
+        self.stats: dict[str, int] = {k: 0 for k in (
+            "frames_in", "frames_out", "bytes_in", "bytes_out", "messages", "malformed", "space_mismatch", "not_encrypted", "replay",
+            "too_old", "handshake_required", "dropped_closed", "errors_sent")}
+
+    # -------------------------------------------------------------- local calls
+
+    def initiate(self, now: float) -> None:
+        """Client: start (or restart) the handshake; the ping waits in the send queue."""
+        if self.role is not Role.CLIENT:
+            raise LocalProtocolError("initiate", "only a client starts the handshake")
+        self._pings_sent = 0
+        self._step(Input.START, now, None, None)
+
+    def close(self, now: float = 0.0) -> None:
+        self._step(Input.CLOSE, now, None, None)
+
+    def send(self, frame: Frame, now: float = 0.0, *, keep_seq: bool = False) -> None:
+        """Queue one frame, encoded as agreed (compressed/encrypted).
+
+        The session numbers frames: frame_seq becomes the next number of the frame's stream
+        (0, 1, 2...), so that the peer's replay window never mistakes two messages for a
+        replay. keep_seq=True sends the frame_seq as given (then keep it increasing per
+        stream when encrypting)."""
+        if self.state is State.CLOSED:
+            raise LocalProtocolError("send", "the session is closed")
+        if not keep_seq:
+            frame = frame.replace(frame_seq=self._next_seq(frame.stream_id))
+        self._queue(self._encode(frame))
+
+    def stream(self, stream_id: int, objects: Sequence, **kwargs: Any) -> StreamSender:
+        """A StreamSender configured with what was agreed (codec, frame size, space hash);
+        iterate it and pass each frame to `send_encoded` (or write it yourself)."""
+        if self.state is State.CLOSED:
+            raise LocalProtocolError("stream", "the session is closed")
+        kwargs.setdefault("max_frame_bytes", self.max_frame_bytes)
+        kwargs.setdefault("space_hash32", self.config.space_hash32)
+        return StreamSender(stream_id, objects, codec=self._encoder, **kwargs)
+
+    def send_encoded(self, data: bytes) -> None:
+        """Queue bytes that are already one encoded frame (e.g. from `stream()`)."""
+        if self.state is State.CLOSED:
+            raise LocalProtocolError("send", "the session is closed")
+        self._queue(bytes(data))
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return self.agreement.max_frame_bytes if self.agreement else self.config.max_frame_bytes
+
+    def datagrams_to_send(self) -> list[bytes]:
+        """The queued frames, one per datagram."""
+        out, self._out = self._out, []
+        return out
+
+    def data_to_send(self) -> bytes:
+        """The queued frames as TCP records (u32 little-endian length + frame each)."""
+        out, self._out = self._out, []
+        parts = []
+        for f in out:
+            parts.append(len(f).to_bytes(_LEN_BYTES, "little"))
+            parts.append(f)
+        return b"".join(parts)  # one copy of each frame
+
+    # -------------------------------------------------------------- input
+
+    def receive_datagram(self, data, now: float) -> list:
+        """One UDP datagram (one frame). Never raises for anything the peer sent."""
+        return self._frame(data, now, copy=True)
+
+    def receive_data(self, data, now: float) -> list:
+        """Bytes from a TCP connection (any split). A broken record stream gives
+        ConnectionBroken, after which the connection should be closed."""
+        return self._records(self.records.feed, data, now)
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """TCP, zero-copy: a buffer for the next read (see RecordReader.get_buffer)."""
+        return self.records.get_buffer(sizehint)
+
+    def buffer_updated(self, n: int, now: float) -> list:
+        """TCP, zero-copy: n bytes were read into get_buffer(); same events as receive_data."""
+        return self._records(self.records.buffer_updated, n, now)
+
+    def _records(self, read, arg, now: float) -> list:
+        try:
+            views = read(arg)
+        except FramingError as exc:
+            return [ConnectionBroken(exc)]
+        events: list = []
+        for v in views:
+            events += self._frame(v, now, copy=True)
+        return events
+
+    def receive_eof(self, now: float) -> list:
+        """The peer closed its side of a TCP connection."""
+        try:
+            self.records.eof()
+        except FramingError as exc:
+            return [ConnectionBroken(exc)]
+        return []
+
+    def tick(self, now: float) -> list:
+        """Timers: ping retries and the handshake deadline, stream timeouts."""
+        events: list = []
+        if self.state is State.AWAIT_CAPABILITY and now >= self._next_ping:
+            inp = Input.DEADLINE if self._pings_sent >= self.config.handshake_attempts else Input.RETRY
+            events += self._step(inp, now, None, None)
+        events += self.reassembler.tick(now)
+        return events
+
+    # -------------------------------------------------------------- classification
+
+    def _frame(self, data, now: float, copy: bool) -> list:
+        self.stats["frames_in"] += 1
+        self.stats["bytes_in"] += len(data)
+        if self.state is State.CLOSED:
+            return self._step(Input.DATA, now, None, "frame")
+        try:
+            # Messages are handed to the caller and must outlive the receive buffer: a message
+            # decoded in place from a reused buffer is decoded again from a copy.
+            frame = self._decoder.decode(data)
+            if copy and not isinstance(data, bytes) and not isinstance(frame, Chunk) and not frame.transforms:
+                frame = self._decoder.decode(bytes(data))  # (a stream chunk is consumed at once: no copy)
+        except NotEncrypted as exc:
+            self.stats["not_encrypted"] += 1
+            self._reply_error("UNSUPPORTED_FEATURE", "this peer accepts encrypted frames only", now)
+            return [FrameRejected("not_encrypted", str(exc), exc)]
+        except DecodeError as exc:
+            return self._step(Input.BAD_FRAME, now, None, exc)
+        want = self.config.expected_space_hash
+        if want is not None and frame.space_hash32 != want and not isinstance(frame, Sync):
+            exc = SpaceMismatch("space_hash32", f"the frame is of embedding space {frame.space_hash32}, this peer "
+                                f"expects {want}", 24)
+            self.stats["space_mismatch"] += 1
+            self._reply_error("SPACE_MISMATCH", str(exc), now, expected=str(want), got=str(frame.space_hash32))
+            return [FrameRejected("space_mismatch", str(exc), exc)]
+        if frame.transforms & Flags.XCHACHA:
+            verdict = self.replay.check(frame.stream_id, frame.frame_seq)
+            if verdict != "ok":
+                self.stats[verdict] += 1
+                return [FrameRejected(verdict, f"stream {frame.stream_id} frame_seq {frame.frame_seq}: "
+                                      f"{'seen before' if verdict == 'replay' else 'older than the replay window'}")]
+        doc = None
+        if isinstance(frame, Sync) and frame.json is not None:
+            try:
+                doc = handshake.parse(frame.json.payload)
+            except HandshakeError as exc:
+                return self._step(Input.BAD_FRAME, now, frame, exc)
+            method = doc["method"]
+            if method == "ping":
+                return self._step(Input.PING_OK if self._ping_problem(doc) is None else Input.PING_BAD, now, frame, doc)
+            if method == "capability":
+                return self._step(Input.CAPABILITY_OK if self._capability_problem(doc) is None
+                                  else Input.CAPABILITY_BAD, now, frame, doc)
+            if method == "error":
+                return self._step(Input.ERROR, now, frame, doc)
+        return self._step(Input.DATA, now, frame, doc)
+
+    # -------------------------------------------------------------- the machine
+
+    def _step(self, inp: Input, now: float, frame: Frame | None, arg: Any) -> list:
+        action, nxt = TRANSITIONS[self.role, self.state, inp]
+        if action is Action.INVALID:
+            raise LocalProtocolError(inp.value, f"not allowed for a {self.role.value} in state {self.state.value}")
+        events = getattr(self, "_do_" + action.value)(now, frame, arg)
+        self.state = nxt
+        return events
+
+    def _do_send_ping(self, now, frame, arg) -> list:
+        c = self.config
+        doc: dict[str, Any] = {"method": "ping", "v": max(c.versions), "space_hash32": c.space_hash32,
+                               "compress": list(c.compress), "crypto": list(c.crypto),
+                               "max_frame_bytes": c.max_frame_bytes,
+                               "supports": {"critique": c.critique, "dtype": list(c.dtypes)}}
+        if c.model_signature is not None:
+            doc["model_signature"] = c.model_signature.to_json()
+        self._control(doc, 0)
+        self._pings_sent += 1
+        self._next_ping = now + c.handshake_retry
+        return []
+
+    def _do_answer_capability(self, now, frame, doc) -> list:
+        c = self.config
+        offer = self._offer(doc)
+        reply: dict[str, Any] = {"method": "capability", "v": max(c.versions), "agreed_proto": offer.proto,
+                                 "space_hash32": c.space_hash32, "compress": offer.compress_list,
+                                 "crypto": offer.crypto_list, "max_frame_bytes": offer.max_frame_bytes,
+                                 "supports": {"critique": c.critique and offer.critique, "dtype": list(offer.dtypes)}}
+        if c.d_model is not None:
+            reply["d_model"] = c.d_model
+        if c.embedding_space_id is not None:
+            reply["embedding_space_id"] = c.embedding_space_id
+        if c.model_signature is not None:
+            reply["model_signature"] = c.model_signature.to_json()
+        self._control(reply, frame.stream_id)
+        # The server sends with the best of what both support, as the client will.
+        self.agreement = Agreement(offer.proto, offer.compress_list[0], offer.crypto_list[0], offer.dtypes,
+                                   offer.max_frame_bytes, offer.critique, doc.get("space_hash32"),
+                                   _signature(doc))
+        self._apply_agreement()
+        return [MessageReceived(frame, doc), HandshakeComplete(self.agreement)]
+
+    def _do_answer_error(self, now, frame, doc) -> list:
+        code, message, extra = self._ping_problem(doc)
+        self._control({"method": "error", "code": code, "message": message, **extra}, frame.stream_id)
+        self.stats["errors_sent"] += 1
+        self.agreement = None
+        return [MessageReceived(frame, doc), HandshakeFailed(code, message)]
+
+    def _do_adopt(self, now, frame, doc) -> list:
+        c = self.config
+        compress = next(x for x in c.compress if x in doc.get("compress", ["none"]))
+        crypto = next(x for x in c.crypto if x in doc.get("crypto", ["none"]))
+        dtypes = tuple(d for d in c.dtypes if d in doc.get("supports", {}).get("dtype", c.dtypes))
+        self.agreement = Agreement(doc["agreed_proto"], compress, crypto, dtypes,
+                                   min(c.max_frame_bytes, doc.get("max_frame_bytes", MAX_FRAME_BYTES)),
+                                   c.critique and doc.get("supports", {}).get("critique", True),
+                                   doc.get("space_hash32"), _signature(doc))
+        self._apply_agreement()
+        return [MessageReceived(frame, doc), HandshakeComplete(self.agreement)]
+
+    def _do_fail(self, now, frame, doc) -> list:
+        if doc is None:
+            code, message = "TIMEOUT", f"no capability after {self._pings_sent} pings"
+        elif doc["method"] == "error":
+            code, message = doc["code"], doc["message"]
+        else:
+            code, message = "UNSUPPORTED_FEATURE", self._capability_problem(doc)
+        self.agreement = None
+        events: list = [] if frame is None else [MessageReceived(frame, doc)]
+        return events + [HandshakeFailed(code, message)]
+
+    def _do_accept(self, now, frame, doc) -> list:
+        if isinstance(frame, Chunk) or (isinstance(frame, Sync) and (
+                frame.json is None and frame.stream_id in self._open_streams()
+                or doc is not None and doc["method"] in ("head", "tail"))):
+            return self.reassembler.receive(frame, now)
+        self.stats["messages"] += 1
+        return [MessageReceived(frame, doc)]
+
+    def _do_accept_if_lenient(self, now, frame, doc) -> list:
+        if not self.config.is_strict:
+            return self._do_accept(now, frame, doc)
+        self.stats["handshake_required"] += 1
+        self._reply_error("HANDSHAKE_REQUIRED", "send a ping first: this peer requires the handshake", now)
+        return [FrameRejected("handshake_required", f"{type(frame).__name__} frame of stream {frame.stream_id} "
+                              "before the handshake")]
+
+    def _do_report_remote_error(self, now, frame, doc) -> list:
+        return [MessageReceived(frame, doc), RemoteError(doc["code"], doc["message"], doc)]
+
+    def _do_report_bad_frame(self, now, frame, exc) -> list:
+        self.stats["malformed"] += 1
+        self._reply_error("BAD_REQUEST", str(exc)[:200], now)
+        return [FrameRejected("malformed", str(exc), exc)]
+
+    def _do_ignore(self, now, frame, arg) -> list:
+        return [] if frame is None else [MessageReceived(frame, arg)]
+
+    def _do_drop(self, now, frame, arg) -> list:
+        if arg != "frame":
+            return []  # a local call on a closed session (close() again, a timer)
+        self.stats["dropped_closed"] += 1
+        return [FrameRejected("closed", "a frame arrived after close()")]
+
+    def _do_shutdown(self, now, frame, arg) -> list:
+        self._out.clear()
+        return []
+
+    # -------------------------------------------------------------- negotiation
+
+    @dataclass(frozen=True)
+    class _Offer:
+        proto: int
+        compress_list: list
+        crypto_list: list
+        dtypes: tuple
+        max_frame_bytes: int
+        critique: bool
+
+    def _offer(self, ping: dict) -> "Session._Offer":
+        c = self.config
+        proto = min(ping.get("v", 1), max(c.versions))
+        theirs_compress = ping.get("compress", ["none"])
+        theirs_crypto = ping.get("crypto", ["none"])
+        compress = [x for x in c.compress if x in theirs_compress] if proto >= 2 else ["none"]
+        crypto = [x for x in c.crypto if x in theirs_crypto] if proto >= 2 else ["none"]
+        if not compress:  # no common compression: plain frames always work
+            compress = ["none"]
+        dtypes = tuple(d for d in c.dtypes if d in ping.get("supports", {}).get("dtype", c.dtypes))
+        return Session._Offer(proto, compress, crypto, dtypes,
+                              min(c.max_frame_bytes, ping.get("max_frame_bytes", MAX_FRAME_BYTES)),
+                              bool(ping.get("supports", {}).get("critique", True)))
+
+    def _ping_problem(self, ping: dict) -> tuple[str, str, dict] | None:
+        c = self.config
+        if self.role is not Role.SERVER:
+            return None
+        v = ping.get("v", 1)
+        if min(v, max(c.versions)) not in c.versions:
+            return ("UNSUPPORTED_VERSION", f"protocol version {v} is not supported (this peer speaks "
+                    f"{', '.join(map(str, c.versions))})", {"expected": str(max(c.versions)), "got": str(v)})
+        if c.expected_space_hash is not None and ping.get("space_hash32") != c.expected_space_hash:
+            message = "Embedding space mismatch"
+            theirs = _signature(ping)
+            if theirs is not None and c.model_signature is not None:
+                message += ": " + c.model_signature.explain(theirs)
+            return ("SPACE_MISMATCH", message, {"expected": str(c.expected_space_hash),
+                                                "got": str(ping.get("space_hash32"))})
+        offer = self._offer(ping)
+        if not offer.crypto_list:
+            return ("UNSUPPORTED_FEATURE", f"encryption: this peer requires {', '.join(c.crypto)}, the client offers "
+                    f"{', '.join(ping.get('crypto', ['none']))}" + ("" if offer.proto >= 2 else
+                                                                     " (protocol version 1 has no encryption)"), {})
+        if offer.max_frame_bytes < MIN_STREAM_FRAME:
+            return ("BAD_REQUEST", f"max_frame_bytes {offer.max_frame_bytes} is below {MIN_STREAM_FRAME}", {})
+        return None
+
+    def _capability_problem(self, doc: dict) -> str | None:
+        c = self.config
+        if doc["agreed_proto"] not in c.versions:
+            return f"the server agreed protocol version {doc['agreed_proto']}, this client speaks {list(c.versions)}"
+        if not any(x in doc.get("crypto", ["none"]) for x in c.crypto):
+            return (f"encryption: the server offers {doc.get('crypto', ['none'])}, this client requires "
+                    f"{list(c.crypto)}")
+        if doc.get("max_frame_bytes", MAX_FRAME_BYTES) < MIN_STREAM_FRAME:
+            return f"max_frame_bytes {doc['max_frame_bytes']} is below {MIN_STREAM_FRAME}"
+        if (self.config.expected_space_hash is not None and "space_hash32" in doc
+                and doc["space_hash32"] != self.config.expected_space_hash):
+            return f"the server's space_hash32 is {doc['space_hash32']}, this client expects {self.config.expected_space_hash}"
+        return None
+
+    def _apply_agreement(self) -> None:
+        a = self.agreement
+        level = self.config.zstd_level if a.compress == "zstd" else None
+        key = self._keyring if a.crypto == "xchacha20poly1305" else None
+        self._encoder = Codec(level, key=key) if (level is not None or key is not None) else None
+
+    # -------------------------------------------------------------- helpers
+
+    def _open_streams(self):
+        return self.reassembler._streams
+
+    def _encode(self, frame: Frame) -> bytes:
+        return self._encoder.encode(frame) if self._encoder is not None else _codec.encode(frame)
+
+    def _next_seq(self, stream_id: int) -> int:
+        n = self._seq.get(stream_id, 0)
+        self._seq[stream_id] = n + 1
+        return n
+
+    def _queue(self, data: bytes) -> None:
+        if len(data) > self.max_frame_bytes:
+            raise LocalProtocolError("send", f"a {len(data)}-byte frame is over the agreed max_frame_bytes "
+                                     f"({self.max_frame_bytes}); send it as a stream")
+        self._out.append(data)
+        self.stats["frames_out"] += 1
+        self.stats["bytes_out"] += len(data)
+
+    def _control(self, doc: dict, stream_id: int) -> None:
+        payload = json.dumps(doc, separators=(",", ":")).encode()
+        frame = Sync(payload, stream_id=stream_id, frame_seq=self._next_seq(stream_id), space_hash32=self.config.space_hash32)
+        # Control frames travel as plain version-1 frames unless this side insists on encryption.
+        data = Codec(key=self._keyring).encode(frame) if self._keyring is not None else _codec.encode(frame)
+        self._out.append(data)
+        self.stats["frames_out"] += 1
+        self.stats["bytes_out"] += len(data)
+
+    def _reply_error(self, code: str, message: str, now: float, **extra: str) -> None:
+        if now - self._last_error_reply < self.config.error_interval:
+            return  # never amplify a flood of bad frames into a flood of replies
+        self._last_error_reply = now
+        self._control({"method": "error", "code": code, "message": message[:256],
+                       **{k: v[:256] for k, v in extra.items()}}, 0)
+        self.stats["errors_sent"] += 1
+
+
+def _signature(doc: dict) -> ModelSignature | None:
+    try:
+        return ModelSignature.from_json(doc["model_signature"]) if "model_signature" in doc else None
+    except (HandshakeError, ValueError, TypeError, KeyError):
+        return None

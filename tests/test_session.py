@@ -1,0 +1,526 @@
+"""The sans-IO session: the handshake state table (every state x input), negotiation,
+space-hash enforcement, strict mode, the replay window and TCP record framing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import resonant
+from resonant import Key, ModelSignature, Sync, Think, _codec
+from resonant.errors import FramingError, LocalProtocolError
+from resonant.session import (
+    TRANSITIONS,
+    Action,
+    ConnectionBroken,
+    FrameRejected,
+    HandshakeComplete,
+    HandshakeFailed,
+    Input,
+    MessageReceived,
+    RecordReader,
+    RemoteError,
+    ReplayWindow,
+    Role,
+    Session,
+    SessionConfig,
+    State,
+    frame_record,
+)
+from resonant.stream import StreamComplete
+
+SPACE = 0x1234ABCD
+
+
+def handshake(client: Session, server: Session, now: float = 0.0) -> tuple[list, list]:
+    client.initiate(now)
+    s_events = [e for d in client.datagrams_to_send() for e in server.receive_datagram(d, now)]
+    c_events = [e for d in server.datagrams_to_send() for e in client.receive_datagram(d, now)]
+    return c_events, s_events
+
+
+def kinds(events) -> list[str]:
+    return [type(e).__name__ for e in events]
+
+
+def control(doc: dict, seq: int = 0, space: int = 0) -> bytes:
+    return _codec.encode(Sync(json.dumps(doc).encode(), frame_seq=seq, space_hash32=space))
+
+
+# ------------------------------------------------------------------ the state table
+
+
+def test_table_is_complete_for_reachable_states():
+    reachable = {Role.SERVER: {State.IDLE, State.ESTABLISHED, State.CLOSED},
+                 Role.CLIENT: {State.IDLE, State.AWAIT_CAPABILITY, State.ESTABLISHED, State.FAILED, State.CLOSED}}
+    for role, states in reachable.items():
+        for state in states:
+            for inp in Input:
+                action, nxt = TRANSITIONS[role, state, inp]
+                assert isinstance(action, Action) and isinstance(nxt, State)
+                assert nxt in reachable[role], (role, state, inp, nxt)
+
+
+# Inputs as real bytes (or local calls). The server expects SPACE; strict is off so that
+# DATA before the handshake is accepted (strict mode has its own tests).
+PING_OK = {"method": "ping", "v": 2, "space_hash32": SPACE}
+PING_BAD = {"method": "ping", "v": 2, "space_hash32": SPACE ^ 1}
+CAP_OK = {"method": "capability", "v": 2, "agreed_proto": 2, "compress": ["none"], "crypto": ["none"]}
+CAP_BAD = {"method": "capability", "v": 9, "agreed_proto": 9}
+ERROR = {"method": "error", "code": "INTERNAL", "message": "boom"}
+
+
+def _config(role: Role) -> SessionConfig:
+    return SessionConfig(role=role, space_hash32=SPACE, expected_space_hash=SPACE, strict=False,
+                         handshake_attempts=2, handshake_retry=0.5)
+
+
+def _drive_to(role: Role, state: State) -> Session:
+    """A session brought to `state` by real inputs."""
+    s = Session(_config(role))
+    if state is State.IDLE:
+        return s
+    if state is State.CLOSED:
+        s.close(0.0)
+        return s
+    if role is Role.SERVER:
+        assert state is State.ESTABLISHED
+        s.receive_datagram(control(PING_OK, space=SPACE), 0.0)
+    else:
+        s.initiate(0.0)
+        if state is State.ESTABLISHED:
+            s.receive_datagram(control(CAP_OK, space=SPACE), 0.0)
+        elif state is State.FAILED:
+            s.receive_datagram(control(ERROR, space=SPACE), 0.0)
+    s.datagrams_to_send()
+    assert s.state is state
+    return s
+
+
+def _feed(s: Session, inp: Input) -> list:
+    data = {
+        Input.PING_OK: lambda: control(PING_OK, 5, SPACE),
+        Input.PING_BAD: lambda: control(PING_BAD, 5, SPACE),
+        Input.CAPABILITY_OK: lambda: control(CAP_OK, 5, SPACE),
+        Input.CAPABILITY_BAD: lambda: control(CAP_BAD, 5, SPACE),
+        Input.ERROR: lambda: control(ERROR, 5, SPACE),
+        Input.DATA: lambda: _codec.encode(Think(np.ones((1, 8), np.float16), stream_id=3, space_hash32=SPACE)),
+        Input.BAD_FRAME: lambda: b"\x01\x00 definitely not a frame",
+    }
+    if inp in data:
+        return s.receive_datagram(data[inp](), 1.0)
+    if inp is Input.START:
+        return s.initiate(1.0) or []
+    if inp is Input.CLOSE:
+        return s.close(1.0) or []
+    if inp is Input.RETRY:
+        s._pings_sent = 0
+        return s.tick(s._next_ping + 0.01)  # past handshake_retry, with attempts left
+    s._pings_sent = s.config.handshake_attempts  # DEADLINE: attempts used up
+    return s.tick(s._next_ping + 0.01)
+
+
+REACHABLE = [(r, st_) for r, st_ in sorted({(r, s) for (r, s, _) in TRANSITIONS}, key=str)
+             if not (r is Role.SERVER and st_ in (State.AWAIT_CAPABILITY, State.FAILED))]
+
+
+@pytest.mark.parametrize("role,state", REACHABLE)
+@pytest.mark.parametrize("inp", list(Input))
+def test_every_state_input_pair(role, state, inp):
+    s = _drive_to(role, state)
+    action, nxt = TRANSITIONS[role, state, inp]
+    if action is Action.INVALID:
+        with pytest.raises(LocalProtocolError):
+            _feed(s, inp)
+        assert s.state is state  # a refused call changes nothing
+        return
+    events = _feed(s, inp)
+    assert s.state is nxt, (role, state, inp, action)
+    sent = s.datagrams_to_send()
+    if action is Action.SEND_PING:
+        assert [json.loads(_codec.decode(d).json.tobytes())["method"] for d in sent] == ["ping"]
+    if action is Action.ANSWER_CAPABILITY:
+        assert json.loads(_codec.decode(sent[-1]).json.tobytes())["method"] == "capability"
+        assert isinstance(events[-1], HandshakeComplete)
+    if action is Action.ANSWER_ERROR:
+        assert json.loads(_codec.decode(sent[-1]).json.tobytes())["code"] == "SPACE_MISMATCH"
+        assert isinstance(events[-1], HandshakeFailed)
+    if action is Action.ADOPT:
+        assert isinstance(events[-1], HandshakeComplete) and s.agreement is not None
+    if action is Action.FAIL:
+        assert isinstance(events[-1], HandshakeFailed) and s.agreement is None
+    if action in (Action.ACCEPT, Action.ACCEPT_IF_LENIENT):
+        assert kinds(events) == ["MessageReceived"]
+    if action is Action.REPORT_BAD_FRAME:
+        assert kinds(events) == ["FrameRejected"] and events[0].reason == "malformed"
+    if action is Action.REPORT_REMOTE_ERROR:
+        assert isinstance(events[-1], RemoteError) and events[-1].code == "INTERNAL"
+    if action is Action.DROP and inp not in (Input.CLOSE, Input.RETRY, Input.DEADLINE):
+        assert kinds(events) == ["FrameRejected"] and events[0].reason == "closed"
+    if action is Action.SHUTDOWN:
+        assert sent == []
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from([i for i in Input]), max_size=12), st.sampled_from([Role.CLIENT, Role.SERVER]))
+def test_random_input_sequences_follow_the_table(inputs, role):
+    s = Session(_config(role))
+    for inp in inputs:
+        before = s.state
+        action, nxt = TRANSITIONS[role, before, inp]
+        if action is Action.INVALID:
+            with pytest.raises(LocalProtocolError):
+                _feed(s, inp)
+            assert s.state is before
+        else:
+            _feed(s, inp)
+            assert s.state is nxt
+        s.datagrams_to_send()
+
+
+# ------------------------------------------------------------------ negotiation
+
+
+def test_default_handshake_and_data():
+    c, s = Session(role="client"), Session(role="server")
+    c_events, s_events = handshake(c, s)
+    assert kinds(s_events) == ["MessageReceived", "HandshakeComplete"]
+    assert isinstance(c_events[-1], HandshakeComplete)
+    a = c.agreement
+    assert (a.proto, a.compress, a.crypto, a.max_frame_bytes) == (2, "none", "none", 65536)
+    arr = np.arange(2048, dtype=np.float16).reshape(1, 2048)
+    c.send(Think(arr, stream_id=4))
+    (ev,) = s.receive_data(c.data_to_send(), 0.0)
+    assert isinstance(ev, MessageReceived) and np.array_equal(ev.frame.hidden.numpy(), arr)
+
+
+def test_client_uses_best_common_compression_and_smaller_frame():
+    c = Session(role="client", compress=("zstd", "none"), max_frame_bytes=1200)
+    s = Session(role="server", compress=("zstd", "none"))
+    handshake(c, s)
+    assert c.agreement.compress == "zstd" and c.agreement.max_frame_bytes == 1200
+    assert s.agreement.max_frame_bytes == 1200
+    c.send(Think(np.zeros((1, 256), np.float16)))
+    (d,) = c.datagrams_to_send()
+    assert d[0] == 2  # a version-2 (compressed) frame
+    (ev,) = s.receive_datagram(d, 0.0)
+    assert ev.frame.hidden.numpy().sum() == 0
+
+
+def test_unsupported_features_are_reduced_not_fatal():
+    c = Session(role="client", compress=("zstd", "none"))
+    s = Session(role="server", compress=("none",))  # this server never reads zstd
+    c_events, _ = handshake(c, s)
+    assert isinstance(c_events[-1], HandshakeComplete)
+    assert c.agreement.compress == "none"
+    c.send(Think(np.zeros((1, 256), np.float16)))
+    assert c.datagrams_to_send()[0][0] == 1
+
+
+def test_reference_ping_gets_protocol_1():
+    s = Session(role="server", compress=("zstd", "none"))
+    ping = (resonant.__file__.rsplit("/", 2)[0] + "/tests/vectors/reference/01_sync_ping.bin")
+    events = s.receive_datagram(open(ping, "rb").read(), 0.0)
+    assert isinstance(events[-1], HandshakeComplete)
+    cap = json.loads(_codec.decode(s.datagrams_to_send()[0]).json.tobytes())
+    assert cap["agreed_proto"] == 1 and cap["compress"] == ["none"] and cap["crypto"] == ["none"]
+
+
+def test_unsupported_version():
+    s = Session(role="server")
+    events = s.receive_datagram(control({"method": "ping", "v": 0}), 0.0)
+    assert isinstance(events[-1], HandshakeFailed) and events[-1].code == "UNSUPPORTED_VERSION"
+    reply = json.loads(_codec.decode(s.datagrams_to_send()[0]).json.tobytes())
+    assert reply["code"] == "UNSUPPORTED_VERSION" and reply["got"] == "0"
+
+
+def test_encryption_negotiated_and_required():
+    key = Key.generate()
+    c, s = Session(role="client", key=key), Session(role="server", key=key)
+    c_events, _ = handshake(c, s)
+    assert c.agreement.crypto == "xchacha20poly1305"
+    c.send(Think(np.ones((1, 64), np.float16), stream_id=1))
+    (ev,) = s.receive_datagram(c.datagrams_to_send()[0], 0.0)
+    assert isinstance(ev, MessageReceived)
+    plain = _codec.encode(Think(np.ones((1, 64), np.float16), stream_id=1, frame_seq=50))
+    (ev,) = s.receive_datagram(plain, 0.0)
+    assert isinstance(ev, FrameRejected) and ev.reason == "not_encrypted"
+
+
+def test_server_with_key_refuses_a_client_without_encryption():
+    s = Session(role="server", key=Key.generate())
+    # A plain ping to a server that requires encryption is refused (unauthenticated).
+    events = s.receive_datagram(control({"method": "ping", "v": 2, "crypto": ["none"]}), 0.0)
+    assert kinds(events) == ["FrameRejected"] and events[0].reason == "not_encrypted"
+    assert s.state is State.IDLE
+
+
+def test_client_without_key_against_keyless_server_offering_none():
+    c = Session(role="client", crypto=("none",))
+    s = Session(role="server")
+    handshake(c, s)
+    assert c.agreement.crypto == "none"
+
+
+def test_space_mismatch_is_explained():
+    mine = ModelSignature("org/model-a", "r1", "f16", 6, 384, 12, 32, "tok1")
+    theirs = ModelSignature("org/model-b", "r1", "f16", 6, 384, 12, 32, "tok1")
+    s = Session(role="server", expected_space_hash=mine.space_hash32(), model_signature=mine)
+    c = Session(role="client", space_hash32=theirs.space_hash32(), model_signature=theirs)
+    c_events, s_events = handshake(c, s)
+    assert isinstance(s_events[-1], HandshakeFailed) and s_events[-1].code == "SPACE_MISMATCH"
+    assert "model_id" in s_events[-1].message and "model-b" in s_events[-1].message
+    assert isinstance(c_events[-1], HandshakeFailed) and c_events[-1].code == "SPACE_MISMATCH"
+    assert c.state is State.FAILED
+
+
+def test_space_hash_enforced_on_data():
+    s = Session(role="server", expected_space_hash=SPACE, strict=False)
+    events = s.receive_datagram(_codec.encode(Think(np.ones((1, 4), np.float16), space_hash32=7)), 0.0)
+    assert kinds(events) == ["FrameRejected"] and events[0].reason == "space_mismatch"
+    reply = json.loads(_codec.decode(s.datagrams_to_send()[0]).json.tobytes())
+    assert reply["code"] == "SPACE_MISMATCH" and reply["expected"] == str(SPACE) and reply["got"] == "7"
+
+
+def test_strict_mode_requires_the_handshake():
+    s = Session(role="server", expected_space_hash=SPACE)  # strict by default
+    assert s.config.is_strict
+    data = _codec.encode(Think(np.ones((1, 4), np.float16), space_hash32=SPACE))
+    events = s.receive_datagram(data, 0.0)
+    assert kinds(events) == ["FrameRejected"] and events[0].reason == "handshake_required"
+    assert json.loads(_codec.decode(s.datagrams_to_send()[0]).json.tobytes())["code"] == "HANDSHAKE_REQUIRED"
+    s.receive_datagram(control(PING_OK, 1, SPACE), 0.0)
+    assert kinds(s.receive_datagram(data, 0.0)) == ["MessageReceived"]
+
+
+def test_lenient_by_default_like_the_reference_receiver():
+    s = Session(role="server")
+    assert not s.config.is_strict
+    assert kinds(s.receive_datagram(_codec.encode(Think(np.ones((1, 4), np.float16))), 0.0)) == ["MessageReceived"]
+
+
+@pytest.mark.parametrize("payload", [
+    b"{not json", b"[]", json.dumps({"method": "ping", "v": -1}).encode(),
+    json.dumps({"method": "nope"}).encode(), b'{"method":"ping","x":"' + b"a" * 60100 + b'"}',  # over max_json_bytes (60,000), fits a frame
+    json.dumps({"method": "capability"}).encode(),
+])
+def test_bad_or_oversized_json_gets_an_error_reply(payload):
+    s = Session(role="server")
+    frame = _codec.encode(Sync(payload)) if len(payload) < 65000 else None
+    if frame is None:
+        pytest.skip("does not fit one frame")
+    events = s.receive_datagram(frame, 0.0)
+    assert kinds(events) == ["FrameRejected"] and events[0].reason == "malformed"
+    reply = json.loads(_codec.decode(s.datagrams_to_send()[0]).json.tobytes())
+    assert reply["method"] == "error" and reply["code"] == "BAD_REQUEST"
+
+
+def test_error_replies_are_rate_limited():
+    s = Session(role="server")
+    for i in range(50):
+        s.receive_datagram(b"garbage" * i, 0.001 * i)
+    assert len(s.datagrams_to_send()) == 1
+    s.receive_datagram(b"garbage", 2.0)
+    assert len(s.datagrams_to_send()) == 1
+    assert s.stats["malformed"] == 51
+
+
+def test_ping_retries_then_fails():
+    c = Session(role="client", handshake_retry=0.5, handshake_attempts=3)
+    c.initiate(0.0)
+    assert len(c.datagrams_to_send()) == 1
+    assert c.tick(0.2) == [] and c.datagrams_to_send() == []
+    c.tick(0.6)
+    c.tick(1.2)
+    assert len(c.datagrams_to_send()) == 2
+    events = c.tick(1.8)
+    assert isinstance(events[-1], HandshakeFailed) and events[-1].code == "TIMEOUT"
+    assert c.state is State.FAILED
+
+
+def test_repeated_ping_is_answered_again():
+    c, s = Session(role="client"), Session(role="server")
+    c.initiate(0.0)
+    ping = c.datagrams_to_send()[0]
+    s.receive_datagram(ping, 0.0)
+    s.datagrams_to_send()  # the capability is lost
+    c.tick(1.0)
+    (retry,) = c.datagrams_to_send()
+    events = s.receive_datagram(retry, 1.0)
+    assert isinstance(events[-1], HandshakeComplete)
+    (cap,) = s.datagrams_to_send()
+    assert isinstance(c.receive_datagram(cap, 1.0)[-1], HandshakeComplete)
+
+
+def test_local_misuse():
+    s = Session(role="server")
+    with pytest.raises(LocalProtocolError, match="only a client"):
+        s.initiate(0.0)
+    s.close()
+    with pytest.raises(LocalProtocolError, match="closed"):
+        s.send(Think(np.ones((1, 4), np.float16)))
+    c = Session(role="client", max_frame_bytes=512)
+    with pytest.raises(LocalProtocolError, match="max_frame_bytes"):
+        c.send(Think(np.ones((1, 1024), np.float16)))
+    with pytest.raises(ValueError, match="no key"):
+        SessionConfig(crypto=("xchacha20poly1305",))
+    with pytest.raises(ValueError, match="max_frame_bytes"):
+        SessionConfig(max_frame_bytes=511)
+
+
+def test_stream_through_sessions_with_compression_and_encryption():
+    key = Key.generate()
+    c = Session(role="client", key=key, compress=("zstd", "none"))
+    s = Session(role="server", key=key, compress=("zstd", "none"))
+    handshake(c, s)
+    objs = [np.random.default_rng(i).standard_normal((4, 300, 64)).astype(np.float16) for i in range(4)]
+    events = []
+    for data in c.stream(77, objs, names=["a", "b", "c", "d"]):
+        c.send_encoded(data)
+    for d in c.datagrams_to_send():
+        events += s.receive_datagram(d, 0.0)
+    done = events[-1]
+    assert isinstance(done, StreamComplete) and all(np.array_equal(a, b) for a, b in zip(done.objects, objs))
+
+
+# ------------------------------------------------------------------ replay window
+
+
+def test_replayed_encrypted_frames_are_dropped_and_counted():
+    key = Key.generate()
+    c, s = Session(role="client", key=key), Session(role="server", key=key)
+    handshake(c, s)
+    for _ in range(3):
+        c.send(Think(np.ones((1, 8), np.float16), stream_id=9))
+    frames = c.datagrams_to_send()
+    for f in frames:
+        assert kinds(s.receive_datagram(f, 0.0)) == ["MessageReceived"]
+    for f in frames:
+        (ev,) = s.receive_datagram(f, 0.0)
+        assert ev.reason == "replay"
+    assert s.stats["replay"] == 3
+
+
+def test_replay_window_semantics():
+    w = ReplayWindow(size=64)
+    assert w.check(1, 100) == "ok"
+    assert w.check(1, 100) == "replay"
+    assert w.check(1, 90) == "ok" and w.check(1, 90) == "replay"
+    assert w.check(1, 36) == "too_old"  # 100 - 36 = 64: outside a 64-wide window
+    assert w.check(1, 37) == "ok"
+    assert w.check(1, 1000) == "ok"
+    assert w.check(1, 999) == "ok" and w.check(1, 937) == "ok" and w.check(1, 936) == "too_old"
+    assert w.check(2, 0) == "ok"  # streams are independent
+
+
+@given(st.lists(st.integers(0, 300), max_size=200), st.integers(1, 128))
+def test_replay_window_matches_a_model(seqs, size):
+    w = ReplayWindow(size=size)
+    seen: set[int] = set()
+    top = None
+    for q in seqs:
+        if top is not None and q <= top - size:
+            want = "too_old"
+        elif q in seen:
+            want = "replay"
+        else:
+            want = "ok"
+        assert w.check(0, q) == want
+        if want == "ok":
+            seen.add(q)
+            top = q if top is None else max(top, q)
+
+
+def test_replay_window_bounded_streams():
+    w = ReplayWindow(size=8, max_streams=10)
+    for sid in range(1000):
+        w.check(sid, 0)
+    assert len(w) == 10
+
+
+# ------------------------------------------------------------------ TCP records
+
+
+def _vectors() -> list[bytes]:
+    import glob
+    import os
+    here = os.path.dirname(__file__)
+    return [open(p, "rb").read() for p in sorted(glob.glob(os.path.join(here, "vectors/reference/*.bin")))]
+
+
+def test_records_whole_and_byte_by_byte():
+    frames = _vectors()
+    stream = b"".join(frame_record(f) for f in frames)
+    r = RecordReader()
+    assert [bytes(v) for v in r.feed(stream)] == frames
+    r = RecordReader()
+    got = []
+    for i in range(len(stream)):
+        got += [bytes(v) for v in r.feed(stream[i:i + 1])]
+    assert got == frames and r.pending == 0
+
+
+@given(st.lists(st.integers(1, 70000), max_size=8))
+def test_records_any_split(cuts):
+    frames = _vectors()
+    stream = b"".join(frame_record(f) for f in frames)
+    bounds = sorted({0, len(stream), *(c % len(stream) for c in cuts)})
+    r = RecordReader(read_size=4096)
+    got = []
+    for a, b in zip(bounds, bounds[1:]):
+        got += [bytes(v) for v in r.feed(stream[a:b])]
+    assert got == frames
+
+
+def test_record_length_limits():
+    r = RecordReader()
+    with pytest.raises(FramingError, match=r"record.length: 4294967295 is outside 1..max_frame_bytes \(65536\)"):
+        r.feed(b"\xff\xff\xff\xff")
+    with pytest.raises(FramingError):  # stays broken
+        r.feed(frame_record(_vectors()[0]))
+    with pytest.raises(FramingError, match="record.length: 0"):
+        RecordReader().feed(b"\x00\x00\x00\x00")
+
+
+def test_truncated_record_at_eof():
+    r = RecordReader()
+    rec = frame_record(_vectors()[0])
+    r.feed(rec[:10])
+    with pytest.raises(FramingError, match="ended 10 bytes into a record of"):
+        r.eof()
+    RecordReader().eof()  # nothing pending: fine
+
+
+def test_session_tcp_errors_are_events():
+    s = Session(role="server")
+    good = frame_record(_vectors()[3])
+    bad = frame_record(b"\x01" + b"\x00" * 40)
+    events = s.receive_data(good + bad + good, 0.0)
+    assert kinds(events) == ["MessageReceived", "FrameRejected", "MessageReceived"]
+    events = s.receive_data(b"\xff\xff\xff\xff" + good, 0.0)
+    assert kinds(events) == ["ConnectionBroken"] and isinstance(events[0], ConnectionBroken)
+    s2 = Session(role="server")
+    s2.receive_data(good[:100], 0.0)
+    assert kinds(s2.receive_eof(0.0)) == ["ConnectionBroken"]
+
+
+def test_zero_copy_buffer_protocol():
+    s = Session(role="server")
+    stream = b"".join(frame_record(f) for f in _vectors())
+    events = []
+    pos = 0
+    while pos < len(stream):
+        buf = s.get_buffer(-1)
+        n = min(len(buf), 777, len(stream) - pos)
+        buf[:n] = stream[pos:pos + n]
+        pos += n
+        events += s.buffer_updated(n, 0.0)
+    msgs = [e for e in events if isinstance(e, MessageReceived)]
+    assert len(msgs) == 12
+    # Messages outlive the receive buffer: overwrite it and check a payload is intact.
+    s.get_buffer(-1)[:1000] = b"\x00" * 1000
+    assert msgs[3].frame.hidden.tobytes() == _codec.decode(_vectors()[3]).hidden.tobytes()
