@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 from urllib.parse import urlsplit
 
 from resonant._codec import Frame
+from resonant._spec import MAX_UDP_FRAME_BYTES
 from resonant.errors import HandshakeRefused
 from resonant.session import (
     ConnectionBroken,
@@ -36,7 +37,6 @@ from resonant.session import (
 
 __all__ = ["connect", "serve", "Peer", "Server", "parse_url", "MAX_UDP_FRAME_BYTES"]
 
-MAX_UDP_FRAME_BYTES = 65507   # the largest IPv4 UDP payload
 _TICK = 0.05                  # seconds between timer ticks
 _UDP_RCVBUF = 4 << 20         # ask the kernel for this much receive buffer
 _QUEUE_LIMIT = 4096           # events waiting for the application before reading pauses

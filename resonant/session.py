@@ -24,9 +24,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
+
 from resonant import _codec, handshake
-from resonant._codec import Chunk, Frame, Sync
-from resonant._spec import Flags, MAX_FRAME_BYTES
+from resonant._codec import Chunk, Frame, Slice, Sync, make_frame
+from resonant._spec import MAX_FRAME_BYTES, TCP_LENGTH_PREFIX_BYTES, Flags
 from resonant.errors import (
     DecodeError,
     FramingError,
@@ -50,7 +52,7 @@ __all__ = [
 #: 2 = version-2 frames too (compression and encryption).
 PROTOCOL_VERSIONS = (1, 2)
 PROTOCOL_VERSION = max(PROTOCOL_VERSIONS)
-_LEN_BYTES = 4
+_LEN_BYTES = TCP_LENGTH_PREFIX_BYTES
 
 
 # ------------------------------------------------------------------ the state table
@@ -162,6 +164,16 @@ TRANSITIONS: dict[tuple[Role, State, Input], tuple[Action, State]] = _table()
 
 
 _DTYPE_NAMES = {"f16": 0x01, "i8": 0x02, "q4": 0x03, "bf16": 0x04, "f32": 0x05, "sparse": 0x10}
+_REFERENCE_DTYPES = ("f16", "i8", "q4", "sparse")  # what a protocol-1 (reference) peer reads
+_FLOAT_FALLBACK = {"bf16": ("f32", "f16"), "f32": ("f16", "bf16"), "f16": ("f32", "bf16")}
+
+
+def _bf16():
+    import ml_dtypes
+    return ml_dtypes.bfloat16
+
+
+_NUMPY_FLOATS = {"f16": lambda: np.float16, "f32": lambda: np.float32, "bf16": _bf16}
 
 
 @dataclass(frozen=True)
@@ -467,7 +479,7 @@ class Session:
         self._last_error_reply = float("-inf")
         self._seq: dict[int, int] = {}
         self.stats: dict[str, int] = {k: 0 for k in (
-            "frames_in", "frames_out", "bytes_in", "bytes_out", "messages", "malformed", "space_mismatch", "not_encrypted", "replay",
+            "frames_in", "frames_out", "bytes_in", "bytes_out", "dtype_converted", "messages", "malformed", "space_mismatch", "not_encrypted", "replay",
             "too_old", "handshake_required", "dropped_closed", "errors_sent")}
 
     # -------------------------------------------------------------- local calls
@@ -491,6 +503,7 @@ class Session:
         stream when encrypting)."""
         if self.state is State.CLOSED:
             raise LocalProtocolError("send", "the session is closed")
+        frame = self._reduce_dtypes(frame)
         if not keep_seq:
             frame = frame.replace(frame_seq=self._next_seq(frame.stream_id))
         self._queue(self._encode(frame))
@@ -677,7 +690,8 @@ class Session:
         c = self.config
         compress = next(x for x in c.compress if x in doc.get("compress", ["none"]))
         crypto = next(x for x in c.crypto if x in doc.get("crypto", ["none"]))
-        dtypes = tuple(d for d in c.dtypes if d in doc.get("supports", {}).get("dtype", c.dtypes))
+        dtypes = tuple(d for d in c.dtypes if d in doc.get("supports", {}).get("dtype", c.dtypes)
+                       and (doc["agreed_proto"] >= 2 or d in _REFERENCE_DTYPES))
         self.agreement = Agreement(doc["agreed_proto"], compress, crypto, dtypes,
                                    min(c.max_frame_bytes, doc.get("max_frame_bytes", MAX_FRAME_BYTES)),
                                    c.critique and doc.get("supports", {}).get("critique", True),
@@ -753,7 +767,8 @@ class Session:
         crypto = [x for x in c.crypto if x in theirs_crypto] if proto >= 2 else ["none"]
         if not compress:  # no common compression: plain frames always work
             compress = ["none"]
-        dtypes = tuple(d for d in c.dtypes if d in ping.get("supports", {}).get("dtype", c.dtypes))
+        dtypes = tuple(d for d in c.dtypes if d in ping.get("supports", {}).get("dtype", c.dtypes)
+                       and (proto >= 2 or d in _REFERENCE_DTYPES))
         return Session._Offer(proto, compress, crypto, dtypes,
                               min(c.max_frame_bytes, ping.get("max_frame_bytes", MAX_FRAME_BYTES)),
                               bool(ping.get("supports", {}).get("critique", True)))
@@ -809,6 +824,31 @@ class Session:
 
     def _encode(self, frame: Frame) -> bytes:
         return self._encoder.encode(frame) if self._encoder is not None else _codec.encode(frame)
+
+    def _reduce_dtypes(self, frame: Frame) -> Frame:
+        """Float tensors in a dtype the peer did not agree to are converted to one it did
+        (lossless first: bf16 -> f32 before f16), and counted; other dtypes cannot be."""
+        a = self.agreement
+        if a is None or not frame.slices:
+            return frame
+        names = {v: k for k, v in _DTYPE_NAMES.items()}
+        if all(names.get(int(sl.dtype)) in a.dtypes for sl in frame.slices):
+            return frame
+        out = []
+        for sl in frame.slices:
+            name = names.get(int(sl.dtype))
+            if name in a.dtypes:
+                out.append(sl)
+                continue
+            target = next((t for t in _FLOAT_FALLBACK.get(name, ()) if t in a.dtypes), None)
+            if target is None:
+                raise LocalProtocolError("send", f"the peer does not accept {name} tensors (it agreed to "
+                                         f"{', '.join(a.dtypes)})")
+            arr = sl.numpy().astype(_NUMPY_FLOATS[target]())
+            out.append(Slice.from_array(arr, dtype=_DTYPE_NAMES[target]))
+            self.stats["dtype_converted"] += 1
+        return make_frame(frame.msg_type, out, stream_id=frame.stream_id, frame_seq=frame.frame_seq,
+                          space_hash32=frame.space_hash32, modality=frame.modality, flags=frame.flags)
 
     def _next_seq(self, stream_id: int) -> int:
         n = self._seq.get(stream_id, 0)

@@ -524,3 +524,29 @@ def test_zero_copy_buffer_protocol():
     # Messages outlive the receive buffer: overwrite it and check a payload is intact.
     s.get_buffer(-1)[:1000] = b"\x00" * 1000
     assert msgs[3].frame.hidden.tobytes() == _codec.decode(_vectors()[3]).hidden.tobytes()
+
+
+def test_dtypes_the_peer_lacks_are_reduced():
+    import ml_dtypes
+    c = Session(role="client", dtypes=("f16", "bf16", "f32", "i8"))
+    s = Session(role="server", dtypes=("f16", "i8"))
+    handshake(c, s)
+    assert c.agreement.dtypes == ("f16", "i8")
+    x = np.linspace(-2, 2, 64, dtype=np.float32).astype(ml_dtypes.bfloat16).reshape(1, 64)
+    c.send(Think(x))
+    (ev,) = s.receive_datagram(c.datagrams_to_send()[0], 0.0)
+    got = ev.frame.hidden.numpy()
+    assert got.dtype == np.float16 and np.array_equal(got.astype(np.float32), x.astype(np.float32))
+    assert c.stats["dtype_converted"] == 1
+    c.send(Think(np.ones((1, 4), np.int8)))  # agreed: unchanged
+    assert c.stats["dtype_converted"] == 1
+    only_i8 = Session(role="client", dtypes=("i8",))
+    handshake(only_i8, Session(role="server"))
+    with pytest.raises(LocalProtocolError, match="does not accept f16"):
+        only_i8.send(Think(np.ones((1, 4), np.float16)))
+
+
+def test_protocol_1_peers_get_reference_dtypes_only():
+    s = Session(role="server")
+    s.receive_datagram(control({"method": "ping", "ts": 1}), 0.0)
+    assert s.agreement.proto == 1 and s.agreement.dtypes == ("f16", "i8", "q4", "sparse")
