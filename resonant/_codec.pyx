@@ -9,7 +9,7 @@ against the input size and the named limits before any pointer read or allocatio
 """
 
 cimport cython
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memcmp
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
@@ -503,7 +503,13 @@ cdef inline long long _expected_size(uint8_t dtype, uint64_t n) noexcept:
         return <long long>(n * 2)
     if dtype == 5:  # F32: n × 4
         return <long long>(n * 4)
+    if dtype == 6:  # Q8_0: ceil(n / 32) × 34
+        return <long long>(((n + 31) // 32) * 34)
+    if dtype == 7:  # Q4_0: ceil(n / 32) × 18
+        return <long long>(((n + 31) // 32) * 18)
     if dtype == 16:  # SPARSE_COO: slice_len (any length)
+        return -1
+    if dtype == 17:  # SPARSE_COO_U32: slice_len (any length)
         return -1
     return -2
 
@@ -1780,3 +1786,7 @@ def _copy_payload(Slice s not None, dest, Py_ssize_t offset, Xxh3 hasher=None):
     if hasher is not None and st == NULL:
         hasher._feed(&d[offset], s._len)
     return s._len
+
+# --------------------------------------------------------------------------- quantization (hand-written)
+
+include "_quant.pxi"

@@ -72,7 +72,10 @@ class DType(enum.IntEnum):
     Q4 = 0x03  #: Bare 4-bit values packed two per byte with no scale (the reference's Q4).
     BF16 = 0x04  #: bfloat16 (8-bit exponent, 7-bit mantissa), little-endian; numpy through ml_dtypes.
     F32 = 0x05  #: IEEE 754 binary32, little-endian.
-    SPARSE_COO = 0x10  #: Sparse COO tensor of the given dense shape; its inner layout is opaque here, so its size comes from slice_len alone.
+    Q8_0 = 0x06  #: ggml's Q8_0, byte for byte: blocks of 32 values, each an fp16 scale d (little-endian) then 32 int8 q; a value is q·d. Quantizing takes d = max|x| / 127 and q = round(x / d) (half away from zero). The values run through the blocks in order; a last partial block is padded with zeros. llama.cpp's dequantize_row_q8_0 reads the payload as it is.
+    Q4_0 = 0x07  #: ggml's Q4_0, byte for byte: blocks of 32 values, each an fp16 scale d then 16 bytes; byte j holds element j in its low nibble and element j+16 in its high nibble; a value is (q − 8)·d. Quantizing takes m = the value of largest magnitude, d = m / −8 and q = min(15, trunc(x / d + 8.5)). A last partial block is padded with zeros.
+    SPARSE_COO = 0x10  #: Sparse COO tensor of the given dense shape, as the reference sends it; its inner layout is opaque here, so its size comes from slice_len alone.
+    SPARSE_COO_U32 = 0x11  #: Sparse COO tensor of the given dense shape with a specified layout (little-endian): u32 nnz, u8 value dtype (F16, BF16, F32 or I8), u8 flags (bit 0: sorted, i.e. the nonzeros are in row-major order of their coordinates), u16 zero; then nnz × ndim u32 coordinates (nonzero by nonzero); then nnz values. Its size comes from slice_len and must equal 8 + nnz × (4·ndim + value size).
 
 
 class Flags(enum.IntFlag):

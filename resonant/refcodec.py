@@ -46,7 +46,7 @@ _U32 = struct.Struct("<I")
 MSG_TYPES = {0: "THINK", 1: "CACHE", 2: "ASK", 3: "SYNC", 4: "CRITIQUE", 5: "CHUNK"}
 MODALITIES = {0: "TEXT", 1: "IMAGE", 2: "AUDIO", 3: "GRAPH", 4: "MIXED"}
 FLAGS = {1: "ZSTD", 2: "XCHACHA", 4: "STRONG_TAIL"}
-DTYPES = {1: "F16", 2: "I8", 3: "Q4", 4: "BF16", 5: "F32", 16: "SPARSE_COO"}
+DTYPES = {1: "F16", 2: "I8", 3: "Q4", 4: "BF16", 5: "F32", 6: "Q8_0", 7: "Q4_0", 16: "SPARSE_COO", 17: "SPARSE_COO_U32"}
 I8 = 2
 # (class name, {slice count: ((role, kind), ...)}) per message type
 LAYOUTS = {
@@ -71,7 +71,13 @@ def expected_size(dtype: int, n: int) -> int | None:
         return n * 2
     if dtype == 5:  # F32: n × 4
         return n * 4
+    if dtype == 6:  # Q8_0: ceil(n / 32) × 34
+        return -(-n // 32) * 34
+    if dtype == 7:  # Q4_0: ceil(n / 32) × 18
+        return -(-n // 32) * 18
     if dtype == 16:  # SPARSE_COO: slice_len (any length)
+        return None
+    if dtype == 17:  # SPARSE_COO_U32: slice_len (any length)
         return None
     return -1
 

@@ -27,7 +27,10 @@ LAYOUTS = {
 # Q4: ceil(n × 4 / 8)
 # BF16: n × 2
 # F32: n × 4
+# Q8_0: ceil(n / 32) × 34
+# Q4_0: ceil(n / 32) × 18
 # SPARSE_COO: slice_len (any length)
+# SPARSE_COO_U32: slice_len (any length)
 
 
 def payload_size(dtype: DType, n: int, free: int) -> int:
@@ -42,7 +45,13 @@ def payload_size(dtype: DType, n: int, free: int) -> int:
         return n * 2
     if dtype == DType.F32:
         return n * 4
+    if dtype == DType.Q8_0:
+        return -(-n // 32) * 34
+    if dtype == DType.Q4_0:
+        return -(-n // 32) * 18
     if dtype == DType.SPARSE_COO:
+        return free
+    if dtype == DType.SPARSE_COO_U32:
         return free
     raise AssertionError(dtype)
 

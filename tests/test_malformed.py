@@ -127,7 +127,7 @@ THINK = vector_bytes("04_think_f16_random.bin")  # Think, 1 slice: F16 [1, 2048]
         (patch(PING, 32, "B", 7), UnknownModality,
          "modality: 7 is not a modality (0 TEXT, 1 IMAGE, 2 AUDIO, 3 GRAPH, 4 MIXED) (at byte 32)"),
         (patch(PING, 33, "B", 0x42), UnknownDType,
-         "slices[0].dtype: 0x42 is not a dtype (0x01 F16, 0x02 I8, 0x03 Q4, 0x04 BF16, 0x05 F32, 0x10 SPARSE_COO) (at byte 33)"),
+         "slices[0].dtype: 0x42 is not a dtype (0x01 F16, 0x02 I8, 0x03 Q4, 0x04 BF16, 0x05 F32, 0x06 Q8_0, 0x07 Q4_0, 0x10 SPARSE_COO, 0x11 SPARSE_COO_U32) (at byte 33)"),
         (patch(PING, 16, "Q", 2**64 - 1, fix_crc=False), LimitExceeded,
          "num_slices: 18446744073709551615, more than max_slices (1024) (at byte 16)"),
         (patch(PING, 34, "B", 9, fix_crc=False), LimitExceeded,

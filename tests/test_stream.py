@@ -735,7 +735,7 @@ def test_tiny_chunk_bytes_cannot_stall_tick():
         ([{"dtype": 1, "shape": [8], "nbytes": 16}], {"msg_type": 9}, "head.msg_type: 9 is not a message type"),
         ([{"dtype": 1, "shape": [8], "nbytes": 16}], {"chunk_bytes": 0}, "head.chunk_bytes: 0 is not in 1..65536"),
         ([{"dtype": 1, "shape": [8], "nbytes": 16}], {"chunk_bytes": 65538}, "head.chunk_bytes: 65538 is not in 1..65536"),
-        ([{"dtype": 7, "shape": [8], "nbytes": 16}], {}, "head.objects[0].dtype: 7 is not a dtype"),
+        ([{"dtype": 9, "shape": [8], "nbytes": 16}], {}, "head.objects[0].dtype: 9 is not a dtype"),
         ([{"dtype": 1, "shape": [8]}], {}, "head.objects[0].nbytes: required field is missing"),
         ([{"dtype": 1, "shape": [8], "nbytes": 16}], {"hash": "md5"}, "head.hash: 'md5' is not one of xxh3_64"),
     ],

@@ -1,0 +1,226 @@
+"""Quantized and sparse tensors: ggml-compatible Q8_0 / Q4_0, an adaptive choice of dtype
+under an error budget, and SparseCoo with a specified layout.
+
+    s = resonant.quant.quantize(hidden, "q8_0")        # a Slice: ggml blocks, the shape kept
+    x = resonant.quant.dequantize(s)                   # float32, the original shape
+    choice = resonant.quant.choose(hidden, min_cosine=0.999)
+    choice.dtype, choice.cosine, choice.nbytes         # what it picked and why
+
+The Q8_0 / Q4_0 kernels are C (in the codec extension), with ggml's reference formulas and
+rounding, so llama.cpp's dequantize_row_q8_0 / _q4_0 read the payloads byte for byte.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from resonant import _codec
+from resonant._codec import Slice
+from resonant._spec import NUMPY_DTYPES, DType
+from resonant.errors import SizeMismatch, UnsupportedDType
+
+__all__ = ["quantize", "dequantize", "to_float", "Choice", "choose", "error_of",
+           "sparse_from_dense", "sparse_from_scipy", "sparse_to_dense", "SparseCoo", "parse_sparse"]
+
+_KIND = {DType.Q8_0: 8, DType.Q4_0: 4}
+_NAMES = {"q8_0": DType.Q8_0, "q4_0": DType.Q4_0, "f16": DType.F16, "bf16": DType.BF16, "f32": DType.F32}
+
+
+def _dtype(d) -> DType:
+    if isinstance(d, str):
+        try:
+            return _NAMES[d.lower()]
+        except KeyError:
+            raise UnsupportedDType("dtype", f"{d!r}: expected one of {', '.join(_NAMES)}") from None
+    return DType(d)
+
+
+def quantize(x, dtype="q8_0") -> Slice:
+    """A Slice of x's values (C order) as Q8_0 or Q4_0 blocks, with x's shape."""
+    d = _dtype(dtype)
+    if d not in _KIND:
+        raise UnsupportedDType("dtype", f"{d.name} is not a quantized dtype (Q8_0, Q4_0)")
+    arr = np.asarray(x)
+    return Slice(d, arr.shape, _codec._quantize(arr, _KIND[d]))
+
+
+def dequantize(s: Slice) -> np.ndarray:
+    """float32 values of a Q8_0 / Q4_0 slice, in its shape."""
+    if s.dtype not in _KIND:
+        raise UnsupportedDType("dtype", f"{DType(s.dtype).name} is not a quantized dtype (Q8_0, Q4_0)")
+    n = int(np.prod(s.shape, dtype=np.int64))
+    return _codec._dequantize(s.payload, n, _KIND[s.dtype]).reshape(s.shape)
+
+
+def to_float(s: Slice) -> np.ndarray:
+    """Any dense slice as an array: quantized ones dequantized to float32, the others a view."""
+    if s.dtype in _KIND:
+        return dequantize(s)
+    return s.numpy()
+
+
+# ------------------------------------------------------------------ adaptive choice
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What choose() picked: the dtype, its slice, and the error it measured (relative L2
+    error ||x - x'|| / ||x||, max relative error max|x - x'| / max|x|, cosine similarity),
+    and every candidate it tried, smallest first."""
+
+    dtype: DType
+    slice: Slice
+    rel_error: float
+    max_rel_error: float
+    cosine: float
+    nbytes: int
+    tried: tuple[tuple[str, int, float, float, float], ...]  # (dtype, bytes, rel_error, max_rel_error, cosine)
+
+
+def error_of(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """(relative L2 error, max relative error, cosine similarity) of y as an approximation of x."""
+    a = np.asarray(x, np.float64).ravel()
+    b = np.asarray(y, np.float64).ravel()
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    diff = a - b
+    rel = float(np.linalg.norm(diff)) / na if na else float(np.linalg.norm(diff) > 0)
+    amax = float(np.abs(a).max()) if a.size else 0.0
+    mrel = float(np.abs(diff).max()) / amax if amax else (float(np.abs(diff).max() > 0) if a.size else 0.0)
+    cos = float(a @ b) / (na * nb) if na and nb else (1.0 if na == nb else 0.0)
+    return rel, mrel, cos
+
+
+def _encode_as(x: np.ndarray, d: DType) -> Slice:
+    if d in _KIND:
+        return quantize(x, d)
+    return Slice.from_array(np.ascontiguousarray(x.astype(np.dtype(NUMPY_DTYPES[d]))), dtype=d)
+
+
+def choose(x, *, max_rel_error: float | None = None, min_cosine: float | None = None,
+           max_abs_rel_error: float | None = None,
+           candidates: Sequence[str] = ("q4_0", "q8_0", "f16", "f32")) -> Choice:
+    """The smallest candidate whose error stays within the budget (every bound given must
+    hold): max_rel_error bounds ||x - x'|| / ||x||, max_abs_rel_error bounds
+    max|x - x'| / max|x|, min_cosine bounds the cosine similarity. The last candidate is
+    taken when none fits (check the returned errors)."""
+    if max_rel_error is None and min_cosine is None and max_abs_rel_error is None:
+        raise ValueError("give an error budget: max_rel_error, max_abs_rel_error and/or min_cosine")
+    arr = np.asarray(x)
+    order = sorted((_dtype(c) for c in candidates), key=lambda d: _size_of(d, arr.size))
+    tried = []
+    best = None
+    for d in order:
+        s = _encode_as(arr, d)
+        rel, mrel, cos = error_of(arr, to_float(s))
+        tried.append((d.name, s.nbytes, rel, mrel, cos))
+        best = (d, s, rel, mrel, cos)
+        if ((max_rel_error is None or rel <= max_rel_error) and (min_cosine is None or cos >= min_cosine)
+                and (max_abs_rel_error is None or mrel <= max_abs_rel_error)):
+            break
+    d, s, rel, mrel, cos = best
+    return Choice(d, s, rel, mrel, cos, s.nbytes, tuple(tried))
+
+
+def _size_of(d: DType, n: int) -> int:
+    if d == DType.Q8_0:
+        return -(-n // 32) * 34
+    if d == DType.Q4_0:
+        return -(-n // 32) * 18
+    return n * _codec.element_bytes(d)
+
+
+# ------------------------------------------------------------------ sparse COO, specified layout
+
+_SPARSE_HEAD = struct.Struct("<IBBH")  # nnz, value dtype, flags, zero
+_SORTED = 1
+_VALUE_DTYPES = (DType.F16, DType.BF16, DType.F32, DType.I8)
+
+
+@dataclass(frozen=True)
+class SparseCoo:
+    """A parsed SPARSE_COO_U32 payload: coordinates (nnz, ndim) uint32 and values (nnz,),
+    both views of the payload; `shape` is the dense shape."""
+
+    shape: tuple[int, ...]
+    coords: np.ndarray
+    values: np.ndarray
+    sorted: bool
+
+    def to_dense(self) -> np.ndarray:
+        out = np.zeros(self.shape, self.values.dtype)
+        if len(self.values):
+            out[tuple(self.coords.T.astype(np.intp))] = self.values
+        return out
+
+
+def _sparse_slice(shape: tuple[int, ...], coords: np.ndarray, values: np.ndarray, is_sorted: bool) -> Slice:
+    vd = next((d for d in _VALUE_DTYPES if np.dtype(NUMPY_DTYPES[d]) == values.dtype), None)
+    if vd is None:
+        raise UnsupportedDType("values", f"{values.dtype} values: use float16, bfloat16, float32 or int8")
+    head = _SPARSE_HEAD.pack(len(values), int(vd), _SORTED if is_sorted else 0, 0)
+    payload = head + np.ascontiguousarray(coords, dtype="<u4").tobytes() + np.ascontiguousarray(values).tobytes()
+    return Slice(DType.SPARSE_COO_U32, shape, payload)
+
+
+def sparse_from_dense(x, *, threshold: float | None = None, top_k: int | None = None,
+                      value_dtype=None) -> Slice:
+    """A SPARSE_COO_U32 slice of x keeping |x| > threshold, or the top_k largest |x| (exactly
+    one of the two); nonzeros in row-major order (sorted)."""
+    arr = np.asarray(x)
+    if (threshold is None) == (top_k is None):
+        raise ValueError("give exactly one of threshold and top_k")
+    if arr.ndim == 0 or arr.ndim > 8:
+        raise ValueError(f"a sparse tensor needs 1 to 8 dimensions, got {arr.ndim}")
+    flat = arr.reshape(-1)
+    mag = np.abs(flat.astype(np.float32))
+    if threshold is not None:
+        idx = np.flatnonzero(mag > threshold)
+    else:
+        k = max(0, min(int(top_k), flat.size))
+        idx = np.sort(np.argpartition(-mag, k - 1)[:k]) if k else np.empty(0, np.intp)
+    values = flat[idx]
+    if value_dtype is not None:
+        values = values.astype(value_dtype)
+    coords = np.stack(np.unravel_index(idx, arr.shape), axis=1) if len(idx) else np.empty((0, arr.ndim), np.intp)
+    return _sparse_slice(arr.shape, coords, np.ascontiguousarray(values), True)
+
+
+def sparse_from_scipy(m) -> Slice:
+    """A SPARSE_COO_U32 slice of a scipy.sparse matrix or array (any format)."""
+    coo = m.tocoo()
+    coords = np.stack([coo.row, coo.col], axis=1)
+    order = np.lexsort((coo.col, coo.row))
+    return _sparse_slice(tuple(coo.shape), coords[order], np.ascontiguousarray(coo.data[order]), True)
+
+
+def parse_sparse(s: Slice) -> SparseCoo:
+    """Check and parse a SPARSE_COO_U32 slice's payload (views, no copy)."""
+    if s.dtype != DType.SPARSE_COO_U32:
+        raise UnsupportedDType("dtype", f"{DType(s.dtype).name} has no specified layout (SPARSE_COO_U32 has)")
+    p = s.payload
+    if len(p) < _SPARSE_HEAD.size:
+        raise SizeMismatch("payload", f"{len(p)} bytes, shorter than the 8-byte sparse header", 0)
+    nnz, vd, flags, zero = _SPARSE_HEAD.unpack_from(p, 0)
+    if vd not in [int(d) for d in _VALUE_DTYPES]:
+        raise UnsupportedDType("payload.value_dtype", f"{vd:#04x} is not F16, BF16, F32 or I8")
+    if flags & ~_SORTED or zero:
+        raise SizeMismatch("payload.flags", f"unknown flag bits {flags:#04x} / reserved {zero}", 5)
+    ndim = len(s.shape)
+    vsize = _codec.element_bytes(vd)
+    need = _SPARSE_HEAD.size + nnz * (4 * ndim + vsize)
+    if need != len(p):
+        raise SizeMismatch("payload", f"{nnz} nonzeros of {ndim} coordinates and {vsize}-byte values take {need} "
+                           f"bytes, the payload has {len(p)}", 0)
+    coords = np.frombuffer(p, "<u4", nnz * ndim, _SPARSE_HEAD.size).reshape(nnz, ndim)
+    values = np.frombuffer(p, np.dtype(NUMPY_DTYPES[DType(vd)]), nnz, _SPARSE_HEAD.size + 4 * nnz * ndim)
+    if nnz and (coords >= np.asarray(s.shape, np.uint64)).any():
+        raise SizeMismatch("payload.coords", f"a coordinate is outside the dense shape {s.shape}", _SPARSE_HEAD.size)
+    return SparseCoo(tuple(s.shape), coords, values, bool(flags & _SORTED))
+
+
+def sparse_to_dense(s: Slice) -> np.ndarray:
+    return parse_sparse(s).to_dense()
