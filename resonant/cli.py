@@ -20,7 +20,7 @@ import numpy as np
 
 from resonant import _codec
 from resonant._spec import DType, Flags, Modality, MsgType
-from resonant.errors import ResonantError
+from resonant.errors import EncodeError, LocalProtocolError, ResonantError
 from resonant.session import (
     ConnectionBroken,
     FrameRejected,
@@ -130,7 +130,9 @@ async def _recv(args) -> int:
             line: Any = None
             counted = False
             if isinstance(ev, MessageReceived):
-                counted = True
+                # Handshake documents are printed (the reference receiver prints every frame)
+                # but not counted: --count N waits for N data messages or streams.
+                counted = ev.document is None or ev.document.get("method") not in ("ping", "capability", "error")
                 line = ({"event": "message", "peer": _peer(addr), **frame_json(ev.frame),
                          **({"document": ev.document} if ev.document is not None else {})}
                         if args.json else f"{_peer(addr)} {frame_line(ev.frame, ev.document)}")
@@ -251,10 +253,10 @@ async def _send(args) -> int:
             await peer.send(frame)
             print(f"sent {MsgType(frame.msg_type).name} {arr.dtype}{list(arr.shape)} ({arr.nbytes} bytes) "
                   f"to {args.to}", file=sys.stderr)
+            await asyncio.sleep(0.05)  # let the frame leave before the socket closes
             return 0
-        except ResonantError as exc:
-            if "stream" not in str(exc):
-                raise
+        except (EncodeError, LocalProtocolError):
+            pass  # larger than one (agreed) frame
         # Too large for one frame: a V-Stream.
         objects = [arr[0], arr[1]] if args.type == "cache" and arr.ndim and arr.shape[0] == 2 else [arr]
         names = ["keys", "values"] if len(objects) == 2 else [Path(args.file).stem]
@@ -285,7 +287,7 @@ def _inspect(args) -> int:
         print(json.dumps(doc, indent=2))
         return 1 if doc.get("error") else 0
     print(rinspect.render_text(data))
-    return 0
+    return 1 if rinspect.inspect(data).error is not None else 0
 
 
 # ------------------------------------------------------------------ main
@@ -308,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--listen", required=True, metavar="URL", help="udp://HOST:PORT or tcp://HOST:PORT")
     r.add_argument("--json", action="store_true", help="one JSON object per line, header fields as integers")
     r.add_argument("--save", metavar="DIR", help="save completed streams as .npy files in DIR")
-    r.add_argument("--count", type=int, metavar="N", help="exit 0 after N messages")
+    r.add_argument("--count", type=int, metavar="N", help="exit 0 after N messages (data messages and completed or "
+                   "failed streams; handshake documents are printed but not counted)")
     r.add_argument("--key-file", metavar="F", help="decrypt with this key (and require encryption)")
     r.add_argument("--space-hash", type=_u32, metavar="H", help="accept only this embedding space (space_hash32)")
     r.add_argument("--strict", action="store_true", help="require the handshake before data (the default with a key "

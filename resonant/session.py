@@ -31,6 +31,8 @@ from resonant._codec import Chunk, Frame, Slice, Sync, make_frame
 from resonant._spec import MAX_FRAME_BYTES, TCP_LENGTH_PREFIX_BYTES, Flags
 from resonant.errors import (
     DecodeError,
+    DecryptionFailed,
+    UnknownKey,
     FramingError,
     HandshakeError,
     LocalProtocolError,
@@ -602,8 +604,16 @@ class Session:
                 frame = self._decoder.decode(bytes(data))  # (a stream chunk is consumed at once: no copy)
         except NotEncrypted as exc:
             self.stats["not_encrypted"] += 1
-            self._reply_error("UNSUPPORTED_FEATURE", "this peer accepts encrypted frames only", now)
-            return [FrameRejected("not_encrypted", str(exc), exc)]
+            rejected = [FrameRejected("not_encrypted", str(exc), exc)]
+            plain = _plain_control(data)
+            if plain is not None:  # a plain handshake document: answer it (plainly) or take the refusal
+                frame, doc = plain
+                if doc["method"] == "ping" and self.role is Role.SERVER:
+                    return rejected + self._step(Input.PING_BAD, now, frame, doc)
+                if doc["method"] == "error" and self.state is State.AWAIT_CAPABILITY:
+                    return rejected + self._step(Input.ERROR, now, frame, doc)
+            self._reply_error("UNSUPPORTED_FEATURE", "this peer accepts encrypted frames only", now, plain=True)
+            return rejected
         except DecodeError as exc:
             return self._step(Input.BAD_FRAME, now, None, exc)
         want = self.config.expected_space_hash
@@ -627,7 +637,8 @@ class Session:
                 return self._step(Input.BAD_FRAME, now, frame, exc)
             method = doc["method"]
             if method == "ping":
-                return self._step(Input.PING_OK if self._ping_problem(doc) is None else Input.PING_BAD, now, frame, doc)
+                return self._step(Input.PING_OK if self._ping_problem(doc, frame) is None else Input.PING_BAD,
+                                  now, frame, doc)
             if method == "capability":
                 return self._step(Input.CAPABILITY_OK if self._capability_problem(doc) is None
                                   else Input.CAPABILITY_BAD, now, frame, doc)
@@ -680,8 +691,10 @@ class Session:
         return [MessageReceived(frame, doc), HandshakeComplete(self.agreement)]
 
     def _do_answer_error(self, now, frame, doc) -> list:
-        code, message, extra = self._ping_problem(doc)
-        self._control({"method": "error", "code": code, "message": message, **extra}, frame.stream_id)
+        code, message, extra = self._ping_problem(doc, frame)
+        # A peer that pinged in the clear cannot read an encrypted answer: refuse it in the clear.
+        self._control({"method": "error", "code": code, "message": message, **extra}, frame.stream_id,
+                      plain=not frame.transforms & Flags.XCHACHA)
         self.stats["errors_sent"] += 1
         self.agreement = None
         return [MessageReceived(frame, doc), HandshakeFailed(code, message)]
@@ -731,7 +744,8 @@ class Session:
 
     def _do_report_bad_frame(self, now, frame, exc) -> list:
         self.stats["malformed"] += 1
-        self._reply_error("BAD_REQUEST", str(exc)[:200], now)
+        # A frame we could not decrypt means the peer cannot read what we encrypt: answer in the clear.
+        self._reply_error("BAD_REQUEST", str(exc)[:200], now, plain=isinstance(exc, (UnknownKey, DecryptionFailed)))
         return [FrameRejected("malformed", str(exc), exc)]
 
     def _do_ignore(self, now, frame, arg) -> list:
@@ -773,10 +787,13 @@ class Session:
                               min(c.max_frame_bytes, ping.get("max_frame_bytes", MAX_FRAME_BYTES)),
                               bool(ping.get("supports", {}).get("critique", True)))
 
-    def _ping_problem(self, ping: dict) -> tuple[str, str, dict] | None:
+    def _ping_problem(self, ping: dict, frame: Frame) -> tuple[str, str, dict] | None:
         c = self.config
         if self.role is not Role.SERVER:
             return None
+        if self._keyring is not None and not frame.transforms & Flags.XCHACHA:
+            return ("UNSUPPORTED_FEATURE", "this peer requires encryption (xchacha20poly1305 with a shared key); "
+                    "the ping came in the clear", {})
         v = ping.get("v", 1)
         if min(v, max(c.versions)) not in c.versions:
             return ("UNSUPPORTED_VERSION", f"protocol version {v} is not supported (this peer speaks "
@@ -863,22 +880,36 @@ class Session:
         self.stats["frames_out"] += 1
         self.stats["bytes_out"] += len(data)
 
-    def _control(self, doc: dict, stream_id: int) -> None:
+    def _control(self, doc: dict, stream_id: int, plain: bool = False) -> None:
         payload = json.dumps(doc, separators=(",", ":")).encode()
         frame = Sync(payload, stream_id=stream_id, frame_seq=self._next_seq(stream_id), space_hash32=self.config.space_hash32)
         # Control frames travel as plain version-1 frames unless this side insists on encryption.
-        data = Codec(key=self._keyring).encode(frame) if self._keyring is not None else _codec.encode(frame)
+        data = (Codec(key=self._keyring).encode(frame) if self._keyring is not None and not plain
+                else _codec.encode(frame))
         self._out.append(data)
         self.stats["frames_out"] += 1
         self.stats["bytes_out"] += len(data)
 
-    def _reply_error(self, code: str, message: str, now: float, **extra: str) -> None:
+    def _reply_error(self, code: str, message: str, now: float, plain: bool = False, **extra: str) -> None:
         if now - self._last_error_reply < self.config.error_interval:
             return  # never amplify a flood of bad frames into a flood of replies
         self._last_error_reply = now
         self._control({"method": "error", "code": code, "message": message[:256],
-                       **{k: v[:256] for k, v in extra.items()}}, 0)
+                       **{k: v[:256] for k, v in extra.items()}}, 0, plain)
         self.stats["errors_sent"] += 1
+
+
+def _plain_control(data) -> tuple[Sync, dict] | None:
+    """A plain (version 1) Sync frame's handshake document, or None."""
+    try:
+        frame = _codec.decode(bytes(data))
+        if isinstance(frame, Sync) and frame.json is not None:
+            doc = handshake.parse(frame.json.payload)
+            if doc["method"] in ("ping", "error"):
+                return frame, doc
+    except DecodeError:
+        pass
+    return None
 
 
 def _signature(doc: dict) -> ModelSignature | None:

@@ -484,7 +484,10 @@ class Reassembler:
                                      f"(idle_timeout {self.limits.idle_timeout} s)")
         for sid, held in list(self._early.items()):
             if held and now - held[-1][1] > self.limits.idle_timeout:
-                self._drop_early(sid)
+                dropped = self._drop_early(sid)
+                events.append(StreamFailed(sid, "timeout", f"HEAD never arrived: {len(dropped)} frames held for "
+                                           f"{now - held[0][1]:.1f} s were dropped (idle_timeout "
+                                           f"{self.limits.idle_timeout} s)"))
         for sid, when in list(self._closed.items()):
             if now - when > self.limits.idle_timeout:
                 del self._closed[sid]

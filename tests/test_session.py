@@ -253,10 +253,29 @@ def test_encryption_negotiated_and_required():
 
 def test_server_with_key_refuses_a_client_without_encryption():
     s = Session(role="server", key=Key.generate())
-    # A plain ping to a server that requires encryption is refused (unauthenticated).
+    # A plain ping to a server that requires encryption is refused, in the clear so that the
+    # client can read why.
     events = s.receive_datagram(control({"method": "ping", "v": 2, "crypto": ["none"]}), 0.0)
-    assert kinds(events) == ["FrameRejected"] and events[0].reason == "not_encrypted"
+    assert kinds(events) == ["FrameRejected", "MessageReceived", "HandshakeFailed"]
+    assert events[0].reason == "not_encrypted" and events[-1].code == "UNSUPPORTED_FEATURE"
     assert s.state is State.IDLE
+    (reply,) = s.datagrams_to_send()
+    assert reply[0] == 1 and json.loads(_codec.decode(reply).json.tobytes())["code"] == "UNSUPPORTED_FEATURE"
+
+
+def test_keyless_client_learns_at_once_that_the_server_requires_encryption():
+    c, s = Session(role="client"), Session(role="server", key=Key.generate())
+    c_events, _ = handshake(c, s)
+    assert isinstance(c_events[-1], HandshakeFailed) and c_events[-1].code == "UNSUPPORTED_FEATURE"
+    assert "requires encryption" in c_events[-1].message and c.state is State.FAILED
+
+
+def test_keyed_client_learns_at_once_that_the_server_cannot_decrypt():
+    c, s = Session(role="client", key=Key.generate()), Session(role="server")
+    c_events, s_events = handshake(c, s)
+    assert kinds(s_events) == ["FrameRejected"] and s_events[0].reason == "malformed"
+    assert kinds(c_events) == ["FrameRejected", "MessageReceived", "HandshakeFailed"]
+    assert c_events[-1].code == "BAD_REQUEST" and "key" in c_events[-1].message and c.state is State.FAILED
 
 
 def test_client_without_key_against_keyless_server_offering_none():

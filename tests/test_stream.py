@@ -600,14 +600,16 @@ def test_max_early_bytes_drops_and_counts_frames_before_head():
     assert r.dropped_frames == 7
 
 
-def test_early_tail_is_held_and_stale_early_frames_are_dropped():
+def test_early_tail_is_held_and_stale_early_frames_are_dropped_and_reported():
     sender = StreamSender(62, [np.arange(100, dtype=np.float16)])
     head, chunk, tail = list(sender)
     r = Reassembler()
     assert r.receive(tail, 0.0) == [] and r.receive(chunk, 0.0) == []
     held = r.buffered_bytes
     assert held == len(resonant.decode(tail).json.payload) + 64 + 200 + 64
-    assert r.tick(IDLE + 1) == []  # stale: dropped quietly
+    (failed,) = r.tick(IDLE + 1)  # stale: dropped, and reported
+    assert isinstance(failed, StreamFailed) and failed.reason == "timeout"
+    assert failed.detail.startswith("HEAD never arrived: 2 frames held")
     assert (r.buffered_bytes, r.open_streams) == (0, 0)
     assert [type(e) for e in r.receive(head, IDLE + 2)] == [StreamStarted]  # the early frames are gone
 
