@@ -663,7 +663,7 @@ cdef class Slice:
         cdef int k
         npdt = _NUMPY.get(self._dtype)
         if npdt is None:
-            raise UnsupportedDType("dtype", f"{_dtype_name(self._dtype)} has no numpy view; use .payload")
+            raise UnsupportedDType("dtype", f"{_dtype_name(self._dtype)} has no numpy view; use .payload" + (", or resonant.quant.dequantize()" if self._dtype in (0x06, 0x07) else ""))
         for k in range(self._ndim):
             dims[k] = self._dims[k]
         # A read-only array over the payload bytes whose base is this slice (which keeps the
