@@ -19,6 +19,7 @@ cimport numpy as cnp
 from cpython.object cimport PyTypeObject
 
 import json as _json
+import sys as _sys
 
 import ml_dtypes as _ml_dtypes  # noqa: F401  (registers numpy's bfloat16)
 import numpy as _np
@@ -483,6 +484,9 @@ _DTYPES = {int(d): d for d in DType}
 _FLAGS = [Flags(i) for i in range(FLAGS_MASK + 1)]
 _NUMPY = {int(d): _np.dtype(s) for d, s in NUMPY_DTYPES.items()}
 _DTYPE_OF_NUMPY = {_np.dtype(s).newbyteorder("="): int(d) for d, s in NUMPY_DTYPES.items()}
+# Native little-endian dtypes that need no conversion (the common case, looked up first).
+_DTYPE_OF_NUMPY_FAST = {t: c for t, c in _DTYPE_OF_NUMPY.items() if t.byteorder in ("=", "|", "<") and
+                        (t.byteorder != "=" or _sys.byteorder == "little")}
 
 
 cdef inline bint _known_msg_type(uint8_t v) noexcept:
@@ -569,14 +573,20 @@ cdef class Slice:
     def __init__(self, dtype, shape, payload):
         cdef uint64_t n
         cdef long long need
-        try:
-            code = int(DType(dtype))
-        except (ValueError, TypeError):
-            raise EncodeError("dtype", f"{dtype!r} is not a dtype ({', '.join(d.name for d in DType)})") from None
-        try:
-            dims = tuple(int(d) for d in shape)
-        except (ValueError, TypeError):
-            raise EncodeError("shape", f"expected a sequence of integers, got {shape!r}") from None
+        if isinstance(dtype, int) and dtype in _DTYPES:  # fast path: a DType or its code
+            code = int(dtype)
+        else:
+            try:
+                code = int(DType(dtype))
+            except (ValueError, TypeError):
+                raise EncodeError("dtype", f"{dtype!r} is not a dtype ({', '.join(d.name for d in DType)})") from None
+        if type(shape) is tuple and all(type(d) is int for d in shape):
+            dims = shape
+        else:
+            try:
+                dims = tuple(int(d) for d in shape)
+            except (ValueError, TypeError):
+                raise EncodeError("shape", f"expected a sequence of integers, got {shape!r}") from None
         if len(dims) > MAX_DIMS:
             raise EncodeError("shape", f"{len(dims)} dimensions, more than max_dims ({MAX_DIMS})")
         for k, d in enumerate(dims):
@@ -607,6 +617,12 @@ cdef class Slice:
         """
         arr = _np.asarray(array)
         if dtype is None:
+            code = _DTYPE_OF_NUMPY_FAST.get(arr.dtype)
+            if code is not None and arr.flags.c_contiguous:  # fast path: no conversion, no copy
+                try:
+                    return Slice(code, arr.shape, memoryview(arr).cast("B"))
+                except (TypeError, ValueError):  # a dtype the buffer protocol cannot name (bfloat16)
+                    return Slice(code, arr.shape, arr.reshape(-1).view(_np.uint8))
             code = _DTYPE_OF_NUMPY.get(arr.dtype.newbyteorder("="))
             if code is None:
                 raise EncodeError("dtype", f"no dtype for numpy {arr.dtype} (have "
@@ -776,6 +792,9 @@ _LAYOUTS = {
     4: (("divergence", ), ("divergence", "explanation", ), ("divergence", "mask", "explanation", ), ),
     5: (("data", ), ),
 }
+# Per message type: slice count -> ((role, carries text), ...) of the layout with that count.
+_LAYOUT_ROLES = {code: {len(lay): tuple((name, dict(_ROLES[code])[name] != "tensor") for name in lay) for lay in lays}
+                 for code, lays in _LAYOUTS.items()}
 
 
 cdef class Frame:
@@ -859,11 +878,19 @@ cdef class Frame:
 
     def replace(self, **changes):
         """A copy with some header fields (or ``slices``) changed."""
-        header = {name: getattr(self, name) for name in ("stream_id", "frame_seq", "space_hash32", "modality", "flags")}
-        slices = changes.pop("slices", self._slices)
+        cdef Frame f
         for key in changes:
-            if key not in header:
+            if key not in _REPLACEABLE:
                 raise TypeError(f"replace() got an unexpected field {key!r}")
+        if "slices" not in changes:  # header only: the slices were checked when this frame was built
+            f = _new_frame(self._msg_type)
+            _set_header(f, self._msg_type, changes.get("stream_id", self._stream_id),
+                        changes.get("frame_seq", self._frame_seq), changes.get("space_hash32", self._space_hash32),
+                        changes.get("modality", self._modality), changes.get("flags", self._flags))
+            f._slices = self._slices
+            return f
+        header = {name: getattr(self, name) for name in ("stream_id", "frame_seq", "space_hash32", "modality", "flags")}
+        slices = changes.pop("slices")
         header.update(changes)
         return make_frame(self._msg_type, slices, **header)
 
@@ -942,29 +969,30 @@ cdef _set_header(Frame f, uint8_t msg_type, object stream_id, object frame_seq, 
 
 
 cdef _check_roles(uint8_t msg_type, tuple slices):
-    layouts = _LAYOUTS[msg_type]
-    names = None
-    for lay in layouts:
-        if len(lay) == len(slices):
-            names = lay
-    if names is None:
-        counts = " or ".join(str(len(lay)) for lay in layouts)
-        raise EncodeError("slices", f"{_MSG_TYPES[msg_type].name.title()} carries {counts} slices, got {len(slices)}")
-    kinds = dict(_ROLES[msg_type])
-    for i, (name, s) in enumerate(zip(names, slices)):
+    cdef Py_ssize_t i, n = len(slices)
+    roles = _LAYOUT_ROLES[msg_type].get(n)  # ((name, is_text), ...) of the layout with n slices
+    if roles is None:
+        counts = " or ".join(str(len(lay)) for lay in _LAYOUTS[msg_type])
+        raise EncodeError("slices", f"{_MSG_TYPES[msg_type].name.title()} carries {counts} slices, got {n}")
+    for i in range(n):
+        s = slices[i]
         if not isinstance(s, Slice):
             raise EncodeError(f"slices[{i}]", f"expected a Slice, got {type(s).__name__}")
-        if kinds[name] != "tensor" and ((<Slice>s)._dtype != 2 or (<Slice>s)._ndim != 1):
-            raise EncodeError(f"slices[{i}]", f"the {name} slice carries text: it must be I8 of one dimension, got {s!r}")
+        if roles[i][1] and ((<Slice>s)._dtype != 2 or (<Slice>s)._ndim != 1):
+            raise EncodeError(f"slices[{i}]", f"the {roles[i][0]} slice carries text: it must be I8 of one dimension, got {s!r}")
 
 
 def make_frame(msg_type, slices, *, stream_id=0, frame_seq=0, space_hash32=0, modality=0, flags=0):
     """Build the message of type `msg_type` from a sequence of Slices (checked against its layouts)."""
-    try:
-        code = int(MsgType(msg_type))
-    except (ValueError, TypeError):
-        raise EncodeError("msg_type", f"{msg_type!r} is not a message type") from None
-    slices = tuple(slices)
+    if isinstance(msg_type, int) and msg_type in _MSG_TYPES:
+        code = int(msg_type)
+    else:
+        try:
+            code = int(MsgType(msg_type))
+        except (ValueError, TypeError):
+            raise EncodeError("msg_type", f"{msg_type!r} is not a message type") from None
+    if type(slices) is not tuple:
+        slices = tuple(slices)
     _check_roles(code, slices)
     cdef Frame f = _new_frame(code)
     _set_header(f, code, stream_id, frame_seq, space_hash32, modality, flags)
@@ -972,9 +1000,20 @@ def make_frame(msg_type, slices, *, stream_id=0, frame_seq=0, space_hash32=0, mo
     return f
 
 
+_REPLACEABLE = frozenset(("stream_id", "frame_seq", "space_hash32", "modality", "flags", "slices"))
+
+
 cdef _init_message(Frame self, uint8_t code, tuple values, object stream_id, object frame_seq,
                    object space_hash32, object modality, object flags):
     roles = _ROLES[code]
+    if len(values) == len(roles) and all([isinstance(v, (Slice, _np.ndarray)) for v in values]):
+        # fast path: every role given, as Slices or arrays (the full layout, in role order)
+        slices = tuple([v if isinstance(v, Slice) else _as_slice(v, kind, name)
+                        for v, (name, kind) in zip(values, roles)])
+        _check_roles(code, slices)
+        _set_header(self, code, stream_id, frame_seq, space_hash32, modality, flags)
+        self._slices = slices
+        return
     given = {name for (name, kind), v in zip(roles, values) if v is not None}
     layout = None
     for lay in _LAYOUTS[code]:

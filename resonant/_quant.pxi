@@ -64,6 +64,10 @@ cdef extern from *:
             unsigned char *blk = out + b * 34;
             uint16_t h = rz_f32_to_f16(d);
             blk[0] = (unsigned char)(h & 0xff); blk[1] = (unsigned char)(h >> 8);
+            if (!(id <= 3.4028234663852886e38f)) {  /* d subnormal: 1/d overflows. fp16(d) is 0 anyway; */
+                memset(blk + 2, 0, 32);              /* write the codes ggml's x86 build writes (0) */
+                continue;
+            }
             for (int j = 0; j < 32; j++) blk[2 + j] = (unsigned char)(int8_t)rz_round_away(v[j] * id);
         }
         return 0;
@@ -83,6 +87,10 @@ cdef extern from *:
             unsigned char *blk = out + b * 18;
             uint16_t h = rz_f32_to_f16(d);
             blk[0] = (unsigned char)(h & 0xff); blk[1] = (unsigned char)(h >> 8);
+            if (!(fabsf(id) <= 3.4028234663852886e38f)) {  /* as in Q8_0: ggml's x86 build writes nibbles 0 */
+                memset(blk + 2, 0, 16);
+                continue;
+            }
             for (int j = 0; j < 16; j++) {
                 int8_t a0 = (int8_t)(v[j] * id + 8.5f), a1 = (int8_t)(v[16 + j] * id + 8.5f);
                 uint8_t q0 = (uint8_t)(a0 < 15 ? a0 : 15), q1 = (uint8_t)(a1 < 15 ? a1 : 15);

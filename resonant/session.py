@@ -28,7 +28,7 @@ import numpy as np
 
 from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, Slice, Sync, make_frame
-from resonant._spec import MAX_FRAME_BYTES, TCP_LENGTH_PREFIX_BYTES, Flags
+from resonant._spec import MAX_FRAME_BYTES, TCP_LENGTH_PREFIX_BYTES, Flags, MsgType
 from resonant.errors import (
     DecodeError,
     DecryptionFailed,
@@ -55,17 +55,21 @@ __all__ = [
 PROTOCOL_VERSIONS = (1, 2)
 PROTOCOL_VERSION = max(PROTOCOL_VERSIONS)
 _LEN_BYTES = TCP_LENGTH_PREFIX_BYTES
+_CHUNK = int(MsgType.CHUNK)
+_XCHACHA = int(Flags.XCHACHA)
 
 
 # ------------------------------------------------------------------ the state table
 
 
 class Role(str, enum.Enum):
+    __hash__ = object.__hash__  # identity: the state table is looked up per frame
     CLIENT = "client"
     SERVER = "server"
 
 
 class State(str, enum.Enum):
+    __hash__ = object.__hash__  # identity: the state table is looked up per frame
     IDLE = "idle"                    # client: not started; server: waiting for a ping
     AWAIT_CAPABILITY = "await_capability"  # client: ping sent
     ESTABLISHED = "established"
@@ -74,6 +78,7 @@ class State(str, enum.Enum):
 
 
 class Input(str, enum.Enum):
+    __hash__ = object.__hash__  # identity: the state table is looked up per frame
     START = "start"                  # local: initiate()
     PING_OK = "ping_ok"              # a ping this side can serve
     PING_BAD = "ping_bad"            # a ping it cannot (version, space, required encryption)
@@ -88,6 +93,7 @@ class Input(str, enum.Enum):
 
 
 class Action(str, enum.Enum):
+    __hash__ = object.__hash__  # identity: the state table is looked up per frame
     SEND_PING = "send_ping"
     ANSWER_CAPABILITY = "answer_capability"
     ANSWER_ERROR = "answer_error"
@@ -160,6 +166,7 @@ def _table() -> dict[tuple[Role, State, Input], tuple[Action, State]]:
 
 #: (role, state, input) -> (action, next state). Every reachable pair is listed.
 TRANSITIONS: dict[tuple[Role, State, Input], tuple[Action, State]] = _table()
+_METHOD = {a: "_do_" + a.value for a in Action}
 
 
 # ------------------------------------------------------------------ configuration and agreement
@@ -383,6 +390,19 @@ class RecordReader:
             raise self.broken
         mv = memoryview(data).cast("B")
         out: list[memoryview] = []
+        if self._start == self._end:  # nothing pending: whole records are views of the input itself
+            pos, n = 0, len(mv)
+            while n - pos >= _LEN_BYTES:
+                size = int.from_bytes(mv[pos:pos + _LEN_BYTES], "little")
+                if not 1 <= size <= self.max_frame_bytes:
+                    raise self._break("record.length", f"{size} is outside 1..max_frame_bytes "
+                                      f"({self.max_frame_bytes}); the connection cannot be resynchronised")
+                if n - pos - _LEN_BYTES < size:
+                    break
+                out.append(mv[pos + _LEN_BYTES:pos + _LEN_BYTES + size])
+                pos += _LEN_BYTES + size
+                self.consumed += _LEN_BYTES + size
+            mv = mv[pos:]  # a partial record, if any, goes to the buffer
         while len(mv):
             if out:  # the buffer is about to move: records already found must not change under the caller
                 out = [bytes(v) for v in out]  # type: ignore[misc]
@@ -599,9 +619,9 @@ class Session:
         try:
             # Messages are handed to the caller and must outlive the receive buffer: a message
             # decoded in place from a reused buffer is decoded again from a copy.
+            if copy and not isinstance(data, bytes) and (len(data) < 2 or data[1] != _CHUNK):
+                data = bytes(data)  # (a stream chunk is consumed at once, from the receive buffer: no copy)
             frame = self._decoder.decode(data)
-            if copy and not isinstance(data, bytes) and not isinstance(frame, Chunk) and not frame.transforms:
-                frame = self._decoder.decode(bytes(data))  # (a stream chunk is consumed at once: no copy)
         except NotEncrypted as exc:
             self.stats["not_encrypted"] += 1
             rejected = [FrameRejected("not_encrypted", str(exc), exc)]
@@ -623,7 +643,7 @@ class Session:
             self.stats["space_mismatch"] += 1
             self._reply_error("SPACE_MISMATCH", str(exc), now, expected=str(want), got=str(frame.space_hash32))
             return [FrameRejected("space_mismatch", str(exc), exc)]
-        if frame.transforms & Flags.XCHACHA:
+        if frame.version != 1 and int(frame.transforms) & _XCHACHA:
             verdict = self.replay.check(frame.stream_id, frame.frame_seq)
             if verdict != "ok":
                 self.stats[verdict] += 1
@@ -652,7 +672,7 @@ class Session:
         action, nxt = TRANSITIONS[self.role, self.state, inp]
         if action is Action.INVALID:
             raise LocalProtocolError(inp.value, f"not allowed for a {self.role.value} in state {self.state.value}")
-        events = getattr(self, "_do_" + action.value)(now, frame, arg)
+        events = getattr(self, _METHOD[action])(now, frame, arg)
         self.state = nxt
         return events
 
@@ -830,6 +850,8 @@ class Session:
 
     def _apply_agreement(self) -> None:
         a = self.agreement
+        self._agreed_codes = frozenset(_DTYPE_NAMES[d] for d in a.dtypes)
+        self._all_dtypes = len(self._agreed_codes) == len(_DTYPE_NAMES)  # nothing to reduce: skip the check
         level = self.config.zstd_level if a.compress == "zstd" else None
         key = self._keyring if a.crypto == "xchacha20poly1305" else None
         self._encoder = Codec(level, key=key) if (level is not None or key is not None) else None
@@ -846,11 +868,9 @@ class Session:
         """Float tensors in a dtype the peer did not agree to are converted to one it did
         (lossless first: bf16 -> f32 before f16), and counted; other dtypes cannot be."""
         a = self.agreement
-        if a is None or not frame.slices:
+        if a is None or self._all_dtypes or all([sl.dtype in self._agreed_codes for sl in frame.slices]):
             return frame
         names = {v: k for k, v in _DTYPE_NAMES.items()}
-        if all(names.get(int(sl.dtype)) in a.dtypes for sl in frame.slices):
-            return frame
         out = []
         for sl in frame.slices:
             name = names.get(int(sl.dtype))

@@ -119,7 +119,15 @@ def kv_from_arrays(arrays: Sequence[np.ndarray], *, legacy: bool = False) -> Any
 
     cache = DynamicCache()
     for i, (k, v) in enumerate(pairs):
-        cache.update(k, v, i)
+        if k.dim() >= 2 and v.dim() >= 2:
+            cache.update(k[..., :0, :], v[..., :0, :], i)  # creates layer i (with its dtype and device)
+            layers = getattr(cache, "layers", None)
+            if layers is not None and hasattr(layers[i], "keys"):
+                # Hand the layer our tensors rather than a torch.cat copy of them. DynamicCache
+                # only ever concatenates onto them (a new tensor), never writes into them.
+                layers[i].keys, layers[i].values = k, v
+                continue
+        cache.update(k, v, i)  # an older Cache layout: it keeps a copy
     return cache
 
 

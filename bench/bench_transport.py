@@ -1,0 +1,672 @@
+"""One-way latency of a 4 KiB Think over loopback UDP and TCP, between two processes, against
+a raw socket ping-pong of the same bytes measured in the same run.
+
+Not part of the test suite. Run from the repository root:
+
+    python3 bench/bench_transport.py [--count 2000] [--rounds 4] [--json PATH|-] [--check]
+
+The message is a Think carrying a float16 (1, 2048) hidden state: a 4,096-byte payload in a
+4,143-byte frame (4,147 bytes as a TCP record). Each row is a ping-pong between this process
+and a server process forked for it, over 127.0.0.1; one-way latency = round trip / 2.
+
+- raw socket: the client sends the 4,143 frame bytes (TCP: the 4,147 record bytes); the server
+  echoes them; nobody encodes or decodes anything.
+- resonant Session: both processes drive a sans-IO `resonant.Session` (handshake first) over
+  plain blocking sockets. The client builds `Think(hidden)`, `session.send()`s it and writes
+  `datagrams_to_send()` / `data_to_send()`; the server feeds what it reads to
+  `receive_datagram()` / `receive_data()` (decode, CRC check), takes the numpy view of the
+  payload, and sends a Think with that payload back the same way; the client decodes the
+  reply and takes its numpy view. Reads are the same calls as the raw rows' (recv of bytes).
+- resonant asyncio (information): `resonant.connect()` in this process, `resonant.serve()`
+  with `server.reply(addr, frame)` in the server process.
+
+The rows are interleaved: every round runs each row for count/rounds round trips (the order
+reversed every other round), so a noisy spell of this machine hits all of them; every row is
+warmed up first, and each round starts with a few discarded round trips. Replies are checked
+(outside the timed region) to carry the bytes that were sent. The GC is disabled in every
+process while timing, as in the other benches (with it on, a Session ping-pong triggers about
+3 generation-0 collections per 2,000 round trips: no difference).
+
+The in-process table times each hop's steps in a hot loop without sockets, and the ping-pong's
+excess over raw is set beside it: in the ping-pong the same steps run several times slower (every
+process resumes its Python work straight out of a blocking recv(), its vCPU idle in between, and
+works on freshly received buffers), so the hot figures understate the latency cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import multiprocessing
+import os
+import socket
+import struct
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+import resonant
+from resonant import Think
+from resonant.session import (
+    ConnectionBroken,
+    FrameRejected,
+    HandshakeFailed,
+    MessageReceived,
+    RemoteError,
+    Session,
+    SessionConfig,
+    frame_record,
+)
+
+# Run as a script, the bench directory is sys.path[0]; the helpers live next to this file.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_codec import Target, finish, machine, print_targets, time_stmt  # noqa: E402
+
+SEED = 20241103
+SHAPE = (1, 2048)
+STREAM_ID = 7
+STOP_STREAM = 0xFFFFFFFF      # a Think on this stream tells a resonant server to exit
+TARGET_P50 = 1.3              # ours p50 <= 1.3 x raw p50, per transport
+REFERENCE_CLAIM_US = 430.0    # the reference's pitch: encode + UDP + decode of this message, 0.43 ms
+RECV_TIMEOUT_S = 10           # SO_RCVTIMEO on client sockets: a dead server fails the run instead of hanging
+ROUND_WARMUP = 20             # discarded round trips at the start of every round
+HOST = "127.0.0.1"
+MAX_DGRAM = 65536
+
+RAW, OURS, AIO = "raw socket", "resonant Session", "resonant asyncio"
+pc = time.perf_counter_ns
+
+
+def hidden_state() -> np.ndarray:
+    return np.random.default_rng(SEED).standard_normal(SHAPE).astype(np.float16)
+
+
+def _fail(why: str) -> None:
+    raise RuntimeError(why)
+
+
+def _check_events(events: list) -> None:
+    for e in events:
+        if isinstance(e, (FrameRejected, ConnectionBroken, RemoteError, HandshakeFailed)):
+            _fail(f"unexpected event {e!r}")
+
+
+# --------------------------------------------------------------------------- server processes
+
+
+def _udp_raw_server(sock: socket.socket) -> None:
+    """Echo every datagram; an empty one ends the loop."""
+    gc.disable()
+    recvfrom, sendto = sock.recvfrom, sock.sendto
+    while True:
+        data, addr = recvfrom(MAX_DGRAM)
+        if not data:
+            return
+        sendto(data, addr)
+
+
+def _udp_session_server(sock: socket.socket) -> None:
+    """Answer the handshake; echo every Think's payload in a new Think, through the Session."""
+    gc.disable()
+    session = Session(SessionConfig(role="server"))
+    recvfrom, sendto = sock.recvfrom, sock.sendto
+    while True:
+        data, addr = recvfrom(MAX_DGRAM)
+        now = pc() * 1e-9
+        for e in session.receive_datagram(data, now):
+            if type(e) is MessageReceived and type(e.frame) is Think:
+                frame = e.frame
+                if frame.stream_id == STOP_STREAM:
+                    return
+                session.send(Think(frame.hidden.numpy(), stream_id=frame.stream_id), now)
+            elif isinstance(e, (FrameRejected, RemoteError)):
+                _fail(f"server: {e!r}")
+        for d in session.datagrams_to_send():
+            sendto(d, addr)
+
+
+def _accept(listener: socket.socket) -> socket.socket:
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    listener.close()
+    return conn
+
+
+def _recv_exact(conn: socket.socket, view: memoryview) -> bool:
+    """Fill `view`; False on EOF before the first byte."""
+    got, n = 0, len(view)
+    while got < n:
+        k = conn.recv_into(view[got:], n - got)
+        if k == 0:
+            if got:
+                _fail(f"EOF {got} bytes into a {n}-byte record")
+            return False
+        got += k
+    return True
+
+
+def _tcp_raw_server(listener: socket.socket, nbytes: int) -> None:
+    """Echo records of `nbytes` bytes until EOF."""
+    gc.disable()
+    conn = _accept(listener)
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+    while _recv_exact(conn, view):
+        conn.sendall(view)
+
+
+def _tcp_session_server(listener: socket.socket) -> None:
+    gc.disable()
+    conn = _accept(listener)
+    session = Session(SessionConfig(role="server"))
+    recv, sendall = conn.recv, conn.sendall
+    while True:
+        data = recv(MAX_DGRAM)
+        if not data:
+            return
+        now = pc() * 1e-9
+        for e in session.receive_data(data, now):
+            if type(e) is MessageReceived and type(e.frame) is Think:
+                frame = e.frame
+                if frame.stream_id == STOP_STREAM:
+                    return
+                session.send(Think(frame.hidden.numpy(), stream_id=frame.stream_id), now)
+            elif isinstance(e, (FrameRejected, RemoteError, ConnectionBroken)):
+                _fail(f"server: {e!r}")
+        out = session.data_to_send()
+        if out:
+            sendall(out)
+
+
+def _aio_server(scheme: str, pipe) -> None:
+    """resonant.serve(); every Think is answered with server.reply(addr, Think(same payload))."""
+    gc.disable()
+
+    async def run() -> None:
+        async with resonant.serve(f"{scheme}://{HOST}:0") as server:
+            pipe.send(tuple(server.address))
+            async for addr, e in server:
+                if isinstance(e, MessageReceived) and type(e.frame) is Think:
+                    frame = e.frame
+                    if frame.stream_id == STOP_STREAM:
+                        return
+                    await server.reply(addr, Think(frame.hidden.numpy(), stream_id=frame.stream_id))
+                elif isinstance(e, (FrameRejected, RemoteError, ConnectionBroken)):
+                    _fail(f"server: {e!r}")
+
+    asyncio.run(run())
+
+
+# --------------------------------------------------------------------------- clients
+
+
+def _timeout(sock: socket.socket) -> None:
+    """A kernel receive timeout: the socket stays blocking (no poll() before each recv)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", RECV_TIMEOUT_S, 0))
+
+
+class Client:
+    transport: str
+    kind: str
+    name: str
+
+    def __init__(self, hidden: np.ndarray) -> None:
+        self.hidden = hidden
+        self.wire = resonant.encode(Think(hidden, stream_id=STREAM_ID, frame_seq=1))
+        self.samples: list[int] = []
+        self.proc: multiprocessing.Process | None = None
+
+    def start_server(self, ctx) -> None:
+        """Create the listening socket and fork the server process (before any client socket exists)."""
+        raise NotImplementedError
+
+    def setup(self) -> None:
+        """Connect (and shake hands)."""
+
+    def run(self, n: int) -> list[int]:
+        """n round trips; their durations in ns."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Tell the server process to exit and close the socket."""
+
+    def _check(self, arr: np.ndarray) -> None:
+        if arr.shape != SHAPE or arr.dtype != np.float16 or not np.array_equal(arr, self.hidden):
+            _fail(f"{self.transport} {self.name}: the reply does not carry the hidden state sent")
+
+
+class UdpRaw(Client):
+    transport, kind, name = "UDP", RAW, "raw socket ping-pong (4,143 B datagram)"
+
+    def start_server(self, ctx) -> None:
+        self.server_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.server_sock.bind((HOST, 0))
+        self.proc = ctx.Process(target=_udp_raw_server, args=(self.server_sock,), daemon=True)
+        self.proc.start()
+
+    def setup(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        _timeout(self.sock)
+        self.sock.connect(self.server_sock.getsockname())
+        self.server_sock.close()
+
+    def run(self, n: int) -> list[int]:
+        send, recv, wire = self.sock.send, self.sock.recv, self.wire
+        out = []
+        for _ in range(n):
+            t0 = pc()
+            send(wire)
+            data = recv(MAX_DGRAM)
+            t1 = pc()
+            out.append(t1 - t0)
+            if data != wire:
+                _fail("UDP raw: the echo differs from what was sent")
+        return out
+
+    def stop(self) -> None:
+        self.sock.send(b"")
+        self.sock.close()
+
+
+class UdpSession(Client):
+    transport, kind, name = "UDP", OURS, "resonant Session (sans-IO, blocking sockets)"
+
+    def start_server(self, ctx) -> None:
+        self.server_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.server_sock.bind((HOST, 0))
+        self.proc = ctx.Process(target=_udp_session_server, args=(self.server_sock,), daemon=True)
+        self.proc.start()
+
+    def setup(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        _timeout(self.sock)
+        self.sock.connect(self.server_sock.getsockname())
+        self.server_sock.close()
+        self.session = Session(SessionConfig(role="client"))
+        self.session.initiate(time.monotonic())
+        for d in self.session.datagrams_to_send():
+            self.sock.send(d)
+        while self.session.agreement is None:
+            events = self.session.receive_datagram(self.sock.recv(MAX_DGRAM), time.monotonic())
+            _check_events(events)
+        assert self.session.agreement.compress == "none" and self.session.agreement.crypto == "none"
+
+    def run(self, n: int) -> list[int]:
+        send, recv, session, hidden = self.sock.send, self.sock.recv, self.session, self.hidden
+        out = []
+        for _ in range(n):
+            t0 = pc()
+            now = t0 * 1e-9
+            session.send(Think(hidden, stream_id=STREAM_ID), now)
+            for d in session.datagrams_to_send():
+                send(d)
+            reply = None
+            while reply is None:
+                for e in session.receive_datagram(recv(MAX_DGRAM), now):
+                    if type(e) is MessageReceived and type(e.frame) is Think:
+                        reply = e.frame
+            arr = reply.hidden.numpy()
+            t1 = pc()
+            out.append(t1 - t0)
+            self._check(arr)
+        return out
+
+    def stop(self) -> None:
+        self.session.send(Think(self.hidden, stream_id=STOP_STREAM))
+        for d in self.session.datagrams_to_send():
+            self.sock.send(d)
+        self.sock.close()
+
+
+class TcpRaw(Client):
+    transport, kind, name = "TCP", RAW, "raw socket ping-pong (4,147 B record)"
+
+    def start_server(self, ctx) -> None:
+        self.record = frame_record(self.wire)
+        self.listener = socket.create_server((HOST, 0))
+        self.proc = ctx.Process(target=_tcp_raw_server, args=(self.listener, len(self.record)), daemon=True)
+        self.proc.start()
+
+    def setup(self) -> None:
+        self.sock = socket.create_connection(self.listener.getsockname())
+        self.listener.close()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _timeout(self.sock)
+
+    def run(self, n: int) -> list[int]:
+        sock, record = self.sock, self.record
+        sendall = sock.sendall
+        buf = bytearray(len(record))
+        view = memoryview(buf)
+        out = []
+        for _ in range(n):
+            t0 = pc()
+            sendall(record)
+            if not _recv_exact(sock, view):
+                _fail("TCP raw: the server closed the connection")
+            t1 = pc()
+            out.append(t1 - t0)
+            if buf != record:
+                _fail("TCP raw: the echo differs from what was sent")
+        return out
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+class TcpSession(Client):
+    transport, kind, name = "TCP", OURS, "resonant Session (sans-IO, blocking sockets)"
+
+    def start_server(self, ctx) -> None:
+        self.listener = socket.create_server((HOST, 0))
+        self.proc = ctx.Process(target=_tcp_session_server, args=(self.listener,), daemon=True)
+        self.proc.start()
+
+    def setup(self) -> None:
+        self.sock = socket.create_connection(self.listener.getsockname())
+        self.listener.close()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _timeout(self.sock)
+        self.session = Session(SessionConfig(role="client"))
+        self.session.initiate(time.monotonic())
+        self.sock.sendall(self.session.data_to_send())
+        while self.session.agreement is None:
+            data = self.sock.recv(MAX_DGRAM)
+            if not data:
+                _fail("TCP: the server closed the connection during the handshake")
+            _check_events(self.session.receive_data(data, time.monotonic()))
+        assert self.session.agreement.compress == "none" and self.session.agreement.crypto == "none"
+
+    def run(self, n: int) -> list[int]:
+        sendall, recv, session, hidden = self.sock.sendall, self.sock.recv, self.session, self.hidden
+        out = []
+        for _ in range(n):
+            t0 = pc()
+            now = t0 * 1e-9
+            session.send(Think(hidden, stream_id=STREAM_ID), now)
+            sendall(session.data_to_send())
+            reply = None
+            while reply is None:
+                data = recv(MAX_DGRAM)
+                if not data:
+                    _fail("TCP: the server closed the connection")
+                for e in session.receive_data(data, now):
+                    if type(e) is MessageReceived and type(e.frame) is Think:
+                        reply = e.frame
+            arr = reply.hidden.numpy()
+            t1 = pc()
+            out.append(t1 - t0)
+            self._check(arr)
+        return out
+
+    def stop(self) -> None:
+        self.session.send(Think(self.hidden, stream_id=STOP_STREAM))
+        self.sock.sendall(self.session.data_to_send())
+        self.sock.close()
+
+
+class Aio(Client):
+    """resonant.connect() on an event loop of this process, driven one round at a time."""
+
+    kind = AIO
+    name = "resonant asyncio connect/serve (info)"
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def __init__(self, hidden: np.ndarray, scheme: str) -> None:
+        super().__init__(hidden)
+        self.scheme = scheme
+        self.transport = scheme.upper()
+
+    def start_server(self, ctx) -> None:
+        self.pipe, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_aio_server, args=(self.scheme, child), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def setup(self) -> None:
+        if not self.pipe.poll(RECV_TIMEOUT_S):
+            _fail(f"the asyncio {self.transport} server did not start")
+        host, port = self.pipe.recv()
+        self.peer = self.loop.run_until_complete(resonant.connect(f"{self.scheme}://{host}:{port}"))
+
+    async def _run(self, n: int) -> list[int]:
+        peer, hidden = self.peer, self.hidden
+        out = []
+        for _ in range(n):
+            t0 = pc()
+            await peer.send(Think(hidden, stream_id=STREAM_ID))
+            while True:
+                e = await peer.next_event(RECV_TIMEOUT_S)
+                if type(e) is MessageReceived and type(e.frame) is Think:
+                    break
+                if isinstance(e, (FrameRejected, RemoteError, ConnectionBroken)):
+                    _fail(f"asyncio client: {e!r}")
+            arr = e.frame.hidden.numpy()
+            t1 = pc()
+            out.append(t1 - t0)
+            self._check(arr)
+        return out
+
+    def run(self, n: int) -> list[int]:
+        return self.loop.run_until_complete(self._run(n))
+
+    def stop(self) -> None:
+        async def bye() -> None:
+            await self.peer.send(Think(self.hidden, stream_id=STOP_STREAM))
+            await self.peer.close()
+        self.loop.run_until_complete(bye())
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class Row:
+    transport: str
+    kind: str
+    name: str
+    samples: int
+    p50_us: float
+    p90_us: float
+    p99_us: float
+    mean_us: float
+    min_us: float
+    max_us: float
+    rtt_p50_us: float
+
+
+def summarize(c: Client) -> Row:
+    one_way = np.asarray(c.samples, dtype=np.float64) / 2e3  # ns round trip -> us one way
+    p50, p90, p99 = np.percentile(one_way, [50, 90, 99])
+    return Row(c.transport, c.kind, c.name, len(one_way), float(p50), float(p90), float(p99),
+               float(one_way.mean()), float(one_way.min()), float(one_way.max()), float(2 * p50))
+
+
+def in_process_costs(hidden: np.ndarray) -> dict[str, float]:
+    """What one hop costs in this process, without sockets (best of 3 calibrated samples, ns)."""
+    def pair() -> tuple[Session, Session]:
+        c, s = Session(SessionConfig(role="client")), Session(SessionConfig(role="server"))
+        c.initiate(0.0)
+        for d in c.datagrams_to_send():
+            s.receive_datagram(d, 0.0)
+        for d in s.datagrams_to_send():
+            c.receive_datagram(d, 0.0)
+        return c, s
+
+    c, s = pair()
+    c.send(Think(hidden, stream_id=STREAM_ID), 0.0)
+    dgram = c.datagrams_to_send()[0]
+    c.send(Think(hidden, stream_id=STREAM_ID), 0.0)
+    record = c.data_to_send()
+    wire = resonant.encode(Think(hidden, stream_id=STREAM_ID))
+    ns = {"resonant": resonant, "Think": Think, "hidden": hidden, "sid": STREAM_ID, "c": c, "s": s,
+          "dgram": dgram, "record": record, "wire": wire, "frame": Think(hidden, stream_id=STREAM_ID)}
+    stmts = {
+        "Think(hidden)": "Think(hidden, stream_id=sid)",
+        "resonant.encode(Think(hidden))": "resonant.encode(Think(hidden, stream_id=sid))",
+        "resonant.decode(wire).hidden.numpy()": "resonant.decode(wire).hidden.numpy()",
+        "UDP send: Session.send(Think(hidden)) + datagrams_to_send()":
+            "c.send(Think(hidden, stream_id=sid), 0.0); c.datagrams_to_send()",
+        "UDP receive: Session.receive_datagram(d)[0].frame.hidden.numpy()":
+            "s.receive_datagram(dgram, 0.0)[0].frame.hidden.numpy()",
+        "TCP send: Session.send(Think(hidden)) + data_to_send()":
+            "c.send(Think(hidden, stream_id=sid), 0.0); c.data_to_send()",
+        "TCP receive: Session.receive_data(r)[0].frame.hidden.numpy()":
+            "s.receive_data(record, 0.0)[0].frame.hidden.numpy()",
+    }
+    return {k: time_stmt(v, ns, 20_000_000, 3) for k, v in stmts.items()}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def fmt_us(v: float | None) -> str:
+    return "—" if v is None else f"{v:,.1f}"
+
+
+def table(rows: list[Row], ours_udp_p50: float | None) -> str:
+    lines = ["| transport | implementation | round trips | p50 µs | p99 µs | mean µs | p50 × raw | p99 × raw |",
+             "|---|---|--:|--:|--:|--:|--:|--:|"]
+    raw = {r.transport: r for r in rows if r.kind == RAW}
+    for r in rows:
+        base = raw[r.transport]
+        x50 = "—" if r.kind == RAW else f"{r.p50_us / base.p50_us:.2f}×"
+        x99 = "—" if r.kind == RAW else f"{r.p99_us / base.p99_us:.2f}×"
+        lines.append(f"| {r.transport} | {r.name} | {r.samples:,} | {fmt_us(r.p50_us)} | {fmt_us(r.p99_us)} | "
+                     f"{fmt_us(r.mean_us)} | {x50} | {x99} |")
+        if r.transport == "UDP" and r.kind == AIO:
+            note = "" if ours_udp_p50 is None else f" (ours: {ours_udp_p50:,.1f} µs p50)"
+            lines.append(f"| UDP | reference claim (not measured here): encode + UDP + decode{note} | — | "
+                         f"{REFERENCE_CLAIM_US:,.1f} | — | — | — | — |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--count", type=int, default=2000, help="timed round trips per row (default 2000)")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds the count is split into (default 4)")
+    p.add_argument("--warmup", type=int, default=300, help="untimed round trips per row before the rounds")
+    p.add_argument("--no-aio", action="store_true", help="skip the asyncio rows")
+    p.add_argument("--json", metavar="PATH", help="write raw numbers and targets as JSON ('-' for stdout)")
+    p.add_argument("--check", action="store_true", help="exit 1 if any target fails")
+    args = p.parse_args(argv)
+    if args.count < args.rounds or args.rounds < 1:
+        p.error("--count must be at least --rounds, and --rounds at least 1")
+    out = sys.stderr if args.json == "-" else sys.stdout  # keep stdout pure JSON
+
+    info = machine()
+    v = info["versions"]
+    print(f"machine: {info['cpu']}, {info['cpu_count']} CPUs ({info['uname']})", file=out)
+    print(f"python: {info['python']}; " + ", ".join(f"{k} {v[k] or 'n/a'}" for k in v)
+          + f"; crc32 backend: {info['crc32_backend']}", file=out)
+    load_start = os.getloadavg()
+
+    hidden = hidden_state()
+    clients: list[Client] = [UdpRaw(hidden), UdpSession(hidden), TcpRaw(hidden), TcpSession(hidden)]
+    if not args.no_aio:
+        clients[2:2] = [Aio(hidden, "udp")]
+        clients.append(Aio(hidden, "tcp"))
+    wire = clients[0].wire
+    assert len(wire) == 4143 and len(frame_record(wire)) == 4147
+
+    ctx = multiprocessing.get_context("fork")
+    loop: asyncio.AbstractEventLoop | None = None
+    per_round = [args.count // args.rounds + (i < args.count % args.rounds) for i in range(args.rounds)]
+    print(f"timing: {args.count:,} round trips per row in {args.rounds} interleaved rounds "
+          f"({', '.join(map(str, per_round))}), after {args.warmup} warm-up round trips per row and "
+          f"{ROUND_WARMUP} discarded at the start of each round; one-way = round trip / 2; GC off; "
+          f"two processes over {HOST}", file=out)
+    try:
+        for c in clients:  # fork every server before this process opens a client socket or a loop
+            c.start_server(ctx)
+        loop = asyncio.new_event_loop()
+        Aio.loop = loop
+        for c in clients:
+            c.setup()
+            c.run(args.warmup)
+        gc.collect()
+        gc.disable()
+        t_start = time.perf_counter()
+        for i, n in enumerate(per_round):
+            for c in (clients if i % 2 == 0 else clients[::-1]):
+                c.run(ROUND_WARMUP)
+                c.samples += c.run(n)
+        elapsed = time.perf_counter() - t_start
+        gc.enable()
+        for c in clients:
+            c.stop()
+        for c in clients:
+            c.proc.join(10)
+            if c.proc.exitcode != 0:
+                _fail(f"the {c.transport} {c.kind} server process failed (exit code {c.proc.exitcode})")
+    finally:
+        gc.enable()
+        for c in clients:
+            if c.proc is not None and c.proc.is_alive():
+                c.proc.terminate()
+                c.proc.join(5)
+        if loop is not None:
+            loop.close()
+
+    rows = [summarize(c) for c in clients]
+    by = {(r.transport, r.kind): r for r in rows}
+    ours_udp = by[("UDP", OURS)]
+    load_end = os.getloadavg()
+    print(f"\nmessage: Think float16 {SHAPE}, {hidden.nbytes:,} B payload, {len(wire):,} B frame "
+          f"({len(wire) + 4:,} B TCP record); timed part {elapsed:.1f} s; 1-minute load average "
+          f"{load_start[0]:.2f} before, {load_end[0]:.2f} after (other work on these CPUs shows up as latency)\n",
+          file=out)
+    print("### One-way latency (round trip / 2), µs\n", file=out)
+    print(table(rows, ours_udp.p50_us), file=out)
+
+    costs = in_process_costs(hidden)
+    print("\n### In-process cost of one hop's steps, no sockets (best of 3), ns\n", file=out)
+    print("| step | ns |\n|---|--:|", file=out)
+    for k, ns in costs.items():
+        print(f"| {k} | {ns:,.0f} |", file=out)
+    print("", file=out)
+    hot: dict[str, float] = {}
+    for tr in ("UDP", "TCP"):
+        hot[tr] = sum(ns for k, ns in costs.items() if k.startswith(f"{tr} ")) / 1e3
+        excess = by[(tr, OURS)].p50_us - by[(tr, RAW)].p50_us
+        print(f"- {tr}: one hop's steps (send + receive) cost {hot[tr]:,.1f} µs hot; the ping-pong's one-way p50 "
+              f"is {excess:,.1f} µs over raw ({excess / hot[tr]:.1f}× the hot cost)", file=out)
+
+    main_t: list[Target] = []
+    info_t: list[Target] = []
+    for tr in ("UDP", "TCP"):
+        raw, ours = by[(tr, RAW)], by[(tr, OURS)]
+        main_t.append(Target(f"{tr} one-way p50, resonant Session / raw socket", ours.p50_us / raw.p50_us, "<=",
+                             TARGET_P50, f"{ours.p50_us:,.1f} µs vs {raw.p50_us:,.1f} µs; "
+                                         f"+{ours.p50_us - raw.p50_us:,.1f} µs"))
+        info_t.append(Target(f"{tr} one-way p99, resonant Session / raw socket", ours.p99_us / raw.p99_us, ">=", 0.0,
+                             f"{ours.p99_us:,.1f} µs vs {raw.p99_us:,.1f} µs"))
+        if (tr, AIO) in by:
+            aio = by[(tr, AIO)]
+            info_t.append(Target(f"{tr} one-way p50, resonant asyncio / raw socket", aio.p50_us / raw.p50_us, ">=",
+                                 0.0, f"{aio.p50_us:,.1f} µs; {aio.p50_us / ours.p50_us:.2f}× the sans-IO Session"))
+    info_t.append(Target("UDP one-way p50, resonant Session / the reference's claim (0.43 ms, not measured here)",
+                         ours_udp.p50_us / REFERENCE_CLAIM_US, ">=", 0.0,
+                         f"{ours_udp.p50_us:,.1f} µs vs {REFERENCE_CLAIM_US:,.0f} µs"))
+    print(f"\n## Targets (one-way p50, resonant Session <= {TARGET_P50:g}× raw socket p50, per transport)\n", file=out)
+    print_targets(main_t, info_t, out)
+
+    doc: dict[str, Any] | None = None
+    if args.json:
+        doc = {"machine": info, "count": args.count, "rounds": args.rounds, "per_round": per_round,
+               "warmup": args.warmup, "round_warmup": ROUND_WARMUP, "gc": "off", "timed_seconds": elapsed,
+               "loadavg_before": load_start, "loadavg_after": load_end,
+               "message": {"shape": list(SHAPE), "dtype": "float16", "payload_bytes": hidden.nbytes,
+                           "frame_bytes": len(wire), "record_bytes": len(wire) + 4},
+               "rows": [asdict(r) for r in rows], "reference_claim_us": REFERENCE_CLAIM_US,
+               "in_process_ns": costs, "hot_hop_us": hot,
+               "targets": [asdict(t) for t in main_t], "info": [asdict(t) for t in info_t]}
+    return finish(args, doc, main_t)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
