@@ -17,6 +17,7 @@ from resonant._codec import (
     Think,
     crc32,
     crc32_backend,
+    xxh3_64,
     decode,
     encode,
     make_frame,
@@ -66,7 +67,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Ask", "Cache", "Chunk", "Critique", "Frame", "Slice", "Sync", "Think",
     "StreamSender", "Reassembler", "StreamLimits", "StreamStarted", "ObjectReady", "StreamComplete", "StreamFailed",
-    "decode", "encode", "make_frame", "crc32", "crc32_backend", "byte_shuffle",
+    "decode", "encode", "make_frame", "crc32", "crc32_backend", "xxh3_64", "byte_shuffle",
     "Codec", "Key", "Keyring", "ModelSignature", "space_hash32",
     "connect", "serve", "Peer", "Server", "Session", "SessionConfig", "Agreement",
     "HandshakeComplete", "HandshakeFailed", "MessageReceived", "FrameRejected", "RemoteError", "ConnectionBroken",

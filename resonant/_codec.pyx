@@ -594,8 +594,8 @@ cdef class Slice:
                 raise EncodeError(f"shape[{k}]", f"{d} does not fit u32")
         base = _byte_buffer(payload, "payload")
         length = len(base)
-        if length > MAX_FRAME_BYTES:
-            raise EncodeError("payload", f"{length} bytes, more than max_frame_bytes ({MAX_FRAME_BYTES})")
+        if length > 0xFFFFFFFF:  # a message holds at most max_frame_bytes; a V-Stream object may be larger
+            raise EncodeError("payload", f"{length} bytes do not fit slice_len (u32)")
         self._dtype = code
         self._ndim = len(dims)
         for k, d in enumerate(dims):
@@ -978,6 +978,9 @@ cdef _check_roles(uint8_t msg_type, tuple slices):
         s = slices[i]
         if not isinstance(s, Slice):
             raise EncodeError(f"slices[{i}]", f"expected a Slice, got {type(s).__name__}")
+        if (<Slice>s)._len > MAX_FRAME_BYTES:
+            raise EncodeError(f"{roles[i][0]}.payload", f"{(<Slice>s)._len} bytes, more than max_frame_bytes "
+                              f"({MAX_FRAME_BYTES})")
         if roles[i][1] and ((<Slice>s)._dtype != 2 or (<Slice>s)._ndim != 1):
             raise EncodeError(f"slices[{i}]", f"the {roles[i][0]} slice carries text: it must be I8 of one dimension, got {s!r}")
 

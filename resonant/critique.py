@@ -16,6 +16,7 @@ import numpy as np
 
 from resonant._codec import Critique, Slice
 from resonant._spec import DType, NUMPY_DTYPES
+from resonant.errors import UnsupportedDType
 
 __all__ = ["divergence", "divergence_mask", "explain", "critique"]
 
@@ -80,5 +81,11 @@ def critique(reference, other, *, threshold: float | None = None, top_k: int | N
     mask = divergence_mask(div, threshold=threshold, top_k=top_k)
     doc = explain(reference, div, mask, note)
     d = DType(dtype)
-    payload = Slice.from_array(div.astype(np.dtype(NUMPY_DTYPES[d])), dtype=d)
+    if d in (DType.Q8_0, DType.Q4_0):
+        from resonant.quant import quantize
+        payload = quantize(div, d)
+    elif d in NUMPY_DTYPES:
+        payload = Slice.from_array(div.astype(np.dtype(NUMPY_DTYPES[d])), dtype=d)
+    else:
+        raise UnsupportedDType("dtype", f"{d.name} cannot carry a divergence vector")
     return Critique(payload, mask, doc, **header)

@@ -32,7 +32,7 @@ SCHEMA: dict[str, dict[str, dict[str, Any]]] = {
         "compress": {"type": "list[string]", "required": False, "const": None, "choices": ['zstd', 'lz4', 'none'], "fields": {}},
         "crypto": {"type": "list[string]", "required": False, "const": None, "choices": ['xchacha20poly1305', 'aes256gcm', 'none'], "fields": {}},
         "max_frame_bytes": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
-        "supports": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"critique": {"type": "bool", "required": False, "const": None, "choices": [], "fields": {}}, "dtype": {"type": "list[string]", "required": False, "const": None, "choices": ['f16', 'i8', 'q4', 'sparse', 'bf16', 'f32'], "fields": {}}}},
+        "supports": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"critique": {"type": "bool", "required": False, "const": None, "choices": [], "fields": {}}, "dtype": {"type": "list[string]", "required": False, "const": None, "choices": ['f16', 'i8', 'q4', 'sparse', 'bf16', 'f32', 'q8_0', 'q4_0', 'sparse_coo_u32'], "fields": {}}}},
         "model_signature": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"version": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "model_id": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "revision": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "dtype": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "num_layers": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "hidden_size": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "num_kv_heads": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "head_dim": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "tokenizer_hash": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}}},
     },
     "capability": {
@@ -46,7 +46,7 @@ SCHEMA: dict[str, dict[str, dict[str, Any]]] = {
         "compress": {"type": "list[string]", "required": False, "const": None, "choices": ['zstd', 'lz4', 'none'], "fields": {}},
         "crypto": {"type": "list[string]", "required": False, "const": None, "choices": ['xchacha20poly1305', 'aes256gcm', 'none'], "fields": {}},
         "max_frame_bytes": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
-        "supports": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"critique": {"type": "bool", "required": False, "const": None, "choices": [], "fields": {}}, "dtype": {"type": "list[string]", "required": False, "const": None, "choices": ['f16', 'i8', 'q4', 'sparse', 'bf16', 'f32'], "fields": {}}}},
+        "supports": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"critique": {"type": "bool", "required": False, "const": None, "choices": [], "fields": {}}, "dtype": {"type": "list[string]", "required": False, "const": None, "choices": ['f16', 'i8', 'q4', 'sparse', 'bf16', 'f32', 'q8_0', 'q4_0', 'sparse_coo_u32'], "fields": {}}}},
     },
     "head": {
         "method": {"type": "string", "required": True, "const": 'head', "choices": [], "fields": {}},

@@ -153,7 +153,9 @@ class SparseCoo:
     def to_dense(self) -> np.ndarray:
         out = np.zeros(self.shape, self.values.dtype)
         if len(self.values):
-            out[tuple(self.coords.T.astype(np.intp))] = self.values
+            flat = np.ravel_multi_index(tuple(self.coords.T.astype(np.intp)), self.shape) if self.shape else \
+                np.zeros(len(self.values), np.intp)
+            out.reshape(-1)[flat] = self.values
         return out
 
 
@@ -191,7 +193,8 @@ def sparse_from_dense(x, *, threshold: float | None = None, top_k: int | None = 
 
 def sparse_from_scipy(m) -> Slice:
     """A SPARSE_COO_U32 slice of a scipy.sparse matrix or array (any format)."""
-    coo = m.tocoo()
+    coo = m.tocoo(copy=True)
+    coo.sum_duplicates()  # scipy's meaning of repeated coordinates: their sum
     coords = np.stack([coo.row, coo.col], axis=1)
     order = np.lexsort((coo.col, coo.row))
     return _sparse_slice(tuple(coo.shape), coords[order], np.ascontiguousarray(coo.data[order]), True)
@@ -215,6 +218,9 @@ def parse_sparse(s: Slice) -> SparseCoo:
     if need != len(p):
         raise SizeMismatch("payload", f"{nnz} nonzeros of {ndim} coordinates and {vsize}-byte values take {need} "
                            f"bytes, the payload has {len(p)}", 0)
+    dense = int(np.prod(s.shape, dtype=np.int64))
+    if nnz > dense:
+        raise SizeMismatch("payload.nnz", f"{nnz} nonzeros in a dense shape of {dense} elements", 0)
     coords = np.frombuffer(p, "<u4", nnz * ndim, _SPARSE_HEAD.size).reshape(nnz, ndim)
     values = np.frombuffer(p, np.dtype(NUMPY_DTYPES[DType(vd)]), nnz, _SPARSE_HEAD.size + 4 * nnz * ndim)
     if nnz and (coords >= np.asarray(s.shape, np.uint64)).any():

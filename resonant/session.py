@@ -172,9 +172,13 @@ _METHOD = {a: "_do_" + a.value for a in Action}
 # ------------------------------------------------------------------ configuration and agreement
 
 
-_DTYPE_NAMES = {"f16": 0x01, "i8": 0x02, "q4": 0x03, "bf16": 0x04, "f32": 0x05, "sparse": 0x10}
+_DTYPE_NAMES = {"f16": 0x01, "i8": 0x02, "q4": 0x03, "bf16": 0x04, "f32": 0x05, "q8_0": 0x06, "q4_0": 0x07,
+                "sparse": 0x10, "sparse_coo_u32": 0x11}
+_DTYPE_CODE_NAMES = {v: k for k, v in _DTYPE_NAMES.items()}
 _REFERENCE_DTYPES = ("f16", "i8", "q4", "sparse")  # what a protocol-1 (reference) peer reads
-_FLOAT_FALLBACK = {"bf16": ("f32", "f16"), "f32": ("f16", "bf16"), "f16": ("f32", "bf16")}
+# What a tensor becomes when the peer lacks its dtype: lossless first, then the nearest.
+_FLOAT_FALLBACK = {"bf16": ("f32", "f16"), "f32": ("f16", "bf16"), "f16": ("f32", "bf16"),
+                   "q8_0": ("f16", "bf16", "f32"), "q4_0": ("f16", "bf16", "f32")}
 
 
 def _bf16():
@@ -206,7 +210,7 @@ class SessionConfig:
     compress: tuple[str, ...] = ("none", "zstd")
     zstd_level: int = 3
     crypto: tuple[str, ...] | None = None
-    dtypes: tuple[str, ...] = ("f16", "i8", "q4", "sparse", "bf16", "f32")
+    dtypes: tuple[str, ...] = ("f16", "i8", "q4", "sparse", "bf16", "f32", "q8_0", "q4_0", "sparse_coo_u32")
     critique: bool = True
     versions: tuple[int, ...] = PROTOCOL_VERSIONS
     max_frame_bytes: int = MAX_FRAME_BYTES
@@ -537,6 +541,9 @@ class Session:
             raise LocalProtocolError("stream", "the session is closed")
         kwargs.setdefault("max_frame_bytes", self.max_frame_bytes)
         kwargs.setdefault("space_hash32", self.config.space_hash32)
+        if self.agreement is not None and not self._all_dtypes:  # as send() does, object by object
+            objects = [self._reduce_slice(o if isinstance(o, Slice) else Slice.from_array(o), "stream")
+                       for o in objects]
         return StreamSender(stream_id, objects, codec=self._encoder, **kwargs)
 
     def send_encoded(self, data: bytes) -> None:
@@ -870,22 +877,26 @@ class Session:
         a = self.agreement
         if a is None or self._all_dtypes or all([sl.dtype in self._agreed_codes for sl in frame.slices]):
             return frame
-        names = {v: k for k, v in _DTYPE_NAMES.items()}
-        out = []
-        for sl in frame.slices:
-            name = names.get(int(sl.dtype))
-            if name in a.dtypes:
-                out.append(sl)
-                continue
-            target = next((t for t in _FLOAT_FALLBACK.get(name, ()) if t in a.dtypes), None)
-            if target is None:
-                raise LocalProtocolError("send", f"the peer does not accept {name} tensors (it agreed to "
-                                         f"{', '.join(a.dtypes)})")
-            arr = sl.numpy().astype(_NUMPY_FLOATS[target]())
-            out.append(Slice.from_array(arr, dtype=_DTYPE_NAMES[target]))
-            self.stats["dtype_converted"] += 1
+        out = [self._reduce_slice(sl, "send") for sl in frame.slices]
         return make_frame(frame.msg_type, out, stream_id=frame.stream_id, frame_seq=frame.frame_seq,
                           space_hash32=frame.space_hash32, modality=frame.modality, flags=frame.flags)
+
+    def _reduce_slice(self, sl: Slice, what: str) -> Slice:
+        a = self.agreement
+        name = _DTYPE_CODE_NAMES.get(int(sl.dtype), f"0x{int(sl.dtype):02x}")
+        if name in a.dtypes:
+            return sl
+        target = next((t for t in _FLOAT_FALLBACK.get(name, ()) if t in a.dtypes), None)
+        if target is None:
+            raise LocalProtocolError(what, f"the peer does not accept {name} tensors (it agreed to "
+                                     f"{', '.join(a.dtypes)})")
+        if name in ("q8_0", "q4_0"):
+            from resonant.quant import dequantize
+            arr = dequantize(sl)
+        else:
+            arr = sl.numpy()
+        self.stats["dtype_converted"] += 1
+        return Slice.from_array(arr.astype(_NUMPY_FLOATS[target]()), dtype=_DTYPE_NAMES[target])
 
     def _next_seq(self, stream_id: int) -> int:
         n = self._seq.get(stream_id, 0)
