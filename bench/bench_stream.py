@@ -3,10 +3,10 @@ tensor, against a plain memory copy of the same bytes measured in the same run.
 
     python3 bench/bench_stream.py [--mib 256] [--repeat 3] [--json PATH|-]
 
-Part (b) sends the same stream between two processes over loopback TCP, each frame behind a
-u32 little-endian length (a minimal socket loop until the transport issue lands; the receiver
-parses frames in place from large recv_into reads), against raw sendall/recv_into of the same
-tensor bytes in the same run.
+Part (b) sends the same stream between two processes over loopback TCP through the TCP
+transport's sans-IO Session (each frame a record behind a u32 little-endian length; the
+receiver reads straight into the session's buffer and parses frames in place), against raw
+sendall/recv_into of the same tensor bytes in the same run.
 
 Not part of the test suite.
 """
@@ -28,7 +28,8 @@ import time
 import numpy as np
 
 import resonant
-from resonant import Reassembler, StreamComplete, StreamSender
+from resonant import ConnectionBroken, FrameRejected, Reassembler, StreamComplete, StreamFailed, StreamSender
+from resonant.session import Session
 
 TARGET_GBPS = 3.0
 TARGET_TCP_RATIO = 0.8
@@ -46,28 +47,18 @@ def _serve(listener: socket.socket, mode: str, nbytes: int) -> None:
         while got < nbytes:
             got += conn.recv_into(view[got:], min(_READ, nbytes - got))
     else:
-        r = Reassembler()
-        buf = bytearray(_READ + 70000)
-        view = memoryview(buf)
-        filled = pos = 0
+        # The TCP transport's receive path, sans-IO over a blocking socket: the kernel writes
+        # straight into the session's record buffer and frames are parsed there in place.
+        session = Session(role="server")
         done = False
         while not done:
-            n = conn.recv_into(view[filled:], len(buf) - filled)
+            n = conn.recv_into(session.get_buffer())
             if n == 0:
                 raise ConnectionError("the sender closed the connection before the stream completed")
-            filled += n
-            while filled - pos >= 4:
-                (size,) = _LEN.unpack_from(buf, pos)
-                if size > resonant.MAX_FRAME_BYTES:
-                    raise ValueError(f"frame length {size} is over the frame limit")
-                if filled - pos - 4 < size:
-                    break
-                for event in r.receive(view[pos + 4:pos + 4 + size], 0.0):
-                    done = done or isinstance(event, StreamComplete)
-                pos += 4 + size
-            view[:filled - pos] = view[pos:filled]  # keep the partial frame, at the start
-            filled -= pos
-            pos = 0
+            for event in session.buffer_updated(n, 0.0):
+                if isinstance(event, (ConnectionBroken, StreamFailed, FrameRejected)):
+                    raise RuntimeError(f"the stream failed: {event}")
+                done = done or isinstance(event, StreamComplete)
     conn.sendall(b"k")
     conn.close()
 
@@ -85,8 +76,9 @@ def _tcp(mode: str, tensor: np.ndarray) -> float:
     if mode == "raw":
         sock.sendall(memoryview(tensor.view(np.uint8)))
     else:
-        for frame in StreamSender(1, [tensor]):
-            sock.sendmsg([_LEN.pack(len(frame)), frame])
+        session = Session(role="client")  # no handshake: the server accepts data without one by default
+        for frame in session.stream(1, [tensor]):
+            sock.sendmsg([_LEN.pack(len(frame)), frame])  # a TCP record: u32 length, frame
     if sock.recv(1) != b"k":
         raise ConnectionError("no answer from the receiver")
     elapsed = time.perf_counter() - t

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import ml_dtypes
 import numpy as np
 
-from resonant._codec import Slice
+from resonant._codec import Cache, Slice
 from resonant._spec import DType, MsgType
 from resonant.errors import UnsupportedDType
 from resonant.quant import dequantize
@@ -32,7 +32,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("resonant.torch_utils needs torch: pip install torch==2.13.0 first, then "
                       "pip install '.[torch]'") from exc
 
-__all__ = ["to_numpy", "to_slice", "to_torch", "kv_layers", "kv_stream", "kv_from_arrays", "kv_from_stream"]
+__all__ = ["to_numpy", "to_slice", "to_torch", "kv_layers", "kv_stream", "kv_from_arrays", "kv_from_stream",
+           "kv_messages", "kv_from_messages"]
 
 _TORCH_TO_NUMPY = {torch.float16: np.float16, torch.float32: np.float32, torch.int8: np.int8}
 
@@ -141,3 +142,27 @@ def kv_from_stream(event: Any, layout: StreamLayout | None = None, *, legacy: bo
         if any(not n.endswith((".keys", ".values")) for n in names):
             raise ValueError(f"stream {event.stream_id} is not a KV cache: objects {names[:4]}...")
     return kv_from_arrays(event.objects, legacy=legacy)
+
+
+def kv_messages(cache: Any, *, stream_id: int = 0, **header: Any) -> list:
+    """A small KV cache as Cache messages, one per layer (keys, values; frame_seq = layer).
+    A layer that does not fit one frame raises EncodeError: send the cache with kv_stream()."""
+    return [Cache(to_slice(k), to_slice(v), stream_id=stream_id, frame_seq=i, **header)
+            for i, (k, v) in enumerate(kv_layers(cache))]
+
+
+def kv_from_messages(messages: Sequence, *, legacy: bool = False) -> Any:
+    """The KV cache of Cache messages (any order; frame_seq is the layer), as kv_from_arrays."""
+    by_layer = {}
+    for m in messages:
+        if not isinstance(m, Cache):
+            raise TypeError(f"expected Cache messages, got {type(m).__name__}")
+        if m.frame_seq in by_layer:
+            raise ValueError(f"layer {m.frame_seq} appears twice")
+        by_layer[m.frame_seq] = m
+    if sorted(by_layer) != list(range(len(by_layer))):
+        raise ValueError(f"layers {sorted(by_layer)[:8]}...: expected 0..{len(by_layer) - 1}")
+    arrays = []
+    for i in range(len(by_layer)):
+        arrays += [by_layer[i].keys.numpy(), by_layer[i].values.numpy()]
+    return kv_from_arrays(arrays, legacy=legacy)

@@ -261,3 +261,28 @@ def test_wrong_stream_is_rejected():
         tu.kv_layers(object())
     with pytest.raises(TypeError):
         tu.kv_layers([(pairs[0][0],)])
+
+
+def test_kv_cache_as_cache_messages_layer_by_layer():
+    from transformers import DynamicCache
+
+    import resonant
+    from resonant import torch_utils as tu
+
+    cache = DynamicCache()
+    for i in range(4):
+        cache.update(torch.randn(1, 2, 6, 8, dtype=torch.bfloat16), torch.randn(1, 2, 6, 8, dtype=torch.bfloat16), i)
+    msgs = tu.kv_messages(cache, stream_id=3)
+    assert [m.frame_seq for m in msgs] == [0, 1, 2, 3] and all(isinstance(m, resonant.Cache) for m in msgs)
+    received = [resonant.decode(resonant.encode(m)) for m in reversed(msgs)]  # any order
+    back = tu.kv_from_messages(received)
+    for a, b in zip(cache.layers, back.layers):
+        assert b.keys.dtype == torch.bfloat16 and torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    legacy = tu.kv_from_messages(received, legacy=True)
+    assert len(legacy) == 4 and torch.equal(legacy[2][1], cache.layers[2].values)
+    with pytest.raises(ValueError, match="appears twice"):
+        tu.kv_from_messages(received + received[:1])
+    big = DynamicCache()
+    big.update(torch.zeros(1, 8, 512, 64), torch.zeros(1, 8, 512, 64), 0)
+    with pytest.raises(resonant.EncodeError, match="max_frame_bytes"):
+        tu.kv_messages(big)
