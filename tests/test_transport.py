@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,6 +37,10 @@ from resonant.session import (
 from resonant.stream import ObjectReady, StreamComplete, StreamFailed, StreamLimits, StreamStarted
 
 CLI = [sys.executable, "-m", "resonant.cli"]
+# Children run outside the checkout: `python -m`/`-c` put the working directory first on
+# sys.path, and the source tree's resonant/ (no compiled codec after `pip install .`) would
+# shadow the installed package.
+CHILD_CWD = tempfile.gettempdir()
 HOST = "127.0.0.1"
 WAIT = 10.0  # seconds: the longest any single wait may take (a loaded 2-core machine)
 VEC_FILES = [v["file"] for v in MANIFEST]
@@ -54,7 +59,7 @@ class _Child:
         self.stderr: list[str] = []
         self._cv = threading.Condition()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, bufsize=1)
+                                     stderr=subprocess.PIPE, text=True, bufsize=1, cwd=CHILD_CWD)
         self._threads = [threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout), daemon=True),
                          threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True)]
         for t in self._threads:
@@ -146,7 +151,8 @@ def receiver(scheme: str, *args: str):
 
 def run_cli(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess:
     """Run the command to completion (subprocess.run kills it when the timeout expires)."""
-    return subprocess.run([*CLI, *args], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*CLI, *args], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+                          cwd=CHILD_CWD)
 
 
 def record(frame: bytes) -> bytes:
@@ -558,7 +564,7 @@ def test_large_cache_stream_from_a_sender_process_is_saved_exactly(scheme, optio
     with receiver(scheme, "--json", "--count", COUNT_ONE, "--save", str(save), *key_args) as rx:
         r = subprocess.run([sys.executable, "-c", _STREAM_SENDER, rx.url, str(d / f"{name}.npy"),
                             "zstd" if "zstd" in options else "", key], stdin=subprocess.DEVNULL,
-                           capture_output=True, text=True, timeout=30)
+                           capture_output=True, text=True, timeout=30, cwd=CHILD_CWD)
         assert r.returncode == 0, r.stderr
         assert (f"sent stream 5 {'zstd' if 'zstd' in options else 'none'} "
                 f"{'xchacha20poly1305' if key else 'none'}") in r.stderr
