@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import resonant
+from conftest import vector_bytes
 from resonant import Key, ModelSignature, Sync, Think, _codec
 from resonant.errors import FramingError, LocalProtocolError
 from resonant.session import (
@@ -223,8 +224,7 @@ def test_unsupported_features_are_reduced_not_fatal():
 
 def test_reference_ping_gets_protocol_1():
     s = Session(role="server", compress=("zstd", "none"))
-    ping = (resonant.__file__.rsplit("/", 2)[0] + "/tests/vectors/reference/01_sync_ping.bin")
-    events = s.receive_datagram(open(ping, "rb").read(), 0.0)
+    events = s.receive_datagram(vector_bytes("01_sync_ping.bin"), 0.0)
     assert isinstance(events[-1], HandshakeComplete)
     cap = json.loads(_codec.decode(s.datagrams_to_send()[0]).json.tobytes())
     assert cap["agreed_proto"] == 1 and cap["compress"] == ["none"] and cap["crypto"] == ["none"]
