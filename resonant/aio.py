@@ -70,6 +70,21 @@ def _now() -> float:
     return time.monotonic()
 
 
+_CLOSED = object()  # queued when a connection is lost
+
+
+async def _get(queue: asyncio.Queue, timeout: float | None):
+    """queue.get() with a timeout, without wait_for's task per call when an item is ready."""
+    if not queue.empty():
+        return queue.get_nowait()
+    if timeout is None:
+        return await queue.get()
+    if hasattr(asyncio, "timeout"):  # Python 3.11+: no extra task
+        async with asyncio.timeout(timeout):
+            return await queue.get()
+    return await asyncio.wait_for(queue.get(), timeout)
+
+
 # ------------------------------------------------------------------ protocols
 
 
@@ -127,6 +142,7 @@ class _TcpLink(_Link, asyncio.BufferedProtocol):
     def connection_lost(self, exc) -> None:
         self.closed.set()
         self._can_write.set()
+        self.events.put_nowait(_CLOSED)  # wakes whoever waits for an event
 
     def flush(self) -> None:
         data = self.session.data_to_send()
@@ -157,6 +173,7 @@ class _UdpClientLink(_Link, asyncio.DatagramProtocol):
     def connection_lost(self, exc) -> None:
         self.closed.set()
         self._can_write.set()
+        self.events.put_nowait(_CLOSED)  # wakes whoever waits for an event
 
     def flush(self) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -196,9 +213,11 @@ class Peer:
             if left <= 0:
                 raise HandshakeRefused("handshake", f"no capability from {self.address} within {timeout} s")
             try:
-                event = await asyncio.wait_for(self._link.events.get(), left)
+                event = await _get(self._link.events, left)
             except asyncio.TimeoutError:
                 continue
+            if event is _CLOSED:
+                raise HandshakeRefused("handshake", f"the connection to {self.address} closed during the handshake")
             if isinstance(event, HandshakeComplete):
                 return
             if isinstance(event, HandshakeFailed):
@@ -243,8 +262,12 @@ class Peer:
         return sid
 
     async def next_event(self, timeout: float | None = None):
-        """The next event (MessageReceived, stream events, RemoteError, ...)."""
-        event = await asyncio.wait_for(self._link.events.get(), timeout)
+        """The next event (MessageReceived, stream events, RemoteError, ...); ConnectionError
+        once the connection is closed, asyncio.TimeoutError after `timeout` seconds."""
+        event = await _get(self._link.events, timeout)
+        if event is _CLOSED:
+            self._link.events.put_nowait(_CLOSED)  # stays closed for the next caller
+            raise ConnectionError(f"the connection to {self.address} is closed")
         self._link.resume()
         return event
 
@@ -252,16 +275,13 @@ class Peer:
         return self._iter()
 
     async def _iter(self):
-        while not (self._link.closed.is_set() and self._link.events.empty()):
-            getter = asyncio.ensure_future(self._link.events.get())
-            closed = asyncio.ensure_future(self._link.closed.wait())
-            done, _ = await asyncio.wait({getter, closed}, return_when=asyncio.FIRST_COMPLETED)
-            closed.cancel()
-            if getter in done:
-                self._link.resume()
-                yield getter.result()
-            else:
-                getter.cancel()
+        while True:
+            event = await self._link.events.get()
+            if event is _CLOSED:
+                self._link.events.put_nowait(_CLOSED)
+                return
+            self._link.resume()
+            yield event
 
     async def close(self) -> None:
         if self._ticker is not None:
@@ -371,7 +391,7 @@ class Server:
             yield item
 
     async def next_event(self, timeout: float | None = None):
-        item = await asyncio.wait_for(self.events.get(), timeout)
+        item = await _get(self.events, timeout)
         if item is None:
             raise EOFError("the server is closed")
         return item
