@@ -414,6 +414,25 @@ class HMessage:
 
 
 @dataclass(frozen=True)
+class StateMachine:
+    """The session's handshake table: per role, state and input, one action and next state."""
+
+    doc: str
+    states: tuple[tuple[str, str], ...]    # (name, doc)
+    inputs: tuple[tuple[str, str], ...]
+    actions: tuple[tuple[str, str], ...]
+    roles: tuple[str, ...]
+    transitions: tuple[tuple[str, str, str, str, str], ...]  # (role, state, input, action, next state)
+
+    def row(self, role: str, state: str) -> list[tuple[str, str, str]]:
+        return [(i, a, n) for r, st, i, a, n in self.transitions if r == role and st == state]
+
+    def states_of(self, role: str) -> list[str]:
+        seen = [st for r, st, *_ in self.transitions if r == role]
+        return list(dict.fromkeys(seen))
+
+
+@dataclass(frozen=True)
 class Handshake:
     source: str
     title: str
@@ -423,6 +442,7 @@ class Handshake:
     flow: tuple[tuple[int, str, str, str], ...]
     streams: tuple[tuple[str, str], ...]
     messages: tuple[HMessage, ...]
+    state_machine: StateMachine
 
     def limit(self, name: str) -> int:
         return next(lim.value for lim in self.limits if lim.name == name)
@@ -778,7 +798,7 @@ def _hfields(node: _Node) -> tuple[HField, ...]:
 
 
 def load_handshake(path: Path) -> Handshake:
-    root = _read(path).mapping(("meta", "limits", "flow", "streams", "messages"))
+    root = _read(path).mapping(("meta", "limits", "flow", "streams", "state_machine", "messages"))
     meta = root.child("meta").mapping(("id", "title", "version", "doc"))
     limits = _limits(root.child("limits"))
     for needed in ("max_json_bytes", "max_list_items", "max_string_chars", "max_objects"):
@@ -801,7 +821,54 @@ def load_handshake(path: Path) -> Handshake:
             raise item.child("fields").fail("the first field must be 'method' with const equal to the message name")
         messages.append(HMessage(item.child("name").ident(), item.doc(), fields, item.child("example").value))
     return Handshake(path.name, meta.child("title").str(), meta.child("version").int(1), meta.doc(),
-                     limits, tuple(flow), tuple(streams), tuple(messages))
+                     limits, tuple(flow), tuple(streams), tuple(messages), _state_machine(root.child("state_machine")))
+
+
+def _state_machine(node: "_Node") -> StateMachine:
+    node.mapping(("doc", "states", "inputs", "actions", "transitions"))
+    lists = {}
+    for key in ("states", "inputs", "actions"):
+        items = []
+        for item in node.child(key).seq():
+            item.mapping(("name", "doc"))
+            name = item.child("name").ident()
+            if name in {n for n, _ in items}:
+                raise item.child("name").fail(f"'{name}' is listed twice")
+            items.append((name, item.doc()))
+        if not items:
+            raise node.child(key).fail("must not be empty")
+        lists[key] = tuple(items)
+    states = {n for n, _ in lists["states"]}
+    inputs = [n for n, _ in lists["inputs"]]
+    actions = {n for n, _ in lists["actions"]}
+    out, roles, seen = [], [], set()
+    for row in node.child("transitions").seq():
+        row.mapping(("role", "state", "row"))
+        role = row.child("role").ident()
+        state = row.child("state").ident()
+        if state not in states:
+            raise row.child("state").fail(f"'{state}' is not one of the states")
+        if (role, state) in seen:
+            raise row.fail(f"a second row for {role} in {state}")
+        seen.add((role, state))
+        if role not in roles:
+            roles.append(role)
+        cells = row.child("row").mapping(tuple(inputs))
+        for inp in inputs:
+            cell = cells.child(inp)
+            parts = cell.str().split()
+            if len(parts) != 2:
+                raise cell.fail("expected 'action next_state'")
+            action, nxt = parts
+            if action not in actions:
+                raise cell.fail(f"'{action}' is not one of the actions")
+            if nxt not in states:
+                raise cell.fail(f"'{nxt}' is not one of the states")
+            out.append((role, state, inp, action, nxt))
+    for role, state, inp, action, nxt in out:  # every next state of a role has its own row
+        if (role, nxt) not in seen:
+            raise node.child("transitions").fail(f"{role} can reach '{nxt}' ({state} + {inp}) but has no row for it")
+    return StateMachine(node.doc(), lists["states"], lists["inputs"], lists["actions"], tuple(roles), tuple(out))
 
 
 def load(schema_dir: Path) -> Model:

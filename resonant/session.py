@@ -110,58 +110,14 @@ class Action(str, enum.Enum):
 
 
 def _table() -> dict[tuple[Role, State, Input], tuple[Action, State]]:
-    A, S, I = Action, State, Input
-    t: dict[tuple[Role, State, Input], tuple[Action, State]] = {}
-    server = {
-        S.IDLE: {I.START: (A.INVALID, S.IDLE), I.PING_OK: (A.ANSWER_CAPABILITY, S.ESTABLISHED),
-                 I.PING_BAD: (A.ANSWER_ERROR, S.IDLE), I.CAPABILITY_OK: (A.IGNORE, S.IDLE),
-                 I.CAPABILITY_BAD: (A.IGNORE, S.IDLE), I.ERROR: (A.REPORT_REMOTE_ERROR, S.IDLE),
-                 I.DATA: (A.ACCEPT_IF_LENIENT, S.IDLE), I.BAD_FRAME: (A.REPORT_BAD_FRAME, S.IDLE),
-                 I.RETRY: (A.IGNORE, S.IDLE), I.DEADLINE: (A.IGNORE, S.IDLE), I.CLOSE: (A.SHUTDOWN, S.CLOSED)},
-        S.ESTABLISHED: {I.START: (A.INVALID, S.ESTABLISHED),
-                        I.PING_OK: (A.ANSWER_CAPABILITY, S.ESTABLISHED),  # a repeated ping: its answer was lost
-                        I.PING_BAD: (A.ANSWER_ERROR, S.IDLE),  # renegotiation refused: start over
-                        I.CAPABILITY_OK: (A.IGNORE, S.ESTABLISHED), I.CAPABILITY_BAD: (A.IGNORE, S.ESTABLISHED),
-                        I.ERROR: (A.REPORT_REMOTE_ERROR, S.ESTABLISHED), I.DATA: (A.ACCEPT, S.ESTABLISHED),
-                        I.BAD_FRAME: (A.REPORT_BAD_FRAME, S.ESTABLISHED), I.RETRY: (A.IGNORE, S.ESTABLISHED),
-                        I.DEADLINE: (A.IGNORE, S.ESTABLISHED), I.CLOSE: (A.SHUTDOWN, S.CLOSED)},
-    }
-    client = {
-        S.IDLE: {I.START: (A.SEND_PING, S.AWAIT_CAPABILITY), I.PING_OK: (A.IGNORE, S.IDLE),
-                 I.PING_BAD: (A.IGNORE, S.IDLE), I.CAPABILITY_OK: (A.IGNORE, S.IDLE),
-                 I.CAPABILITY_BAD: (A.IGNORE, S.IDLE), I.ERROR: (A.REPORT_REMOTE_ERROR, S.IDLE),
-                 I.DATA: (A.ACCEPT_IF_LENIENT, S.IDLE), I.BAD_FRAME: (A.REPORT_BAD_FRAME, S.IDLE),
-                 I.RETRY: (A.IGNORE, S.IDLE), I.DEADLINE: (A.IGNORE, S.IDLE), I.CLOSE: (A.SHUTDOWN, S.CLOSED)},
-        S.AWAIT_CAPABILITY: {
-            I.START: (A.INVALID, S.AWAIT_CAPABILITY), I.PING_OK: (A.IGNORE, S.AWAIT_CAPABILITY),
-            I.PING_BAD: (A.IGNORE, S.AWAIT_CAPABILITY), I.CAPABILITY_OK: (A.ADOPT, S.ESTABLISHED),
-            I.CAPABILITY_BAD: (A.FAIL, S.FAILED), I.ERROR: (A.FAIL, S.FAILED),
-            I.DATA: (A.ACCEPT_IF_LENIENT, S.AWAIT_CAPABILITY), I.BAD_FRAME: (A.REPORT_BAD_FRAME, S.AWAIT_CAPABILITY),
-            I.RETRY: (A.SEND_PING, S.AWAIT_CAPABILITY), I.DEADLINE: (A.FAIL, S.FAILED), I.CLOSE: (A.SHUTDOWN, S.CLOSED)},
-        S.ESTABLISHED: {
-            I.START: (A.SEND_PING, S.AWAIT_CAPABILITY),  # renegotiate
-            I.PING_OK: (A.IGNORE, S.ESTABLISHED), I.PING_BAD: (A.IGNORE, S.ESTABLISHED),
-            I.CAPABILITY_OK: (A.IGNORE, S.ESTABLISHED), I.CAPABILITY_BAD: (A.IGNORE, S.ESTABLISHED),  # duplicates
-            I.ERROR: (A.REPORT_REMOTE_ERROR, S.ESTABLISHED), I.DATA: (A.ACCEPT, S.ESTABLISHED),
-            I.BAD_FRAME: (A.REPORT_BAD_FRAME, S.ESTABLISHED), I.RETRY: (A.IGNORE, S.ESTABLISHED),
-            I.DEADLINE: (A.IGNORE, S.ESTABLISHED), I.CLOSE: (A.SHUTDOWN, S.CLOSED)},
-        S.FAILED: {I.START: (A.SEND_PING, S.AWAIT_CAPABILITY), I.PING_OK: (A.IGNORE, S.FAILED),
-                   I.PING_BAD: (A.IGNORE, S.FAILED), I.CAPABILITY_OK: (A.IGNORE, S.FAILED),
-                   I.CAPABILITY_BAD: (A.IGNORE, S.FAILED), I.ERROR: (A.REPORT_REMOTE_ERROR, S.FAILED),
-                   I.DATA: (A.ACCEPT_IF_LENIENT, S.FAILED), I.BAD_FRAME: (A.REPORT_BAD_FRAME, S.FAILED),
-                   I.RETRY: (A.IGNORE, S.FAILED), I.DEADLINE: (A.IGNORE, S.FAILED), I.CLOSE: (A.SHUTDOWN, S.CLOSED)},
-    }
-    for role, states in ((Role.SERVER, server), (Role.CLIENT, client)):
-        for state in State:
-            row = states.get(state)
-            for inp in Input:
-                if state is S.CLOSED:
-                    t[role, state, inp] = (A.INVALID if inp is I.START else A.DROP, S.CLOSED)
-                elif row is None:
-                    continue  # a state this role never reaches (server: AWAIT_CAPABILITY, FAILED)
-                else:
-                    t[role, state, inp] = row[inp]
-    return t
+    """The table of schema/handshake.yaml (state_machine), generated into resonant.handshake."""
+    for enum_cls, names in ((Role, handshake.SM_ROLES), (State, handshake.SM_STATES), (Input, handshake.SM_INPUTS),
+                            (Action, handshake.SM_ACTIONS)):
+        if sorted(m.value for m in enum_cls) != sorted(names):  # pragma: no cover - caught by the tests
+            raise ImportError(f"resonant.session.{enum_cls.__name__} does not match the schema's state machine "
+                              f"({sorted(names)}); run make codegen and update session.py")
+    return {(Role(r), State(st), Input(i)): (Action(a), State(n))
+            for (r, st, i), (a, n) in handshake.SM_TRANSITIONS.items()}
 
 
 #: (role, state, input) -> (action, next state). Every reachable pair is listed.

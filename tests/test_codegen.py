@@ -101,10 +101,20 @@ def _dtype(data, name):
          "handshake.yaml: messages[1].fields[1].type: unknown type 'float128' (expected one of string, number, bool, u32, u64, object, list[string], list[u32], list[object])"),
         ("handshake.yaml", lambda d: d["messages"][0]["fields"][0].update(const="pong"),
          "handshake.yaml: messages[0].fields: the first field must be 'method' with const equal to the message name"),
+        ("handshake.yaml", lambda d: d["state_machine"]["transitions"][0]["row"].update(start="explode idle"),
+         "handshake.yaml: state_machine.transitions[0].row.start: 'explode' is not one of the actions"),
+        ("handshake.yaml", lambda d: d["state_machine"]["transitions"][0]["row"].update(start="send_ping limbo"),
+         "handshake.yaml: state_machine.transitions[0].row.start: 'limbo' is not one of the states"),
+        ("handshake.yaml", lambda d: d["state_machine"]["transitions"][0]["row"].pop("close"),
+         "handshake.yaml: state_machine.transitions[0].row: missing required key 'close'"),
+        ("handshake.yaml", lambda d: d["state_machine"]["transitions"].pop(1),
+         "handshake.yaml: state_machine.transitions: client can reach 'await_capability' (idle + start) but has no row "
+         "for it"),
     ],
     ids=["size-rule", "doc", "dup-value", "role", "type", "limit", "flag-bit", "ambiguous-layout", "count", "key",
          "transport-max", "transport-max-range", "transport-prefix-type", "transport-prefix", "transport-framing",
-         "transport-action", "transport-error", "transports", "hs-type", "hs-method"],
+         "transport-action", "transport-error", "transports", "hs-type", "hs-method", "sm-action", "sm-state",
+         "sm-missing-input", "sm-missing-row"],
 )
 def test_schema_errors_name_the_yaml_path(tmp_path, file, edit, message):
     with pytest.raises(SchemaError) as exc:
