@@ -569,3 +569,54 @@ def test_protocol_1_peers_get_reference_dtypes_only():
     s = Session(role="server")
     s.receive_datagram(control({"method": "ping", "ts": 1}), 0.0)
     assert s.agreement.proto == 1 and s.agreement.dtypes == ("f16", "i8", "q4", "sparse")
+
+
+# ------------------------------------------------------------------ nothing the peer sends raises
+
+
+def _valid_inputs() -> list[bytes]:
+    frames = _vectors()
+    frames += [control(PING_OK, 1, SPACE), control(CAP_OK, 1, SPACE), control(ERROR, 1, SPACE),
+               control({"method": "head", "v": 1, "msg_type": 1, "chunk_bytes": 512, "total_bytes": 1 << 40,
+                        "objects": [{"dtype": 1, "shape": [1 << 39], "nbytes": 1 << 40}], "hash": "xxh3_64"}, 2)]
+    return frames
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_any_datagram_in_any_state_never_raises(data):
+    role = data.draw(st.sampled_from([Role.CLIENT, Role.SERVER]))
+    key = Key(bytes(32), key_id=7) if data.draw(st.booleans()) else None
+    s = Session(role=role, key=key, expected_space_hash=data.draw(st.sampled_from([None, SPACE])),
+                strict=data.draw(st.sampled_from([None, False, True])))
+    if role is Role.CLIENT and data.draw(st.booleans()):
+        s.initiate(0.0)
+    valid = _valid_inputs()
+    for i in range(data.draw(st.integers(1, 6))):
+        kind = data.draw(st.sampled_from(["random", "mutated", "truncated", "valid"]))
+        base = data.draw(st.sampled_from(valid))
+        if kind == "random":
+            d = data.draw(st.binary(max_size=300))
+        elif kind == "mutated":
+            pos = data.draw(st.integers(0, len(base) - 1))
+            d = base[:pos] + bytes([data.draw(st.integers(0, 255))]) + base[pos + 1:]
+        elif kind == "truncated":
+            d = base[:data.draw(st.integers(0, len(base)))]
+        else:
+            d = base
+        events = s.receive_datagram(d, float(i))
+        assert all(type(e).__module__.startswith("resonant") for e in events)
+        s.tick(float(i) + 100.0)
+        for out in s.datagrams_to_send():
+            assert len(out) <= resonant.MAX_FRAME_BYTES
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=2000), st.lists(st.integers(1, 2000), max_size=5))
+def test_any_tcp_bytes_never_raise(noise, cuts):
+    s = Session(role="server")
+    stream = b"".join(frame_record(f) for f in _valid_inputs()[:4]) + noise
+    bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
+    for a, b in zip(bounds, bounds[1:]):
+        s.receive_data(stream[a:b], 0.0)
+    s.receive_eof(0.0)
