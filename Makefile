@@ -36,6 +36,10 @@ test:
 
 bench:
 	$(PYTHON) bench/bench_codec.py
+	$(PYTHON) bench/bench_transforms.py
+	$(PYTHON) bench/bench_stream.py
+	$(PYTHON) bench/bench_transport.py
+	$(PYTHON) bench/bench_quant.py
 
 clean:
 	rm -rf build dist *.egg-info resonant/_codec.c resonant/*.so resonant/_codec.html .pytest_cache .hypothesis
