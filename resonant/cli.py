@@ -112,6 +112,8 @@ def _session_config(args, role: str) -> dict:
         kw["space_hash32"] = args.space_hash
     if getattr(args, "strict", False):
         kw["strict"] = True
+    if getattr(args, "max_frame_bytes", None) is not None:
+        kw["max_frame_bytes"] = args.max_frame_bytes
     return kw
 
 
@@ -314,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "failed streams; handshake documents are printed but not counted)")
     r.add_argument("--key-file", metavar="F", help="decrypt with this key (and require encryption)")
     r.add_argument("--space-hash", type=_u32, metavar="H", help="accept only this embedding space (space_hash32)")
+    r.add_argument("--max-frame-bytes", type=int, metavar="N", help="largest frame the peers may send (512..65536)")
     r.add_argument("--strict", action="store_true", help="require the handshake before data (the default with a key "
                    "or a space hash)")
 
@@ -329,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--space-hash", type=_u32, metavar="H", help="space_hash32 to stamp on the frames and announce")
     s.add_argument("--stream-id", type=_u32, default=1, metavar="ID", help="stream_id (default 1)")
     s.add_argument("--no-handshake", action="store_true", help="send without the handshake (as the reference does)")
+    s.add_argument("--max-frame-bytes", type=int, metavar="N", help="largest frame to send, 512..65536 (e.g. 1200 on "
+                   "small-MTU UDP paths; the receiver may lower it further)")
 
     i = sub.add_parser("inspect", help="decode a frame file and annotate every field",
                        description="Print a frame field by field with the spec's names and byte offsets.")

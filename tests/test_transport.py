@@ -470,6 +470,19 @@ def _check_saved_stream(doc: dict, keys: np.ndarray, values: np.ndarray, save: P
     assert k.tobytes() == keys.tobytes() and v.tobytes() == values.tobytes()
 
 
+def test_send_with_small_frames_for_small_mtu_paths(arrays, tmp_path):
+    d, files = arrays
+    save = tmp_path / "out"
+    with receiver("udp", "--json", "--count", COUNT_ONE, "--save", str(save)) as rx:
+        r = _send(rx.url, d / "mid.npy", "--type", "cache", "--max-frame-bytes", "1200")
+        assert r.returncode == 0, r.stderr
+        assert rx.wait_exit() == 0, rx.dump()
+        started, done = _payload_lines(rx)
+        assert started["chunks"] >= 65500 // 1200  # every chunk (and its datagram) fits 1,200 bytes
+        _check_saved_stream(done, files["mid"][0], files["mid"][1], save)
+        rx.wait_stderr(r"handshake: protocol 2, .* max_frame_bytes 1200$")
+
+
 @pytest.mark.parametrize("scheme", ["tcp", "udp"])
 def test_send_small_array_arrives_as_one_think(scheme, arrays):
     d, files = arrays
