@@ -329,14 +329,21 @@ class RecordReader:
 
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES, read_size: int = 1 << 20) -> None:
         self.max_frame_bytes = max_frame_bytes
-        self._buf = bytearray(read_size + max_frame_bytes + _LEN_BYTES)
+        self._size = read_size + max_frame_bytes + _LEN_BYTES
+        self._buf = bytearray()  # allocated on first use: a UDP session never needs it
         self._view = memoryview(self._buf)
         self._start = 0  # first unparsed byte
         self._end = 0    # end of the data
         self.consumed = 0  # bytes of the stream parsed so far (for error offsets)
         self.broken: FramingError | None = None
 
+    def _alloc(self) -> None:
+        if not self._buf:
+            self._buf = bytearray(self._size)
+            self._view = memoryview(self._buf)
+
     def _compact(self, need: int) -> None:
+        self._alloc()
         if self._end + need <= len(self._buf):
             return
         n = self._end - self._start

@@ -620,3 +620,21 @@ def test_any_tcp_bytes_never_raise(noise, cuts):
     for a, b in zip(bounds, bounds[1:]):
         s.receive_data(stream[a:b], 0.0)
     s.receive_eof(0.0)
+
+
+def test_a_session_is_small_until_it_needs_a_tcp_buffer():
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        sessions = [Session(role="server") for _ in range(1024)]  # a UDP server's max_peers
+        for s in sessions[:8]:
+            s.receive_datagram(_vectors()[3], 0.0)
+        used = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert used < 16 << 20, used  # the 1 MiB TCP record buffer is allocated only on first TCP use
+    s = sessions[0]
+    s.receive_data(frame_record(_vectors()[3])[:10], 0.0)  # a partial record: now it needs the buffer
+    assert s.records.pending == 10
