@@ -39,6 +39,7 @@ from resonant._spec import (
 from resonant.errors import *  # noqa: F401,F403
 from resonant.space import ModelSignature, space_hash32
 from resonant.stream import (
+    MemoryBudget,
     ObjectReady,
     Reassembler,
     StreamComplete,
@@ -66,7 +67,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Ask", "Cache", "Chunk", "Critique", "Frame", "Slice", "Sync", "Think",
-    "StreamSender", "Reassembler", "StreamLimits", "StreamStarted", "ObjectReady", "StreamComplete", "StreamFailed",
+    "StreamSender", "Reassembler", "StreamLimits", "MemoryBudget", "StreamStarted", "ObjectReady", "StreamComplete", "StreamFailed",
     "decode", "encode", "make_frame", "crc32", "crc32_backend", "xxh3_64", "byte_shuffle",
     "Codec", "Key", "Keyring", "ModelSignature", "space_hash32",
     "connect", "serve", "Peer", "Server", "Session", "SessionConfig", "Agreement",

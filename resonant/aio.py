@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from resonant._codec import Frame
 from resonant._spec import MAX_UDP_FRAME_BYTES
 from resonant.errors import HandshakeRefused
+from resonant.stream import MemoryBudget
 from resonant.session import (
     ConnectionBroken,
     HandshakeComplete,
@@ -368,6 +369,7 @@ class Server:
         self.scheme = scheme
         self.config = config
         self.max_peers = max_peers
+        self.budget: MemoryBudget | None = None
         self.events: asyncio.Queue = asyncio.Queue()
         self.links: "OrderedDict[tuple, _Link]" = OrderedDict()
         self.address: tuple | None = None
@@ -378,7 +380,7 @@ class Server:
         self.dropped_datagrams = 0
 
     def _session(self) -> Session:
-        return Session(self.config)
+        return Session(self.config, budget=self.budget)
 
     def __aiter__(self) -> AsyncIterator:
         return self._iter()
@@ -456,6 +458,8 @@ class _ServerTcpLink(_TcpLink):
 
     def connection_lost(self, exc) -> None:
         super().connection_lost(exc)
+        for e in self.session.reassembler.close("the connection closed"):  # and their memory is released
+            self.server.events.put_nowait((self.peer, e))
         self.server.links.pop(self.peer, None)
 
 
@@ -478,7 +482,9 @@ class _UdpServerProtocol(asyncio.DatagramProtocol):
         link = srv.links.get(addr)
         if link is None:
             if len(srv.links) >= srv.max_peers:  # forget the least recently heard peer
-                srv.links.popitem(last=False)
+                old_addr, old = srv.links.popitem(last=False)
+                for e in old.session.reassembler.close("the peer's session was dropped (max_peers)"):
+                    srv.events.put_nowait((old_addr, e))
             link = _Link(srv._session())
             srv.links[addr] = link
         else:
@@ -508,18 +514,21 @@ class _Serve:
         await self._server.close()
 
 
-def serve(url: str, *, config: SessionConfig | None = None, max_peers: int = 1024, **kwargs: Any) -> _Serve:
+def serve(url: str, *, config: SessionConfig | None = None, max_peers: int = 1024, max_memory: int = 4 << 30,
+          **kwargs: Any) -> _Serve:
     """Listen on tcp://host:port or udp://host:port (port 0 picks one; see server.address).
 
     Keyword arguments are SessionConfig fields. Every peer gets its own Session; at most
     max_peers at once (TCP: further connections are closed; UDP: the least recently heard
-    peer's session is dropped)."""
-    return _Serve(_serve(url, config, max_peers, kwargs))
+    peer's session is dropped). Stream buffers of all peers together stay within max_memory
+    bytes (a shared MemoryBudget; each peer also has its StreamLimits)."""
+    return _Serve(_serve(url, config, max_peers, max_memory, kwargs))
 
 
-async def _serve(url: str, config, max_peers: int, kwargs: dict) -> Server:
+async def _serve(url: str, config, max_peers: int, max_memory: int, kwargs: dict) -> Server:
     scheme, host, port = parse_url(url)
     server = Server(scheme, _config(Role.SERVER, scheme, config, kwargs), max_peers)
+    server.budget = MemoryBudget(max_memory)
     loop = asyncio.get_running_loop()
     if scheme == "tcp":
         server._server = await loop.create_server(lambda: _ServerTcpLink(server), host, port)

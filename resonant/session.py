@@ -40,7 +40,7 @@ from resonant.errors import (
     SpaceMismatch,
 )
 from resonant.space import ModelSignature
-from resonant.stream import MIN_STREAM_FRAME, Reassembler, StreamLimits, StreamSender
+from resonant.stream import MIN_STREAM_FRAME, MemoryBudget, Reassembler, StreamLimits, StreamSender
 from resonant.transforms import Codec, Key, Keyring
 
 __all__ = [
@@ -442,7 +442,10 @@ class RecordReader:
 class Session:
     """One peer relationship, sans-IO. See the module docstring."""
 
-    def __init__(self, config: SessionConfig | None = None, **kwargs: Any) -> None:
+    def __init__(self, config: SessionConfig | None = None, *, budget: MemoryBudget | None = None,
+                 **kwargs: Any) -> None:
+        """budget: a MemoryBudget shared with other sessions (a server's peers), so that
+        their streams together stay within one limit."""
         if config is None:
             config = SessionConfig(**kwargs)
         elif kwargs:
@@ -459,7 +462,7 @@ class Session:
         self._encoder: Codec | None = None  # until agreed: plain frames (or encrypted when a key is held)
         if self._keyring is not None:
             self._encoder = Codec(key=self._keyring)
-        self.reassembler = Reassembler(config.stream_limits, codec=self._decoder)
+        self.reassembler = Reassembler(config.stream_limits, codec=self._decoder, budget=budget)
         self.replay = ReplayWindow(config.replay_window, config.replay_streams)
         self.records = RecordReader(config.max_frame_bytes)
         self._out: list[bytes] = []

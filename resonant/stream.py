@@ -333,7 +333,7 @@ class StreamComplete:
 @dataclass(frozen=True)
 class StreamFailed:
     """The stream was dropped and its memory released. reason: 'hash_mismatch', 'gap_after_tail',
-    'timeout', 'limit', 'bad_head', 'bad_chunk', 'bad_tail'. missing: byte ranges never received."""
+    'timeout', 'limit', 'bad_head', 'bad_chunk', 'bad_tail', 'closed'. missing: byte ranges never received."""
 
     stream_id: int
     reason: str
@@ -404,6 +404,21 @@ def _object_view(buffer: np.ndarray, o: StreamObject) -> np.ndarray:
     return raw.view(np.dtype(npdt)).reshape(o.shape)
 
 
+class MemoryBudget:
+    """A byte budget shared by several Reassemblers (every peer of one server): stream
+    buffers and frames held before their HEAD count against it, and a HEAD that would go
+    over it fails with reason 'limit', as each Reassembler's own max_buffered_bytes does."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 0:
+            raise ValueError("limit must be >= 0")
+        self.limit = limit
+        self.used = 0
+
+    def __repr__(self) -> str:
+        return f"MemoryBudget(used={self.used}, limit={self.limit})"
+
+
 class Reassembler:
     """Receives the frames of any number of V-Streams, in any order, and rebuilds the tensors.
 
@@ -414,8 +429,10 @@ class Reassembler:
     fail and release their memory.
     """
 
-    def __init__(self, limits: StreamLimits = StreamLimits(), *, codec=None, expected_space_hash: int | None = None) -> None:
+    def __init__(self, limits: StreamLimits = StreamLimits(), *, codec=None, expected_space_hash: int | None = None,
+                 budget: MemoryBudget | None = None) -> None:
         self.limits = limits
+        self.budget = budget
         self.codec = codec
         self.expected_space_hash = expected_space_hash
         self._streams: dict[int, _Stream] = {}
@@ -493,6 +510,16 @@ class Reassembler:
                 del self._closed[sid]
         return events
 
+    def close(self, detail: str = "the connection closed") -> list:
+        """Fail every open stream (reason 'closed') and drop every held frame, releasing their
+        memory (and their share of a MemoryBudget); for a peer that is gone."""
+        events = []
+        for sid in list(self._streams):
+            events += self._fail(sid, "closed", detail)
+        for sid in list(self._early):
+            self._drop_early(sid)
+        return events
+
     def _close(self, sid: int, now: float) -> None:
         self._closed[sid] = now
         while len(self._closed) > 4 * self.limits.max_streams + 1024:  # bounded: forget the oldest
@@ -517,10 +544,14 @@ class Reassembler:
         elif self.buffered_bytes + _committed(layout) > lim.max_buffered_bytes:
             problem = (f"{_committed(layout)} more bytes would exceed max_buffered_bytes ({lim.max_buffered_bytes}); "
                        f"{self.buffered_bytes} are buffered")
+        elif self.budget is not None and self.budget.used + _committed(layout) > self.budget.limit:
+            problem = (f"{_committed(layout)} more bytes would exceed the shared memory budget ({self.budget.limit}); "
+                       f"{self.budget.used} are in use")
         if problem:
             self._drop_early(sid)
             return [StreamFailed(sid, "limit", problem)]
         self._streams[sid] = _Stream(layout, now)
+        self._charge(_committed(layout))
         events: list = [StreamStarted(sid, layout)]
         for frame, _ in self._drop_early(sid):
             if sid not in self._streams:
@@ -593,6 +624,7 @@ class Reassembler:
             if md5 != st.tail["md5"]:
                 return self._fail(sid, "hash_mismatch", f"MD5 of the received bytes is {md5}, TAIL says {st.tail['md5']}")
         del self._streams[sid]
+        self._charge(-_committed(st.layout))  # the buffer is the caller's now
         self._close(sid, st.last)
         return [StreamComplete(sid, st.arrays, got, st.layout.total_bytes)]
 
@@ -600,21 +632,30 @@ class Reassembler:
         st = self._streams.pop(sid, None)
         missing = st.missing() if st is not None else []
         if st is not None:
+            self._charge(-_committed(st.layout))
             self._close(sid, st.last)
         return [StreamFailed(sid, reason, detail, missing)]
 
     def _hold(self, frame: Frame, now: float) -> list:
         size = sum(s.nbytes for s in frame.slices) + 64
         lim = self.limits
-        if self._early_bytes + size > lim.max_early_bytes or self.buffered_bytes + size > lim.max_buffered_bytes:
+        if (self._early_bytes + size > lim.max_early_bytes or self.buffered_bytes + size > lim.max_buffered_bytes
+                or self.budget is not None and self.budget.used + size > self.budget.limit):
             self.dropped_frames += 1
             return []
         # keep an owned copy only of what arrived before its HEAD (views would pin the caller's buffers)
         self._early.setdefault(frame.stream_id, []).append((_codec.decode(_codec.encode(frame)), now))
         self._early_bytes += size
+        self._charge(size)
         return []
 
     def _drop_early(self, sid: int) -> list[tuple[Frame, float]]:
         held = self._early.pop(sid, [])
-        self._early_bytes -= sum(sum(s.nbytes for s in f.slices) + 64 for f, _ in held)
+        size = sum(sum(s.nbytes for s in f.slices) + 64 for f, _ in held)
+        self._early_bytes -= size
+        self._charge(-size)
         return held
+
+    def _charge(self, n: int) -> None:
+        if self.budget is not None:
+            self.budget.used += n

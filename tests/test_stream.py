@@ -974,3 +974,19 @@ def test_chunk_fast_path_writes_the_same_bytes_as_the_general_encoder():
         _codec._encode_chunk(7, 3, 0, 0, DType.F16, 1000, view, 5000, 2000)
     with pytest.raises(EncodeError, match=r"^payload: F16 of 10 elements does not take 30 bytes$"):
         _codec._encode_chunk(7, 3, 0, 0, DType.F16, 10, view, 0, 30)
+
+
+def test_shared_memory_budget_across_reassemblers():
+    budget = resonant.stream.MemoryBudget(3 << 20)
+    a, b = Reassembler(budget=budget), Reassembler(budget=budget)
+    x = np.ones(1 << 20, np.float16)  # 2 MiB
+    sa, sb = StreamSender(1, [x]), StreamSender(2, [x])
+    assert [type(e) for e in a.receive(sa.head(), 0.0)] == [StreamStarted]
+    assert budget.used >= 2 << 20
+    (failed,) = b.receive(sb.head(), 0.0)  # the second 2 MiB stream would go over 3 MiB
+    assert failed.reason == "limit" and "shared memory budget" in failed.detail
+    events = [e for f in list(sa.chunks()) + [sa.tail()] for e in a.receive(f, 0.0)]
+    assert isinstance(events[-1], StreamComplete) and budget.used == 0  # the buffer is the caller's now
+    assert [type(e) for e in b.receive(sb.head(), 1.0)] == [StreamStarted]
+    (closed,) = b.close("peer gone")
+    assert closed.reason == "closed" and closed.missing == [(0, x.nbytes)] and budget.used == 0
