@@ -370,6 +370,7 @@ class Server:
         self.config = config
         self.max_peers = max_peers
         self.budget: MemoryBudget | None = None
+        self.idle_timeout = 300.0
         self.events: asyncio.Queue = asyncio.Queue()
         self.links: "OrderedDict[tuple, _Link]" = OrderedDict()
         self.address: tuple | None = None
@@ -436,6 +437,7 @@ class _ServerTcpLink(_TcpLink):
         super().__init__(server._session())
         self.server = server
         self.peer: tuple = ()
+        self.last = _now()
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -452,6 +454,7 @@ class _ServerTcpLink(_TcpLink):
         self.flush()
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.last = _now()
         super().buffer_updated(nbytes)
         if self.server.events.qsize() > _QUEUE_LIMIT:
             self.transport.pause_reading()
@@ -515,20 +518,22 @@ class _Serve:
 
 
 def serve(url: str, *, config: SessionConfig | None = None, max_peers: int = 1024, max_memory: int = 4 << 30,
-          **kwargs: Any) -> _Serve:
+          idle_timeout: float = 300.0, **kwargs: Any) -> _Serve:
     """Listen on tcp://host:port or udp://host:port (port 0 picks one; see server.address).
 
     Keyword arguments are SessionConfig fields. Every peer gets its own Session; at most
     max_peers at once (TCP: further connections are closed; UDP: the least recently heard
     peer's session is dropped). Stream buffers of all peers together stay within max_memory
-    bytes (a shared MemoryBudget; each peer also has its StreamLimits)."""
-    return _Serve(_serve(url, config, max_peers, max_memory, kwargs))
+    bytes (a shared MemoryBudget; each peer also has its StreamLimits). A TCP peer silent for
+    idle_timeout seconds is disconnected."""
+    return _Serve(_serve(url, config, max_peers, max_memory, idle_timeout, kwargs))
 
 
-async def _serve(url: str, config, max_peers: int, max_memory: int, kwargs: dict) -> Server:
+async def _serve(url: str, config, max_peers: int, max_memory: int, idle_timeout: float, kwargs: dict) -> Server:
     scheme, host, port = parse_url(url)
     server = Server(scheme, _config(Role.SERVER, scheme, config, kwargs), max_peers)
     server.budget = MemoryBudget(max_memory)
+    server.idle_timeout = idle_timeout
     loop = asyncio.get_running_loop()
     if scheme == "tcp":
         server._server = await loop.create_server(lambda: _ServerTcpLink(server), host, port)
@@ -550,6 +555,8 @@ async def _serve(url: str, config, max_peers: int, max_memory: int, kwargs: dict
                         server._udp.sendto(d, addr)
                 else:
                     link.flush()
+                    if now - link.last > server.idle_timeout and link.transport is not None:
+                        link.transport.close()  # a silent peer (or one stuck mid-record) frees its buffer
 
     server._ticker = asyncio.ensure_future(ticker())
     return server

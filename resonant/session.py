@@ -327,7 +327,7 @@ class RecordReader:
     it: they stay valid until the next feed, so decode or copy them before feeding again.
     """
 
-    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES, read_size: int = 1 << 20) -> None:
+    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES, read_size: int = 256 << 10) -> None:
         self.max_frame_bytes = max_frame_bytes
         self._size = read_size + max_frame_bytes + _LEN_BYTES
         self._buf = bytearray()  # allocated on first use: a UDP session never needs it

@@ -634,7 +634,7 @@ def test_a_session_is_small_until_it_needs_a_tcp_buffer():
         used = tracemalloc.get_traced_memory()[0] - base
     finally:
         tracemalloc.stop()
-    assert used < 16 << 20, used  # the 1 MiB TCP record buffer is allocated only on first TCP use
+    assert used < 16 << 20, used  # the 320 KiB TCP record buffer is allocated only on first TCP use
     s = sessions[0]
     s.receive_data(frame_record(_vectors()[3])[:10], 0.0)  # a partial record: now it needs the buffer
     assert s.records.pending == 10

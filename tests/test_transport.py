@@ -935,3 +935,27 @@ def test_the_console_script_is_installed():
         pytest.skip("the resonant script is not on PATH")
     r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=20)
     assert r.returncode == 0 and "recv" in r.stdout and "demo" in r.stdout
+
+
+def test_asyncio_server_disconnects_a_silent_tcp_peer_and_releases_its_stream():
+    import asyncio
+
+    import resonant
+
+    async def main():
+        async with resonant.serve(f"tcp://{HOST}:0", idle_timeout=0.5) as server:
+            sender = resonant.StreamSender(4, [np.ones(100_000, np.float16)])
+            head, first = sender.head(), next(iter(sender.chunks()))
+            with socket.create_connection(server.address) as s:
+                s.sendall(struct.pack("<I", len(head)) + head + struct.pack("<I", len(first)) + first)
+                events = []
+                while not any(isinstance(e, StreamFailed) for e in events):
+                    _, e = await server.next_event(5.0)
+                    events.append(e)
+                failed = next(e for e in events if isinstance(e, StreamFailed))
+                assert failed.reason == "closed" and failed.missing
+                assert server.budget.used == 0 and not server.links
+                s.settimeout(2.0)
+                assert s.recv(10) == b""  # the server closed the connection
+
+    asyncio.run(main())
