@@ -224,7 +224,14 @@ class Peer:
             if isinstance(event, HandshakeFailed):
                 raise HandshakeRefused("handshake", f"{event.code}: {event.message}")
 
+    def _check_open(self) -> None:
+        t = self._link.transport
+        if self._link.closed.is_set() or t is None or t.is_closing():
+            raise ConnectionError(f"the connection to {self.address} is closed")
+
     async def send(self, frame: Frame) -> None:
+        """Send one message (encoded as agreed); ConnectionError once the connection is closed."""
+        self._check_open()
         self.session.send(frame, _now())
         self._link.flush()
         await self._link.drain()
@@ -237,6 +244,7 @@ class Peer:
         progress(sent_bytes, total_bytes) is called as frames go out. rate (bytes/s) paces
         UDP (default 200 MB/s there: without pacing a fast sender overruns the receiver's
         socket buffer, and UDP streams have no loss recovery yet)."""
+        self._check_open()
         sid = next(self._stream_ids) if stream_id is None else stream_id
         sender = self.session.stream(sid, objects, **kwargs)
         total = sender.layout.total_bytes
@@ -249,6 +257,7 @@ class Peer:
             self.session.send_encoded(data)
             sent += len(data)
             if i % batch == batch - 1:
+                self._check_open()  # the peer went away mid-stream
                 self._link.flush()
                 await self._link.drain()
                 if rate:

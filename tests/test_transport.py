@@ -959,3 +959,26 @@ def test_asyncio_server_disconnects_a_silent_tcp_peer_and_releases_its_stream():
                 assert s.recv(10) == b""  # the server closed the connection
 
     asyncio.run(main())
+
+
+def test_sending_on_a_connection_the_server_closed_raises():
+    import asyncio
+
+    import resonant
+
+    async def main():
+        server = await resonant.serve(f"tcp://{HOST}:0")
+        peer = await resonant.connect(f"tcp://{HOST}:{server.address[1]}")
+        await peer.send(resonant.Think(np.ones((1, 8), np.float16)))
+        await server.close()
+        for _ in range(100):  # until the client sees the close
+            if peer._link.closed.is_set():
+                break
+            await asyncio.sleep(0.02)
+        with pytest.raises(ConnectionError, match="is closed"):
+            await peer.send(resonant.Think(np.ones((1, 8), np.float16)))
+        with pytest.raises(ConnectionError):
+            await peer.next_event(1.0)
+        await peer.close()
+
+    asyncio.run(main())
