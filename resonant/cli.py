@@ -284,12 +284,16 @@ def _inspect(args) -> int:
         data = Path(args.file).read_bytes()
     except OSError as exc:
         raise SystemExit(f"resonant inspect: {exc}")
+    codec = None
+    if args.key_file:
+        from resonant.transforms import Codec
+        codec = Codec(key=Key.from_file(args.key_file), require_encryption=False)
     if args.json:
-        doc = rinspect.render_json(data)
+        doc = rinspect.render_json(data, codec=codec)
         print(json.dumps(doc, indent=2))
         return 1 if doc.get("error") else 0
-    print(rinspect.render_text(data))
-    return 1 if rinspect.inspect(data).error is not None else 0
+    print(rinspect.render_text(data, codec=codec))
+    return 1 if rinspect.inspect(data, codec=codec).error is not None else 0
 
 
 # ------------------------------------------------------------------ main
@@ -339,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print a frame field by field with the spec's names and byte offsets.")
     i.add_argument("file", metavar="FILE")
     i.add_argument("--json", action="store_true", help="JSON output")
+    i.add_argument("--key-file", metavar="F", help="decrypt an encrypted (version 2) frame with this key")
 
     d = sub.add_parser("demo", help="a receiver and a sender on loopback, with a summary table",
                        description="Start a receiver and a sender on loopback: handshake, a Think, a multi-megabyte "

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from conftest import MANIFEST, VECTORS, vector_bytes
 
+import resonant
 from resonant import Flags, Key, MsgType
 from resonant.session import (
     FrameRejected,
@@ -982,3 +983,16 @@ def test_sending_on_a_connection_the_server_closed_raises():
         await peer.close()
 
     asyncio.run(main())
+
+
+def test_inspect_an_encrypted_frame_with_and_without_its_key(tmp_path):
+    pytest.importorskip("resonant.inspect")
+    key = Key.generate()
+    key.to_file(tmp_path / "k.key")
+    frame = resonant.Codec(zstd_level=3, key=key).encode(resonant.Think(np.ones((1, 64), np.float16)))
+    (tmp_path / "enc.bin").write_bytes(frame)
+    r = run_cli("inspect", str(tmp_path / "enc.bin"))
+    assert r.returncode == 1 and "UnknownKey" in r.stdout and "envelope.nonce" in r.stdout
+    r = run_cli("inspect", str(tmp_path / "enc.bin"), "--key-file", str(tmp_path / "k.key"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "transforms ZSTD|XCHACHA undone" in r.stdout
