@@ -99,6 +99,7 @@ class _Link:
         self.transport: asyncio.BaseTransport | None = None
         self._can_write = asyncio.Event()
         self._can_write.set()
+        self.icmp_error: Exception | None = None
 
     def flush(self) -> None:
         raise NotImplementedError
@@ -169,7 +170,7 @@ class _UdpClientLink(_Link, asyncio.DatagramProtocol):
         self.deliver(self.session.receive_datagram(data, _now()))
 
     def error_received(self, exc) -> None:
-        pass  # e.g. ICMP port unreachable: UDP has no connection to lose
+        self.icmp_error = exc  # e.g. ICMP port unreachable: nobody listens (yet); UDP goes on
 
     def connection_lost(self, exc) -> None:
         self.closed.set()
@@ -213,8 +214,11 @@ class Peer:
             left = deadline - _now()
             if left <= 0:
                 raise HandshakeRefused("handshake", f"no capability from {self.address} within {timeout} s")
+            if isinstance(self._link.icmp_error, ConnectionRefusedError) and self.session._pings_sent >= 2:
+                raise HandshakeRefused("handshake", f"nothing listens at udp://{self.address[0]}:{self.address[1]} "
+                                       "(ICMP port unreachable)")
             try:
-                event = await _get(self._link.events, left)
+                event = await _get(self._link.events, min(left, 0.25))
             except asyncio.TimeoutError:
                 continue
             if event is _CLOSED:

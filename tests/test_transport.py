@@ -996,3 +996,15 @@ def test_inspect_an_encrypted_frame_with_and_without_its_key(tmp_path):
     r = run_cli("inspect", str(tmp_path / "enc.bin"), "--key-file", str(tmp_path / "k.key"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "transforms ZSTD|XCHACHA undone" in r.stdout
+
+
+def test_send_to_a_udp_port_nobody_listens_on_fails_fast(arrays):
+    d, files = arrays
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # a free port, then closed
+        s.bind((HOST, 0))
+        port = s.getsockname()[1]
+    t = time.monotonic()
+    r = _send(f"udp://{HOST}:{port}", d / "small.npy")
+    assert r.returncode == 1
+    assert r.stderr.strip().endswith(f"nothing listens at udp://{HOST}:{port} (ICMP port unreachable)")
+    assert time.monotonic() - t < 3.0
