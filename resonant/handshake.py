@@ -58,6 +58,10 @@ SCHEMA: dict[str, dict[str, dict[str, Any]]] = {
         "hash": {"type": "string", "required": True, "const": None, "choices": ['xxh3_64'], "fields": {}},
         "legacy_md5": {"type": "bool", "required": False, "const": None, "choices": [], "fields": {}},
         "direction": {"type": "string", "required": False, "const": None, "choices": ['push', 'pull'], "fields": {}},
+        "parts": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
+        "part": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
+        "first_object": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
+        "object_count": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
     },
     "tail": {
         "method": {"type": "string", "required": True, "const": 'tail', "choices": [], "fields": {}},

@@ -205,22 +205,58 @@ class StreamSender:
                 if m:
                     path = f"{field_name}s[{m.group(1)}]"
             raise EncodeError(path, exc.detail) from None
-        head_json = len(_compact(self.layout.head_document()))
-        if head_json > handshake.MAX_JSON_BYTES:
-            raise EncodeError("objects", f"the HEAD document is {head_json} bytes, more than max_json_bytes "
-                              f"({handshake.MAX_JSON_BYTES}); send fewer objects per stream or shorter names")
+        self.max_frame_bytes = max_frame_bytes
         self._hearts = 0
         self._digest: tuple[int, str | None] | None = None
-        for what, size in (("HEAD", len(self.head())), ("TAIL", len(self._tail_frame(0, "0" * 32 if legacy_md5 else None)))):
-            if size > max_frame_bytes:
-                raise EncodeError("max_frame_bytes", f"{max_frame_bytes} is too small for this stream's {what} "
-                                  f"({size} bytes)")
+        self._heads = self._head_frames()  # one frame, or parts when the HEAD does not fit one
+        size = len(self._tail_frame(0, "0" * 32 if legacy_md5 else None))
+        if size > max_frame_bytes:
+            raise EncodeError("max_frame_bytes", f"{max_frame_bytes} is too small for this stream's TAIL ({size} bytes)")
 
     def _encode(self, frame: Frame) -> bytes:
         return self.codec.encode(frame) if self.codec is not None else _codec.encode(frame)
 
+    def _head_frame(self, doc: dict) -> bytes:
+        return self._encode(Sync(_compact(doc), frame_seq=0, **self._header))
+
+    def _head_frames(self) -> list[bytes]:
+        doc = self.layout.head_document()
+        try:
+            whole = self._head_frame(doc)
+            if len(whole) <= self.max_frame_bytes:
+                return [whole]
+        except EncodeError:  # larger than any frame
+            pass
+        # Too large for one frame: parts, each as many consecutive objects as fit.
+        objects, common = doc["objects"], {k: v for k, v in doc.items() if k != "objects"}
+        stub = {**common, "objects": [], "parts": 4096, "part": 4095, "first_object": 65535, "object_count": len(objects)}
+        fixed = len(self._head_frame(stub))
+        # a part must fit a frame, and its JSON the receivers' max_json_bytes
+        limit = min(self.max_frame_bytes, handshake.MAX_JSON_BYTES + fixed - len(_compact(stub)))
+        runs, run, size = [], [], fixed
+        for i, o in enumerate(objects):
+            cost = len(_compact(o)) + 1
+            if fixed + cost > limit:
+                raise EncodeError("max_frame_bytes", f"{self.max_frame_bytes} is too small for a HEAD part carrying "
+                                  f"objects[{i}] ({fixed + cost} bytes)")
+            if run and size + cost > limit:
+                runs.append(run)
+                run, size = [], fixed
+            run.append(i)
+            size += cost
+        runs.append(run)
+        return [self._head_frame({**common, "objects": [objects[i] for i in r], "parts": len(runs), "part": k,
+                                  "first_object": r[0], "object_count": len(objects)}) for k, r in enumerate(runs)]
+
     def head(self) -> bytes:
-        return self._encode(Sync(_compact(self.layout.head_document()), frame_seq=0, **self._header))
+        """The HEAD frame; see heads() for a HEAD sent in parts."""
+        if len(self._heads) != 1:
+            raise EncodeError("head", f"this stream's HEAD is {len(self._heads)} frames: use heads()")
+        return self._heads[0]
+
+    def heads(self) -> list[bytes]:
+        """The HEAD frame(s): one, or its parts when it does not fit max_frame_bytes."""
+        return list(self._heads)
 
     def chunks(self) -> Iterator[bytes]:
         """The Chunk frames, in order (send them in any order)."""
@@ -275,7 +311,7 @@ class StreamSender:
         return self._encode(Sync(frame_seq=self.layout.chunks + 1 + self._hearts, **self._header))
 
     def __iter__(self) -> Iterator[bytes]:
-        yield self.head()
+        yield from self._heads
         yield from self.chunks()
         yield self.tail()
 
@@ -437,6 +473,7 @@ class Reassembler:
         self.expected_space_hash = expected_space_hash
         self._streams: dict[int, _Stream] = {}
         self._early: dict[int, list[tuple[Frame, float]]] = {}
+        self._parts: dict[int, dict[int, tuple[dict, int, float]]] = {}  # HEAD parts waiting for the rest
         self._early_bytes = 0
         self._closed: dict[int, float] = {}  # stream_id -> when it completed or failed
         self.dropped_frames = 0   # early frames over the limit; late frames of closed streams
@@ -479,6 +516,8 @@ class Reassembler:
                     return [StreamFailed(sid, "bad_head", str(exc))]
                 return []  # not a stream document, or one that is not ours to judge
             if doc["method"] == "head":
+                if doc.get("parts", 1) != 1 or "part" in doc:
+                    return self._head_part(sid, doc, len(frame.json.payload), now)
                 return self._head(sid, doc, now)
             if doc["method"] == "tail":
                 return self._hold(frame, now) if sid not in self._streams else self._tail(sid, doc, now)
@@ -505,6 +544,14 @@ class Reassembler:
                 events.append(StreamFailed(sid, "timeout", f"HEAD never arrived: {len(dropped)} frames held for "
                                            f"{now - held[0][1]:.1f} s were dropped (idle_timeout "
                                            f"{self.limits.idle_timeout} s)"))
+        for sid, held in list(self._parts.items()):
+            if held and now - max(t for _, _, t in held.values()) > self.limits.idle_timeout:
+                parts = next(iter(held.values()))[0]["parts"]
+                got = len(held)
+                self._drop_parts(sid)
+                self._drop_early(sid)
+                events.append(StreamFailed(sid, "timeout", f"HEAD never completed: {got} of {parts} parts arrived "
+                                           f"(idle_timeout {self.limits.idle_timeout} s)"))
         for sid, when in list(self._closed.items()):
             if now - when > self.limits.idle_timeout:
                 del self._closed[sid]
@@ -518,6 +565,8 @@ class Reassembler:
             events += self._fail(sid, "closed", detail)
         for sid in list(self._early):
             self._drop_early(sid)
+        for sid in list(self._parts):
+            self._drop_parts(sid)
         return events
 
     def _close(self, sid: int, now: float) -> None:
@@ -526,6 +575,65 @@ class Reassembler:
             del self._closed[next(iter(self._closed))]
 
     # -------------------------------------------------------------- steps
+
+    def _head_part(self, sid: int, doc: dict, size: int, now: float) -> list:
+        """One part of a HEAD sent in parts: held (as an early frame) until all have come."""
+        if sid in self._streams:
+            return []  # a repeated part of a started stream
+        parts, part = doc.get("parts", 1), doc.get("part")
+        missing = [k for k in ("parts", "part", "first_object", "object_count") if k not in doc]
+        problem = None
+        if missing:
+            problem = f"a HEAD part needs parts, part, first_object and object_count ({', '.join(missing)} missing)"
+        elif not 1 <= parts <= handshake.MAX_OBJECTS or not part < parts:
+            problem = f"part {part} of {parts}: parts must be 1..{handshake.MAX_OBJECTS} and part below it"
+        if problem:
+            self._drop_early(sid)
+            self._drop_parts(sid)
+            return [StreamFailed(sid, "bad_head", f"head.part: {problem}")]
+        held = self._parts.setdefault(sid, {})
+        if part in held:
+            return []  # a duplicate part
+        cost = size + 64
+        lim = self.limits
+        if (self._early_bytes + cost > lim.max_early_bytes or self.buffered_bytes + cost > lim.max_buffered_bytes
+                or self.budget is not None and self.budget.used + cost > self.budget.limit):
+            self.dropped_frames += 1
+            return []
+        held[part] = (doc, cost, now)
+        self._early_bytes += cost
+        self._charge(cost)
+        if len(held) < parts:
+            return []
+        docs = [held[k][0] for k in range(parts)] if all(k in held for k in range(parts)) else None
+        self._drop_parts(sid)
+        common = ("v", "msg_type", "chunk_bytes", "total_bytes", "hash", "parts", "object_count")
+        objects: list = []
+        for k, d in enumerate(docs or []):
+            if any(d.get(c) != docs[0].get(c) for c in common) or d.get("legacy_md5") != docs[0].get("legacy_md5"):
+                problem = f"part {k} disagrees with part 0 on {', '.join(c for c in common if d.get(c) != docs[0].get(c))}"
+            elif d["first_object"] != len(objects):
+                problem = f"part {k} starts at object {d['first_object']}, expected {len(objects)}"
+            if problem:
+                break
+            objects += d["objects"]
+        if docs is None:
+            problem = "parts numbered outside 0..parts-1"
+        elif not problem and len(objects) != docs[0]["object_count"]:
+            problem = f"the parts carry {len(objects)} objects, object_count says {docs[0]['object_count']}"
+        elif not problem and len(objects) > handshake.MAX_OBJECTS:
+            problem = f"{len(objects)} objects, more than max_objects ({handshake.MAX_OBJECTS})"
+        if problem:
+            self._drop_early(sid)
+            return [StreamFailed(sid, "bad_head", f"head.part: {problem}")]
+        merged = {k: v for k, v in docs[0].items() if k not in ("parts", "part", "first_object", "object_count")}
+        merged["objects"] = objects
+        return self._head(sid, merged, now)
+
+    def _drop_parts(self, sid: int) -> None:
+        for _, cost, _ in self._parts.pop(sid, {}).values():
+            self._early_bytes -= cost
+            self._charge(-cost)
 
     def _head(self, sid: int, doc: dict, now: float) -> list:
         if sid in self._streams:

@@ -638,3 +638,18 @@ def test_a_session_is_small_until_it_needs_a_tcp_buffer():
     s = sessions[0]
     s.receive_data(frame_record(_vectors()[3])[:10], 0.0)  # a partial record: now it needs the buffer
     assert s.records.pending == 10
+
+
+def test_many_object_stream_over_small_frames_sends_its_head_in_parts():
+    c = Session(role="client", max_frame_bytes=1200)
+    s = Session(role="server")
+    handshake(c, s)
+    objs = [np.full((2, 16), i, np.float16) for i in range(48)]
+    sender = c.stream(5, objs, names=[f"layer{i // 2}.{'keys' if i % 2 == 0 else 'values'}" for i in range(48)])
+    assert len(sender.heads()) > 1
+    for f in sender:
+        c.send_encoded(f)
+    events = [e for d in c.datagrams_to_send() for e in s.receive_datagram(d, 0.0)]
+    assert all(len(d) <= 1200 for d in sender)
+    (done,) = [e for e in events if isinstance(e, StreamComplete)]
+    assert all(np.array_equal(a, b) for a, b in zip(done.objects, objs))

@@ -911,11 +911,68 @@ def test_head_fits_max_frame_bytes_or_sender_refuses():
     assert len(sender.head()) <= 512
 
 
-def test_head_over_max_json_bytes_is_refused():
-    objs = [np.zeros(1, np.int8)] * 1000
+def test_head_over_max_json_bytes_goes_in_parts():
+    objs = [np.full(3, i % 100, np.int8) for i in range(1000)]
     names = [f"layer{i:04d}.keys.abcdefghijklmnop" for i in range(1000)]
-    with pytest.raises(EncodeError):
-        StreamSender(113, objs, names=names)  # builds a HEAD no receiver accepts
+    sender = StreamSender(113, objs, names=names)  # its HEAD JSON is over 60,000 bytes: two parts
+    assert len(sender.heads()) == 2 and all(len(h) <= 65536 for h in sender.heads())
+    with pytest.raises(EncodeError, match="use heads"):
+        sender.head()
+    (done,) = of(deliver(Reassembler(), sender), StreamComplete)
+    assert all(np.array_equal(a, b) for a, b in zip(done.objects, objs))
+
+
+def kv_heads(max_frame_bytes=1200, layers=24):
+    objs, names, layer_ids = kv_cache(layers=layers, shape=(2, 16))
+    return StreamSender(120, objs, names=names, layers=layer_ids, max_frame_bytes=max_frame_bytes), objs
+
+
+def test_a_head_too_large_for_small_frames_goes_in_parts_in_any_order():
+    sender, objs = kv_heads()
+    heads = sender.heads()
+    assert len(heads) > 3 and all(len(h) <= 1200 for h in heads)
+    for order in (heads, heads[::-1]):
+        r = Reassembler()
+        frames = list(sender.chunks()) + [sender.tail()]
+        events = [e for f in frames[:5] + order + order[:2] + frames[5:] for e in r.receive(f, 0.0)]  # dups too
+        started = [e for e in events if isinstance(e, StreamStarted)]
+        assert len(started) == 1 and len(started[0].layout.objects) == len(objs)
+        (done,) = of(events, StreamComplete)
+        assert all(np.array_equal(a, b) for a, b in zip(done.objects, objs))
+        assert r.buffered_bytes == 0
+
+
+def _part_docs(sender):
+    return [json.loads(resonant.decode(h).json.tobytes()) for h in sender.heads()]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda docs: docs[1].update(chunk_bytes=docs[1]["chunk_bytes"] - 2), "part 1 disagrees with part 0 on chunk_bytes"),
+    (lambda docs: docs[1].update(first_object=docs[1]["first_object"] + 1), "part 1 starts at object"),
+    (lambda docs: [d.update(object_count=3) for d in docs], "object_count says 3"),
+    (lambda docs: docs[0].pop("first_object"), "first_object missing"),
+    (lambda docs: docs[0].update(part=docs[0]["parts"]), "parts must be 1..4096 and part below it"),
+])
+def test_inconsistent_head_parts_fail_as_bad_head(edit, message):
+    sender, _ = kv_heads()
+    docs = _part_docs(sender)
+    edit(docs)
+    r = Reassembler()
+    events = [e for d in docs for e in r.receive(resonant.encode(Sync(json.dumps(d).encode(), stream_id=120)), 0.0)]
+    (failed,) = of(events, StreamFailed)
+    assert failed.reason == "bad_head" and message in failed.detail
+    r.tick(IDLE + 1)  # parts that came after the failure are held until the idle timeout
+    assert r.buffered_bytes == 0
+
+
+def test_incomplete_head_parts_time_out_and_are_released():
+    sender, _ = kv_heads()
+    r = Reassembler()
+    for h in sender.heads()[:-1]:
+        assert r.receive(h, 0.0) == []
+    assert r.buffered_bytes > 0
+    (failed,) = r.tick(IDLE + 1)
+    assert failed.reason == "timeout" and "HEAD never completed" in failed.detail and r.buffered_bytes == 0
 
 
 def test_oversized_head_json_fails_as_bad_head():
