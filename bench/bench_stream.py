@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
-import platform
 import queue
 import socket
 import struct
@@ -28,6 +26,7 @@ import time
 import numpy as np
 
 import resonant
+from bench_codec import best_of, machine, print_machine  # noqa: E402  (bench/ is sys.path[0] for a script)
 from resonant import ConnectionBroken, FrameRejected, Reassembler, StreamComplete, StreamFailed, StreamSender
 from resonant.session import Session
 
@@ -88,15 +87,6 @@ def _tcp(mode: str, tensor: np.ndarray) -> float:
     if server.exitcode != 0:
         raise RuntimeError(f"the receiving process failed (exit code {server.exitcode})")
     return elapsed
-
-
-def best_of(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     gbps = {k: nbytes / v / 1e9 for k, v in rows.items()}
     stream_gbps = max(gbps["V-Stream split+encode+decode+reassemble"], gbps["V-Stream, sender and receiver on two threads"])
     out = sys.stderr if args.json == "-" else sys.stdout
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; Python "
-          f"{platform.python_version()}; numpy {np.__version__}; crc32 backend {resonant.crc32_backend()}", file=out)
+    print_machine(machine(), out)
     print(f"\n{args.mib} MiB float16, best of {args.repeat}\n", file=out)
     print("| operation | seconds | GB/s | × V-Stream |\n|---|--:|--:|--:|", file=out)
     for k, v in rows.items():

@@ -31,7 +31,8 @@ from resonant._spec import ENVELOPE_BASE_BYTES, ENVELOPE_CRYPTO_BYTES, NONCE_BYT
 
 # Run as a script, the bench directory is sys.path[0]; both helpers live next to this file.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_codec import Target, finish, fmt_ns, fmt_x, machine, print_targets, time_stmt  # noqa: E402
+from bench_codec import (  # noqa: E402
+    Target, finish, fmt_ns, fmt_x, load_states, machine, print_machine, print_targets, time_stmt)
 
 SEED = 20241103
 OVERHEAD_LIMIT = 1.2
@@ -43,20 +44,6 @@ COMMON = dict(stream_id=0xABCD1234, space_hash32=0x9219C84A)
 
 
 # --------------------------------------------------------------------------- real data
-
-
-def load_states() -> tuple[list[np.ndarray] | None, str]:
-    """MiniLM-L6 hidden states (7 float32 (tokens, 384) arrays), or None and why not."""
-    try:
-        import _minilm
-    except ImportError as exc:  # ml_dtypes missing
-        return None, f"cannot import bench/_minilm.py: {exc}"
-    try:
-        return _minilm.hidden_states(), ""
-    except RuntimeError as exc:  # torch or the model package missing: the message names the install command
-        return None, str(exc)
-    except ImportError as exc:  # transformers missing
-        return None, f"{exc}; run: {_minilm.INSTALL_HINT}"
 
 
 # --------------------------------------------------------------------------- part A
@@ -316,10 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--require-model: MiniLM-L6 hidden states are not available: {why}")
 
     info = versions()
-    v = info["versions"]
-    print(f"machine: {info['cpu']}, {info['cpu_count']} CPUs ({info['uname']})", file=out)
-    print(f"python: {info['python']}; " + ", ".join(f"{k} {v[k] or 'n/a'}" for k in v)
-          + f"; crc32 backend: {info['crc32_backend']}; aead backend: {info['aead_backend']}", file=out)
+    print_machine(info, out, f"; aead backend: {info['aead_backend']}")
     print(f"timing: best of {repeat} sample(s) of >= {min_ns / 1e9:g} s each, ns per call, GC off", file=out)
 
     frame, source = part_a_frame(states)

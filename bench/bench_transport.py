@@ -64,7 +64,7 @@ from resonant.session import (
 
 # Run as a script, the bench directory is sys.path[0]; the helpers live next to this file.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_codec import Target, finish, machine, print_targets, time_stmt  # noqa: E402
+from bench_codec import Target, finish, machine, print_machine, print_targets, time_stmt  # noqa: E402
 
 SEED = 20241103
 SHAPE = (1, 2048)
@@ -559,10 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     out = sys.stderr if args.json == "-" else sys.stdout  # keep stdout pure JSON
 
     info = machine()
-    v = info["versions"]
-    print(f"machine: {info['cpu']}, {info['cpu_count']} CPUs ({info['uname']})", file=out)
-    print(f"python: {info['python']}; " + ", ".join(f"{k} {v[k] or 'n/a'}" for k in v)
-          + f"; crc32 backend: {info['crc32_backend']}", file=out)
+    print_machine(info, out)
     load_start = os.getloadavg()
 
     hidden = hidden_state()
