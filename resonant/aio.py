@@ -318,39 +318,38 @@ class Peer:
         await self.close()
 
 
-async def _tick(links: Callable[[], list], interval: float = _TICK) -> None:
+async def _tick(link: _Link) -> None:
     while True:
-        await asyncio.sleep(interval)
-        now = _now()
-        for link in links():
-            link.deliver(link.session.tick(now))
+        await asyncio.sleep(_TICK)
+        link.deliver(link.session.tick(_now()))
 
 
-class _Connect:
-    """`async with connect(...) as peer` and `peer = await connect(...)` both work."""
+class _Opening:
+    """What connect() and serve() return: `async with connect(...) as peer` and
+    `peer = await connect(...)` both work (likewise for serve)."""
 
     def __init__(self, coro) -> None:
         self._coro = coro
-        self._peer: Peer | None = None
+        self._opened: Any = None
 
     def __await__(self):
         return self._coro.__await__()
 
-    async def __aenter__(self) -> Peer:
-        self._peer = await self._coro
-        return self._peer
+    async def __aenter__(self):
+        self._opened = await self._coro
+        return self._opened
 
     async def __aexit__(self, *exc) -> None:
-        await self._peer.close()
+        await self._opened.close()
 
 
 def connect(url: str, *, config: SessionConfig | None = None, handshake: bool = True, timeout: float = 5.0,
-            **kwargs: Any) -> _Connect:
+            **kwargs: Any) -> _Opening:
     """Connect to tcp://host:port or udp://host:port and (by default) perform the handshake.
 
     Keyword arguments are SessionConfig fields (key=, expected_space_hash=, space_hash32=,
     compress=, max_frame_bytes=, ...)."""
-    return _Connect(_connect(url, config, handshake, timeout, kwargs))
+    return _Opening(_connect(url, config, handshake, timeout, kwargs))
 
 
 async def _connect(url: str, config, handshake: bool, timeout: float, kwargs: dict) -> Peer:
@@ -362,7 +361,7 @@ async def _connect(url: str, config, handshake: bool, timeout: float, kwargs: di
     else:
         _, link = await loop.create_datagram_endpoint(lambda: _UdpClientLink(session), remote_addr=(host, port))
     peer = Peer(link, scheme, (host, port))
-    peer._ticker = asyncio.ensure_future(_tick(lambda: [link]))
+    peer._ticker = asyncio.ensure_future(_tick(link))
     if handshake:
         try:
             await peer.handshake(timeout)
@@ -514,24 +513,8 @@ class _UdpServerProtocol(asyncio.DatagramProtocol):
         pass
 
 
-class _Serve:
-    def __init__(self, coro) -> None:
-        self._coro = coro
-        self._server: Server | None = None
-
-    def __await__(self):
-        return self._coro.__await__()
-
-    async def __aenter__(self) -> Server:
-        self._server = await self._coro
-        return self._server
-
-    async def __aexit__(self, *exc) -> None:
-        await self._server.close()
-
-
 def serve(url: str, *, config: SessionConfig | None = None, max_peers: int = 1024, max_memory: int = 4 << 30,
-          idle_timeout: float = 300.0, **kwargs: Any) -> _Serve:
+          idle_timeout: float = 300.0, **kwargs: Any) -> _Opening:
     """Listen on tcp://host:port or udp://host:port (port 0 picks one; see server.address).
 
     Keyword arguments are SessionConfig fields. Every peer gets its own Session; at most
@@ -539,7 +522,7 @@ def serve(url: str, *, config: SessionConfig | None = None, max_peers: int = 102
     peer's session is dropped). Stream buffers of all peers together stay within max_memory
     bytes (a shared MemoryBudget; each peer also has its StreamLimits). A TCP peer silent for
     idle_timeout seconds is disconnected."""
-    return _Serve(_serve(url, config, max_peers, max_memory, idle_timeout, kwargs))
+    return _Opening(_serve(url, config, max_peers, max_memory, idle_timeout, kwargs))
 
 
 async def _serve(url: str, config, max_peers: int, max_memory: int, idle_timeout: float, kwargs: dict) -> Server:

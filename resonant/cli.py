@@ -103,7 +103,7 @@ def _save(directory: Path, ev: StreamComplete, layout) -> list[str]:
 # ------------------------------------------------------------------ recv
 
 
-def _session_config(args, role: str) -> dict:
+def _session_config(args) -> dict:
     kw: dict[str, Any] = {}
     if getattr(args, "key_file", None):
         kw["key"] = Key.from_file(args.key_file)
@@ -124,7 +124,7 @@ async def _recv(args) -> int:
     count = 0
     layouts: dict[tuple, Any] = {}
     save = Path(args.save) if args.save else None
-    cfg = _session_config(args, "server")
+    cfg = _session_config(args)
     cfg["compress"] = ("zstd", "none")
     async with serve(args.listen, **cfg) as server:
         print(f"listening on {args.listen.split('://')[0]}://{_peer(server.address)}", file=sys.stderr, flush=True)
@@ -243,7 +243,7 @@ async def _send(args) -> int:
     from resonant.aio import connect
 
     arr = _load(args.file, args.dtype)
-    cfg = _session_config(args, "client")
+    cfg = _session_config(args)
     cfg["compress"] = ("zstd", "none") if args.zstd else ("none", "zstd")
     if args.space_hash is not None:
         cfg.pop("expected_space_hash", None)

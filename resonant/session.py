@@ -358,30 +358,17 @@ class RecordReader:
         mv = memoryview(data).cast("B")
         out: list[memoryview] = []
         if self._start == self._end:  # nothing pending: whole records are views of the input itself
-            pos, n = 0, len(mv)
-            while n - pos >= _LEN_BYTES:
-                size = int.from_bytes(mv[pos:pos + _LEN_BYTES], "little")
-                if not 1 <= size <= self.max_frame_bytes:
-                    raise self._break("record.length", f"{size} is outside 1..max_frame_bytes "
-                                      f"({self.max_frame_bytes}); the connection cannot be resynchronised")
-                if n - pos - _LEN_BYTES < size:
-                    break
-                out.append(mv[pos + _LEN_BYTES:pos + _LEN_BYTES + size])
-                pos += _LEN_BYTES + size
-                self.consumed += _LEN_BYTES + size
+            out, pos = self._split(mv, 0, len(mv))
             mv = mv[pos:]  # a partial record, if any, goes to the buffer
         while len(mv):
             if out:  # the buffer is about to move: records already found must not change under the caller
                 out = [bytes(v) for v in out]  # type: ignore[misc]
             self._compact(min(len(mv), len(self._buf) - (self._end - self._start)))
-            room = len(self._buf) - self._end
-            take = min(room, len(mv))
+            take = min(len(self._buf) - self._end, len(mv))  # the buffer always holds a whole record
             self._view[self._end:self._end + take] = mv[:take]
             self._end += take
             mv = mv[take:]
             out += self._records()
-            if len(mv) and self._start == 0 and self._end == len(self._buf):
-                raise self._break("record", "buffer full without a complete record")  # cannot happen: a record fits
         return out
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
@@ -399,20 +386,23 @@ class RecordReader:
         self._end += n
         return self._records()
 
-    def _records(self) -> list[memoryview]:
+    def _split(self, view: memoryview, pos: int, end: int) -> tuple[list[memoryview], int]:
+        """The whole records in view[pos:end] (as views) and where the first incomplete one starts."""
         out = []
-        buf = self._buf
-        while self._end - self._start >= _LEN_BYTES:
-            size = int.from_bytes(buf[self._start:self._start + _LEN_BYTES], "little")
+        while end - pos >= _LEN_BYTES:
+            size = int.from_bytes(view[pos:pos + _LEN_BYTES], "little")
             if not 1 <= size <= self.max_frame_bytes:
                 raise self._break("record.length", f"{size} is outside 1..max_frame_bytes ({self.max_frame_bytes}); "
                                   "the connection cannot be resynchronised")
-            if self._end - self._start - _LEN_BYTES < size:
+            if end - pos - _LEN_BYTES < size:
                 break
-            a = self._start + _LEN_BYTES
-            out.append(self._view[a:a + size])
-            self._start = a + size
+            out.append(view[pos + _LEN_BYTES:pos + _LEN_BYTES + size])
+            pos += _LEN_BYTES + size
             self.consumed += _LEN_BYTES + size
+        return out, pos
+
+    def _records(self) -> list[memoryview]:
+        out, self._start = self._split(self._view, self._start, self._end)
         if self._start == self._end:
             self._start = self._end = 0
         return out
@@ -718,7 +708,7 @@ class Session:
 
     def _do_accept(self, now, frame, doc) -> list:
         if isinstance(frame, Chunk) or (isinstance(frame, Sync) and (
-                frame.json is None and frame.stream_id in self._open_streams()
+                frame.json is None and frame.stream_id in self.reassembler
                 or doc is not None and doc["method"] in ("head", "tail"))):
             return self.reassembler.receive(frame, now)
         self.stats["messages"] += 1
@@ -830,9 +820,6 @@ class Session:
         self._encoder = Codec(level, key=key) if (level is not None or key is not None) else None
 
     # -------------------------------------------------------------- helpers
-
-    def _open_streams(self):
-        return self.reassembler._streams
 
     def _encode(self, frame: Frame) -> bytes:
         return self._encoder.encode(frame) if self._encoder is not None else _codec.encode(frame)

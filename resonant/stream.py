@@ -484,6 +484,10 @@ class Reassembler:
     def buffered_bytes(self) -> int:
         return sum(_committed(s.layout) for s in self._streams.values()) + self._early_bytes
 
+    def __contains__(self, stream_id: int) -> bool:
+        """Whether stream_id is open (started, not yet complete or failed)."""
+        return stream_id in self._streams
+
     @property
     def open_streams(self) -> int:
         return len(self._streams)
@@ -595,9 +599,7 @@ class Reassembler:
         if part in held:
             return []  # a duplicate part
         cost = size + 64
-        lim = self.limits
-        if (self._early_bytes + cost > lim.max_early_bytes or self.buffered_bytes + cost > lim.max_buffered_bytes
-                or self.budget is not None and self.budget.used + cost > self.budget.limit):
+        if not self._room_for_early(cost):
             self.dropped_frames += 1
             return []
         held[part] = (doc, cost, now)
@@ -746,9 +748,7 @@ class Reassembler:
 
     def _hold(self, frame: Frame, now: float) -> list:
         size = sum(s.nbytes for s in frame.slices) + 64
-        lim = self.limits
-        if (self._early_bytes + size > lim.max_early_bytes or self.buffered_bytes + size > lim.max_buffered_bytes
-                or self.budget is not None and self.budget.used + size > self.budget.limit):
+        if not self._room_for_early(size):
             self.dropped_frames += 1
             return []
         # keep an owned copy only of what arrived before its HEAD (views would pin the caller's buffers)
@@ -756,6 +756,12 @@ class Reassembler:
         self._early_bytes += size
         self._charge(size)
         return []
+
+    def _room_for_early(self, size: int) -> bool:
+        """Whether `size` more bytes held before a HEAD stay within every limit."""
+        lim = self.limits
+        return (self._early_bytes + size <= lim.max_early_bytes and self.buffered_bytes + size <= lim.max_buffered_bytes
+                and (self.budget is None or self.budget.used + size <= self.budget.limit))
 
     def _drop_early(self, sid: int) -> list[tuple[Frame, float]]:
         held = self._early.pop(sid, [])
