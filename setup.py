@@ -30,7 +30,7 @@ extensions = [
     Extension(
         "resonant._codec",
         ["resonant/_codec.pyx"],
-        depends=["resonant/_quant.pxi"],
+        depends=["resonant/_quant.pxi", "resonant/_bulk.pxi"],
         extra_compile_args=compile_args,
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), *macros],

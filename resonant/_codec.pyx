@@ -146,6 +146,8 @@ cnp.import_array()
 
 ctypedef uint32_t (*crc_fn_t)(uint32_t, const unsigned char *, uint64_t) noexcept nogil
 
+include "_bulk.pxi"
+
 cdef crc_fn_t _crc_c = NULL
 cdef object _crc_py = None
 cdef str _crc_name = "none"
@@ -162,20 +164,36 @@ cdef uint32_t _crc32(const unsigned char *p, Py_ssize_t n) except? 0:
     return <uint32_t>_crc_py(PyMemoryView_FromMemory(<char *>p, n, PyBUF_READ))
 
 
+cdef bint _fold_agrees(crc_fn_t reference):
+    """The VPCLMULQDQ fold gives ISA-L's answer on every length 0..1,100 and some initial values."""
+    data = bytes((i * 167 + (i >> 8) * 13) & 0xFF for i in range(1100))
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(data)
+    cdef uint64_t n
+    cdef uint32_t init
+    for init in (0, 0xFFFFFFFFu, 0x12345678u):
+        for n in range(1101):
+            if rz_crc32_fold(init, p, n) != reference(init, p, n):
+                return False
+    return True
+
+
 def _select_crc(str prefer=None):
     """Pick the CRC-32 implementation; returns its name.
 
     The preferred backend calls ISA-L's crc32_gzip_refl through a C function pointer
     (no Python call per frame). ISA-L reaches us inside the `isal` wheel, which does not
     publish a C API, so the symbol is looked up in its already-loaded extension module
-    and checked against a known answer; when that fails, isal's or zlib-ng's Python
-    function is used, and the stdlib's zlib.crc32 as a last resort.
+    and checked against a known answer. On x86-64 CPUs with AVX2 and VPCLMULQDQ the bulk of
+    each buffer is folded 256 bits at a time first (_bulk.pxi), ISA-L finishing the
+    remainder; that path is checked against ISA-L on every length up to 1,100 bytes before
+    it is used. When ISA-L's symbol is not found, isal's or zlib-ng's Python function is
+    used, and the stdlib's zlib.crc32 as a last resort.
     """
-    global _crc_c, _crc_py, _crc_name
+    global _crc_c, _crc_py, _crc_name, rz_fold_tail
     cdef void *handle
     cdef crc_fn_t fn
     _crc_c = NULL
-    if prefer in (None, "isal-c"):
+    if prefer in (None, "isal-c", "isal-c+vpclmulqdq"):
         try:
             import isal.isal_zlib as _isal_zlib
             path = _isal_zlib.__file__.encode()
@@ -186,7 +204,14 @@ def _select_crc(str prefer=None):
                     _crc_c = fn
                     _crc_py = None
                     _crc_name = "isal-c"
-                    return _crc_name
+                    if prefer != "isal-c" and rz_fold_supported():
+                        rz_fold_tail = <rz_crc_fn>fn
+                        if _fold_agrees(fn):
+                            _crc_c = <crc_fn_t>rz_crc32_fold
+                            _crc_name = "isal-c+vpclmulqdq"
+                    if prefer in (None, _crc_name):
+                        return _crc_name
+                    _crc_c = NULL
         except ImportError:
             pass
     for name, modname in (("isal", "isal.isal_zlib"), ("zlib-ng", "zlib_ng.zlib_ng"), ("zlib", "zlib")):
@@ -199,14 +224,16 @@ def _select_crc(str prefer=None):
         _crc_py = mod.crc32
         _crc_name = name
         return _crc_name
-    raise ValueError(f"no CRC-32 backend named {prefer!r}")
+    _select_crc()  # leave a working backend behind
+    raise ValueError(f"no CRC-32 backend named {prefer!r} here")
 
 
 _select_crc()
 
 
 def crc32_backend():
-    """Name of the CRC-32 implementation in use ('isal-c' is the fast C path)."""
+    """Name of the CRC-32 implementation in use: 'isal-c+vpclmulqdq' (256-bit folds, then ISA-L)
+    and 'isal-c' are the C paths; 'isal', 'zlib-ng' and 'zlib' are Python-call fallbacks."""
     return _crc_name
 
 
@@ -264,9 +291,15 @@ def _select_xxh3(str prefer=None):
             create = <xxh_create_t>dlsym(handle, b"XXH3_createState")
             free = <xxh_free_t>dlsym(handle, b"XXH3_freeState")
             reset = <xxh_reset_t>dlsym(handle, b"XXH3_64bits_reset")
-            update = <xxh_update_t>dlsym(handle, b"XXH3_64bits_update")
+            # xxhash's x86 dispatcher (AVX2 where the CPU has it) when the wheel has one: the
+            # plain symbols are its SSE2 build, half the speed.
+            update = <xxh_update_t>dlsym(handle, b"XXH3_64bits_update_dispatch")
+            if update == NULL:
+                update = <xxh_update_t>dlsym(handle, b"XXH3_64bits_update")
             digest = <xxh_digest_t>dlsym(handle, b"XXH3_64bits_digest")
-            oneshot = <xxh_oneshot_t>dlsym(handle, b"XXH3_64bits")
+            oneshot = <xxh_oneshot_t>dlsym(handle, b"XXH3_64bits_dispatch")
+            if oneshot == NULL:
+                oneshot = <xxh_oneshot_t>dlsym(handle, b"XXH3_64bits")
             if create != NULL and free != NULL and reset != NULL and update != NULL and digest != NULL and oneshot != NULL:
                 probe = bytes(range(256)) * 5  # crosses xxh3's internal block and stripe sizes
                 st = create()
@@ -1811,9 +1844,11 @@ def _encode_chunk(uint32_t stream_id, uint64_t frame_seq, uint32_t space_hash32,
     return out
 
 
-def _copy_payload(Slice s not None, dest, Py_ssize_t offset, Xxh3 hasher=None):
-    """Copy a slice's payload into dest[offset:] (a writable byte buffer): one memcpy, GIL released.
-    With a hasher, the copied bytes are fed to it in the same GIL-free section."""
+def _copy_payload(Slice s not None, dest, Py_ssize_t offset, Xxh3 hasher=None, bint streaming=False):
+    """Copy a slice's payload into dest[offset:] (a writable byte buffer): one copy, GIL released.
+    With a hasher, the payload is fed to it in the same GIL-free section, from the source while
+    it is in cache. streaming: write with non-temporal stores (for a destination larger than
+    the caches, which is not read again soon)."""
     cdef unsigned char[::1] d = dest
     if offset < 0 or offset + s._len > d.shape[0]:
         raise ValueError(f"{s._len} bytes at {offset} do not fit a {d.shape[0]}-byte destination")
@@ -1822,11 +1857,14 @@ def _copy_payload(Slice s not None, dest, Py_ssize_t offset, Xxh3 hasher=None):
     if not s._len:
         return 0
     with nogil:
-        memcpy(&d[offset], src, s._len)
         if st != NULL:
-            _xxh_update(st, &d[offset], <size_t>s._len)
+            _xxh_update(st, src, <size_t>s._len)
+        if streaming:
+            rz_copy_nt(&d[offset], src, <size_t>s._len)
+        else:
+            memcpy(&d[offset], src, s._len)
     if hasher is not None and st == NULL:
-        hasher._feed(&d[offset], s._len)
+        hasher._feed(src, s._len)
     return s._len
 
 # --------------------------------------------------------------------------- quantization (hand-written)

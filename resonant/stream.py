@@ -46,6 +46,9 @@ _HEAD_PREFIX = re.compile(rb'\s*\{\s*"method"\s*:\s*"head"')  # a head document 
 _CHUNK_OVERHEAD = 43
 _TRANSFORM_OVERHEAD = 33 + 16 + 33
 _I8 = DType.I8
+# Stream buffers at least this large are written with streaming (non-temporal) stores: they
+# exceed the caches, and ordinary stores would first read every destination line.
+STREAMING_STORE_BYTES = 8 << 20
 
 
 # ------------------------------------------------------------------ layout
@@ -394,11 +397,14 @@ class StreamLimits:
 
 class _Stream:
     __slots__ = ("layout", "buffer", "arrays", "have", "have_count", "object_left", "tail", "tail_at", "last",
-                 "hasher", "hashed")
+                 "hasher", "hashed", "charged", "streaming")
 
-    def __init__(self, layout: StreamLayout, now: float) -> None:
+    def __init__(self, layout: StreamLayout, now: float, buffer: np.ndarray | None = None) -> None:
         self.layout = layout
-        self.buffer = np.empty(layout.total_bytes, np.uint8)  # the one copy: chunks land here
+        # the one copy: chunks land here (in the caller's buffer when its allocate hook gave one)
+        self.buffer = np.empty(layout.total_bytes, np.uint8) if buffer is None else buffer
+        self.charged = _committed(layout) if buffer is None else layout.chunks
+        self.streaming = layout.total_bytes >= STREAMING_STORE_BYTES
         self.arrays = [_object_view(self.buffer, o) for o in layout.objects]
         self.have = bytearray(layout.chunks)
         self.have_count = 0
@@ -432,6 +438,22 @@ def _committed(layout: StreamLayout) -> int:
     return layout.total_bytes + layout.chunks
 
 
+def _caller_buffer(buffer, layout: StreamLayout) -> np.ndarray | None:
+    """The bytes of the buffer an allocate hook returned, checked: None, or writable,
+    C-contiguous and exactly layout.total_bytes long (a mistake there is the caller's: ValueError)."""
+    if buffer is None:
+        return None
+    try:
+        view = memoryview(buffer)
+    except TypeError:
+        raise ValueError(f"allocate returned a {type(buffer).__name__}, not a buffer") from None
+    if view.readonly or not view.c_contiguous:
+        raise ValueError("allocate must return a writable, C-contiguous buffer")
+    if view.nbytes != layout.total_bytes:
+        raise ValueError(f"allocate returned {view.nbytes} bytes; the stream needs exactly {layout.total_bytes}")
+    return np.frombuffer(view.cast("B"), np.uint8)
+
+
 def _object_view(buffer: np.ndarray, o: StreamObject) -> np.ndarray:
     raw = buffer[o.offset:o.offset + o.nbytes]
     npdt = NUMPY_DTYPES.get(o.dtype)
@@ -463,12 +485,19 @@ class Reassembler:
     max_early_bytes. Pass the time (`now`, seconds, any monotonic origin) to receive() and call
     tick(now) now and then: idle streams, and streams whose TAIL came but whose chunks did not,
     fail and release their memory.
+
+    allocate(stream_id, layout), if given, is asked for each stream's output buffer once its
+    HEAD has passed the limits: return a writable C-contiguous buffer of exactly
+    layout.total_bytes bytes (a KV-cache slot that is reused, say) and the chunks are written
+    into it, or None for a new one. The objects handed out are then views of that buffer, and
+    only the chunk bitmap counts against max_buffered_bytes and the budget.
     """
 
     def __init__(self, limits: StreamLimits = StreamLimits(), *, codec=None, expected_space_hash: int | None = None,
-                 budget: MemoryBudget | None = None) -> None:
+                 budget: MemoryBudget | None = None, allocate=None) -> None:
         self.limits = limits
         self.budget = budget
+        self.allocate = allocate
         self.codec = codec
         self.expected_space_hash = expected_space_hash
         self._streams: dict[int, _Stream] = {}
@@ -482,7 +511,7 @@ class Reassembler:
 
     @property
     def buffered_bytes(self) -> int:
-        return sum(_committed(s.layout) for s in self._streams.values()) + self._early_bytes
+        return sum(s.charged for s in self._streams.values()) + self._early_bytes
 
     def __contains__(self, stream_id: int) -> bool:
         """Whether stream_id is open (started, not yet complete or failed)."""
@@ -651,17 +680,23 @@ class Reassembler:
             problem = f"{layout.total_bytes} bytes announced, more than max_stream_bytes ({lim.max_stream_bytes})"
         elif len(self._streams) >= lim.max_streams:
             problem = f"{len(self._streams)} streams open, max_streams is {lim.max_streams}"
-        elif self.buffered_bytes + _committed(layout) > lim.max_buffered_bytes:
-            problem = (f"{_committed(layout)} more bytes would exceed max_buffered_bytes ({lim.max_buffered_bytes}); "
+        buffer = None
+        if problem is None and self.allocate is not None:
+            buffer = _caller_buffer(self.allocate(sid, layout), layout)
+        cost = _committed(layout) if buffer is None else layout.chunks
+        if problem is not None:
+            pass
+        elif self.buffered_bytes + cost > lim.max_buffered_bytes:
+            problem = (f"{cost} more bytes would exceed max_buffered_bytes ({lim.max_buffered_bytes}); "
                        f"{self.buffered_bytes} are buffered")
-        elif self.budget is not None and self.budget.used + _committed(layout) > self.budget.limit:
-            problem = (f"{_committed(layout)} more bytes would exceed the shared memory budget ({self.budget.limit}); "
+        elif self.budget is not None and self.budget.used + cost > self.budget.limit:
+            problem = (f"{cost} more bytes would exceed the shared memory budget ({self.budget.limit}); "
                        f"{self.budget.used} are in use")
         if problem:
             self._drop_early(sid)
             return [StreamFailed(sid, "limit", problem)]
-        self._streams[sid] = _Stream(layout, now)
-        self._charge(_committed(layout))
+        self._streams[sid] = st = _Stream(layout, now, buffer)
+        self._charge(st.charged)
         events: list = [StreamStarted(sid, layout)]
         for frame, _ in self._drop_early(sid):
             if sid not in self._streams:
@@ -689,7 +724,7 @@ class Reassembler:
                               f"{want.name} of {length} bytes")
         a = obj.offset + start
         if a == st.hashed:  # in order: hash it while it is in cache (same GIL-free section), and any chunks already waiting
-            _codec._copy_payload(s, st.buffer, a, st.hasher)
+            _codec._copy_payload(s, st.buffer, a, st.hasher, st.streaming)
             st.hashed += length
             j = k + 1
             while j < st.layout.chunks and st.have[j]:
@@ -698,7 +733,7 @@ class Reassembler:
                 st.hashed += l2
                 j += 1
         else:
-            _codec._copy_payload(s, st.buffer, a)
+            _codec._copy_payload(s, st.buffer, a, None, st.streaming)
         st.have[k] = 1
         st.have_count += 1
         events: list = []
@@ -734,7 +769,7 @@ class Reassembler:
             if md5 != st.tail["md5"]:
                 return self._fail(sid, "hash_mismatch", f"MD5 of the received bytes is {md5}, TAIL says {st.tail['md5']}")
         del self._streams[sid]
-        self._charge(-_committed(st.layout))  # the buffer is the caller's now
+        self._charge(-st.charged)  # the buffer is the caller's now
         self._close(sid, st.last)
         return [StreamComplete(sid, st.arrays, got, st.layout.total_bytes)]
 
@@ -742,7 +777,7 @@ class Reassembler:
         st = self._streams.pop(sid, None)
         missing = st.missing() if st is not None else []
         if st is not None:
-            self._charge(-_committed(st.layout))
+            self._charge(-st.charged)
             self._close(sid, st.last)
         return [StreamFailed(sid, reason, detail, missing)]
 

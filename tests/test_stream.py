@@ -1047,3 +1047,96 @@ def test_shared_memory_budget_across_reassemblers():
     assert [type(e) for e in b.receive(sb.head(), 1.0)] == [StreamStarted]
     (closed,) = b.close("peer gone")
     assert closed.reason == "closed" and closed.missing == [(0, x.nbytes)] and budget.used == 0
+
+
+# -------------------------------------------------------------- caller-provided output buffers
+
+
+def test_allocate_hook_receives_into_the_callers_buffer():
+    k = np.random.default_rng(11).standard_normal((4, 1000)).astype(np.float16)
+    v = np.arange(3000, dtype=np.int8)
+    slot = np.full(k.nbytes + v.nbytes, 0xAA, np.uint8)
+    seen = []
+
+    def allocate(stream_id, layout):
+        seen.append((stream_id, layout.total_bytes, [o.nbytes for o in layout.objects]))
+        return slot
+
+    budget = resonant.stream.MemoryBudget(1 << 30)
+    r = Reassembler(allocate=allocate, budget=budget)
+    frames = list(StreamSender(5, [k, v], max_frame_bytes=1024))
+    events = r.receive(frames[0], 0.0)
+    assert seen == [(5, slot.nbytes, [k.nbytes, v.nbytes])]
+    assert r.buffered_bytes == budget.used == frames_chunks(frames)  # only the chunk bitmap is ours
+    for f in frames[1:-1][::-1] + frames[-1:]:
+        events += r.receive(f, 0.0)
+    done = events[-1]
+    assert isinstance(done, StreamComplete)
+    assert np.array_equal(done.objects[0], k) and np.array_equal(done.objects[1], v)
+    assert np.shares_memory(done.objects[0], slot) and np.shares_memory(done.objects[1], slot)
+    assert slot.tobytes() == k.tobytes() + v.tobytes()
+    assert budget.used == 0 and r.buffered_bytes == 0
+
+
+def frames_chunks(frames) -> int:
+    return sum(1 for f in frames if resonant.decode(f).msg_type == MsgType.CHUNK)
+
+
+def test_allocate_hook_may_decline_and_reuse_a_slot_across_streams():
+    x = np.arange(5000, dtype=np.float16)
+    slot = bytearray(x.nbytes)
+    r = Reassembler(allocate=lambda sid, layout: slot if sid % 2 else None)
+    for sid in (1, 2, 3):
+        events = [e for f in StreamSender(sid, [x * sid], max_frame_bytes=2048) for e in r.receive(f, 0.0)]
+        done = events[-1]
+        assert isinstance(done, StreamComplete) and np.array_equal(done.objects[0], x * sid)
+        assert np.shares_memory(done.objects[0], np.frombuffer(slot, np.uint8)) == bool(sid % 2)
+    assert np.array_equal(np.frombuffer(slot, np.float16), x * 3)
+
+
+@pytest.mark.parametrize("buffer, message", [
+    (lambda n: np.zeros(n + 1, np.uint8), r"allocate returned \d+ bytes; the stream needs exactly \d+"),
+    (lambda n: bytes(n), "writable, C-contiguous"),
+    (lambda n: np.zeros((n, 2), np.uint8)[:, 0], "writable, C-contiguous"),
+    (lambda n: 12345, "allocate returned a int, not a buffer"),
+])
+def test_allocate_hook_mistakes_are_value_errors(buffer, message):
+    x = np.ones(1000, np.float16)
+    r = Reassembler(allocate=lambda sid, layout: buffer(layout.total_bytes))
+    with pytest.raises(ValueError, match=message):
+        r.receive(StreamSender(1, [x]).head(), 0.0)
+    assert r.open_streams == 0 and r.buffered_bytes == 0
+
+
+def test_allocate_hook_is_not_asked_for_a_stream_over_the_limits():
+    asked = []
+    r = Reassembler(StreamLimits(max_stream_bytes=1000), allocate=lambda sid, layout: asked.append(sid))
+    (failed,) = r.receive(StreamSender(1, [np.ones(1000, np.float16)]).head(), 0.0)
+    assert failed.reason == "limit" and asked == []
+
+
+def test_copy_payload_with_streaming_stores_at_every_alignment():
+    from resonant import _codec
+    src = np.random.default_rng(12).integers(0, 256, 5000, np.uint8)
+    for length in (0, 1, 255, 256, 257, 1000, 4999):
+        s = Slice(DType.I8, (length,), src[:length])
+        for offset in (0, 1, 15, 16, 33):
+            dest = np.full(length + 64, 7, np.uint8)
+            h = _codec.Xxh3()
+            assert _codec._copy_payload(s, dest, offset, h, True) == length
+            assert dest[offset:offset + length].tobytes() == src[:length].tobytes()
+            assert (dest[:offset] == 7).all() and (dest[offset + length:] == 7).all()
+            assert h.intdigest() == xxhash.xxh3_64_intdigest(src[:length].tobytes())
+
+
+def test_large_stream_out_of_order_uses_streaming_stores_and_verifies():
+    n = resonant.stream.STREAMING_STORE_BYTES // 2 + 777  # f16 elements: just over the threshold in bytes
+    x = np.random.default_rng(13).standard_normal(n).astype(np.float16)
+    frames = list(StreamSender(3, [x]))
+    body = frames[1:-1]
+    order = body[1::2] + body[::2]  # every second chunk first: the hash is taken at the end
+    r = Reassembler()
+    events = [e for f in frames[:1] + order + frames[-1:] for e in r.receive(f, 0.0)]
+    done = events[-1]
+    assert isinstance(done, StreamComplete) and done.xxh3_64 == xxhash.xxh3_64_intdigest(x.tobytes())
+    assert np.array_equal(done.objects[0], x)
