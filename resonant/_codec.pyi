@@ -210,6 +210,20 @@ class Xxh3:
 
 def _encode_chunk(stream_id: int, frame_seq: int, space_hash32: int, modality: int, dtype: int, count: int,
                   source: _Buffer, start: int, length: int, hasher: Xxh3 | None = None) -> bytes: ...
+class ChunkSink:
+    buffer: Any
+    have: bytearray
+    have_count: int
+    hashed: int
+    hasher: Xxh3 | None
+    streaming: bool
+    last: float
+    object_left: Any
+    completed: int
+    def _geometry(self, buffer: Any, first_chunk: Any, offset: Any, nbytes: Any, want: Any, chunk_bytes: int,
+                  nchunks: int) -> None: ...
+def _place_chunk(streams: dict[int, ChunkSink], data: _Buffer, expected_space_hash: int | None,
+                 now: float) -> ChunkSink | None: ...
 def _copy_payload(s: Slice, dest: _Buffer, offset: int, hasher: Xxh3 | None = None, streaming: bool = False) -> int: ...
 def aead_backend() -> str: ...
 def _select_aead(prefer: str | None = None) -> str: ...

@@ -1844,6 +1844,144 @@ def _encode_chunk(uint32_t stream_id, uint64_t frame_seq, uint32_t space_hash32,
     return out
 
 
+cdef class ChunkSink:
+    """The receiving state of one V-Stream that the chunk fast path (_place_chunk) writes to:
+    the output buffer, the one-byte-per-chunk bitmap, the chunks left per object, the running
+    hash and the time of the last frame. resonant.stream's _Stream extends it; its Python
+    path for chunks reads and writes the same fields."""
+    cdef public object buffer
+    cdef public bytearray have
+    cdef public Py_ssize_t have_count
+    cdef public Py_ssize_t hashed
+    cdef public Xxh3 hasher
+    cdef public bint streaming
+    cdef public double last
+    cdef public object object_left       # numpy int64, chunks still missing per object
+    cdef public int completed            # the object the last fast placement completed, or -1
+    cdef unsigned char[::1] _dst
+    cdef const int64_t[::1] _first
+    cdef const int64_t[::1] _offset
+    cdef const int64_t[::1] _nbytes
+    cdef int64_t[::1] _left
+    cdef const uint8_t[::1] _want
+    cdef Py_ssize_t _chunk_bytes, _nchunks, _nobj
+
+    def _geometry(self, buffer, first_chunk, offset, nbytes, want, Py_ssize_t chunk_bytes, Py_ssize_t nchunks):
+        """Arrays per object (int64 first chunk, byte offset, bytes; uint8 dtype a chunk must carry)."""
+        self.buffer = buffer
+        self._dst = buffer
+        self._first = first_chunk
+        self._offset = offset
+        self._nbytes = nbytes
+        self._want = want
+        self.object_left = _np.array([0] * len(first_chunk), _np.int64)
+        self._left = self.object_left
+        self._nobj = len(first_chunk)
+        self._chunk_bytes = chunk_bytes
+        self._nchunks = nchunks
+        self.completed = -1
+
+    cdef Py_ssize_t _object_of(self, Py_ssize_t k) noexcept:
+        """The last object whose first chunk is <= k (as StreamLayout.chunk)."""
+        cdef Py_ssize_t lo = 0, hi = self._nobj - 1, mid
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._first[mid] <= k:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+
+def _place_chunk(dict streams not None, data, expected_space_hash, double now):
+    """The V-Stream receive fast path: one plain (version 1, no flags) Chunk frame of an open
+    stream, checked as decode() and the Reassembler check it, written into the stream's buffer
+    and hashed in one GIL-free section; returns the stream's ChunkSink. Returns None, having
+    changed nothing, for anything else (another message, a duplicate, any error), which the
+    general path then handles and reports."""
+    cdef const unsigned char[::1] v
+    cdef const unsigned char *p
+    cdef Py_ssize_t n, pos, k, o, start, length, a, j, o2, s2, l2
+    cdef uint32_t count, space
+    cdef uint8_t dtype
+    cdef long long need
+    cdef ChunkSink st
+    cdef void *hs
+    cdef bint ok
+    cdef unsigned char *dst
+    cdef bint streaming
+    if type(data) is bytes:
+        p = <const unsigned char *>PyBytes_AS_STRING(data)
+        n = PyBytes_GET_SIZE(data)
+    else:
+        v = data
+        n = v.shape[0]
+        if n == 0:
+            return None
+        p = &v[0]
+    pos = PREFIX_SIZE + 4 + SUFFIX_SIZE
+    if (n < pos + 6 + CRC_SIZE or n > MAX_FRAME_BYTES or p[OFF_VERSION] != VERSION
+            or p[OFF_MSG_TYPE] != 5 or rz_ld_u16(p + OFF_FLAGS) != 0
+            or rz_ld_u64(p + OFF_NUM_SLICES) != 1 or <Py_ssize_t>rz_ld_u32(p + PREFIX_SIZE) != n - pos - 6 - CRC_SIZE
+            or p[pos + 1] != 1 or not _known_modality(p[PREFIX_SIZE + 4 + SUF_MODALITY])):
+        return None
+    space = rz_ld_u32(p + PREFIX_SIZE + 4 + SUF_SPACE_HASH32)
+    if expected_space_hash is not None and space != expected_space_hash:
+        return None
+    st = streams.get(rz_ld_u32(p + OFF_STREAM_ID))
+    if st is None or st._dst is None:
+        return None
+    k = <Py_ssize_t>rz_ld_u64(p + OFF_FRAME_SEQ) - 1
+    if k < 0 or k >= st._nchunks or st.have[k]:
+        return None
+    dtype = p[pos]
+    count = rz_ld_u32(p + pos + 2)
+    length = n - pos - 6 - CRC_SIZE
+    need = _expected_size(dtype, count)
+    o = st._object_of(k)
+    start = (k - st._first[o]) * st._chunk_bytes
+    if (length == 0 or need != length or dtype != st._want[o]
+            or length != min(st._chunk_bytes, st._nbytes[o] - start)):
+        return None
+    a = st._offset[o] + start
+    if a < 0 or a + length > st._dst.shape[0]:
+        return None
+    hs = NULL
+    if a == st.hashed:
+        if st.hasher is None or st.hasher._st == NULL:
+            return None  # the Python hasher fallback: the general path feeds it
+        hs = st.hasher._st
+    dst = &st._dst[a]
+    streaming = st.streaming
+    with nogil:
+        ok = _crc_c != NULL and _crc_c(0, p, <uint64_t>(n - CRC_SIZE)) == rz_ld_u32(p + n - CRC_SIZE)
+        if ok:
+            if hs != NULL:
+                _xxh_update(hs, p + pos + 6, <size_t>length)
+            if streaming:
+                rz_copy_nt(dst, p + pos + 6, <size_t>length)
+            else:
+                memcpy(dst, p + pos + 6, length)
+    if not ok:
+        return None  # a bad CRC (or no C CRC): decode() says which
+    if hs != NULL:  # in order: hash it, and the chunks already waiting after it
+        st.hashed += length
+        j = k + 1
+        while j < st._nchunks and st.have[j]:
+            o2 = st._object_of(j)
+            s2 = (j - st._first[o2]) * st._chunk_bytes
+            l2 = min(st._chunk_bytes, st._nbytes[o2] - s2)
+            st.hasher._feed(&st._dst[st._offset[o2] + s2], l2)
+            st.hashed += l2
+            j += 1
+    st.have[k] = 1
+    st.have_count += 1
+    st._left[o] -= 1
+    st.completed = <int>o if st._left[o] == 0 else -1
+    st.last = now
+    return st
+
+
 def _copy_payload(Slice s not None, dest, Py_ssize_t offset, Xxh3 hasher=None, bint streaming=False):
     """Copy a slice's payload into dest[offset:] (a writable byte buffer): one copy, GIL released.
     With a hasher, the payload is fed to it in the same GIL-free section, from the source while

@@ -22,7 +22,7 @@ import enum
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -40,7 +40,7 @@ from resonant.errors import (
     SpaceMismatch,
 )
 from resonant.space import ModelSignature
-from resonant.stream import MIN_STREAM_FRAME, MemoryBudget, Reassembler, StreamLimits, StreamSender
+from resonant.stream import MIN_STREAM_FRAME, MemoryBudget, Reassembler, StreamLayout, StreamLimits, StreamSender
 from resonant.transforms import Codec, Key, Keyring
 
 __all__ = [
@@ -433,9 +433,10 @@ class Session:
     """One peer relationship, sans-IO. See the module docstring."""
 
     def __init__(self, config: SessionConfig | None = None, *, budget: MemoryBudget | None = None,
-                 **kwargs: Any) -> None:
+                 allocate: Callable[[int, StreamLayout], Any] | None = None, **kwargs: Any) -> None:
         """budget: a MemoryBudget shared with other sessions (a server's peers), so that
-        their streams together stay within one limit."""
+        their streams together stay within one limit. allocate: the Reassembler's hook for
+        output buffers the caller supplies (see Reassembler)."""
         if config is None:
             config = SessionConfig(**kwargs)
         elif kwargs:
@@ -452,7 +453,7 @@ class Session:
         self._encoder: Codec | None = None  # until agreed: plain frames (or encrypted when a key is held)
         if self._keyring is not None:
             self._encoder = Codec(key=self._keyring)
-        self.reassembler = Reassembler(config.stream_limits, codec=self._decoder, budget=budget)
+        self.reassembler = Reassembler(config.stream_limits, codec=self._decoder, budget=budget, allocate=allocate)
         self.replay = ReplayWindow(config.replay_window, config.replay_streams)
         self.records = RecordReader(config.max_frame_bytes)
         self._out: list[bytes] = []
@@ -519,17 +520,28 @@ class Session:
 
     def data_to_send(self) -> bytes:
         """The queued frames as TCP records (u32 little-endian length + frame each)."""
+        return b"".join(self.records_to_send())  # one copy of each frame
+
+    def records_to_send(self) -> list[bytes]:
+        """The queued frames as TCP records, unjoined: [length, frame, length, frame, ...], for
+        socket.sendmsg or a transport's writelines, which write them without a copy."""
         out, self._out = self._out, []
         parts = []
         for f in out:
             parts.append(len(f).to_bytes(_LEN_BYTES, "little"))
             parts.append(f)
-        return b"".join(parts)  # one copy of each frame
+        return parts
 
     # -------------------------------------------------------------- input
 
     def receive_datagram(self, data, now: float) -> list:
         """One UDP datagram (one frame). Never raises for anything the peer sent."""
+        if self._chunks_direct():
+            events = self.reassembler.receive_chunk(data, now, self.config.expected_space_hash)
+            if events is not None:
+                self.stats["frames_in"] += 1
+                self.stats["bytes_in"] += len(data)
+                return events
         return self._frame(data, now, copy=True)
 
     def receive_data(self, data, now: float) -> list:
@@ -551,9 +563,27 @@ class Session:
         except FramingError as exc:
             return [ConnectionBroken(exc)]
         events: list = []
+        direct = self._chunks_direct()
+        space = self.config.expected_space_hash
         for v in views:
+            if direct:
+                ev = self.reassembler.receive_chunk(v, now, space)
+                if ev is not None:
+                    self.stats["frames_in"] += 1
+                    self.stats["bytes_in"] += len(v)
+                    events += ev
+                    continue
             events += self._frame(v, now, copy=True)
+            direct = self._chunks_direct()  # the state may have changed
         return events
+
+    def _chunks_direct(self) -> bool:
+        """Whether a plain stream chunk may take the Reassembler's fast path: this state accepts
+        data frames as they are (no refusal, no transition) and no key requires encryption.
+        Everything the fast path does not take goes through _frame."""
+        action, nxt = TRANSITIONS[self.role, self.state, Input.DATA]
+        return (nxt is self.state and self._keyring is None
+                and (action is Action.ACCEPT or action is Action.ACCEPT_IF_LENIENT and not self.config.is_strict))
 
     def receive_eof(self, now: float) -> list:
         """The peer closed its side of a TCP connection."""

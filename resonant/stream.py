@@ -395,20 +395,28 @@ class StreamLimits:
     tail_grace: float = 5.0               # seconds after TAIL for missing chunks to arrive
 
 
-class _Stream:
-    __slots__ = ("layout", "buffer", "arrays", "have", "have_count", "object_left", "tail", "tail_at", "last",
-                 "hasher", "hashed", "charged", "streaming")
+class _Stream(_codec.ChunkSink):
+    """An open stream. The fields the chunk fast path writes (buffer, have, have_count,
+    object_left, hasher, hashed, streaming, last) are the ChunkSink's, shared by both paths."""
 
-    def __init__(self, layout: StreamLayout, now: float, buffer: np.ndarray | None = None) -> None:
+    __slots__ = ("stream_id", "layout", "arrays", "tail", "tail_at", "charged")
+
+    def __init__(self, stream_id: int, layout: StreamLayout, now: float, buffer: np.ndarray | None = None) -> None:
+        self.stream_id = stream_id
         self.layout = layout
-        # the one copy: chunks land here (in the caller's buffer when its allocate hook gave one)
-        self.buffer = np.empty(layout.total_bytes, np.uint8) if buffer is None else buffer
         self.charged = _committed(layout) if buffer is None else layout.chunks
+        # the one copy: chunks land here (in the caller's buffer when its allocate hook gave one)
+        buffer = np.empty(layout.total_bytes, np.uint8) if buffer is None else buffer
+        objs = layout.objects
+        self._geometry(buffer, np.array([o.first_chunk for o in objs], np.int64),
+                       np.array([o.offset for o in objs], np.int64), np.array([o.nbytes for o in objs], np.int64),
+                       np.array([o.dtype if _codec.element_bytes(o.dtype) else _I8 for o in objs], np.uint8),
+                       layout.chunk_bytes, layout.chunks)
+        self.object_left[:] = [o.chunks for o in objs]
         self.streaming = layout.total_bytes >= STREAMING_STORE_BYTES
-        self.arrays = [_object_view(self.buffer, o) for o in layout.objects]
+        self.arrays = [_object_view(self.buffer, o) for o in objs]
         self.have = bytearray(layout.chunks)
         self.have_count = 0
-        self.object_left = [o.chunks for o in layout.objects]
         self.tail: dict | None = None
         self.tail_at = 0.0
         self.last = now
@@ -561,6 +569,24 @@ class Reassembler:
             return self._chunk(sid, frame, now)
         return []  # not a stream frame
 
+    def receive_chunk(self, data, now: float, expected_space_hash: int | None = None) -> list | None:
+        """The fast path for the bulk of a stream: a plain Chunk frame (bytes-like) of an open
+        stream, new and well-formed, is checked, placed and hashed in one C call; returns its
+        events. Returns None, having changed nothing, for any other frame: pass that one to
+        receive() (or the Session's general path), which reports it exactly.
+        expected_space_hash: a chunk of another space is not taken (None: any)."""
+        st = _codec._place_chunk(self._streams, data, expected_space_hash, now)
+        if st is None:
+            return None
+        if st.completed < 0 and st.tail is None:
+            return []
+        sid = st.stream_id
+        events: list = []
+        if st.completed >= 0:
+            o = st.layout.objects[st.completed]
+            events.append(ObjectReady(sid, o.index, o.name, o.layer, st.arrays[o.index]))
+        return events + self._maybe_complete(sid)
+
     def tick(self, now: float) -> list:
         """Fail idle streams and streams whose TAIL's grace period ran out; drop stale early frames."""
         events = []
@@ -695,7 +721,7 @@ class Reassembler:
         if problem:
             self._drop_early(sid)
             return [StreamFailed(sid, "limit", problem)]
-        self._streams[sid] = st = _Stream(layout, now, buffer)
+        self._streams[sid] = st = _Stream(sid, layout, now, buffer)
         self._charge(st.charged)
         events: list = [StreamStarted(sid, layout)]
         for frame, _ in self._drop_early(sid):

@@ -32,7 +32,7 @@ from resonant.session import (
     State,
     frame_record,
 )
-from resonant.stream import StreamComplete
+from resonant.stream import StreamComplete, StreamSender
 
 SPACE = 0x1234ABCD
 
@@ -653,3 +653,49 @@ def test_many_object_stream_over_small_frames_sends_its_head_in_parts():
     assert all(len(d) <= 1200 for d in sender)
     (done,) = [e for e in events if isinstance(e, StreamComplete)]
     assert all(np.array_equal(a, b) for a, b in zip(done.objects, objs))
+
+
+# ------------------------------------------------------------------ stream chunks on the fast path
+
+
+def _stream_frames(space: int = 0, n: int = 20_000) -> tuple[np.ndarray, list[bytes]]:
+    x = np.random.default_rng(31).standard_normal(n).astype(np.float16)
+    return x, list(StreamSender(6, [x], max_frame_bytes=4096, space_hash32=space))
+
+
+def test_strict_session_refuses_stream_chunks_before_the_handshake():
+    s = Session(role="server", expected_space_hash=SPACE)
+    _, frames = _stream_frames(SPACE)
+    events = [e for f in frames for e in s.receive_datagram(f, 0.0)]
+    assert kinds(events) == ["FrameRejected"] * len(frames)
+    assert {e.reason for e in events} == {"handshake_required"}
+    assert s.reassembler.open_streams == 0 and s.stats["frames_in"] == len(frames)
+
+
+def test_session_with_a_key_refuses_plain_stream_chunks():
+    s = Session(role="server", key=Key.generate())
+    _, frames = _stream_frames()
+    events = [e for f in frames for e in s.receive_datagram(f, 0.0)]
+    assert {e.reason for e in events} == {"not_encrypted"} and s.reassembler.open_streams == 0
+
+
+def test_session_stream_chunks_of_another_space_are_refused():
+    s = Session(role="server", expected_space_hash=SPACE, strict=False)
+    _, frames = _stream_frames(SPACE)
+    other = list(StreamSender(6, [np.ones(5000, np.float16)], max_frame_bytes=4096, space_hash32=SPACE ^ 1))
+    events = s.receive_datagram(frames[0], 0.0) + s.receive_datagram(other[1], 0.0)
+    assert kinds(events) == ["StreamStarted", "FrameRejected"] and events[1].reason == "space_mismatch"
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_session_stream_over_the_fast_path_counts_and_completes(transport):
+    s = Session(role="server")
+    x, frames = _stream_frames()
+    if transport == "udp":
+        events = [e for f in frames for e in s.receive_datagram(f, 0.0)]
+    else:
+        data = b"".join(frame_record(f) for f in frames)
+        events = [e for i in range(0, len(data), 3000) for e in s.receive_data(data[i:i + 3000], 0.0)]
+    done = events[-1]
+    assert isinstance(done, StreamComplete) and np.array_equal(done.objects[0], x)
+    assert s.stats["frames_in"] == len(frames) and s.stats["bytes_in"] == sum(map(len, frames))

@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import xxhash
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import resonant
@@ -1140,3 +1140,98 @@ def test_large_stream_out_of_order_uses_streaming_stores_and_verifies():
     done = events[-1]
     assert isinstance(done, StreamComplete) and done.xxh3_64 == xxhash.xxh3_64_intdigest(x.tobytes())
     assert np.array_equal(done.objects[0], x)
+
+
+# -------------------------------------------------------------- the chunk fast path
+
+
+def _summary(events) -> list:
+    out = []
+    for e in events:
+        if isinstance(e, StreamComplete):
+            out.append(("complete", e.stream_id, e.xxh3_64, [a.tobytes() for a in e.objects]))
+        elif isinstance(e, StreamFailed):
+            out.append(("failed", e.stream_id, e.reason, e.missing))
+        elif isinstance(e, ObjectReady):
+            out.append(("ready", e.stream_id, e.index, e.array.tobytes()))
+        elif isinstance(e, tuple):  # ("error", exception class name)
+            out.append(e)
+        else:
+            out.append((type(e).__name__, e.stream_id))
+    return out
+
+
+def _both_paths(frames, **kwargs):
+    slow, fast = Reassembler(**kwargs), Reassembler(**kwargs)
+    slow_events, fast_events, taken = [], [], 0
+    for i, f in enumerate(frames):
+        try:
+            slow_events += slow.receive(f, float(i))
+        except resonant.DecodeError as exc:
+            slow_events.append(("error", type(exc).__name__))
+        ev = fast.receive_chunk(f, float(i))
+        if ev is None:
+            try:
+                ev = fast.receive(f, float(i))
+            except resonant.DecodeError as exc:
+                ev = [("error", type(exc).__name__)]
+        else:
+            taken += 1
+        fast_events += ev
+    return slow_events, fast_events, taken, slow, fast
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_chunk_fast_path_gives_the_general_paths_events(data):
+    """Fed the same frames (reordered, duplicated, corrupted), receive_chunk-then-receive and
+    receive alone give the same events, the same bytes and the same state."""
+    rnd = data.draw(st.randoms(use_true_random=False))
+    objs = [np.arange(n, dtype=np.float16) * (i + 1) for i, n in enumerate(data.draw(st.lists(st.integers(0, 900), min_size=1, max_size=4)))]
+    objs.append(np.arange(data.draw(st.integers(1, 200)), dtype=np.int8))
+    frames = list(StreamSender(4, objs, max_frame_bytes=data.draw(st.sampled_from([512, 700, 1500]))))
+    body = frames[1:-1]
+    rnd.shuffle(body)
+    body += [rnd.choice(frames) for _ in range(data.draw(st.integers(0, 4)))]  # duplicates
+    for _ in range(data.draw(st.integers(0, 4))):  # corruption: a byte changed, the CRC sometimes fixed up
+        i = rnd.randrange(len(body))
+        f = bytearray(body[i])
+        pos = rnd.randrange(len(f))
+        f[pos] ^= rnd.choice([1, 0x80, 0xFF])
+        if rnd.random() < 0.5 and len(f) > 4:
+            f[-4:] = zlib.crc32(bytes(f[:-4])).to_bytes(4, "little")
+        body[i] = bytes(f)
+    order = frames[:1] + body + frames[-1:] if data.draw(st.booleans()) else body[:3] + frames[:1] + body[3:] + frames[-1:]
+    slow_events, fast_events, taken, slow, fast = _both_paths(order)
+    assert _summary(fast_events) == _summary(slow_events)
+    assert slow.open_streams == fast.open_streams and slow.buffered_bytes == fast.buffered_bytes
+    assert slow.dropped_frames == fast.dropped_frames
+
+
+def test_chunk_fast_path_takes_the_bulk_of_a_clean_stream():
+    x = np.random.default_rng(21).standard_normal(50_000).astype(np.float16)
+    frames = list(StreamSender(8, [x, x[:333]], max_frame_bytes=4096))
+    slow_events, fast_events, taken, _, _ = _both_paths(frames)
+    assert taken == len(frames) - 2  # every chunk; HEAD and TAIL go the general way
+    assert _summary(fast_events) == _summary(slow_events)
+    assert isinstance(fast_events[-1], StreamComplete) and np.array_equal(fast_events[-1].objects[0], x)
+
+
+def test_chunk_fast_path_leaves_other_frames_alone():
+    x = np.ones(3000, np.float16)
+    sender = StreamSender(8, [x], max_frame_bytes=1024)
+    frames = list(sender)
+    r = Reassembler()
+    assert r.receive_chunk(frames[1], 0.0) is None  # no HEAD yet: the general path holds it
+    r.receive(frames[0], 0.0)
+    assert r.receive_chunk(frames[0], 0.0) is None  # a HEAD
+    assert r.receive_chunk(resonant.encode(resonant.Think(np.ones(4, np.float16))), 0.0) is None
+    assert r.receive_chunk(b"", 0.0) is None and r.receive_chunk(b"\x01", 0.0) is None
+    assert r.receive_chunk(frames[2], 0.0, expected_space_hash=12345) is None  # another space
+    assert r.receive_chunk(frames[2], 0.0) == []
+    assert r.receive_chunk(frames[2], 0.0) is None  # a duplicate
+    bad = bytearray(frames[3])
+    bad[-1] ^= 1
+    assert r.receive_chunk(bytes(bad), 0.0) is None  # a bad CRC: decode() reports it
+    with pytest.raises(resonant.ChecksumMismatch):
+        r.receive(bytes(bad), 0.0)
