@@ -1893,36 +1893,31 @@ cdef class ChunkSink:
         return lo
 
 
-def _place_chunk(dict streams not None, data, expected_space_hash, double now):
-    """The V-Stream receive fast path: one plain (version 1, no flags) Chunk frame of an open
-    stream, checked as decode() and the Reassembler check it, written into the stream's buffer
-    and hashed in one GIL-free section; returns the stream's ChunkSink. Returns None, having
-    changed nothing, for anything else (another message, a duplicate, any error), which the
-    general path then handles and reports."""
-    cdef const unsigned char[::1] v
-    cdef const unsigned char *p
-    cdef Py_ssize_t n, pos, k, o, start, length, a, j, o2, s2, l2
+# Bytes of a Chunk frame before its payload: header with one slice_len, suffix, the slice's
+# dtype, shape_len (1) and its one dimension.
+cdef enum:
+    CHUNK_HEAD_BYTES = PREFIX_SIZE + 4 + SUFFIX_SIZE + 6
+
+
+cdef struct ChunkAt:
+    Py_ssize_t k        # chunk index (frame_seq - 1)
+    Py_ssize_t o        # object index
+    Py_ssize_t a        # byte offset of the payload in the stream buffer
+    Py_ssize_t length   # payload bytes
+
+
+cdef ChunkSink _chunk_target(dict streams, const unsigned char *p, Py_ssize_t n, object expected_space_hash,
+                             ChunkAt *at):
+    """From a frame's first CHUNK_HEAD_BYTES bytes and its length n: the open stream a plain,
+    new, well-formed Chunk belongs to, and where its payload goes; None for anything else."""
+    cdef Py_ssize_t pos = PREFIX_SIZE + 4 + SUFFIX_SIZE, k, o, start, length
     cdef uint32_t count, space
     cdef uint8_t dtype
     cdef long long need
     cdef ChunkSink st
-    cdef void *hs
-    cdef bint ok
-    cdef unsigned char *dst
-    cdef bint streaming
-    if type(data) is bytes:
-        p = <const unsigned char *>PyBytes_AS_STRING(data)
-        n = PyBytes_GET_SIZE(data)
-    else:
-        v = data
-        n = v.shape[0]
-        if n == 0:
-            return None
-        p = &v[0]
-    pos = PREFIX_SIZE + 4 + SUFFIX_SIZE
-    if (n < pos + 6 + CRC_SIZE or n > MAX_FRAME_BYTES or p[OFF_VERSION] != VERSION
+    if (n < CHUNK_HEAD_BYTES + CRC_SIZE or n > MAX_FRAME_BYTES or p[OFF_VERSION] != VERSION
             or p[OFF_MSG_TYPE] != 5 or rz_ld_u16(p + OFF_FLAGS) != 0
-            or rz_ld_u64(p + OFF_NUM_SLICES) != 1 or <Py_ssize_t>rz_ld_u32(p + PREFIX_SIZE) != n - pos - 6 - CRC_SIZE
+            or rz_ld_u64(p + OFF_NUM_SLICES) != 1 or <Py_ssize_t>rz_ld_u32(p + PREFIX_SIZE) != n - CHUNK_HEAD_BYTES - CRC_SIZE
             or p[pos + 1] != 1 or not _known_modality(p[PREFIX_SIZE + 4 + SUF_MODALITY])):
         return None
     space = rz_ld_u32(p + PREFIX_SIZE + 4 + SUF_SPACE_HASH32)
@@ -1936,37 +1931,31 @@ def _place_chunk(dict streams not None, data, expected_space_hash, double now):
         return None
     dtype = p[pos]
     count = rz_ld_u32(p + pos + 2)
-    length = n - pos - 6 - CRC_SIZE
+    length = n - CHUNK_HEAD_BYTES - CRC_SIZE
     need = _expected_size(dtype, count)
     o = st._object_of(k)
     start = (k - st._first[o]) * st._chunk_bytes
     if (length == 0 or need != length or dtype != st._want[o]
             or length != min(st._chunk_bytes, st._nbytes[o] - start)):
         return None
-    a = st._offset[o] + start
-    if a < 0 or a + length > st._dst.shape[0]:
+    at.a = st._offset[o] + start
+    if at.a < 0 or at.a + length > st._dst.shape[0]:
         return None
-    hs = NULL
-    if a == st.hashed:
-        if st.hasher is None or st.hasher._st == NULL:
-            return None  # the Python hasher fallback: the general path feeds it
-        hs = st.hasher._st
-    dst = &st._dst[a]
-    streaming = st.streaming
-    with nogil:
-        ok = _crc_c != NULL and _crc_c(0, p, <uint64_t>(n - CRC_SIZE)) == rz_ld_u32(p + n - CRC_SIZE)
-        if ok:
-            if hs != NULL:
-                _xxh_update(hs, p + pos + 6, <size_t>length)
-            if streaming:
-                rz_copy_nt(dst, p + pos + 6, <size_t>length)
-            else:
-                memcpy(dst, p + pos + 6, length)
-    if not ok:
-        return None  # a bad CRC (or no C CRC): decode() says which
-    if hs != NULL:  # in order: hash it, and the chunks already waiting after it
-        st.hashed += length
-        j = k + 1
+    if at.a == st.hashed and (st.hasher is None or st.hasher._st == NULL):
+        return None  # the Python hasher fallback: the general path feeds it
+    at.k = k
+    at.o = o
+    at.length = length
+    return st
+
+
+cdef void _commit_chunk(ChunkSink st, ChunkAt *at, double now):
+    """The chunk's payload is in place (and hashed, if it came in order): the catch-up hash of
+    chunks already waiting after it, the bitmap, the counts."""
+    cdef Py_ssize_t j, o2, s2, l2
+    if at.a == st.hashed:
+        st.hashed += at.length
+        j = at.k + 1
         while j < st._nchunks and st.have[j]:
             o2 = st._object_of(j)
             s2 = (j - st._first[o2]) * st._chunk_bytes
@@ -1974,11 +1963,56 @@ def _place_chunk(dict streams not None, data, expected_space_hash, double now):
             st.hasher._feed(&st._dst[st._offset[o2] + s2], l2)
             st.hashed += l2
             j += 1
-    st.have[k] = 1
+    st.have[at.k] = 1
     st.have_count += 1
-    st._left[o] -= 1
-    st.completed = <int>o if st._left[o] == 0 else -1
+    st._left[at.o] -= 1
+    st.completed = <int>at.o if st._left[at.o] == 0 else -1
     st.last = now
+
+
+def _place_chunk(dict streams not None, data, expected_space_hash, double now):
+    """The V-Stream receive fast path: one plain (version 1, no flags) Chunk frame of an open
+    stream, checked as decode() and the Reassembler check it, written into the stream's buffer
+    and hashed in one GIL-free section; returns the stream's ChunkSink. Returns None, having
+    changed nothing, for anything else (another message, a duplicate, any error), which the
+    general path then handles and reports."""
+    cdef const unsigned char[::1] v
+    cdef const unsigned char *p
+    cdef Py_ssize_t n
+    cdef ChunkAt at
+    cdef ChunkSink st
+    cdef void *hs = NULL
+    cdef bint ok
+    cdef unsigned char *dst
+    cdef bint streaming
+    if type(data) is bytes:
+        p = <const unsigned char *>PyBytes_AS_STRING(data)
+        n = PyBytes_GET_SIZE(data)
+    else:
+        v = data
+        n = v.shape[0]
+        if n == 0:
+            return None
+        p = &v[0]
+    st = _chunk_target(streams, p, n, expected_space_hash, &at)
+    if st is None or _crc_c == NULL:
+        return None
+    if at.a == st.hashed:
+        hs = st.hasher._st
+    dst = &st._dst[at.a]
+    streaming = st.streaming
+    with nogil:
+        ok = _crc_c(0, p, <uint64_t>(n - CRC_SIZE)) == rz_ld_u32(p + n - CRC_SIZE)
+        if ok:
+            if hs != NULL:
+                _xxh_update(hs, p + CHUNK_HEAD_BYTES, <size_t>at.length)
+            if streaming:
+                rz_copy_nt(dst, p + CHUNK_HEAD_BYTES, <size_t>at.length)
+            else:
+                memcpy(dst, p + CHUNK_HEAD_BYTES, at.length)
+    if not ok:
+        return None  # a bad CRC: decode() says which
+    _commit_chunk(st, &at, now)
     return st
 
 

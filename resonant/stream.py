@@ -578,6 +578,10 @@ class Reassembler:
         st = _codec._place_chunk(self._streams, data, expected_space_hash, now)
         if st is None:
             return None
+        return self.chunk_events(st)
+
+    def chunk_events(self, st: _Stream) -> list:
+        """The events of a chunk the fast path (or a read in place) just committed to st."""
         if st.completed < 0 and st.tail is None:
             return []
         sid = st.stream_id
