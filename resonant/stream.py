@@ -536,6 +536,12 @@ class Reassembler:
         if isinstance(data, Frame):
             frame = data
         else:
+            codec = self.codec
+            if codec is None or not codec.require_encryption:  # the bulk of a stream: one C call
+                events = self.receive_chunk(data, now, self.expected_space_hash if codec is None
+                                            else codec.expected_space_hash)
+                if events is not None:
+                    return events
             frame = (self.codec.decode(data) if self.codec is not None
                      else _codec.decode(data, expected_space_hash=self.expected_space_hash))
         sid = frame.stream_id

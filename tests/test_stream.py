@@ -1166,13 +1166,13 @@ def _both_paths(frames, **kwargs):
     slow_events, fast_events, taken = [], [], 0
     for i, f in enumerate(frames):
         try:
-            slow_events += slow.receive(f, float(i))
+            slow_events += slow.receive(resonant.decode(f), float(i))  # decoded first: the general path only
         except resonant.DecodeError as exc:
             slow_events.append(("error", type(exc).__name__))
         ev = fast.receive_chunk(f, float(i))
         if ev is None:
             try:
-                ev = fast.receive(f, float(i))
+                ev = fast.receive(resonant.decode(f), float(i))
             except resonant.DecodeError as exc:
                 ev = [("error", type(exc).__name__)]
         else:
@@ -1215,6 +1215,19 @@ def test_chunk_fast_path_takes_the_bulk_of_a_clean_stream():
     assert taken == len(frames) - 2  # every chunk; HEAD and TAIL go the general way
     assert _summary(fast_events) == _summary(slow_events)
     assert isinstance(fast_events[-1], StreamComplete) and np.array_equal(fast_events[-1].objects[0], x)
+    r = Reassembler()  # receive() of bytes takes the fast path itself
+    events = [e for f in frames for e in r.receive(f, 0.0)]
+    assert _summary(events) == _summary(slow_events)
+
+
+def test_receive_of_bytes_keeps_encryption_required():
+    key = Key.generate()
+    x = np.ones(5000, np.float16)
+    plain = list(StreamSender(2, [x], max_frame_bytes=2048))
+    r = Reassembler(codec=Codec(key=key))  # requires encryption: a plain chunk is refused by decode
+    r.receive(list(StreamSender(2, [x], max_frame_bytes=2048, codec=Codec(key=key)))[0], 0.0)
+    with pytest.raises(resonant.NotEncrypted):
+        r.receive(plain[1], 0.0)
 
 
 def test_chunk_fast_path_leaves_other_frames_alone():
