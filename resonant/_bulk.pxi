@@ -117,3 +117,139 @@ cdef extern from *:
     rz_crc_fn rz_fold_tail
     uint32_t rz_crc32_fold(uint32_t crc, const unsigned char *p, uint64_t n) noexcept nogil
     bint rz_fold_supported() noexcept nogil
+
+
+# (3) Output blocks for large stream buffers, kept for reuse once released.
+#
+# A new stream buffer of hundreds of MiB costs more in page faults (the kernel zeroes every
+# page on first touch) than the stream's copy itself. A receiver that streams KV caches over
+# and over would pay that each time, so released blocks are kept, up to a byte limit, and a
+# later stream of the same size (to 2 MiB) reuses one: its pages are already mapped (the way
+# PyTorch's caching allocator and LMCache's pools work). A block is released when the last
+# numpy view of it goes away. Blocks are 2 MiB-aligned and advised as huge pages. Nothing of a
+# reused block is shown before it is overwritten: a stream's objects are handed out only once
+# all their chunks are in.
+
+from cpython.buffer cimport PyBUF_FORMAT
+
+cdef extern from *:
+    """
+    #include <stdlib.h>
+    #if defined(__linux__)
+    #include <sys/mman.h>
+    static void rz_advise_huge(void *p, size_t n) { madvise(p, n, MADV_HUGEPAGE); }
+    #else
+    static void rz_advise_huge(void *p, size_t n) { (void)p; (void)n; }
+    #endif
+    static void *rz_alloc_block(size_t n) {
+        void *p = 0;
+        if (posix_memalign(&p, (size_t)2 << 20, n) != 0) return 0;
+        rz_advise_huge(p, n);
+        return p;
+    }
+    """
+    void *rz_alloc_block(size_t n) nogil
+    void free(void *p) nogil
+
+cdef extern from "Python.h":
+    int PyTraceMalloc_Track(unsigned int domain, size_t ptr, size_t size)
+    int PyTraceMalloc_Untrack(unsigned int domain, size_t ptr)
+
+cdef unsigned int TRACE_DOMAIN = 0x52534E54  # blocks in use show in tracemalloc; cached ones do not
+
+cdef size_t BLOCK_ALIGN = 2 << 20
+cdef size_t _cache_limit = 1 << 30   # bytes of released blocks kept
+cdef size_t _cache_bytes = 0
+cdef list _cache = []                # [(capacity, address)], smallest first
+
+
+cdef class OutputBlock:
+    """A writable, 2 MiB-aligned byte buffer that goes back to the block cache when released."""
+    cdef unsigned char *_ptr
+    cdef size_t _cap
+    cdef Py_ssize_t _shape[1]
+    cdef Py_ssize_t _strides[1]
+
+    def __getbuffer__(self, Py_buffer *buf, int flags):
+        buf.buf = self._ptr
+        buf.obj = self
+        buf.len = self._shape[0]
+        buf.readonly = 0
+        buf.itemsize = 1
+        buf.format = NULL
+        if flags & PyBUF_FORMAT:
+            buf.format = b"B"
+        buf.ndim = 1
+        buf.shape = self._shape
+        buf.strides = self._strides
+        buf.suboffsets = NULL
+        buf.internal = NULL
+
+    def __releasebuffer__(self, Py_buffer *buf):
+        pass
+
+    def __len__(self):
+        return self._shape[0]
+
+    def __dealloc__(self):
+        global _cache_bytes
+        cdef Py_ssize_t i
+        if self._ptr == NULL:
+            return
+        PyTraceMalloc_Untrack(TRACE_DOMAIN, <size_t>self._ptr)
+        if _cache_bytes + self._cap <= _cache_limit:
+            i = 0
+            while i < len(_cache) and _cache[i][0] < self._cap:
+                i += 1
+            _cache.insert(i, (self._cap, <size_t>self._ptr))
+            _cache_bytes += self._cap
+        else:
+            free(self._ptr)
+        self._ptr = NULL
+
+
+def output_block(Py_ssize_t n):
+    """A block of n bytes, its capacity n rounded up to 2 MiB: a cached one of that capacity
+    if there is one, else a new one. Its contents are whatever they were."""
+    global _cache_bytes
+    cdef OutputBlock b = OutputBlock.__new__(OutputBlock)
+    cdef size_t cap
+    cdef Py_ssize_t i
+    if n < 0:
+        raise ValueError("a block of a negative size")
+    cap = (<size_t>n + BLOCK_ALIGN - 1) // BLOCK_ALIGN * BLOCK_ALIGN or BLOCK_ALIGN
+    for i in range(len(_cache)):
+        if _cache[i][0] == cap:
+            b._ptr = <unsigned char *><size_t>_cache.pop(i)[1]
+            b._cap = cap
+            _cache_bytes -= cap
+            break
+    else:
+        b._ptr = <unsigned char *>rz_alloc_block(cap)
+        if b._ptr == NULL:
+            raise MemoryError(f"{cap} bytes for a stream buffer")
+        b._cap = cap
+    b._shape[0] = n
+    b._strides[0] = 1
+    PyTraceMalloc_Track(TRACE_DOMAIN, <size_t>b._ptr, b._cap)
+    return b
+
+
+def set_block_cache(Py_ssize_t limit):
+    """Keep at most `limit` bytes of released output blocks for reuse (0: keep none); returns
+    the previous limit. Blocks over the new limit are freed at once."""
+    global _cache_limit, _cache_bytes
+    if limit < 0:
+        raise ValueError("the block cache limit must be >= 0")
+    previous = _cache_limit
+    _cache_limit = limit
+    while _cache_bytes > _cache_limit:
+        cap, addr = _cache.pop()  # the largest first
+        free(<void *><size_t>addr)
+        _cache_bytes -= cap
+    return previous
+
+
+def block_cache_bytes():
+    """Bytes of released output blocks held for reuse now."""
+    return _cache_bytes

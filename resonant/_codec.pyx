@@ -1857,6 +1857,7 @@ cdef class ChunkSink:
     cdef public bint streaming
     cdef public double last
     cdef public object object_left       # numpy int64, chunks still missing per object
+    cdef public object tail              # the TAIL document once it came (None before)
     cdef public int completed            # the object the last fast placement completed, or -1
     cdef unsigned char[::1] _dst
     cdef const int64_t[::1] _first
@@ -1970,6 +1971,25 @@ cdef void _commit_chunk(ChunkSink st, ChunkAt *at, double now):
     st.last = now
 
 
+cdef bint _place_at(ChunkSink st, ChunkAt *at, const unsigned char *p, Py_ssize_t n) noexcept:
+    """CRC of the frame p[0:n] checked, then its payload hashed (if in order) and copied into
+    place, in one GIL-free section; False (nothing written) if the CRC is wrong."""
+    cdef void *hs = st.hasher._st if at.a == st.hashed else NULL
+    cdef unsigned char *dst = &st._dst[at.a]
+    cdef bint streaming = st.streaming, ok
+    cdef size_t length = <size_t>at.length
+    with nogil:
+        ok = _crc_c(0, p, <uint64_t>(n - CRC_SIZE)) == rz_ld_u32(p + n - CRC_SIZE)
+        if ok:
+            if hs != NULL:
+                _xxh_update(hs, p + CHUNK_HEAD_BYTES, length)
+            if streaming:
+                rz_copy_nt(dst, p + CHUNK_HEAD_BYTES, length)
+            else:
+                memcpy(dst, p + CHUNK_HEAD_BYTES, length)
+    return ok
+
+
 def _place_chunk(dict streams not None, data, expected_space_hash, double now):
     """The V-Stream receive fast path: one plain (version 1, no flags) Chunk frame of an open
     stream, checked as decode() and the Reassembler check it, written into the stream's buffer
@@ -1981,10 +2001,6 @@ def _place_chunk(dict streams not None, data, expected_space_hash, double now):
     cdef Py_ssize_t n
     cdef ChunkAt at
     cdef ChunkSink st
-    cdef void *hs = NULL
-    cdef bint ok
-    cdef unsigned char *dst
-    cdef bint streaming
     if type(data) is bytes:
         p = <const unsigned char *>PyBytes_AS_STRING(data)
         n = PyBytes_GET_SIZE(data)
@@ -1995,25 +2011,43 @@ def _place_chunk(dict streams not None, data, expected_space_hash, double now):
             return None
         p = &v[0]
     st = _chunk_target(streams, p, n, expected_space_hash, &at)
-    if st is None or _crc_c == NULL:
-        return None
-    if at.a == st.hashed:
-        hs = st.hasher._st
-    dst = &st._dst[at.a]
-    streaming = st.streaming
-    with nogil:
-        ok = _crc_c(0, p, <uint64_t>(n - CRC_SIZE)) == rz_ld_u32(p + n - CRC_SIZE)
-        if ok:
-            if hs != NULL:
-                _xxh_update(hs, p + CHUNK_HEAD_BYTES, <size_t>at.length)
-            if streaming:
-                rz_copy_nt(dst, p + CHUNK_HEAD_BYTES, <size_t>at.length)
-            else:
-                memcpy(dst, p + CHUNK_HEAD_BYTES, at.length)
-    if not ok:
-        return None  # a bad CRC: decode() says which
+    if st is None or _crc_c == NULL or not _place_at(st, &at, p, n):
+        return None  # (a bad CRC: decode() says which)
     _commit_chunk(st, &at, now)
     return st
+
+
+def _place_records(dict streams not None, bytearray buf not None, Py_ssize_t start, Py_ssize_t end,
+                   Py_ssize_t max_frame_bytes, expected_space_hash, double now):
+    """The TCP receive fast path: the whole records (u32 little-endian length, frame) in
+    buf[start:end] that are chunks _place_chunk takes, placed one after the other. Stops before
+    the first record that is incomplete, has a length outside 1..max_frame_bytes, or is not
+    such a chunk (the general path takes it from there), and after a chunk that completes an
+    object or comes after its stream's TAIL (so that its events are made at once). Returns
+    (position reached, chunks placed, their frame bytes, the sink of the last chunk if it has
+    events to make, else None)."""
+    cdef unsigned char *b = <unsigned char *>buf
+    cdef Py_ssize_t pos = start, size, count = 0, nbytes = 0
+    cdef ChunkAt at
+    cdef ChunkSink st
+    if start < 0 or end > len(buf) or start > end:
+        raise ValueError(f"{start}..{end} is not a range of a {len(buf)}-byte buffer")
+    if _crc_c == NULL:
+        return start, 0, 0, None
+    while end - pos >= 4:
+        size = rz_ld_u32(b + pos)
+        if size < 1 or size > max_frame_bytes or end - pos - 4 < size:
+            break
+        st = _chunk_target(streams, b + pos + 4, size, expected_space_hash, &at)
+        if st is None or not _place_at(st, &at, b + pos + 4, size):
+            break
+        _commit_chunk(st, &at, now)
+        pos += 4 + size
+        count += 1
+        nbytes += size
+        if st.completed >= 0 or st.tail is not None:
+            return pos, count, nbytes, st
+    return pos, count, nbytes, None
 
 
 def _copy_payload(Slice s not None, dest, Py_ssize_t offset, Xxh3 hasher=None, bint streaming=False):

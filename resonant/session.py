@@ -351,8 +351,10 @@ class RecordReader:
         self._start, self._end = 0, n
 
     def feed(self, data) -> list[memoryview]:
-        """Take bytes; return the complete records' frames. Raises FramingError once the
-        stream is unusable (and on every later call)."""
+        """Take bytes; return the complete records' frames. A bad length makes the stream
+        unusable: FramingError, now and on every later call; when whole records came before
+        it in the same bytes, those are returned first (with `broken` set) and the error is
+        raised by the next call."""
         if self.broken is not None:
             raise self.broken
         mv = memoryview(data).cast("B")
@@ -360,7 +362,7 @@ class RecordReader:
         if self._start == self._end:  # nothing pending: whole records are views of the input itself
             out, pos = self._split(mv, 0, len(mv))
             mv = mv[pos:]  # a partial record, if any, goes to the buffer
-        while len(mv):
+        while len(mv) and self.broken is None:
             if out:  # the buffer is about to move: records already found must not change under the caller
                 out = [bytes(v) for v in out]  # type: ignore[misc]
             self._compact(min(len(mv), len(self._buf) - (self._end - self._start)))
@@ -369,6 +371,8 @@ class RecordReader:
             self._end += take
             mv = mv[take:]
             out += self._records()
+        if self.broken is not None and not out:
+            raise self.broken
         return out
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
@@ -381,19 +385,52 @@ class RecordReader:
 
     def buffer_updated(self, n: int) -> list[memoryview]:
         """n bytes were written into the last get_buffer(); returns the complete records."""
+        self.add(n)
+        return self._records()
+
+    def add(self, n: int) -> None:
+        """n bytes were written into the last get_buffer(); nothing is parsed yet."""
         if self.broken is not None:
             raise self.broken
         self._end += n
+
+    def parse(self, _: object = None) -> list[memoryview]:
+        """The complete records held, as views (see feed)."""
+        if self.broken is not None:
+            raise self.broken
         return self._records()
+
+    def next_record(self) -> memoryview | None:
+        """The next complete record held (a view), or None; FramingError for a bad length."""
+        if self.broken is not None:
+            raise self.broken
+        pos = self._start
+        if self._end - pos < _LEN_BYTES:
+            return None
+        size = self._length(self._view, pos)
+        if self._end - pos - _LEN_BYTES < size:
+            return None
+        self._start = pos + _LEN_BYTES + size
+        self.consumed += _LEN_BYTES + size
+        return self._view[pos + _LEN_BYTES:self._start]
+
+    def skip(self, pos: int) -> None:
+        """Records up to pos were taken by a fast path."""
+        self.consumed += pos - self._start
+        self._start = pos
+
+    def settle(self) -> None:
+        if self._start == self._end:
+            self._start = self._end = 0
 
     def _split(self, view: memoryview, pos: int, end: int) -> tuple[list[memoryview], int]:
         """The whole records in view[pos:end] (as views) and where the first incomplete one starts."""
         out = []
         while end - pos >= _LEN_BYTES:
-            size = int.from_bytes(view[pos:pos + _LEN_BYTES], "little")
-            if not 1 <= size <= self.max_frame_bytes:
-                raise self._break("record.length", f"{size} is outside 1..max_frame_bytes ({self.max_frame_bytes}); "
-                                  "the connection cannot be resynchronised")
+            try:
+                size = self._length(view, pos)
+            except FramingError:
+                break  # broken: what came before is still delivered
             if end - pos - _LEN_BYTES < size:
                 break
             out.append(view[pos + _LEN_BYTES:pos + _LEN_BYTES + size])
@@ -401,10 +438,20 @@ class RecordReader:
             self.consumed += _LEN_BYTES + size
         return out, pos
 
+    def _length(self, view: memoryview, pos: int) -> int:
+        """The record length at view[pos:], checked (1..max_frame_bytes) before anything is kept."""
+        size = int.from_bytes(view[pos:pos + _LEN_BYTES], "little")
+        if not 1 <= size <= self.max_frame_bytes:
+            raise self._break("record.length", f"{size} is outside 1..max_frame_bytes ({self.max_frame_bytes}); "
+                              "the connection cannot be resynchronised")
+        return size
+
     def _records(self) -> list[memoryview]:
-        out, self._start = self._split(self._view, self._start, self._end)
-        if self._start == self._end:
-            self._start = self._end = 0
+        out, pos = self._split(self._view, self._start, self._end)
+        if self.broken is None:
+            self._start = pos
+            if self._start == self._end:
+                self._start = self._end = 0
         return out
 
     def eof(self) -> None:
@@ -554,14 +601,45 @@ class Session:
         return self.records.get_buffer(sizehint)
 
     def buffer_updated(self, n: int, now: float) -> list:
-        """TCP, zero-copy: n bytes were read into get_buffer(); same events as receive_data."""
-        return self._records(self.records.buffer_updated, n, now)
+        """TCP, zero-copy: n bytes were read into get_buffer(); same events as receive_data.
+        Runs of stream chunks are placed by one C call; every other record goes through _frame."""
+        rr = self.records
+        try:
+            rr.add(n)
+        except FramingError as exc:
+            return [ConnectionBroken(exc)]
+        events: list = []
+        space = self.config.expected_space_hash
+        while self._chunks_direct():
+            pos, count, nbytes, ev = self.reassembler.place_records(rr._buf, rr._start, rr._end, rr.max_frame_bytes,
+                                                                    space, now)
+            if count:
+                self.stats["frames_in"] += count
+                self.stats["bytes_in"] += nbytes
+                rr.skip(pos)
+                events += ev
+                if ev:
+                    continue
+            try:
+                record = rr.next_record()
+            except FramingError as exc:
+                return events + [ConnectionBroken(exc)]
+            if record is None:
+                rr.settle()
+                return events
+            events += self._frame(record, now, copy=True)
+        return events + self._records(rr.parse, None, now)
 
     def _records(self, read, arg, now: float) -> list:
         try:
             views = read(arg)
         except FramingError as exc:
             return [ConnectionBroken(exc)]
+        if self.records.broken is not None:  # broken by this read, after the records it returned
+            return self._frames(views, now) + [ConnectionBroken(self.records.broken)]
+        return self._frames(views, now)
+
+    def _frames(self, views: list, now: float) -> list:
         events: list = []
         direct = self._chunks_direct()
         space = self.config.expected_space_hash

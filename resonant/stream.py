@@ -49,6 +49,15 @@ _I8 = DType.I8
 # Stream buffers at least this large are written with streaming (non-temporal) stores: they
 # exceed the caches, and ordinary stores would first read every destination line.
 STREAMING_STORE_BYTES = 8 << 20
+# Stream buffers at least this large come from the codec's output blocks, which are kept for
+# reuse once the application drops them (see set_buffer_cache): no page faults the next time.
+BLOCK_BYTES = 8 << 20  # (blocks are whole 2 MiB pages: at most 25% more than asked)
+
+
+def set_buffer_cache(limit: int) -> int:
+    """Keep at most `limit` bytes (default 1 GiB) of released stream buffers for reuse by later
+    streams; 0 keeps none. Returns the previous limit."""
+    return _codec.set_block_cache(limit)
 
 
 # ------------------------------------------------------------------ layout
@@ -399,14 +408,16 @@ class _Stream(_codec.ChunkSink):
     """An open stream. The fields the chunk fast path writes (buffer, have, have_count,
     object_left, hasher, hashed, streaming, last) are the ChunkSink's, shared by both paths."""
 
-    __slots__ = ("stream_id", "layout", "arrays", "tail", "tail_at", "charged")
+    __slots__ = ("stream_id", "layout", "arrays", "tail_at", "charged")
 
     def __init__(self, stream_id: int, layout: StreamLayout, now: float, buffer: np.ndarray | None = None) -> None:
         self.stream_id = stream_id
         self.layout = layout
         self.charged = _committed(layout) if buffer is None else layout.chunks
         # the one copy: chunks land here (in the caller's buffer when its allocate hook gave one)
-        buffer = np.empty(layout.total_bytes, np.uint8) if buffer is None else buffer
+        if buffer is None:
+            n = layout.total_bytes
+            buffer = np.frombuffer(_codec.output_block(n), np.uint8) if n >= BLOCK_BYTES else np.empty(n, np.uint8)
         objs = layout.objects
         self._geometry(buffer, np.array([o.first_chunk for o in objs], np.int64),
                        np.array([o.offset for o in objs], np.int64), np.array([o.nbytes for o in objs], np.int64),
@@ -585,6 +596,16 @@ class Reassembler:
         if st is None:
             return None
         return self.chunk_events(st)
+
+    def place_records(self, buf: bytearray, start: int, end: int, max_frame_bytes: int,
+                      expected_space_hash: int | None, now: float) -> tuple[int, int, int, list]:
+        """The TCP fast path: the run of whole records (u32 length + frame) at buf[start:end]
+        that are plain chunks of open streams, placed in one C call. Returns (the position
+        reached, chunks placed, their frame bytes, events); the record at that position, if
+        whole, is for the general path."""
+        pos, count, nbytes, st = _codec._place_records(self._streams, buf, start, end, max_frame_bytes,
+                                                       expected_space_hash, now)
+        return pos, count, nbytes, ([] if st is None else self.chunk_events(st))
 
     def chunk_events(self, st: _Stream) -> list:
         """The events of a chunk the fast path (or a read in place) just committed to st."""

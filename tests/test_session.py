@@ -503,6 +503,12 @@ def test_record_length_limits():
         r.feed(frame_record(_vectors()[0]))
     with pytest.raises(FramingError, match="record.length: 0"):
         RecordReader().feed(b"\x00\x00\x00\x00")
+    r = RecordReader()  # records before a bad length are delivered; the error follows
+    rec = frame_record(_vectors()[0])
+    assert [bytes(v) for v in r.feed(rec + b"\x00\x00\x00\x00")] == [rec[4:]]
+    assert r.broken is not None and r.broken.path == "record.length"
+    with pytest.raises(FramingError, match="record.length: 0"):
+        r.feed(rec)
 
 
 def test_truncated_record_at_eof():
@@ -699,3 +705,61 @@ def test_session_stream_over_the_fast_path_counts_and_completes(transport):
     done = events[-1]
     assert isinstance(done, StreamComplete) and np.array_equal(done.objects[0], x)
     assert s.stats["frames_in"] == len(frames) and s.stats["bytes_in"] == sum(map(len, frames))
+
+
+def _feed_in_place(s: Session, data: bytes, cuts: list[int]) -> list:
+    """As a TCP transport does: read into get_buffer() in pieces, then buffer_updated."""
+    events, pos, mv = [], 0, memoryview(data)
+    for cut in cuts + [len(data)]:
+        while pos < min(cut, len(data)):
+            buf = s.get_buffer()
+            k = min(len(buf), cut - pos)
+            buf[:k] = mv[pos:pos + k]
+            pos += k
+            events += s.buffer_updated(k, 0.0)
+            if any(isinstance(e, ConnectionBroken) for e in events):
+                return events  # a transport closes the connection here
+    return events
+
+
+def _event_key(e):
+    if isinstance(e, StreamComplete):
+        return ("complete", e.stream_id, e.xxh3_64, [a.tobytes() for a in e.objects])
+    if isinstance(e, MessageReceived):
+        return ("message", type(e.frame).__name__, e.frame.stream_id, resonant.encode(e.frame))
+    if isinstance(e, ConnectionBroken):
+        return ("broken", str(e.error))
+    if isinstance(e, FrameRejected):
+        return ("rejected", e.reason, str(e.detail))
+    return (type(e).__name__, getattr(e, "stream_id", None), getattr(e, "index", None),
+            getattr(e, "reason", None), getattr(e, "missing", None))
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_tcp_in_place_batches_give_the_events_of_the_general_path(data):
+    """Records read in place (chunk runs placed by one C call) and the same bytes fed to
+    receive_data give the same events and counts: interleaved messages, duplicates, a broken
+    chunk and a bad length at the end included."""
+    rnd = data.draw(st.randoms(use_true_random=False))
+    x = np.arange(data.draw(st.integers(1, 20_000)), dtype=np.float16)
+    frames = list(StreamSender(3, [x, x[: data.draw(st.integers(0, 3000))]],
+                               max_frame_bytes=data.draw(st.sampled_from([600, 2048, 65536]))))
+    body = frames[1:-1]
+    if data.draw(st.booleans()):
+        rnd.shuffle(body)
+    for _ in range(data.draw(st.integers(0, 3))):  # messages and duplicates between chunks
+        body.insert(rnd.randrange(len(body) + 1), rnd.choice([_codec.encode(Think(np.ones((1, 8), np.float16))),
+                                                             rnd.choice(frames)]))
+    if data.draw(st.booleans()):  # a chunk with a bad CRC
+        i = rnd.randrange(len(body))
+        body[i] = body[i][:-1] + bytes([body[i][-1] ^ 1])
+    stream = b"".join(frame_record(f) for f in frames[:1] + body + frames[-1:])
+    if data.draw(st.booleans()):
+        stream += (70_000).to_bytes(4, "little") + b"xx"  # a length over max_frame_bytes
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    a, b = Session(role="server"), Session(role="server")
+    got = _feed_in_place(a, stream, cuts)
+    want = b.receive_data(stream, 0.0)
+    assert [_event_key(e) for e in got] == [_event_key(e) for e in want]
+    assert a.stats == b.stats and a.records.consumed == b.records.consumed

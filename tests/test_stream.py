@@ -1248,3 +1248,74 @@ def test_chunk_fast_path_leaves_other_frames_alone():
     assert r.receive_chunk(bytes(bad), 0.0) is None  # a bad CRC: decode() reports it
     with pytest.raises(resonant.ChecksumMismatch):
         r.receive(bytes(bad), 0.0)
+
+
+# -------------------------------------------------------------- the output block cache
+
+
+def _one_stream(sid: int, x: np.ndarray) -> StreamComplete:
+    r = Reassembler()
+    return [e for f in StreamSender(sid, [x]) for e in r.receive(f, 0.0)][-1]
+
+
+def test_released_stream_buffers_are_reused_up_to_the_cache_limit():
+    from resonant import _codec
+    previous = resonant.stream.set_buffer_cache(64 << 20)
+    try:
+        resonant.stream.set_buffer_cache(0)  # start empty
+        resonant.stream.set_buffer_cache(64 << 20)
+        x = np.random.default_rng(41).standard_normal(5 << 20).astype(np.float16)  # 10 MiB
+        done = _one_stream(1, x)
+        assert isinstance(done, StreamComplete) and np.array_equal(done.objects[0], x)
+        first = done.objects[0].ctypes.data
+        assert first % (2 << 20) == 0 and _codec.block_cache_bytes() == 0  # in use
+        del done
+        assert _codec.block_cache_bytes() == 10 << 20  # released: kept
+        y = x[::-1].copy()
+        done = _one_stream(2, y)
+        assert done.objects[0].ctypes.data == first and np.array_equal(done.objects[0], y)  # the same block, rewritten
+        assert _codec.block_cache_bytes() == 0
+        view = done.objects[0][10:20]
+        del done
+        assert _codec.block_cache_bytes() == 0  # a view still holds it
+        del view
+        assert _codec.block_cache_bytes() == 10 << 20
+        assert resonant.stream.set_buffer_cache(0) == 64 << 20 and _codec.block_cache_bytes() == 0  # freed
+        done = _one_stream(3, x)
+        del done
+        assert _codec.block_cache_bytes() == 0  # limit 0: freed at once
+    finally:
+        resonant.stream.set_buffer_cache(previous)
+
+
+def test_block_cache_matches_sizes_and_tracks_memory():
+    from resonant import _codec
+    previous = resonant.stream.set_buffer_cache(256 << 20)
+    try:
+        resonant.stream.set_buffer_cache(0)
+        resonant.stream.set_buffer_cache(256 << 20)
+        a, b = _codec.output_block(4 << 20), _codec.output_block(40 << 20)
+        pa, pb = np.frombuffer(a, np.uint8).ctypes.data, np.frombuffer(b, np.uint8).ctypes.data
+        del a, b
+        assert _codec.block_cache_bytes() == 44 << 20
+        c = _codec.output_block(3 << 20)  # 3 MiB takes a 4 MiB block: the cached one
+        assert np.frombuffer(c, np.uint8).ctypes.data == pa and len(c) == 3 << 20
+        d = _codec.output_block(5 << 20)  # a 6 MiB block: none cached, a new one
+        assert np.frombuffer(d, np.uint8).ctypes.data != pb
+        tracemalloc.start()
+        try:
+            e = _codec.output_block((39 << 20) + 1)  # the 40 MiB block reused, and shown while in use
+            assert tracemalloc.get_traced_memory()[0] >= 40 << 20
+            del e
+            assert tracemalloc.get_traced_memory()[0] < 1 << 20
+        finally:
+            tracemalloc.stop()
+        with pytest.raises(ValueError):
+            _codec.output_block(-1)
+        with pytest.raises(ValueError):
+            resonant.stream.set_buffer_cache(-1)
+        assert len(_codec.output_block(0)) == 0
+        mv = memoryview(_codec.output_block(10))
+        assert (mv.nbytes, mv.readonly, mv.format, mv.ndim) == (10, False, "B", 1)
+    finally:
+        resonant.stream.set_buffer_cache(previous)
