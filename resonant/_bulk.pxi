@@ -197,7 +197,7 @@ cdef class OutputBlock:
         if self._ptr == NULL:
             return
         PyTraceMalloc_Untrack(TRACE_DOMAIN, <size_t>self._ptr)
-        if _cache_bytes + self._cap <= _cache_limit:
+        if _cache is not None and _cache_bytes + self._cap <= _cache_limit:  # (None: the module is being torn down)
             i = 0
             while i < len(_cache) and _cache[i][0] < self._cap:
                 i += 1
