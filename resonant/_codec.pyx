@@ -2050,6 +2050,27 @@ def _place_records(dict streams not None, bytearray buf not None, Py_ssize_t sta
     return pos, count, nbytes, None
 
 
+def _encode_chunks(uint32_t stream_id, uint64_t first_seq, uint32_t space_hash32, uint8_t modality, uint8_t dtype,
+                   int width, source, Py_ssize_t chunk_bytes, Py_ssize_t first, Py_ssize_t count, Xxh3 hasher=None):
+    """Chunks first .. first + count - 1 of one object (source: its bytes, cut every chunk_bytes),
+    as _encode_chunk makes them one by one: frame_seq first_seq + i, element count length //
+    width (width 0: length). One call for a batch, so the per-frame Python is paid once."""
+    cdef const unsigned char[::1] src = source
+    cdef Py_ssize_t i, k, start, length
+    if chunk_bytes < 1 or first < 0 or count < 0:
+        raise ValueError("chunk_bytes must be >= 1, first and count >= 0")
+    out = []
+    for i in range(count):
+        k = first + i
+        start = k * chunk_bytes
+        length = min(chunk_bytes, src.shape[0] - start)
+        if length < 0:
+            raise EncodeError("source", f"chunk {k} starts past the end of a {src.shape[0]}-byte source")
+        out.append(_encode_chunk(stream_id, first_seq + i, space_hash32, modality, dtype,
+                                 length // width if width else length, source, start, length, hasher))
+    return out
+
+
 def _copy_payload(Slice s not None, dest, Py_ssize_t offset, Xxh3 hasher=None, bint streaming=False):
     """Copy a slice's payload into dest[offset:] (a writable byte buffer): one copy, GIL released.
     With a hasher, the payload is fed to it in the same GIL-free section, from the source while
