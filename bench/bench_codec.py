@@ -289,7 +289,9 @@ def print_machine(info: dict[str, Any], out, extra: str = "") -> None:
           + f"; crc32 backend: {info['crc32_backend']}" + extra, file=out)
 
 
-def machine() -> dict[str, Any]:
+def machine(modules: tuple = ("msgspec", "safetensors", "Cython")) -> dict[str, Any]:
+    """The machine, Python and backends, and the versions of resonant, numpy and `modules`
+    (import names, or (import name, distribution name) pairs; None when not installed)."""
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -297,11 +299,12 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     versions: dict[str, str | None] = {"resonant": resonant.__version__, "numpy": np.__version__}
-    for mod in ("msgspec", "safetensors", "Cython"):
+    for item in modules:
+        mod, dist = item if isinstance(item, tuple) else (item, item)
         try:
-            versions[mod] = __import__(mod).__version__
+            versions[dist] = __import__(mod).__version__
         except ImportError:
-            versions[mod] = None
+            versions[dist] = None
     return {"cpu": cpu or "unknown", "uname": " ".join(platform.uname()), "cpu_count": os.cpu_count(),
             "python": f"{platform.python_implementation()} {platform.python_version()}",
             "versions": versions, "crc32_backend": resonant.crc32_backend()}

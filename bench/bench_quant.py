@@ -25,7 +25,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-import resonant
 from resonant import DType, ResonantError, quant
 
 # Run as a script, the bench directory is sys.path[0]; the helpers live next to this file.
@@ -201,15 +200,7 @@ def table_choose(picks: list[dict[str, Any]]) -> str:
 
 
 def versions() -> dict[str, Any]:
-    info = machine()
-    v = {"resonant": resonant.__version__, "numpy": np.__version__}
-    for mod in ("ml_dtypes", "torch", "transformers"):
-        try:
-            v[mod] = __import__(mod).__version__
-        except ImportError:
-            v[mod] = None
-    info["versions"] = v
-    return info
+    return machine(("ml_dtypes", "torch", "transformers"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -269,17 +269,9 @@ def table_b(title: str, rows: list[RowB]) -> str:
 
 
 def versions() -> dict[str, Any]:
-    info = machine()
+    info = machine((("nacl", "pynacl"), "ml_dtypes", "torch", "transformers"))
     libzstd = ".".join(map(str, zstandard.ZSTD_VERSION))
-    v = {"resonant": resonant.__version__, "numpy": np.__version__,
-         "zstandard": f"{zstandard.__version__} ({zstandard.backend}, libzstd {libzstd})"}
-    for mod, dist in (("nacl", "pynacl"), ("ml_dtypes", "ml_dtypes"), ("torch", "torch"),
-                      ("transformers", "transformers")):
-        try:
-            v[dist] = __import__(mod).__version__
-        except ImportError:
-            v[dist] = None
-    info["versions"] = v
+    info["versions"]["zstandard"] = f"{zstandard.__version__} ({zstandard.backend}, libzstd {libzstd})"
     aead = getattr(_codec, "aead_backend", None)  # sodium-c: libsodium through C pointers; else pynacl
     info["aead_backend"] = aead() if aead is not None else "pynacl"
     return info

@@ -239,13 +239,15 @@ class Client:
             _fail(f"{self.transport} {self.name}: the reply does not carry the hidden state sent")
 
 
-class UdpRaw(Client):
-    transport, kind, name = "UDP", RAW, "raw socket ping-pong (4,143 B datagram)"
+class _UdpClient(Client):
+    """A bound UDP socket handed to the forked server (`serve`); the client connects to it."""
+
+    serve: Any
 
     def start_server(self, ctx) -> None:
         self.server_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.server_sock.bind((HOST, 0))
-        self.proc = ctx.Process(target=_udp_raw_server, args=(self.server_sock,), daemon=True)
+        self.proc = ctx.Process(target=type(self).serve, args=(self.server_sock,), daemon=True)
         self.proc.start()
 
     def setup(self) -> None:
@@ -253,6 +255,32 @@ class UdpRaw(Client):
         _timeout(self.sock)
         self.sock.connect(self.server_sock.getsockname())
         self.server_sock.close()
+
+
+class _TcpClient(Client):
+    """A listening socket handed to the forked server (`serve`, with `server_args()`); the
+    client connects with TCP_NODELAY."""
+
+    serve: Any
+
+    def server_args(self) -> tuple:
+        return ()
+
+    def start_server(self, ctx) -> None:
+        self.listener = socket.create_server((HOST, 0))
+        self.proc = ctx.Process(target=type(self).serve, args=(self.listener, *self.server_args()), daemon=True)
+        self.proc.start()
+
+    def setup(self) -> None:
+        self.sock = socket.create_connection(self.listener.getsockname())
+        self.listener.close()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _timeout(self.sock)
+
+
+class UdpRaw(_UdpClient):
+    transport, kind, name = "UDP", RAW, "raw socket ping-pong (4,143 B datagram)"
+    serve = staticmethod(_udp_raw_server)
 
     def run(self, n: int) -> list[int]:
         send, recv, wire = self.sock.send, self.sock.recv, self.wire
@@ -272,20 +300,12 @@ class UdpRaw(Client):
         self.sock.close()
 
 
-class UdpSession(Client):
+class UdpSession(_UdpClient):
     transport, kind, name = "UDP", OURS, "resonant Session (sans-IO, blocking sockets)"
-
-    def start_server(self, ctx) -> None:
-        self.server_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.server_sock.bind((HOST, 0))
-        self.proc = ctx.Process(target=_udp_session_server, args=(self.server_sock,), daemon=True)
-        self.proc.start()
+    serve = staticmethod(_udp_session_server)
 
     def setup(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        _timeout(self.sock)
-        self.sock.connect(self.server_sock.getsockname())
-        self.server_sock.close()
+        super().setup()
         self.session = Session(SessionConfig(role="client"))
         self.session.initiate(time.monotonic())
         for d in self.session.datagrams_to_send():
@@ -322,20 +342,13 @@ class UdpSession(Client):
         self.sock.close()
 
 
-class TcpRaw(Client):
+class TcpRaw(_TcpClient):
     transport, kind, name = "TCP", RAW, "raw socket ping-pong (4,147 B record)"
+    serve = staticmethod(_tcp_raw_server)
 
-    def start_server(self, ctx) -> None:
+    def server_args(self) -> tuple:
         self.record = frame_record(self.wire)
-        self.listener = socket.create_server((HOST, 0))
-        self.proc = ctx.Process(target=_tcp_raw_server, args=(self.listener, len(self.record)), daemon=True)
-        self.proc.start()
-
-    def setup(self) -> None:
-        self.sock = socket.create_connection(self.listener.getsockname())
-        self.listener.close()
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _timeout(self.sock)
+        return (len(self.record),)
 
     def run(self, n: int) -> list[int]:
         sock, record = self.sock, self.record
@@ -358,19 +371,12 @@ class TcpRaw(Client):
         self.sock.close()
 
 
-class TcpSession(Client):
+class TcpSession(_TcpClient):
     transport, kind, name = "TCP", OURS, "resonant Session (sans-IO, blocking sockets)"
-
-    def start_server(self, ctx) -> None:
-        self.listener = socket.create_server((HOST, 0))
-        self.proc = ctx.Process(target=_tcp_session_server, args=(self.listener,), daemon=True)
-        self.proc.start()
+    serve = staticmethod(_tcp_session_server)
 
     def setup(self) -> None:
-        self.sock = socket.create_connection(self.listener.getsockname())
-        self.listener.close()
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _timeout(self.sock)
+        super().setup()
         self.session = Session(SessionConfig(role="client"))
         self.session.initiate(time.monotonic())
         self.sock.sendall(self.session.data_to_send())

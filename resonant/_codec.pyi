@@ -221,6 +221,7 @@ class ChunkSink:
     object_left: Any
     completed: int
     tail: dict[str, Any] | None
+    def commit(self, k: int, o: int, a: int, length: int, now: float) -> None: ...
     def _geometry(self, buffer: Any, first_chunk: Any, offset: Any, nbytes: Any, want: Any, chunk_bytes: int,
                   nchunks: int) -> None: ...
 def _place_chunk(streams: dict[int, ChunkSink], data: _Buffer, expected_space_hash: int | None,

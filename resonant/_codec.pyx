@@ -1882,6 +1882,15 @@ cdef class ChunkSink:
         self._nchunks = nchunks
         self.completed = -1
 
+    def commit(self, Py_ssize_t k, Py_ssize_t o, Py_ssize_t a, Py_ssize_t length, double now):
+        """Chunk k (of object o, length bytes at offset a) is in place, and hashed if it came in
+        order: the general path's end of a chunk, the same as the fast path's (_commit_chunk)."""
+        cdef ChunkAt at
+        if not (0 <= k < self._nchunks and 0 <= o < self._nobj):
+            raise IndexError(f"chunk {k} of object {o} is outside this stream")
+        at.k, at.o, at.a, at.length = k, o, a, length
+        _commit_chunk(self, &at, now)
+
     cdef Py_ssize_t _object_of(self, Py_ssize_t k) noexcept:
         """The last object whose first chunk is <= k (as StreamLayout.chunk)."""
         cdef Py_ssize_t lo = 0, hi = self._nobj - 1, mid

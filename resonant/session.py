@@ -394,7 +394,7 @@ class RecordReader:
             raise self.broken
         self._end += n
 
-    def parse(self, _: object = None) -> list[memoryview]:
+    def parse(self) -> list[memoryview]:
         """The complete records held, as views (see feed)."""
         if self.broken is not None:
             raise self.broken
@@ -594,7 +594,7 @@ class Session:
     def receive_data(self, data, now: float) -> list:
         """Bytes from a TCP connection (any split). A broken record stream gives
         ConnectionBroken, after which the connection should be closed."""
-        return self._records(self.records.feed, data, now)
+        return self._records(lambda: self.records.feed(data), now)
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """TCP, zero-copy: a buffer for the next read (see RecordReader.get_buffer)."""
@@ -628,11 +628,13 @@ class Session:
                 rr.settle()
                 return events
             events += self._frame(record, now, copy=True)
-        return events + self._records(rr.parse, None, now)
+        return events + self._records(rr.parse, now)
 
-    def _records(self, read, arg, now: float) -> list:
+    def _records(self, read: Callable[[], list], now: float) -> list:
+        """The frames of the records read() returns; ConnectionBroken when the record stream
+        breaks (after the records before the break)."""
         try:
-            views = read(arg)
+            views = read()
         except FramingError as exc:
             return [ConnectionBroken(exc)]
         if self.records.broken is not None:  # broken by this read, after the records it returned

@@ -616,7 +616,7 @@ class Reassembler:
         return pos, count, nbytes, ([] if st is None else self.chunk_events(st))
 
     def chunk_events(self, st: _Stream) -> list:
-        """The events of a chunk the fast path (or a read in place) just committed to st."""
+        """The events of a chunk just committed to st: ObjectReady, then completion or failure."""
         if st.completed < 0 and st.tail is None:
             return []
         sid = st.stream_id
@@ -788,24 +788,10 @@ class Reassembler:
             return self._fail(sid, "bad_chunk", f"chunk {k} is {s.dtype.name} of {s.nbytes} bytes, HEAD says "
                               f"{want.name} of {length} bytes")
         a = obj.offset + start
-        if a == st.hashed:  # in order: hash it while it is in cache (same GIL-free section), and any chunks already waiting
-            _codec._copy_payload(s, st.buffer, a, st.hasher, st.streaming)
-            st.hashed += length
-            j = k + 1
-            while j < st.layout.chunks and st.have[j]:
-                o2, s2, l2 = st.layout.chunk(j)
-                st.hasher.update(st.buffer[o2.offset + s2:o2.offset + s2 + l2])
-                st.hashed += l2
-                j += 1
-        else:
-            _codec._copy_payload(s, st.buffer, a, None, st.streaming)
-        st.have[k] = 1
-        st.have_count += 1
-        events: list = []
-        st.object_left[obj.index] -= 1
-        if st.object_left[obj.index] == 0:
-            events.append(ObjectReady(sid, obj.index, obj.name, obj.layer, st.arrays[obj.index]))
-        return events + self._maybe_complete(sid)
+        # in order: hashed while it is in cache (same GIL-free section); commit hashes the chunks waiting after it
+        _codec._copy_payload(s, st.buffer, a, st.hasher if a == st.hashed else None, st.streaming)
+        st.commit(k, obj.index, a, length, now)
+        return self.chunk_events(st)
 
     def _tail(self, sid: int, doc: dict, now: float) -> list:
         st = self._streams[sid]
