@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import json
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -55,6 +56,8 @@ __all__ = [
 PROTOCOL_VERSIONS = (1, 2)
 PROTOCOL_VERSION = max(PROTOCOL_VERSIONS)
 _LEN_BYTES = TCP_LENGTH_PREFIX_BYTES
+_read_length = struct.Struct("<I").unpack_from  # the record length prefix (u32 little-endian)
+assert _LEN_BYTES == 4
 _CHUNK = int(MsgType.CHUNK)
 _XCHACHA = int(Flags.XCHACHA)
 
@@ -357,6 +360,11 @@ class RecordReader:
         raised by the next call."""
         if self.broken is not None:
             raise self.broken
+        if self._start == self._end and type(data) is bytes and len(data) > _LEN_BYTES:
+            size = _read_length(data, 0)[0]  # the common case, exactly one record: no buffer, no loop
+            if size == len(data) - _LEN_BYTES and size <= self.max_frame_bytes:
+                self.consumed += len(data)
+                return [memoryview(data)[_LEN_BYTES:]]
         mv = memoryview(data).cast("B")
         out: list[memoryview] = []
         if self._start == self._end:  # nothing pending: whole records are views of the input itself
@@ -440,7 +448,7 @@ class RecordReader:
 
     def _length(self, view: memoryview, pos: int) -> int:
         """The record length at view[pos:], checked (1..max_frame_bytes) before anything is kept."""
-        size = int.from_bytes(view[pos:pos + _LEN_BYTES], "little")
+        size = _read_length(view, pos)[0]
         if not 1 <= size <= self.max_frame_bytes:
             raise self._break("record.length", f"{size} is outside 1..max_frame_bytes ({self.max_frame_bytes}); "
                               "the connection cannot be resynchronised")
@@ -492,6 +500,8 @@ class Session:
         self.role = config.role
         self.state = State.IDLE
         self.agreement: Agreement | None = None
+        self._direct_state: State | None = None  # _chunks_direct's answer, for this state
+        self._direct = False
         self._keyring = config.key if isinstance(config.key, Keyring) or config.key is None else Keyring([config.key])
         # What this side reads: anything it can (compressed or not, encrypted when it holds a key).
         # The space hash is checked here, not in the decoder, so that a ping from another space
@@ -594,7 +604,15 @@ class Session:
     def receive_data(self, data, now: float) -> list:
         """Bytes from a TCP connection (any split). A broken record stream gives
         ConnectionBroken, after which the connection should be closed."""
-        return self._records(lambda: self.records.feed(data), now)
+        rr = self.records
+        try:
+            views = rr.feed(data)
+        except FramingError as exc:
+            return [ConnectionBroken(exc)]
+        events = self._frames(views, now) if views else []
+        if rr.broken is not None:  # broken by this read, after the records it returned
+            events.append(ConnectionBroken(rr.broken))
+        return events
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """TCP, zero-copy: a buffer for the next read (see RecordReader.get_buffer)."""
@@ -661,9 +679,14 @@ class Session:
         """Whether a plain stream chunk may take the Reassembler's fast path: this state accepts
         data frames as they are (no refusal, no transition) and no key requires encryption.
         Everything the fast path does not take goes through _frame."""
-        action, nxt = TRANSITIONS[self.role, self.state, Input.DATA]
-        return (nxt is self.state and self._keyring is None
-                and (action is Action.ACCEPT or action is Action.ACCEPT_IF_LENIENT and not self.config.is_strict))
+        state = self.state
+        if state is self._direct_state:  # the answer depends only on the state (config and keyring are fixed)
+            return self._direct
+        action, nxt = TRANSITIONS[self.role, state, Input.DATA]
+        self._direct = (nxt is state and self._keyring is None
+                        and (action is Action.ACCEPT or action is Action.ACCEPT_IF_LENIENT and not self.config.is_strict))
+        self._direct_state = state
+        return self._direct
 
     def receive_eof(self, now: float) -> list:
         """The peer closed its side of a TCP connection."""
@@ -692,8 +715,10 @@ class Session:
         try:
             # Messages are handed to the caller and must outlive the receive buffer: a message
             # decoded in place from a reused buffer is decoded again from a copy.
-            if copy and not isinstance(data, bytes) and (len(data) < 2 or data[1] != _CHUNK):
-                data = bytes(data)  # (a stream chunk is consumed at once, from the receive buffer: no copy)
+            if (copy and not isinstance(data, bytes) and (len(data) < 2 or data[1] != _CHUNK)
+                    and not (type(data) is memoryview and type(data.obj) is bytes)):
+                data = bytes(data)  # (a stream chunk is consumed at once, from the receive buffer: no copy;
+                # a view of bytes the caller passed in is immutable and keeps them alive: no copy either)
             frame = self._decoder.decode(data)
         except NotEncrypted as exc:
             self.stats["not_encrypted"] += 1

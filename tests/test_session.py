@@ -511,6 +511,42 @@ def test_record_length_limits():
         r.feed(rec)
 
 
+def test_records_one_per_read():
+    """A read holding exactly one record (the common case for small messages) gives a view of
+    the read itself; anything else (a longer length, two records, a bad length) the general way."""
+    frames = _vectors()
+    r = RecordReader()
+    for f in frames:
+        rec = frame_record(f)
+        (v,) = r.feed(rec)
+        assert bytes(v) == f and v.obj is rec
+    assert r.consumed == sum(len(f) + 4 for f in frames) and r.pending == 0
+    r = RecordReader(max_frame_bytes=1000)
+    big = frame_record(bytes(1001))
+    with pytest.raises(FramingError, match=r"record.length: 1001 is outside 1..max_frame_bytes \(1000\)"):
+        r.feed(big)
+    r = RecordReader()
+    rec = frame_record(frames[0])
+    assert r.feed(rec[:-1]) == [] and [bytes(v) for v in r.feed(rec[-1:] + rec)] == [frames[0], frames[0]]
+    long = b"\x10\x00\x00\x00" + bytes(8)  # announces 16 bytes, carries 8: kept for the next read
+    assert RecordReader().feed(long) == []
+
+
+def test_tcp_messages_from_bytes_are_views_and_from_bytearrays_copies():
+    """receive_data(bytes): the message's tensor is a view of those (immutable) bytes; from a
+    bytearray (which the caller may reuse) it is decoded from a copy."""
+    f = _vectors()[3]
+    expect = _codec.decode(f).hidden.tobytes()
+    rec = frame_record(f)
+    (e,) = Session(role="server").receive_data(rec, 0.0)
+    assert isinstance(e, MessageReceived) and e.frame.hidden.tobytes() == expect
+    assert np.shares_memory(e.frame.hidden.numpy(), np.frombuffer(rec, np.uint8))
+    buf = bytearray(rec)
+    (e,) = Session(role="server").receive_data(buf, 0.0)
+    buf[:] = bytes(len(buf))
+    assert e.frame.hidden.tobytes() == expect
+
+
 def test_truncated_record_at_eof():
     r = RecordReader()
     rec = frame_record(_vectors()[0])

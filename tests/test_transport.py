@@ -9,6 +9,7 @@ port 0 and the test reads the port from the "listening on udp://127.0.0.1:PORT" 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import random
 import re
@@ -181,11 +182,15 @@ def udp():
 
 
 def send_quietly(s: socket.socket, data: bytes, *, eof: bool = False) -> None:
-    """sendall (then shutdown for writing) to a peer that may close the connection meanwhile."""
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+    """sendall (then shutdown for writing) to a peer that may close the connection meanwhile
+    (then the kernel answers EPIPE, ECONNRESET, or ENOTCONN for the shutdown of a reset socket)."""
+    try:
         s.sendall(data)
         if eof:
             s.shutdown(socket.SHUT_WR)
+    except OSError as exc:
+        if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+            raise
 
 
 def closed_by_peer(s: socket.socket, timeout: float = WAIT) -> bool:
