@@ -648,6 +648,10 @@ cdef class Slice:
         The dtype is inferred (float16 -> F16, int8 -> I8) unless given; an explicit dtype
         that maps to numpy converts the array to it.
         """
+        if dtype is None and type(array) is _np.ndarray:
+            fast = _slice_of_array(array)
+            if fast is not None:
+                return fast
         arr = _np.asarray(array)
         if dtype is None:
             code = _DTYPE_OF_NUMPY_FAST.get(arr.dtype)
@@ -668,8 +672,9 @@ cdef class Slice:
                 raise EncodeError("dtype", f"{dtype!r} is not a dtype") from None
             if code not in _NUMPY:
                 raise EncodeError("dtype", f"{_DTYPES[code].name} has no numpy equivalent; build the Slice from its packed payload")
+        shape = arr.shape  # (ascontiguousarray makes a 0-d array 1-d: keep the caller's shape)
         arr = _np.ascontiguousarray(arr, dtype=_NUMPY[code])
-        return Slice(code, arr.shape, arr.reshape(-1).view(_np.uint8))
+        return Slice(code, shape, arr.reshape(-1).view(_np.uint8))
 
     @staticmethod
     def from_text(text):
@@ -957,6 +962,42 @@ cdef class Frame:
         return f"{type(self).__name__}({', '.join(parts)})"
 
 
+cdef object _slice_of_array(object arr):
+    """The common case of Slice.from_array in C: a C-contiguous ndarray whose dtype the wire names
+    as it is (float16, int8, ...), viewed without a copy; None sends the caller down the general
+    path, which also raises the errors (too many dimensions, a dimension over u32, ...)."""
+    cdef Slice s
+    cdef Py_ssize_t k, nd
+    cdef uint32_t dims[MAX_DIMS]
+    code = _DTYPE_OF_NUMPY_FAST.get(arr.dtype)
+    if code is None or not arr.flags.c_contiguous:
+        return None
+    shape = arr.shape
+    nd = len(shape)
+    if nd == 0 or nd > MAX_DIMS:
+        return None
+    for k in range(nd):
+        d = shape[k]
+        if d > 0xFFFFFFFF:
+            return None
+        dims[k] = d
+    try:
+        base = memoryview(arr).cast("B")
+    except (TypeError, ValueError):  # a dtype the buffer protocol cannot name (bfloat16)
+        return None
+    if len(base) > 0xFFFFFFFF or _expected_size(code, _elems(dims, nd)) != len(base):
+        return None
+    s = Slice.__new__(Slice)
+    s._dtype = code
+    s._ndim = nd
+    for k in range(nd):
+        s._dims[k] = dims[k]
+    s._base = base
+    s._off = 0
+    s._len = len(base)
+    return s
+
+
 cdef object _as_slice(object value, str kind, str path):
     if isinstance(value, Slice):
         return value
@@ -969,7 +1010,11 @@ cdef object _as_slice(object value, str kind, str path):
             if isinstance(value, (str, bytes, bytearray, memoryview)):
                 return Slice.from_text(value)
             raise EncodeError(path, f"expected text (str or bytes), got {type(value).__name__}")
-        if isinstance(value, (str, bytes, bytearray)):
+        if type(value) is _np.ndarray:
+            fast = _slice_of_array(value)
+            if fast is not None:
+                return fast
+        elif isinstance(value, (str, bytes, bytearray)):
             raise EncodeError(path, f"expected a numpy array or Slice, got {type(value).__name__}")
         return Slice.from_array(value)
     except EncodeError as exc:
@@ -1041,15 +1086,24 @@ _REPLACEABLE = frozenset(("stream_id", "frame_seq", "space_hash32", "modality", 
 
 cdef _init_message(Frame self, uint8_t code, tuple values, object stream_id, object frame_seq,
                    object space_hash32, object modality, object flags):
+    cdef Py_ssize_t i, n = len(values)
     roles = _ROLES[code]
-    if len(values) == len(roles) and all([isinstance(v, (Slice, _np.ndarray)) for v in values]):
-        # fast path: every role given, as Slices or arrays (the full layout, in role order)
-        slices = tuple([v if isinstance(v, Slice) else _as_slice(v, kind, name)
-                        for v, (name, kind) in zip(values, roles)])
-        _check_roles(code, slices)
-        _set_header(self, code, stream_id, frame_seq, space_hash32, modality, flags)
-        self._slices = slices
-        return
+    if n == len(roles):  # fast path: every role given, as Slices or arrays (the full layout, in role order)
+        out = []
+        for i in range(n):
+            v = values[i]
+            if type(v) is Slice:
+                out.append(v)
+            elif isinstance(v, (Slice, _np.ndarray)):
+                out.append(_as_slice(v, roles[i][1], roles[i][0]))
+            else:
+                break
+        else:
+            slices = tuple(out)
+            _check_roles(code, slices)
+            _set_header(self, code, stream_id, frame_seq, space_hash32, modality, flags)
+            self._slices = slices
+            return
     given = {name for (name, kind), v in zip(roles, values) if v is not None}
     layout = None
     for lay in _LAYOUTS[code]:

@@ -88,6 +88,39 @@ def test_from_array_big_endian_and_strided_input_is_converted():
     np.testing.assert_array_equal(Slice.from_array(strided).numpy(), strided)
 
 
+class _NotQuiteNdarray(np.ndarray):
+    """An ndarray subclass: Slice.from_array takes its general path for it, not the C one."""
+
+
+def _slice_or_error(make):
+    try:
+        s = make()
+    except resonant.EncodeError as exc:
+        return ("error", exc.path, exc.detail)
+    return (int(s.dtype), s.shape, s.tobytes())
+
+
+@given(dtype=st.sampled_from(["<f2", ">f2", "<f4", "<i1", "<u1", "<i4", "<f8", "bool", "bfloat16"]),
+       shape=st.lists(st.integers(0, 5), min_size=0, max_size=9), order=st.sampled_from(["C", "F", "strided"]))
+def test_from_array_fast_path_matches_the_general_path(dtype, shape, order):
+    """Slice.from_array and messages built from arrays take a C path for exact ndarrays; it gives
+    the same slice (dtype, shape, bytes) or the same error as the general path, for every dtype,
+    rank (0 to 9: over max_dims), layout and empty shape."""
+    import ml_dtypes
+    dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    a = (np.arange(int(np.prod(shape)), dtype=np.float64) % 7).astype(dt).reshape(shape, order="C" if order != "F" else "F")
+    if order == "strided" and a.ndim:
+        a = a[..., ::2]
+    fast = _slice_or_error(lambda: Slice.from_array(a))
+    assert fast == _slice_or_error(lambda: Slice.from_array(a.view(_NotQuiteNdarray)))
+    if fast[0] != "error":
+        assert fast[1] == a.shape
+        if a.flags.c_contiguous and a.dtype.byteorder != ">":
+            assert np.shares_memory(Slice.from_array(a).numpy(), a) or a.size == 0
+    msg = _slice_or_error(lambda: resonant.Think(a).hidden)
+    assert msg == _slice_or_error(lambda: resonant.Think(a.view(_NotQuiteNdarray)).hidden)
+
+
 def test_float64_needs_an_explicit_dtype():
     x = np.ones(4, np.float64)
     with pytest.raises(resonant.EncodeError, match=r"^hidden\.dtype: no dtype for numpy float64"):
