@@ -59,6 +59,7 @@ _LEN_BYTES = TCP_LENGTH_PREFIX_BYTES
 _read_length = struct.Struct("<I").unpack_from  # the record length prefix (u32 little-endian)
 assert _LEN_BYTES == 4
 _CHUNK = int(MsgType.CHUNK)
+_SYNC = int(MsgType.SYNC)
 _XCHACHA = int(Flags.XCHACHA)
 
 
@@ -543,10 +544,16 @@ class Session:
         stream when encrypting)."""
         if self.state is State.CLOSED:
             raise LocalProtocolError("send", "the session is closed")
-        frame = self._reduce_dtypes(frame)
+        if self.agreement is not None and not self._all_dtypes:
+            frame = self._reduce_dtypes(frame)
         if not keep_seq:
-            frame = frame.replace(frame_seq=self._next_seq(frame.stream_id))
-        self._queue(self._encode(frame))
+            seq = self._seq
+            sid = frame.stream_id
+            n = seq.get(sid, 0)
+            seq[sid] = n + 1
+            frame = frame.replace(frame_seq=n)
+        enc = self._encoder
+        self._queue(enc.encode(frame) if enc is not None else _codec.encode(frame))
 
     def stream(self, stream_id: int, objects: Sequence, **kwargs: Any) -> StreamSender:
         """A StreamSender configured with what was agreed (codec, frame size, space hash);
@@ -598,6 +605,9 @@ class Session:
             if events is not None:
                 self.stats["frames_in"] += 1
                 self.stats["bytes_in"] += len(data)
+                return events
+            events = self._plain_message(data)
+            if events is not None:
                 return events
         return self._frame(data, now, copy=True)
 
@@ -671,9 +681,35 @@ class Session:
                     self.stats["bytes_in"] += len(v)
                     events += ev
                     continue
+                ev = self._plain_message(v)
+                if ev is not None:
+                    events += ev
+                    continue
             events += self._frame(v, now, copy=True)
             direct = self._chunks_direct()  # the state may have changed
         return events
+
+    def _plain_message(self, data) -> list | None:
+        """A data message (not a stream chunk, not a control frame) in a state that takes data
+        as it is (_chunks_direct), in one step: the events, stats and checks that
+        _frame -> _step(DATA) -> _do_accept give it. None for anything else (a frame that does not
+        decode, another space, a view of a buffer that will be reused): _frame takes it."""
+        if not (type(data) is bytes or type(data) is memoryview and type(data.obj) is bytes):
+            return None  # (a message must outlive the receive buffer: _frame copies it)
+        if len(data) < 2 or data[1] == _CHUNK or data[1] == _SYNC:
+            return None
+        try:
+            frame = self._decoder.decode(data)
+        except DecodeError:
+            return None
+        want = self.config.expected_space_hash
+        if want is not None and frame.space_hash32 != want:
+            return None
+        stats = self.stats
+        stats["frames_in"] += 1
+        stats["bytes_in"] += len(data)
+        stats["messages"] += 1
+        return [MessageReceived(frame, None)]
 
     def _chunks_direct(self) -> bool:
         """Whether a plain stream chunk may take the Reassembler's fast path: this state accepts

@@ -799,3 +799,80 @@ def test_tcp_in_place_batches_give_the_events_of_the_general_path(data):
     want = b.receive_data(stream, 0.0)
     assert [_event_key(e) for e in got] == [_event_key(e) for e in want]
     assert a.stats == b.stats and a.records.consumed == b.records.consumed
+
+
+# ------------------------------------------------------------------ plain messages on the fast path
+
+
+def _message_inputs() -> list[bytes]:
+    """Frames a peer may send: data messages of every kind (plain, zstd, another space, bad CRC,
+    truncated), control frames, stream frames, the reference vectors and garbage."""
+    rng = np.random.default_rng(5)
+    h = rng.standard_normal((2, 64)).astype(np.float16)
+    msgs = [resonant.Think(h, stream_id=3), resonant.Cache(h, h, stream_id=4),
+            resonant.Ask(h[0], "why?", stream_id=5), resonant.Critique(h[0], explanation={"a": 1}, stream_id=6),
+            resonant.Think(h, stream_id=3, space_hash32=SPACE), resonant.Think(h, stream_id=3, space_hash32=SPACE ^ 1)]
+    out = [_codec.encode(m) for m in msgs]
+    out.append(resonant.Codec(3).encode(msgs[0]))
+    bad = bytearray(out[0])
+    bad[-1] ^= 1
+    out += [bytes(bad), out[1][:50], b"", b"\x01", b"\x07" * 40]
+    out += [control({"method": "ping", "v": 1, "space_hash32": 0}), control({"method": "bogus"})]
+    out += _stream_frames(0, 3000)[1][:3]
+    return out + _vectors()
+
+
+def _outcome(events: list) -> list:
+    out = []
+    for e in events:
+        if isinstance(e, MessageReceived):
+            out.append(("MessageReceived", _codec.encode(e.frame), e.document))
+        else:
+            out.append((type(e).__name__, getattr(e, "reason", None)))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(picks=st.lists(st.integers(0, 1000), min_size=1, max_size=30),
+       config=st.sampled_from([{}, {"strict": True}, {"expected_space_hash": SPACE, "strict": False},
+                               {"expected_space_hash": SPACE}, {"handshake": True}]),
+       transport=st.sampled_from(["udp", "tcp"]))
+def test_plain_message_fast_path_gives_the_general_paths_events(picks, config, transport):
+    """A session that takes plain messages in one step and one that sends every frame through
+    _frame give the same events, stats and replies for any sequence of frames."""
+    inputs = _message_inputs()
+    config = dict(config)
+    shake = config.pop("handshake", False)
+    sessions = [Session(role="server", **config), Session(role="server", **config)]
+    sessions[1]._plain_message = lambda data: None  # the general path only
+    for s in sessions:
+        if shake:
+            handshake(Session(role="client", **config), s)
+        s.datagrams_to_send()
+        s.data_to_send()
+    seen = [[], []]
+    for k in picks:
+        data = inputs[k % len(inputs)]
+        for s, got in zip(sessions, seen):
+            if transport == "udp":
+                got += _outcome(s.receive_datagram(data, 0.0))
+            elif data:
+                got += _outcome(s.receive_data(frame_record(data), 0.0))
+            got.append(s.datagrams_to_send() + [s.data_to_send()])
+    assert seen[0] == seen[1]
+    assert sessions[0].stats == sessions[1].stats
+
+
+def test_plain_message_fast_path_takes_messages_and_copies_views_of_buffers():
+    s = Session(role="server")
+    calls = []
+    general = s._frame
+    s._frame = lambda *a, **k: calls.append(a) or general(*a, **k)
+    wire = _codec.encode(resonant.Think(np.ones((1, 8), np.float16)))
+    assert kinds(s.receive_datagram(wire, 0.0)) == ["MessageReceived"] and not calls
+    assert kinds(s.receive_data(frame_record(wire), 0.0)) == ["MessageReceived"] and not calls
+    buf = bytearray(frame_record(wire))
+    (e,) = s.receive_data(buf, 0.0)  # a reusable buffer: the general path, which copies
+    buf[:] = bytes(len(buf))
+    assert len(calls) == 1 and e.frame.hidden.tobytes() == np.ones(8, np.float16).tobytes()
+    assert s.stats["messages"] == 3 and s.stats["frames_in"] == 3
