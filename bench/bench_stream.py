@@ -8,8 +8,9 @@ allocate hook, as a server with a KV-cache pool does; both are reported.
 
 Part (b) sends the same stream between two processes over loopback TCP through the TCP
 transport's sans-IO Session (each frame a record behind a u32 little-endian length; the
-receiver reads straight into the session's buffer and parses frames in place), against raw
-sendall/recv_into of the same tensor bytes in the same run. Both are run under each socket
+receiver reads straight into the session's buffer and parses frames in place; the sender
+writes Session.stream_records(), eight records per sendmsg with each chunk's payload a view of
+the tensor), against raw sendall/recv_into of the same tensor bytes in the same run. Both are run under each socket
 buffer setting (the kernel's autotuned default, and SO_SNDBUF/SO_RCVBUF set to 4 MiB on both
 ends), every sample of every pair interleaved with the others; the ratio compares the best
 raw time under any setting with the best V-Stream time under any setting (each side in the
@@ -42,7 +43,6 @@ TARGET_GBPS = 3.0
 TARGET_TCP_RATIO = 0.8
 _LEN = struct.Struct("<I")
 _READ = 4 << 20  # bytes per recv_into
-_BATCH = 4  # frames per sendmsg
 TCP_RAW, TCP_STREAM = "raw sendall/recv_into, new buffer", "V-Stream (Session), new output buffer"
 TCP_RAW_REUSED, TCP_STREAM_REUSED = "raw sendall/recv_into, reused buffer", "V-Stream (Session), reused output buffer"
 TCP_ROWS = {TCP_RAW: ("raw", False), TCP_STREAM: ("stream", False),
@@ -122,11 +122,8 @@ def _tcp(mode: str, tensor: np.ndarray, reuse: bool = False, sockbuf: int = 0) -
         sock.sendall(memoryview(tensor.view(np.uint8)))
     else:
         session = Session(role="client")  # no handshake: the server accepts data without one by default
-        for i, frame in enumerate(session.stream(1, [tensor])):
-            session.send_encoded(frame)
-            if i % _BATCH == _BATCH - 1:
-                _send_all(sock, session.records_to_send())  # TCP records, several per write, unjoined
-        _send_all(sock, session.records_to_send())
+        for parts in session.stream_records(1, [tensor]):  # 8 records per sendmsg, payloads not copied
+            _send_all(sock, parts)
     if sock.recv(1) != b"k":
         raise ConnectionError("no answer from the receiver")
     elapsed = time.perf_counter() - t

@@ -1849,6 +1849,24 @@ def _assemble(bytes head, *parts):
 # --------------------------------------------------------------------------- V-Stream fast paths
 
 
+cdef inline void _write_chunk_head(unsigned char *q, uint32_t stream_id, uint64_t frame_seq, uint32_t space_hash32,
+                                   uint8_t modality, uint8_t dtype, uint32_t count, Py_ssize_t length) noexcept:
+    """The CHUNK_HEAD_BYTES before a chunk's payload: header, slice_len table, suffix, slice head."""
+    cdef Py_ssize_t pos = PREFIX_SIZE + 4 + SUFFIX_SIZE
+    rz_st_u8(q + OFF_VERSION, VERSION)
+    rz_st_u8(q + OFF_MSG_TYPE, 5)
+    rz_st_u16(q + OFF_FLAGS, 0)
+    rz_st_u32(q + OFF_STREAM_ID, stream_id)
+    rz_st_u64(q + OFF_FRAME_SEQ, frame_seq)
+    rz_st_u64(q + OFF_NUM_SLICES, 1)
+    rz_st_u32(q + PREFIX_SIZE, <uint32_t>length)
+    rz_st_u32(q + PREFIX_SIZE + 4 + SUF_SPACE_HASH32, space_hash32)
+    rz_st_u8(q + PREFIX_SIZE + 4 + SUF_MODALITY, modality)
+    q[pos] = dtype
+    q[pos + 1] = 1
+    rz_st_u32(q + pos + 2, count)
+
+
 def _encode_chunk(uint32_t stream_id, uint64_t frame_seq, uint32_t space_hash32, uint8_t modality,
                   uint8_t dtype, uint32_t count, source, Py_ssize_t start, Py_ssize_t length, Xxh3 hasher=None):
     """The version 1 bytes of Chunk(Slice(dtype, (count,), source[start:start + length])), written
@@ -1866,19 +1884,8 @@ def _encode_chunk(uint32_t stream_id, uint64_t frame_seq, uint32_t space_hash32,
     _check_size(size)
     out = PyBytes_FromStringAndSize(NULL, size)
     cdef unsigned char *q = <unsigned char *>PyBytes_AS_STRING(out)
-    rz_st_u8(q + OFF_VERSION, VERSION)
-    rz_st_u8(q + OFF_MSG_TYPE, 5)
-    rz_st_u16(q + OFF_FLAGS, 0)
-    rz_st_u32(q + OFF_STREAM_ID, stream_id)
-    rz_st_u64(q + OFF_FRAME_SEQ, frame_seq)
-    rz_st_u64(q + OFF_NUM_SLICES, 1)
-    rz_st_u32(q + PREFIX_SIZE, <uint32_t>length)
-    rz_st_u32(q + PREFIX_SIZE + 4 + SUF_SPACE_HASH32, space_hash32)
-    rz_st_u8(q + PREFIX_SIZE + 4 + SUF_MODALITY, modality)
+    _write_chunk_head(q, stream_id, frame_seq, space_hash32, modality, dtype, count, length)
     cdef Py_ssize_t pos = PREFIX_SIZE + 4 + SUFFIX_SIZE
-    q[pos] = dtype
-    q[pos + 1] = 1
-    rz_st_u32(q + pos + 2, count)
     cdef void *st = hasher._st if hasher is not None else NULL
     cdef uint32_t crc
     if _crc_c != NULL and (hasher is None or st != NULL):
@@ -1896,6 +1903,48 @@ def _encode_chunk(uint32_t stream_id, uint64_t frame_seq, uint32_t space_hash32,
             hasher._feed(q + pos + 6, length)
     rz_st_u32(q + size - CRC_SIZE, crc)
     return out
+
+
+def _encode_chunk_parts(uint32_t stream_id, uint64_t frame_seq, uint32_t space_hash32, uint8_t modality,
+                        uint8_t dtype, uint32_t count, source, Py_ssize_t start, Py_ssize_t length,
+                        Xxh3 hasher=None, bint record=False):
+    """_encode_chunk without the payload: (head, tail), where head + source[start:start + length]
+    + tail are the frame's bytes (record: head starts with the TCP record's u32 length). For a
+    scatter-gather send straight from the source: the CRC and hash read the payload once."""
+    cdef const unsigned char[::1] src = source
+    cdef long long need = _expected_size(dtype, count)
+    cdef Py_ssize_t size = PREFIX_SIZE + 4 + SUFFIX_SIZE + 2 + 4 + length + CRC_SIZE
+    cdef Py_ssize_t pre = 4 if record else 0
+    cdef Py_ssize_t hs = PREFIX_SIZE + 4 + SUFFIX_SIZE + 2 + 4
+    if start < 0 or length < 0 or start + length > src.shape[0]:
+        raise EncodeError("source", f"bytes {start}..{start + length} are outside a {src.shape[0]}-byte source")
+    if need == -2 or (need >= 0 and need != length):
+        raise EncodeError("payload", f"{_dtype_name(dtype)} of {count} elements does not take {length} bytes")
+    _check_size(size)
+    head = PyBytes_FromStringAndSize(NULL, pre + hs)
+    tail = PyBytes_FromStringAndSize(NULL, CRC_SIZE)
+    cdef unsigned char *r = <unsigned char *>PyBytes_AS_STRING(head)
+    if record:
+        rz_st_u32(r, <uint32_t>size)
+    cdef unsigned char *q = r + pre
+    _write_chunk_head(q, stream_id, frame_seq, space_hash32, modality, dtype, count, length)
+    cdef void *st = hasher._st if hasher is not None else NULL
+    cdef uint32_t crc
+    cdef const unsigned char *p = &src[start] if length else NULL
+    if _crc_c != NULL and (hasher is None or st != NULL):
+        with nogil:
+            crc = _crc_c(0, q, <uint64_t>hs)
+            if length:
+                crc = _crc_c(crc, p, <uint64_t>length)
+                if st != NULL:
+                    _xxh_update(st, p, <size_t>length)
+    else:  # no C CRC (or a hasher without C xxh3): the slow way, over a joined copy
+        frame = PyBytes_FromStringAndSize(<char *>q, hs) + bytes(src[start:start + length])
+        crc = _crc32(<const unsigned char *>PyBytes_AS_STRING(frame), len(frame))
+        if hasher is not None and length:
+            hasher._feed(p, length)
+    rz_st_u32(<unsigned char *>PyBytes_AS_STRING(tail), crc)
+    return head, tail
 
 
 cdef class ChunkSink:

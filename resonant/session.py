@@ -23,7 +23,7 @@ import json
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -566,6 +566,21 @@ class Session:
             objects = [self._reduce_slice(o if isinstance(o, Slice) else Slice.from_array(o), "stream")
                        for o in objects]
         return StreamSender(stream_id, objects, codec=self._encoder, **kwargs)
+
+    def stream_records(self, stream_id: int, objects: Sequence, *, per_write: int = 8,
+                       **kwargs: Any) -> Iterator[list]:
+        """TCP, zero-copy: a V-Stream as lists of buffers, each for one `socket.sendmsg` (the
+        records of per_write chunks; StreamSender.records). Chunk payloads are views of the
+        objects, so nothing is copied before the kernel's copy; the objects must not change until
+        every list is sent. Counted in `stats` as they are handed out. (UDP, or a transport that
+        may keep the buffers after a write returns: stream() and send_encoded(), which copy.)"""
+        stats = self.stats
+        for parts, frames, nbytes in self.stream(stream_id, objects, **kwargs)._record_batches(per_write):
+            if self.state is State.CLOSED:
+                raise LocalProtocolError("send", "the session is closed")
+            stats["frames_out"] += frames
+            stats["bytes_out"] += nbytes
+            yield parts
 
     def send_encoded(self, data: bytes) -> None:
         """Queue bytes that are already one encoded frame (e.g. from `stream()`)."""

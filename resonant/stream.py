@@ -302,6 +302,55 @@ class StreamSender:
                 yield frame
         self._digest = (h.intdigest(), md5.hexdigest() if md5 is not None else None)
 
+    def records(self, per_write: int = 8) -> Iterator[list]:
+        """The whole stream (HEAD, chunks, TAIL) as TCP records (u32 little-endian length +
+        frame), in lists of buffers for one `sendmsg` each: per_write chunks per list. Without a
+        codec and MD5, each chunk is its head, a memoryview of the source and its CRC: the payload
+        is not copied (the CRC and hash read it just before the kernel does, while it is in
+        cache), so the source must not change until the list is sent. With a codec, the encoded
+        frames behind their lengths."""
+        for parts, _frames, _nbytes in self._record_batches(per_write):
+            yield parts
+
+    def _record_batches(self, per_write: int) -> Iterator[tuple[list, int, int]]:
+        """records(), with the number of frames and of frame bytes in each list."""
+        if not 1 <= per_write <= 1024:
+            raise ValueError(f"per_write {per_write} is outside 1..1024")
+        parts: list = []
+        frames = nbytes = 0
+        for f in self._heads:
+            parts += [len(f).to_bytes(4, "little"), f]
+            frames, nbytes = frames + 1, nbytes + len(f)
+        if self.codec is not None or self.layout.legacy_md5:
+            for f in self.chunks():
+                parts += [len(f).to_bytes(4, "little"), f]
+                frames, nbytes = frames + 1, nbytes + len(f)
+                if frames % per_write == 0:
+                    yield parts, frames, nbytes
+                    parts, frames, nbytes = [], 0, 0
+        else:
+            cb = self.layout.chunk_bytes
+            h = _codec.Xxh3()
+            for obj in self.layout.objects:
+                src = self._sources[obj.index]
+                view = memoryview(src)
+                width = _codec.element_bytes(obj.dtype)
+                dtype = obj.dtype if width else _I8
+                for j in range(obj.chunks):
+                    start = j * cb
+                    n = min(cb, len(view) - start)
+                    head, crc = _codec._encode_chunk_parts(self.stream_id, obj.first_chunk + j + 1,
+                                                           self._header["space_hash32"], self._header["modality"],
+                                                           dtype, n // width if width else n, src, start, n, h, True)
+                    parts += [head, view[start:start + n], crc]
+                    frames, nbytes = frames + 1, nbytes + len(head) - 4 + n + len(crc)
+                    if frames % per_write == 0:
+                        yield parts, frames, nbytes
+                        parts, frames, nbytes = [], 0, 0
+            self._digest = (h.intdigest(), None)
+        tail = self.tail()
+        yield parts + [len(tail).to_bytes(4, "little"), tail], frames + 1, nbytes + len(tail)
+
     def digest(self) -> tuple[int, str | None]:
         """xxh3_64 of every object's bytes (and their MD5 when HEAD asked for it)."""
         if self._digest is not None:

@@ -876,3 +876,20 @@ def test_plain_message_fast_path_takes_messages_and_copies_views_of_buffers():
     buf[:] = bytes(len(buf))
     assert len(calls) == 1 and e.frame.hidden.tobytes() == np.ones(8, np.float16).tobytes()
     assert s.stats["messages"] == 3 and s.stats["frames_in"] == 3
+
+
+def test_stream_records_cross_a_session_and_count_as_send_encoded_does():
+    x = np.random.default_rng(8).standard_normal((4, 9000)).astype(np.float16)
+    a, b = Session(role="client"), Session(role="client")
+    lists = list(a.stream_records(5, [x], per_write=3))
+    for f in b.stream(5, [x]):
+        b.send_encoded(f)
+    data = b"".join(bytes(p) for parts in lists for p in parts)
+    assert data == b.data_to_send()
+    assert a.stats == b.stats and a.stats["frames_out"] > 3
+    rx = Session(role="server")
+    events = [e for i in range(0, len(data), 70_000) for e in rx.receive_data(data[i:i + 70_000], 0.0)]
+    assert isinstance(events[-1], StreamComplete) and np.array_equal(events[-1].objects[0], x)
+    a.close()
+    with pytest.raises(LocalProtocolError, match="closed"):
+        next(iter(a.stream_records(6, [x])))

@@ -1340,3 +1340,50 @@ def test_batched_chunk_encoding_gives_the_general_encoders_frames():
                                                   stream_id=9, frame_seq=o.first_chunk + j + 1, space_hash32=77,
                                                   modality=2)))
         assert frames[len(sender.heads()):-1] == want
+
+
+# -------------------------------------------------------------- zero-copy TCP records
+
+
+def _objects_for_records(kind: str) -> list:
+    rng = np.random.default_rng(17)
+    if kind == "one":
+        return [rng.standard_normal(30_000).astype(np.float16)]
+    if kind == "layers":
+        return [rng.standard_normal((3, 1000 + 77 * i)).astype(np.float16) for i in range(5)]
+    if kind == "mixed":
+        return [rng.standard_normal(5000).astype(np.float32), np.arange(7, dtype=np.int8),
+                np.zeros(0, np.float16), rng.standard_normal(4097).astype(ml_dtypes.bfloat16)]
+    raise AssertionError(kind)
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from(["one", "layers", "mixed"]), per_write=st.sampled_from([1, 3, 8, 1024]),
+       max_frame=st.sampled_from([600, 4096, 65536]), how=st.sampled_from(["plain", "zstd", "md5"]))
+def test_records_are_the_frames_behind_their_lengths(kind, per_write, max_frame, how):
+    """StreamSender.records() gives, joined, exactly the TCP records of the frames iter() gives;
+    without a codec the chunk payloads are views of the objects, not copies."""
+    from resonant.session import frame_record
+    objects = _objects_for_records(kind)
+    kw = {"max_frame_bytes": max_frame, "codec": resonant.Codec(3) if how == "zstd" else None,
+          "legacy_md5": how == "md5", "space_hash32": 77}
+    want = b"".join(frame_record(f) for f in StreamSender(9, objects, **kw))
+    sender = StreamSender(9, objects, **kw)
+    lists = list(sender.records(per_write))
+    assert b"".join(bytes(p) for parts in lists for p in parts) == want
+    chunks = sender.layout.chunks
+    assert all(sum(isinstance(p, memoryview) for p in parts) <= per_write for parts in lists)
+    views = [p for parts in lists for p in parts if isinstance(p, memoryview)]
+    if how == "plain":
+        assert len(views) == chunks
+        if kind != "mixed":  # float16 C-contiguous objects are sent from where they lie
+            assert all(any(np.shares_memory(np.frombuffer(v, np.uint8), o.view(np.uint8).reshape(-1))
+                           for o in objects) for v in views)
+    else:
+        assert not views
+    assert sender.digest() == StreamSender(9, objects, **kw).digest()
+
+
+def test_records_per_write_is_checked():
+    with pytest.raises(ValueError, match="per_write 0 is outside 1..1024"):
+        next(StreamSender(1, [np.ones(10, np.float16)]).records(0))
