@@ -28,7 +28,7 @@ import numpy as np
 
 from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, Slice, Sync
-from resonant._spec import MAX_FRAME_BYTES, NUMPY_DTYPES, DType, Flags, Modality, MsgType
+from resonant._spec import MAX_FRAME_BYTES, NUMPY_DTYPES, TCP_LENGTH_PREFIX_BYTES, DType, Flags, Modality, MsgType
 from resonant.errors import EncodeError, HandshakeError
 from resonant.refcodec import expected_size
 
@@ -319,11 +319,11 @@ class StreamSender:
         parts: list = []
         frames = nbytes = 0
         for f in self._heads:
-            parts += [len(f).to_bytes(4, "little"), f]
+            parts += [_record_length(f), f]
             frames, nbytes = frames + 1, nbytes + len(f)
         if self.codec is not None or self.layout.legacy_md5:
             for f in self.chunks():
-                parts += [len(f).to_bytes(4, "little"), f]
+                parts += [_record_length(f), f]
                 frames, nbytes = frames + 1, nbytes + len(f)
                 if frames % per_write == 0:
                     yield parts, frames, nbytes
@@ -343,13 +343,13 @@ class StreamSender:
                                                            self._header["space_hash32"], self._header["modality"],
                                                            dtype, n // width if width else n, src, start, n, h, True)
                     parts += [head, view[start:start + n], crc]
-                    frames, nbytes = frames + 1, nbytes + len(head) - 4 + n + len(crc)
+                    frames, nbytes = frames + 1, nbytes + len(head) - TCP_LENGTH_PREFIX_BYTES + n + len(crc)
                     if frames % per_write == 0:
                         yield parts, frames, nbytes
                         parts, frames, nbytes = [], 0, 0
             self._digest = (h.intdigest(), None)
         tail = self.tail()
-        yield parts + [len(tail).to_bytes(4, "little"), tail], frames + 1, nbytes + len(tail)
+        yield parts + [_record_length(tail), tail], frames + 1, nbytes + len(tail)
 
     def digest(self) -> tuple[int, str | None]:
         """xxh3_64 of every object's bytes (and their MD5 when HEAD asked for it)."""
@@ -383,6 +383,11 @@ class StreamSender:
         yield from self._heads
         yield from self.chunks()
         yield self.tail()
+
+
+def _record_length(frame: bytes) -> bytes:
+    """The TCP record prefix of a frame: its length, u32 little-endian."""
+    return len(frame).to_bytes(TCP_LENGTH_PREFIX_BYTES, "little")
 
 
 @dataclass(frozen=True)
