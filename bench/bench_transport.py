@@ -17,6 +17,8 @@ and a server process forked for it, over 127.0.0.1; one-way latency = round trip
   `receive_datagram()` / `receive_data()` (decode, CRC check), takes the numpy view of the
   payload, and sends a Think with that payload back the same way; the client decodes the
   reply and takes its numpy view. Reads are the same calls as the raw rows' (recv of bytes).
+- raw asyncio protocols (information): plain asyncio DatagramProtocol/Protocol echo of the same
+  bytes in both processes, one future awaited per round trip: what asyncio itself costs.
 - resonant asyncio (information): `resonant.connect()` in this process, `resonant.serve()`
   with `server.reply(addr, frame)` in the server process.
 
@@ -77,7 +79,7 @@ ROUND_WARMUP = 20             # discarded round trips at the start of every roun
 HOST = "127.0.0.1"
 MAX_DGRAM = 65536
 
-RAW, OURS, AIO = "raw socket", "resonant Session", "resonant asyncio"
+RAW, OURS, AIO, AIO_RAW = "raw socket", "resonant Session", "resonant asyncio", "raw asyncio"
 pc = time.perf_counter_ns
 
 
@@ -198,6 +200,57 @@ def _aio_server(scheme: str, pipe) -> None:
                 elif isinstance(e, (FrameRejected, RemoteError, ConnectionBroken)):
                     _fail(f"server: {e!r}")
 
+    asyncio.run(run())
+
+
+def _aio_raw_server(scheme: str, pipe, nbytes: int) -> None:
+    """Plain asyncio protocols echoing the same bytes (UDP: every datagram; TCP: every nbytes-byte
+    record): what asyncio itself costs, for the asyncio rows. A one-byte datagram or EOF ends it
+    (asyncio does not send empty datagrams)."""
+    gc.disable()
+
+    class Udp(asyncio.DatagramProtocol):
+        def connection_made(self, transport) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr) -> None:
+            if len(data) == 1:
+                done.set_result(None)
+                return
+            self.transport.sendto(data, addr)
+
+    class Tcp(asyncio.Protocol):
+        def connection_made(self, transport) -> None:
+            self.transport = transport
+            self.buf = bytearray()
+            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def data_received(self, data: bytes) -> None:
+            self.buf += data
+            while len(self.buf) >= nbytes:
+                self.transport.write(bytes(self.buf[:nbytes]))
+                del self.buf[:nbytes]
+
+        def connection_lost(self, exc) -> None:
+            if not done.done():
+                done.set_result(None)
+
+    async def run() -> None:
+        nonlocal done
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        if scheme == "udp":
+            transport, _ = await loop.create_datagram_endpoint(Udp, local_addr=(HOST, 0))
+            pipe.send(transport.get_extra_info("sockname")[:2])
+            await done
+            transport.close()
+        else:
+            server = await loop.create_server(Tcp, HOST, 0)
+            pipe.send(server.sockets[0].getsockname()[:2])
+            await done
+            server.close()
+
+    done: Any = None
     asyncio.run(run())
 
 
@@ -467,6 +520,80 @@ class Aio(Client):
         self.loop.run_until_complete(bye())
 
 
+class AioRaw(Client):
+    """Plain asyncio protocols in this process and the server's: the same bytes echoed, one future
+    awaited per round trip, nothing encoded or decoded (the floor under the resonant asyncio rows)."""
+
+    kind = AIO_RAW
+    name = "raw asyncio protocols (info)"
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def __init__(self, hidden: np.ndarray, scheme: str) -> None:
+        super().__init__(hidden)
+        self.scheme = scheme
+        self.transport = scheme.upper()
+        self.data = self.wire if scheme == "udp" else frame_record(self.wire)
+
+    def start_server(self, ctx) -> None:
+        self.pipe, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_aio_raw_server, args=(self.scheme, child, len(self.data)), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def setup(self) -> None:
+        if not self.pipe.poll(RECV_TIMEOUT_S):
+            _fail(f"the raw asyncio {self.transport} server did not start")
+        addr = tuple(self.pipe.recv())
+        client = self
+        self.waiter: asyncio.Future | None = None
+        self.buf = bytearray()
+
+        class Udp(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, a) -> None:
+                client.waiter.set_result(data)
+
+        class Tcp(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                client.buf += data
+                if len(client.buf) >= len(client.data):
+                    client.waiter.set_result(bytes(client.buf))
+                    client.buf.clear()
+
+        async def open_() -> asyncio.BaseTransport:
+            loop = asyncio.get_running_loop()
+            if self.scheme == "udp":
+                t, _ = await loop.create_datagram_endpoint(Udp, remote_addr=addr)
+            else:
+                t, _ = await loop.create_connection(Tcp, *addr)
+                t.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return t
+        self.t = self.loop.run_until_complete(open_())
+
+    async def _run(self, n: int) -> list[int]:
+        loop, t, data = self.loop, self.t, self.data
+        send = t.sendto if self.scheme == "udp" else t.write
+        out = []
+        for _ in range(n):
+            self.waiter = loop.create_future()
+            t0 = pc()
+            send(data)
+            got = await self.waiter  # (run() bounds the whole batch with a timeout)
+            t1 = pc()
+            out.append(t1 - t0)
+            if got != data:
+                _fail(f"raw asyncio {self.transport}: the echo differs from what was sent")
+        return out
+
+    def run(self, n: int) -> list[int]:
+        return self.loop.run_until_complete(asyncio.wait_for(self._run(n), RECV_TIMEOUT_S + n * 0.01))
+
+    def stop(self) -> None:
+        if self.scheme == "udp":
+            self.t.sendto(b"\0")
+        self.t.close()
+        self.loop.run_until_complete(asyncio.sleep(0))
+
+
 # --------------------------------------------------------------------------- statistics
 
 
@@ -571,8 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     hidden = hidden_state()
     clients: list[Client] = [UdpRaw(hidden), UdpSession(hidden), TcpRaw(hidden), TcpSession(hidden)]
     if not args.no_aio:
-        clients[2:2] = [Aio(hidden, "udp")]
-        clients.append(Aio(hidden, "tcp"))
+        clients[2:2] = [AioRaw(hidden, "udp"), Aio(hidden, "udp")]
+        clients += [AioRaw(hidden, "tcp"), Aio(hidden, "tcp")]
     wire = clients[0].wire
     assert len(wire) == 4143 and len(frame_record(wire)) == 4147
 
@@ -587,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in clients:  # fork every server before this process opens a client socket or a loop
             c.start_server(ctx)
         loop = asyncio.new_event_loop()
-        Aio.loop = loop
+        Aio.loop = AioRaw.loop = loop
         for c in clients:
             c.setup()
             c.run(args.warmup)
@@ -649,9 +776,12 @@ def main(argv: list[str] | None = None) -> int:
         info_t.append(Target(f"{tr} one-way p99, resonant Session / raw socket", ours.p99_us / raw.p99_us, ">=", 0.0,
                              f"{ours.p99_us:,.1f} µs vs {raw.p99_us:,.1f} µs"))
         if (tr, AIO) in by:
-            aio = by[(tr, AIO)]
+            aio, aio_raw = by[(tr, AIO)], by[(tr, AIO_RAW)]
             info_t.append(Target(f"{tr} one-way p50, resonant asyncio / raw socket", aio.p50_us / raw.p50_us, ">=",
                                  0.0, f"{aio.p50_us:,.1f} µs; {aio.p50_us / ours.p50_us:.2f}× the sans-IO Session"))
+            info_t.append(Target(f"{tr} one-way p50, resonant asyncio / raw asyncio protocols",
+                                 aio.p50_us / aio_raw.p50_us, ">=", 0.0,
+                                 f"{aio.p50_us:,.1f} µs vs {aio_raw.p50_us:,.1f} µs; +{aio.p50_us - aio_raw.p50_us:,.1f} µs"))
     info_t.append(Target("UDP one-way p50, resonant Session / the reference's claim (0.43 ms, not measured here)",
                          ours_udp.p50_us / REFERENCE_CLAIM_US, ">=", 0.0,
                          f"{ours_udp.p50_us:,.1f} µs vs {REFERENCE_CLAIM_US:,.0f} µs"))
