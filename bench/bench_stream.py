@@ -22,6 +22,7 @@ Not part of the test suite.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import multiprocessing
 import queue
@@ -37,7 +38,7 @@ import numpy as np
 import resonant
 from bench_codec import best_of, machine, print_machine  # noqa: E402  (bench/ is sys.path[0] for a script)
 from resonant import ConnectionBroken, FrameRejected, Reassembler, StreamComplete, StreamFailed, StreamSender
-from resonant.session import Session
+from resonant.session import MessageReceived, Session
 
 TARGET_GBPS = 3.0
 TARGET_TCP_RATIO = 0.8
@@ -135,6 +136,48 @@ def _tcp(mode: str, tensor: np.ndarray, reuse: bool = False, sockbuf: int = 0) -
     return elapsed
 
 
+def _aio_serve(pipe, nbytes: int) -> None:
+    """resonant.serve() over TCP: receive one stream (into new memory), answer with a Think."""
+    async def run() -> None:
+        resonant.stream.set_buffer_cache(0)
+        async with resonant.serve("tcp://127.0.0.1:0") as server:
+            pipe.send(tuple(server.address))
+            async for addr, event in server:
+                if isinstance(event, (StreamFailed, FrameRejected, ConnectionBroken)):
+                    raise RuntimeError(f"the stream failed: {event}")
+                if isinstance(event, StreamComplete):
+                    if sum(o.nbytes for o in event.objects) != nbytes:
+                        raise RuntimeError("the stream carried the wrong number of bytes")
+                    await server.reply(addr, resonant.Think(np.zeros((1, 1), np.float16)))
+                    return
+    asyncio.run(run())
+
+
+def _aio(tensor: np.ndarray) -> float:
+    """Seconds for Peer.send_stream of the tensor through resonant.connect()/serve() (asyncio,
+    TCP, after the handshake) until the receiver's answer."""
+    here, there = multiprocessing.Pipe()
+    server = multiprocessing.get_context("fork").Process(target=_aio_serve, args=(there, tensor.nbytes))
+    server.start()
+    if not here.poll(30):
+        raise RuntimeError("the asyncio receiver did not start")
+    host, port = here.recv()
+
+    async def run() -> float:
+        async with resonant.connect(f"tcp://{host}:{port}") as peer:
+            t = time.perf_counter()
+            await peer.send_stream([tensor])
+            while True:
+                event = await peer.next_event(30)
+                if isinstance(event, MessageReceived):
+                    return time.perf_counter() - t
+    elapsed = asyncio.run(run())
+    server.join(30)
+    if server.exitcode != 0:
+        raise RuntimeError(f"the asyncio receiver failed (exit code {server.exitcode})")
+    return elapsed
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--mib", type=int, default=256, help="tensor size in MiB (default 256)")
@@ -217,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         for b, key in (pairs if i % 2 == 0 else pairs[::-1]):
             mode, reuse = TCP_ROWS[key]
             runs[(b, key)].append(_tcp(mode, tensor, reuse, SOCKBUFS[b]))
+    aio = [_aio(tensor) for _ in range(args.tcp_repeat)]
     best = {bk: min(v) for bk, v in runs.items()}
     median = {bk: statistics.median(v) for bk, v in runs.items()}
     tcp = {k: min(best[(b, k)] for b in SOCKBUFS) for k in TCP_ROWS}  # each row under the setting that suits it
@@ -238,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         for b in SOCKBUFS:
             print(f"| {k} | {b} | {best[(b, k)]:.3f} | {median[(b, k)]:.3f} | {nbytes / best[(b, k)] / 1e9:.2f} |",
                   file=out)
+    print(f"| V-Stream through resonant.connect/serve (asyncio), new output buffer (information) | autotuned | "
+          f"{min(aio):.3f} | {statistics.median(aio):.3f} | {nbytes / min(aio) / 1e9:.2f} |", file=out)
     ratio = tcp[TCP_RAW] / tcp[TCP_STREAM]
     ratio_reused = tcp[TCP_RAW_REUSED] / tcp[TCP_STREAM_REUSED]
     same = {b: (best[(b, TCP_RAW)] / best[(b, TCP_STREAM)], best[(b, TCP_RAW_REUSED)] / best[(b, TCP_STREAM_REUSED)])
@@ -268,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                "tcp_samples": {f"{k} | socket buffers {b}": v for (b, k), v in runs.items()},
                "tcp_ratio_median": ratio_median[0], "tcp_ratio_reused_median": ratio_median[1],
                "tcp_ratio_same_setting": {b: {"new": r[0], "reused": r[1]} for b, r in same.items()},
+               "aio_seconds": aio, "aio_gbps": nbytes / min(aio) / 1e9,
                "tcp_target": TARGET_TCP_RATIO, "tcp_pass_reused": tcp_reused_ok,
                "tcp_pass": tcp_ok}
         text = json.dumps(doc, indent=2)

@@ -574,8 +574,12 @@ class Session:
         objects, so nothing is copied before the kernel's copy; the objects must not change until
         every list is sent. Counted in `stats` as they are handed out. (UDP, or a transport that
         may keep the buffers after a write returns: stream() and send_encoded(), which copy.)"""
+        return self._records_of(self.stream(stream_id, objects, **kwargs), per_write)
+
+    def _records_of(self, sender: StreamSender, per_write: int) -> Iterator[list]:
+        """sender.records(per_write), counted in stats; refused once the session is closed."""
         stats = self.stats
-        for parts, frames, nbytes in self.stream(stream_id, objects, **kwargs)._record_batches(per_write):
+        for parts, frames, nbytes in sender._record_batches(per_write):
             if self.state is State.CLOSED:
                 raise LocalProtocolError("send", "the session is closed")
             stats["frames_out"] += frames

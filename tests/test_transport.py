@@ -1013,3 +1013,34 @@ def test_send_to_a_udp_port_nobody_listens_on_fails_fast(arrays):
     assert r.returncode == 1
     assert r.stderr.strip().endswith(f"nothing listens at udp://{HOST}:{port} (ICMP port unreachable)")
     assert time.monotonic() - t < 3.0
+
+
+@pytest.mark.parametrize("compress", [("none",), ("zstd", "none")])
+def test_asyncio_tcp_stream_leaves_the_tensor_free_when_send_stream_returns(compress):
+    """Over TCP send_stream hands the transport views of the tensor (zero-copy records; joined by
+    writelines before Python 3.12). When it returns, the transport holds none of them: the
+    caller may overwrite the tensor at once and the receiver still gets the original bytes."""
+    import asyncio
+
+    import resonant
+
+    x = np.random.default_rng(3).standard_normal(8 << 20).astype(np.float16)  # 16 MiB
+    want = x.copy()
+
+    async def main():
+        async with resonant.serve(f"tcp://{HOST}:0") as server:
+            async with resonant.connect(f"tcp://{HOST}:{server.address[1]}", compress=compress) as peer:
+                seen = []
+                await peer.send_stream([x], stream_id=9, progress=lambda sent, total: seen.append((sent, total)))
+                assert peer._link.transport.get_write_buffer_size() == 0
+                x[:] = 0  # the caller reuses its tensor
+                while True:
+                    _, e = await server.next_event(10.0)
+                    if isinstance(e, (StreamComplete, StreamFailed)):
+                        break
+                assert isinstance(e, StreamComplete), e
+                assert np.array_equal(e.objects[0], want)
+                assert seen[-1] == (want.nbytes, want.nbytes) and len(seen) > 2
+                assert peer.session.stats["frames_out"] >= 256
+
+    asyncio.run(main())
