@@ -468,11 +468,10 @@ class TcpSession(_TcpClient):
         self.sock.close()
 
 
-class Aio(Client):
-    """resonant.connect() on an event loop of this process, driven one round at a time."""
+class _AioClient(Client):
+    """A client on an event loop of this process (driven one round at a time); its server process
+    sends back the address it listens on through a pipe."""
 
-    kind = AIO
-    name = "resonant asyncio connect/serve (info)"
     loop: asyncio.AbstractEventLoop | None = None
 
     def __init__(self, hidden: np.ndarray, scheme: str) -> None:
@@ -480,16 +479,36 @@ class Aio(Client):
         self.scheme = scheme
         self.transport = scheme.upper()
 
+    def server_args(self) -> tuple:
+        return ()
+
     def start_server(self, ctx) -> None:
         self.pipe, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_aio_server, args=(self.scheme, child), daemon=True)
+        self.proc = ctx.Process(target=type(self).serve, args=(self.scheme, child, *self.server_args()), daemon=True)
         self.proc.start()
         child.close()
 
-    def setup(self) -> None:
+    def server_address(self) -> tuple:
         if not self.pipe.poll(RECV_TIMEOUT_S):
-            _fail(f"the asyncio {self.transport} server did not start")
-        host, port = self.pipe.recv()
+            _fail(f"the {self.name} {self.transport} server did not start")
+        return tuple(self.pipe.recv())
+
+    def run(self, n: int) -> list[int]:
+        return self.loop.run_until_complete(self._run(n))
+
+    async def _run(self, n: int) -> list[int]:
+        raise NotImplementedError
+
+
+class Aio(_AioClient):
+    """resonant.connect() in this process, resonant.serve() in the server's."""
+
+    kind = AIO
+    name = "resonant asyncio connect/serve (info)"
+    serve = staticmethod(_aio_server)
+
+    def setup(self) -> None:
+        host, port = self.server_address()
         self.peer = self.loop.run_until_complete(resonant.connect(f"{self.scheme}://{host}:{port}"))
 
     async def _run(self, n: int) -> list[int]:
@@ -510,9 +529,6 @@ class Aio(Client):
             self._check(arr)
         return out
 
-    def run(self, n: int) -> list[int]:
-        return self.loop.run_until_complete(self._run(n))
-
     def stop(self) -> None:
         async def bye() -> None:
             await self.peer.send(Think(self.hidden, stream_id=STOP_STREAM))
@@ -520,30 +536,23 @@ class Aio(Client):
         self.loop.run_until_complete(bye())
 
 
-class AioRaw(Client):
+class AioRaw(_AioClient):
     """Plain asyncio protocols in this process and the server's: the same bytes echoed, one future
     awaited per round trip, nothing encoded or decoded (the floor under the resonant asyncio rows)."""
 
     kind = AIO_RAW
     name = "raw asyncio protocols (info)"
-    loop: asyncio.AbstractEventLoop | None = None
+    serve = staticmethod(_aio_raw_server)
 
     def __init__(self, hidden: np.ndarray, scheme: str) -> None:
-        super().__init__(hidden)
-        self.scheme = scheme
-        self.transport = scheme.upper()
+        super().__init__(hidden, scheme)
         self.data = self.wire if scheme == "udp" else frame_record(self.wire)
 
-    def start_server(self, ctx) -> None:
-        self.pipe, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_aio_raw_server, args=(self.scheme, child, len(self.data)), daemon=True)
-        self.proc.start()
-        child.close()
+    def server_args(self) -> tuple:
+        return (len(self.data),)
 
     def setup(self) -> None:
-        if not self.pipe.poll(RECV_TIMEOUT_S):
-            _fail(f"the raw asyncio {self.transport} server did not start")
-        addr = tuple(self.pipe.recv())
+        addr = self.server_address()
         client = self
         self.waiter: asyncio.Future | None = None
         self.buf = bytearray()
@@ -584,7 +593,7 @@ class AioRaw(Client):
                 _fail(f"raw asyncio {self.transport}: the echo differs from what was sent")
         return out
 
-    def run(self, n: int) -> list[int]:
+    def run(self, n: int) -> list[int]:  # bounded: a lost datagram must not hang the run
         return self.loop.run_until_complete(asyncio.wait_for(self._run(n), RECV_TIMEOUT_S + n * 0.01))
 
     def stop(self) -> None:
@@ -714,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in clients:  # fork every server before this process opens a client socket or a loop
             c.start_server(ctx)
         loop = asyncio.new_event_loop()
-        Aio.loop = AioRaw.loop = loop
+        _AioClient.loop = loop
         for c in clients:
             c.setup()
             c.run(args.warmup)

@@ -317,6 +317,11 @@ class ReplayWindow:
 # ------------------------------------------------------------------ TCP records
 
 
+def _immutable(data) -> bool:
+    """bytes, or a view of bytes: what a decoded message may keep pointing into."""
+    return type(data) is bytes or type(data) is memoryview and type(data.obj) is bytes
+
+
 def frame_record(frame: bytes) -> bytes:
     """A frame as one TCP record: its u32 little-endian length, then the frame."""
     return len(frame).to_bytes(_LEN_BYTES, "little") + frame
@@ -633,15 +638,7 @@ class Session:
     def receive_data(self, data, now: float) -> list:
         """Bytes from a TCP connection (any split). A broken record stream gives
         ConnectionBroken, after which the connection should be closed."""
-        rr = self.records
-        try:
-            views = rr.feed(data)
-        except FramingError as exc:
-            return [ConnectionBroken(exc)]
-        events = self._frames(views, now) if views else []
-        if rr.broken is not None:  # broken by this read, after the records it returned
-            events.append(ConnectionBroken(rr.broken))
-        return events
+        return self._records(now, self.records.feed, data)
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """TCP, zero-copy: a buffer for the next read (see RecordReader.get_buffer)."""
@@ -675,13 +672,13 @@ class Session:
                 rr.settle()
                 return events
             events += self._frame(record, now, copy=True)
-        return events + self._records(rr.parse, now)
+        return events + self._records(now, rr.parse)
 
-    def _records(self, read: Callable[[], list], now: float) -> list:
-        """The frames of the records read() returns; ConnectionBroken when the record stream
+    def _records(self, now: float, read: Callable[..., list], *args: Any) -> list:
+        """The frames of the records read(*args) returns; ConnectionBroken when the record stream
         breaks (after the records before the break)."""
         try:
-            views = read()
+            views = read(*args)
         except FramingError as exc:
             return [ConnectionBroken(exc)]
         if self.records.broken is not None:  # broken by this read, after the records it returned
@@ -713,7 +710,7 @@ class Session:
         as it is (_chunks_direct), in one step: the events, stats and checks that
         _frame -> _step(DATA) -> _do_accept give it. None for anything else (a frame that does not
         decode, another space, a view of a buffer that will be reused): _frame takes it."""
-        if not (type(data) is bytes or type(data) is memoryview and type(data.obj) is bytes):
+        if not _immutable(data):
             return None  # (a message must outlive the receive buffer: _frame copies it)
         if len(data) < 2 or data[1] == _CHUNK or data[1] == _SYNC:
             return None
@@ -770,8 +767,7 @@ class Session:
         try:
             # Messages are handed to the caller and must outlive the receive buffer: a message
             # decoded in place from a reused buffer is decoded again from a copy.
-            if (copy and not isinstance(data, bytes) and (len(data) < 2 or data[1] != _CHUNK)
-                    and not (type(data) is memoryview and type(data.obj) is bytes)):
+            if copy and not _immutable(data) and (len(data) < 2 or data[1] != _CHUNK):
                 data = bytes(data)  # (a stream chunk is consumed at once, from the receive buffer: no copy;
                 # a view of bytes the caller passed in is immutable and keeps them alive: no copy either)
             frame = self._decoder.decode(data)
