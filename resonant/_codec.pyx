@@ -14,6 +14,7 @@ from libc.string cimport memcpy, memcmp
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.ref cimport Py_INCREF
+from cpython.long cimport PyLong_AsUnsignedLongLong
 
 cimport numpy as cnp
 from cpython.object cimport PyTypeObject
@@ -135,6 +136,8 @@ cdef enum:
     NONCE_BYTES = 24
     TAG_BYTES = 16
     NOGIL_BYTES = 16384            # copies and CRCs this large release the GIL
+    MSG_SYNC = 3
+    MSG_CHUNK = 5
 
 # An element count above this cannot fit any payload under max_frame_bytes; counts are
 # saturated here so that a product of eight u32 dimensions never overflows.
@@ -599,7 +602,7 @@ cdef class Slice:
     cdef uint8_t _dtype
     cdef uint8_t _ndim
     cdef uint32_t _dims[MAX_DIMS]
-    cdef object _base          # bytes, or a 1-D unsigned-byte memoryview
+    cdef object _base          # bytes, a 1-D unsigned-byte memoryview, or a C-contiguous ndarray (_slice_of_array)
     cdef Py_ssize_t _off
     cdef Py_ssize_t _len
 
@@ -807,9 +810,12 @@ cdef object _byte_buffer(object payload, str path):
 
 
 cdef inline const unsigned char *_slice_ptr(Slice s):
-    if type(s._base) is bytes:
-        return <const unsigned char *>PyBytes_AS_STRING(s._base) + s._off
-    return <const unsigned char *>PyMemoryView_GET_BUFFER(s._base).buf + s._off
+    cdef object b = s._base
+    if type(b) is bytes:
+        return <const unsigned char *>PyBytes_AS_STRING(b) + s._off
+    if type(b) is memoryview:
+        return <const unsigned char *>PyMemoryView_GET_BUFFER(b).buf + s._off
+    return <const unsigned char *>cnp.PyArray_DATA(<cnp.ndarray>b) + s._off  # _slice_of_array's
 
 # --------------------------------------------------------------------------- frames
 
@@ -963,38 +969,36 @@ cdef class Frame:
 
 
 cdef object _slice_of_array(object arr):
-    """The common case of Slice.from_array in C: a C-contiguous ndarray whose dtype the wire names
-    as it is (float16, int8, ...), viewed without a copy; None sends the caller down the general
-    path, which also raises the errors (too many dimensions, a dimension over u32, ...)."""
+    """The common case of Slice.from_array in C: an exact, C-contiguous ndarray whose dtype the
+    wire names as it is (float16, int8, ...), viewed without a copy (the slice's base is the array
+    itself); None sends the caller down the general path, which also raises the errors (too many
+    dimensions, a dimension over u32, ...)."""
+    cdef cnp.ndarray a = <cnp.ndarray>arr
     cdef Slice s
-    cdef Py_ssize_t k, nd
-    cdef uint32_t dims[MAX_DIMS]
-    code = _DTYPE_OF_NUMPY_FAST.get(arr.dtype)
-    if code is None or not arr.flags.c_contiguous:
+    cdef int k, nd = cnp.PyArray_NDIM(a)
+    cdef cnp.npy_intp *shape = cnp.PyArray_DIMS(a)
+    cdef cnp.npy_intp nbytes
+    cdef uint64_t elems = 1
+    if nd == 0 or nd > MAX_DIMS or not cnp.PyArray_IS_C_CONTIGUOUS(a):
         return None
-    shape = arr.shape
-    nd = len(shape)
-    if nd == 0 or nd > MAX_DIMS:
+    code = _DTYPE_OF_NUMPY_FAST.get(<object>cnp.PyArray_DESCR(a))
+    if code is None:
         return None
     for k in range(nd):
-        d = shape[k]
-        if d > 0xFFFFFFFF:
+        if shape[k] > 0xFFFFFFFF:
             return None
-        dims[k] = d
-    try:
-        base = memoryview(arr).cast("B")
-    except (TypeError, ValueError):  # a dtype the buffer protocol cannot name (bfloat16)
-        return None
-    if len(base) > 0xFFFFFFFF or _expected_size(code, _elems(dims, nd)) != len(base):
+        elems *= <uint64_t>shape[k]
+    nbytes = cnp.PyArray_NBYTES(a)
+    if nbytes > 0xFFFFFFFF or _expected_size(code, elems) != nbytes:
         return None
     s = Slice.__new__(Slice)
     s._dtype = code
     s._ndim = nd
     for k in range(nd):
-        s._dims[k] = dims[k]
-    s._base = base
+        s._dims[k] = <uint32_t>shape[k]
+    s._base = arr
     s._off = 0
-    s._len = len(base)
+    s._len = nbytes
     return s
 
 
@@ -1025,25 +1029,41 @@ cdef object _as_slice(object value, str kind, str path):
         raise EncodeError(path, str(exc)) from None
 
 
+cdef inline bint _fits(object v, unsigned long long top, unsigned long long *out) except -1:
+    """Whether v is an int (or an int subclass: bool, an IntEnum) in 0..top; its value goes to out."""
+    cdef unsigned long long x
+    if not isinstance(v, int):
+        return False
+    try:
+        x = PyLong_AsUnsignedLongLong(v)
+    except OverflowError:  # negative, or over 64 bits
+        return False
+    if x > top:
+        return False
+    out[0] = x
+    return True
+
+
 cdef _set_header(Frame f, uint8_t msg_type, object stream_id, object frame_seq, object space_hash32,
                  object modality, object flags):
+    cdef unsigned long long x
     f._version = VERSION
     f._msg_type = msg_type
-    if not isinstance(stream_id, int) or not 0 <= stream_id <= 4294967295:
+    if not _fits(stream_id, 4294967295, &x):
         raise EncodeError("stream_id", f"{stream_id!r} is not an integer that fits u32")
-    f._stream_id = stream_id
-    if not isinstance(frame_seq, int) or not 0 <= frame_seq <= 18446744073709551615:
+    f._stream_id = x
+    if not _fits(frame_seq, 18446744073709551615, &x):
         raise EncodeError("frame_seq", f"{frame_seq!r} is not an integer that fits u64")
-    f._frame_seq = frame_seq
-    if not isinstance(space_hash32, int) or not 0 <= space_hash32 <= 4294967295:
+    f._frame_seq = x
+    if not _fits(space_hash32, 4294967295, &x):
         raise EncodeError("space_hash32", f"{space_hash32!r} is not an integer that fits u32")
-    f._space_hash32 = space_hash32
-    if not isinstance(modality, int) or not _known_modality(modality if 0 <= modality <= 255 else 255):
+    f._space_hash32 = x
+    if not _fits(modality, 255, &x) or not _known_modality(<uint8_t>x):
         raise EncodeError("modality", f"{modality!r} is not a modality ({', '.join(m.name for m in Modality)})")
-    f._modality = modality
-    if not isinstance(flags, int) or flags < 0 or flags & ~FLAGS_MASK:
+    f._modality = x
+    if not _fits(flags, 0xFFFFFFFFFFFFFFFF, &x) or x & ~FLAGS_MASK:
         raise EncodeError("flags", f"{flags!r} has bits outside {', '.join(m.name for m in Flags)}")
-    f._flags = flags
+    f._flags = x
 
 
 cdef _check_roles(uint8_t msg_type, tuple slices):
@@ -1084,9 +1104,44 @@ def make_frame(msg_type, slices, *, stream_id=0, frame_seq=0, space_hash32=0, mo
 _REPLACEABLE = frozenset(("stream_id", "frame_seq", "space_hash32", "modality", "flags", "slices"))
 
 
+# Message types whose every role is a tensor and whose fullest layout carries all of them in role
+# order (Think, Cache, Chunk): built from arrays or Slices, they need none of the layout search.
+cdef bint _TENSORS_ONLY[256]
+for _code, _roles in _ROLES.items():
+    _TENSORS_ONLY[_code] = (all(kind == "tensor" for _, kind in _roles)
+                            and tuple(name for name, _ in _roles) in _LAYOUTS[_code])
+
+
+cdef inline object _tensor_slice(object v):
+    """A Slice given as it is, or an exact C-contiguous ndarray viewed in C; None otherwise (or
+    when over max_frame_bytes: the general path raises)."""
+    if type(v) is cnp.ndarray:
+        v = _slice_of_array(v)
+        if v is None:
+            return None
+    elif type(v) is not Slice:
+        return None
+    if (<Slice>v)._len > MAX_FRAME_BYTES:
+        return None
+    return v
+
+
 cdef _init_message(Frame self, uint8_t code, tuple values, object stream_id, object frame_seq,
                    object space_hash32, object modality, object flags):
     cdef Py_ssize_t i, n = len(values)
+    if _TENSORS_ONLY[code]:  # the fastest path: every value an array or a Slice
+        if n == 1:
+            s = _tensor_slice(values[0])
+            if s is not None:
+                _set_header(self, code, stream_id, frame_seq, space_hash32, modality, flags)
+                self._slices = (s,)
+                return
+        else:
+            out = [_tensor_slice(v) for v in values]
+            if None not in out:
+                _set_header(self, code, stream_id, frame_seq, space_hash32, modality, flags)
+                self._slices = tuple(out)
+                return
     roles = _ROLES[code]
     if n == len(roles):  # fast path: every role given, as Slices or arrays (the full layout, in role order)
         out = []
@@ -1715,15 +1770,128 @@ def decode(data, *, codec=None, expected_space_hash=None, bint require_encryptio
         view = PyMemoryView_GET_BUFFER(base)
         p = <const unsigned char *>view.buf
         n = view.len
+    return _decode_in(base, p, n, 0, codec, expected_space_hash, require_encryption)
+
+
+cdef Frame _decode_in(object base, const unsigned char *p, Py_ssize_t n, Py_ssize_t off, object codec,
+                      object expected_space_hash, bint require_encryption):
+    """decode() of the n frame bytes at p, which are base[off:off + n] (base: bytes, or a 1-D
+    unsigned-byte memoryview)."""
+    cdef Hdr h
     _check_header(p, n, &h)
     if h.version == VERSION_TRANSFORMED:
+        if off:  # (its offsets count from the frame's first byte)
+            base = memoryview(base)[off:off + n]
         return _decode_transformed(p, &h, base, codec, expected_space_hash, require_encryption)
     _check_body(p, &h, p + h.body, h.end - h.body, h.body, "", _BEFORE_CRC, "crc32", "the crc32")
     _check_crc(p, &h)
     _check_encrypted(p, &h, require_encryption)
     _check_space(p, &h, expected_space_hash)
     _check_meaning(p, &h, p + h.body, h.body, "")
-    return _build(p, &h, p + h.body, base, h.body, 0)
+    return _build(p, &h, p + h.body, base, off + h.body, 0)
+
+# --------------------------------------------------------------------------- Session fast paths
+
+
+@cython.final
+@cython.freelist(16)
+cdef class MessageReceived:
+    """A frame that is not part of a V-Stream: Think, Cache, Ask, Critique, or a Sync
+    (control documents such as ping, capability and error come with `document` parsed).
+
+    An event of resonant.session (built here, in C, by the Session's fast path); immutable,
+    compared by value like the other events."""
+
+    cdef readonly object frame
+    cdef readonly object document
+
+    __match_args__ = ("frame", "document")
+
+    def __init__(self, frame, document=None):
+        self.frame = frame
+        self.document = document
+
+    def __eq__(self, other):
+        if type(other) is not MessageReceived:
+            return NotImplemented
+        cdef MessageReceived o = <MessageReceived>other
+        return (self.frame, self.document) == (o.frame, o.document)
+
+    def __hash__(self):
+        return hash((self.frame, self.document))
+
+    def __repr__(self):
+        return f"MessageReceived(frame={self.frame!r}, document={self.document!r})"
+
+
+cdef inline int _count(dict stats, str key, Py_ssize_t n) except -1:
+    stats[key] = stats[key] + n
+    return 0
+
+
+def _message_event(codec, data, Py_ssize_t off, expected_space_hash, dict stats):
+    """The Session's fast path for a data message: see _message_event_c."""
+    return _message_event_c(codec, data, off, expected_space_hash, stats)
+
+
+def _record_event(codec, data, Py_ssize_t max_frame_bytes, expected_space_hash, dict stats):
+    """_message_event for bytes that hold exactly one TCP record (u32 little-endian length, then a
+    frame of at most max_frame_bytes); None for anything else."""
+    cdef Py_ssize_t n
+    cdef uint32_t length
+    if type(data) is not bytes:
+        return None
+    n = PyBytes_GET_SIZE(data)
+    if n <= 4:
+        return None
+    length = rz_ld_u32(<const unsigned char *>PyBytes_AS_STRING(data))
+    if <Py_ssize_t>length != n - 4 or <Py_ssize_t>length > max_frame_bytes:
+        return None
+    return _message_event_c(codec, data, 4, expected_space_hash, stats)
+
+
+cdef object _message_event_c(codec, data, Py_ssize_t off, expected_space_hash, dict stats):
+    """The Session's fast path for a data message (not a stream chunk, not a control frame): the
+    frame data[off:], where data is immutable bytes (or a byte view of bytes), decoded by `codec`
+    (a resonant.Codec that requires no encryption), counted in stats (frames_in, bytes_in,
+    messages), as [MessageReceived(frame, None)]. None for anything else (a chunk or a Sync, a
+    frame that does not decode, another space, a buffer that may change): the general path takes
+    it and gives the same events and counts."""
+    cdef const unsigned char *p
+    cdef Py_ssize_t n
+    cdef Py_buffer *view
+    cdef MessageReceived ev
+    if type(data) is bytes:
+        p = <const unsigned char *>PyBytes_AS_STRING(data)
+        n = PyBytes_GET_SIZE(data)
+    elif type(data) is memoryview:
+        view = PyMemoryView_GET_BUFFER(data)
+        if (<void *>view.obj == NULL or type(<object>view.obj) is not bytes or view.ndim != 1 or view.itemsize != 1
+                or view.strides == NULL or view.strides[0] != 1):
+            return None
+        p = <const unsigned char *>view.buf
+        n = view.len
+    else:
+        return None
+    if off < 0 or n - off < 2:
+        return None
+    p += off
+    n -= off
+    if p[OFF_MSG_TYPE] == MSG_CHUNK or p[OFF_MSG_TYPE] == MSG_SYNC:
+        return None
+    try:
+        frame = _decode_in(data, p, n, off, codec, None, False)
+    except DecodeError:
+        return None
+    if expected_space_hash is not None and frame._space_hash32 != expected_space_hash:
+        return None
+    _count(stats, "frames_in", 1)
+    _count(stats, "bytes_in", n)
+    _count(stats, "messages", 1)
+    ev = MessageReceived.__new__(MessageReceived)
+    ev.frame = frame
+    return [ev]
+
 
 # --------------------------------------------------------------------------- encode
 
@@ -1802,6 +1970,22 @@ def encode(Frame frame not None):
     out = PyBytes_FromStringAndSize(NULL, size)
     cdef unsigned char *q = <unsigned char *>PyBytes_AS_STRING(out)
     _write_header(frame, q, VERSION, frame._flags & ~frame._applied, nslices)
+    _write_body(slices, q + hsize, False)
+    rz_st_u32(q + size - CRC_SIZE, _crc32(q, size - CRC_SIZE))
+    return out
+
+
+def _encode_numbered(Frame frame not None, uint64_t frame_seq):
+    """encode(frame.replace(frame_seq=frame_seq)), without the copy of the frame (Session.send)."""
+    cdef tuple slices = frame._slices
+    cdef Py_ssize_t nslices = len(slices)
+    cdef Py_ssize_t hsize = PREFIX_SIZE + 4 * nslices + SUFFIX_SIZE
+    cdef Py_ssize_t size = hsize + _body_size(slices) + CRC_SIZE
+    _check_size(size)
+    out = PyBytes_FromStringAndSize(NULL, size)
+    cdef unsigned char *q = <unsigned char *>PyBytes_AS_STRING(out)
+    _write_header(frame, q, VERSION, frame._flags & ~frame._applied, nslices)
+    rz_st_u64(q + OFF_FRAME_SEQ, frame_seq)
     _write_body(slices, q + hsize, False)
     rz_st_u32(q + size - CRC_SIZE, _crc32(q, size - CRC_SIZE))
     return out

@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from resonant import _codec, handshake
-from resonant._codec import Chunk, Frame, Slice, Sync, make_frame
+from resonant._codec import Chunk, Frame, MessageReceived, Slice, Sync, make_frame
+from resonant._codec import _encode_numbered, _message_event, _record_event
 from resonant._spec import MAX_FRAME_BYTES, TCP_LENGTH_PREFIX_BYTES, Flags, MsgType
 from resonant.errors import (
     DecodeError,
@@ -79,6 +80,9 @@ class State(str, enum.Enum):
     ESTABLISHED = "established"
     FAILED = "failed"                # client: the handshake was refused or timed out
     CLOSED = "closed"
+
+
+_CLOSED = State.CLOSED  # (a module constant: an Enum class attribute is slow to look up)
 
 
 class Input(str, enum.Enum):
@@ -243,13 +247,8 @@ class RemoteError:
     document: dict
 
 
-@dataclass(frozen=True)
-class MessageReceived:
-    """A frame that is not part of a V-Stream: Think, Cache, Ask, Critique, or a Sync
-    (control documents such as ping, capability and error come with `document` parsed)."""
-
-    frame: Frame
-    document: dict | None = None
+# MessageReceived (a frame that is not part of a V-Stream, with its control document when it is
+# a Sync) is defined in the codec, whose fast path builds it in C.
 
 
 @dataclass(frozen=True)
@@ -504,8 +503,9 @@ class Session:
             raise TypeError("pass a SessionConfig or keyword arguments, not both")
         self.config = config
         self.role = config.role
+        self._space = config.expected_space_hash  # (the config is frozen)
         self.state = State.IDLE
-        self.agreement: Agreement | None = None
+        self.agreement = None  # (sets _limit and _reduce)
         self._direct_state: State | None = None  # _chunks_direct's answer, for this state
         self._direct = False
         self._keyring = config.key if isinstance(config.key, Keyring) or config.key is None else Keyring([config.key])
@@ -547,23 +547,25 @@ class Session:
         (0, 1, 2...), so that the peer's replay window never mistakes two messages for a
         replay. keep_seq=True sends the frame_seq as given (then keep it increasing per
         stream when encrypting)."""
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             raise LocalProtocolError("send", "the session is closed")
-        if self.agreement is not None and not self._all_dtypes:
+        if self._reduce:
             frame = self._reduce_dtypes(frame)
-        if not keep_seq:
+        enc = self._encoder
+        if keep_seq:
+            data = enc.encode(frame) if enc is not None else _codec.encode(frame)
+        else:
             seq = self._seq
             sid = frame.stream_id
             n = seq.get(sid, 0)
             seq[sid] = n + 1
-            frame = frame.replace(frame_seq=n)
-        enc = self._encoder
-        self._queue(enc.encode(frame) if enc is not None else _codec.encode(frame))
+            data = _encode_numbered(frame, n) if enc is None else enc.encode(frame.replace(frame_seq=n))
+        self._queue(data)
 
     def stream(self, stream_id: int, objects: Sequence, **kwargs: Any) -> StreamSender:
         """A StreamSender configured with what was agreed (codec, frame size, space hash);
         iterate it and pass each frame to `send_encoded` (or write it yourself)."""
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             raise LocalProtocolError("stream", "the session is closed")
         kwargs.setdefault("max_frame_bytes", self.max_frame_bytes)
         kwargs.setdefault("space_hash32", self.config.space_hash32)
@@ -585,7 +587,7 @@ class Session:
         """sender.records(per_write), counted in stats; refused once the session is closed."""
         stats = self.stats
         for parts, frames, nbytes in sender._record_batches(per_write):
-            if self.state is State.CLOSED:
+            if self.state is _CLOSED:
                 raise LocalProtocolError("send", "the session is closed")
             stats["frames_out"] += frames
             stats["bytes_out"] += nbytes
@@ -593,13 +595,24 @@ class Session:
 
     def send_encoded(self, data: bytes) -> None:
         """Queue bytes that are already one encoded frame (e.g. from `stream()`)."""
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             raise LocalProtocolError("send", "the session is closed")
         self._queue(bytes(data))
 
     @property
+    def agreement(self) -> Agreement | None:
+        """What the handshake settled on; None before it (or after it failed)."""
+        return self._agreement
+
+    @agreement.setter
+    def agreement(self, agreement: Agreement | None) -> None:
+        self._agreement = agreement
+        self._limit = agreement.max_frame_bytes if agreement is not None else self.config.max_frame_bytes
+        self._reduce = False  # whether sent tensors may need converting: set by _apply_agreement
+
+    @property
     def max_frame_bytes(self) -> int:
-        return self.agreement.max_frame_bytes if self.agreement else self.config.max_frame_bytes
+        return self._limit
 
     def datagrams_to_send(self) -> list[bytes]:
         """The queued frames, one per datagram."""
@@ -624,21 +637,29 @@ class Session:
 
     def receive_datagram(self, data, now: float) -> list:
         """One UDP datagram (one frame). Never raises for anything the peer sent."""
-        if self._chunks_direct():
-            events = self.reassembler.receive_chunk(data, now, self.config.expected_space_hash)
+        if self._direct_state is self.state and self._direct or self._chunks_direct():
+            events = _message_event(self._decoder, data, 0, self._space, self.stats)
+            if events is not None:
+                return events
+            events = self.reassembler.receive_chunk(data, now, self._space)
             if events is not None:
                 self.stats["frames_in"] += 1
                 self.stats["bytes_in"] += len(data)
-                return events
-            events = self._plain_message(data)
-            if events is not None:
                 return events
         return self._frame(data, now, copy=True)
 
     def receive_data(self, data, now: float) -> list:
         """Bytes from a TCP connection (any split). A broken record stream gives
         ConnectionBroken, after which the connection should be closed."""
-        return self._records(now, self.records.feed, data)
+        rr = self.records
+        if rr._start == rr._end and rr.broken is None and (
+                self._direct_state is self.state and self._direct or self._chunks_direct()):
+            # The common case, bytes holding exactly one record of a data message: decoded in place.
+            events = _record_event(self._decoder, data, rr.max_frame_bytes, self._space, self.stats)
+            if events is not None:
+                rr.consumed += len(data)
+                return events
+        return self._records(now, rr.feed, data)
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """TCP, zero-copy: a buffer for the next read (see RecordReader.get_buffer)."""
@@ -653,7 +674,7 @@ class Session:
         except FramingError as exc:
             return [ConnectionBroken(exc)]
         events: list = []
-        space = self.config.expected_space_hash
+        space = self._space
         while self._chunks_direct():
             pos, count, nbytes, ev = self.reassembler.place_records(rr._buf, rr._start, rr._end, rr.max_frame_bytes,
                                                                     space, now)
@@ -688,7 +709,7 @@ class Session:
     def _frames(self, views: list, now: float) -> list:
         events: list = []
         direct = self._chunks_direct()
-        space = self.config.expected_space_hash
+        space = self._space
         for v in views:
             if direct:
                 ev = self.reassembler.receive_chunk(v, now, space)
@@ -707,25 +728,10 @@ class Session:
 
     def _plain_message(self, data) -> list | None:
         """A data message (not a stream chunk, not a control frame) in a state that takes data
-        as it is (_chunks_direct), in one step: the events, stats and checks that
+        as it is (_chunks_direct), in one step (in C): the events, stats and checks that
         _frame -> _step(DATA) -> _do_accept give it. None for anything else (a frame that does not
         decode, another space, a view of a buffer that will be reused): _frame takes it."""
-        if not _immutable(data):
-            return None  # (a message must outlive the receive buffer: _frame copies it)
-        if len(data) < 2 or data[1] == _CHUNK or data[1] == _SYNC:
-            return None
-        try:
-            frame = self._decoder.decode(data)
-        except DecodeError:
-            return None
-        want = self.config.expected_space_hash
-        if want is not None and frame.space_hash32 != want:
-            return None
-        stats = self.stats
-        stats["frames_in"] += 1
-        stats["bytes_in"] += len(data)
-        stats["messages"] += 1
-        return [MessageReceived(frame, None)]
+        return _message_event(self._decoder, data, 0, self._space, self.stats)
 
     def _chunks_direct(self) -> bool:
         """Whether a plain stream chunk may take the Reassembler's fast path: this state accepts
@@ -762,7 +768,7 @@ class Session:
     def _frame(self, data, now: float, copy: bool) -> list:
         self.stats["frames_in"] += 1
         self.stats["bytes_in"] += len(data)
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             return self._step(Input.DATA, now, None, "frame")
         try:
             # Messages are handed to the caller and must outlive the receive buffer: a message
@@ -1001,6 +1007,7 @@ class Session:
         a = self.agreement
         self._agreed_codes = frozenset(_DTYPE_NAMES[d] for d in a.dtypes)
         self._all_dtypes = len(self._agreed_codes) == len(_DTYPE_NAMES)  # nothing to reduce: skip the check
+        self._reduce = not self._all_dtypes
         level = self.config.zstd_level if a.compress == "zstd" else None
         key = self._keyring if a.crypto == "xchacha20poly1305" else None
         self._encoder = Codec(level, key=key) if (level is not None or key is not None) else None
@@ -1043,12 +1050,14 @@ class Session:
         return n
 
     def _queue(self, data: bytes) -> None:
-        if len(data) > self.max_frame_bytes:
-            raise LocalProtocolError("send", f"a {len(data)}-byte frame is over the agreed max_frame_bytes "
-                                     f"({self.max_frame_bytes}); send it as a stream")
+        n = len(data)
+        if n > self._limit:
+            raise LocalProtocolError("send", f"a {n}-byte frame is over the agreed max_frame_bytes "
+                                     f"({self._limit}); send it as a stream")
         self._out.append(data)
-        self.stats["frames_out"] += 1
-        self.stats["bytes_out"] += len(data)
+        stats = self.stats
+        stats["frames_out"] += 1
+        stats["bytes_out"] += n
 
     def _control(self, doc: dict, stream_id: int, plain: bool = False) -> None:
         payload = json.dumps(doc, separators=(",", ":")).encode()
