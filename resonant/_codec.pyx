@@ -1837,6 +1837,10 @@ def _message_event(codec, data, Py_ssize_t off, expected_space_hash, dict stats)
 def _record_event(codec, data, Py_ssize_t max_frame_bytes, expected_space_hash, dict stats):
     """_message_event for bytes that hold exactly one TCP record (u32 little-endian length, then a
     frame of at most max_frame_bytes); None for anything else."""
+    return _record_event_c(codec, data, max_frame_bytes, expected_space_hash, stats)
+
+
+cdef object _record_event_c(codec, data, Py_ssize_t max_frame_bytes, expected_space_hash, dict stats):
     cdef Py_ssize_t n
     cdef uint32_t length
     if type(data) is not bytes:
@@ -1989,6 +1993,129 @@ def _encode_numbered(Frame frame not None, uint64_t frame_seq):
     _write_body(slices, q + hsize, False)
     rz_st_u32(q + size - CRC_SIZE, _crc32(q, size - CRC_SIZE))
     return out
+
+
+def _queue_numbered(Frame frame not None, dict seq, list out, dict stats, Py_ssize_t limit):
+    """Session.send's plain path in one call: the frame takes its stream's next number from
+    `seq` (0, 1, 2...), is encoded, checked against the agreed limit, appended to `out` and
+    counted in stats (frames_out, bytes_out)."""
+    cdef uint64_t n
+    key = frame._stream_id
+    got = seq.get(key)
+    n = 0 if got is None else got
+    seq[key] = n + 1
+    data = _encode_numbered(frame, n)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+    if size > limit:
+        raise LocalProtocolError("send", f"a {size}-byte frame is over the agreed max_frame_bytes ({limit}); "
+                                 "send it as a stream")
+    out.append(data)
+    _count(stats, "frames_out", 1)
+    _count(stats, "bytes_out", size)
+
+
+cdef class _SessionCore:
+    """The per-message paths of resonant.session.Session, in C: data messages in (UDP datagrams,
+    TCP reads holding one record) and out (plain frames), and the send queue. Everything else
+    (the handshake, control frames, streams, encryption, compression, errors) is the Python
+    subclass's, which these methods hand over to: _chunks_direct, _frame, _chunk_or_frame,
+    _records and _send. The attributes are the subclass's state, kept in C slots."""
+
+    cdef public object state
+    cdef public object _closed          # State.CLOSED
+    cdef public object _direct_state    # the state _direct was worked out for (_chunks_direct)
+    cdef public bint _direct            # whether that state takes data frames as they are
+    cdef public object _decoder
+    cdef public object _encoder
+    cdef public object _space           # the expected space hash, or None
+    cdef public dict stats
+    cdef public list _out               # encoded frames waiting to be sent
+    cdef public dict _seq               # stream_id -> next frame_seq
+    cdef public object records          # the RecordReader (TCP)
+    cdef public Py_ssize_t _limit       # the largest frame this side may send
+    cdef public bint _reduce            # whether sent tensors may need a dtype the peer agreed to
+
+    cdef inline bint _takes_data(self) except -1:
+        if self._direct_state is self.state:
+            return self._direct
+        return self._chunks_direct()
+
+    def send(self, frame, now=0.0, *, keep_seq=False):
+        """Queue one frame, encoded as agreed (compressed/encrypted).
+
+        The session numbers frames: frame_seq becomes the next number of the frame's stream
+        (0, 1, 2...), so that the peer's replay window never mistakes two messages for a
+        replay. keep_seq=True sends the frame_seq as given (then keep it increasing per
+        stream when encrypting)."""
+        if (self.state is self._closed or self._reduce or keep_seq or self._encoder is not None
+                or not isinstance(frame, Frame)):
+            return self._send(frame, now, keep_seq)
+        _queue_numbered(frame, self._seq, self._out, self.stats, self._limit)
+
+    def datagrams_to_send(self):
+        """The queued frames, one per datagram."""
+        out = self._out
+        self._out = []
+        return out
+
+    def records_to_send(self):
+        """The queued frames as TCP records, unjoined: [length, frame, length, frame, ...], for
+        socket.sendmsg or a transport's writelines, which write them without a copy."""
+        out = self._out
+        self._out = []
+        parts = []
+        for f in out:
+            head = PyBytes_FromStringAndSize(NULL, 4)
+            rz_st_u32(<unsigned char *>PyBytes_AS_STRING(head), <uint32_t>len(f))
+            parts.append(head)
+            parts.append(f)
+        return parts
+
+    def data_to_send(self):
+        """The queued frames as TCP records (u32 little-endian length + frame each), as one
+        bytes object (one copy of each frame)."""
+        cdef Py_ssize_t size = 0, pos = 0, k
+        out = self._out
+        self._out = []
+        for f in out:
+            size += 4 + len(f)
+        joined = PyBytes_FromStringAndSize(NULL, size)
+        cdef unsigned char *q = <unsigned char *>PyBytes_AS_STRING(joined)
+        cdef const unsigned char[::1] v
+        for f in out:
+            if type(f) is bytes:
+                k = PyBytes_GET_SIZE(f)
+                rz_st_u32(q + pos, <uint32_t>k)
+                memcpy(q + pos + 4, PyBytes_AS_STRING(f), k)
+            else:
+                v = memoryview(f).cast("B")
+                k = v.shape[0]
+                rz_st_u32(q + pos, <uint32_t>k)
+                if k:
+                    memcpy(q + pos + 4, &v[0], k)
+            pos += 4 + k
+        return joined
+
+    def receive_datagram(self, data, now):
+        """One UDP datagram (one frame). Never raises for anything the peer sent."""
+        if self._takes_data():
+            events = _message_event_c(self._decoder, data, 0, self._space, self.stats)
+            if events is not None:
+                return events
+            return self._chunk_or_frame(data, now)
+        return self._frame(data, now, True)
+
+    def receive_data(self, data, now):
+        """Bytes from a TCP connection (any split). A broken record stream gives
+        ConnectionBroken, after which the connection should be closed."""
+        rr = self.records
+        if type(data) is bytes and self._takes_data() and rr._start == rr._end and rr.broken is None:
+            # The common case, bytes holding exactly one record of a data message: decoded in place.
+            events = _record_event_c(self._decoder, data, rr.max_frame_bytes, self._space, self.stats)
+            if events is not None:
+                rr.consumed += PyBytes_GET_SIZE(data)
+                return events
+        return self._records(now, rr.feed, data)
 
 
 def _encode_header(Frame frame not None, uint16_t transforms):

@@ -29,7 +29,7 @@ import numpy as np
 
 from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, MessageReceived, Slice, Sync, make_frame
-from resonant._codec import _encode_numbered, _message_event, _record_event
+from resonant._codec import _message_event, _SessionCore
 from resonant._spec import MAX_FRAME_BYTES, TCP_LENGTH_PREFIX_BYTES, Flags, MsgType
 from resonant.errors import (
     DecodeError,
@@ -489,8 +489,12 @@ class RecordReader:
 # ------------------------------------------------------------------ the session
 
 
-class Session:
-    """One peer relationship, sans-IO. See the module docstring."""
+class Session(_SessionCore):
+    """One peer relationship, sans-IO. See the module docstring.
+
+    The per-message paths (send, receive_datagram, receive_data, datagrams_to_send,
+    data_to_send, records_to_send) are _SessionCore's, in C; they hand everything but plain
+    data messages to the methods here."""
 
     def __init__(self, config: SessionConfig | None = None, *, budget: MemoryBudget | None = None,
                  allocate: Callable[[int, StreamLayout], Any] | None = None, **kwargs: Any) -> None:
@@ -505,6 +509,7 @@ class Session:
         self.role = config.role
         self._space = config.expected_space_hash  # (the config is frozen)
         self.state = State.IDLE
+        self._closed = State.CLOSED
         self.agreement = None  # (sets _limit and _reduce)
         self._direct_state: State | None = None  # _chunks_direct's answer, for this state
         self._direct = False
@@ -540,27 +545,18 @@ class Session:
     def close(self, now: float = 0.0) -> None:
         self._step(Input.CLOSE, now, None, None)
 
-    def send(self, frame: Frame, now: float = 0.0, *, keep_seq: bool = False) -> None:
-        """Queue one frame, encoded as agreed (compressed/encrypted).
-
-        The session numbers frames: frame_seq becomes the next number of the frame's stream
-        (0, 1, 2...), so that the peer's replay window never mistakes two messages for a
-        replay. keep_seq=True sends the frame_seq as given (then keep it increasing per
-        stream when encrypting)."""
+    def _send(self, frame: Frame, now: float, keep_seq: bool) -> None:
+        """send() for everything but a plain frame numbered as it goes (_SessionCore.send)."""
         if self.state is _CLOSED:
             raise LocalProtocolError("send", "the session is closed")
+        if not isinstance(frame, Frame):
+            raise TypeError(f"send() takes a message (Think, Cache, ...), got {type(frame).__name__}")
         if self._reduce:
             frame = self._reduce_dtypes(frame)
         enc = self._encoder
-        if keep_seq:
-            data = enc.encode(frame) if enc is not None else _codec.encode(frame)
-        else:
-            seq = self._seq
-            sid = frame.stream_id
-            n = seq.get(sid, 0)
-            seq[sid] = n + 1
-            data = _encode_numbered(frame, n) if enc is None else enc.encode(frame.replace(frame_seq=n))
-        self._queue(data)
+        if not keep_seq:
+            frame = frame.replace(frame_seq=self._next_seq(frame.stream_id))
+        self._queue(enc.encode(frame) if enc is not None else _codec.encode(frame))
 
     def stream(self, stream_id: int, objects: Sequence, **kwargs: Any) -> StreamSender:
         """A StreamSender configured with what was agreed (codec, frame size, space hash);
@@ -614,52 +610,16 @@ class Session:
     def max_frame_bytes(self) -> int:
         return self._limit
 
-    def datagrams_to_send(self) -> list[bytes]:
-        """The queued frames, one per datagram."""
-        out, self._out = self._out, []
-        return out
-
-    def data_to_send(self) -> bytes:
-        """The queued frames as TCP records (u32 little-endian length + frame each)."""
-        return b"".join(self.records_to_send())  # one copy of each frame
-
-    def records_to_send(self) -> list[bytes]:
-        """The queued frames as TCP records, unjoined: [length, frame, length, frame, ...], for
-        socket.sendmsg or a transport's writelines, which write them without a copy."""
-        out, self._out = self._out, []
-        parts = []
-        for f in out:
-            parts.append(len(f).to_bytes(_LEN_BYTES, "little"))
-            parts.append(f)
-        return parts
-
     # -------------------------------------------------------------- input
 
-    def receive_datagram(self, data, now: float) -> list:
-        """One UDP datagram (one frame). Never raises for anything the peer sent."""
-        if self._direct_state is self.state and self._direct or self._chunks_direct():
-            events = _message_event(self._decoder, data, 0, self._space, self.stats)
-            if events is not None:
-                return events
-            events = self.reassembler.receive_chunk(data, now, self._space)
-            if events is not None:
-                self.stats["frames_in"] += 1
-                self.stats["bytes_in"] += len(data)
-                return events
+    def _chunk_or_frame(self, data, now: float) -> list:
+        """receive_datagram, in a state that takes data as it is, for anything but a data message."""
+        events = self.reassembler.receive_chunk(data, now, self._space)
+        if events is not None:
+            self.stats["frames_in"] += 1
+            self.stats["bytes_in"] += len(data)
+            return events
         return self._frame(data, now, copy=True)
-
-    def receive_data(self, data, now: float) -> list:
-        """Bytes from a TCP connection (any split). A broken record stream gives
-        ConnectionBroken, after which the connection should be closed."""
-        rr = self.records
-        if rr._start == rr._end and rr.broken is None and (
-                self._direct_state is self.state and self._direct or self._chunks_direct()):
-            # The common case, bytes holding exactly one record of a data message: decoded in place.
-            events = _record_event(self._decoder, data, rr.max_frame_bytes, self._space, self.stats)
-            if events is not None:
-                rr.consumed += len(data)
-                return events
-        return self._records(now, rr.feed, data)
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """TCP, zero-copy: a buffer for the next read (see RecordReader.get_buffer)."""
