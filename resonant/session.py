@@ -691,6 +691,8 @@ class Session(_SessionCore):
         as it is (_chunks_direct), in one step (in C): the events, stats and checks that
         _frame -> _step(DATA) -> _do_accept give it. None for anything else (a frame that does not
         decode, another space, a view of a buffer that will be reused): _frame takes it."""
+        if not self._fast:
+            return None
         return _message_event(self._decoder, data, 0, self._space, self.stats)
 
     def _chunks_direct(self) -> bool:

@@ -844,7 +844,7 @@ def test_plain_message_fast_path_gives_the_general_paths_events(picks, config, t
     config = dict(config)
     shake = config.pop("handshake", False)
     sessions = [Session(role="server", **config), Session(role="server", **config)]
-    sessions[1]._plain_message = lambda data: None  # the general path only
+    sessions[1]._fast = False  # the general path only
     for s in sessions:
         if shake:
             handshake(Session(role="client", **config), s)
@@ -876,6 +876,71 @@ def test_plain_message_fast_path_takes_messages_and_copies_views_of_buffers():
     buf[:] = bytes(len(buf))
     assert len(calls) == 1 and e.frame.hidden.tobytes() == np.ones(8, np.float16).tobytes()
     assert s.stats["messages"] == 3 and s.stats["frames_in"] == 3
+
+
+def test_message_received_is_an_immutable_value():
+    f = Think(np.ones((1, 4), np.float16), stream_id=2)
+    a, b = MessageReceived(f, None), MessageReceived(frame=Think(np.ones((1, 4), np.float16), stream_id=2))
+    assert a == b and a != MessageReceived(f, {"method": "x"}) and a != (f, None)
+    assert repr(a).startswith("MessageReceived(frame=Think(stream_id=2") and repr(a).endswith("document=None)")
+    with pytest.raises(AttributeError):
+        a.frame = None  # type: ignore[misc]
+    match a:
+        case MessageReceived(frame, None):
+            assert frame is f
+        case _:
+            raise AssertionError("no match")
+
+
+def test_general_path_switch_sends_plain_messages_through_frame():
+    s = Session(role="server")
+    s._fast = False
+    calls = []
+    general = s._frame
+    s._frame = lambda *a, **k: calls.append(a) or general(*a, **k)
+    wire = _codec.encode(resonant.Think(np.ones((1, 8), np.float16)))
+    assert kinds(s.receive_datagram(wire, 0.0)) == ["MessageReceived"]
+    assert kinds(s.receive_data(frame_record(wire), 0.0)) == ["MessageReceived"]
+    assert len(calls) == 2
+
+
+def _sendable(k: int):
+    rng = np.random.default_rng(k)
+    h = rng.standard_normal((2, 16)).astype(np.float16)
+    sid = k % 3
+    return [resonant.Think(h, stream_id=sid), resonant.Cache(h, h[::-1].copy(), stream_id=sid, flags=0),
+            resonant.Ask(h[0], "why?", stream_id=sid, space_hash32=SPACE), resonant.Critique(h[0], stream_id=sid),
+            resonant.Critique(h[0], (h[1] > 0).astype(np.int8), {"a": k}, stream_id=sid, modality=2), Sync({"method": "x"}, stream_id=sid),
+            resonant.Think(h.astype(np.float32), stream_id=sid, frame_seq=7), resonant.Think(np.ones((1, 20000), np.float16)),
+            "not a frame"][k % 9]
+
+
+@settings(max_examples=60, deadline=None)
+@given(picks=st.lists(st.tuples(st.integers(0, 1000), st.booleans()), min_size=1, max_size=20),
+       config=st.sampled_from([{}, {"max_frame_bytes": 4096}, {"dtypes": ("f16", "i8")}, {"compress": ("zstd",)}]),
+       transport=st.sampled_from(["udp", "tcp", "records"]))
+def test_send_fast_path_queues_what_the_general_path_does(picks, config, transport):
+    """Session.send's C path (numbered, encoded, checked and queued in one call) and the general
+    path give the same bytes, errors and stats for any sequence of messages, after a handshake
+    that may reduce dtypes, limit frame sizes or agree on compression."""
+    sessions = [Session(role="client", **config), Session(role="client", **config)]
+    sessions[1]._fast = False
+    for s in sessions:
+        handshake(s, Session(role="server", **config))
+        s.datagrams_to_send()
+    seen = [[], []]
+    for k, keep in picks:
+        frame = _sendable(k)
+        for s, got in zip(sessions, seen):
+            try:
+                s.send(frame, 0.0, keep_seq=keep)
+                got.append("ok")
+            except Exception as exc:  # the same error either way
+                got.append((type(exc).__name__, str(exc)))
+            out = {"udp": s.datagrams_to_send, "tcp": s.data_to_send, "records": s.records_to_send}[transport]()
+            got.append(out if transport != "records" else [bytes(p) for p in out])
+    assert seen[0] == seen[1]
+    assert sessions[0].stats == sessions[1].stats
 
 
 def test_stream_records_cross_a_session_and_count_as_send_encoded_does():
