@@ -11,6 +11,10 @@ and a server process forked for it, over 127.0.0.1; one-way latency = round trip
 
 - raw socket: the client sends the 4,143 frame bytes (TCP: the 4,147 record bytes); the server
   echoes them; nobody encodes or decodes anything.
+- resonant codec only (information): no Session. The client sends `resonant.encode(Think(hidden,
+  frame_seq=i))` (TCP: as one record); the server `resonant.decode()`s it, takes the numpy view of
+  the payload and sends back an encoded Think of it; the client decodes the reply and takes its
+  numpy view. The floor under the Session rows: what encoding and decoding alone cost here.
 - resonant Session: both processes drive a sans-IO `resonant.Session` (handshake first) over
   plain blocking sockets. The client builds `Think(hidden)`, `session.send()`s it and writes
   `datagrams_to_send()` / `data_to_send()`; the server feeds what it reads to
@@ -79,7 +83,7 @@ ROUND_WARMUP = 20             # discarded round trips at the start of every roun
 HOST = "127.0.0.1"
 MAX_DGRAM = 65536
 
-RAW, OURS, AIO, AIO_RAW = "raw socket", "resonant Session", "resonant asyncio", "raw asyncio"
+RAW, OURS, CODEC, AIO, AIO_RAW = "raw socket", "resonant Session", "resonant codec", "resonant asyncio", "raw asyncio"
 pc = time.perf_counter_ns
 
 
@@ -182,6 +186,39 @@ def _tcp_session_server(listener: socket.socket) -> None:
         out = session.data_to_send()
         if out:
             sendall(out)
+
+
+def _udp_codec_server(sock: socket.socket) -> None:
+    """No Session: decode every datagram, encode a Think of its payload (numbered), send it back."""
+    gc.disable()
+    recvfrom, sendto, decode, encode = sock.recvfrom, sock.sendto, resonant.decode, resonant.encode
+    seq = 0
+    while True:
+        data, addr = recvfrom(MAX_DGRAM)
+        frame = decode(data)
+        if frame.stream_id == STOP_STREAM:
+            return
+        seq += 1
+        sendto(encode(Think(frame.hidden.numpy(), stream_id=frame.stream_id, frame_seq=seq)), addr)
+
+
+def _tcp_codec_server(listener: socket.socket) -> None:
+    """No Session: each read is one record (checked); decode it, send back a record of a Think of its payload."""
+    gc.disable()
+    conn = _accept(listener)
+    recv, sendall, decode, encode = conn.recv, conn.sendall, resonant.decode, resonant.encode
+    seq = 0
+    while True:
+        data = recv(MAX_DGRAM)
+        if not data:
+            return
+        if int.from_bytes(data[:4], "little") != len(data) - 4:
+            _fail("TCP codec server: a read that is not exactly one record")
+        frame = decode(memoryview(data)[4:])
+        if frame.stream_id == STOP_STREAM:
+            return
+        seq += 1
+        sendall(frame_record(encode(Think(frame.hidden.numpy(), stream_id=frame.stream_id, frame_seq=seq))))
 
 
 def _aio_server(scheme: str, pipe) -> None:
@@ -395,6 +432,29 @@ class UdpSession(_UdpClient):
         self.sock.close()
 
 
+class UdpCodec(_UdpClient):
+    """The floor under the Session row: the same messages through resonant.encode/decode alone."""
+
+    transport, kind, name = "UDP", CODEC, "resonant codec only, no Session (info)"
+    serve = staticmethod(_udp_codec_server)
+
+    def run(self, n: int) -> list[int]:
+        send, recv, hidden, encode, decode = self.sock.send, self.sock.recv, self.hidden, resonant.encode, resonant.decode
+        out = []
+        for i in range(n):
+            t0 = pc()
+            send(encode(Think(hidden, stream_id=STREAM_ID, frame_seq=i)))
+            arr = decode(recv(MAX_DGRAM)).hidden.numpy()
+            t1 = pc()
+            out.append(t1 - t0)
+            self._check(arr)
+        return out
+
+    def stop(self) -> None:
+        self.sock.send(resonant.encode(Think(self.hidden, stream_id=STOP_STREAM)))
+        self.sock.close()
+
+
 class TcpRaw(_TcpClient):
     transport, kind, name = "TCP", RAW, "raw socket ping-pong (4,147 B record)"
     serve = staticmethod(_tcp_raw_server)
@@ -465,6 +525,33 @@ class TcpSession(_TcpClient):
     def stop(self) -> None:
         self.session.send(Think(self.hidden, stream_id=STOP_STREAM))
         self.sock.sendall(self.session.data_to_send())
+        self.sock.close()
+
+
+class TcpCodec(_TcpClient):
+    """The floor under the Session row: the same records through resonant.encode/decode alone
+    (every read must be exactly one record, as it is on loopback)."""
+
+    transport, kind, name = "TCP", CODEC, "resonant codec only, no Session (info)"
+    serve = staticmethod(_tcp_codec_server)
+
+    def run(self, n: int) -> list[int]:
+        sendall, recv, hidden, encode, decode = self.sock.sendall, self.sock.recv, self.hidden, resonant.encode, resonant.decode
+        out = []
+        for i in range(n):
+            t0 = pc()
+            sendall(frame_record(encode(Think(hidden, stream_id=STREAM_ID, frame_seq=i))))
+            data = recv(MAX_DGRAM)
+            arr = decode(memoryview(data)[4:]).hidden.numpy()
+            t1 = pc()
+            out.append(t1 - t0)
+            if int.from_bytes(data[:4], "little") != len(data) - 4:
+                _fail("TCP codec client: a read that is not exactly one record")
+            self._check(arr)
+        return out
+
+    def stop(self) -> None:
+        self.sock.sendall(frame_record(resonant.encode(Think(self.hidden, stream_id=STOP_STREAM))))
         self.sock.close()
 
 
@@ -705,9 +792,10 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
 
     hidden = hidden_state()
-    clients: list[Client] = [UdpRaw(hidden), UdpSession(hidden), TcpRaw(hidden), TcpSession(hidden)]
+    clients: list[Client] = [UdpRaw(hidden), UdpCodec(hidden), UdpSession(hidden),
+                             TcpRaw(hidden), TcpCodec(hidden), TcpSession(hidden)]
     if not args.no_aio:
-        clients[2:2] = [AioRaw(hidden, "udp"), Aio(hidden, "udp")]
+        clients[3:3] = [AioRaw(hidden, "udp"), Aio(hidden, "udp")]
         clients += [AioRaw(hidden, "tcp"), Aio(hidden, "tcp")]
     wire = clients[0].wire
     assert len(wire) == 4143 and len(frame_record(wire)) == 4147
@@ -784,6 +872,10 @@ def main(argv: list[str] | None = None) -> int:
                                          f"+{ours.p50_us - raw.p50_us:,.1f} µs"))
         info_t.append(Target(f"{tr} one-way p99, resonant Session / raw socket", ours.p99_us / raw.p99_us, ">=", 0.0,
                              f"{ours.p99_us:,.1f} µs vs {raw.p99_us:,.1f} µs"))
+        codec = by[(tr, CODEC)]
+        info_t.append(Target(f"{tr} one-way p50, resonant codec only (no Session) / raw socket",
+                             codec.p50_us / raw.p50_us, ">=", 0.0,
+                             f"{codec.p50_us:,.1f} µs; the Session adds {ours.p50_us - codec.p50_us:+,.1f} µs to it"))
         if (tr, AIO) in by:
             aio, aio_raw = by[(tr, AIO)], by[(tr, AIO_RAW)]
             info_t.append(Target(f"{tr} one-way p50, resonant asyncio / raw socket", aio.p50_us / raw.p50_us, ">=",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import replace
 from typing import Any, AsyncIterator, Callable, Sequence
 from urllib.parse import urlsplit
@@ -74,16 +74,83 @@ def _now() -> float:
 _CLOSED = object()  # queued when a connection is lost
 
 
-async def _get(queue: asyncio.Queue, timeout: float | None):
-    """queue.get() with a timeout, without wait_for's task per call when an item is ready."""
-    if not queue.empty():
-        return queue.get_nowait()
-    if timeout is None:
-        return await queue.get()
-    if hasattr(asyncio, "timeout"):  # Python 3.11+: no extra task
-        async with asyncio.timeout(timeout):
-            return await queue.get()
-    return await asyncio.wait_for(queue.get(), timeout)
+class _Inbox:
+    """Events waiting for the application: a FIFO with put_nowait / get(timeout), as
+    asyncio.Queue has, but holding on to its event loop. (asyncio.Queue looks the running loop up
+    on every get() that waits, and asyncio.timeout() on every use; CPython checks the process id
+    on each lookup, a system call, which on a virtual machine costs several microseconds per
+    message.)"""
+
+    def __init__(self) -> None:
+        self._items: deque = deque()
+        self._waiters: deque = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        if self._waiters:
+            self._wake_next()
+
+    def get_nowait(self) -> Any:
+        if not self._items:
+            raise asyncio.QueueEmpty
+        return self._items.popleft()
+
+    async def get(self, timeout: float | None = None) -> Any:
+        """The next item; asyncio.TimeoutError when none came within `timeout` seconds."""
+        if self._items:
+            return self._items.popleft()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not self._items:
+            w = loop.create_future()
+            self._waiters.append(w)
+            timer = None if deadline is None else loop.call_at(deadline, _expire, w)
+            try:
+                await w
+            except BaseException:  # cancelled: a wake-up this waiter took goes to the next one
+                w.cancel()
+                self._discard(w)
+                if self._items:
+                    self._wake_next()
+                raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            if w.result() is _TIMED_OUT:
+                self._discard(w)
+                if not self._items:
+                    raise asyncio.TimeoutError
+        return self._items.popleft()
+
+    def _discard(self, w: asyncio.Future) -> None:
+        try:
+            self._waiters.remove(w)
+        except ValueError:  # already taken by put_nowait
+            pass
+
+    def _wake_next(self) -> None:
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
+
+
+_TIMED_OUT = object()
+
+
+def _expire(w: asyncio.Future) -> None:
+    if not w.done():
+        w.set_result(_TIMED_OUT)
 
 
 # ------------------------------------------------------------------ protocols
@@ -94,7 +161,7 @@ class _Link:
 
     def __init__(self, session: Session) -> None:
         self.session = session
-        self.events: asyncio.Queue = asyncio.Queue()
+        self.events = _Inbox()
         self.closed = asyncio.Event()
         self.transport: asyncio.BaseTransport | None = None
         self._can_write = asyncio.Event()
@@ -231,7 +298,7 @@ class Peer:
                 raise HandshakeRefused("handshake", f"nothing listens at udp://{self.address[0]}:{self.address[1]} "
                                        "(ICMP port unreachable)")
             try:
-                event = await _get(self._link.events, min(left, 0.25))
+                event = await self._link.events.get(min(left, 0.25))
             except asyncio.TimeoutError:
                 continue
             if event is _CLOSED:
@@ -304,7 +371,7 @@ class Peer:
     async def next_event(self, timeout: float | None = None):
         """The next event (MessageReceived, stream events, RemoteError, ...); ConnectionError
         once the connection is closed, asyncio.TimeoutError after `timeout` seconds."""
-        event = await _get(self._link.events, timeout)
+        event = await self._link.events.get(timeout)
         if event is _CLOSED:
             self._link.events.put_nowait(_CLOSED)  # stays closed for the next caller
             raise ConnectionError(f"the connection to {self.address} is closed")
@@ -409,7 +476,7 @@ class Server:
         self.max_peers = max_peers
         self.budget: MemoryBudget | None = None
         self.idle_timeout = 300.0
-        self.events: asyncio.Queue = asyncio.Queue()
+        self.events = _Inbox()
         self.links: "OrderedDict[tuple, _Link]" = OrderedDict()
         self.address: tuple | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -432,7 +499,7 @@ class Server:
             yield item
 
     async def next_event(self, timeout: float | None = None):
-        item = await _get(self.events, timeout)
+        item = await self.events.get(timeout)
         if item is None:
             raise EOFError("the server is closed")
         return item

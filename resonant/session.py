@@ -627,7 +627,8 @@ class Session(_SessionCore):
 
     def buffer_updated(self, n: int, now: float) -> list:
         """TCP, zero-copy: n bytes were read into get_buffer(); same events as receive_data.
-        Runs of stream chunks are placed by one C call; every other record goes through _frame."""
+        Runs of stream chunks are placed by one C call, data messages are copied out and take the fast
+        path; every other record goes through _frame."""
         rr = self.records
         try:
             rr.add(n)
@@ -652,7 +653,12 @@ class Session(_SessionCore):
             if record is None:
                 rr.settle()
                 return events
-            events += self._frame(record, now, copy=True)
+            if self._fast and len(record) > 1 and record[1] != _CHUNK and record[1] != _SYNC:
+                data = bytes(record)  # (a data message: a copy, for the buffer is reused; then the fast path)
+                ev = _message_event(self._decoder, data, 0, self._space, self.stats)
+                events += self._frame(data, now, copy=False) if ev is None else ev
+            else:
+                events += self._frame(record, now, copy=True)
         return events + self._records(now, rr.parse)
 
     def _records(self, now: float, read: Callable[..., list], *args: Any) -> list:

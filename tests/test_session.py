@@ -795,6 +795,7 @@ def test_tcp_in_place_batches_give_the_events_of_the_general_path(data):
         stream += (70_000).to_bytes(4, "little") + b"xx"  # a length over max_frame_bytes
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
     a, b = Session(role="server"), Session(role="server")
+    b._fast = False  # data messages through _frame
     got = _feed_in_place(a, stream, cuts)
     want = b.receive_data(stream, 0.0)
     assert [_event_key(e) for e in got] == [_event_key(e) for e in want]
@@ -836,7 +837,7 @@ def _outcome(events: list) -> list:
 @given(picks=st.lists(st.integers(0, 1000), min_size=1, max_size=30),
        config=st.sampled_from([{}, {"strict": True}, {"expected_space_hash": SPACE, "strict": False},
                                {"expected_space_hash": SPACE}, {"handshake": True}]),
-       transport=st.sampled_from(["udp", "tcp"]))
+       transport=st.sampled_from(["udp", "tcp", "tcp in place"]))
 def test_plain_message_fast_path_gives_the_general_paths_events(picks, config, transport):
     """A session that takes plain messages in one step and one that sends every frame through
     _frame give the same events, stats and replies for any sequence of frames."""
@@ -856,8 +857,10 @@ def test_plain_message_fast_path_gives_the_general_paths_events(picks, config, t
         for s, got in zip(sessions, seen):
             if transport == "udp":
                 got += _outcome(s.receive_datagram(data, 0.0))
-            elif data:
+            elif data and transport == "tcp":
                 got += _outcome(s.receive_data(frame_record(data), 0.0))
+            elif data:
+                got += _outcome(_feed_in_place(s, frame_record(data), []))
             got.append(s.datagrams_to_send() + [s.data_to_send()])
     assert seen[0] == seen[1]
     assert sessions[0].stats == sessions[1].stats

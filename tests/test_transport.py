@@ -1044,3 +1044,41 @@ def test_asyncio_tcp_stream_leaves_the_tensor_free_when_send_stream_returns(comp
                 assert peer.session.stats["frames_out"] >= 256
 
     asyncio.run(main())
+
+
+# ------------------------------------------------------------------ the asyncio adapter's inbox
+
+
+def test_inbox_is_a_fifo_with_timeouts_and_cancellation():
+    import asyncio
+
+    from resonant.aio import _Inbox
+
+    async def main() -> None:
+        box = _Inbox()
+        box.put_nowait(1)
+        box.put_nowait(2)
+        assert box.qsize() == 2 and await box.get() == 1 and box.get_nowait() == 2 and box.empty()
+        with pytest.raises(asyncio.QueueEmpty):
+            box.get_nowait()
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(asyncio.TimeoutError):
+            await box.get(0.05)
+        assert asyncio.get_running_loop().time() - t0 >= 0.04 and not box._waiters  # no stale waiter kept
+        # Two consumers waiting: each item goes to one of them, in order.
+        a, b = asyncio.ensure_future(box.get()), asyncio.ensure_future(box.get(5))
+        await asyncio.sleep(0)
+        box.put_nowait("x")
+        box.put_nowait("y")
+        assert sorted(await asyncio.gather(a, b)) == ["x", "y"] and box.empty()
+        # A consumer cancelled after it was woken passes the item on to the next one.
+        c, d = asyncio.ensure_future(box.get()), asyncio.ensure_future(box.get())
+        await asyncio.sleep(0)
+        box.put_nowait("z")
+        c.cancel()
+        assert await d == "z"
+        with pytest.raises(asyncio.CancelledError):
+            await c
+        assert not box._waiters and box.empty()
+
+    asyncio.run(main())
