@@ -67,6 +67,18 @@ def _config(role: Role, scheme: str, config: SessionConfig | None, kwargs: dict)
     return cfg
 
 
+_UDP_READ = 65536  # holds any UDP datagram
+
+
+def _udp_read_size(transport) -> None:
+    """asyncio's selector transport reads each datagram into a new 256 KiB bytes object; glibc
+    maps that much memory for it and unmaps it once the bytes are trimmed to the datagram's size
+    (tens of microseconds per datagram on a virtual machine). Every datagram fits 64 KiB, which
+    the heap serves."""
+    if getattr(transport, "max_size", 0) > _UDP_READ:
+        transport.max_size = _UDP_READ
+
+
 def _now() -> float:
     return time.monotonic()
 
@@ -239,6 +251,7 @@ class _TcpLink(_Link, asyncio.BufferedProtocol):
 class _UdpClientLink(_Link, asyncio.DatagramProtocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
+        _udp_read_size(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -577,6 +590,7 @@ class _UdpServerProtocol(asyncio.DatagramProtocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        _udp_read_size(transport)
         try:
             transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_RCVBUF)
         except (OSError, AttributeError):

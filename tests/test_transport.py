@@ -1082,3 +1082,19 @@ def test_inbox_is_a_fifo_with_timeouts_and_cancellation():
         assert not box._waiters and box.empty()
 
     asyncio.run(main())
+
+
+def test_udp_transports_read_into_64_kib_not_asyncios_256_kib():
+    import asyncio
+
+    from resonant.aio import _UDP_READ
+
+    async def main() -> None:
+        async with resonant.serve("udp://127.0.0.1:0") as server:
+            host, port = server.address
+            async with resonant.connect(f"udp://{host}:{port}") as peer:
+                for t in (peer._link.transport, server._udp):
+                    if hasattr(t, "max_size"):  # (asyncio's selector transport; another loop may have none)
+                        assert t.max_size == _UDP_READ >= 65535
+
+    asyncio.run(main())
