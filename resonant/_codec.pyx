@@ -1840,6 +1840,26 @@ def _record_event(codec, data, Py_ssize_t max_frame_bytes, expected_space_hash, 
     return _record_event_c(codec, data, max_frame_bytes, expected_space_hash, stats)
 
 
+def _buffered_record_event(codec, buf, Py_ssize_t start, Py_ssize_t end, Py_ssize_t max_frame_bytes,
+                           expected_space_hash, dict stats):
+    """_record_event for buf[start:end] of a buffer that will be reused (a bytearray read into in
+    place): when it holds exactly one record of a data message, the frame is copied out and
+    decoded; None otherwise (nothing copied)."""
+    cdef const unsigned char[::1] v = buf
+    cdef uint32_t length
+    cdef uint8_t msg_type
+    if start < 0 or end > v.shape[0] or end - start <= 4 + OFF_MSG_TYPE:
+        return None
+    length = rz_ld_u32(&v[start])
+    if <Py_ssize_t>length != end - start - 4 or <Py_ssize_t>length > max_frame_bytes:
+        return None
+    msg_type = v[start + 4 + OFF_MSG_TYPE]
+    if msg_type == MSG_CHUNK or msg_type == MSG_SYNC:
+        return None
+    data = PyBytes_FromStringAndSize(<const char *>&v[start + 4], length)
+    return _message_event_c(codec, data, 0, expected_space_hash, stats)
+
+
 cdef object _record_event_c(codec, data, Py_ssize_t max_frame_bytes, expected_space_hash, dict stats):
     cdef Py_ssize_t n
     cdef uint32_t length

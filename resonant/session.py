@@ -29,7 +29,7 @@ import numpy as np
 
 from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, MessageReceived, Slice, Sync, make_frame
-from resonant._codec import _message_event, _SessionCore
+from resonant._codec import _buffered_record_event, _message_event, _SessionCore
 from resonant._spec import MAX_FRAME_BYTES, TCP_LENGTH_PREFIX_BYTES, Flags, MsgType
 from resonant.errors import (
     DecodeError,
@@ -634,6 +634,14 @@ class Session(_SessionCore):
             rr.add(n)
         except FramingError as exc:
             return [ConnectionBroken(exc)]
+        if self._fast and rr._end - rr._start > _LEN_BYTES and rr.broken is None and self._chunks_direct():
+            # The common case, the read holds exactly one record of a data message: copied out, decoded.
+            events = _buffered_record_event(self._decoder, rr._buf, rr._start, rr._end, rr.max_frame_bytes,
+                                            self._space, self.stats)
+            if events is not None:
+                rr.skip(rr._end)
+                rr.settle()
+                return events
         events: list = []
         space = self._space
         while self._chunks_direct():

@@ -864,6 +864,7 @@ def test_plain_message_fast_path_gives_the_general_paths_events(picks, config, t
             got.append(s.datagrams_to_send() + [s.data_to_send()])
     assert seen[0] == seen[1]
     assert sessions[0].stats == sessions[1].stats
+    assert sessions[0].records.consumed == sessions[1].records.consumed
 
 
 def test_plain_message_fast_path_takes_messages_and_copies_views_of_buffers():
@@ -879,6 +880,10 @@ def test_plain_message_fast_path_takes_messages_and_copies_views_of_buffers():
     buf[:] = bytes(len(buf))
     assert len(calls) == 1 and e.frame.hidden.tobytes() == np.ones(8, np.float16).tobytes()
     assert s.stats["messages"] == 3 and s.stats["frames_in"] == 3
+    (e,) = _feed_in_place(s, frame_record(wire), [])  # read in place: copied out of the reused buffer
+    s.get_buffer()[:len(buf)] = bytes(len(buf))
+    assert len(calls) == 1 and e.frame.hidden.tobytes() == np.ones(8, np.float16).tobytes()
+    assert s.records.pending == 0 and s.stats["messages"] == 4
 
 
 def test_message_received_is_an_immutable_value():
