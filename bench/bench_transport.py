@@ -22,7 +22,8 @@ and a server process forked for it, over 127.0.0.1; one-way latency = round trip
   payload, and sends a Think with that payload back the same way; the client decodes the
   reply and takes its numpy view. Reads are the same calls as the raw rows' (recv of bytes).
 - raw asyncio protocols (information): plain asyncio DatagramProtocol/Protocol echo of the same
-  bytes in both processes, one future awaited per round trip: what asyncio itself costs.
+  bytes in both processes, one future awaited per round trip: what asyncio itself costs (with its
+  defaults: UDP reads a 256 KiB buffer per datagram, which resonant's transports cut to 64 KiB).
 - resonant asyncio (information): `resonant.connect()` in this process, `resonant.serve()`
   with `server.reply(addr, frame)` in the server process.
 
