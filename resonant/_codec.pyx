@@ -1986,6 +1986,11 @@ def encode(Frame frame not None):
     as the reference does, and reported by the receiver in ignored_flags); transforms a
     decoder applied to this frame are not claimed again. resonant.Codec compresses and encrypts.
     """
+    return _encode_plain(frame, False, 0)
+
+
+cdef bytes _encode_plain(Frame frame, bint renumber, uint64_t frame_seq):
+    """encode(frame), or with renumber, encode(frame.replace(frame_seq=frame_seq)) without the copy."""
     cdef tuple slices = frame._slices
     cdef Py_ssize_t nslices = len(slices)
     cdef Py_ssize_t hsize = PREFIX_SIZE + 4 * nslices + SUFFIX_SIZE
@@ -1994,22 +1999,8 @@ def encode(Frame frame not None):
     out = PyBytes_FromStringAndSize(NULL, size)
     cdef unsigned char *q = <unsigned char *>PyBytes_AS_STRING(out)
     _write_header(frame, q, VERSION, frame._flags & ~frame._applied, nslices)
-    _write_body(slices, q + hsize, False)
-    rz_st_u32(q + size - CRC_SIZE, _crc32(q, size - CRC_SIZE))
-    return out
-
-
-def _encode_numbered(Frame frame not None, uint64_t frame_seq):
-    """encode(frame.replace(frame_seq=frame_seq)), without the copy of the frame (Session.send)."""
-    cdef tuple slices = frame._slices
-    cdef Py_ssize_t nslices = len(slices)
-    cdef Py_ssize_t hsize = PREFIX_SIZE + 4 * nslices + SUFFIX_SIZE
-    cdef Py_ssize_t size = hsize + _body_size(slices) + CRC_SIZE
-    _check_size(size)
-    out = PyBytes_FromStringAndSize(NULL, size)
-    cdef unsigned char *q = <unsigned char *>PyBytes_AS_STRING(out)
-    _write_header(frame, q, VERSION, frame._flags & ~frame._applied, nslices)
-    rz_st_u64(q + OFF_FRAME_SEQ, frame_seq)
+    if renumber:
+        rz_st_u64(q + OFF_FRAME_SEQ, frame_seq)
     _write_body(slices, q + hsize, False)
     rz_st_u32(q + size - CRC_SIZE, _crc32(q, size - CRC_SIZE))
     return out
@@ -2024,7 +2015,7 @@ def _queue_numbered(Frame frame not None, dict seq, list out, dict stats, Py_ssi
     got = seq.get(key)
     n = 0 if got is None else got
     seq[key] = n + 1
-    data = _encode_numbered(frame, n)
+    data = _encode_plain(frame, True, n)
     cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
     if size > limit:
         raise LocalProtocolError("send", f"a {size}-byte frame is over the agreed max_frame_bytes ({limit}); "
