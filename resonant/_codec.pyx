@@ -1886,10 +1886,12 @@ cdef object _message_event_c(codec, data, Py_ssize_t off, expected_space_hash, d
     cdef Py_buffer *view
     cdef MessageReceived ev
     if type(data) is bytes:
+        base = data
         p = <const unsigned char *>PyBytes_AS_STRING(data)
         n = PyBytes_GET_SIZE(data)
     elif type(data) is memoryview:
-        view = PyMemoryView_GET_BUFFER(data)
+        base = memoryview(data)  # a view of our own (the caller may release theirs); raises if released
+        view = PyMemoryView_GET_BUFFER(base)
         if (<void *>view.obj == NULL or type(<object>view.obj) is not bytes or view.ndim != 1 or view.itemsize != 1
                 or view.strides == NULL or view.strides[0] != 1):
             return None
@@ -1904,7 +1906,7 @@ cdef object _message_event_c(codec, data, Py_ssize_t off, expected_space_hash, d
     if p[OFF_MSG_TYPE] == MSG_CHUNK or p[OFF_MSG_TYPE] == MSG_SYNC:
         return None
     try:
-        frame = _decode_in(data, p, n, off, codec, None, False)
+        frame = _decode_in(base, p, n, off, codec, None, False)
     except DecodeError:
         return None
     if expected_space_hash is not None and frame._space_hash32 != expected_space_hash:

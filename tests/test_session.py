@@ -900,6 +900,23 @@ def test_message_received_is_an_immutable_value():
             raise AssertionError("no match")
 
 
+def test_fast_path_keeps_its_own_view_of_a_callers_memoryview():
+    """A message decoded from a caller's memoryview of bytes stays valid after the caller
+    releases that view; a released view is refused, not read."""
+    import gc
+
+    s = Session(role="server")
+    h = np.arange(8, dtype=np.float16).reshape(1, 8)
+    mv = memoryview(_codec.encode(Think(h)))  # the view holds the only reference to the bytes
+    (e,) = s.receive_datagram(mv, 0.0)
+    mv.release()
+    (base,) = [r for r in gc.get_referents(e.frame.hidden) if isinstance(r, memoryview)]
+    assert base is not mv and type(base.obj) is bytes  # (base.obj raises on a released view)
+    assert np.array_equal(e.frame.hidden.numpy(), h)
+    with pytest.raises(ValueError):
+        s.receive_datagram(mv, 0.0)
+
+
 def test_general_path_switch_sends_plain_messages_through_frame():
     s = Session(role="server")
     s._fast = False
