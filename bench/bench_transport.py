@@ -26,6 +26,9 @@ and a server process forked for it, over 127.0.0.1; one-way latency = round trip
   defaults: UDP reads a 256 KiB buffer per datagram, which resonant's transports cut to 64 KiB).
 - resonant asyncio (information): `resonant.connect()` in this process, `resonant.serve()`
   with `server.reply(addr, frame)` in the server process.
+- resonant asyncio with a handler (information): the same client; the server is
+  `resonant.serve(handler=...)`, which answers each Think from the read callback (no task
+  switch per message, as the raw asyncio echo server has none).
 
 The rows are interleaved: every round runs each row for count/rounds round trips (the order
 reversed every other round), so a noisy spell of this machine hits all of them; every row is
@@ -85,6 +88,7 @@ HOST = "127.0.0.1"
 MAX_DGRAM = 65536
 
 RAW, OURS, CODEC, AIO, AIO_RAW = "raw socket", "resonant Session", "resonant codec", "resonant asyncio", "raw asyncio"
+AIO_HANDLER = "resonant asyncio handler"
 pc = time.perf_counter_ns
 
 
@@ -237,6 +241,31 @@ def _aio_server(scheme: str, pipe) -> None:
                     await server.reply(addr, Think(frame.hidden.numpy(), stream_id=frame.stream_id))
                 elif isinstance(e, (FrameRejected, RemoteError, ConnectionBroken)):
                     _fail(f"server: {e!r}")
+
+    asyncio.run(run())
+
+
+def _aio_handler_server(scheme: str, pipe) -> None:
+    """resonant.serve(handler=...): every Think is answered from the read callback (no task switch)."""
+    gc.disable()
+
+    async def run() -> None:
+        done = asyncio.get_running_loop().create_future()
+
+        def answer(addr, e):
+            if type(e) is MessageReceived and type(e.frame) is Think:
+                frame = e.frame
+                if frame.stream_id != STOP_STREAM:
+                    return Think(frame.hidden.numpy(), stream_id=frame.stream_id)
+                if not done.done():
+                    done.set_result(None)
+            elif isinstance(e, (FrameRejected, RemoteError, ConnectionBroken)) and not done.done():
+                done.set_exception(RuntimeError(f"server: {e!r}"))
+            return None
+
+        async with resonant.serve(f"{scheme}://{HOST}:0", handler=answer) as server:
+            pipe.send(tuple(server.address))
+            await done
 
     asyncio.run(run())
 
@@ -624,6 +653,14 @@ class Aio(_AioClient):
         self.loop.run_until_complete(bye())
 
 
+class AioHandler(Aio):
+    """resonant.connect() in this process, resonant.serve(handler=...) in the server's."""
+
+    kind = AIO_HANDLER
+    name = "resonant asyncio connect/serve(handler=) (info)"
+    serve = staticmethod(_aio_handler_server)
+
+
 class AioRaw(_AioClient):
     """Plain asyncio protocols in this process and the server's: the same bytes echoed, one future
     awaited per round trip, nothing encoded or decoded (the floor under the resonant asyncio rows)."""
@@ -762,13 +799,14 @@ def table(rows: list[Row], ours_udp_p50: float | None) -> str:
     lines = ["| transport | implementation | round trips | p50 µs | p99 µs | mean µs | p50 × raw | p99 × raw |",
              "|---|---|--:|--:|--:|--:|--:|--:|"]
     raw = {r.transport: r for r in rows if r.kind == RAW}
-    for r in rows:
+    last_udp = max((i for i, r in enumerate(rows) if r.transport == "UDP"), default=-1)
+    for i, r in enumerate(rows):
         base = raw[r.transport]
         x50 = "—" if r.kind == RAW else f"{r.p50_us / base.p50_us:.2f}×"
         x99 = "—" if r.kind == RAW else f"{r.p99_us / base.p99_us:.2f}×"
         lines.append(f"| {r.transport} | {r.name} | {r.samples:,} | {fmt_us(r.p50_us)} | {fmt_us(r.p99_us)} | "
                      f"{fmt_us(r.mean_us)} | {x50} | {x99} |")
-        if r.transport == "UDP" and r.kind == AIO:
+        if i == last_udp:
             note = "" if ours_udp_p50 is None else f" (ours: {ours_udp_p50:,.1f} µs p50)"
             lines.append(f"| UDP | reference claim (not measured here): encode + UDP + decode{note} | — | "
                          f"{REFERENCE_CLAIM_US:,.1f} | — | — | — | — |")
@@ -796,8 +834,8 @@ def main(argv: list[str] | None = None) -> int:
     clients: list[Client] = [UdpRaw(hidden), UdpCodec(hidden), UdpSession(hidden),
                              TcpRaw(hidden), TcpCodec(hidden), TcpSession(hidden)]
     if not args.no_aio:
-        clients[3:3] = [AioRaw(hidden, "udp"), Aio(hidden, "udp")]
-        clients += [AioRaw(hidden, "tcp"), Aio(hidden, "tcp")]
+        clients[3:3] = [AioRaw(hidden, "udp"), Aio(hidden, "udp"), AioHandler(hidden, "udp")]
+        clients += [AioRaw(hidden, "tcp"), Aio(hidden, "tcp"), AioHandler(hidden, "tcp")]
     wire = clients[0].wire
     assert len(wire) == 4143 and len(frame_record(wire)) == 4147
 
@@ -884,6 +922,10 @@ def main(argv: list[str] | None = None) -> int:
             info_t.append(Target(f"{tr} one-way p50, resonant asyncio / raw asyncio protocols",
                                  aio.p50_us / aio_raw.p50_us, ">=", 0.0,
                                  f"{aio.p50_us:,.1f} µs vs {aio_raw.p50_us:,.1f} µs; +{aio.p50_us - aio_raw.p50_us:,.1f} µs"))
+            hand = by[(tr, AIO_HANDLER)]
+            info_t.append(Target(f"{tr} one-way p50, resonant asyncio with serve(handler=) / raw asyncio protocols",
+                                 hand.p50_us / aio_raw.p50_us, ">=", 0.0,
+                                 f"{hand.p50_us:,.1f} µs vs {aio_raw.p50_us:,.1f} µs; +{hand.p50_us - aio_raw.p50_us:,.1f} µs"))
     info_t.append(Target("UDP one-way p50, resonant Session / the reference's claim (0.43 ms, not measured here)",
                          ours_udp.p50_us / REFERENCE_CLAIM_US, ">=", 0.0,
                          f"{ours_udp.p50_us:,.1f} µs vs {REFERENCE_CLAIM_US:,.0f} µs"))

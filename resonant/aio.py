@@ -106,8 +106,12 @@ class _Inbox:
 
     def put_nowait(self, item: Any) -> None:
         self._items.append(item)
-        if self._waiters:
-            self._wake_next()
+        waiters = self._waiters
+        while waiters:  # (_wake_next, inline: this runs for every event)
+            w = waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
 
     def get_nowait(self) -> Any:
         if not self._items:
@@ -206,9 +210,11 @@ class _Link:
         self._can_write.set()
 
     def deliver(self, events: list) -> None:
+        put = self.events.put_nowait
         for e in events:
-            self.events.put_nowait(e)
-        self.flush()  # replies (capability, error) the events caused
+            put(e)
+        if self.session._out:
+            self.flush()  # replies (capability, error) the events caused
 
 
 class _TcpLink(_Link, asyncio.BufferedProtocol):
@@ -224,7 +230,7 @@ class _TcpLink(_Link, asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         events = self.session.buffer_updated(nbytes, _now())
         self.deliver(events)
-        if any(isinstance(e, ConnectionBroken) for e in events):
+        if events and type(events[-1]) is ConnectionBroken:  # (the Session puts it last)
             self.transport.close()  # the record stream cannot be resynchronised
         elif self.events.qsize() > _QUEUE_LIMIT:
             self.transport.pause_reading()
@@ -328,10 +334,14 @@ class Peer:
 
     async def send(self, frame: Frame) -> None:
         """Send one message (encoded as agreed); ConnectionError once the connection is closed."""
-        self._check_open()
+        link = self._link
+        t = link.transport
+        if link.closed.is_set() or t is None or t.is_closing():
+            raise ConnectionError(f"the connection to {self.address} is closed")
         self.session.send(frame, _now())
-        self._link.flush()
-        await self._link.drain()
+        link.flush()
+        if not link._can_write.is_set():  # (the transport's buffer is over its high-water mark)
+            await link._can_write.wait()
 
     async def send_stream(self, objects: Sequence, *, stream_id: int | None = None,
                           progress: Callable[[int, int], None] | None = None,
@@ -481,9 +491,11 @@ async def _connect(url: str, config, handshake: bool, timeout: float, kwargs: di
 
 
 class Server:
-    """A listening endpoint (returned by serve()). Iterate it for (peer_address, event)."""
+    """A listening endpoint (returned by serve()). Iterate it for (peer_address, event), or give
+    serve() a handler."""
 
     def __init__(self, scheme: str, config: SessionConfig, max_peers: int) -> None:
+        self.handler: Callable[[tuple, Any], Frame | None] | None = None
         self.scheme = scheme
         self.config = config
         self.max_peers = max_peers
@@ -500,6 +512,26 @@ class Server:
 
     def _session(self) -> Session:
         return Session(self.config, budget=self.budget)
+
+    def _emit(self, address: tuple, session: Session | None, events: list) -> None:
+        """One peer's events: to the handler, whose answers are queued on the peer's session (the
+        caller sends them), or else to the application's queue. session None: the peer is gone
+        and answers are dropped."""
+        handler = self.handler
+        if handler is None:
+            put = self.events.put_nowait
+            for e in events:
+                put((address, e))
+            return
+        for e in events:
+            try:
+                answer = handler(address, e)
+                if answer is not None and session is not None:
+                    session.send(answer, _now())
+            except Exception as exc:  # the server goes on; the loop's exception handler reports it
+                asyncio.get_running_loop().call_exception_handler(
+                    {"message": f"resonant.serve handler failed on {type(e).__name__} from {address}",
+                     "exception": exc})
 
     def __aiter__(self) -> AsyncIterator:
         return self._iter()
@@ -567,9 +599,9 @@ class _ServerTcpLink(_TcpLink):
         self.server.links[self.peer] = self
 
     def deliver(self, events: list) -> None:
-        for e in events:
-            self.server.events.put_nowait((self.peer, e))
-        self.flush()
+        self.server._emit(self.peer, self.session, events)
+        if self.session._out:
+            self.flush()
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last = _now()
@@ -579,8 +611,8 @@ class _ServerTcpLink(_TcpLink):
 
     def connection_lost(self, exc) -> None:
         super().connection_lost(exc)
-        for e in self.session.reassembler.close("the connection closed"):  # and their memory is released
-            self.server.events.put_nowait((self.peer, e))
+        # Unfinished streams fail (and their memory is released).
+        self.server._emit(self.peer, None, self.session.reassembler.close("the connection closed"))
         self.server.links.pop(self.peer, None)
 
 
@@ -605,36 +637,44 @@ class _UdpServerProtocol(asyncio.DatagramProtocol):
         if link is None:
             if len(srv.links) >= srv.max_peers:  # forget the least recently heard peer
                 old_addr, old = srv.links.popitem(last=False)
-                for e in old.session.reassembler.close("the peer's session was dropped (max_peers)"):
-                    srv.events.put_nowait((old_addr, e))
+                srv._emit(old_addr, None, old.session.reassembler.close("the peer's session was dropped (max_peers)"))
             link = _Link(srv._session())
             srv.links[addr] = link
         else:
             srv.links.move_to_end(addr)
-        for e in link.session.receive_datagram(data, _now()):
-            srv.events.put_nowait((addr, e))
-        for d in link.session.datagrams_to_send():
-            self.transport.sendto(d, addr)
+        session = link.session
+        srv._emit(addr, session, session.receive_datagram(data, _now()))
+        if session._out:  # replies (capability, error; the handler's answers) the datagram caused
+            for d in session.datagrams_to_send():
+                self.transport.sendto(d, addr)
 
     def error_received(self, exc) -> None:
         pass
 
 
 def serve(url: str, *, config: SessionConfig | None = None, max_peers: int = 1024, max_memory: int = 4 << 30,
-          idle_timeout: float = 300.0, **kwargs: Any) -> _Opening:
+          idle_timeout: float = 300.0, handler: Callable[[tuple, Any], Frame | None] | None = None,
+          **kwargs: Any) -> _Opening:
     """Listen on tcp://host:port or udp://host:port (port 0 picks one; see server.address).
 
     Keyword arguments are SessionConfig fields. Every peer gets its own Session; at most
     max_peers at once (TCP: further connections are closed; UDP: the least recently heard
     peer's session is dropped). Stream buffers of all peers together stay within max_memory
     bytes (a shared MemoryBudget; each peer also has its StreamLimits). A TCP peer silent for
-    idle_timeout seconds is disconnected."""
-    return _Opening(_serve(url, config, max_peers, max_memory, idle_timeout, kwargs))
+    idle_timeout seconds is disconnected.
+
+    handler(peer_address, event), if given, is called for every event as the bytes that caused it
+    are read, instead of queueing the event for `async for`; a message it returns is sent back to
+    that peer at once. It must not block: this saves the task switch per message that iteration
+    costs, for servers that answer each message straight away. An exception it raises goes to
+    the event loop's exception handler, and the server goes on."""
+    return _Opening(_serve(url, config, max_peers, max_memory, idle_timeout, handler, kwargs))
 
 
-async def _serve(url: str, config, max_peers: int, max_memory: int, idle_timeout: float, kwargs: dict) -> Server:
+async def _serve(url: str, config, max_peers: int, max_memory: int, idle_timeout: float, handler, kwargs: dict) -> Server:
     scheme, host, port = parse_url(url)
     server = Server(scheme, _config(Role.SERVER, scheme, config, kwargs), max_peers)
+    server.handler = handler
     server.budget = MemoryBudget(max_memory)
     server.idle_timeout = idle_timeout
     loop = asyncio.get_running_loop()
@@ -651,8 +691,7 @@ async def _serve(url: str, config, max_peers: int, max_memory: int, idle_timeout
             await asyncio.sleep(_TICK)
             now = _now()
             for addr, link in list(server.links.items()):
-                for e in link.session.tick(now):
-                    server.events.put_nowait((addr, e))
+                server._emit(addr, link.session, link.session.tick(now))
                 if server._udp is not None:
                     for d in link.session.datagrams_to_send():
                         server._udp.sendto(d, addr)

@@ -1098,3 +1098,47 @@ def test_udp_transports_read_into_64_kib_not_asyncios_256_kib():
                         assert t.max_size == _UDP_READ >= 65535
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("scheme", ["udp", "tcp"])
+def test_serve_with_a_handler_answers_from_the_read_and_survives_its_errors(scheme):
+    import asyncio
+
+    from resonant import Think
+    from resonant.session import MessageReceived
+
+    seen: list = []
+    failures: list = []
+
+    def handler(address, event):
+        seen.append(type(event).__name__)
+        if isinstance(event, MessageReceived) and type(event.frame) is Think:
+            if event.frame.stream_id == 13:
+                raise RuntimeError("boom")
+            return Think(event.frame.hidden.numpy() * 2, stream_id=event.frame.stream_id)
+        return None
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda loop, ctx: failures.append(ctx))
+        h = np.arange(16, dtype=np.float16).reshape(1, 16)
+        async with resonant.serve(f"{scheme}://127.0.0.1:0", handler=handler) as server:
+            host, port = server.address
+            async with resonant.connect(f"{scheme}://{host}:{port}") as peer:
+                await peer.send(Think(h, stream_id=13))  # the handler fails: no answer, the server goes on
+                await peer.send(Think(h, stream_id=5))
+                e = await peer.next_event(5)
+                assert isinstance(e, MessageReceived) and e.frame.stream_id == 5
+                assert np.array_equal(e.frame.hidden.numpy(), h * 2)
+                big = np.ones((64, 1024), np.float16)
+                await peer.send_stream([big], stream_id=21)
+                for _ in range(200):  # the stream's events go to the handler too
+                    if "StreamComplete" in seen:
+                        break
+                    await asyncio.sleep(0.01)
+            assert server.events.empty()  # nothing queued for iteration
+        assert "HandshakeComplete" in seen and "StreamComplete" in seen
+        assert len(failures) == 1 and isinstance(failures[0]["exception"], RuntimeError)
+        assert "Think" not in failures[0]["message"] and "MessageReceived" in failures[0]["message"]
+
+    asyncio.run(main())
