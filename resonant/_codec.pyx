@@ -1834,42 +1834,36 @@ def _message_event(codec, data, Py_ssize_t off, expected_space_hash, dict stats)
     return _message_event_c(codec, data, off, expected_space_hash, stats)
 
 
-def _record_event(codec, data, Py_ssize_t max_frame_bytes, expected_space_hash, dict stats):
-    """_message_event for bytes that hold exactly one TCP record (u32 little-endian length, then a
-    frame of at most max_frame_bytes); None for anything else."""
-    return _record_event_c(codec, data, max_frame_bytes, expected_space_hash, stats)
+cdef inline bint _one_record(const unsigned char *p, Py_ssize_t n, Py_ssize_t max_frame_bytes) noexcept:
+    """Whether the n bytes at p are exactly one TCP record (u32 little-endian length, then a frame
+    of at most max_frame_bytes) long enough to show its message type."""
+    cdef uint32_t length
+    if n <= 4 + OFF_MSG_TYPE:
+        return False
+    length = rz_ld_u32(p)
+    return <Py_ssize_t>length == n - 4 and <Py_ssize_t>length <= max_frame_bytes
 
 
 def _buffered_record_event(codec, buf, Py_ssize_t start, Py_ssize_t end, Py_ssize_t max_frame_bytes,
                            expected_space_hash, dict stats):
-    """_record_event for buf[start:end] of a buffer that will be reused (a bytearray read into in
+    """_message_event for buf[start:end] of a buffer that will be reused (a bytearray read into in
     place): when it holds exactly one record of a data message, the frame is copied out and
     decoded; None otherwise (nothing copied)."""
     cdef const unsigned char[::1] v = buf
-    cdef uint32_t length
     cdef uint8_t msg_type
-    if start < 0 or end > v.shape[0] or end - start <= 4 + OFF_MSG_TYPE:
-        return None
-    length = rz_ld_u32(&v[start])
-    if <Py_ssize_t>length != end - start - 4 or <Py_ssize_t>length > max_frame_bytes:
+    if start < 0 or end > v.shape[0] or start >= end or not _one_record(&v[start], end - start, max_frame_bytes):
         return None
     msg_type = v[start + 4 + OFF_MSG_TYPE]
     if msg_type == MSG_CHUNK or msg_type == MSG_SYNC:
         return None
-    data = PyBytes_FromStringAndSize(<const char *>&v[start + 4], length)
+    data = PyBytes_FromStringAndSize(<const char *>&v[start + 4], end - start - 4)
     return _message_event_c(codec, data, 0, expected_space_hash, stats)
 
 
 cdef object _record_event_c(codec, data, Py_ssize_t max_frame_bytes, expected_space_hash, dict stats):
-    cdef Py_ssize_t n
-    cdef uint32_t length
-    if type(data) is not bytes:
-        return None
-    n = PyBytes_GET_SIZE(data)
-    if n <= 4:
-        return None
-    length = rz_ld_u32(<const unsigned char *>PyBytes_AS_STRING(data))
-    if <Py_ssize_t>length != n - 4 or <Py_ssize_t>length > max_frame_bytes:
+    """_message_event for bytes that hold exactly one TCP record; None for anything else."""
+    if type(data) is not bytes or not _one_record(<const unsigned char *>PyBytes_AS_STRING(data),
+                                                  PyBytes_GET_SIZE(data), max_frame_bytes):
         return None
     return _message_event_c(codec, data, 4, expected_space_hash, stats)
 
@@ -2008,7 +2002,7 @@ cdef bytes _encode_plain(Frame frame, bint renumber, uint64_t frame_seq):
     return out
 
 
-def _queue_numbered(Frame frame not None, dict seq, list out, dict stats, Py_ssize_t limit):
+cdef int _queue_numbered(Frame frame, dict seq, list out, dict stats, Py_ssize_t limit) except -1:
     """Session.send's plain path in one call: the frame takes its stream's next number from
     `seq` (0, 1, 2...), is encoded, checked against the agreed limit, appended to `out` and
     counted in stats (frames_out, bytes_out)."""
@@ -2025,6 +2019,7 @@ def _queue_numbered(Frame frame not None, dict seq, list out, dict stats, Py_ssi
     out.append(data)
     _count(stats, "frames_out", 1)
     _count(stats, "bytes_out", size)
+    return 0
 
 
 cdef class _SessionCore:
@@ -2183,7 +2178,7 @@ cdef inline void _write_chunk_head(unsigned char *q, uint32_t stream_id, uint64_
     """The CHUNK_HEAD_BYTES before a chunk's payload: header, slice_len table, suffix, slice head."""
     cdef Py_ssize_t pos = PREFIX_SIZE + 4 + SUFFIX_SIZE
     rz_st_u8(q + OFF_VERSION, VERSION)
-    rz_st_u8(q + OFF_MSG_TYPE, 5)
+    rz_st_u8(q + OFF_MSG_TYPE, MSG_CHUNK)
     rz_st_u16(q + OFF_FLAGS, 0)
     rz_st_u32(q + OFF_STREAM_ID, stream_id)
     rz_st_u64(q + OFF_FRAME_SEQ, frame_seq)
@@ -2358,7 +2353,7 @@ cdef ChunkSink _chunk_target(dict streams, const unsigned char *p, Py_ssize_t n,
     cdef long long need
     cdef ChunkSink st
     if (n < CHUNK_HEAD_BYTES + CRC_SIZE or n > MAX_FRAME_BYTES or p[OFF_VERSION] != VERSION
-            or p[OFF_MSG_TYPE] != 5 or rz_ld_u16(p + OFF_FLAGS) != 0
+            or p[OFF_MSG_TYPE] != MSG_CHUNK or rz_ld_u16(p + OFF_FLAGS) != 0
             or rz_ld_u64(p + OFF_NUM_SLICES) != 1 or <Py_ssize_t>rz_ld_u32(p + PREFIX_SIZE) != n - CHUNK_HEAD_BYTES - CRC_SIZE
             or p[pos + 1] != 1 or not _known_modality(p[PREFIX_SIZE + 4 + SUF_MODALITY])):
         return None

@@ -106,12 +106,8 @@ class _Inbox:
 
     def put_nowait(self, item: Any) -> None:
         self._items.append(item)
-        waiters = self._waiters
-        while waiters:  # (_wake_next, inline: this runs for every event)
-            w = waiters.popleft()
-            if not w.done():
-                w.set_result(None)
-                return
+        if self._waiters:
+            self._wake_next()
 
     def get_nowait(self) -> Any:
         if not self._items:
@@ -334,14 +330,10 @@ class Peer:
 
     async def send(self, frame: Frame) -> None:
         """Send one message (encoded as agreed); ConnectionError once the connection is closed."""
-        link = self._link
-        t = link.transport
-        if link.closed.is_set() or t is None or t.is_closing():
-            raise ConnectionError(f"the connection to {self.address} is closed")
+        self._check_open()
         self.session.send(frame, _now())
-        link.flush()
-        if not link._can_write.is_set():  # (the transport's buffer is over its high-water mark)
-            await link._can_write.wait()
+        self._link.flush()
+        await self._link.drain()
 
     async def send_stream(self, objects: Sequence, *, stream_id: int | None = None,
                           progress: Callable[[int, int], None] | None = None,

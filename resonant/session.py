@@ -663,7 +663,7 @@ class Session(_SessionCore):
                 return events
             if self._fast and len(record) > 1 and record[1] != _CHUNK and record[1] != _SYNC:
                 data = bytes(record)  # (a data message: a copy, for the buffer is reused; then the fast path)
-                ev = _message_event(self._decoder, data, 0, self._space, self.stats)
+                ev = self._plain_message(data)
                 events += self._frame(data, now, copy=False) if ev is None else ev
             else:
                 events += self._frame(record, now, copy=True)
