@@ -247,6 +247,8 @@ def _message_event(codec: object, data: _Buffer, off: int, expected_space_hash: 
 def _buffered_record_event(codec: object, buf: bytearray, start: int, end: int, max_frame_bytes: int,
                            expected_space_hash: int | None, stats: dict[str, int]) -> list | None: ...
 
+def _next_frame_seq(seq: dict[int, int], stream_id: int) -> int: ...
+
 class _SessionCore:
     state: object
     _closed: object

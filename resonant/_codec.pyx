@@ -2002,16 +2002,25 @@ cdef bytes _encode_plain(Frame frame, bint renumber, uint64_t frame_seq):
     return out
 
 
+cpdef object _next_frame_seq(dict seq, object stream_id):
+    """The next frame_seq of `stream_id` from the Session's counters `seq` (0, 1, 2...), counted.
+    A stream that has used every u64 number refuses to go on rather than wrap around to 0."""
+    got = seq.get(stream_id)
+    if got is None:
+        seq[stream_id] = 1
+        return 0
+    if got > 0xFFFFFFFFFFFFFFFF:
+        raise LocalProtocolError("send", f"stream {stream_id} has used every frame_seq (2**64 frames); "
+                                 "send on another stream_id")
+    seq[stream_id] = got + 1
+    return got
+
+
 cdef int _queue_numbered(Frame frame, dict seq, list out, dict stats, Py_ssize_t limit) except -1:
     """Session.send's plain path in one call: the frame takes its stream's next number from
     `seq` (0, 1, 2...), is encoded, checked against the agreed limit, appended to `out` and
     counted in stats (frames_out, bytes_out)."""
-    cdef uint64_t n
-    key = frame._stream_id
-    got = seq.get(key)
-    n = 0 if got is None else got
-    seq[key] = n + 1
-    data = _encode_plain(frame, True, n)
+    data = _encode_plain(frame, True, _next_frame_seq(seq, frame._stream_id))
     cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
     if size > limit:
         raise LocalProtocolError("send", f"a {size}-byte frame is over the agreed max_frame_bytes ({limit}); "

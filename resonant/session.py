@@ -29,7 +29,7 @@ import numpy as np
 
 from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, MessageReceived, Slice, Sync, make_frame
-from resonant._codec import _buffered_record_event, _message_event, _SessionCore
+from resonant._codec import _buffered_record_event, _message_event, _next_frame_seq, _SessionCore
 from resonant._spec import MAX_FRAME_BYTES, TCP_LENGTH_PREFIX_BYTES, Flags, MsgType
 from resonant.errors import (
     DecodeError,
@@ -1021,9 +1021,7 @@ class Session(_SessionCore):
         return Slice.from_array(arr.astype(_NUMPY_FLOATS[target]()), dtype=_DTYPE_NAMES[target])
 
     def _next_seq(self, stream_id: int) -> int:
-        n = self._seq.get(stream_id, 0)
-        self._seq[stream_id] = n + 1
-        return n
+        return _next_frame_seq(self._seq, stream_id)
 
     def _queue(self, data: bytes) -> None:
         n = len(data)

@@ -983,3 +983,21 @@ def test_stream_records_cross_a_session_and_count_as_send_encoded_does():
     a.close()
     with pytest.raises(LocalProtocolError, match="closed"):
         next(iter(a.stream_records(6, [x])))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_stream_that_used_every_frame_seq_refuses_to_wrap(fast):
+    """The last u64 frame_seq is sent; the next send on that stream raises instead of starting
+    again at 0 (which a receiver's replay window would drop), on the C path and the general one;
+    other streams go on."""
+    s = Session(role="client")
+    s._fast = fast
+    s._seq[5] = 2**64 - 1
+    s.send(resonant.Think(np.ones((1, 4), np.float16), stream_id=5), 0.0)
+    (wire,) = s.datagrams_to_send()
+    assert _codec.decode(wire).frame_seq == 2**64 - 1
+    with pytest.raises(LocalProtocolError, match="every frame_seq"):
+        s.send(resonant.Think(np.ones((1, 4), np.float16), stream_id=5), 0.0)
+    assert s.datagrams_to_send() == [] and s.stats["frames_out"] == 1
+    s.send(resonant.Think(np.ones((1, 4), np.float16), stream_id=6), 0.0)
+    assert _codec.decode(s.datagrams_to_send()[0]).frame_seq == 0
