@@ -11,6 +11,11 @@ and a server process forked for it, over 127.0.0.1; one-way latency = round trip
 
 - raw socket: the client sends the 4,143 frame bytes (TCP: the 4,147 record bytes); the server
   echoes them; nobody encodes or decodes anything.
+- checksum floor (information): no objects at all. Each side reads into a buffer it keeps and
+  takes the CRC-32 of what it read (the least a decoder must do), and the side that answers copies
+  those bytes into a send buffer it keeps and takes their CRC again (the least an encoder must do:
+  the payload is copied into the frame and checksummed), with the CRC-32 the codec uses. What any
+  checksummed frame costs here before a single Python object is made for it.
 - resonant codec only (information): no Session. The client sends `resonant.encode(Think(hidden,
   frame_seq=i))` (TCP: as one record); the server `resonant.decode()`s it, takes the numpy view of
   the payload and sends back an encoded Think of it; the client decodes the reply and takes its
@@ -88,6 +93,7 @@ HOST = "127.0.0.1"
 MAX_DGRAM = 65536
 
 RAW, OURS, CODEC, AIO, AIO_RAW = "raw socket", "resonant Session", "resonant codec", "resonant asyncio", "raw asyncio"
+FLOOR = "checksum floor"
 AIO_HANDLER = "resonant asyncio handler"
 pc = time.perf_counter_ns
 
@@ -191,6 +197,35 @@ def _tcp_session_server(listener: socket.socket) -> None:
         out = session.data_to_send()
         if out:
             sendall(out)
+
+
+def _udp_crc_server(sock: socket.socket) -> None:
+    """The checksum floor: CRC what was read, copy it into the send buffer, CRC that, send it back."""
+    gc.disable()
+    crc, recvfrom_into, sendto = resonant.crc32, sock.recvfrom_into, sock.sendto
+    inbuf, outbuf = memoryview(bytearray(MAX_DGRAM)), memoryview(bytearray(MAX_DGRAM))
+    while True:
+        n, addr = recvfrom_into(inbuf)
+        if n == 0:
+            return
+        crc(inbuf[:n])
+        out = outbuf[:n]
+        out[:] = inbuf[:n]
+        crc(out)
+        sendto(out, addr)
+
+
+def _tcp_crc_server(listener: socket.socket, nbytes: int) -> None:
+    """The checksum floor over TCP: records of `nbytes` bytes, as _udp_crc_server, until EOF."""
+    gc.disable()
+    conn = _accept(listener)
+    crc, sendall = resonant.crc32, conn.sendall
+    inbuf, outbuf = memoryview(bytearray(nbytes)), memoryview(bytearray(nbytes))
+    while _recv_exact(conn, inbuf):
+        crc(inbuf)
+        outbuf[:] = inbuf
+        crc(outbuf)
+        sendall(outbuf)
 
 
 def _udp_codec_server(sock: socket.socket) -> None:
@@ -420,6 +455,32 @@ class UdpRaw(_UdpClient):
         self.sock.close()
 
 
+class UdpCrc(UdpRaw):
+    """The checksum floor: the raw ping-pong plus the CRCs and the copy any checksummed frame costs."""
+
+    transport, kind, name = "UDP", FLOOR, "checksum floor: CRC + copy, no objects (info)"
+    serve = staticmethod(_udp_crc_server)
+
+    def run(self, n: int) -> list[int]:
+        send, recv_into, crc, wire = self.sock.send, self.sock.recv_into, resonant.crc32, self.wire
+        size, want = len(wire), resonant.crc32(wire)
+        out_view, in_buf = memoryview(bytearray(size)), bytearray(MAX_DGRAM)
+        in_view = memoryview(in_buf)
+        out = []
+        for _ in range(n):
+            t0 = pc()
+            out_view[:] = wire
+            crc(out_view)
+            send(out_view)
+            k = recv_into(in_buf)
+            got = crc(in_view[:k])
+            t1 = pc()
+            out.append(t1 - t0)
+            if k != size or got != want:
+                _fail("UDP checksum floor: the echo differs from what was sent")
+        return out
+
+
 class UdpSession(_UdpClient):
     transport, kind, name = "UDP", OURS, "resonant Session (sans-IO, blocking sockets)"
     serve = staticmethod(_udp_session_server)
@@ -512,6 +573,32 @@ class TcpRaw(_TcpClient):
 
     def stop(self) -> None:
         self.sock.close()
+
+
+class TcpCrc(TcpRaw):
+    """The checksum floor over TCP: the raw ping-pong plus the CRCs and the copy (see UdpCrc)."""
+
+    transport, kind, name = "TCP", FLOOR, "checksum floor: CRC + copy, no objects (info)"
+    serve = staticmethod(_tcp_crc_server)
+
+    def run(self, n: int) -> list[int]:
+        sock, record, crc = self.sock, self.record, resonant.crc32
+        sendall, want = sock.sendall, crc(record)
+        out_view, in_view = memoryview(bytearray(len(record))), memoryview(bytearray(len(record)))
+        out = []
+        for _ in range(n):
+            t0 = pc()
+            out_view[:] = record
+            crc(out_view)
+            sendall(out_view)
+            if not _recv_exact(sock, in_view):
+                _fail("TCP checksum floor: the server closed the connection")
+            got = crc(in_view)
+            t1 = pc()
+            out.append(t1 - t0)
+            if got != want:
+                _fail("TCP checksum floor: the echo differs from what was sent")
+        return out
 
 
 class TcpSession(_TcpClient):
@@ -831,10 +918,10 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
 
     hidden = hidden_state()
-    clients: list[Client] = [UdpRaw(hidden), UdpCodec(hidden), UdpSession(hidden),
-                             TcpRaw(hidden), TcpCodec(hidden), TcpSession(hidden)]
+    clients: list[Client] = [UdpRaw(hidden), UdpCrc(hidden), UdpCodec(hidden), UdpSession(hidden),
+                             TcpRaw(hidden), TcpCrc(hidden), TcpCodec(hidden), TcpSession(hidden)]
     if not args.no_aio:
-        clients[3:3] = [AioRaw(hidden, "udp"), Aio(hidden, "udp"), AioHandler(hidden, "udp")]
+        clients[4:4] = [AioRaw(hidden, "udp"), Aio(hidden, "udp"), AioHandler(hidden, "udp")]
         clients += [AioRaw(hidden, "tcp"), Aio(hidden, "tcp"), AioHandler(hidden, "tcp")]
     wire = clients[0].wire
     assert len(wire) == 4143 and len(frame_record(wire)) == 4147
@@ -911,7 +998,10 @@ def main(argv: list[str] | None = None) -> int:
                                          f"+{ours.p50_us - raw.p50_us:,.1f} µs"))
         info_t.append(Target(f"{tr} one-way p99, resonant Session / raw socket", ours.p99_us / raw.p99_us, ">=", 0.0,
                              f"{ours.p99_us:,.1f} µs vs {raw.p99_us:,.1f} µs"))
-        codec = by[(tr, CODEC)]
+        floor, codec = by[(tr, FLOOR)], by[(tr, CODEC)]
+        info_t.append(Target(f"{tr} one-way p50, checksum floor (CRC + copy, no objects) / raw socket",
+                             floor.p50_us / raw.p50_us, ">=", 0.0,
+                             f"{floor.p50_us:,.1f} µs; +{floor.p50_us - raw.p50_us:,.1f} µs for two CRCs and a copy per hop"))
         info_t.append(Target(f"{tr} one-way p50, resonant codec only (no Session) / raw socket",
                              codec.p50_us / raw.p50_us, ">=", 0.0,
                              f"{codec.p50_us:,.1f} µs; the Session adds {ours.p50_us - codec.p50_us:+,.1f} µs to it"))
