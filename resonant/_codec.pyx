@@ -2016,11 +2016,9 @@ cpdef object _next_frame_seq(dict seq, object stream_id):
     return got
 
 
-cdef int _queue_numbered(Frame frame, dict seq, list out, dict stats, Py_ssize_t limit) except -1:
-    """Session.send's plain path in one call: the frame takes its stream's next number from
-    `seq` (0, 1, 2...), is encoded, checked against the agreed limit, appended to `out` and
-    counted in stats (frames_out, bytes_out)."""
-    data = _encode_plain(frame, True, _next_frame_seq(seq, frame._stream_id))
+cpdef int _queue_frame(bytes data, list out, dict stats, Py_ssize_t limit) except -1:
+    """The Session's send queue: one encoded frame, checked against the agreed limit, appended to
+    `out` and counted in stats (frames_out, bytes_out)."""
     cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
     if size > limit:
         raise LocalProtocolError("send", f"a {size}-byte frame is over the agreed max_frame_bytes ({limit}); "
@@ -2029,6 +2027,12 @@ cdef int _queue_numbered(Frame frame, dict seq, list out, dict stats, Py_ssize_t
     _count(stats, "frames_out", 1)
     _count(stats, "bytes_out", size)
     return 0
+
+
+cdef inline int _queue_numbered(Frame frame, dict seq, list out, dict stats, Py_ssize_t limit) except -1:
+    """Session.send's plain path in one call: the frame takes its stream's next number from
+    `seq` (0, 1, 2...), is encoded and queued (_queue_frame)."""
+    return _queue_frame(_encode_plain(frame, True, _next_frame_seq(seq, frame._stream_id)), out, stats, limit)
 
 
 cdef class _SessionCore:

@@ -29,7 +29,7 @@ import numpy as np
 
 from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, MessageReceived, Slice, Sync, make_frame
-from resonant._codec import _buffered_record_event, _message_event, _next_frame_seq, _SessionCore
+from resonant._codec import _buffered_record_event, _message_event, _next_frame_seq, _queue_frame, _SessionCore
 from resonant._spec import MAX_FRAME_BYTES, TCP_LENGTH_PREFIX_BYTES, Flags, MsgType
 from resonant.errors import (
     DecodeError,
@@ -565,7 +565,7 @@ class Session(_SessionCore):
             raise LocalProtocolError("stream", "the session is closed")
         kwargs.setdefault("max_frame_bytes", self.max_frame_bytes)
         kwargs.setdefault("space_hash32", self.config.space_hash32)
-        if self.agreement is not None and not self._all_dtypes:  # as send() does, object by object
+        if self._reduce:  # as send() does, object by object
             objects = [self._reduce_slice(o if isinstance(o, Slice) else Slice.from_array(o), "stream")
                        for o in objects]
         return StreamSender(stream_id, objects, codec=self._encoder, **kwargs)
@@ -982,8 +982,7 @@ class Session(_SessionCore):
     def _apply_agreement(self) -> None:
         a = self.agreement
         self._agreed_codes = frozenset(_DTYPE_NAMES[d] for d in a.dtypes)
-        self._all_dtypes = len(self._agreed_codes) == len(_DTYPE_NAMES)  # nothing to reduce: skip the check
-        self._reduce = not self._all_dtypes
+        self._reduce = len(self._agreed_codes) < len(_DTYPE_NAMES)  # every dtype agreed: nothing to reduce, no check
         level = self.config.zstd_level if a.compress == "zstd" else None
         key = self._keyring if a.crypto == "xchacha20poly1305" else None
         self._encoder = Codec(level, key=key) if (level is not None or key is not None) else None
@@ -996,8 +995,7 @@ class Session(_SessionCore):
     def _reduce_dtypes(self, frame: Frame) -> Frame:
         """Float tensors in a dtype the peer did not agree to are converted to one it did
         (lossless first: bf16 -> f32 before f16), and counted; other dtypes cannot be."""
-        a = self.agreement
-        if a is None or self._all_dtypes or all([sl.dtype in self._agreed_codes for sl in frame.slices]):
+        if all([sl.dtype in self._agreed_codes for sl in frame.slices]):  # (called only when _reduce)
             return frame
         out = [self._reduce_slice(sl, "send") for sl in frame.slices]
         return make_frame(frame.msg_type, out, stream_id=frame.stream_id, frame_seq=frame.frame_seq,
@@ -1024,14 +1022,7 @@ class Session(_SessionCore):
         return _next_frame_seq(self._seq, stream_id)
 
     def _queue(self, data: bytes) -> None:
-        n = len(data)
-        if n > self._limit:
-            raise LocalProtocolError("send", f"a {n}-byte frame is over the agreed max_frame_bytes "
-                                     f"({self._limit}); send it as a stream")
-        self._out.append(data)
-        stats = self.stats
-        stats["frames_out"] += 1
-        stats["bytes_out"] += n
+        _queue_frame(data, self._out, self.stats, self._limit)
 
     def _control(self, doc: dict, stream_id: int, plain: bool = False) -> None:
         payload = json.dumps(doc, separators=(",", ":")).encode()
