@@ -641,9 +641,20 @@ class Session(_SessionCore):
         if self._reduce:
             frame = self._reduce_dtypes(frame)
         enc = self._encoder
-        if not keep_seq:
-            frame = frame.replace(frame_seq=self._next_seq(frame.stream_id))
-        self._queue(enc.encode(frame) if enc is not None else _codec.encode(frame))
+        if keep_seq:
+            self._queue(enc.encode(frame) if enc is not None else _codec.encode(frame))
+            return
+        sid = frame.stream_id
+        before = self._seq.get(sid)
+        frame = frame.replace(frame_seq=self._next_seq(sid))
+        try:
+            self._queue(enc.encode(frame) if enc is not None else _codec.encode(frame))
+        except BaseException:  # nothing was sent: the number (and the stream id, for stream()) stays free
+            if before is None:
+                del self._seq[sid]
+            else:
+                self._seq[sid] = before
+            raise
 
     def new_stream_id(self) -> int:
         """A stream id not used yet in this session (not by send(), the handshake or stream()),
@@ -667,9 +678,12 @@ class Session(_SessionCore):
             raise LocalProtocolError("stream", "the session is closed")
         if not isinstance(stream_id, int) or not 0 <= stream_id <= 0xFFFFFFFF:
             raise LocalProtocolError("stream", f"stream id {stream_id!r} is not a u32")
-        if stream_id == 0 or stream_id in self._seq or stream_id in self._used_streams:
+        # (With a key, numbered sends count too: the receiver's replay window has seen their frame_seq
+        # 0, 1...; plain frames have no window, and a V-Stream beside them on one id is delivered.)
+        by_send = self._keyring is not None and stream_id in self._seq
+        if stream_id == 0 or by_send or stream_id in self._used_streams:
             what = ("0 carries the handshake" if stream_id == 0 else
-                    "it was used by send()" if stream_id in self._seq else "a V-Stream was already sent on it")
+                    "it was used by send()" if by_send else "a V-Stream was already sent on it")
             raise LocalProtocolError("stream", f"stream id {stream_id} was already used in this session ({what}); the "
                                      "receiver would drop the stream's frames as replays: take one from new_stream_id()")
         self._used_streams.add(stream_id)
