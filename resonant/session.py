@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import enum
 import json
+import operator
 import os
 import struct
 from collections import OrderedDict
@@ -676,8 +677,12 @@ class Session(_SessionCore):
         start at frame_seq 0, and the receiver drops frames it has seen on a stream id as replays."""
         if self.state is _CLOSED:
             raise LocalProtocolError("stream", "the session is closed")
-        if not isinstance(stream_id, int) or not 0 <= stream_id <= 0xFFFFFFFF:
-            raise LocalProtocolError("stream", f"stream id {stream_id!r} is not a u32")
+        try:
+            stream_id = operator.index(stream_id)
+        except TypeError:
+            raise LocalProtocolError("stream", f"stream id {stream_id!r} is not an integer") from None
+        if not 0 <= stream_id <= 0xFFFFFFFF:
+            raise LocalProtocolError("stream", f"stream id {stream_id} is not a u32")
         # (With a key, numbered sends count too: the receiver's replay window has seen their frame_seq
         # 0, 1...; plain frames have no window, and a V-Stream beside them on one id is delivered.)
         by_send = self._keyring is not None and stream_id in self._seq

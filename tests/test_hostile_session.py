@@ -81,10 +81,13 @@ def docs(frames) -> list[dict]:
 # ------------------------------------------------------------------ item 2: cross-session replay
 
 
-def test_recorded_keyed_session_replayed_into_a_fresh_server_delivers_nothing():
+@pytest.mark.parametrize("fast", [True, False])
+def test_recorded_keyed_session_replayed_into_a_fresh_server_delivers_nothing(fast):
     # Before: the fresh server answered the recorded ping and delivered all 5 recorded Thinks again.
     key = Key.generate()
     c, s = Session(role="client", key=key), Session(role="server", key=key)
+    for x in (c, s):
+        x._fast = fast  # keyed traffic never takes the C path: the same outcome either way
     c.initiate(0.0)
     recording = c.datagrams_to_send()
     exchange_events = deliver(recording, s)
@@ -97,8 +100,10 @@ def test_recorded_keyed_session_replayed_into_a_fresh_server_delivers_nothing():
     assert len(thinks(deliver(data, s))) == 5
     # The attacker replays the whole recording from a new source port: a new server Session.
     fresh = Session(role="server", key=key)
+    fresh._fast = fast
     events = deliver(recording, fresh)
     assert thinks(events) == []
+    assert not fresh._chunks_direct() and fresh.state is State.ESTABLISHED
     assert fresh.stats["malformed"] == 5  # the Thinks do not open under the new session key
     # ...and over TCP (a new connection).
     fresh_tcp = Session(role="server", key=key)
@@ -200,6 +205,22 @@ def test_exhausted_replay_state_makes_the_peers_rekey():
     assert s.stats["rekeys"] == 2 and c.state is State.ESTABLISHED
     c.send(think(7, stream_id=7))
     assert len(thinks(exchange(c, s, 1.0))) == 1
+
+
+def test_client_whose_replay_state_is_exhausted_starts_a_new_session():
+    key = Key.generate()
+    c = Session(role="client", key=key, replay_streams=2, replay_ranges=1)
+    s = Session(role="server", key=key)
+    handshake_pair(c, s)
+    for sid in (1, 3, 5, 7):
+        s.send(think(sid, stream_id=sid))
+    events = exchange(s, c, 1.0)
+    assert len(thinks(events)) == 3 and rejected(events, "exhausted")
+    assert c.state is State.AWAIT_CAPABILITY  # the ping is queued
+    exchange(c, s, 1.0)
+    assert isinstance(exchange(s, c, 1.0)[-1], HandshakeComplete) and c.stats["rekeys"] == 2
+    s.send(think(7, stream_id=7))
+    assert len(thinks(exchange(s, c, 1.0))) == 1
 
 
 def test_replay_window_model_with_eviction():
