@@ -646,6 +646,9 @@ class Session(_SessionCore):
             self._queue(enc.encode(frame) if enc is not None else _codec.encode(frame))
             return
         sid = frame.stream_id
+        if self._keyring is not None and sid in self._used_streams:
+            raise LocalProtocolError("send", f"stream id {sid} carried a V-Stream in this session: numbered sends on it "
+                                     "would start again at frame_seq 0 and be dropped as replays; use another id")
         before = self._seq.get(sid)
         frame = frame.replace(frame_seq=self._next_seq(sid))
         try:

@@ -392,6 +392,8 @@ def test_stream_refuses_ids_already_used_in_the_session():
     list(c.stream(5, objs))
     with pytest.raises(LocalProtocolError, match="stream id 5 .*V-Stream"):
         c.stream(5, objs)
+    with pytest.raises(LocalProtocolError, match="stream id 5 carried a V-Stream"):
+        c.send(think(0, stream_id=5))
     ids = [c.new_stream_id() for _ in range(6)]
     assert ids == [1, 2, 4, 6, 7, 8]
     with pytest.raises((LocalProtocolError, EncodeError)):  # too large: not sent, so 10 stays free
@@ -494,18 +496,47 @@ json_values = st.recursive(
     max_leaves=12)
 
 
-def _fuzzed(data, message: str) -> dict:
-    doc = json.loads(json.dumps(handshake.EXAMPLES[message]))
-    for _ in range(data.draw(st.integers(1, 3))):
-        fields = list(handshake.SCHEMA[message])
-        name = data.draw(st.sampled_from(fields + ["x-extra", "supports.dtype", "supports.critique"]))
-        value = data.draw(json_values)
-        if name.startswith("supports."):
-            doc.setdefault("supports", {})
-            if isinstance(doc["supports"], dict):
-                doc["supports"][name.split(".")[1]] = value
+def _paths(spec: dict, prefix: tuple = ()) -> list[tuple]:
+    """Every field path of a message schema, nested fields included ("0" stands for a list item)."""
+    out = []
+    for name, f in spec.items():
+        out.append(prefix + (name,))
+        if f["fields"]:
+            inner = prefix + (name, 0) if f["type"] == "list[object]" else prefix + (name,)
+            out += _paths(f["fields"], inner)
+    return out
+
+
+def _put(doc, path: tuple, value) -> None:
+    """doc at path = value, making the containers on the way (a list gets one item)."""
+    for i, step in enumerate(path[:-1]):
+        nxt = [] if isinstance(path[i + 1], int) else {}
+        if isinstance(step, int):
+            if not isinstance(doc, list):
+                return
+            if not doc:
+                doc.append(nxt)
+            doc = doc[0]
         else:
-            doc[name] = value
+            if not isinstance(doc, dict):
+                return
+            if not isinstance(doc.get(step), (dict, list)):
+                doc[step] = nxt
+            doc = doc[step]
+    last = path[-1]
+    if isinstance(last, int):
+        if isinstance(doc, list):
+            doc[:1] = [value]
+    elif isinstance(doc, dict):
+        doc[last] = value
+
+
+def _fuzzed(data, message: str) -> dict:
+    """The message's example with arbitrary JSON in one to three fields (at any depth)."""
+    doc = json.loads(json.dumps(handshake.EXAMPLES[message]))
+    paths = _paths(handshake.SCHEMA[message]) + [("x-extra",), ("supports", "x-ext")]
+    for _ in range(data.draw(st.integers(1, 3))):
+        _put(doc, data.draw(st.sampled_from(paths)), data.draw(json_values))
     return doc
 
 
