@@ -1225,6 +1225,10 @@ class Session(_SessionCore):
                                                                      " (protocol version 1 has no encryption)"), {})
         if offer.max_frame_bytes < MIN_STREAM_FRAME:
             return ("BAD_REQUEST", f"max_frame_bytes {offer.max_frame_bytes} is below {MIN_STREAM_FRAME}", {})
+        if not offer.dtypes:
+            theirs = ping.get("supports", {}).get("dtype", list(_REFERENCE_DTYPES if offer.proto < 2 else c.dtypes))
+            return ("UNSUPPORTED_FEATURE", f"supports.dtype: the client reads {theirs} (protocol {offer.proto}), this "
+                    f"peer sends {list(c.dtypes)}: no common option", {})
         return None
 
     def _capability_problem(self, doc: dict) -> str | None:
@@ -1237,6 +1241,9 @@ class Session(_SessionCore):
         if not any(x in doc.get("compress", ["none"]) for x in c.compress):
             return (f"compress: the server offers {doc.get('compress', ['none'])}, this client reads "
                     f"{list(c.compress)}: no common option")
+        theirs = doc.get("supports", {}).get("dtype", c.dtypes)
+        if not any(d in theirs and (doc["agreed_proto"] >= 2 or d in _REFERENCE_DTYPES) for d in c.dtypes):
+            return f"supports.dtype: the server reads {theirs}, this client sends {list(c.dtypes)}: no common option"
         if doc.get("max_frame_bytes", MAX_FRAME_BYTES) < MIN_STREAM_FRAME:
             return f"max_frame_bytes {doc['max_frame_bytes']} is below {MIN_STREAM_FRAME}"
         if (self.config.expected_space_hash is not None and "space_hash32" in doc

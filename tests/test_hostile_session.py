@@ -490,6 +490,17 @@ def test_capability_without_a_common_compression(compress):
     assert isinstance(events[-1], HandshakeFailed) and "compress" in events[-1].message
 
 
+def test_no_common_dtype_is_refused_with_the_field_named():
+    s = Session(role="server")
+    events = s.receive_datagram(plain_control({"method": "ping", "v": 2, "supports": {"dtype": []}}), 0.0)
+    assert isinstance(events[-1], HandshakeFailed) and events[-1].message.startswith("supports.dtype")
+    c = Session(role="client")
+    c.initiate(0.0)
+    cap = {"method": "capability", "v": 2, "agreed_proto": 2, "supports": {"dtype": ["future"]}}
+    events = c.receive_datagram(plain_control(cap), 0.0)
+    assert isinstance(events[-1], HandshakeFailed) and "supports.dtype" in events[-1].message
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
