@@ -646,7 +646,13 @@ class Session(_SessionCore):
             self._queue(enc.encode(frame) if enc is not None else _codec.encode(frame))
             return
         sid = frame.stream_id
-        if self._keyring is not None and sid in self._used_streams:
+        if self._keyring is None:  # as the C path (_SessionCore.send) numbers plain frames
+            frame = frame.replace(frame_seq=self._next_seq(sid))
+            self._queue(enc.encode(frame) if enc is not None else _codec.encode(frame))
+            return
+        # With a key (never the C path): the ids of numbered sends are closed to stream(), so a send
+        # that fails (too large) gives its number back, and a V-Stream's id is closed to numbered sends.
+        if sid in self._used_streams:
             raise LocalProtocolError("send", f"stream id {sid} carried a V-Stream in this session: numbered sends on it "
                                      "would start again at frame_seq 0 and be dropped as replays; use another id")
         before = self._seq.get(sid)
