@@ -191,18 +191,23 @@ class SessionKeyring(Keyring):
         self._derived: dict[int, tuple[Key, Key]] = {}  # key_id -> (long-term key, session key)
 
     def get(self, key_id: int) -> Key | None:
-        key = self.base.get(key_id)
+        key = self.base._keys.get(key_id)
+        hit = self._derived.get(key_id)
+        if hit is not None and hit[0] is key:  # (per frame: two dict look-ups)
+            return hit[1]
         if key is None:
             return None
-        hit = self._derived.get(key_id)
-        if hit is None or hit[0] is not key:
-            hit = (key, session_key(key, *self._randoms))
-            self._derived[key_id] = hit
+        hit = (key, session_key(key, *self._randoms))
+        self._derived[key_id] = hit
         return hit[1]
 
     @property  # type: ignore[override]
     def primary(self) -> Key:
-        return self.get(self.base.primary.key_id)  # type: ignore[return-value]
+        key = self.base.primary
+        hit = self._derived.get(key.key_id)
+        if hit is not None and hit[0] is key:
+            return hit[1]
+        return self.get(key.key_id)  # type: ignore[return-value]
 
     def add(self, key: Key, make_primary: bool = False) -> None:
         raise TypeError("a SessionKeyring follows its long-term keyring: add keys there")

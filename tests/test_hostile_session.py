@@ -164,6 +164,13 @@ def test_session_keys_follow_rotation_of_the_long_term_keyring():
     assert Codec(key=c._decoder.keyring).decode(frame).frame_seq == 1  # (opens under the session keys)
     assert len(thinks(s.receive_datagram(frame, 0.0))) == 1
     assert isinstance(s._decoder.keyring, SessionKeyring) and new.key_id in s._decoder.keyring
+    ring_c.add(old, make_primary=True)  # a late frame under the old key...
+    c.send(think(3))
+    late = c.datagrams_to_send()
+    ring_s.add(new, make_primary=True)
+    ring_s.remove(old.key_id)  # ...after the receiver dropped it
+    (ev,) = deliver(late, s)
+    assert ev.reason == "malformed" and "not a known key" in ev.detail
 
 
 def test_evicted_stream_window_refuses_its_frames():
