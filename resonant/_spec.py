@@ -41,6 +41,12 @@ HANDSHAKE_MAX_OBJECTS = 4096
 HANDSHAKE_MAX_LIST_ITEMS = 64
 #: Strings in a handshake document are at most 256 characters.
 HANDSHAKE_MAX_STRING_CHARS = 256
+#: client_random and server_random are this many random bytes, written as twice as many lowercase hexadecimal digits.
+HANDSHAKE_SESSION_RANDOM_BYTES = 32
+#: A keyed session remembers the stream ids whose replay window it dropped as at most this many ranges of ids; a new stream that would need one more is refused and the peers start a new session (see specs/security.md).
+HANDSHAKE_REPLAY_EVICTED_RANGES = 1024
+#: A keyed session acts on each sealed control document (ping, capability, error) once: it remembers the authentication tags of the last this many.
+HANDSHAKE_CONTROL_TAGS_REMEMBERED = 256
 
 
 class MsgType(enum.IntEnum):

@@ -21,6 +21,12 @@ MAX_OBJECTS = 4096
 MAX_LIST_ITEMS = 64
 #: Strings in a handshake document are at most 256 characters.
 MAX_STRING_CHARS = 256
+#: client_random and server_random are this many random bytes, written as twice as many lowercase hexadecimal digits.
+SESSION_RANDOM_BYTES = 32
+#: A keyed session remembers the stream ids whose replay window it dropped as at most this many ranges of ids; a new stream that would need one more is refused and the peers start a new session (see specs/security.md).
+REPLAY_EVICTED_RANGES = 1024
+#: A keyed session acts on each sealed control document (ping, capability, error) once: it remembers the authentication tags of the last this many.
+CONTROL_TAGS_REMEMBERED = 256
 
 #: Field specs per message: type, required, const, choices, nested fields.
 SCHEMA: dict[str, dict[str, dict[str, Any]]] = {
@@ -32,6 +38,7 @@ SCHEMA: dict[str, dict[str, dict[str, Any]]] = {
         "compress": {"type": "list[string]", "required": False, "const": None, "choices": ['zstd', 'lz4', 'none'], "fields": {}},
         "crypto": {"type": "list[string]", "required": False, "const": None, "choices": ['xchacha20poly1305', 'aes256gcm', 'none'], "fields": {}},
         "max_frame_bytes": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
+        "client_random": {"type": "string", "required": False, "const": None, "choices": [], "fields": {}},
         "supports": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"critique": {"type": "bool", "required": False, "const": None, "choices": [], "fields": {}}, "dtype": {"type": "list[string]", "required": False, "const": None, "choices": ['f16', 'i8', 'q4', 'sparse', 'bf16', 'f32', 'q8_0', 'q4_0', 'sparse_coo_u32'], "fields": {}}}},
         "model_signature": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"version": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "model_id": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "revision": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "dtype": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "num_layers": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "hidden_size": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "num_kv_heads": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "head_dim": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "tokenizer_hash": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}}},
     },
@@ -46,6 +53,8 @@ SCHEMA: dict[str, dict[str, dict[str, Any]]] = {
         "compress": {"type": "list[string]", "required": False, "const": None, "choices": ['zstd', 'lz4', 'none'], "fields": {}},
         "crypto": {"type": "list[string]", "required": False, "const": None, "choices": ['xchacha20poly1305', 'aes256gcm', 'none'], "fields": {}},
         "max_frame_bytes": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
+        "client_random": {"type": "string", "required": False, "const": None, "choices": [], "fields": {}},
+        "server_random": {"type": "string", "required": False, "const": None, "choices": [], "fields": {}},
         "supports": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"critique": {"type": "bool", "required": False, "const": None, "choices": [], "fields": {}}, "dtype": {"type": "list[string]", "required": False, "const": None, "choices": ['f16', 'i8', 'q4', 'sparse', 'bf16', 'f32', 'q8_0', 'q4_0', 'sparse_coo_u32'], "fields": {}}}},
     },
     "head": {
@@ -76,6 +85,8 @@ SCHEMA: dict[str, dict[str, dict[str, Any]]] = {
         "message": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}},
         "expected": {"type": "string", "required": False, "const": None, "choices": [], "fields": {}},
         "got": {"type": "string", "required": False, "const": None, "choices": [], "fields": {}},
+        "client_random": {"type": "string", "required": False, "const": None, "choices": [], "fields": {}},
+        "stream_id": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
     },
 }
 
@@ -146,8 +157,11 @@ def validate(doc: Any) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise HandshakeError("$", f"expected a JSON object, got {type(doc).__name__}")
     method = doc.get("method")
+    if not isinstance(method, str):  # checked first: a list or an object is not even hashable
+        raise HandshakeError("$.method", f"expected a string, got {type(method).__name__}" if "method" in doc
+                             else "required field is missing")
     if method not in SCHEMA:
-        raise HandshakeError("$.method", f"{method!r} is not one of {', '.join(SCHEMA)}")
+        raise HandshakeError("$.method", f"{method[:MAX_STRING_CHARS]!r} is not one of {', '.join(SCHEMA)}")
     _check_fields(doc, SCHEMA[method], method, open_keys=False)
     return doc
 

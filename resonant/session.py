@@ -18,8 +18,11 @@ property test drives every row.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import json
+import operator
+import os
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -43,11 +46,11 @@ from resonant.errors import (
 )
 from resonant.space import ModelSignature
 from resonant.stream import MIN_STREAM_FRAME, MemoryBudget, Reassembler, StreamLayout, StreamLimits, StreamSender
-from resonant.transforms import Codec, Key, Keyring
+from resonant.transforms import Codec, Key, Keyring, SessionKeyring
 
 __all__ = [
     "Role", "State", "Input", "Action", "TRANSITIONS", "SessionConfig", "Agreement", "Session",
-    "ReplayWindow", "RecordReader", "frame_record",
+    "ReplayWindow", "IdRanges", "RecordReader", "frame_record",
     "HandshakeComplete", "HandshakeFailed", "RemoteError", "MessageReceived", "FrameRejected", "ConnectionBroken",
     "PROTOCOL_VERSION", "PROTOCOL_VERSIONS",
 ]
@@ -62,6 +65,10 @@ assert _LEN_BYTES == 4
 _CHUNK = int(MsgType.CHUNK)
 _SYNC = int(MsgType.SYNC)
 _XCHACHA = int(Flags.XCHACHA)
+_TAG = slice(-20, -4)  # an encrypted frame's Poly1305 tag: the 16 bytes before the CRC-32
+_STREAM_ID = struct.Struct("<I")  # the header's stream_id, at offset 4
+_CONTROL_METHODS = ("ping", "capability", "error")  # the documents sealed under the long-term key
+_RANDOM_BYTES = handshake.SESSION_RANDOM_BYTES
 
 
 # ------------------------------------------------------------------ the state table
@@ -182,6 +189,8 @@ class SessionConfig:
     stream_limits: StreamLimits = StreamLimits()
     replay_window: int = 1024                 # frame_seq positions remembered per stream
     replay_streams: int = 4096                # streams whose window is kept (least recently used dropped)
+    replay_ranges: int = handshake.REPLAY_EVICTED_RANGES  # ranges of dropped windows' stream ids remembered
+    control_tags: int = handshake.CONTROL_TAGS_REMEMBERED  # sealed control documents remembered (acted on once)
     handshake_retry: float = 0.5              # seconds between pings while no capability came
     handshake_attempts: int = 6               # pings before the handshake fails
     error_interval: float = 1.0               # at most one unsolicited error reply per interval
@@ -254,7 +263,9 @@ class RemoteError:
 @dataclass(frozen=True)
 class FrameRejected:
     """A frame was dropped and counted. reason: 'malformed', 'space_mismatch', 'not_encrypted',
-    'replay', 'too_old', 'handshake_required', 'closed'."""
+    'replay', 'too_old', 'handshake_required', 'closed'; with a key: 'unauthenticated' (an error
+    in the clear), 'stale' (sealed for another session or handshake), 'evicted' (a stream whose
+    replay window was dropped), 'exhausted' (no replay state left for a new stream: re-key)."""
 
     reason: str
     detail: str
@@ -271,28 +282,82 @@ class ConnectionBroken:
 # ------------------------------------------------------------------ replay window
 
 
+class IdRanges:
+    """A set of u32 ids kept as sorted, disjoint, non-adjacent ranges [lo, hi]: ids handed out in
+    order (stream ids from new_stream_id) stay one range however many there are."""
+
+    def __init__(self) -> None:
+        self._lo: list[int] = []
+        self._hi: list[int] = []
+
+    def __contains__(self, x: int) -> bool:
+        i = bisect.bisect_right(self._lo, x) - 1
+        return i >= 0 and x <= self._hi[i]
+
+    def needs_range(self, x: int) -> bool:
+        """Whether adding x would add a range (x is neither in nor next to one)."""
+        i = bisect.bisect_right(self._lo, x) - 1
+        if i >= 0 and x <= self._hi[i] + 1:
+            return False
+        return not (i + 1 < len(self._lo) and self._lo[i + 1] == x + 1)
+
+    def add(self, x: int) -> None:
+        i = bisect.bisect_right(self._lo, x) - 1
+        if i >= 0 and x <= self._hi[i]:
+            return
+        joins_left = i >= 0 and self._hi[i] == x - 1
+        joins_right = i + 1 < len(self._lo) and self._lo[i + 1] == x + 1
+        if joins_left and joins_right:
+            self._hi[i] = self._hi[i + 1]
+            del self._lo[i + 1], self._hi[i + 1]
+        elif joins_left:
+            self._hi[i] = x
+        elif joins_right:
+            self._lo[i + 1] = x
+        else:
+            self._lo.insert(i + 1, x)
+            self._hi.insert(i + 1, x)
+
+    def __len__(self) -> int:
+        """The number of ranges."""
+        return len(self._lo)
+
+
 class ReplayWindow:
     """A sliding window over frame_seq per stream, as IPsec and DTLS keep one: a frame whose
     sequence number was seen, or lies more than `size` below the highest seen, is refused.
 
     Only authenticated (decrypted) frames update it, so a forger cannot move the window. At
-    most `max_streams` windows are kept; the least recently used is forgotten first.
+    most `max_streams` windows are kept; the least recently used is dropped first, and its
+    stream id is remembered (as ranges of ids, at most `max_ranges`) so that the stream's frames
+    are refused from then on ('evicted') rather than accepted as new. A new stream that would
+    need a window when dropping one would exceed `max_ranges` is refused ('exhausted'): the
+    peers must start a new session (a new session key, a new window).
     """
 
-    def __init__(self, size: int = 1024, max_streams: int = 4096) -> None:
-        if size < 1 or max_streams < 1:
-            raise ValueError("size and max_streams must be at least 1")
+    def __init__(self, size: int = 1024, max_streams: int = 4096,
+                 max_ranges: int = handshake.REPLAY_EVICTED_RANGES) -> None:
+        if size < 1 or max_streams < 1 or max_ranges < 1:
+            raise ValueError("size, max_streams and max_ranges must be at least 1")
         self.size = size
         self.max_streams = max_streams
+        self.max_ranges = max_ranges
         self._win: OrderedDict[int, tuple[int, int]] = OrderedDict()  # stream -> (highest, bitmap)
+        self.evicted = IdRanges()  # the streams whose window was dropped
 
     def check(self, stream_id: int, seq: int) -> str:
-        """'ok' (and the sequence number is recorded), 'replay' or 'too_old'."""
+        """'ok' (and the sequence number is recorded), 'replay', 'too_old', 'evicted' or 'exhausted'."""
         entry = self._win.get(stream_id)
         if entry is None:
+            if stream_id in self.evicted:
+                return "evicted"
+            if len(self._win) >= self.max_streams:
+                oldest = next(iter(self._win))
+                if len(self.evicted) >= self.max_ranges and self.evicted.needs_range(oldest):
+                    return "exhausted"
+                del self._win[oldest]
+                self.evicted.add(oldest)
             self._win[stream_id] = (seq, 1)
-            if len(self._win) > self.max_streams:
-                self._win.popitem(last=False)
             return "ok"
         self._win.move_to_end(stream_id)
         top, bits = entry
@@ -519,10 +584,25 @@ class Session(_SessionCore):
         # is answered with an explained SPACE_MISMATCH rather than dropped.
         self._decoder = Codec(key=self._keyring, require_encryption=self._keyring is not None)
         self._encoder: Codec | None = None  # until agreed: plain frames (or encrypted when a key is held)
+        # With a key: ping, capability and error are sealed under the long-term keyring (_sealer /
+        # _lt_decoder); once agreed, everything else under the session's keys (_session_keys,
+        # derived from the long-term keys and both sides' randoms), which _decoder then holds.
+        self._sealer: Codec | None = None
+        self._lt_decoder: Codec | None = None
         if self._keyring is not None:
             self._encoder = Codec(key=self._keyring)
+            self._sealer = Codec(key=self._keyring)
+            self._lt_decoder = Codec(key=self._keyring, require_encryption=True)
+        self._session_keys: SessionKeyring | None = None
+        self._client_random: bytes | None = None  # this handshake's randoms (keyed sessions)
+        self._server_random: bytes | None = None
+        self._seen_tags: OrderedDict[bytes, None] = OrderedDict()  # sealed control documents acted on
+        self._last_unauthenticated: str | None = None  # the last error in the clear, for the TIMEOUT message
+        self._undecryptable: tuple[int, int] | None = None  # (msg_type, stream_id) of a frame that failed to open
+        self._used_streams = IdRanges()  # stream ids opened by stream() in this session
+        self._next_stream_id = 1
         self.reassembler = Reassembler(config.stream_limits, codec=self._decoder, budget=budget, allocate=allocate)
-        self.replay = ReplayWindow(config.replay_window, config.replay_streams)
+        self.replay = ReplayWindow(config.replay_window, config.replay_streams, config.replay_ranges)
         self.records = RecordReader(config.max_frame_bytes)
         self._out: list[bytes] = []
         self._pings_sent = 0
@@ -531,15 +611,23 @@ class Session(_SessionCore):
         self._seq: dict[int, int] = {}
         self.stats: dict[str, int] = {k: 0 for k in (
             "frames_in", "frames_out", "bytes_in", "bytes_out", "dtype_converted", "messages", "malformed", "space_mismatch", "not_encrypted", "replay",
-            "too_old", "handshake_required", "dropped_closed", "errors_sent")}
+            "too_old", "handshake_required", "dropped_closed", "errors_sent", "unauthenticated", "stale", "evicted",
+            "exhausted", "rekeys")}
 
     # -------------------------------------------------------------- local calls
 
     def initiate(self, now: float) -> None:
-        """Client: start (or restart) the handshake; the ping waits in the send queue."""
+        """Client: start (or restart) the handshake; the ping waits in the send queue.
+
+        Called again once established (e.g. on RemoteError(code="HANDSHAKE_REQUIRED"): the server
+        lost this session), it starts a new one: a new client_random, so a new session key once the
+        capability comes; frames still arrive under the old key until then."""
         if self.role is not Role.CLIENT:
             raise LocalProtocolError("initiate", "only a client starts the handshake")
-        self._pings_sent = 0
+        if TRANSITIONS[self.role, self.state, Input.START][0] is not Action.INVALID:
+            self._pings_sent = 0
+            self._client_random = None  # a new handshake: fresh randomness (retries repeat it)
+            self._last_unauthenticated = None
         self._step(Input.START, now, None, None)
 
     def close(self, now: float = 0.0) -> None:
@@ -554,15 +642,65 @@ class Session(_SessionCore):
         if self._reduce:
             frame = self._reduce_dtypes(frame)
         enc = self._encoder
-        if not keep_seq:
-            frame = frame.replace(frame_seq=self._next_seq(frame.stream_id))
-        self._queue(enc.encode(frame) if enc is not None else _codec.encode(frame))
+        if keep_seq:
+            self._queue(enc.encode(frame) if enc is not None else _codec.encode(frame))
+            return
+        sid = frame.stream_id
+        if self._keyring is None:  # as the C path (_SessionCore.send) numbers plain frames
+            frame = frame.replace(frame_seq=self._next_seq(sid))
+            self._queue(enc.encode(frame) if enc is not None else _codec.encode(frame))
+            return
+        # With a key (never the C path): the ids of numbered sends are closed to stream(), so a send
+        # that fails (too large) gives its number back, and a V-Stream's id is closed to numbered sends.
+        if sid in self._used_streams:
+            raise LocalProtocolError("send", f"stream id {sid} carried a V-Stream in this session: numbered sends on it "
+                                     "would start again at frame_seq 0 and be dropped as replays; use another id")
+        before = self._seq.get(sid)
+        frame = frame.replace(frame_seq=self._next_seq(sid))
+        try:
+            self._queue(enc.encode(frame) if enc is not None else _codec.encode(frame))
+        except BaseException:  # nothing was sent: the number (and the stream id, for stream()) stays free
+            if before is None:
+                del self._seq[sid]
+            else:
+                self._seq[sid] = before
+            raise
+
+    def new_stream_id(self) -> int:
+        """A stream id not used yet in this session (not by send(), the handshake or stream()),
+        for stream(): ids are handed out in order from 1, so the receiver's record of used ids
+        stays one range."""
+        sid = self._next_stream_id
+        while sid == 0 or sid in self._seq or sid in self._used_streams:
+            sid += 1
+        if sid > 0xFFFFFFFF:
+            raise LocalProtocolError("stream", "every u32 stream id was used in this session: start a new session")
+        self._next_stream_id = sid + 1
+        return sid
 
     def stream(self, stream_id: int, objects: Sequence, **kwargs: Any) -> StreamSender:
         """A StreamSender configured with what was agreed (codec, frame size, space hash);
-        iterate it and pass each frame to `send_encoded` (or write it yourself)."""
+        iterate it and pass each frame to `send_encoded` (or write it yourself).
+
+        stream_id must be new in this session (new_stream_id() gives one): a V-Stream's frames
+        start at frame_seq 0, and the receiver drops frames it has seen on a stream id as replays."""
         if self.state is _CLOSED:
             raise LocalProtocolError("stream", "the session is closed")
+        try:
+            stream_id = operator.index(stream_id)
+        except TypeError:
+            raise LocalProtocolError("stream", f"stream id {stream_id!r} is not an integer") from None
+        if not 0 <= stream_id <= 0xFFFFFFFF:
+            raise LocalProtocolError("stream", f"stream id {stream_id} is not a u32")
+        # (With a key, numbered sends count too: the receiver's replay window has seen their frame_seq
+        # 0, 1...; plain frames have no window, and a V-Stream beside them on one id is delivered.)
+        by_send = self._keyring is not None and stream_id in self._seq
+        if stream_id == 0 or by_send or stream_id in self._used_streams:
+            what = ("0 carries the handshake" if stream_id == 0 else
+                    "it was used by send()" if by_send else "a V-Stream was already sent on it")
+            raise LocalProtocolError("stream", f"stream id {stream_id} was already used in this session ({what}); the "
+                                     "receiver would drop the stream's frames as replays: take one from new_stream_id()")
+        self._used_streams.add(stream_id)
         kwargs.setdefault("max_frame_bytes", self.max_frame_bytes)
         kwargs.setdefault("space_hash32", self.config.space_hash32)
         if self._reduce:  # as send() does, object by object
@@ -746,6 +884,7 @@ class Session(_SessionCore):
         self.stats["bytes_in"] += len(data)
         if self.state is _CLOSED:
             return self._step(Input.DATA, now, None, "frame")
+        sealed = False  # sealed under the long-term key (not a session key)
         try:
             # Messages are handed to the caller and must outlive the receive buffer: a message
             # decoded in place from a reused buffer is decoded again from a copy.
@@ -753,18 +892,15 @@ class Session(_SessionCore):
                 data = bytes(data)  # (a stream chunk is consumed at once, from the receive buffer: no copy;
                 # a view of bytes the caller passed in is immutable and keeps them alive: no copy either)
             frame = self._decoder.decode(data)
+            sealed = self._keyring is not None and self._session_keys is None
         except NotEncrypted as exc:
-            self.stats["not_encrypted"] += 1
-            rejected = [FrameRejected("not_encrypted", str(exc), exc)]
-            plain = _plain_control(data)
-            if plain is not None:  # a plain handshake document: answer it (plainly) or take the refusal
-                frame, doc = plain
-                if doc["method"] == "ping" and self.role is Role.SERVER:
-                    return rejected + self._step(Input.PING_BAD, now, frame, doc)
-                if doc["method"] == "error" and self.state is State.AWAIT_CAPABILITY:
-                    return rejected + self._step(Input.ERROR, now, frame, doc)
-            self._reply_error("UNSUPPORTED_FEATURE", "this peer accepts encrypted frames only", now, plain=True)
-            return rejected
+            return self._unencrypted(data, now, exc)
+        except DecryptionFailed as exc:
+            frame = self._open_sealed(data)  # a control document under the long-term key, after the handshake
+            if frame is None:
+                self._undecryptable = (data[1], _STREAM_ID.unpack_from(data, 4)[0])
+                return self._step(Input.BAD_FRAME, now, None, exc)
+            sealed = True
         except DecodeError as exc:
             return self._step(Input.BAD_FRAME, now, None, exc)
         want = self.config.expected_space_hash
@@ -774,28 +910,128 @@ class Session(_SessionCore):
             self.stats["space_mismatch"] += 1
             self._reply_error("SPACE_MISMATCH", str(exc), now, expected=str(want), got=str(frame.space_hash32))
             return [FrameRejected("space_mismatch", str(exc), exc)]
-        if frame.version != 1 and int(frame.transforms) & _XCHACHA:
-            verdict = self.replay.check(frame.stream_id, frame.frame_seq)
-            if verdict != "ok":
-                self.stats[verdict] += 1
-                return [FrameRejected(verdict, f"stream {frame.stream_id} frame_seq {frame.frame_seq}: "
-                                      f"{'seen before' if verdict == 'replay' else 'older than the replay window'}")]
         doc = None
-        if isinstance(frame, Sync) and frame.json is not None:
+        if frame.version != 1 and int(frame.transforms) & _XCHACHA:
+            if sealed and isinstance(frame, Sync) and frame.json is not None:
+                try:
+                    doc = handshake.parse(frame.json.payload)
+                except HandshakeError as exc:
+                    return self._step(Input.BAD_FRAME, now, frame, exc)
+            if doc is not None and doc["method"] in _CONTROL_METHODS:
+                # Sealed control documents are outside the data replay window (a server that lost the
+                # session numbers its errors from 0 again); each is acted on once, by its tag.
+                tag = bytes(data[_TAG])
+                if tag in self._seen_tags:
+                    self.stats["replay"] += 1
+                    return [FrameRejected("replay", f"a sealed {doc['method']} seen before")]
+                self._seen_tags[tag] = None
+                if len(self._seen_tags) > self.config.control_tags:
+                    self._seen_tags.popitem(last=False)
+            elif sealed and self._session_keys is not None:
+                self.stats["stale"] += 1
+                return [FrameRejected("stale", f"{type(frame).__name__} frame of stream {frame.stream_id} sealed under "
+                                      "the long-term key after the handshake: data must use the session key")]
+            else:
+                verdict = self.replay.check(frame.stream_id, frame.frame_seq)
+                if verdict != "ok":
+                    return self._refuse_replay(verdict, frame, now)
+        if doc is None and isinstance(frame, Sync) and frame.json is not None:
             try:
                 doc = handshake.parse(frame.json.payload)
             except HandshakeError as exc:
                 return self._step(Input.BAD_FRAME, now, frame, exc)
+        if doc is not None:
             method = doc["method"]
             if method == "ping":
                 return self._step(Input.PING_OK if self._ping_problem(doc, frame) is None else Input.PING_BAD,
                                   now, frame, doc)
             if method == "capability":
+                if self._keyring is not None and self.role is Role.CLIENT and not self._answers_my_ping(doc):
+                    return self._stale(doc, "a capability that does not answer this client's current ping (its "
+                                       "client_random is not echoed, or it has no server_random)")
                 return self._step(Input.CAPABILITY_OK if self._capability_problem(doc) is None
                                   else Input.CAPABILITY_BAD, now, frame, doc)
             if method == "error":
+                if (self._keyring is not None and self.role is Role.CLIENT and self.state is State.AWAIT_CAPABILITY
+                        and not self._answers_my_ping(doc)):
+                    return self._stale(doc, f"an error that does not answer this client's current ping "
+                                       f"({doc['code']}: {doc['message'][:200]})")
                 return self._step(Input.ERROR, now, frame, doc)
         return self._step(Input.DATA, now, frame, doc)
+
+    def _unencrypted(self, data, now: float, exc: NotEncrypted) -> list:
+        """A frame in the clear to a session that holds a key: refused; a plain ping is answered
+        (plainly) with the refusal, a plain error changes nothing (it is unauthenticated: anyone can
+        send one) but is counted and its text kept for the TIMEOUT message."""
+        self.stats["not_encrypted"] += 1
+        rejected = [FrameRejected("not_encrypted", str(exc), exc)]
+        plain = _plain_control(data)
+        if plain is not None:  # a plain handshake document: answer it (plainly) or note the error
+            frame, doc = plain
+            if doc["method"] == "ping" and self.role is Role.SERVER:
+                return rejected + self._step(Input.PING_BAD, now, frame, doc)
+            if doc["method"] == "error":
+                self.stats["unauthenticated"] += 1
+                text = f"{doc['code']}: {doc['message']}"
+                if self.state is State.AWAIT_CAPABILITY:
+                    self._last_unauthenticated = text
+                return [FrameRejected("unauthenticated", f"an error in the clear ({text[:200]}) changes nothing "
+                                      "for a peer that holds a key", exc)]
+        self._reply_error("UNSUPPORTED_FEATURE", "this peer accepts encrypted frames only", now, plain=True)
+        return rejected
+
+    def _open_sealed(self, data) -> Frame | None:
+        """After the handshake: a Sync that did not open under the session key, opened under the
+        long-term key (a control document: ping, capability, error), or None."""
+        if self._session_keys is None or len(data) < 2 or data[1] != _SYNC:
+            return None
+        try:
+            return self._lt_decoder.decode(data)
+        except DecodeError:
+            return None
+
+    def _answers_my_ping(self, doc: dict) -> bool:
+        """Whether a capability or error echoes this client's current client_random (and a
+        capability brings a well-formed server_random)."""
+        if self._client_random is None or _random_of(doc, "client_random") != self._client_random:
+            return False
+        return doc["method"] != "capability" or _random_of(doc, "server_random") is not None
+
+    def _stale(self, doc: dict, detail: str) -> list:
+        self.stats["stale"] += 1
+        if self.state is State.AWAIT_CAPABILITY:
+            self._last_unauthenticated = detail
+        return [FrameRejected("stale", detail)]
+
+    def _refuse_replay(self, verdict: str, frame: Frame, now: float) -> list:
+        self.stats[verdict] += 1
+        sid = frame.stream_id
+        if verdict == "exhausted":
+            # No replay state left for a new stream: only a new session key makes room. A server asks
+            # the client to start one; a client starts one itself.
+            detail = (f"stream {sid}: the replay state of this session is full ({self.replay.max_ranges} ranges of "
+                      "dropped stream ids): a new session is needed")
+            if self.role is Role.SERVER:
+                self._reply_error("HANDSHAKE_REQUIRED", detail + "; send a ping", now, stream_id=sid)
+                return [FrameRejected(verdict, detail)]
+            events = [FrameRejected(verdict, detail)]
+            if TRANSITIONS[self.role, self.state, Input.START][0] is not Action.INVALID \
+                    and self.state is not State.AWAIT_CAPABILITY:
+                self.initiate(now)
+            return events
+        if verdict == "evicted":
+            detail = (f"stream {sid}: its replay window was dropped (more than {self.replay.max_streams} streams "
+                      "since), so its frames are refused; open a new stream")
+            self._reply_error("BAD_REQUEST", detail, now, stream_id=sid)
+            return [FrameRejected(verdict, detail)]
+        detail = (f"stream {sid} frame_seq {frame.frame_seq}: "
+                  f"{'seen before' if verdict == 'replay' else 'older than the replay window'}")
+        if verdict == "replay" and isinstance(frame, Sync) and frame.frame_seq == 0 and sid != 0:
+            # A V-Stream HEAD again on a stream id already used: tell the sender, which otherwise sees nothing.
+            self._reply_error("BAD_REQUEST", f"stream {sid}: frame_seq 0 was already received on this stream id in "
+                              "this session, so this frame is dropped as a replay; open every V-Stream on a new "
+                              "stream id", now, stream_id=sid)
+        return [FrameRejected(verdict, detail)]
 
     # -------------------------------------------------------------- the machine
 
@@ -815,6 +1051,10 @@ class Session(_SessionCore):
                                "supports": {"critique": c.critique, "dtype": list(c.dtypes)}}
         if c.model_signature is not None:
             doc["model_signature"] = c.model_signature.to_json()
+        if self._keyring is not None:  # the client's half of the session key (kept by the retries)
+            if self._client_random is None:
+                self._client_random = os.urandom(_RANDOM_BYTES)
+            doc["client_random"] = self._client_random.hex()
         self._control(doc, 0)
         self._pings_sent += 1
         self._next_ping = now + c.handshake_retry
@@ -833,6 +1073,14 @@ class Session(_SessionCore):
             reply["embedding_space_id"] = c.embedding_space_id
         if c.model_signature is not None:
             reply["model_signature"] = c.model_signature.to_json()
+        if self._keyring is not None:
+            # The server's half of the session key: the same for every retry of one ping (the client
+            # adopts whichever answer arrives first), fresh for a new client_random.
+            client_random = _random_of(doc, "client_random")
+            if client_random != self._client_random or self._server_random is None:
+                self._client_random, self._server_random = client_random, os.urandom(_RANDOM_BYTES)
+            reply["client_random"] = doc["client_random"]
+            reply["server_random"] = self._server_random.hex()
         self._control(reply, frame.stream_id)
         # The server sends with the best of what both support, as the client will.
         self.agreement = Agreement(offer.proto, offer.compress_list[0], offer.crypto_list[0], offer.dtypes,
@@ -843,6 +1091,8 @@ class Session(_SessionCore):
 
     def _do_answer_error(self, now, frame, doc) -> list:
         code, message, extra = self._ping_problem(doc, frame)
+        if isinstance(doc.get("client_random"), str):  # so that the client knows the refusal is for its ping
+            extra = {**extra, "client_random": doc["client_random"]}
         # A peer that pinged in the clear cannot read an encrypted answer: refuse it in the clear.
         self._control({"method": "error", "code": code, "message": message, **extra}, frame.stream_id,
                       plain=not frame.transforms & Flags.XCHACHA)
@@ -852,8 +1102,11 @@ class Session(_SessionCore):
 
     def _do_adopt(self, now, frame, doc) -> list:
         c = self.config
+        # (_capability_problem made sure that both lists share an option)
         compress = next(x for x in c.compress if x in doc.get("compress", ["none"]))
         crypto = next(x for x in c.crypto if x in doc.get("crypto", ["none"]))
+        if self._keyring is not None:
+            self._server_random = _random_of(doc, "server_random")
         dtypes = tuple(d for d in c.dtypes if d in doc.get("supports", {}).get("dtype", c.dtypes)
                        and (doc["agreed_proto"] >= 2 or d in _REFERENCE_DTYPES))
         self.agreement = Agreement(doc["agreed_proto"], compress, crypto, dtypes,
@@ -866,6 +1119,8 @@ class Session(_SessionCore):
     def _do_fail(self, now, frame, doc) -> list:
         if doc is None:
             code, message = "TIMEOUT", f"no capability after {self._pings_sent} pings"
+            if self._last_unauthenticated is not None:
+                message += f"; the last unauthenticated or stale reply: {self._last_unauthenticated}"
         elif doc["method"] == "error":
             code, message = doc["code"], doc["message"]
         else:
@@ -895,6 +1150,15 @@ class Session(_SessionCore):
 
     def _do_report_bad_frame(self, now, frame, exc) -> list:
         self.stats["malformed"] += 1
+        hint, self._undecryptable = self._undecryptable, None
+        if (isinstance(exc, DecryptionFailed) and hint is not None and self.role is Role.SERVER
+                and self._keyring is not None and not (hint[0] == _SYNC and hint[1] == 0)):
+            # A frame under a key id we hold that does not open: sealed under a session key this server
+            # does not hold (it lost the session, or it was renewed), or forged. Ask for a new session,
+            # sealed under the long-term key so that the client can trust it.
+            self._reply_error("HANDSHAKE_REQUIRED", f"a frame of stream {hint[1]} does not authenticate under this "
+                              "server's session: start a new session (send a ping)", now, stream_id=hint[1])
+            return [FrameRejected("malformed", str(exc), exc)]
         # A frame we could not decrypt means the peer cannot read what we encrypt: answer in the clear.
         self._reply_error("BAD_REQUEST", str(exc)[:200], now, plain=isinstance(exc, (UnknownKey, DecryptionFailed)))
         return [FrameRejected("malformed", str(exc), exc)]
@@ -945,6 +1209,10 @@ class Session(_SessionCore):
         if self._keyring is not None and not frame.transforms & Flags.XCHACHA:
             return ("UNSUPPORTED_FEATURE", "this peer requires encryption (xchacha20poly1305 with a shared key); "
                     "the ping came in the clear", {})
+        if self._keyring is not None and _random_of(ping, "client_random") is None:
+            what = "has no client_random" if "client_random" not in ping else "has a malformed client_random"
+            return ("UNSUPPORTED_FEATURE", f"this peer requires session keys: the ping {what} ({_RANDOM_BYTES} random "
+                    f"bytes as {2 * _RANDOM_BYTES} lowercase hexadecimal digits)", {})
         v = ping.get("v", 1)
         if min(v, max(c.versions)) not in c.versions:
             return ("UNSUPPORTED_VERSION", f"protocol version {v} is not supported (this peer speaks "
@@ -963,6 +1231,10 @@ class Session(_SessionCore):
                                                                      " (protocol version 1 has no encryption)"), {})
         if offer.max_frame_bytes < MIN_STREAM_FRAME:
             return ("BAD_REQUEST", f"max_frame_bytes {offer.max_frame_bytes} is below {MIN_STREAM_FRAME}", {})
+        if not offer.dtypes:
+            theirs = ping.get("supports", {}).get("dtype", list(_REFERENCE_DTYPES if offer.proto < 2 else c.dtypes))
+            return ("UNSUPPORTED_FEATURE", f"supports.dtype: the client reads {theirs} (protocol {offer.proto}), this "
+                    f"peer sends {list(c.dtypes)}: no common option", {})
         return None
 
     def _capability_problem(self, doc: dict) -> str | None:
@@ -972,6 +1244,12 @@ class Session(_SessionCore):
         if not any(x in doc.get("crypto", ["none"]) for x in c.crypto):
             return (f"encryption: the server offers {doc.get('crypto', ['none'])}, this client requires "
                     f"{list(c.crypto)}")
+        if not any(x in doc.get("compress", ["none"]) for x in c.compress):
+            return (f"compress: the server offers {doc.get('compress', ['none'])}, this client reads "
+                    f"{list(c.compress)}: no common option")
+        theirs = doc.get("supports", {}).get("dtype", c.dtypes)
+        if not any(d in theirs and (doc["agreed_proto"] >= 2 or d in _REFERENCE_DTYPES) for d in c.dtypes):
+            return f"supports.dtype: the server reads {theirs}, this client sends {list(c.dtypes)}: no common option"
         if doc.get("max_frame_bytes", MAX_FRAME_BYTES) < MIN_STREAM_FRAME:
             return f"max_frame_bytes {doc['max_frame_bytes']} is below {MIN_STREAM_FRAME}"
         if (self.config.expected_space_hash is not None and "space_hash32" in doc
@@ -984,7 +1262,18 @@ class Session(_SessionCore):
         self._agreed_codes = frozenset(_DTYPE_NAMES[d] for d in a.dtypes)
         self._reduce = len(self._agreed_codes) < len(_DTYPE_NAMES)  # every dtype agreed: nothing to reduce, no check
         level = self.config.zstd_level if a.compress == "zstd" else None
-        key = self._keyring if a.crypto == "xchacha20poly1305" else None
+        key = None
+        if a.crypto == "xchacha20poly1305":
+            randoms = (self._client_random, self._server_random)
+            if self._session_keys is None or self._session_keys._randoms != randoms:
+                # A new session key: frames under any earlier one no longer open, so the replay state
+                # starts afresh (its bound on dropped streams included).
+                self._session_keys = SessionKeyring(self._keyring, *randoms)
+                self._decoder.keyring = self._session_keys  # (shared with the Reassembler)
+                self.replay = ReplayWindow(self.config.replay_window, self.config.replay_streams,
+                                           self.config.replay_ranges)
+                self.stats["rekeys"] += 1
+            key = self._session_keys
         self._encoder = Codec(level, key=key) if (level is not None or key is not None) else None
 
     # -------------------------------------------------------------- helpers
@@ -1027,19 +1316,19 @@ class Session(_SessionCore):
     def _control(self, doc: dict, stream_id: int, plain: bool = False) -> None:
         payload = json.dumps(doc, separators=(",", ":")).encode()
         frame = Sync(payload, stream_id=stream_id, frame_seq=self._next_seq(stream_id), space_hash32=self.config.space_hash32)
-        # Control frames travel as plain version-1 frames unless this side insists on encryption.
-        data = (Codec(key=self._keyring).encode(frame) if self._keyring is not None and not plain
-                else _codec.encode(frame))
+        # Control frames travel as plain version-1 frames unless this side insists on encryption; then
+        # they are sealed under the long-term key (never a session key: they set one up, or end one).
+        data = self._sealer.encode(frame) if self._sealer is not None and not plain else _codec.encode(frame)
         self._out.append(data)
         self.stats["frames_out"] += 1
         self.stats["bytes_out"] += len(data)
 
-    def _reply_error(self, code: str, message: str, now: float, plain: bool = False, **extra: str) -> None:
+    def _reply_error(self, code: str, message: str, now: float, plain: bool = False, **extra: str | int) -> None:
         if now - self._last_error_reply < self.config.error_interval:
             return  # never amplify a flood of bad frames into a flood of replies
         self._last_error_reply = now
         self._control({"method": "error", "code": code, "message": message[:256],
-                       **{k: v[:256] for k, v in extra.items()}}, 0, plain)
+                       **{k: v[:256] if isinstance(v, str) else v for k, v in extra.items()}}, 0, plain)
         self.stats["errors_sent"] += 1
 
 
@@ -1054,6 +1343,18 @@ def _plain_control(data) -> tuple[Sync, dict] | None:
     except DecodeError:
         pass
     return None
+
+
+def _random_of(doc: dict, name: str) -> bytes | None:
+    """A handshake random (client_random, server_random): session_random_bytes bytes from
+    lowercase hex digits, or None when absent or malformed."""
+    text = doc.get(name)
+    if not isinstance(text, str) or len(text) != 2 * _RANDOM_BYTES or text != text.lower():
+        return None
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        return None
 
 
 def _signature(doc: dict) -> ModelSignature | None:

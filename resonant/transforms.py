@@ -38,7 +38,7 @@ from resonant._spec import (
 )
 from resonant.errors import DecompressionFailed, DecryptionFailed, EncodeError, KeyFileError, UnknownKey
 
-__all__ = ["Codec", "Key", "Keyring", "default_codec"]
+__all__ = ["Codec", "Key", "Keyring", "SessionKeyring", "session_key", "default_codec"]
 
 _ENV_BASE = struct.Struct("<IB")  # body_len, filters
 _ZSTD, _XCHACHA, _SHUFFLE = int(Flags.ZSTD), int(Flags.XCHACHA), int(Filters.BYTE_SHUFFLE)  # ints: no enum work per frame
@@ -160,6 +160,69 @@ class Keyring:
     def __repr__(self) -> str:
         ids = ", ".join(f"0x{i:08x}" for i in self._keys)
         return f"Keyring([{ids}], primary=0x{self.primary.key_id:08x})"
+
+
+#: BLAKE2b personalisation of the session-key derivation (16 bytes), and the label it hashes first.
+_SESSION_PERSON = b"resonant-sess-v1"
+_SESSION_LABEL = b"resonant session key v1\x00"
+
+
+def session_key(key: Key, client_random: bytes, server_random: bytes) -> Key:
+    """The key of one session: keyed BLAKE2b-256 (libsodium's crypto_generichash, personalised)
+    under the long-term key over a label, the client's random and the server's random. It keeps
+    the long-term key's key_id, so the frame still names the long-term key it descends from."""
+    if len(client_random) != len(server_random) or not client_random:
+        raise ValueError("client_random and server_random must be non-empty and of one length")
+    secret = _sodium.crypto_generichash_blake2b_salt_personal(
+        _SESSION_LABEL + bytes(client_random) + bytes(server_random), digest_size=KEY_BYTES, key=key._secret,
+        person=_SESSION_PERSON)
+    return Key(secret, key.key_id)
+
+
+class SessionKeyring(Keyring):
+    """The keys of one session, derived lazily, key id by key id, from a long-term Keyring and the
+    handshake's two randoms (session_key). It follows the long-term keyring: a key added there
+    (rotation) is usable here at once under the same key_id, the primary is the long-term
+    primary's session key, and a key removed there is gone here too."""
+
+    def __init__(self, base: Keyring, client_random: bytes, server_random: bytes) -> None:  # noqa: D107
+        self.base = base
+        self._randoms = (bytes(client_random), bytes(server_random))
+        self._derived: dict[int, tuple[Key, Key]] = {}  # key_id -> (long-term key, session key)
+
+    def get(self, key_id: int) -> Key | None:
+        key = self.base._keys.get(key_id)
+        hit = self._derived.get(key_id)
+        if hit is not None and hit[0] is key:  # (per frame: two dict look-ups)
+            return hit[1]
+        if key is None:
+            return None
+        hit = (key, session_key(key, *self._randoms))
+        self._derived[key_id] = hit
+        return hit[1]
+
+    @property  # type: ignore[override]
+    def primary(self) -> Key:
+        key = self.base.primary
+        hit = self._derived.get(key.key_id)
+        if hit is not None and hit[0] is key:
+            return hit[1]
+        return self.get(key.key_id)  # type: ignore[return-value]
+
+    def add(self, key: Key, make_primary: bool = False) -> None:
+        raise TypeError("a SessionKeyring follows its long-term keyring: add keys there")
+
+    def remove(self, key_id: int) -> None:
+        raise TypeError("a SessionKeyring follows its long-term keyring: remove keys there")
+
+    def __contains__(self, key_id: int) -> bool:
+        return key_id in self.base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __repr__(self) -> str:
+        return f"SessionKeyring(of {self.base!r})"
 
 
 class Codec:
