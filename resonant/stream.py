@@ -939,7 +939,11 @@ class Reassembler:
             self._drop_early(sid)
             return [StreamFailed(sid, "limit", problem)]
         self._charge(cost)  # before the buffer, bitmap and arrays are allocated
-        self._streams[sid] = st = _Stream(sid, layout, now, buffer)
+        try:
+            self._streams[sid] = _Stream(sid, layout, now, buffer)
+        except BaseException:
+            self._charge(-cost)
+            raise
         self._due(_STREAM, sid)
         events: list = [StreamStarted(sid, layout)]
         for raw, _ in self._drop_early(sid):
