@@ -790,9 +790,9 @@ class Reassembler:
 
     def _close(self, sid: int, now: float) -> None:
         self._closed[sid] = now
-        self._due(_CLOSED, sid)
         while len(self._closed) > 4 * self.limits.max_streams + 1024:  # bounded: forget the oldest
             del self._closed[next(iter(self._closed))]
+        self._due(_CLOSED, sid)
 
     # -------------------------------------------------------------- deadlines
 

@@ -294,6 +294,20 @@ def test_tick_still_sees_activity_through_the_fast_path():
     assert of(events, StreamComplete)
 
 
+def test_deadlines_stay_bounded_under_churn():
+    """Streams opened and failed at once, early frames dropped: the heap of deadlines never holds
+    much more than what is alive (stale entries are swept), and the closed ids stay bounded."""
+    r = Reassembler(StreamLimits(max_streams=4))
+    for sid in range(20_000):
+        r.receive(head_frame(head_doc([i8(1000)], MIN_CHUNK), sid), 0.0)
+        (failed,) = r.receive(chunk_frame(sid, 99, bytes(10)), 0.0)  # not a chunk of it: bad_chunk
+        assert failed.reason == "bad_chunk"
+        live = r.open_streams + len(r._early) + len(r._parts) + len(r._closed)
+        assert len(r._deadlines) <= 2 * live + 128
+    assert len(r._closed) <= 4 * 4 + 1024
+    assert r.tick(IDLE + 1) == [] and not r._closed and not r._deadlines
+
+
 # ------------------------------------------------------------------ low item: release="verified"
 
 
