@@ -2284,13 +2284,26 @@ def _encode_chunk_parts(uint32_t stream_id, uint64_t frame_seq, uint32_t space_h
     return head, tail
 
 
+# What _check_chunk says of a chunk for an open stream (the fast and the general path alike).
+cdef enum:
+    CHUNK_NEW = 0        # in range, not yet received, and of the dtype and length its place needs
+    CHUNK_DUPLICATE = 1  # already received
+    CHUNK_OUTSIDE = 2    # frame_seq is not a chunk of this stream
+    CHUNK_MISFIT = 3     # the wrong dtype or length for its place
+
+
+cdef inline bint _bit(const unsigned char *bits, Py_ssize_t k) noexcept nogil:
+    return (bits[k >> 3] >> (k & 7)) & 1
+
+
 cdef class ChunkSink:
     """The receiving state of one V-Stream that the chunk fast path (_place_chunk) writes to:
-    the output buffer, the one-byte-per-chunk bitmap, the chunks left per object, the running
-    hash and the time of the last frame. resonant.stream's _Stream extends it; its Python
-    path for chunks reads and writes the same fields."""
+    the output buffer, the chunk bitmap (one bit per chunk: bit k & 7 of byte k >> 3), the
+    chunks left per object, the running hash and the time of the last frame. resonant.stream's
+    _Stream extends it; its Python path for chunks checks and commits them through the same C
+    functions (check, commit), so both paths share the checks and the bitmap code."""
     cdef public object buffer
-    cdef public bytearray have
+    cdef readonly bytearray have         # the chunk bitmap
     cdef public Py_ssize_t have_count
     cdef public Py_ssize_t hashed
     cdef public Xxh3 hasher
@@ -2300,6 +2313,7 @@ cdef class ChunkSink:
     cdef public object tail              # the TAIL document once it came (None before)
     cdef public int completed            # the object the last fast placement completed, or -1
     cdef unsigned char[::1] _dst
+    cdef unsigned char[::1] _bits        # a view of `have` (which it keeps from being resized)
     cdef const int64_t[::1] _first
     cdef const int64_t[::1] _offset
     cdef const int64_t[::1] _nbytes
@@ -2307,8 +2321,16 @@ cdef class ChunkSink:
     cdef const uint8_t[::1] _want
     cdef Py_ssize_t _chunk_bytes, _nchunks, _nobj
 
+    @staticmethod
+    def bitmap_bytes(Py_ssize_t nchunks):
+        """The bytes of the chunk bitmap of a stream of nchunks chunks."""
+        return (nchunks + 7) >> 3
+
     def _geometry(self, buffer, first_chunk, offset, nbytes, want, Py_ssize_t chunk_bytes, Py_ssize_t nchunks):
-        """Arrays per object (int64 first chunk, byte offset, bytes; uint8 dtype a chunk must carry)."""
+        """Arrays per object (int64 first chunk, byte offset, bytes; uint8 dtype a chunk must carry);
+        allocates the bitmap (bitmap_bytes(nchunks), zeroed)."""
+        if chunk_bytes < 1 or nchunks < 0:
+            raise ValueError("chunk_bytes must be >= 1 and nchunks >= 0")
         self.buffer = buffer
         self._dst = buffer
         self._first = first_chunk
@@ -2320,16 +2342,88 @@ cdef class ChunkSink:
         self._nobj = len(first_chunk)
         self._chunk_bytes = chunk_bytes
         self._nchunks = nchunks
+        self.have = bytearray((nchunks + 7) >> 3)
+        self._bits = self.have
+        self.have_count = 0
         self.completed = -1
+
+    def has(self, Py_ssize_t k):
+        """Whether chunk k (0 <= k < chunks) has been received."""
+        if not 0 <= k < self._nchunks:
+            raise IndexError(f"chunk {k} is outside this stream")
+        return bool(_bit(&self._bits[0], k))
+
+    def check(self, k, int dtype, Py_ssize_t length):
+        """The general path's check of chunk k carrying `length` bytes of `dtype`, the fast
+        path's own (_check_chunk): (outcome, object index, byte offset in the stream), outcome
+        0 new, 1 duplicate, 2 outside the stream (object and offset -1), 3 the wrong dtype or length."""
+        cdef ChunkAt at
+        if not 0 <= k < self._nchunks or not 0 <= dtype <= 255:
+            return CHUNK_OUTSIDE if not 0 <= k < self._nchunks else CHUNK_MISFIT, -1, -1
+        outcome = _check_chunk(self, <Py_ssize_t>k, <uint8_t>dtype, length, &at)
+        return outcome, (at.o if outcome != CHUNK_OUTSIDE else -1), (at.a if outcome != CHUNK_OUTSIDE else -1)
 
     def commit(self, Py_ssize_t k, Py_ssize_t o, Py_ssize_t a, Py_ssize_t length, double now):
         """Chunk k (of object o, length bytes at offset a) is in place, and hashed if it came in
         order: the general path's end of a chunk, the same as the fast path's (_commit_chunk)."""
         cdef ChunkAt at
-        if not (0 <= k < self._nchunks and 0 <= o < self._nobj):
-            raise IndexError(f"chunk {k} of object {o} is outside this stream")
+        if not (0 <= k < self._nchunks and 0 <= o < self._nobj) or _bit(&self._bits[0], k):
+            raise IndexError(f"chunk {k} of object {o} is outside this stream or already in place")
         at.k, at.o, at.a, at.length = k, o, a, length
         _commit_chunk(self, &at, now)
+
+    def missing(self, Py_ssize_t cap):
+        """The byte ranges of the stream not received, in order, touching ranges joined: the
+        first `cap` of them, and how many more there are. One pass over the bitmap (whole bytes
+        at a time where it is all 0 or all 1); memory for the ranges listed only."""
+        cdef Py_ssize_t k = 0, n = self._nchunks, k0, a, b, pa = -1, pb = -1, more = 0
+        cdef const unsigned char *bits
+        out = []
+        if n == 0:
+            return out, 0
+        bits = &self._bits[0]
+        while k < n:
+            if (k & 7) == 0 and bits[k >> 3] == 0xFF:
+                k += 8
+                continue
+            if _bit(bits, k):
+                k += 1
+                continue
+            k0 = k
+            while k < n:  # the run of missing chunks from k0 (bits past n are never set)
+                if (k & 7) == 0 and bits[k >> 3] == 0:
+                    k += 8
+                elif _bit(bits, k):
+                    break
+                else:
+                    k += 1
+            if k > n:
+                k = n
+            a = self._byte_at(k0, False)
+            b = self._byte_at(k - 1, True)
+            if pa >= 0 and a == pb:  # touches the previous range (an empty object in between)
+                pb = b
+                continue
+            if pa >= 0:
+                if len(out) < cap:
+                    out.append((pa, pb))
+                else:
+                    more += 1
+            pa, pb = a, b
+        if pa >= 0:
+            if len(out) < cap:
+                out.append((pa, pb))
+            else:
+                more += 1
+        return out, more
+
+    cdef Py_ssize_t _byte_at(self, Py_ssize_t k, bint end) noexcept:
+        """The stream offset of chunk k's first byte, or (end) of the byte after its last."""
+        cdef Py_ssize_t o = self._object_of(k)
+        cdef Py_ssize_t s = (k - self._first[o]) * self._chunk_bytes
+        if end:
+            s = min(s + self._chunk_bytes, <Py_ssize_t>self._nbytes[o])
+        return self._offset[o] + s
 
     cdef Py_ssize_t _object_of(self, Py_ssize_t k) noexcept:
         """The last object whose first chunk is <= k (as StreamLayout.chunk)."""
@@ -2356,11 +2450,34 @@ cdef struct ChunkAt:
     Py_ssize_t length   # payload bytes
 
 
+cdef int _check_chunk(ChunkSink st, Py_ssize_t k, uint8_t dtype, Py_ssize_t length, ChunkAt *at) noexcept:
+    """Where chunk k of `length` bytes of `dtype` goes in st (filled in at), or why it does not:
+    one of CHUNK_NEW, CHUNK_DUPLICATE, CHUNK_OUTSIDE, CHUNK_MISFIT. The one check of a chunk
+    against its stream, for the fast path and the general path."""
+    cdef Py_ssize_t o, start
+    if k < 0 or k >= st._nchunks:
+        return CHUNK_OUTSIDE
+    o = st._object_of(k)
+    start = (k - st._first[o]) * st._chunk_bytes
+    at.k = k
+    at.o = o
+    at.a = st._offset[o] + start
+    at.length = length
+    if _bit(&st._bits[0], k):
+        return CHUNK_DUPLICATE
+    if dtype != st._want[o] or length != min(st._chunk_bytes, <Py_ssize_t>st._nbytes[o] - start):
+        return CHUNK_MISFIT
+    if at.a < 0 or at.a + length > st._dst.shape[0]:
+        return CHUNK_MISFIT
+    return CHUNK_NEW
+
+
 cdef ChunkSink _chunk_target(dict streams, const unsigned char *p, Py_ssize_t n, object expected_space_hash,
                              ChunkAt *at):
     """From a frame's first CHUNK_HEAD_BYTES bytes and its length n: the open stream a plain,
     new, well-formed Chunk belongs to, and where its payload goes; None for anything else."""
-    cdef Py_ssize_t pos = PREFIX_SIZE + 4 + SUFFIX_SIZE, k, o, start, length
+    cdef Py_ssize_t pos = PREFIX_SIZE + 4 + SUFFIX_SIZE, length
+    cdef uint64_t seq
     cdef uint32_t count, space
     cdef uint8_t dtype
     cdef long long need
@@ -2376,26 +2493,17 @@ cdef ChunkSink _chunk_target(dict streams, const unsigned char *p, Py_ssize_t n,
     st = streams.get(rz_ld_u32(p + OFF_STREAM_ID))
     if st is None or st._dst is None:
         return None
-    k = <Py_ssize_t>rz_ld_u64(p + OFF_FRAME_SEQ) - 1
-    if k < 0 or k >= st._nchunks or st.have[k]:
+    seq = rz_ld_u64(p + OFF_FRAME_SEQ)
+    if seq == 0 or seq > <uint64_t>st._nchunks:
         return None
     dtype = p[pos]
     count = rz_ld_u32(p + pos + 2)
     length = n - CHUNK_HEAD_BYTES - CRC_SIZE
     need = _expected_size(dtype, count)
-    o = st._object_of(k)
-    start = (k - st._first[o]) * st._chunk_bytes
-    if (length == 0 or need != length or dtype != st._want[o]
-            or length != min(st._chunk_bytes, st._nbytes[o] - start)):
-        return None
-    at.a = st._offset[o] + start
-    if at.a < 0 or at.a + length > st._dst.shape[0]:
+    if length == 0 or need != length or _check_chunk(st, <Py_ssize_t>(seq - 1), dtype, length, at) != CHUNK_NEW:
         return None
     if at.a == st.hashed and (st.hasher is None or st.hasher._st == NULL):
         return None  # the Python hasher fallback: the general path feeds it
-    at.k = k
-    at.o = o
-    at.length = length
     return st
 
 
@@ -2403,17 +2511,18 @@ cdef void _commit_chunk(ChunkSink st, ChunkAt *at, double now):
     """The chunk's payload is in place (and hashed, if it came in order): the catch-up hash of
     chunks already waiting after it, the bitmap, the counts."""
     cdef Py_ssize_t j, o2, s2, l2
+    cdef unsigned char *bits = &st._bits[0]
     if at.a == st.hashed:
         st.hashed += at.length
         j = at.k + 1
-        while j < st._nchunks and st.have[j]:
+        while j < st._nchunks and _bit(bits, j):
             o2 = st._object_of(j)
             s2 = (j - st._first[o2]) * st._chunk_bytes
             l2 = min(st._chunk_bytes, st._nbytes[o2] - s2)
             st.hasher._feed(&st._dst[st._offset[o2] + s2], l2)
             st.hashed += l2
             j += 1
-    st.have[at.k] = 1
+    bits[at.k >> 3] |= <unsigned char>(1 << (at.k & 7))
     st.have_count += 1
     st._left[at.o] -= 1
     st.completed = <int>at.o if st._left[at.o] == 0 else -1

@@ -37,6 +37,8 @@ TCP_LENGTH_PREFIX_MIN = 1
 HANDSHAKE_MAX_JSON_BYTES = 60000
 #: A V-Stream carries at most 4096 objects (tensors).
 HANDSHAKE_MAX_OBJECTS = 4096
+#: A V-Stream's chunk_bytes is at least 256 (only an object's last chunk may be shorter): a receiver tracks every chunk, so tiny chunks would let a small HEAD commit memory and work out of proportion to the stream (every sender fills its frames: at the smallest max_frame_bytes, 512, chunks are 384 bytes or more).
+HANDSHAKE_MIN_CHUNK_BYTES = 256
 #: Lists in a handshake document (compress, crypto, dtype) have at most 64 items.
 HANDSHAKE_MAX_LIST_ITEMS = 64
 #: Strings in a handshake document are at most 256 characters.

@@ -18,6 +18,7 @@ schema/handshake.yaml (`streams`, `head`, `tail`) and specs/capability_handshake
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import math
 import re
@@ -142,6 +143,9 @@ class StreamLayout:
         chunk_bytes = doc["chunk_bytes"]
         if not 1 <= chunk_bytes <= MAX_FRAME_BYTES:
             raise HandshakeError("head.chunk_bytes", f"{chunk_bytes} is not in 1..{MAX_FRAME_BYTES}")
+        if chunk_bytes < handshake.MIN_CHUNK_BYTES:  # a bitmap and a failure path out of proportion to the stream
+            raise HandshakeError("head.chunk_bytes", f"{chunk_bytes} is less than min_chunk_bytes "
+                                 f"({handshake.MIN_CHUNK_BYTES})")
         specs, total = [], 0
         for i, o in enumerate(doc["objects"]):
             path = f"head.objects[{i}]"
@@ -423,7 +427,15 @@ class StreamStarted:
 @dataclass(frozen=True)
 class ObjectReady:
     """Every chunk of one object has arrived (each checked by its CRC; the stream hash is checked
-    at StreamComplete). `array` is the object, a view of the stream's one output buffer."""
+    at StreamComplete). `array` is the object, a view of the stream's one output buffer.
+
+    By default (StreamLimits(release="arrival")) it comes as soon as the object's chunks are in,
+    before the TAIL's hash is checked: a CRC only catches accidents, so on frames that are not
+    encrypted (no Codec with a key) a forged chunk is handed out as it came, and the stream may
+    still fail (hash_mismatch, or never complete). With release="verified", every ObjectReady of a
+    stream comes at once when its hash has matched, just before StreamComplete, and never for a
+    stream that fails. (Unencrypted, a forger who also sends a TAIL with the hash of the forged
+    bytes passes that check too: only a Codec with a key authenticates the sender.)"""
 
     stream_id: int
     index: int
@@ -443,12 +455,15 @@ class StreamComplete:
 @dataclass(frozen=True)
 class StreamFailed:
     """The stream was dropped and its memory released. reason: 'hash_mismatch', 'gap_after_tail',
-    'timeout', 'limit', 'bad_head', 'bad_chunk', 'bad_tail', 'closed'. missing: byte ranges never received."""
+    'timeout', 'limit', 'bad_head', 'bad_chunk', 'bad_tail', 'closed'. missing: byte ranges never
+    received, in order (at most StreamLimits.max_missing_ranges); missing_more: how many more
+    ranges there were beyond those listed."""
 
     stream_id: int
     reason: str
     detail: str
     missing: list[tuple[int, int]] = field(default_factory=list)
+    missing_more: int = 0
 
 
 # ------------------------------------------------------------------ reassembler
@@ -464,6 +479,29 @@ class StreamLimits:
     max_early_bytes: int = 16 << 20       # frames held because they arrived before their HEAD
     idle_timeout: float = 30.0            # seconds without a frame before a stream fails
     tail_grace: float = 5.0               # seconds after TAIL for missing chunks to arrive
+    max_missing_ranges: int = 1024        # byte ranges a StreamFailed lists (the rest are counted)
+    release: str = "arrival"              # ObjectReady on "arrival" of an object, or once the hash is "verified"
+
+    def __post_init__(self) -> None:
+        if self.release not in _RELEASES:
+            raise ValueError(f"release {self.release!r} is not one of {', '.join(map(repr, _RELEASES))}")
+        if self.max_missing_ranges < 0:
+            raise ValueError("max_missing_ranges must be >= 0")
+
+
+_RELEASES = ("arrival", "verified")
+
+# What the Reassembler holds besides payload bytes, charged with them (measured with tracemalloc
+# on CPython 3.11, rounded up): an open stream (its _Stream, layout and per-object arrays);
+# each of its objects (its StreamObject, array view and C geometry; plus the bytes of its name
+# and 40 per dimension, charged as they come); each frame held before its HEAD (a bytes object
+# and its (bytes, time) entry); each HEAD part held; each stream id with held frames or parts
+# (its dict entry, list or dict, and deadline).
+_STREAM_BYTES = 5632
+_OBJECT_BYTES = 440
+_EARLY_FRAME_BYTES = 96
+_PART_BYTES = 200
+_EARLY_STREAM_BYTES = 320
 
 
 class _Stream(_codec.ChunkSink):
@@ -475,7 +513,7 @@ class _Stream(_codec.ChunkSink):
     def __init__(self, stream_id: int, layout: StreamLayout, now: float, buffer: np.ndarray | None = None) -> None:
         self.stream_id = stream_id
         self.layout = layout
-        self.charged = _committed(layout) if buffer is None else layout.chunks
+        self.charged = _committed(layout, buffer is None)
         # the one copy: chunks land here (in the caller's buffer when its allocate hook gave one)
         if buffer is None:
             n = layout.total_bytes
@@ -488,35 +526,24 @@ class _Stream(_codec.ChunkSink):
         self.object_left[:] = [o.chunks for o in objs]
         self.streaming = layout.total_bytes >= STREAMING_STORE_BYTES
         self.arrays = [_object_view(self.buffer, o) for o in objs]
-        self.have = bytearray(layout.chunks)
-        self.have_count = 0
         self.tail: dict | None = None
         self.tail_at = 0.0
         self.last = now
         self.hasher = _codec.Xxh3()  # fed while chunks arrive in order (cache-hot); else one pass at the end
         self.hashed = 0                 # bytes of the stream's prefix already hashed
 
-    def missing(self) -> list[tuple[int, int]]:
-        """Byte ranges of the stream not received, merged (vectorised: a stream may have millions of chunks)."""
-        have = np.frombuffer(self.have, np.uint8)
-        cb = self.layout.chunk_bytes
-        starts, ends = [], []
-        for o in self.layout.objects:
-            gone = np.flatnonzero(have[o.first_chunk:o.first_chunk + o.chunks] == 0)
-            if gone.size:
-                a = o.offset + gone * cb
-                starts.append(a)
-                ends.append(np.minimum(a + cb, o.offset + o.nbytes))
-        if not starts:
-            return []
-        a, b = np.concatenate(starts), np.concatenate(ends)
-        breaks = np.flatnonzero(a[1:] != b[:-1]) + 1  # a range starts where the previous one did not end
-        return [(int(x), int(y)) for x, y in zip(a[np.r_[0, breaks]], b[np.r_[breaks - 1, len(b) - 1]])]
+    def deadline(self, limits: StreamLimits) -> float:
+        """When tick() fails it: idle_timeout after its last frame, or tail_grace after TAIL."""
+        idle = self.last + limits.idle_timeout
+        return idle if self.tail is None else min(idle, self.tail_at + limits.tail_grace)
 
 
-def _committed(layout: StreamLayout) -> int:
-    """Memory a stream takes once open: its output buffer and its one-byte-per-chunk bitmap."""
-    return layout.total_bytes + layout.chunks
+def _committed(layout: StreamLayout, buffer: bool = True) -> int:
+    """Memory a stream takes once open, charged before any of it is allocated: its output
+    buffer (unless the caller's), its chunk bitmap (a bit per chunk), its objects and the rest."""
+    objects = sum(_OBJECT_BYTES + len(o.name or "") + 40 * len(o.shape) for o in layout.objects)
+    return ((layout.total_bytes if buffer else 0) + _codec.ChunkSink.bitmap_bytes(layout.chunks)
+            + _STREAM_BYTES + objects)
 
 
 def _caller_buffer(buffer, layout: StreamLayout) -> np.ndarray | None:
@@ -565,13 +592,18 @@ class Reassembler:
     duplicates are ignored. Frames of a stream whose HEAD has not arrived yet are held, up to
     max_early_bytes. Pass the time (`now`, seconds, any monotonic origin) to receive() and call
     tick(now) now and then: idle streams, and streams whose TAIL came but whose chunks did not,
-    fail and release their memory.
+    fail and release their memory. tick() costs what expires, not what is held.
+
+    Everything a peer makes it hold is charged (buffered_bytes, and a MemoryBudget) before it
+    is allocated: a stream's buffer, bitmap and objects at HEAD, each early frame or HEAD part
+    at its real size. ObjectReady comes when an object's chunks are in, before the stream hash
+    is checked, unless StreamLimits(release="verified") (see ObjectReady).
 
     allocate(stream_id, layout), if given, is asked for each stream's output buffer once its
     HEAD has passed the limits: return a writable C-contiguous buffer of exactly
     layout.total_bytes bytes (a KV-cache slot that is reused, say) and the chunks are written
     into it, or None for a new one. The objects handed out are then views of that buffer, and
-    only the chunk bitmap counts against max_buffered_bytes and the budget.
+    only the chunk bitmap and the objects' bookkeeping count against max_buffered_bytes and the budget.
     """
 
     def __init__(self, limits: StreamLimits = StreamLimits(), *, codec=None, expected_space_hash: int | None = None,
@@ -582,10 +614,15 @@ class Reassembler:
         self.codec = codec
         self.expected_space_hash = expected_space_hash
         self._streams: dict[int, _Stream] = {}
-        self._early: dict[int, list[tuple[Frame, float]]] = {}
-        self._parts: dict[int, dict[int, tuple[dict, int, float]]] = {}  # HEAD parts waiting for the rest
+        self._early: dict[int, list[tuple[bytes, float]]] = {}  # plain frame bytes held before their HEAD
+        self._parts: dict[int, dict[int, tuple[bytes, float]]] = {}  # HEAD parts' JSON waiting for the rest
         self._early_bytes = 0
         self._closed: dict[int, float] = {}  # stream_id -> when it completed or failed
+        # (deadline, sequence, kind, stream_id): when something may expire. Lazy: an entry is
+        # checked against what it names when its time comes (re-queued if that moved later,
+        # dropped if it is gone), and the heap is rebuilt when stale entries outnumber the live.
+        self._deadlines: list[tuple[float, int, int, int]] = []
+        self._seq = 0
         self.dropped_frames = 0   # early frames over the limit; late frames of closed streams
 
     # -------------------------------------------------------------- state
@@ -637,7 +674,7 @@ class Reassembler:
                 return []  # not a stream document, or one that is not ours to judge
             if doc["method"] == "head":
                 if doc.get("parts", 1) != 1 or "part" in doc:
-                    return self._head_part(sid, doc, len(frame.json.payload), now)
+                    return self._head_part(sid, doc, frame.json.payload, now)
                 return self._head(sid, doc, now)
             if doc["method"] == "tail":
                 return self._hold(frame, now) if sid not in self._streams else self._tail(sid, doc, now)
@@ -670,43 +707,72 @@ class Reassembler:
         return pos, count, nbytes, ([] if st is None else self.chunk_events(st))
 
     def chunk_events(self, st: _Stream) -> list:
-        """The events of a chunk just committed to st: ObjectReady, then completion or failure."""
+        """The events of a chunk just committed to st: ObjectReady (unless release="verified"),
+        then completion or failure."""
         if st.completed < 0 and st.tail is None:
             return []
         sid = st.stream_id
         events: list = []
-        if st.completed >= 0:
+        if st.completed >= 0 and self.limits.release == "arrival":
             o = st.layout.objects[st.completed]
             events.append(ObjectReady(sid, o.index, o.name, o.layer, st.arrays[o.index]))
-        return events + self._maybe_complete(sid)
+        return events + self._maybe_complete(sid) if st.tail is not None else events
 
     def tick(self, now: float) -> list:
-        """Fail idle streams and streams whose TAIL's grace period ran out; drop stale early frames."""
-        events = []
-        for sid, st in list(self._streams.items()):
-            if st.tail is not None and now - st.tail_at > self.limits.tail_grace:
-                events += self._fail(sid, "gap_after_tail", f"{st.layout.chunks - st.have_count} of "
-                                     f"{st.layout.chunks} chunks never arrived after TAIL")
-            elif now - st.last > self.limits.idle_timeout:
-                events += self._fail(sid, "timeout", f"no frame for {now - st.last:.1f} s "
-                                     f"(idle_timeout {self.limits.idle_timeout} s)")
-        for sid, held in list(self._early.items()):
-            if held and now - held[-1][1] > self.limits.idle_timeout:
-                dropped = self._drop_early(sid)
-                events.append(StreamFailed(sid, "timeout", f"HEAD never arrived: {len(dropped)} frames held for "
-                                           f"{now - held[0][1]:.1f} s were dropped (idle_timeout "
-                                           f"{self.limits.idle_timeout} s)"))
-        for sid, held in list(self._parts.items()):
-            if held and now - max(t for _, _, t in held.values()) > self.limits.idle_timeout:
-                parts = next(iter(held.values()))[0]["parts"]
-                got = len(held)
-                self._drop_parts(sid)
-                self._drop_early(sid)
-                events.append(StreamFailed(sid, "timeout", f"HEAD never completed: {got} of {parts} parts arrived "
-                                           f"(idle_timeout {self.limits.idle_timeout} s)"))
-        for sid, when in list(self._closed.items()):
-            if now - when > self.limits.idle_timeout:
-                del self._closed[sid]
+        """Fail idle streams and streams whose TAIL's grace period ran out; drop stale early
+        frames and HEAD parts; forget finished streams' ids. Costs what expires (a heap of
+        deadlines), not what is held."""
+        events: list = []
+        again: list[tuple[int, int]] = []
+        heap, lim = self._deadlines, self.limits
+        while heap and heap[0][0] < now:
+            _, _, kind, sid = heapq.heappop(heap)
+            if kind == _STREAM:
+                st = self._streams.get(sid)
+                if st is None:
+                    continue
+                if st.tail is not None and now - st.tail_at > lim.tail_grace:
+                    events += self._fail(sid, "gap_after_tail", f"{st.layout.chunks - st.have_count} of "
+                                         f"{st.layout.chunks} chunks never arrived after TAIL")
+                elif now - st.last > lim.idle_timeout:
+                    events += self._fail(sid, "timeout", f"no frame for {now - st.last:.1f} s "
+                                         f"(idle_timeout {lim.idle_timeout} s)")
+                else:
+                    again.append((kind, sid))
+            elif kind == _EARLY:
+                held = self._early.get(sid)
+                if not held:
+                    continue
+                if now - held[-1][1] > lim.idle_timeout:
+                    dropped = self._drop_early(sid)
+                    events.append(StreamFailed(sid, "timeout", f"HEAD never arrived: {len(dropped)} frames held for "
+                                               f"{now - held[0][1]:.1f} s were dropped (idle_timeout "
+                                               f"{lim.idle_timeout} s)"))
+                else:
+                    again.append((kind, sid))
+            elif kind == _PARTS:
+                parts = self._parts.get(sid)
+                if not parts:
+                    continue
+                if now - max(t for _, t in parts.values()) > lim.idle_timeout:
+                    total = handshake.parse(next(iter(parts.values()))[0])["parts"]
+                    got = len(parts)
+                    self._drop_parts(sid)
+                    self._drop_early(sid)
+                    events.append(StreamFailed(sid, "timeout", f"HEAD never completed: {got} of {total} parts arrived "
+                                               f"(idle_timeout {lim.idle_timeout} s)"))
+                else:
+                    again.append((kind, sid))
+            else:
+                when = self._closed.get(sid)
+                if when is None:
+                    continue
+                if now - when > lim.idle_timeout:
+                    del self._closed[sid]
+                else:
+                    again.append((kind, sid))
+        for kind, sid in again:  # moved later since queued (after the loop: a tick pops each once)
+            self._due(kind, sid)
         return events
 
     def close(self, detail: str = "the connection closed") -> list:
@@ -719,17 +785,59 @@ class Reassembler:
             self._drop_early(sid)
         for sid in list(self._parts):
             self._drop_parts(sid)
+        self._rebuild_deadlines()
         return events
 
     def _close(self, sid: int, now: float) -> None:
         self._closed[sid] = now
         while len(self._closed) > 4 * self.limits.max_streams + 1024:  # bounded: forget the oldest
             del self._closed[next(iter(self._closed))]
+        self._due(_CLOSED, sid)
+
+    # -------------------------------------------------------------- deadlines
+
+    def _deadline(self, kind: int, sid: int) -> float | None:
+        """When what (kind, sid) names may expire; None if it is gone."""
+        lim = self.limits
+        if kind == _STREAM:
+            st = self._streams.get(sid)
+            return None if st is None else st.deadline(lim)
+        if kind == _EARLY:
+            held = self._early.get(sid)
+            return held[-1][1] + lim.idle_timeout if held else None
+        if kind == _PARTS:
+            parts = self._parts.get(sid)
+            return max(t for _, t in parts.values()) + lim.idle_timeout if parts else None
+        when = self._closed.get(sid)
+        return None if when is None else when + lim.idle_timeout
+
+    def _due(self, kind: int, sid: int) -> None:
+        """Queue (kind, sid) for tick() at its deadline."""
+        when = self._deadline(kind, sid)
+        if when is None:
+            return
+        self._seq += 1
+        heapq.heappush(self._deadlines, (when, self._seq, kind, sid))
+        live = len(self._streams) + len(self._early) + len(self._parts) + len(self._closed)
+        if len(self._deadlines) > 2 * live + 64:  # mostly stale entries: rebuild (amortised O(1))
+            self._rebuild_deadlines()
+
+    def _rebuild_deadlines(self) -> None:
+        entries = []
+        for kind, ids in ((_STREAM, self._streams), (_EARLY, self._early), (_PARTS, self._parts),
+                          (_CLOSED, self._closed)):
+            for sid in ids:
+                when = self._deadline(kind, sid)
+                if when is not None:
+                    self._seq += 1
+                    entries.append((when, self._seq, kind, sid))
+        heapq.heapify(entries)
+        self._deadlines = entries
 
     # -------------------------------------------------------------- steps
 
-    def _head_part(self, sid: int, doc: dict, size: int, now: float) -> list:
-        """One part of a HEAD sent in parts: held (as an early frame) until all have come."""
+    def _head_part(self, sid: int, doc: dict, payload, now: float) -> list:
+        """One part of a HEAD sent in parts: its JSON held (as an early frame) until all have come."""
         if sid in self._streams:
             return []  # a repeated part of a started stream
         parts, part = doc.get("parts", 1), doc.get("part")
@@ -743,47 +851,63 @@ class Reassembler:
             self._drop_early(sid)
             self._drop_parts(sid)
             return [StreamFailed(sid, "bad_head", f"head.part: {problem}")]
-        held = self._parts.setdefault(sid, {})
-        if part in held:
+        held = self._parts.get(sid)
+        if held is not None and part in held:
             return []  # a duplicate part
-        cost = size + 64
+        raw = bytes(payload)
+        cost = len(raw) + _PART_BYTES + (_EARLY_STREAM_BYTES if held is None else 0)
         if not self._room_for_early(cost):
             self.dropped_frames += 1
             return []
-        held[part] = (doc, cost, now)
+        new = held is None
+        if new:
+            held = self._parts[sid] = {}
+        held[part] = (raw, now)
+        if new:
+            self._due(_PARTS, sid)
         self._early_bytes += cost
         self._charge(cost)
         if len(held) < parts:
             return []
-        docs = [held[k][0] for k in range(parts)] if all(k in held for k in range(parts)) else None
+        ordered = [held[k][0] for k in range(parts)] if all(k in held for k in range(parts)) else None
         self._drop_parts(sid)
-        common = ("v", "msg_type", "chunk_bytes", "total_bytes", "hash", "parts", "object_count")
+        if ordered is None:
+            self._drop_early(sid)
+            return [StreamFailed(sid, "bad_head", "head.part: parts numbered outside 0..parts-1")]
+        # parsed again one at a time, stopping at the first problem: at most max_objects objects are built
+        common = ("v", "msg_type", "chunk_bytes", "total_bytes", "hash", "parts", "object_count", "legacy_md5")
         objects: list = []
-        for k, d in enumerate(docs or []):
-            if any(d.get(c) != docs[0].get(c) for c in common) or d.get("legacy_md5") != docs[0].get("legacy_md5"):
-                problem = f"part {k} disagrees with part 0 on {', '.join(c for c in common if d.get(c) != docs[0].get(c))}"
-            elif d["first_object"] != len(objects):
+        first: dict = {}
+        for k, raw in enumerate(ordered):
+            d = handshake.parse(raw)
+            if k == 0:
+                first = d
+            elif any(d.get(c) != first.get(c) for c in common):
+                problem = f"part {k} disagrees with part 0 on {', '.join(c for c in common if d.get(c) != first.get(c))}"
+                break
+            if d["first_object"] != len(objects):
                 problem = f"part {k} starts at object {d['first_object']}, expected {len(objects)}"
-            if problem:
                 break
             objects += d["objects"]
-        if docs is None:
-            problem = "parts numbered outside 0..parts-1"
-        elif not problem and len(objects) != docs[0]["object_count"]:
-            problem = f"the parts carry {len(objects)} objects, object_count says {docs[0]['object_count']}"
-        elif not problem and len(objects) > handshake.MAX_OBJECTS:
-            problem = f"{len(objects)} objects, more than max_objects ({handshake.MAX_OBJECTS})"
+            if len(objects) > handshake.MAX_OBJECTS:
+                problem = f"{len(objects)} objects or more, more than max_objects ({handshake.MAX_OBJECTS})"
+                break
+        if not problem and len(objects) != first["object_count"]:
+            problem = f"the parts carry {len(objects)} objects, object_count says {first['object_count']}"
         if problem:
             self._drop_early(sid)
             return [StreamFailed(sid, "bad_head", f"head.part: {problem}")]
-        merged = {k: v for k, v in docs[0].items() if k not in ("parts", "part", "first_object", "object_count")}
+        merged = {k: v for k, v in first.items() if k not in ("parts", "part", "first_object", "object_count")}
         merged["objects"] = objects
         return self._head(sid, merged, now)
 
     def _drop_parts(self, sid: int) -> None:
-        for _, cost, _ in self._parts.pop(sid, {}).values():
-            self._early_bytes -= cost
-            self._charge(-cost)
+        held = self._parts.pop(sid, None)
+        if held is None:
+            return
+        cost = sum(len(raw) + _PART_BYTES for raw, _ in held.values()) + _EARLY_STREAM_BYTES
+        self._early_bytes -= cost
+        self._charge(-cost)
 
     def _head(self, sid: int, doc: dict, now: float) -> list:
         if sid in self._streams:
@@ -802,7 +926,7 @@ class Reassembler:
         buffer = None
         if problem is None and self.allocate is not None:
             buffer = _caller_buffer(self.allocate(sid, layout), layout)
-        cost = _committed(layout) if buffer is None else layout.chunks
+        cost = _committed(layout, buffer is None)
         if problem is not None:
             pass
         elif self.buffered_bytes + cost > lim.max_buffered_bytes:
@@ -814,12 +938,18 @@ class Reassembler:
         if problem:
             self._drop_early(sid)
             return [StreamFailed(sid, "limit", problem)]
-        self._streams[sid] = st = _Stream(sid, layout, now, buffer)
-        self._charge(st.charged)
+        self._charge(cost)  # before the buffer, bitmap and arrays are allocated
+        try:
+            self._streams[sid] = _Stream(sid, layout, now, buffer)
+        except BaseException:
+            self._charge(-cost)
+            raise
+        self._due(_STREAM, sid)
         events: list = [StreamStarted(sid, layout)]
-        for frame, _ in self._drop_early(sid):
+        for raw, _ in self._drop_early(sid):
             if sid not in self._streams:
                 break
+            frame = _codec.decode(raw)
             if isinstance(frame, Chunk):
                 events += self._chunk(sid, frame, now)
             else:
@@ -830,21 +960,21 @@ class Reassembler:
         st = self._streams[sid]
         st.last = now
         k = frame.frame_seq - 1
-        if not 0 <= k < st.layout.chunks:
+        s = frame.data
+        outcome, o, a = st.check(k, int(s.dtype), s.nbytes)  # the fast path's own check
+        if outcome == _CHUNK_OUTSIDE:
             return self._fail(sid, "bad_chunk", f"frame_seq {frame.frame_seq} is not a chunk of this stream "
                               f"(chunks are 1..{st.layout.chunks})")
-        if st.have[k]:
-            return []  # duplicate
-        obj, start, length = st.layout.chunk(k)
-        s = frame.data
-        want = obj.dtype if _codec.element_bytes(obj.dtype) else _I8
-        if s.nbytes != length or s.dtype != want:
+        if outcome == _CHUNK_DUPLICATE:
+            return []
+        if outcome == _CHUNK_MISFIT:
+            obj, _, length = st.layout.chunk(k)
+            want = obj.dtype if _codec.element_bytes(obj.dtype) else _I8
             return self._fail(sid, "bad_chunk", f"chunk {k} is {s.dtype.name} of {s.nbytes} bytes, HEAD says "
                               f"{want.name} of {length} bytes")
-        a = obj.offset + start
         # in order: hashed while it is in cache (same GIL-free section); commit hashes the chunks waiting after it
         _codec._copy_payload(s, st.buffer, a, st.hasher if a == st.hashed else None, st.streaming)
-        st.commit(k, obj.index, a, length, now)
+        st.commit(k, o, a, s.nbytes, now)
         return self.chunk_events(st)
 
     def _tail(self, sid: int, doc: dict, now: float) -> list:
@@ -859,7 +989,10 @@ class Reassembler:
             return self._fail(sid, "bad_tail", f"xxh3_64 {doc['xxh3_64']!r} is not 16 lowercase hex digits")
         st.tail = doc
         st.tail_at = now
-        return self._maybe_complete(sid)
+        events = self._maybe_complete(sid)
+        if sid in self._streams:
+            self._due(_STREAM, sid)  # its deadline may be earlier now (tail_grace)
+        return events
 
     def _maybe_complete(self, sid: int) -> list:
         st = self._streams[sid]
@@ -876,25 +1009,37 @@ class Reassembler:
         del self._streams[sid]
         self._charge(-st.charged)  # the buffer is the caller's now
         self._close(sid, st.last)
-        return [StreamComplete(sid, st.arrays, got, st.layout.total_bytes)]
+        events: list = []
+        if self.limits.release == "verified":
+            events = [ObjectReady(sid, o.index, o.name, o.layer, st.arrays[o.index]) for o in st.layout.objects]
+        return events + [StreamComplete(sid, st.arrays, got, st.layout.total_bytes)]
 
     def _fail(self, sid: int, reason: str, detail: str) -> list:
         st = self._streams.pop(sid, None)
-        missing = st.missing() if st is not None else []
-        if st is not None:
-            self._charge(-st.charged)
-            self._close(sid, st.last)
-        return [StreamFailed(sid, reason, detail, missing)]
+        if st is None:
+            return [StreamFailed(sid, reason, detail)]
+        missing, more = st.missing(self.limits.max_missing_ranges)
+        self._charge(-st.charged)
+        self._close(sid, st.last)
+        return [StreamFailed(sid, reason, detail, missing, more)]
 
     def _hold(self, frame: Frame, now: float) -> list:
-        size = sum(s.nbytes for s in frame.slices) + 64
-        if not self._room_for_early(size):
+        # an owned copy of what arrived before its HEAD (views would pin the caller's buffers):
+        # the plain frame's bytes, decoded again when the HEAD comes, charged what they take
+        raw = _codec.encode(frame)
+        held = self._early.get(frame.stream_id)
+        cost = len(raw) + _EARLY_FRAME_BYTES + (_EARLY_STREAM_BYTES if held is None else 0)
+        if not self._room_for_early(cost):
             self.dropped_frames += 1
             return []
-        # keep an owned copy only of what arrived before its HEAD (views would pin the caller's buffers)
-        self._early.setdefault(frame.stream_id, []).append((_codec.decode(_codec.encode(frame)), now))
-        self._early_bytes += size
-        self._charge(size)
+        if held is None:
+            held = self._early[frame.stream_id] = []
+            held.append((raw, now))
+            self._due(_EARLY, frame.stream_id)
+        else:
+            held.append((raw, now))
+        self._early_bytes += cost
+        self._charge(cost)
         return []
 
     def _room_for_early(self, size: int) -> bool:
@@ -903,9 +1048,11 @@ class Reassembler:
         return (self._early_bytes + size <= lim.max_early_bytes and self.buffered_bytes + size <= lim.max_buffered_bytes
                 and (self.budget is None or self.budget.used + size <= self.budget.limit))
 
-    def _drop_early(self, sid: int) -> list[tuple[Frame, float]]:
-        held = self._early.pop(sid, [])
-        size = sum(sum(s.nbytes for s in f.slices) + 64 for f, _ in held)
+    def _drop_early(self, sid: int) -> list[tuple[bytes, float]]:
+        held = self._early.pop(sid, None)
+        if held is None:
+            return []
+        size = sum(len(raw) + _EARLY_FRAME_BYTES for raw, _ in held) + _EARLY_STREAM_BYTES
         self._early_bytes -= size
         self._charge(-size)
         return held
@@ -913,3 +1060,8 @@ class Reassembler:
     def _charge(self, n: int) -> None:
         if self.budget is not None:
             self.budget.used += n
+
+
+# What a deadline names (Reassembler._deadlines), and ChunkSink.check's outcomes.
+_STREAM, _EARLY, _PARTS, _CLOSED = range(4)
+_CHUNK_NEW, _CHUNK_DUPLICATE, _CHUNK_OUTSIDE, _CHUNK_MISFIT = range(4)

@@ -39,7 +39,7 @@ from resonant import (
     Sync,
 )
 from resonant.errors import DecodeError, EncodeError
-from resonant.stream import StreamLayout
+from resonant.stream import _EARLY_FRAME_BYTES, _EARLY_STREAM_BYTES, StreamLayout, _committed
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = [np.dtype(np.float16), BF16, np.dtype(np.float32), np.dtype(np.int8)]
@@ -545,11 +545,11 @@ def test_max_streams_bounds_open_streams_and_memory():
         for e in r.receive(head_frame(doc, sid), now=0.0):
             (started if isinstance(e, StreamStarted) else failed).append(e)
         assert r.open_streams <= 16
-        assert r.buffered_bytes <= 16 * 1025  # 1024 bytes and a 1-chunk bitmap each
+        assert r.buffered_bytes <= 16 * _committed(sender.layout)  # 1024 bytes, a 1-chunk bitmap, bookkeeping
     assert [e.stream_id for e in started] == list(range(16))
     assert len(failed) == 3000 - 16
     assert {(e.reason, e.detail) for e in failed} == {("limit", "16 streams open, max_streams is 16")}
-    assert (r.open_streams, r.buffered_bytes) == (16, 16 * 1025)
+    assert (r.open_streams, r.buffered_bytes) == (16, 16 * _committed(sender.layout))
 
     # a finished stream frees its slot
     assert of(deliver(r, list(sender)[1:]), StreamComplete)
@@ -560,40 +560,47 @@ def test_max_streams_bounds_open_streams_and_memory():
     assert (r.open_streams, r.buffered_bytes) == (0, 0)
 
 
+def i8_doc(n: int) -> dict:
+    return head_doc([{"dtype": int(DType.I8), "shape": [n], "nbytes": n}])
+
+
 def test_max_buffered_bytes():
-    r = Reassembler(StreamLimits(max_buffered_bytes=10_000))
-    doc = head_doc([{"dtype": int(DType.I8), "shape": [6000], "nbytes": 6000}])
-    assert [type(e) for e in r.receive(head_frame(doc, 1), 0.0)] == [StreamStarted]
-    (failed,) = r.receive(head_frame(doc, 2), 0.0)
+    # a stream commits its bytes, a bitmap of a bit per chunk and its bookkeeping (_committed)
+    c6 = _committed(StreamLayout.from_head(i8_doc(6000)))
+    assert c6 > 6000 + 1
+    limit = 2 * c6 - 1
+    r = Reassembler(StreamLimits(max_buffered_bytes=limit))
+    assert [type(e) for e in r.receive(head_frame(i8_doc(6000), 1), 0.0)] == [StreamStarted]
+    (failed,) = r.receive(head_frame(i8_doc(6000), 2), 0.0)
     assert failed.reason == "limit"
-    # a stream commits its bytes and a one-byte-per-chunk bitmap: 6000 + 2 chunks
-    assert failed.detail == "6002 more bytes would exceed max_buffered_bytes (10000); 6002 are buffered"
-    assert r.buffered_bytes == 6002
-    small = head_doc([{"dtype": int(DType.I8), "shape": [3997], "nbytes": 3997}])  # 3997 + 1 chunk
-    assert [type(e) for e in r.receive(head_frame(small, 3), 0.0)] == [StreamStarted]
-    assert r.buffered_bytes == 10_000
+    assert failed.detail == f"{c6} more bytes would exceed max_buffered_bytes ({limit}); {c6} are buffered"
+    assert r.buffered_bytes == c6
+    n = limit - c6 - _committed(StreamLayout.from_head(i8_doc(0)))  # fills the limit exactly
+    assert [type(e) for e in r.receive(head_frame(i8_doc(n), 3), 0.0)] == [StreamStarted]
+    assert r.buffered_bytes == limit
     # early frames count too: nothing more is held
     early = StreamSender(4, [np.zeros(10, np.int8)])
     assert r.receive(list(early)[1], 0.0) == []
-    assert (r.dropped_frames, r.buffered_bytes) == (1, 10_000)
+    assert (r.dropped_frames, r.buffered_bytes) == (1, limit)
 
 
 def test_max_early_bytes_drops_and_counts_frames_before_head():
     arr = np.arange(10_000, dtype=np.int8)
-    sender = StreamSender(61, [arr], max_frame_bytes=1043)  # 1000-byte chunks: each held frame costs 1064
+    sender = StreamSender(61, [arr], max_frame_bytes=1043)  # 1000-byte chunks in 1043-byte frames
     frames = list(sender)
     assert sender.layout.chunk_bytes == 1000 and sender.layout.chunks == 10
     r = Reassembler(StreamLimits(max_early_bytes=4096))
     for i, data in enumerate(frames[1:11]):
         assert r.receive(data, now=0.0) == []
         assert r.buffered_bytes <= 4096
-        assert r.buffered_bytes == min(i + 1, 3) * 1064
+        # each held frame costs its bytes and an entry; the first of a stream id, that id's entry too
+        assert r.buffered_bytes == min(i + 1, 3) * (1043 + _EARLY_FRAME_BYTES) + _EARLY_STREAM_BYTES
     assert r.dropped_frames == 7
     assert r.open_streams == 0
 
     events = r.receive(frames[0], now=1.0)  # HEAD: the three held chunks are placed
     assert [type(e) for e in events] == [StreamStarted]
-    assert r.buffered_bytes == 10_010  # the stream's bytes and its 10-chunk bitmap
+    assert r.buffered_bytes == _committed(sender.layout)  # the stream's bytes, its 10-chunk bitmap, bookkeeping
     events = deliver(r, frames[4:], now=2.0)
     (done,) = of(events, StreamComplete)
     assert_bit_exact(done.objects[0], arr)
@@ -606,7 +613,7 @@ def test_early_tail_is_held_and_stale_early_frames_are_dropped_and_reported():
     r = Reassembler()
     assert r.receive(tail, 0.0) == [] and r.receive(chunk, 0.0) == []
     held = r.buffered_bytes
-    assert held == len(resonant.decode(tail).json.payload) + 64 + 200 + 64
+    assert held == len(tail) + len(chunk) + 2 * _EARLY_FRAME_BYTES + _EARLY_STREAM_BYTES
     (failed,) = r.tick(IDLE + 1)  # stale: dropped, and reported
     assert isinstance(failed, StreamFailed) and failed.reason == "timeout"
     assert failed.detail.startswith("HEAD never arrived: 2 frames held")
@@ -706,20 +713,21 @@ def test_a_finished_streams_id_is_free_once_forgotten():
     assert_bit_exact(done.objects[0], b)
 
 
-def test_tiny_chunk_bytes_cannot_stall_tick():
-    """A HEAD of 4 Mi one-byte chunks: the missing ranges are found without a Python loop per chunk."""
-    n = 1 << 22
-    doc = head_doc([{"dtype": int(DType.I8), "shape": [n // 2], "nbytes": n // 2},
-                    {"dtype": int(DType.I8), "shape": [n // 2], "nbytes": n // 2}], chunk_bytes=1)
+def test_many_chunks_cannot_stall_tick():
+    """A HEAD of 4 Mi chunks (of min_chunk_bytes; smaller ones are refused, see
+    test_hostile_stream.py): the missing ranges are found without a Python loop per chunk."""
+    n, c = 1 << 22, resonant.handshake.MIN_CHUNK_BYTES
+    doc = head_doc([{"dtype": int(DType.I8), "shape": [n // 2 * c], "nbytes": n // 2 * c},
+                    {"dtype": int(DType.I8), "shape": [n // 2 * c], "nbytes": n // 2 * c}], chunk_bytes=c)
     r = Reassembler()
     assert [type(e) for e in r.receive(head_frame(doc, 118), 0.0)] == [StreamStarted]
-    for k in (0, 5, n // 2):  # three single-byte chunks
-        assert r.receive(resonant.encode(Chunk(Slice(DType.I8, (1,), b"x"), stream_id=118, frame_seq=k + 1)), 0.0) == []
+    for k in (0, 5, n // 2):  # three chunks
+        assert r.receive(resonant.encode(Chunk(Slice(DType.I8, (c,), bytes(c)), stream_id=118, frame_seq=k + 1)), 0.0) == []
     t = time.perf_counter()
     (failed,) = r.tick(IDLE + 1)
     elapsed = time.perf_counter() - t
     assert failed.reason == "timeout"
-    assert failed.missing == [(1, 5), (6, n // 2), (n // 2 + 1, n)]
+    assert failed.missing == [(c, 5 * c), (6 * c, n // 2 * c), ((n // 2 + 1) * c, n * c)]
     assert elapsed < 1.0  # a per-chunk Python loop takes about 4 s here
 
 
@@ -1068,7 +1076,8 @@ def test_allocate_hook_receives_into_the_callers_buffer():
     frames = list(StreamSender(5, [k, v], max_frame_bytes=1024))
     events = r.receive(frames[0], 0.0)
     assert seen == [(5, slot.nbytes, [k.nbytes, v.nbytes])]
-    assert r.buffered_bytes == budget.used == frames_chunks(frames)  # only the chunk bitmap is ours
+    # only the chunk bitmap and the bookkeeping are ours
+    assert r.buffered_bytes == budget.used == _committed(StreamSender(5, [k, v], max_frame_bytes=1024).layout, False)
     for f in frames[1:-1][::-1] + frames[-1:]:
         events += r.receive(f, 0.0)
     done = events[-1]
@@ -1077,10 +1086,6 @@ def test_allocate_hook_receives_into_the_callers_buffer():
     assert np.shares_memory(done.objects[0], slot) and np.shares_memory(done.objects[1], slot)
     assert slot.tobytes() == k.tobytes() + v.tobytes()
     assert budget.used == 0 and r.buffered_bytes == 0
-
-
-def frames_chunks(frames) -> int:
-    return sum(1 for f in frames if resonant.decode(f).msg_type == MsgType.CHUNK)
 
 
 def test_allocate_hook_may_decline_and_reuse_a_slot_across_streams():
