@@ -57,7 +57,7 @@ _PENDING_MIN = 16
 _HANDSHAKE_TIMEOUT = 5.0      # TCP server: seconds to complete the handshake (or send a valid frame)
 _RECORD_TIMEOUT = 10.0        # TCP server: seconds a started record may take to complete
 _MAX_MALFORMED = 1024         # TCP server: malformed records before the connection is closed
-_SUSPECT_READ = 16 << 10      # TCP server: read size for a connection that sent a malformed record
+_SUSPECT_READ = 16 << 10      # TCP server: read size for a connection not yet proven or that sent a malformed record
 # UDP server, unvalidated sources (no established session): never more bytes answered than
 # _AMPLIFICATION times the bytes received from that address (QUIC's rule), at most one stateless
 # HANDSHAKE_REQUIRED refusal per source per _REFUSAL_INTERVAL seconds and _REFUSALS_PER_S in all,
@@ -778,9 +778,9 @@ class _ServerTcpLink(_TcpLink):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         buf = self.session.get_buffer(sizehint)
-        if self.suspect and len(buf) > _SUSPECT_READ:  # a peer that sent malformed records: small reads,
-            return buf[:_SUSPECT_READ]                 # so that one read's work stays small
-        return buf
+        if (self.pending or self.suspect) and len(buf) > _SUSPECT_READ:
+            return buf[:_SUSPECT_READ]  # a peer not yet proven, or that sent malformed records: small reads,
+        return buf                      # so that one read's work stays small
 
     def deliver(self, events: list) -> None:
         srv = self.server
