@@ -57,6 +57,9 @@ _PENDING_MIN = 16
 _HANDSHAKE_TIMEOUT = 5.0      # TCP server: seconds to complete the handshake (or send a valid frame)
 _RECORD_TIMEOUT = 10.0        # TCP server: seconds a started record may take to complete
 _MAX_MALFORMED = 1024         # TCP server: malformed records before the connection is closed
+_MIN_READ = 4096              # TCP server: the smallest read (see _ServerTcpLink.get_buffer)
+_MIN_RECORD = 4 + MIN_FRAME_BYTES  # the smallest TCP record
+_YIELD_EVERY = 256            # Server iteration: events handed out before the event loop gets a turn
 _SUSPECT_READ = 16 << 10      # TCP server: read size for a connection not yet proven or that sent a malformed record
 # UDP server, unvalidated sources (no established session): never more bytes answered than
 # _AMPLIFICATION times the bytes received from that address (QUIC's rule), at most one stateless
@@ -595,6 +598,7 @@ class Server:
         self._ticker: asyncio.Task | None = None
         self._queued: dict[tuple, int] = {}     # events in self.events, per peer
         self._paused: dict[tuple, _Link] = {}   # TCP peers paused for their backlog
+        self._handed = 0
         self.rejected_peers = 0
         self.dropped_datagrams = 0
         self.evicted_pending = 0
@@ -658,12 +662,17 @@ class Server:
         return self._iter()
 
     async def _iter(self):
+        n = 0
         while True:
             item = await self.events.get()
             if item is None:
                 self.events.put_nowait(None)  # stays closed for the next caller
                 return
             self._took(item)
+            n += 1
+            if n >= _YIELD_EVERY:  # a full queue never makes get() wait: let the loop read and write
+                n = 0
+                await asyncio.sleep(0)
             yield item
 
     async def next_event(self, timeout: float | None = None):
@@ -672,6 +681,10 @@ class Server:
             self.events.put_nowait(None)
             raise EOFError("the server is closed")
         self._took(item)
+        self._handed += 1
+        if self._handed >= _YIELD_EVERY:  # (as _iter)
+            self._handed = 0
+            await asyncio.sleep(0)
         return item
 
     async def reply(self, address: tuple, frame: Frame) -> None:
@@ -778,9 +791,12 @@ class _ServerTcpLink(_TcpLink):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         buf = self.session.get_buffer(sizehint)
-        if (self.pending or self.suspect) and len(buf) > _SUSPECT_READ:
-            return buf[:_SUSPECT_READ]  # a peer not yet proven, or that sent malformed records: small reads,
-        return buf                      # so that one read's work stays small
+        limit = _SUSPECT_READ if self.pending or self.suspect else len(buf)  # a peer not yet proven, or that
+        srv = self.server                                                     # sent malformed records: small reads
+        if srv._queued:  # no more than this peer's share of the queue can come of one read (a record is >= 37 bytes)
+            room = srv._share() - srv._queued.get(self.peer, 0)
+            limit = min(limit, max(_MIN_READ, room * _MIN_RECORD))
+        return buf if limit >= len(buf) else buf[:limit]
 
     def deliver(self, events: list) -> None:
         srv = self.server
