@@ -298,7 +298,9 @@ def test_udp_garbage_from_1100_ports_does_not_evict_a_handshaken_client(keyed, t
                     await asyncio.sleep(0.01)
                 await asyncio.to_thread(srv.wait, lambda s: s.get("counts", {}).get(str(LEGIT), 0) >= 21,
                                         "the 20 messages after the flood")
-        run(scenario())
+        with contextlib.suppress(AssertionError):
+            run(scenario())
+        print(f"\ngarbage from 1,100 ports: {srv.count(LEGIT)}/21 legitimate messages delivered; status {srv.status}")
         assert srv.count(LEGIT) == 21
         if srv.status.get("pending") is not None:  # (after the fix) the garbage made no established session
             assert srv.status["links"] - srv.status["pending"] == 1, srv.status
@@ -363,6 +365,7 @@ def test_tcp_1100_idle_connections_do_not_lock_out_a_client():
             run(legit_messages(f"tcp://{HOST}:{srv.port}", 3), timeout=30)
             srv.wait(lambda s: s.get("counts", {}).get(str(LEGIT), 0) >= 3, "the legitimate client's messages")
             served = time.monotonic() - start
+            print(f"\n1,100 idle connections: a new client served in {served:.2f} s; status {srv.status}")
             assert served < 10.0, served  # (immediately, in practice: it evicts the oldest idle connection)
         finally:
             for s in idle:
@@ -403,6 +406,7 @@ def test_tcp_slowloris_record_after_the_handshake_is_closed_by_the_record_deadli
                     await asyncio.sleep(0.1)
                 return closed_after
         closed_after = run(scenario())
+        print(f"\nslowloris after the handshake: closed after {closed_after} s")
         assert closed_after is not None and closed_after < 5.0, closed_after
         assert srv.wait(lambda s: s.get("timed_out"), "timed_out")["timed_out"] == 1
 
