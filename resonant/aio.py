@@ -432,6 +432,8 @@ class Peer:
         progress(sent_bytes, total_bytes) is called as frames go out. rate (bytes/s) paces
         UDP (default 200 MB/s there: without pacing a fast sender overruns the receiver's
         socket buffer, and UDP streams have no loss recovery yet)."""
+        if self._link.rehandshaking:
+            await self._await_rehandshake()
         self._check_open()
         sid = next(self._stream_ids) if stream_id is None else stream_id
         sender = self.session.stream(sid, objects, **kwargs)
