@@ -11,6 +11,26 @@
 UDP carries one frame per datagram (at most 65,507 bytes, smaller with max_frame_bytes);
 TCP carries records (u32 little-endian length, then one frame), read straight into the
 session's buffer (asyncio.BufferedProtocol) and parsed in place.
+
+Hostile peers (serve()):
+- Fair queueing: events wait for the application in one queue, counted per peer; only a peer
+  over its own share is paused (TCP, resumed as the application takes its events) or dropped
+  (UDP), and a TCP read is never larger than the peer's remaining share can take.
+- Peers that have not completed the handshake live in a pool of their own (max_pending), where a
+  newcomer evicts the oldest; established peers are never evicted by them. TCP: a connection
+  must complete the handshake (lenient server: send one valid frame) within handshake_timeout
+  and every started record within record_timeout (slowloris), and is closed after max_malformed
+  malformed records; unproven or misbehaving connections are read 16 KiB at a time.
+- UDP anti-amplification (QUIC's rule): a source without an established session is never
+  answered with more than 3 times the bytes received from it; a spoofed one-shot ping gets no
+  answer, a real client's ping (as large as the capability, or retried) does. Datagrams that
+  cannot be a frame (too short, unknown version or message type) from unknown sources are dropped
+  before any session or event is made (at most 100 a second reported); a strict server makes a
+  session only for a Sync and refuses other frames statelessly with HANDSHAKE_REQUIRED (once a
+  second per source, 100 a second in all).
+- The client (connect()) answers a HANDSHAKE_REQUIRED from the server (it lost or dropped the
+  session) by handshaking again, at most 3 times in a row; send() waits for it. Frames sent
+  before the refusal reached the client are lost.
 """
 
 from __future__ import annotations
@@ -583,8 +603,10 @@ class Server:
         self.config = config
         self.strict = config.is_strict
         self.max_peers = max_peers
-        self.max_pending = (max_pending if max_pending is not None
-                            else min(max_peers, max(_PENDING_MIN, max_peers // _PENDING_SHARE)))
+        if max_pending is None:  # a lenient UDP server keeps clients that never handshake (the reference's)
+            max_pending = (max_peers if scheme == "udp" and not self.strict  # among its pending sessions
+                           else min(max_peers, max(_PENDING_MIN, max_peers // _PENDING_SHARE)))
+        self.max_pending = max_pending
         self.budget: MemoryBudget | None = None
         self.idle_timeout = 300.0
         self.handshake_timeout = _HANDSHAKE_TIMEOUT
@@ -989,7 +1011,8 @@ def serve(url: str, *, config: SessionConfig | None = None, max_peers: int = 102
     max_peers established at once (TCP: further connections are closed once they complete the
     handshake; UDP: the least recently heard established peer's session is dropped). Peers that
     have not completed the handshake are held apart, at most max_pending (default max_peers // 8,
-    at least 16): a new one evicts the oldest of them, never an established peer. Stream buffers
+    at least 16; on a lenient UDP server, where clients may send without the handshake,
+    max_peers): a new one evicts the oldest of them, never an established peer. Stream buffers
     of all peers together stay within max_memory bytes (a shared MemoryBudget; each peer also has
     its StreamLimits). A TCP peer silent for idle_timeout seconds is disconnected.
 
