@@ -502,3 +502,33 @@ def test_udp_garbage_flood_makes_no_session_and_a_client_is_served():
         finally:
             stop.set()
             t.join(10)
+
+
+def test_tcp_unproven_connections_never_evict_established_peers_and_max_peers_holds():
+    """In process: max_peers=2, max_pending=2. Idle connections evict each other, not the two
+    established clients; a third client that completes the handshake is refused (max_peers)."""
+    async def scenario():
+        async with resonant.serve(f"tcp://{HOST}:0", max_peers=2, max_pending=2) as server:
+            url = f"tcp://{HOST}:{server.address[1]}"
+            a = await resonant.connect(url)
+            b = await resonant.connect(url)
+            idle = []
+            for _ in range(6):
+                idle.append(await asyncio.open_connection(HOST, server.address[1]))
+            await asyncio.sleep(0.2)
+            assert server.evicted_pending == 4 and len(server.pending) == 2
+            for p in (a, b):
+                await p.send(resonant.Think(np.zeros(4, np.float16), stream_id=LEGIT))
+            senders = set()
+            while len(senders) < 2:
+                addr, e = await server.next_event(5.0)
+                if isinstance(e, resonant.MessageReceived) and e.frame.stream_id == LEGIT:
+                    senders.add(addr)
+            with pytest.raises(resonant.HandshakeRefused):
+                await resonant.connect(url, timeout=3.0)
+            assert server.rejected_peers == 1
+            for p in (a, b):
+                await p.close()
+            for _, w in idle:
+                w.close()
+    run(scenario())
