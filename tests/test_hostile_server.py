@@ -532,3 +532,34 @@ def test_tcp_unproven_connections_never_evict_established_peers_and_max_peers_ho
             for _, w in idle:
                 w.close()
     run(scenario())
+
+
+def test_udp_a_flooding_source_does_not_make_the_server_drop_another_peers_datagrams():
+    """In process, the application not reading yet: 6,000 keepalives from one source fill only
+    that source's share of the queue; a client that connects then is still served (before: every
+    datagram was dropped once 4,096 events were queued, the client's ping too)."""
+    async def scenario():
+        async with resonant.serve(f"udp://{HOST}:0") as server:
+            port = server.address[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                for i in range(6000):
+                    s.sendto(keepalive(1, i), (HOST, port))
+                    if i % 500 == 499:
+                        await asyncio.sleep(0.01)  # the server reads (the socket buffer is not the limit here)
+            await asyncio.sleep(0.2)
+            assert server.events.qsize() >= _QUEUE_LIMIT_FOR_TEST
+            async with resonant.connect(f"udp://{HOST}:{port}", timeout=5.0) as peer:
+                for i in range(10):
+                    await peer.send(resonant.Think(np.zeros(4, np.float16), stream_id=LEGIT))
+                    await asyncio.sleep(0.005)
+                await asyncio.sleep(0.2)
+            legit = 0
+            while not server.events.empty():
+                _, e = await server.next_event(1.0)
+                if isinstance(e, resonant.MessageReceived) and e.frame.stream_id == LEGIT:
+                    legit += 1
+            assert legit == 10
+    run(scenario())
+
+
+_QUEUE_LIMIT_FOR_TEST = 4000  # (the shared queue's limit is 4,096 events)
