@@ -11,6 +11,26 @@
 UDP carries one frame per datagram (at most 65,507 bytes, smaller with max_frame_bytes);
 TCP carries records (u32 little-endian length, then one frame), read straight into the
 session's buffer (asyncio.BufferedProtocol) and parsed in place.
+
+Hostile peers (serve()):
+- Fair queueing: events wait for the application in one queue, counted per peer; only a peer
+  over its own share is paused (TCP, resumed as the application takes its events) or dropped
+  (UDP), and a TCP read is never larger than the peer's remaining share can take.
+- Peers that have not completed the handshake live in a pool of their own (max_pending), where a
+  newcomer evicts the oldest; established peers are never evicted by them. TCP: a connection
+  must complete the handshake (lenient server: send one valid frame) within handshake_timeout
+  and every started record within record_timeout (slowloris), and is closed after max_malformed
+  malformed records; unproven or misbehaving connections are read 16 KiB at a time.
+- UDP anti-amplification (QUIC's rule): a source without an established session is never
+  answered with more than 3 times the bytes received from it; a spoofed one-shot ping gets no
+  answer, a real client's ping (as large as the capability, or retried) does. Datagrams that
+  cannot be a frame (too short, unknown version or message type) from unknown sources are dropped
+  before any session or event is made (at most 100 a second reported); a strict server makes a
+  session only for a Sync and refuses other frames statelessly with HANDSHAKE_REQUIRED (once a
+  second per source, 100 a second in all).
+- The client (connect()) answers a HANDSHAKE_REQUIRED from the server (it lost or dropped the
+  session) by handshaking again, at most 3 times in a row; send() waits for it. Frames sent
+  before the refusal reached the client are lost.
 """
 
 from __future__ import annotations
@@ -23,17 +43,21 @@ from dataclasses import replace
 from typing import Any, AsyncIterator, Callable, Sequence
 from urllib.parse import urlsplit
 
+from resonant import _codec
 from resonant._codec import Frame
-from resonant._spec import MAX_UDP_FRAME_BYTES
-from resonant.errors import HandshakeRefused
+from resonant._spec import MAX_UDP_FRAME_BYTES, MIN_FRAME_BYTES, VERSION, VERSION_TRANSFORMED, MsgType
+from resonant.errors import DecodeError, HandshakeRefused
 from resonant.stream import MemoryBudget
 from resonant.session import (
     ConnectionBroken,
+    FrameRejected,
     HandshakeComplete,
     HandshakeFailed,
+    RemoteError,
     Role,
     Session,
     SessionConfig,
+    State,
 )
 
 __all__ = ["connect", "serve", "Peer", "Server", "parse_url", "MAX_UDP_FRAME_BYTES"]
@@ -41,6 +65,34 @@ __all__ = ["connect", "serve", "Peer", "Server", "parse_url", "MAX_UDP_FRAME_BYT
 _TICK = 0.05                  # seconds between timer ticks
 _UDP_RCVBUF = 4 << 20         # ask the kernel for this much receive buffer
 _QUEUE_LIMIT = 4096           # events waiting for the application before reading pauses
+# Server: the events queued for the application are counted per peer; a peer whose own backlog is
+# over its share (_QUEUE_LIMIT divided among the peers with a backlog, at least _QUEUE_MIN_SHARE)
+# is paused (TCP) or its datagrams dropped (UDP), and resumed when the application has taken half.
+_QUEUE_MIN_SHARE = 64
+# Server: peers that have not completed the handshake (TCP: nor, on a lenient server, sent one
+# valid frame) are held in a pool of their own, at most max_pending (default: max_peers // 8,
+# at least 16); a new one evicts the oldest there, never an established peer.
+_PENDING_SHARE = 8
+_PENDING_MIN = 16
+_HANDSHAKE_TIMEOUT = 5.0      # TCP server: seconds to complete the handshake (or send a valid frame)
+_RECORD_TIMEOUT = 10.0        # TCP server: seconds a started record may take to complete
+_MAX_MALFORMED = 1024         # TCP server: malformed records before the connection is closed
+_MIN_READ = 4096              # TCP server: the smallest read (see _ServerTcpLink.get_buffer)
+_MIN_RECORD = 4 + MIN_FRAME_BYTES  # the smallest TCP record
+_YIELD_EVERY = 256            # Server iteration: events handed out before the event loop gets a turn
+_SUSPECT_READ = 16 << 10      # TCP server: read size for a connection not yet proven or that sent a malformed record
+# UDP server, unvalidated sources (no established session): never more bytes answered than
+# _AMPLIFICATION times the bytes received from that address (QUIC's rule), at most one stateless
+# HANDSHAKE_REQUIRED refusal per source per _REFUSAL_INTERVAL seconds and _REFUSALS_PER_S in all,
+# and at most _REPORTS_PER_S garbage datagrams from unknown sources reported as events.
+_AMPLIFICATION = 3
+_REFUSAL_INTERVAL = 1.0
+_REFUSALS_PER_S = 100.0
+_REPORTS_PER_S = 100.0
+_UNVALIDATED_TABLE = 4096     # sources whose byte counts are remembered (least recently heard dropped)
+_MAX_REHANDSHAKES = 3         # client: re-handshakes in a row (without completing) on HANDSHAKE_REQUIRED
+_MSG_TYPE_MAX = max(MsgType)
+_SYNC_TYPE = int(MsgType.SYNC)
 
 
 def parse_url(url: str) -> tuple[str, str, int]:
@@ -171,6 +223,8 @@ def _expire(w: asyncio.Future) -> None:
 class _Link:
     """What a Peer needs from a transport: write frames, wait for room, close."""
 
+    pending = False  # server: not (yet) established (see Server.pending)
+
     def __init__(self, session: Session) -> None:
         self.session = session
         self.events = _Inbox()
@@ -205,12 +259,52 @@ class _Link:
     def resume_writing(self) -> None:
         self._can_write.set()
 
+    # Client: once the first handshake completed, a HANDSHAKE_REQUIRED from the server (it lost or
+    # dropped our session) starts the handshake again, at most _MAX_REHANDSHAKES times in a row.
+    rehandshake = False          # set by Peer.handshake once it completed
+    rehandshaking = False
+    _rehandshakes = 0
+    _ready: asyncio.Event | None = None
+
     def deliver(self, events: list) -> None:
         put = self.events.put_nowait
         for e in events:
+            t = type(e)
+            if t is RemoteError or t is HandshakeFailed or t is HandshakeComplete:
+                self._handshake_event(e)
             put(e)
         if self.session._out:
             self.flush()  # replies (capability, error) the events caused
+
+    def _handshake_event(self, e) -> None:
+        if not self.rehandshake:
+            return
+        if type(e) is HandshakeComplete:
+            self.rehandshaking = False
+            self._rehandshakes = 0
+            if self._ready is not None:
+                self._ready.set()
+            return
+        if e.code != "HANDSHAKE_REQUIRED":
+            if type(e) is HandshakeFailed and self.rehandshaking:  # e.g. no capability in time: give up
+                self.rehandshaking = False
+                if self._ready is not None:
+                    self._ready.set()
+            return
+        session = self.session
+        if session.state is State.AWAIT_CAPABILITY or session.state is State.CLOSED:
+            return  # already pinging (a refusal of an earlier frame)
+        if self._rehandshakes >= _MAX_REHANDSHAKES:
+            self.rehandshaking = False
+            if self._ready is not None:
+                self._ready.set()
+            return
+        self._rehandshakes += 1
+        self.rehandshaking = True
+        if self._ready is None:
+            self._ready = asyncio.Event()
+        self._ready.clear()
+        session.initiate(_now())  # the ticker repeats the ping, session.tick gives up after handshake_attempts
 
 
 class _TcpLink(_Link, asyncio.BufferedProtocol):
@@ -319,6 +413,7 @@ class Peer:
             if event is _CLOSED:
                 raise HandshakeRefused("handshake", f"the connection to {self.address} closed during the handshake")
             if isinstance(event, HandshakeComplete):
+                self._link.rehandshake = True
                 return
             if isinstance(event, HandshakeFailed):
                 raise HandshakeRefused("handshake", f"{event.code}: {event.message}")
@@ -328,8 +423,22 @@ class Peer:
         if self._link.closed.is_set() or t is None or t.is_closing():
             raise ConnectionError(f"the connection to {self.address} is closed")
 
+    async def _await_rehandshake(self) -> None:
+        """The server asked for the handshake again (it had dropped our session): wait, bounded, until
+        it completed (or failed), so that what is sent next is not refused too."""
+        link = self._link
+        if link._ready is not None:
+            try:
+                await asyncio.wait_for(link._ready.wait(), self.session.config.handshake_retry
+                                       * (self.session.config.handshake_attempts + 1))
+            except asyncio.TimeoutError:
+                pass
+
     async def send(self, frame: Frame) -> None:
-        """Send one message (encoded as agreed); ConnectionError once the connection is closed."""
+        """Send one message (encoded as agreed); ConnectionError once the connection is closed.
+        While the handshake is being repeated (the server answered HANDSHAKE_REQUIRED), waits for it."""
+        if self._link.rehandshaking:
+            await self._await_rehandshake()
         self._check_open()
         self.session.send(frame, _now())
         self._link.flush()
@@ -343,6 +452,8 @@ class Peer:
         progress(sent_bytes, total_bytes) is called as frames go out. rate (bytes/s) paces
         UDP (default 200 MB/s there: without pacing a fast sender overruns the receiver's
         socket buffer, and UDP streams have no loss recovery yet)."""
+        if self._link.rehandshaking:
+            await self._await_rehandshake()
         self._check_open()
         sid = next(self._stream_ids) if stream_id is None else stream_id
         sender = self.session.stream(sid, objects, **kwargs)
@@ -486,21 +597,42 @@ class Server:
     """A listening endpoint (returned by serve()). Iterate it for (peer_address, event), or give
     serve() a handler."""
 
-    def __init__(self, scheme: str, config: SessionConfig, max_peers: int) -> None:
+    def __init__(self, scheme: str, config: SessionConfig, max_peers: int, max_pending: int | None = None) -> None:
         self.handler: Callable[[tuple, Any], Frame | None] | None = None
         self.scheme = scheme
         self.config = config
+        self.strict = config.is_strict
         self.max_peers = max_peers
+        if max_pending is None:  # a lenient UDP server keeps clients that never handshake (the reference's)
+            max_pending = (max_peers if scheme == "udp" and not self.strict  # among its pending sessions
+                           else min(max_peers, max(_PENDING_MIN, max_peers // _PENDING_SHARE)))
+        self.max_pending = max_pending
         self.budget: MemoryBudget | None = None
         self.idle_timeout = 300.0
+        self.handshake_timeout = _HANDSHAKE_TIMEOUT
+        self.record_timeout = _RECORD_TIMEOUT
+        self.max_malformed = _MAX_MALFORMED
         self.events = _Inbox()
-        self.links: "OrderedDict[tuple, _Link]" = OrderedDict()
+        self.links: "OrderedDict[tuple, _Link]" = OrderedDict()  # every peer with a session
+        self.pending: "OrderedDict[tuple, _Link]" = OrderedDict()  # those not (yet) established
         self.address: tuple | None = None
         self._server: asyncio.AbstractServer | None = None
         self._udp: asyncio.DatagramTransport | None = None
+        self._udp_protocol: _UdpServerProtocol | None = None
         self._ticker: asyncio.Task | None = None
+        self._queued: dict[tuple, int] = {}     # events in self.events, per peer
+        self._paused: dict[tuple, _Link] = {}   # TCP peers paused for their backlog
+        self._handed = 0
         self.rejected_peers = 0
         self.dropped_datagrams = 0
+        self.evicted_pending = 0
+        self.timed_out = 0
+        self.garbage_datagrams = 0
+        self.refused_datagrams = 0
+        self.unanswered_bytes = 0  # replies held back by the anti-amplification rule
+        self._unvalidated: "OrderedDict[tuple, list]" = OrderedDict()  # UDP: addr -> [received, answered, last refusal]
+        self._refusals = _Bucket(_REFUSALS_PER_S)
+        self._reports = _Bucket(_REPORTS_PER_S)
 
     def _session(self) -> Session:
         return Session(self.config, budget=self.budget)
@@ -511,9 +643,12 @@ class Server:
         and answers are dropped."""
         handler = self.handler
         if handler is None:
-            put = self.events.put_nowait
-            for e in events:
-                put((address, e))
+            if events:
+                put = self.events.put_nowait
+                for e in events:
+                    put((address, e))
+                q = self._queued
+                q[address] = q.get(address, 0) + len(events)
             return
         for e in events:
             try:
@@ -525,20 +660,55 @@ class Server:
                     {"message": f"resonant.serve handler failed on {type(e).__name__} from {address}",
                      "exception": exc})
 
+    def _share(self) -> int:
+        return max(_QUEUE_MIN_SHARE, _QUEUE_LIMIT // max(1, len(self._queued)))
+
+    def _over(self, address: tuple) -> bool:
+        """Whether this peer's own backlog of queued events is over its share."""
+        return self._queued.get(address, 0) > self._share()
+
+    def _took(self, item) -> None:
+        """The application took one event: count it off its peer; resume a paused peer at half its share."""
+        address = item[0]
+        q = self._queued
+        n = q.get(address, 0) - 1
+        if n > 0:
+            q[address] = n
+        else:
+            q.pop(address, None)
+        if self._paused and address in self._paused and n <= self._share() // 2:
+            link = self._paused.pop(address)
+            t = link.transport
+            if t is not None and not t.is_closing():
+                t.resume_reading()
+
     def __aiter__(self) -> AsyncIterator:
         return self._iter()
 
     async def _iter(self):
+        n = 0
         while True:
             item = await self.events.get()
             if item is None:
+                self.events.put_nowait(None)  # stays closed for the next caller
                 return
+            self._took(item)
+            n += 1
+            if n >= _YIELD_EVERY:  # a full queue never makes get() wait: let the loop read and write
+                n = 0
+                await asyncio.sleep(0)
             yield item
 
     async def next_event(self, timeout: float | None = None):
         item = await self.events.get(timeout)
         if item is None:
+            self.events.put_nowait(None)
             raise EOFError("the server is closed")
+        self._took(item)
+        self._handed += 1
+        if self._handed >= _YIELD_EVERY:  # (as _iter)
+            self._handed = 0
+            await asyncio.sleep(0)
         return item
 
     async def reply(self, address: tuple, frame: Frame) -> None:
@@ -548,11 +718,32 @@ class Server:
             raise KeyError(f"no peer {address}")
         link.session.send(frame, _now())
         if self._udp is not None:
-            for d in link.session.datagrams_to_send():
-                self._udp.sendto(d, address)
+            self._udp_protocol._send(link, address)
         else:
             link.flush()
             await link.drain()
+
+    def _promote(self, address: tuple, link: _Link) -> bool:
+        """A pending peer completed the handshake (TCP, lenient: sent a valid frame). TCP: refused
+        when max_peers are established; UDP: the least recently heard established peer is dropped."""
+        self.pending.pop(address, None)
+        link.pending = False
+        if len(self.links) - len(self.pending) <= self.max_peers:
+            return True
+        if self._udp is None:
+            self.rejected_peers += 1
+            return False
+        for old_addr, old in self.links.items():
+            if not old.pending and old is not link:
+                self._drop(old_addr, old, "the peer's session was dropped (max_peers)")
+                break
+        return True
+
+    def _drop(self, address: tuple, link: _Link, why: str) -> None:
+        """UDP: forget a peer's session."""
+        self.links.pop(address, None)
+        self.pending.pop(address, None)
+        self._emit(address, None, link.session.reassembler.close(why))
 
     async def close(self) -> None:
         if self._ticker is not None:
@@ -574,43 +765,112 @@ class Server:
         await self.close()
 
 
+class _Bucket:
+    """A token bucket: take() is true at most `rate` times a second on average (bursts of `rate`)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.at = _now()
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+def _malformed(data) -> FrameRejected | None:
+    """Stateless: the decoder's report on a datagram that fails the header check."""
+    try:
+        _codec.decode(bytes(data))
+    except DecodeError as exc:
+        return FrameRejected("malformed", str(exc), exc)
+    return None
+
+
 class _ServerTcpLink(_TcpLink):
     def __init__(self, server: Server) -> None:
         super().__init__(server._session())
         self.server = server
         self.peer: tuple = ()
-        self.last = _now()
+        self.last = self.born = self.progress = _now()
+        self.pending = True
+        self.frames_seen = 0
+        self.suspect = False
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        srv = self.server
         self.peer = transport.get_extra_info("peername")
-        if len(self.server.links) >= self.server.max_peers:
-            self.server.rejected_peers += 1
-            transport.close()
-            return
-        self.server.links[self.peer] = self
+        if len(srv.pending) >= srv.max_pending:  # the oldest connection that has not proven itself goes
+            old_addr, old = srv.pending.popitem(last=False)
+            srv.evicted_pending += 1
+            if old.transport is not None:
+                old.transport.abort()
+        srv.links[self.peer] = self
+        srv.pending[self.peer] = self
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        buf = self.session.get_buffer(sizehint)
+        limit = _SUSPECT_READ if self.pending or self.suspect else len(buf)  # a peer not yet proven, or that
+        srv = self.server                                                     # sent malformed records: small reads
+        if srv._queued:  # no more than this peer's share of the queue can come of one read (a record is >= 37 bytes)
+            room = srv._share() - srv._queued.get(self.peer, 0)
+            limit = min(limit, max(_MIN_READ, room * _MIN_RECORD))
+        return buf if limit >= len(buf) else buf[:limit]
 
     def deliver(self, events: list) -> None:
-        self.server._emit(self.peer, self.session, events)
+        srv = self.server
+        srv._emit(self.peer, self.session, events)
+        if self.pending and self._proven() and not srv._promote(self.peer, self):
+            self.transport.close()  # max_peers established already
+            return
         if self.session._out:
             self.flush()
+
+    def _proven(self) -> bool:
+        """Established, or (on a lenient server) sent a valid frame."""
+        s = self.session
+        if s.state is State.ESTABLISHED:
+            return True
+        if self.server.strict:
+            return False
+        st = s.stats
+        return st["frames_in"] > st["malformed"] + st["not_encrypted"] + st["space_mismatch"]
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last = _now()
         super().buffer_updated(nbytes)
-        if self.server.events.qsize() > _QUEUE_LIMIT:
+        srv = self.server
+        malformed = self.session.stats["malformed"]
+        if malformed:
+            self.suspect = True
+            if malformed >= srv.max_malformed and not self.transport.is_closing():
+                self.transport.close()
+                return
+        if srv._queued and srv._over(self.peer) and not self.transport.is_closing():
             self.transport.pause_reading()
+            srv._paused[self.peer] = self
 
     def connection_lost(self, exc) -> None:
         super().connection_lost(exc)
+        srv = self.server
         # Unfinished streams fail (and their memory is released).
-        self.server._emit(self.peer, None, self.session.reassembler.close("the connection closed"))
-        self.server.links.pop(self.peer, None)
+        srv._emit(self.peer, None, self.session.reassembler.close("the connection closed"))
+        if srv.links.get(self.peer) is self:
+            del srv.links[self.peer]
+        if srv.pending.get(self.peer) is self:
+            del srv.pending[self.peer]
+        srv._paused.pop(self.peer, None)
 
 
 class _UdpServerProtocol(asyncio.DatagramProtocol):
     def __init__(self, server: Server) -> None:
         self.server = server
+        server._udp_protocol = self
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -622,23 +882,119 @@ class _UdpServerProtocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr) -> None:
         srv = self.server
-        if srv.events.qsize() >= _QUEUE_LIMIT:  # the application is not keeping up: UDP drops
+        link = srv.links.get(addr)
+        if link is None or link.pending:
+            self._unvalidated(data, addr, link)
+            return
+        if srv._queued and srv._over(addr):  # the application is not keeping up with this peer: UDP drops
             srv.dropped_datagrams += 1
             return
-        link = srv.links.get(addr)
-        if link is None:
-            if len(srv.links) >= srv.max_peers:  # forget the least recently heard peer
-                old_addr, old = srv.links.popitem(last=False)
-                srv._emit(old_addr, None, old.session.reassembler.close("the peer's session was dropped (max_peers)"))
-            link = _Link(srv._session())
-            srv.links[addr] = link
-        else:
-            srv.links.move_to_end(addr)
+        srv.links.move_to_end(addr)
         session = link.session
         srv._emit(addr, session, session.receive_datagram(data, _now()))
         if session._out:  # replies (capability, error; the handler's answers) the datagram caused
             for d in session.datagrams_to_send():
                 self.transport.sendto(d, addr)
+
+    def _credit(self, addr, received: int) -> list:
+        """The byte counts of an unvalidated source ([received, answered, last refusal])."""
+        table = self.server._unvalidated
+        entry = table.get(addr)
+        if entry is None:
+            entry = table[addr] = [0, 0, float("-inf")]
+            if len(table) > _UNVALIDATED_TABLE:
+                table.popitem(last=False)
+        else:
+            table.move_to_end(addr)
+        entry[0] += received
+        return entry
+
+    def _unvalidated(self, data: bytes, addr, link: _Link | None) -> None:
+        """A datagram from a source without an established session: checked cheaply first; a
+        session is made only for what may be a frame (on a strict server, only for a Sync, which a
+        ping is); answers are limited to _AMPLIFICATION times what the source sent."""
+        srv = self.server
+        now = _now()
+        if len(data) < MIN_FRAME_BYTES or (data[0] != VERSION and data[0] != VERSION_TRANSFORMED) \
+                or data[1] > _MSG_TYPE_MAX:
+            if link is not None:  # a known (lenient) source: its session reports it
+                self._feed(data, addr, link, now)
+                return
+            srv.garbage_datagrams += 1
+            if srv._reports.take(now):
+                rejected = _malformed(data)
+                if rejected is not None:
+                    srv._emit(addr, None, [rejected])
+            return
+        if link is None:
+            if srv.strict and data[1] != _SYNC_TYPE:  # data before the handshake: refuse without a session
+                self._refuse(data, addr, now)
+                return
+            if srv._queued and srv._over(addr):
+                srv.dropped_datagrams += 1
+                return
+            if len(srv.pending) >= srv.max_pending:  # the least recently heard unproven source goes
+                old_addr, old = srv.pending.popitem(last=False)
+                srv.evicted_pending += 1
+                srv._drop(old_addr, old, "the peer's session was dropped (max_pending)")
+            link = _Link(srv._session())
+            link.pending = True
+            srv.links[addr] = link
+            srv.pending[addr] = link
+        else:
+            if srv._queued and srv._over(addr):
+                srv.dropped_datagrams += 1
+                return
+            srv.links.move_to_end(addr)
+            srv.pending.move_to_end(addr)
+        self._feed(data, addr, link, now)
+
+    def _feed(self, data: bytes, addr, link: _Link, now: float) -> None:
+        srv = self.server
+        entry = self._credit(addr, len(data))
+        session = link.session
+        srv._emit(addr, session, session.receive_datagram(data, now))
+        held = self._send(link, addr, entry)
+        if session.state is State.ESTABLISHED and not held and link.pending:
+            srv._promote(addr, link)
+            srv._unvalidated.pop(addr, None)
+
+    def _send(self, link: _Link, addr, entry: list | None = None) -> int:
+        """Send what the session queued; for an unvalidated source, within the amplification
+        limit (the rest is dropped). Returns the bytes held back."""
+        if not link.session._out:
+            return 0
+        datagrams = link.session.datagrams_to_send()
+        if not link.pending:
+            for d in datagrams:
+                self.transport.sendto(d, addr)
+            return 0
+        if entry is None:
+            entry = self._credit(addr, 0)
+        held = 0
+        for d in datagrams:
+            if entry[1] + len(d) <= _AMPLIFICATION * entry[0]:
+                entry[1] += len(d)
+                self.transport.sendto(d, addr)
+            else:
+                held += len(d)
+        self.server.unanswered_bytes += held
+        return held
+
+    def _refuse(self, data: bytes, addr, now: float) -> None:
+        """Strict server, a data frame from a source without a session (say, one whose session was
+        dropped): HANDSHAKE_REQUIRED, from a session made for this answer and forgotten, at most one
+        per source per _REFUSAL_INTERVAL and _REFUSALS_PER_S in all, within the amplification limit."""
+        srv = self.server
+        srv.refused_datagrams += 1
+        entry = self._credit(addr, len(data))
+        if now - entry[2] < _REFUSAL_INTERVAL or not srv._refusals.take(now):
+            return
+        entry[2] = now
+        link = _Link(srv._session())
+        link.pending = True
+        srv._emit(addr, None, link.session.receive_datagram(data, now))
+        self._send(link, addr, entry)
 
     def error_received(self, exc) -> None:
         pass
@@ -646,29 +1002,57 @@ class _UdpServerProtocol(asyncio.DatagramProtocol):
 
 def serve(url: str, *, config: SessionConfig | None = None, max_peers: int = 1024, max_memory: int = 4 << 30,
           idle_timeout: float = 300.0, handler: Callable[[tuple, Any], Frame | None] | None = None,
+          max_pending: int | None = None, handshake_timeout: float = _HANDSHAKE_TIMEOUT,
+          record_timeout: float = _RECORD_TIMEOUT, max_malformed: int = _MAX_MALFORMED,
           **kwargs: Any) -> _Opening:
     """Listen on tcp://host:port or udp://host:port (port 0 picks one; see server.address).
 
     Keyword arguments are SessionConfig fields. Every peer gets its own Session; at most
-    max_peers at once (TCP: further connections are closed; UDP: the least recently heard
-    peer's session is dropped). Stream buffers of all peers together stay within max_memory
-    bytes (a shared MemoryBudget; each peer also has its StreamLimits). A TCP peer silent for
-    idle_timeout seconds is disconnected.
+    max_peers established at once (TCP: further connections are closed once they complete the
+    handshake; UDP: the least recently heard established peer's session is dropped). Peers that
+    have not completed the handshake are held apart, at most max_pending (default max_peers // 8,
+    at least 16; on a lenient UDP server, where clients may send without the handshake,
+    max_peers): a new one evicts the oldest of them, never an established peer. Stream buffers
+    of all peers together stay within max_memory bytes (a shared MemoryBudget; each peer also has
+    its StreamLimits). A TCP peer silent for idle_timeout seconds is disconnected.
+
+    TCP deadlines: a connection that has not completed the handshake within handshake_timeout
+    seconds (on a lenient server: has not sent one valid frame) is closed, and so is one whose
+    started record does not complete within record_timeout seconds (slowloris), or that sent
+    max_malformed malformed records.
+
+    UDP, for sources without an established session: datagrams that cannot be a frame (too
+    short, unknown version or message type) are dropped before any session is made (at most
+    100 a second are reported as FrameRejected events); a strict server makes a session only for
+    a Sync (a ping) and refuses other frames with HANDSHAKE_REQUIRED (at most once a second per
+    source); and no source is answered with more than 3 times the bytes it sent until it is
+    established (QUIC's anti-amplification rule: a client whose ping is smaller than a third of
+    the capability is answered when its retries have made up the difference).
+
+    The application's queue is shared fairly: a peer whose own backlog of events is over its
+    share of 4096 is paused (TCP; resumed as the application takes its events) or its datagrams
+    dropped (UDP).
 
     handler(peer_address, event), if given, is called for every event as the bytes that caused it
     are read, instead of queueing the event for `async for`; a message it returns is sent back to
     that peer at once. It must not block: this saves the task switch per message that iteration
     costs, for servers that answer each message straight away. An exception it raises goes to
     the event loop's exception handler, and the server goes on."""
-    return _Opening(_serve(url, config, max_peers, max_memory, idle_timeout, handler, kwargs))
+    return _Opening(_serve(url, config, max_peers, max_memory, idle_timeout, handler, kwargs,
+                           max_pending, handshake_timeout, record_timeout, max_malformed))
 
 
-async def _serve(url: str, config, max_peers: int, max_memory: int, idle_timeout: float, handler, kwargs: dict) -> Server:
+async def _serve(url: str, config, max_peers: int, max_memory: int, idle_timeout: float, handler, kwargs: dict,
+                 max_pending: int | None = None, handshake_timeout: float = _HANDSHAKE_TIMEOUT,
+                 record_timeout: float = _RECORD_TIMEOUT, max_malformed: int = _MAX_MALFORMED) -> Server:
     scheme, host, port = parse_url(url)
-    server = Server(scheme, _config(Role.SERVER, scheme, config, kwargs), max_peers)
+    server = Server(scheme, _config(Role.SERVER, scheme, config, kwargs), max_peers, max_pending)
     server.handler = handler
     server.budget = MemoryBudget(max_memory)
     server.idle_timeout = idle_timeout
+    server.handshake_timeout = handshake_timeout
+    server.record_timeout = record_timeout
+    server.max_malformed = max_malformed
     loop = asyncio.get_running_loop()
     if scheme == "tcp":
         server._server = await loop.create_server(lambda: _ServerTcpLink(server), host, port)
@@ -685,13 +1069,27 @@ async def _serve(url: str, config, max_peers: int, max_memory: int, idle_timeout
             for addr, link in list(server.links.items()):
                 server._emit(addr, link.session, link.session.tick(now))
                 if server._udp is not None:
-                    for d in link.session.datagrams_to_send():
-                        server._udp.sendto(d, addr)
-                else:
-                    link.flush()
-                    if now - link.last > server.idle_timeout and link.transport is not None:
-                        link.transport.close()  # a silent peer (or one stuck mid-record) frees its buffer
+                    server._udp_protocol._send(link, addr)
+                    continue
+                link.flush()
+                t = link.transport
+                if t is None or t.is_closing():
+                    continue
+                frames = link.session.stats["frames_in"]
+                partial = link.session.records.pending
+                if frames != link.frames_seen:
+                    link.frames_seen = frames
+                    link.progress = now
+                elif not partial:
+                    link.progress = now  # no record started: nothing is late
+                if now - link.last > server.idle_timeout:
+                    t.close()  # a silent peer (or one stuck mid-record) frees its buffer
+                elif link.pending and now - link.born > server.handshake_timeout:
+                    server.timed_out += 1
+                    t.abort()  # no handshake (or valid frame) in time
+                elif partial and now - link.progress > server.record_timeout:
+                    server.timed_out += 1
+                    t.abort()  # a record trickling in (slowloris)
 
     server._ticker = asyncio.ensure_future(ticker())
     return server
-
