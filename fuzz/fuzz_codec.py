@@ -8,7 +8,7 @@ require encryption), then the frame.
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["resonant"]):
     import resonant
     import resonant.inspect
     import resonant.quant
@@ -37,4 +37,4 @@ def TestOneInput(data: bytes) -> None:
 
 
 if __name__ == "__main__":
-    common.run("codec", TestOneInput, lambda: common.frame_seeds(keyed=True))
+    common.run("codec", common.guard(TestOneInput), lambda: common.frame_seeds(keyed=True))

@@ -9,7 +9,7 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["resonant"]):
     import resonant
     import resonant.inspect
     import resonant.quant
@@ -51,4 +51,4 @@ def TestOneInput(data: bytes) -> None:
 
 
 if __name__ == "__main__":
-    common.run("decode", TestOneInput, lambda: common.frame_seeds(keyed=False))
+    common.run("decode", common.guard(TestOneInput), lambda: common.frame_seeds(keyed=False))

@@ -8,7 +8,7 @@ import json
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["resonant"]):
     import resonant
     import resonant.handshake
     import resonant.stream
@@ -42,4 +42,4 @@ def seeds() -> list[bytes]:
 
 
 if __name__ == "__main__":
-    common.run("handshake", TestOneInput, seeds)
+    common.run("handshake", common.guard(TestOneInput), seeds)

@@ -7,7 +7,7 @@ common.ops): frames to receive (mode bits: recompute the CRC, seal), ticks, cloc
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["resonant"]):
     import resonant
     import resonant.stream
     import resonant.transforms
@@ -58,4 +58,4 @@ def seeds() -> list[bytes]:
 
 
 if __name__ == "__main__":
-    common.run("reassembler", TestOneInput, seeds)
+    common.run("reassembler", common.guard(TestOneInput), seeds, max_len=262144)

@@ -12,7 +12,7 @@ this target any exception is a finding, a ResonantError included.
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["resonant"]):
     import resonant
     import resonant.session
     import resonant.stream
@@ -102,4 +102,4 @@ def seeds() -> list[bytes]:
 
 
 if __name__ == "__main__":
-    common.run("session", TestOneInput, seeds)
+    common.run("session", common.guard(TestOneInput), seeds, max_len=262144)
