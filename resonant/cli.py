@@ -371,8 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write at most N bytes of .npy files in total with --save (default 1 GiB = "
                    f"{DEFAULT_SAVE_MAX_BYTES}); a completed stream that would go over it is not saved (nothing of it "
                    f"is written), a line on stderr says so, and the exit status is {EXIT_SAVE_QUOTA}")
-    r.add_argument("--count", type=int, metavar="N", help="exit 0 after N messages (data messages and completed or "
-                   "failed streams; handshake documents are printed but not counted)")
+    r.add_argument("--count", type=int, metavar="N", help="exit after N messages (data messages and completed or "
+                   "failed streams; handshake documents are printed but not counted), with status 0, or 3 if "
+                   "--max-bytes kept a stream from being saved")
     r.add_argument("--key-file", metavar="F", help="decrypt with this key (and require encryption)")
     r.add_argument("--space-hash", type=_u32, metavar="H", help="accept only this embedding space (space_hash32)")
     r.add_argument("--max-frame-bytes", type=int, metavar="N", help="largest frame the peers may send (512..65536)")
