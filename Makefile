@@ -1,7 +1,7 @@
 # Resonant developer commands. `make help` lists them.
 PYTHON ?= python3
 
-.PHONY: help codegen check-codegen compile debug annotate install test test-fast bench clean
+.PHONY: help codegen check-codegen compile debug annotate install test test-fast bench fuzz fuzz-build fuzz-short clean
 
 help:
 	@echo "make codegen        regenerate code, stubs, specs and strategies from schema/"
@@ -12,6 +12,9 @@ help:
 	@echo "make install        pip install the package with its test extras"
 	@echo "make test           run the test suite"
 	@echo "make bench          run the benchmarks"
+	@echo "make fuzz           run every fuzz target for FUZZ_TIME seconds (default 600; docs/fuzzing.md)"
+	@echo "make fuzz-build     build the codec with clang coverage + UBSan for the fuzzers (build/fuzz-pkg)"
+	@echo "make fuzz-short     the CI version: each target ~15 s (tests/test_fuzz_short.py)"
 
 codegen:
 	$(PYTHON) -m codegen
@@ -40,6 +43,24 @@ bench:
 	$(PYTHON) bench/bench_stream.py
 	$(PYTHON) bench/bench_transport.py
 	$(PYTHON) bench/bench_quant.py
+
+FUZZ_TIME ?= 600
+FUZZ_TARGETS ?= decode codec handshake reassembler session
+
+fuzz-build:
+	PYTHON=$(PYTHON) bash fuzz/build.sh
+
+# Every target for FUZZ_TIME seconds, one after the other; stops at the first finding (its
+# input is in build/fuzz/TARGET/). The instrumented build is made first when clang is there.
+fuzz:
+	-PYTHON=$(PYTHON) bash fuzz/build.sh
+	@for t in $(FUZZ_TARGETS); do \
+		echo "== fuzz $$t for $(FUZZ_TIME) s"; \
+		PYTHON=$(PYTHON) bash fuzz/run.sh $$t $(FUZZ_TIME) || exit 1; \
+	done
+
+fuzz-short:
+	$(PYTHON) -m pytest -q tests/test_fuzz_short.py
 
 clean:
 	rm -rf build dist *.egg-info resonant/_codec.c resonant/*.so resonant/_codec.html .pytest_cache .hypothesis

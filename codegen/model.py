@@ -590,7 +590,7 @@ def load_vframe(path: Path) -> VFrame:
         raise meta.child("endian").fail("only little-endian layouts are supported")
     limits = _limits(root.child("limits"))
     lnames = {lim.name for lim in limits}
-    for needed in ("max_frame_bytes", "max_slices", "max_dims", "max_segments"):
+    for needed in ("max_frame_bytes", "max_slices", "max_dims", "max_shape_elements", "max_segments"):
         if needed not in lnames:
             raise root.child("limits").fail(f"missing limit '{needed}'")
     rule = root.child("slice_len_rule").mapping(("name", "doc"))

@@ -107,6 +107,7 @@ cdef enum:
     MAX_FRAME_BYTES = 65536
     MAX_SLICES = 1024
     MAX_DIMS = 8
+    MAX_DENSE_BYTES = 1073741824
     MAX_SEGMENTS = 64
     PREFIX_SIZE = 24      # fixed header bytes before the slice_len table
     SUFFIX_SIZE = 5      # fixed header bytes after the slice_len table
@@ -142,6 +143,7 @@ cdef enum:
 # An element count above this cannot fit any payload under max_frame_bytes; counts are
 # saturated here so that a product of eight u32 dimensions never overflows.
 cdef uint64_t ELEMS_SATURATE = (<uint64_t>1) << 40
+cdef uint64_t MAX_SHAPE_ELEMENTS = 1099511627776ULL  # (too large for the enum)
 
 cnp.import_array()
 
@@ -577,6 +579,26 @@ cdef inline uint64_t _elems(const uint32_t *dims, int ndim) noexcept:
     return n
 
 
+cdef inline bint _shape_fits(const uint32_t *dims, int ndim) noexcept:
+    """Whether the product of the dimensions, each 0 counted as 1, is at most max_shape_elements."""
+    cdef uint64_t n = 1
+    cdef int k
+    for k in range(ndim):
+        if dims[k] > 1:
+            if dims[k] > MAX_SHAPE_ELEMENTS // n:
+                return False
+            n *= dims[k]
+    return True
+
+
+cdef str _shape_problem(tuple shape):
+    prod = 1
+    for d in shape:
+        prod *= d or 1
+    return (f"{shape}: the product of the dimensions, each 0 counted as 1, is {prod}, more than "
+            f"max_shape_elements ({MAX_SHAPE_ELEMENTS})")
+
+
 cdef str _dtype_name(int code):
     d = _DTYPES.get(code)
     return d.name if d is not None else f"dtype {code}"
@@ -636,6 +658,8 @@ cdef class Slice:
         self._ndim = len(dims)
         for k, d in enumerate(dims):
             self._dims[k] = d
+        if not _shape_fits(self._dims, self._ndim):
+            raise EncodeError("shape", _shape_problem(dims))
         n = _elems(self._dims, self._ndim)
         need = _expected_size(self._dtype, n)
         if need >= 0 and <uint64_t>need != <uint64_t>length:
@@ -723,6 +747,11 @@ cdef class Slice:
             raise UnsupportedDType("dtype", f"{_dtype_name(self._dtype)} has no numpy view; use .payload" + (", or resonant.quant.dequantize()" if self._dtype in (0x06, 0x07) else ""))
         for k in range(self._ndim):
             dims[k] = self._dims[k]
+        # Every way of making a Slice (the constructor, from_array, decode) checks the shape
+        # against max_shape_elements, so numpy accepts it; checked again here, where numpy
+        # would raise its own ValueError.
+        if not _shape_fits(self._dims, self._ndim):
+            raise LimitExceeded("shape", _shape_problem(self.shape))
         # A read-only array over the payload bytes whose base is this slice (which keeps the
         # received buffer alive); numpy works out contiguity and alignment itself.
         Py_INCREF(npdt)  # PyArray_NewFromDescr steals a reference to the descr
@@ -984,10 +1013,14 @@ cdef object _slice_of_array(object arr):
     code = _DTYPE_OF_NUMPY_FAST.get(<object>cnp.PyArray_DESCR(a))
     if code is None:
         return None
+    cdef uint32_t dims[MAX_DIMS]
     for k in range(nd):
         if shape[k] > 0xFFFFFFFF:
             return None
+        dims[k] = <uint32_t>shape[k]
         elems *= <uint64_t>shape[k]
+    if not _shape_fits(dims, nd):
+        return None
     nbytes = cnp.PyArray_NBYTES(a)
     if nbytes > 0xFFFFFFFF or _expected_size(code, elems) != nbytes:
         return None
@@ -1516,6 +1549,8 @@ cdef int _check_meaning(const unsigned char *p, Hdr *h, const unsigned char *b, 
         slen = rz_ld_u32(p + h.tab + 4 * i)
         if need == -2:
             raise UnknownDType(f"{prefix}slices[{i}].dtype", f"0x{dtype:02x} is not a dtype ({', '.join(f'0x{d.value:02x} {d.name}' for d in DType)})", base + pos)
+        if not _shape_fits(dims, ndim):
+            raise LimitExceeded(f"{prefix}slices[{i}].shape", _shape_problem(tuple([dims[k] for k in range(ndim)])), base + pos + 2)
         if need >= 0 and <uint64_t>need != slen:
             shape = tuple([dims[k] for k in range(ndim)])
             raise SizeMismatch(f"{prefix}slices[{i}].payload", _size_detail(dtype, shape, nel, need, slen, f"slice_len[{i}]"), base + pos + 2 + 4 * ndim)

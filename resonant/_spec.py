@@ -17,6 +17,10 @@ MAX_FRAME_BYTES = 65536
 MAX_SLICES = 1024
 #: Upper bound on a slice's shape_len (tensor rank); checked before the shape is read.
 MAX_DIMS = 8
+#: Upper bound (2^40) on the product of a shape's dimensions, each 0 counted as 1, for every slice and every V-Stream object in HEAD; checked with the slice's dtype, before its size rule. numpy multiplies the non-zero dimensions of even an empty array and refuses products past its index range, so (0, 2^32-1, 2^32-1, 2^32-1) is refused here, not by numpy; within the bound the element count, and the byte count for any element size up to 2^23 bytes, fit int64.
+MAX_SHAPE_ELEMENTS = 1099511627776
+#: Default bound (1 GiB) on the dense array that resonant.quant.sparse_to_dense allocates for a sparse slice: its dense shape comes from the peer and a few bytes of sparse payload can name terabytes, so the size is checked (LimitExceeded) before anything is allocated; a caller may pass max_bytes= to allow more.
+MAX_DENSE_BYTES = 1073741824
 #: Upper bound on the zstd segments of a compressed body; checked before the segment table is read.
 MAX_SEGMENTS = 64
 #: Smallest possible frame: the fixed header fields, no slice and the CRC.

@@ -1,6 +1,6 @@
 """The `resonant` command: recv, send, inspect, demo.
 
-    resonant recv --listen udp://0.0.0.0:7000 [--json] [--save DIR] [--count N]
+    resonant recv --listen udp://0.0.0.0:7000 [--json] [--save DIR [--max-bytes N]] [--count N]
     resonant send --to tcp://127.0.0.1:7000 kv.npy --type cache --zstd
     resonant inspect frame.bin [--json]
     resonant demo
@@ -81,21 +81,46 @@ def frame_line(frame, doc: dict | None) -> str:
     return " ".join(parts)
 
 
-def _save(directory: Path, ev: StreamComplete, layout) -> list[str]:
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
+# What `resonant recv --save` writes in total unless --max-bytes says otherwise.
+DEFAULT_SAVE_MAX_BYTES = 1 << 30
+# The exit status of `resonant recv` when a stream was not saved because of --max-bytes.
+EXIT_SAVE_QUOTA = 3
+
+
+def _save_plan(directory: Path, ev: StreamComplete, layout) -> list[tuple[Path, np.ndarray]]:
+    """The .npy files a completed stream becomes: (path, array as written)."""
+    plan = []
     for obj, arr in zip(layout.objects if layout is not None else [], ev.objects):
         name = obj.name or f"object{obj.index}"
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
         if arr.dtype == np.dtype(_bf16()):  # .npy has no bfloat16: keep the bits, say so in the name
-            path = directory / f"stream{ev.stream_id}_{obj.index:04d}_{safe}.bf16.npy"
-            np.save(path, arr.view(np.uint16), allow_pickle=False)
+            plan.append((directory / f"stream{ev.stream_id}_{obj.index:04d}_{safe}.bf16.npy", arr.view(np.uint16)))
         elif arr.dtype.kind == "V":  # Q4 / sparse: the raw payload bytes
-            path = directory / f"stream{ev.stream_id}_{obj.index:04d}_{safe}.{DType(obj.dtype).name.lower()}.npy"
-            np.save(path, arr.view(np.uint8), allow_pickle=False)
+            plan.append((directory / f"stream{ev.stream_id}_{obj.index:04d}_{safe}.{DType(obj.dtype).name.lower()}.npy",
+                         arr.view(np.uint8)))
         else:
-            path = directory / f"stream{ev.stream_id}_{obj.index:04d}_{safe}.npy"
-            np.save(path, arr, allow_pickle=False)
+            plan.append((directory / f"stream{ev.stream_id}_{obj.index:04d}_{safe}.npy", arr))
+    return plan
+
+
+def _npy_bytes(arr: np.ndarray) -> int:
+    """The size of the .npy file np.save writes for arr: its header, then its data."""
+    import io
+    fmt = np.lib.format
+    head = io.BytesIO()
+    try:
+        fmt.write_array_header_1_0(head, fmt.header_data_from_array_1_0(arr))
+    except ValueError:  # a header too long for format 1.0: np.save writes 2.0
+        head = io.BytesIO()
+        fmt.write_array_header_2_0(head, fmt.header_data_from_array_1_0(arr))
+    return len(head.getvalue()) + arr.nbytes
+
+
+def _save(plan: list[tuple[Path, np.ndarray]]) -> list[str]:
+    paths = []
+    for path, arr in plan:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, arr, allow_pickle=False)
         paths.append(str(path))
     return paths
 
@@ -122,6 +147,8 @@ async def _recv(args) -> int:
 
     out = sys.stdout
     count = 0
+    written = 0    # bytes of .npy files written (--save), at most args.max_bytes
+    refused = 0    # completed streams not saved because of --max-bytes
     layouts: dict[tuple, Any] = {}
     save = Path(args.save) if args.save else None
     cfg = _session_config(args)
@@ -150,15 +177,29 @@ async def _recv(args) -> int:
             elif isinstance(ev, StreamComplete):
                 counted = True
                 lay = layouts.pop((addr, ev.stream_id), None)
-                saved = _save(save, ev, lay) if save is not None else []
+                saved: list[str] = []
+                not_saved = None
+                if save is not None:
+                    plan = _save_plan(save, ev, lay)
+                    size = sum(_npy_bytes(a) for _, a in plan)
+                    if written + size > args.max_bytes:
+                        refused += 1
+                        not_saved = (f"{size} bytes of .npy files would bring what this receiver has written to "
+                                     f"{written + size} bytes, over --max-bytes {args.max_bytes}")
+                        print(f"resonant recv: stream {ev.stream_id} from {_peer(addr)} not saved: {not_saved}",
+                              file=sys.stderr, flush=True)
+                    else:
+                        saved = _save(plan)
+                        written += size
                 objs = [{"dtype": int(o.dtype), "shape": list(o.shape), "nbytes": o.nbytes, "name": o.name,
                          "layer": o.layer} for o in (lay.objects if lay else [])]
                 line = ({"event": "stream_complete", "peer": _peer(addr), "stream_id": ev.stream_id,
                          "nbytes": ev.nbytes, "xxh3_64": f"{ev.xxh3_64:016x}", "verified": True, "objects": objs,
-                         "saved": saved}
+                         "saved": saved, **({"not_saved": not_saved} if not_saved else {})}
                         if args.json else f"{_peer(addr)} [STREAM] stream={ev.stream_id} complete: {len(ev.objects)} "
                         f"objects, {ev.nbytes} bytes, xxh3_64 {ev.xxh3_64:016x} verified"
-                        + (f", saved {len(saved)} .npy files to {save}" if saved else ""))
+                        + (f", saved {len(saved)} .npy files to {save}" if saved else "")
+                        + (", NOT saved (--max-bytes)" if not_saved else ""))
             elif isinstance(ev, StreamFailed):
                 counted = True
                 layouts.pop((addr, ev.stream_id), None)
@@ -185,8 +226,8 @@ async def _recv(args) -> int:
             if counted:
                 count += 1
                 if args.count and count >= args.count:
-                    return 0
-    return 0
+                    return EXIT_SAVE_QUOTA if refused else 0
+    return EXIT_SAVE_QUOTA if refused else 0
 
 
 # ------------------------------------------------------------------ send
@@ -306,6 +347,16 @@ def _u32(text: str) -> int:
     return v
 
 
+def _size(text: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of bytes") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resonant", description="Send and receive V-Frames: hidden states, KV caches, "
                                 "embeddings and control messages between models.")
@@ -316,8 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--listen", required=True, metavar="URL", help="udp://HOST:PORT or tcp://HOST:PORT")
     r.add_argument("--json", action="store_true", help="one JSON object per line, header fields as integers")
     r.add_argument("--save", metavar="DIR", help="save completed streams as .npy files in DIR")
-    r.add_argument("--count", type=int, metavar="N", help="exit 0 after N messages (data messages and completed or "
-                   "failed streams; handshake documents are printed but not counted)")
+    r.add_argument("--max-bytes", type=_size, default=DEFAULT_SAVE_MAX_BYTES, metavar="N",
+                   help="write at most N bytes of .npy files in total with --save (default 1 GiB = "
+                   f"{DEFAULT_SAVE_MAX_BYTES}); a completed stream that would go over it is not saved (nothing of it "
+                   f"is written), a line on stderr says so, and the exit status is {EXIT_SAVE_QUOTA}")
+    r.add_argument("--count", type=int, metavar="N", help="exit after N messages (data messages and completed or "
+                   "failed streams; handshake documents are printed but not counted), with status 0, or 3 if "
+                   "--max-bytes kept a stream from being saved")
     r.add_argument("--key-file", metavar="F", help="decrypt with this key (and require encryption)")
     r.add_argument("--space-hash", type=_u32, metavar="H", help="accept only this embedding space (space_hash32)")
     r.add_argument("--max-frame-bytes", type=int, metavar="N", help="largest frame the peers may send (512..65536)")

@@ -12,6 +12,7 @@ rounding, so llama.cpp's dequantize_row_q8_0 / _q4_0 read the payloads byte for 
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from typing import Sequence
@@ -20,8 +21,8 @@ import numpy as np
 
 from resonant import _codec
 from resonant._codec import Slice
-from resonant._spec import NUMPY_DTYPES, DType
-from resonant.errors import SizeMismatch, UnsupportedDType
+from resonant._spec import MAX_DENSE_BYTES, NUMPY_DTYPES, DType
+from resonant.errors import LimitExceeded, SizeMismatch, UnsupportedDType
 
 __all__ = ["quantize", "dequantize", "to_float", "Choice", "choose", "error_of",
            "sparse_from_dense", "sparse_from_scipy", "sparse_to_dense", "SparseCoo", "parse_sparse"]
@@ -52,7 +53,7 @@ def dequantize(s: Slice) -> np.ndarray:
     """float32 values of a Q8_0 / Q4_0 slice, in its shape."""
     if s.dtype not in _KIND:
         raise UnsupportedDType("dtype", f"{DType(s.dtype).name} is not a quantized dtype (Q8_0, Q4_0)")
-    n = int(np.prod(s.shape, dtype=np.int64))
+    n = math.prod(s.shape)
     return _codec._dequantize(s.payload, n, _KIND[s.dtype]).reshape(s.shape)
 
 
@@ -150,7 +151,13 @@ class SparseCoo:
     values: np.ndarray
     sorted: bool
 
-    def to_dense(self) -> np.ndarray:
+    def to_dense(self, max_bytes: int = MAX_DENSE_BYTES) -> np.ndarray:
+        """The dense array; its size (the dense shape's element count times the value size) is
+        checked against max_bytes (default max_dense_bytes, 1 GiB) before it is allocated."""
+        nbytes = math.prod(self.shape) * self.values.dtype.itemsize
+        if nbytes > max_bytes:
+            raise LimitExceeded("shape", f"a dense array of shape {self.shape} and {self.values.dtype} values takes "
+                                f"{nbytes} bytes, more than max_bytes ({max_bytes})")
         out = np.zeros(self.shape, self.values.dtype)
         if len(self.values):
             flat = np.ravel_multi_index(tuple(self.coords.T.astype(np.intp)), self.shape) if self.shape else \
@@ -218,7 +225,7 @@ def parse_sparse(s: Slice) -> SparseCoo:
     if need != len(p):
         raise SizeMismatch("payload", f"{nnz} nonzeros of {ndim} coordinates and {vsize}-byte values take {need} "
                            f"bytes, the payload has {len(p)}", 0)
-    dense = int(np.prod(s.shape, dtype=np.int64))
+    dense = math.prod(s.shape)
     if nnz > dense:
         raise SizeMismatch("payload.nnz", f"{nnz} nonzeros in a dense shape of {dense} elements", 0)
     coords = np.frombuffer(p, "<u4", nnz * ndim, _SPARSE_HEAD.size).reshape(nnz, ndim)
@@ -228,5 +235,8 @@ def parse_sparse(s: Slice) -> SparseCoo:
     return SparseCoo(tuple(s.shape), coords, values, bool(flags & _SORTED))
 
 
-def sparse_to_dense(s: Slice) -> np.ndarray:
-    return parse_sparse(s).to_dense()
+def sparse_to_dense(s: Slice, max_bytes: int = MAX_DENSE_BYTES) -> np.ndarray:
+    """The dense array of a SPARSE_COO_U32 slice. Its dense shape is the sender's choice: an
+    array over max_bytes (default max_dense_bytes, 1 GiB) is refused with LimitExceeded before
+    anything is allocated."""
+    return parse_sparse(s).to_dense(max_bytes)

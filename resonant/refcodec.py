@@ -33,6 +33,8 @@ VERSION = 1
 MAX_FRAME_BYTES = 65536
 MAX_SLICES = 1024
 MAX_DIMS = 8
+MAX_SHAPE_ELEMENTS = 1099511627776
+MAX_DENSE_BYTES = 1073741824
 MAX_SEGMENTS = 64
 CRC_SIZE = 4
 FLAGS_MASK = 7
@@ -199,6 +201,12 @@ def decode(data: bytes | bytearray | memoryview) -> RefFrame:
         if need == -1:
             names = ", ".join(f"0x{v:02x} {k}" for v, k in DTYPES.items())
             raise UnknownDType(f"slices[{i}].dtype", f"0x{dtype:02x} is not a dtype ({names})", start)
+        prod = 1
+        for d in shape:
+            prod *= d or 1
+        if prod > MAX_SHAPE_ELEMENTS:
+            raise LimitExceeded(f"slices[{i}].shape", f"{shape}: the product of the dimensions, each 0 counted as 1, "
+                                f"is {prod}, more than max_shape_elements ({MAX_SHAPE_ELEMENTS})", start + 2)
         if need is not None and need != length:
             raise SizeMismatch(f"slices[{i}].payload", _size_detail(dtype, shape, nel, need, length, f"slice_len[{i}]"), poff)
         slices.append(RefSlice(dtype, shape, b[poff:poff + length]))

@@ -29,7 +29,8 @@ import numpy as np
 
 from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, Slice, Sync
-from resonant._spec import MAX_FRAME_BYTES, NUMPY_DTYPES, TCP_LENGTH_PREFIX_BYTES, DType, Flags, Modality, MsgType
+from resonant._spec import (MAX_FRAME_BYTES, MAX_SHAPE_ELEMENTS, NUMPY_DTYPES, TCP_LENGTH_PREFIX_BYTES, DType, Flags,
+                            Modality, MsgType)
 from resonant.errors import EncodeError, HandshakeError
 from resonant.refcodec import expected_size
 
@@ -153,6 +154,9 @@ class StreamLayout:
                 dtype = DType(o["dtype"])
             except ValueError:
                 raise HandshakeError(f"{path}.dtype", f"{o['dtype']} is not a dtype") from None
+            if math.prod(d or 1 for d in o["shape"]) > MAX_SHAPE_ELEMENTS:  # as for a slice's shape
+                raise HandshakeError(f"{path}.shape", f"{tuple(o['shape'])}: the product of the dimensions, each 0 "
+                                     f"counted as 1, is more than max_shape_elements ({MAX_SHAPE_ELEMENTS})")
             width = _codec.element_bytes(dtype)
             need = expected_size(int(dtype), math.prod(o["shape"]))  # the dtype's size rule; None: any size
             if need is not None and o["nbytes"] != need:

@@ -72,7 +72,7 @@ def _dtype(data, name):
         ("vframe.yaml", lambda d: d["header"][3].update(type="u24"),
          "vframe.yaml: header[3].type: unknown type 'u24' (expected u8, u16, u32, u64 or bytes)"),
         ("vframe.yaml", lambda d: d["header"][5].update(limit="max_everything"),
-         "vframe.yaml: header[5].limit: unknown limit 'max_everything' (defined: max_dims, max_frame_bytes, max_segments, max_slices)"),
+         "vframe.yaml: header[5].limit: unknown limit 'max_everything' (defined: max_dense_bytes, max_dims, max_frame_bytes, max_segments, max_shape_elements, max_slices)"),
         ("vframe.yaml", lambda d: d["enums"]["flags"]["values"][1].update(value=3),
          "vframe.yaml: enums.flags.values[1].value: 3 is not a single bit"),
         ("vframe.yaml", lambda d: d["enums"]["msg_type"]["values"][4]["layouts"].append(["divergence", "mask"]),

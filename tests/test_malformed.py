@@ -151,16 +151,16 @@ def test_broken_header_with_valid_crc(data, cls, message):
 
 
 def test_huge_dimensions_saturate_instead_of_overflowing():
-    b = bytearray(PING)
-    b[34] = 8  # shape_len 8 — needs 28 more shape bytes; build a fresh frame instead
-    s = resonant.Slice(resonant.DType.SPARSE_COO, (2**32 - 1,) * 8, b"\0" * 4)  # opaque: any dense shape
-    data = bytearray(resonant.encode(resonant.Think(s)))
-    data[33] = resonant.DType.F16  # now the size rule applies: 2**256 elements
-    data = with_crc(bytes(data[:-4]))
-    with pytest.raises(SizeMismatch) as exc:
+    # Eight dimensions of 2**32 - 1 (2**256 elements) are over max_shape_elements: both codecs
+    # refuse the shape before the size rule (which used to report the saturated element count).
+    shape = (2**32 - 1,) * 8
+    rf = refcodec.RefFrame(version=1, msg_type=0, flags=0, stream_id=0, frame_seq=0, space_hash32=0, modality=0,
+                           slices=(refcodec.RefSlice(int(resonant.DType.F16), shape, b"\0" * 4),))
+    data = refcodec.encode(rf)
+    with pytest.raises(LimitExceeded) as exc:
         resonant.decode(data)
-    assert "more than 1099511627776 elements" in str(exc.value)
-    assert agree(data)[1] is SizeMismatch
+    assert exc.value.path == "slices[0].shape" and "max_shape_elements (1099511627776)" in str(exc.value)
+    assert agree(data)[1] is LimitExceeded
 
 
 def test_oversized_input_is_rejected_before_parsing():
