@@ -216,35 +216,3 @@ def run(name: str, test_one_input, seeds, max_len: int = 65540) -> None:
         argv.append(f"-max_len={max_len}")
     atheris.Setup(argv, test_one_input)
     atheris.Fuzz()
-
-
-# Findings already reported and not yet fixed (outside the files of the change that added the
-# fuzzers): tolerated so that the short CI run keeps catching *new* findings. Each entry: the
-# exception type, the file (path suffix) of the innermost frame that raised it, a piece of its
-# message, and what it is. Remove the entry once the fix is in; RESONANT_FUZZ_STRICT=1 ignores
-# the list.
-KNOWN = [
-    ("TypeError", "resonant/handshake.py", "unhashable type",
-     "handshake.validate: a JSON 'method' that is a list or object (unhashable) raises TypeError "
-     "instead of HandshakeError, out of handshake.parse, Reassembler.receive and Session.receive_*"),
-]
-
-
-def known(exc: BaseException) -> bool:
-    import traceback
-    if os.environ.get("RESONANT_FUZZ_STRICT") == "1":
-        return False
-    tb = traceback.extract_tb(exc.__traceback__)
-    where = tb[-1].filename.replace(os.sep, "/") if tb else ""
-    return any(type(exc).__name__ == t and where.endswith(f) and m in str(exc) for t, f, m, _ in KNOWN)
-
-
-def guard(fn):
-    """The target as libFuzzer calls it: a known (reported) finding is let through."""
-    def test_one_input(data: bytes) -> None:
-        try:
-            fn(data)
-        except Exception as exc:
-            if not known(exc):
-                raise
-    return test_one_input

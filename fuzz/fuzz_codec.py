@@ -37,4 +37,4 @@ def TestOneInput(data: bytes) -> None:
 
 
 if __name__ == "__main__":
-    common.run("codec", common.guard(TestOneInput), lambda: common.frame_seeds(keyed=True))
+    common.run("codec", TestOneInput, lambda: common.frame_seeds(keyed=True))

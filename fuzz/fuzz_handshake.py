@@ -42,4 +42,4 @@ def seeds() -> list[bytes]:
 
 
 if __name__ == "__main__":
-    common.run("handshake", common.guard(TestOneInput), seeds)
+    common.run("handshake", TestOneInput, seeds)

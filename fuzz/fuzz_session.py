@@ -102,4 +102,4 @@ def seeds() -> list[bytes]:
 
 
 if __name__ == "__main__":
-    common.run("session", common.guard(TestOneInput), seeds, max_len=262144)
+    common.run("session", TestOneInput, seeds, max_len=262144)
