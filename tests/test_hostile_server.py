@@ -306,9 +306,7 @@ def test_udp_garbage_from_1100_ports_does_not_evict_a_handshaken_client(keyed, t
             assert srv.status["links"] - srv.status["pending"] == 1, srv.status
 
 
-@pytest.mark.parametrize("keyed", [False, pytest.param(True, marks=pytest.mark.xfail(
-    reason="a keyed client's replay window drops the new server session's HANDSHAKE_REQUIRED (stream 0, "
-           "frame_seq 0, seen before): needs the Session change that delivers it", strict=False))],
+@pytest.mark.parametrize("keyed", [False, True],
     ids=["unkeyed-strict", "keyed"])
 def test_udp_client_handshakes_again_when_the_server_lost_its_session(keyed, tmp_path):
     """The server restarts on the same port (so it has no session for the client): the client's
