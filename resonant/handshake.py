@@ -9,6 +9,7 @@ JSON path (``capability.supports.dtype[1]: ...``).
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from resonant.errors import HandshakeError
@@ -23,12 +24,14 @@ MIN_CHUNK_BYTES = 256
 MAX_LIST_ITEMS = 64
 #: Strings in a handshake document are at most 256 characters.
 MAX_STRING_CHARS = 256
-#: client_random and server_random are this many random bytes, written as twice as many lowercase hexadecimal digits.
+#: client_random and server_random are this many random bytes, written as twice as many lowercase hexadecimal digits (type hex64: exactly 64 digits 0-9a-f, nothing else).
 SESSION_RANDOM_BYTES = 32
 #: A keyed session remembers the stream ids whose replay window it dropped as at most this many ranges of ids; a new stream that would need one more is refused and the peers start a new session (see specs/security.md).
 REPLAY_EVICTED_RANGES = 1024
 #: A keyed session acts on each sealed control document (ping, capability, error) once: it remembers the authentication tags of the last this many.
 CONTROL_TAGS_REMEMBERED = 256
+#: A keyed client remembers the authentication tags of the last this many frames it sent under its current session key; a HANDSHAKE_REQUIRED (or another error about a data frame) is acted on only when its tag echoes one of them, otherwise it is stale (see specs/security.md).
+SENT_TAGS_REMEMBERED = 4096
 
 #: Field specs per message: type, required, const, choices, nested fields.
 SCHEMA: dict[str, dict[str, dict[str, Any]]] = {
@@ -40,7 +43,7 @@ SCHEMA: dict[str, dict[str, dict[str, Any]]] = {
         "compress": {"type": "list[string]", "required": False, "const": None, "choices": ['zstd', 'lz4', 'none'], "fields": {}},
         "crypto": {"type": "list[string]", "required": False, "const": None, "choices": ['xchacha20poly1305', 'aes256gcm', 'none'], "fields": {}},
         "max_frame_bytes": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
-        "client_random": {"type": "string", "required": False, "const": None, "choices": [], "fields": {}},
+        "client_random": {"type": "hex64", "required": False, "const": None, "choices": [], "fields": {}},
         "supports": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"critique": {"type": "bool", "required": False, "const": None, "choices": [], "fields": {}}, "dtype": {"type": "list[string]", "required": False, "const": None, "choices": ['f16', 'i8', 'q4', 'sparse', 'bf16', 'f32', 'q8_0', 'q4_0', 'sparse_coo_u32'], "fields": {}}}},
         "model_signature": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"version": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "model_id": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "revision": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "dtype": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "num_layers": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "hidden_size": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "num_kv_heads": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "head_dim": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "tokenizer_hash": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}}},
     },
@@ -55,8 +58,8 @@ SCHEMA: dict[str, dict[str, dict[str, Any]]] = {
         "compress": {"type": "list[string]", "required": False, "const": None, "choices": ['zstd', 'lz4', 'none'], "fields": {}},
         "crypto": {"type": "list[string]", "required": False, "const": None, "choices": ['xchacha20poly1305', 'aes256gcm', 'none'], "fields": {}},
         "max_frame_bytes": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
-        "client_random": {"type": "string", "required": False, "const": None, "choices": [], "fields": {}},
-        "server_random": {"type": "string", "required": False, "const": None, "choices": [], "fields": {}},
+        "client_random": {"type": "hex64", "required": False, "const": None, "choices": [], "fields": {}},
+        "server_random": {"type": "hex64", "required": False, "const": None, "choices": [], "fields": {}},
         "supports": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"critique": {"type": "bool", "required": False, "const": None, "choices": [], "fields": {}}, "dtype": {"type": "list[string]", "required": False, "const": None, "choices": ['f16', 'i8', 'q4', 'sparse', 'bf16', 'f32', 'q8_0', 'q4_0', 'sparse_coo_u32'], "fields": {}}}},
     },
     "head": {
@@ -87,8 +90,9 @@ SCHEMA: dict[str, dict[str, dict[str, Any]]] = {
         "message": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}},
         "expected": {"type": "string", "required": False, "const": None, "choices": [], "fields": {}},
         "got": {"type": "string", "required": False, "const": None, "choices": [], "fields": {}},
-        "client_random": {"type": "string", "required": False, "const": None, "choices": [], "fields": {}},
+        "client_random": {"type": "hex64", "required": False, "const": None, "choices": [], "fields": {}},
         "stream_id": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
+        "tag": {"type": "hex32", "required": False, "const": None, "choices": [], "fields": {}},
     },
 }
 
@@ -102,6 +106,10 @@ EXAMPLES: dict[str, dict[str, Any]] = {
 }
 
 
+#: hexNN types: exactly NN lowercase hexadecimal digits (no whitespace, no sign, no upper case).
+_HEX = {"hex32": re.compile(r"[0-9a-f]{32}").fullmatch, "hex64": re.compile(r"[0-9a-f]{64}").fullmatch}
+
+
 def _check(value: Any, spec: dict[str, Any], path: str) -> None:
     t = spec["type"]
     if t == "string":
@@ -113,6 +121,10 @@ def _check(value: Any, spec: dict[str, Any], path: str) -> None:
             raise HandshakeError(path, f"must be {spec['const']!r}, got {value!r}")
         if spec["choices"] and value not in spec["choices"]:
             raise HandshakeError(path, f"{value!r} is not one of {', '.join(spec['choices'])}")
+    elif t in _HEX:
+        if not isinstance(value, str) or not _HEX[t](value):
+            shown = repr(value[:80]) if isinstance(value, str) else type(value).__name__
+            raise HandshakeError(path, f"expected exactly {t[3:]} lowercase hexadecimal digits, got {shown}")
     elif t == "number":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise HandshakeError(path, f"expected a number, got {type(value).__name__}")
@@ -188,7 +200,7 @@ SM_STATES: tuple[str, ...] = ("idle", "await_capability", "established", "failed
 #: Inputs (received bytes are classified into exactly one, or a local call / timer).
 SM_INPUTS: tuple[str, ...] = ("start", "ping_ok", "ping_bad", "capability_ok", "capability_bad", "error", "data", "bad_frame", "retry", "deadline", "close", )
 #: Actions.
-SM_ACTIONS: tuple[str, ...] = ("send_ping", "answer_capability", "answer_error", "adopt", "fail", "accept", "accept_if_lenient", "report_remote_error", "report_bad_frame", "ignore", "drop", "shutdown", "invalid", )
+SM_ACTIONS: tuple[str, ...] = ("send_ping", "answer_capability", "answer_error", "refuse_ping", "adopt", "fail", "accept", "accept_if_lenient", "report_remote_error", "report_bad_frame", "ignore", "drop", "shutdown", "invalid", )
 SM_ROLES: tuple[str, ...] = ("client", "server", )
 
 #: (role, state, input) -> (action, next state), for every state each role can be in.
@@ -261,7 +273,7 @@ SM_TRANSITIONS: dict[tuple[str, str, str], tuple[str, str]] = {
     ("server", "idle", "close"): ("shutdown", "closed"),
     ("server", "established", "start"): ("invalid", "established"),
     ("server", "established", "ping_ok"): ("answer_capability", "established"),
-    ("server", "established", "ping_bad"): ("answer_error", "idle"),
+    ("server", "established", "ping_bad"): ("refuse_ping", "established"),
     ("server", "established", "capability_ok"): ("ignore", "established"),
     ("server", "established", "capability_bad"): ("ignore", "established"),
     ("server", "established", "error"): ("report_remote_error", "established"),
