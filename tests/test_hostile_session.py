@@ -163,8 +163,12 @@ def test_data_sealed_under_the_long_term_key_after_the_handshake_is_refused():
     (ev,) = s.receive_datagram(legacy, 0.0)
     assert ev.reason == "malformed"  # only a Sync is tried under the long-term key as well
     tail = {"method": "tail", "chunks": 1, "total_bytes": 2, "xxh3_64": "0" * 16}
-    (ev,) = s.receive_datagram(sealed_control(tail, key, stream_id=4), 0.0)
+    (ev,) = s.receive_datagram(sealed_control(tail, key, stream_id=4, direction="client-to-server"), 0.0)
     assert ev.reason == "stale" and s.stats["stale"] == 1
+    # the long-term key itself seals nothing a Session reads, not even a control document
+    ping = {"method": "ping", "v": 2, "crypto": ["xchacha20poly1305"], "client_random": "ab" * 32}
+    (ev,) = s.receive_datagram(sealed_control(ping, key, seq=3, direction=None), 0.0)
+    assert ev.reason == "malformed" and s.stats["rekeys"] == 1
 
 
 def test_session_keys_follow_rotation_of_the_long_term_keyring():
@@ -226,9 +230,10 @@ def test_exhausted_replay_state_makes_the_peers_rekey():
     c.initiate(1.0)  # what the asyncio client does on HANDSHAKE_REQUIRED
     exchange(c, s, 1.0)
     assert isinstance(exchange(s, c, 1.0)[-1], HandshakeComplete)
-    assert s.stats["rekeys"] == 2 and c.state is State.ESTABLISHED
+    assert c.state is State.ESTABLISHED
     c.send(think(7, stream_id=7))
-    assert len(thinks(exchange(c, s, 1.0))) == 1
+    events = exchange(c, s, 1.0)  # the client's key confirmation, then its frame
+    assert len(thinks(events)) == 1 and s.stats["rekeys"] == 2
 
 
 def test_client_whose_replay_state_is_exhausted_starts_a_new_session():
@@ -243,6 +248,8 @@ def test_client_whose_replay_state_is_exhausted_starts_a_new_session():
     assert c.state is State.AWAIT_CAPABILITY  # the ping is queued
     exchange(c, s, 1.0)
     assert isinstance(exchange(s, c, 1.0)[-1], HandshakeComplete) and c.stats["rekeys"] == 2
+    # the client's key confirmation makes the server switch (it has nothing else to send)
+    assert kinds(exchange(c, s, 1.0)) == ["HandshakeComplete"] and s.stats["rekeys"] == 2
     s.send(think(7, stream_id=7))
     assert len(thinks(exchange(s, c, 1.0))) == 1
 
@@ -288,20 +295,19 @@ def test_ping_replayed_into_a_live_session():
     assert isinstance(deliver(s_frames, c)[-1], HandshakeComplete)
     c.send(think(1))
     assert len(thinks(exchange(c, s))) == 1
-    # A ping recorded from another session (another client_random) makes a new handshake: the live
-    # client's next frame fails, the server asks it to start over, and one handshake later all flows.
+    # A ping recorded from another session (another client_random) is answered, but the running
+    # session stays until a frame proves the new keys: the live client's frames keep flowing.
     other = Session(role="client", key=key)
     other.initiate(0.0)
     deliver(other.datagrams_to_send(), s, 2.0)
     s.datagrams_to_send()  # (the capability goes to the recorder's address, or nowhere)
-    assert s.stats["rekeys"] == 2
+    assert s.stats["rekeys"] == 1
     c.send(think(2))
-    assert thinks(exchange(c, s, 3.0)) == []
-    (err,) = [e for e in exchange(s, c, 3.0) if isinstance(e, RemoteError)]
-    assert err.code == "HANDSHAKE_REQUIRED"
-    handshake_pair(c, s, 3.0)
-    c.send(think(3))
     assert len(thinks(exchange(c, s, 3.0))) == 1
+    assert s.datagrams_to_send() == []  # nothing to complain about
+    handshake_pair(c, s, 3.0)  # a genuine re-key still works
+    c.send(think(3))
+    assert len(thinks(exchange(c, s, 3.0))) == 1 and s.stats["rekeys"] == 2
 
 
 def test_recorded_capability_cannot_answer_a_new_ping():
@@ -339,9 +345,9 @@ def test_keyed_server_refuses_a_sealed_ping_without_client_random():
     events = s.receive_datagram(sealed_control(ping, key), 0.0)
     assert isinstance(events[-1], HandshakeFailed) and events[-1].code == "UNSUPPORTED_FEATURE"
     assert "client_random" in events[-1].message and s.state is State.IDLE
-    bad = dict(ping, client_random="zz" * 32)
-    events = s.receive_datagram(sealed_control(bad, key, seq=1), 1.0)
-    assert isinstance(events[-1], HandshakeFailed) and "malformed client_random" in events[-1].message
+    bad = dict(ping, client_random="zz" * 32)  # off the schema now (hex64): a bad frame naming the field
+    (ev,) = s.receive_datagram(sealed_control(bad, key, seq=1), 1.0)
+    assert ev.reason == "malformed" and "ping.client_random" in ev.detail and s.state is State.IDLE
 
 
 def test_unkeyed_sessions_send_no_random_and_reference_pings_still_work():
@@ -697,7 +703,7 @@ def _garble(frame: bytes) -> bytes:
     """A keyed frame whose ciphertext no longer authenticates (CRC fixed): what an attacker can send."""
     import zlib
     b = bytearray(frame)
-    b[-30] ^= 1
+    b[-10] ^= 1  # (inside the tag: the echoed tag is one the client never sent)
     b[-4:] = zlib.crc32(bytes(b[:-4])).to_bytes(4, "little")
     return bytes(b)
 
@@ -738,7 +744,9 @@ def test_replayed_pings_do_not_rekey_the_live_server():
     deliver(old, s, 2.0)
     answers += s.datagrams_to_send()
     assert s.stats["rekeys"] == rekeys and s.state is State.ESTABLISHED
-    assert len(answers) <= 2  # rate-limited: one answer per rekey_interval
+    # rate-limited: one new session offered per rekey_interval (and the pending ping, replayed once it
+    # left the remembered tags, answered again the same way): not one answer per ping
+    assert len(answers) <= 3
     c.send(think(1))
     assert len(thinks(exchange(c, s, 3.0))) == 1
     s.send(think(2))
