@@ -68,7 +68,7 @@ _SYNC = int(MsgType.SYNC)
 _XCHACHA = int(Flags.XCHACHA)
 _TAG = slice(-20, -4)  # an encrypted frame's Poly1305 tag: the 16 bytes before the CRC-32
 _STREAM_ID = struct.Struct("<I")  # the header's stream_id, at offset 4
-_CONTROL_METHODS = ("ping", "capability", "error")  # the documents sealed under the long-term key
+_CONTROL_METHODS = ("ping", "capability", "error")  # the documents sealed under the control keys
 _RANDOM_BYTES = handshake.SESSION_RANDOM_BYTES
 _SENT_TAGS = handshake.SENT_TAGS_REMEMBERED
 _RANDOM_HEX = re.compile(r"[0-9a-f]{%d}" % (2 * _RANDOM_BYTES)).fullmatch
@@ -971,7 +971,7 @@ class Session(_SessionCore):
             elif sealed and self._session_keys is not None:
                 self.stats["stale"] += 1
                 return [FrameRejected("stale", f"{type(frame).__name__} frame of stream {frame.stream_id} sealed under "
-                                      "the long-term key after the handshake: data must use the session key")]
+                                      "the control key after the handshake: data must use the session key")]
             else:
                 verdict = replay.check(frame.stream_id, frame.frame_seq)
                 if verdict != "ok":
@@ -1079,7 +1079,7 @@ class Session(_SessionCore):
 
     def _open_sealed(self, data) -> Frame | None:
         """After the handshake: a Sync that did not open under the session key, opened under the
-        long-term key (a control document: ping, capability, error), or None."""
+        control key of the peer's direction (a control document: ping, capability, error), or None."""
         if self._session_keys is None or len(data) < 2 or data[1] != _SYNC:
             return None
         try:
@@ -1283,7 +1283,8 @@ class Session(_SessionCore):
                 and self._keyring is not None and not (hint[0] == _SYNC and hint[1] == 0)):
             # A frame under a key id we hold that does not open: sealed under a session key this server
             # does not hold (it lost the session, or it was renewed), or forged. Ask for a new session,
-            # sealed under the long-term key so that the client can trust it.
+            # sealed under the control key (server-to-client) so that the client can trust it, and echoing the
+            # frame's tag so that it can tell it is about a frame it sent under its current session key.
             self._reply_error("HANDSHAKE_REQUIRED", f"a frame of stream {hint[1]} does not authenticate under this "
                               "server's session: start a new session (send a ping)", now, stream_id=hint[1],
                               tag=hint[2].hex())
@@ -1459,7 +1460,8 @@ class Session(_SessionCore):
         payload = json.dumps(doc, separators=(",", ":")).encode()
         frame = Sync(payload, stream_id=stream_id, frame_seq=self._next_seq(stream_id), space_hash32=self.config.space_hash32)
         # Control frames travel as plain version-1 frames unless this side insists on encryption; then
-        # they are sealed under the long-term key (never a session key: they set one up, or end one).
+        # they are sealed under this side's control key (derived from the long-term key for this direction;
+        # never a session key: they set one up, or end one).
         data = self._sealer.encode(frame) if self._sealer is not None and not plain else _codec.encode(frame)
         self._out.append(data)
         self.stats["frames_out"] += 1
