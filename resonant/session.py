@@ -1061,13 +1061,18 @@ class Session(_SessionCore):
         self._committed = HandshakeComplete(agreement)
 
     def _echoes_my_frame(self, doc: dict) -> bool:
-        """Whether an error's tag is one of the frames this client sent under its current session key
-        (then it is acted on once: the remembered tags are forgotten)."""
+        """Whether an error's tag is one of the frames this client sent under its current session key.
+        Each is acted on once: that tag is forgotten, and after a HANDSHAKE_REQUIRED all of them (the
+        session is over; a new one brings new tags)."""
         tags = self._encoder.sent_tags if self._encoder is not None else None
         tag = doc.get("tag")
-        if tags is None or tag is None or bytes.fromhex(tag) not in tags:
+        raw = bytes.fromhex(tag) if tag is not None else None
+        if tags is None or raw is None or raw not in tags:
             return False
-        tags.clear()
+        if doc["code"] == "HANDSHAKE_REQUIRED":
+            tags.clear()
+        else:
+            tags.remove(raw)
         return True
 
     def _current_tag(self) -> dict:
