@@ -22,7 +22,9 @@ ROLE_KINDS = ("tensor", "text", "json")
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 FRAMINGS = ("datagram", "length_prefix")
 TRANSPORT_ACTIONS = ("continue", "close", "report")
-HANDSHAKE_TYPES = ("string", "number", "bool", "u32", "u64", "object", "list[string]", "list[u32]", "list[object]")
+# hex32 / hex64: a string of exactly 32 / 64 lowercase hexadecimal digits (16 / 32 bytes).
+HANDSHAKE_TYPES = ("string", "number", "bool", "u32", "u64", "hex32", "hex64", "object", "list[string]", "list[u32]",
+                   "list[object]")
 
 
 class SchemaError(Exception):

@@ -47,12 +47,14 @@ HANDSHAKE_MIN_CHUNK_BYTES = 256
 HANDSHAKE_MAX_LIST_ITEMS = 64
 #: Strings in a handshake document are at most 256 characters.
 HANDSHAKE_MAX_STRING_CHARS = 256
-#: client_random and server_random are this many random bytes, written as twice as many lowercase hexadecimal digits.
+#: client_random and server_random are this many random bytes, written as twice as many lowercase hexadecimal digits (type hex64: exactly 64 digits 0-9a-f, nothing else).
 HANDSHAKE_SESSION_RANDOM_BYTES = 32
 #: A keyed session remembers the stream ids whose replay window it dropped as at most this many ranges of ids; a new stream that would need one more is refused and the peers start a new session (see specs/security.md).
 HANDSHAKE_REPLAY_EVICTED_RANGES = 1024
 #: A keyed session acts on each sealed control document (ping, capability, error) once: it remembers the authentication tags of the last this many.
 HANDSHAKE_CONTROL_TAGS_REMEMBERED = 256
+#: A keyed client remembers the authentication tags of the last this many frames it sent under its current session key; a HANDSHAKE_REQUIRED (or another error about a data frame) is acted on only when its tag echoes one of them, otherwise it is stale (see specs/security.md).
+HANDSHAKE_SENT_TAGS_REMEMBERED = 4096
 
 
 class MsgType(enum.IntEnum):

@@ -23,6 +23,7 @@ import enum
 import json
 import operator
 import os
+import re
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from resonant.errors import (
 )
 from resonant.space import ModelSignature
 from resonant.stream import MIN_STREAM_FRAME, MemoryBudget, Reassembler, StreamLayout, StreamLimits, StreamSender
-from resonant.transforms import Codec, Key, Keyring, SessionKeyring
+from resonant.transforms import CLIENT_TO_SERVER, SERVER_TO_CLIENT, Codec, ControlKeyring, Key, Keyring, SessionKeyring
 
 __all__ = [
     "Role", "State", "Input", "Action", "TRANSITIONS", "SessionConfig", "Agreement", "Session",
@@ -67,8 +68,10 @@ _SYNC = int(MsgType.SYNC)
 _XCHACHA = int(Flags.XCHACHA)
 _TAG = slice(-20, -4)  # an encrypted frame's Poly1305 tag: the 16 bytes before the CRC-32
 _STREAM_ID = struct.Struct("<I")  # the header's stream_id, at offset 4
-_CONTROL_METHODS = ("ping", "capability", "error")  # the documents sealed under the long-term key
+_CONTROL_METHODS = ("ping", "capability", "error")  # the documents sealed under the control keys
 _RANDOM_BYTES = handshake.SESSION_RANDOM_BYTES
+_SENT_TAGS = handshake.SENT_TAGS_REMEMBERED
+_RANDOM_HEX = re.compile(r"[0-9a-f]{%d}" % (2 * _RANDOM_BYTES)).fullmatch
 
 
 # ------------------------------------------------------------------ the state table
@@ -112,6 +115,7 @@ class Action(str, enum.Enum):
     SEND_PING = "send_ping"
     ANSWER_CAPABILITY = "answer_capability"
     ANSWER_ERROR = "answer_error"
+    REFUSE_PING = "refuse_ping"      # a server in established: a rate-limited error, the session stays
     ADOPT = "adopt"                  # take the capability's agreement
     FAIL = "fail"                    # report HandshakeFailed
     ACCEPT = "accept"                # deliver the data
@@ -194,6 +198,7 @@ class SessionConfig:
     handshake_retry: float = 0.5              # seconds between pings while no capability came
     handshake_attempts: int = 6               # pings before the handshake fails
     error_interval: float = 1.0               # at most one unsolicited error reply per interval
+    rekey_interval: float = 0.25              # keyed server, established: at most one new session offered per interval
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", Role(self.role))
@@ -264,7 +269,9 @@ class RemoteError:
 class FrameRejected:
     """A frame was dropped and counted. reason: 'malformed', 'space_mismatch', 'not_encrypted',
     'replay', 'too_old', 'handshake_required', 'closed'; with a key: 'unauthenticated' (an error
-    in the clear), 'stale' (sealed for another session or handshake), 'evicted' (a stream whose
+    in the clear), 'stale' (sealed for another session or handshake, or an error about a frame this
+    client did not send under its current session key), 'rate_limited' (a server's answer to a ping
+    offering a new session within rekey_interval of the last), 'evicted' (a stream whose
     replay window was dropped), 'exhausted' (no replay state left for a new stream: re-key)."""
 
     reason: str
@@ -584,21 +591,37 @@ class Session(_SessionCore):
         # is answered with an explained SPACE_MISMATCH rather than dropped.
         self._decoder = Codec(key=self._keyring, require_encryption=self._keyring is not None)
         self._encoder: Codec | None = None  # until agreed: plain frames (or encrypted when a key is held)
-        # With a key: ping, capability and error are sealed under the long-term keyring (_sealer /
-        # _lt_decoder); once agreed, everything else under the session's keys (_session_keys,
-        # derived from the long-term keys and both sides' randoms), which _decoder then holds.
+        # With a key, every key is derived from the long-term keyring, per direction (this side sends
+        # under one, reads under the other, so a frame reflected to its sender does not open there):
+        # ping, capability and error are sealed under the control keys (_sealer / _lt_decoder); once
+        # agreed, everything else under the session's keys (_send_keys / _session_keys, from the
+        # long-term keys and both sides' randoms), which _encoder / _decoder then hold.
         self._sealer: Codec | None = None
         self._lt_decoder: Codec | None = None
         if self._keyring is not None:
-            self._encoder = Codec(key=self._keyring)
-            self._sealer = Codec(key=self._keyring)
-            self._lt_decoder = Codec(key=self._keyring, require_encryption=True)
-        self._session_keys: SessionKeyring | None = None
+            mine, theirs = ((CLIENT_TO_SERVER, SERVER_TO_CLIENT) if self.role is Role.CLIENT
+                            else (SERVER_TO_CLIENT, CLIENT_TO_SERVER))
+            self._directions = (mine, theirs)
+            self._decoder.keyring = ControlKeyring(self._keyring, theirs)
+            self._encoder = Codec(key=ControlKeyring(self._keyring, mine))
+            self._sealer = self._encoder
+            self._lt_decoder = Codec(key=self._decoder.keyring, require_encryption=True)
+        self._session_keys: SessionKeyring | None = None  # what this side reads under (the peer's direction)
+        self._send_keys: SessionKeyring | None = None
+        # A re-key that is not proven yet: a keyed server in established that answered a new ping keeps
+        # its session until a frame authenticates under the new keys (_pending: randoms, agreement,
+        # decoder); a client that adopted new keys still reads frames under the old ones until one
+        # arrives under the new (_previous: decoder, replay window).
+        self._pending: tuple[tuple[bytes, bytes], Agreement, Codec] | None = None
+        self._previous: tuple[Codec, ReplayWindow] | None = None
+        self._committed: HandshakeComplete | None = None  # a pending re-key that a frame just proved
+        self._last_rekey_answer = float("-inf")
         self._client_random: bytes | None = None  # this handshake's randoms (keyed sessions)
         self._server_random: bytes | None = None
         self._seen_tags: OrderedDict[bytes, None] = OrderedDict()  # sealed control documents acted on
         self._last_unauthenticated: str | None = None  # the last error in the clear, for the TIMEOUT message
-        self._undecryptable: tuple[int, int] | None = None  # (msg_type, stream_id) of a frame that failed to open
+        self._undecryptable: tuple[int, int, bytes] | None = None  # (msg_type, stream_id, tag) of a frame that failed to open
+        self._current = None  # the keyed frame being handled (_frame)
         self._used_streams = IdRanges()  # stream ids opened by stream() in this session
         self._next_stream_id = 1
         self.reassembler = Reassembler(config.stream_limits, codec=self._decoder, budget=budget, allocate=allocate)
@@ -612,7 +635,7 @@ class Session(_SessionCore):
         self.stats: dict[str, int] = {k: 0 for k in (
             "frames_in", "frames_out", "bytes_in", "bytes_out", "dtype_converted", "messages", "malformed", "space_mismatch", "not_encrypted", "replay",
             "too_old", "handshake_required", "dropped_closed", "errors_sent", "unauthenticated", "stale", "evicted",
-            "exhausted", "rekeys")}
+            "exhausted", "rekeys", "rekey_limited")}
 
     # -------------------------------------------------------------- local calls
 
@@ -880,11 +903,25 @@ class Session(_SessionCore):
     # -------------------------------------------------------------- classification
 
     def _frame(self, data, now: float, copy: bool) -> list:
+        if self._keyring is None:
+            return self._frame1(data, now, copy)
+        self._current = data  # (for the tag that an error about this frame echoes)
+        try:
+            events = self._frame1(data, now, copy)
+        finally:
+            self._current = None
+        if self._committed is not None:  # this frame proved a pending re-key
+            events.insert(0, self._committed)
+            self._committed = None
+        return events
+
+    def _frame1(self, data, now: float, copy: bool) -> list:
         self.stats["frames_in"] += 1
         self.stats["bytes_in"] += len(data)
         if self.state is _CLOSED:
             return self._step(Input.DATA, now, None, "frame")
-        sealed = False  # sealed under the long-term key (not a session key)
+        sealed = False  # sealed under the control keys (not a session key)
+        replay = self.replay
         try:
             # Messages are handed to the caller and must outlive the receive buffer: a message
             # decoded in place from a reused buffer is decoded again from a copy.
@@ -893,14 +930,18 @@ class Session(_SessionCore):
                 # a view of bytes the caller passed in is immutable and keeps them alive: no copy either)
             frame = self._decoder.decode(data)
             sealed = self._keyring is not None and self._session_keys is None
+            if self._previous is not None and not sealed:  # the peer sends under the new keys: the old are done
+                self._previous = None
         except NotEncrypted as exc:
             return self._unencrypted(data, now, exc)
         except DecryptionFailed as exc:
-            frame = self._open_sealed(data)  # a control document under the long-term key, after the handshake
+            frame, replay = self._open_other(data)  # under a re-key's pending or previous keys
             if frame is None:
-                self._undecryptable = (data[1], _STREAM_ID.unpack_from(data, 4)[0])
-                return self._step(Input.BAD_FRAME, now, None, exc)
-            sealed = True
+                frame = self._open_sealed(data)  # a control document under the control keys, after the handshake
+                if frame is None:
+                    self._undecryptable = (data[1], _STREAM_ID.unpack_from(data, 4)[0], bytes(data[_TAG]))
+                    return self._step(Input.BAD_FRAME, now, None, exc)
+                sealed = True
         except DecodeError as exc:
             return self._step(Input.BAD_FRAME, now, None, exc)
         want = self.config.expected_space_hash
@@ -930,9 +971,9 @@ class Session(_SessionCore):
             elif sealed and self._session_keys is not None:
                 self.stats["stale"] += 1
                 return [FrameRejected("stale", f"{type(frame).__name__} frame of stream {frame.stream_id} sealed under "
-                                      "the long-term key after the handshake: data must use the session key")]
+                                      "the control key after the handshake: data must use the session key")]
             else:
-                verdict = self.replay.check(frame.stream_id, frame.frame_seq)
+                verdict = replay.check(frame.stream_id, frame.frame_seq)
                 if verdict != "ok":
                     return self._refuse_replay(verdict, frame, now)
         if doc is None and isinstance(frame, Sync) and frame.json is not None:
@@ -952,11 +993,18 @@ class Session(_SessionCore):
                 return self._step(Input.CAPABILITY_OK if self._capability_problem(doc) is None
                                   else Input.CAPABILITY_BAD, now, frame, doc)
             if method == "error":
-                if (self._keyring is not None and self.role is Role.CLIENT and self.state is State.AWAIT_CAPABILITY
-                        and not self._answers_my_ping(doc)):
-                    return self._stale(doc, f"an error that does not answer this client's current ping "
-                                       f"({doc['code']}: {doc['message'][:200]})")
+                if self._keyring is not None and self.role is Role.CLIENT:
+                    if self.state is State.AWAIT_CAPABILITY:
+                        if not self._answers_my_ping(doc):
+                            return self._stale(doc, f"an error that does not answer this client's current ping "
+                                               f"({doc['code']}: {doc['message'][:200]})")
+                    elif (self._send_keys is not None and ("tag" in doc or doc["code"] == "HANDSHAKE_REQUIRED")
+                          and not self._echoes_my_frame(doc)):
+                        return self._stale(doc, f"an error about a frame this client did not send under its current "
+                                           f"session key ({doc['code']}: {doc['message'][:200]})")
                 return self._step(Input.ERROR, now, frame, doc)
+            if method == "confirm":  # key confirmation: it proved a re-key on its way in (_open_other); no more
+                return []
         return self._step(Input.DATA, now, frame, doc)
 
     def _unencrypted(self, data, now: float, exc: NotEncrypted) -> list:
@@ -969,7 +1017,11 @@ class Session(_SessionCore):
         if plain is not None:  # a plain handshake document: answer it (plainly) or note the error
             frame, doc = plain
             if doc["method"] == "ping" and self.role is Role.SERVER:
-                return rejected + self._step(Input.PING_BAD, now, frame, doc)
+                # Anyone can send a ping in the clear: it is answered (in the clear, rate-limited) and
+                # changes nothing, whatever the state.
+                code, message, extra = self._ping_problem(doc, frame)  # (with a key: never None in the clear)
+                self._reply_error(code, message, now, plain=True, **extra)
+                return rejected
             if doc["method"] == "error":
                 self.stats["unauthenticated"] += 1
                 text = f"{doc['code']}: {doc['message']}"
@@ -980,9 +1032,59 @@ class Session(_SessionCore):
         self._reply_error("UNSUPPORTED_FEATURE", "this peer accepts encrypted frames only", now, plain=True)
         return rejected
 
+    def _open_other(self, data) -> tuple[Frame | None, ReplayWindow | None]:
+        """A frame that did not open under the session keys, opened under a re-key's other keys: a
+        server's pending ones (which commits the re-key: the frame proves the client holds them), or
+        a client's previous ones (frames the server sent before it switched); (None, None) otherwise."""
+        if self._pending is not None:
+            try:
+                frame = self._pending[2].decode(data)
+            except DecodeError:
+                pass
+            else:
+                self._commit_pending()
+                return frame, self.replay
+        if self._previous is not None:
+            try:
+                frame = self._previous[0].decode(data)
+            except DecodeError:
+                pass
+            else:
+                return frame, self._previous[1]
+        return None, None
+
+    def _commit_pending(self) -> None:
+        (self._client_random, self._server_random), agreement, _ = self._pending
+        self._pending = None
+        self.agreement = agreement
+        self._apply_agreement()
+        self._committed = HandshakeComplete(agreement)
+
+    def _echoes_my_frame(self, doc: dict) -> bool:
+        """Whether an error's tag is one of the frames this client sent under its current session key.
+        Each is acted on once: that tag is forgotten, and after a HANDSHAKE_REQUIRED all of them (the
+        session is over; a new one brings new tags)."""
+        tags = self._encoder.sent_tags if self._encoder is not None else None
+        tag = doc.get("tag")
+        raw = bytes.fromhex(tag) if tag is not None else None
+        if tags is None or raw is None or raw not in tags:
+            return False
+        if doc["code"] == "HANDSHAKE_REQUIRED":
+            tags.clear()
+        else:
+            tags.remove(raw)
+        return True
+
+    def _current_tag(self) -> dict:
+        """{"tag": hex} of the encrypted frame being handled, for an error about it; {} otherwise."""
+        data = self._current
+        if data is None or len(data) < 24 or data[0] != 2 or not (data[2] & _XCHACHA):
+            return {}
+        return {"tag": bytes(data[_TAG]).hex()}
+
     def _open_sealed(self, data) -> Frame | None:
         """After the handshake: a Sync that did not open under the session key, opened under the
-        long-term key (a control document: ping, capability, error), or None."""
+        control key of the peer's direction (a control document: ping, capability, error), or None."""
         if self._session_keys is None or len(data) < 2 or data[1] != _SYNC:
             return None
         try:
@@ -1012,7 +1114,7 @@ class Session(_SessionCore):
             detail = (f"stream {sid}: the replay state of this session is full ({self.replay.max_ranges} ranges of "
                       "dropped stream ids): a new session is needed")
             if self.role is Role.SERVER:
-                self._reply_error("HANDSHAKE_REQUIRED", detail + "; send a ping", now, stream_id=sid)
+                self._reply_error("HANDSHAKE_REQUIRED", detail + "; send a ping", now, stream_id=sid, **self._current_tag())
                 return [FrameRejected(verdict, detail)]
             events = [FrameRejected(verdict, detail)]
             if TRANSITIONS[self.role, self.state, Input.START][0] is not Action.INVALID \
@@ -1022,7 +1124,7 @@ class Session(_SessionCore):
         if verdict == "evicted":
             detail = (f"stream {sid}: its replay window was dropped (more than {self.replay.max_streams} streams "
                       "since), so its frames are refused; open a new stream")
-            self._reply_error("BAD_REQUEST", detail, now, stream_id=sid)
+            self._reply_error("BAD_REQUEST", detail, now, stream_id=sid, **self._current_tag())
             return [FrameRejected(verdict, detail)]
         detail = (f"stream {sid} frame_seq {frame.frame_seq}: "
                   f"{'seen before' if verdict == 'replay' else 'older than the replay window'}")
@@ -1030,7 +1132,7 @@ class Session(_SessionCore):
             # A V-Stream HEAD again on a stream id already used: tell the sender, which otherwise sees nothing.
             self._reply_error("BAD_REQUEST", f"stream {sid}: frame_seq 0 was already received on this stream id in "
                               "this session, so this frame is dropped as a replay; open every V-Stream on a new "
-                              "stream id", now, stream_id=sid)
+                              "stream id", now, stream_id=sid, **self._current_tag())
         return [FrameRejected(verdict, detail)]
 
     # -------------------------------------------------------------- the machine
@@ -1073,19 +1175,37 @@ class Session(_SessionCore):
             reply["embedding_space_id"] = c.embedding_space_id
         if c.model_signature is not None:
             reply["model_signature"] = c.model_signature.to_json()
+        # The server sends with the best of what both support, as the client will.
+        agreement = Agreement(offer.proto, offer.compress_list[0], offer.crypto_list[0], offer.dtypes,
+                              offer.max_frame_bytes, offer.critique, doc.get("space_hash32"), _signature(doc))
         if self._keyring is not None:
             # The server's half of the session key: the same for every retry of one ping (the client
             # adopts whichever answer arrives first), fresh for a new client_random.
             client_random = _random_of(doc, "client_random")
+            reply["client_random"] = doc["client_random"]
+            if self._session_keys is not None and client_random != self._client_random:
+                # A new session offered while one is running: the ping may be a recording, so the running
+                # session stays until a frame authenticates under the new keys (_open_other commits it).
+                if self._pending is not None and self._pending[0][0] == client_random:
+                    server_random = self._pending[0][1]  # a retry of the pending ping: the same answer
+                else:
+                    if now - self._last_rekey_answer < c.rekey_interval:
+                        self.stats["rekey_limited"] += 1
+                        return [FrameRejected("rate_limited", "a ping offering a new session within rekey_interval "
+                                              f"({c.rekey_interval} s) of the last one: not answered")]
+                    self._last_rekey_answer = now
+                    server_random = os.urandom(_RANDOM_BYTES)
+                    keys = SessionKeyring(self._keyring, client_random, server_random, self._directions[1])
+                    self._pending = ((client_random, server_random), agreement,
+                                     Codec(key=keys, require_encryption=True))
+                reply["server_random"] = server_random.hex()
+                self._control(reply, frame.stream_id)
+                return [MessageReceived(frame, doc)]
             if client_random != self._client_random or self._server_random is None:
                 self._client_random, self._server_random = client_random, os.urandom(_RANDOM_BYTES)
-            reply["client_random"] = doc["client_random"]
             reply["server_random"] = self._server_random.hex()
         self._control(reply, frame.stream_id)
-        # The server sends with the best of what both support, as the client will.
-        self.agreement = Agreement(offer.proto, offer.compress_list[0], offer.crypto_list[0], offer.dtypes,
-                                   offer.max_frame_bytes, offer.critique, doc.get("space_hash32"),
-                                   _signature(doc))
+        self.agreement = agreement
         self._apply_agreement()
         return [MessageReceived(frame, doc), HandshakeComplete(self.agreement)]
 
@@ -1099,6 +1219,13 @@ class Session(_SessionCore):
         self.stats["errors_sent"] += 1
         self.agreement = None
         return [MessageReceived(frame, doc), HandshakeFailed(code, message)]
+
+    def _do_refuse_ping(self, now, frame, doc) -> list:
+        code, message, extra = self._ping_problem(doc, frame)
+        if isinstance(doc.get("client_random"), str):
+            extra = {**extra, "client_random": doc["client_random"]}
+        self._reply_error(code, message, now, plain=not frame.transforms & Flags.XCHACHA, **extra)
+        return [MessageReceived(frame, doc)]
 
     def _do_adopt(self, now, frame, doc) -> list:
         c = self.config
@@ -1114,6 +1241,11 @@ class Session(_SessionCore):
                                    c.critique and doc.get("supports", {}).get("critique", True),
                                    doc.get("space_hash32"), _signature(doc))
         self._apply_agreement()
+        if self._previous is not None:
+            # A running session was replaced: confirm the new keys, so that the server (which keeps the
+            # running session until a frame authenticates under the new ones) switches now.
+            self._queue(self._encoder.encode(Sync(b'{"method":"confirm"}', stream_id=0, frame_seq=self._next_seq(0),
+                                                  space_hash32=self.config.space_hash32)))
         return [MessageReceived(frame, doc), HandshakeComplete(self.agreement)]
 
     def _do_fail(self, now, frame, doc) -> list:
@@ -1138,10 +1270,11 @@ class Session(_SessionCore):
         return [MessageReceived(frame, doc)]
 
     def _do_accept_if_lenient(self, now, frame, doc) -> list:
-        if not self.config.is_strict:
+        if not self.config.is_strict or self._session_keys is not None:  # (or it opened under a session key)
             return self._do_accept(now, frame, doc)
         self.stats["handshake_required"] += 1
-        self._reply_error("HANDSHAKE_REQUIRED", "send a ping first: this peer requires the handshake", now)
+        self._reply_error("HANDSHAKE_REQUIRED", "send a ping first: this peer requires the handshake", now,
+                          **(self._current_tag() if self._keyring is not None else {}))
         return [FrameRejected("handshake_required", f"{type(frame).__name__} frame of stream {frame.stream_id} "
                               "before the handshake")]
 
@@ -1155,9 +1288,11 @@ class Session(_SessionCore):
                 and self._keyring is not None and not (hint[0] == _SYNC and hint[1] == 0)):
             # A frame under a key id we hold that does not open: sealed under a session key this server
             # does not hold (it lost the session, or it was renewed), or forged. Ask for a new session,
-            # sealed under the long-term key so that the client can trust it.
+            # sealed under the control key (server-to-client) so that the client can trust it, and echoing the
+            # frame's tag so that it can tell it is about a frame it sent under its current session key.
             self._reply_error("HANDSHAKE_REQUIRED", f"a frame of stream {hint[1]} does not authenticate under this "
-                              "server's session: start a new session (send a ping)", now, stream_id=hint[1])
+                              "server's session: start a new session (send a ping)", now, stream_id=hint[1],
+                              tag=hint[2].hex())
             return [FrameRejected("malformed", str(exc), exc)]
         # A frame we could not decrypt means the peer cannot read what we encrypt: answer in the clear.
         self._reply_error("BAD_REQUEST", str(exc)[:200], now, plain=isinstance(exc, (UnknownKey, DecryptionFailed)))
@@ -1263,18 +1398,31 @@ class Session(_SessionCore):
         self._reduce = len(self._agreed_codes) < len(_DTYPE_NAMES)  # every dtype agreed: nothing to reduce, no check
         level = self.config.zstd_level if a.compress == "zstd" else None
         key = None
+        tags = None
         if a.crypto == "xchacha20poly1305":
             randoms = (self._client_random, self._server_random)
             if self._session_keys is None or self._session_keys._randoms != randoms:
-                # A new session key: frames under any earlier one no longer open, so the replay state
-                # starts afresh (its bound on dropped streams included).
-                self._session_keys = SessionKeyring(self._keyring, *randoms)
+                # New session keys (one per direction): frames under any earlier ones no longer open
+                # (but a client still reads the server's under the previous ones until the server
+                # switches), so the replay state starts afresh (its bound on dropped streams included).
+                mine, theirs = self._directions
+                self._pending = None
+                self._previous = None
+                if self._session_keys is not None and self.role is Role.CLIENT:
+                    self._previous = (Codec(key=self._session_keys, require_encryption=True), self.replay)
+                self._session_keys = SessionKeyring(self._keyring, *randoms, theirs)
+                self._send_keys = SessionKeyring(self._keyring, *randoms, mine)
                 self._decoder.keyring = self._session_keys  # (shared with the Reassembler)
                 self.replay = ReplayWindow(self.config.replay_window, self.config.replay_streams,
                                            self.config.replay_ranges)
                 self.stats["rekeys"] += 1
-            key = self._session_keys
-        self._encoder = Codec(level, key=key) if (level is not None or key is not None) else None
+            elif self._encoder is not None and self._encoder.keyring is self._send_keys:
+                tags = self._encoder.sent_tags  # the same keys: the frames sent under them stay known
+            key = self._send_keys
+        self._encoder = Codec(level, key=key, record_tags=_SENT_TAGS if key is not None and self.role is Role.CLIENT
+                              else 0) if (level is not None or key is not None) else None
+        if tags is not None and self._encoder is not None and self._encoder.sent_tags is not None:
+            self._encoder.sent_tags.extend(tags)
 
     # -------------------------------------------------------------- helpers
 
@@ -1317,7 +1465,8 @@ class Session(_SessionCore):
         payload = json.dumps(doc, separators=(",", ":")).encode()
         frame = Sync(payload, stream_id=stream_id, frame_seq=self._next_seq(stream_id), space_hash32=self.config.space_hash32)
         # Control frames travel as plain version-1 frames unless this side insists on encryption; then
-        # they are sealed under the long-term key (never a session key: they set one up, or end one).
+        # they are sealed under this side's control key (derived from the long-term key for this direction;
+        # never a session key: they set one up, or end one).
         data = self._sealer.encode(frame) if self._sealer is not None and not plain else _codec.encode(frame)
         self._out.append(data)
         self.stats["frames_out"] += 1
@@ -1346,15 +1495,12 @@ def _plain_control(data) -> tuple[Sync, dict] | None:
 
 
 def _random_of(doc: dict, name: str) -> bytes | None:
-    """A handshake random (client_random, server_random): session_random_bytes bytes from
-    lowercase hex digits, or None when absent or malformed."""
+    """A handshake random (client_random, server_random): session_random_bytes bytes from exactly
+    twice as many lowercase hex digits, or None when absent or malformed."""
     text = doc.get(name)
-    if not isinstance(text, str) or len(text) != 2 * _RANDOM_BYTES or text != text.lower():
+    if not isinstance(text, str) or not _RANDOM_HEX(text):  # exactly [0-9a-f]{64}: fromhex alone skips whitespace
         return None
-    try:
-        return bytes.fromhex(text)
-    except ValueError:
-        return None
+    return bytes.fromhex(text)
 
 
 def _signature(doc: dict) -> ModelSignature | None:

@@ -16,6 +16,7 @@ import os
 import re
 import struct
 import threading
+from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from nacl import bindings as _sodium
 from nacl.exceptions import CryptoError
 
 from resonant import _codec
+from resonant.handshake import SESSION_RANDOM_BYTES
 from resonant._spec import (
     BODY_TRANSFORM_FLAGS,
     ENVELOPE_BASE_BYTES,
@@ -38,7 +40,8 @@ from resonant._spec import (
 )
 from resonant.errors import DecompressionFailed, DecryptionFailed, EncodeError, KeyFileError, UnknownKey
 
-__all__ = ["Codec", "Key", "Keyring", "SessionKeyring", "session_key", "default_codec"]
+__all__ = ["Codec", "Key", "Keyring", "SessionKeyring", "ControlKeyring", "session_key", "control_key",
+           "CLIENT_TO_SERVER", "SERVER_TO_CLIENT", "default_codec"]
 
 _ENV_BASE = struct.Struct("<IB")  # body_len, filters
 _ZSTD, _XCHACHA, _SHUFFLE = int(Flags.ZSTD), int(Flags.XCHACHA), int(Filters.BYTE_SHUFFLE)  # ints: no enum work per frame
@@ -162,33 +165,60 @@ class Keyring:
         return f"Keyring([{ids}], primary=0x{self.primary.key_id:08x})"
 
 
-#: BLAKE2b personalisation of the session-key derivation (16 bytes), and the label it hashes first.
-_SESSION_PERSON = b"resonant-sess-v1"
-_SESSION_LABEL = b"resonant session key v1\x00"
+#: BLAKE2b personalisations (16 bytes) and labels of the two derivations from a long-term key.
+_SESSION_PERSON = b"resonant-sess-v2"
+_SESSION_LABEL = b"resonant session key v2\x00"
+_CONTROL_PERSON = b"resonant-ctrl-v1"
+_CONTROL_LABEL = b"resonant control key v1\x00"
+#: The two directions of a session. Each has its own keys, so that a frame reflected back to its
+#: sender does not open there. The labels are of one length (16 bytes), so the KDF input is unambiguous.
+CLIENT_TO_SERVER = "client-to-server"
+SERVER_TO_CLIENT = "server-to-client"
+_DIRECTION_LABELS = {CLIENT_TO_SERVER: b"client-to-server", SERVER_TO_CLIENT: b"server-to-client"}
 
 
-def session_key(key: Key, client_random: bytes, server_random: bytes) -> Key:
-    """The key of one session: keyed BLAKE2b-256 (libsodium's crypto_generichash, personalised)
-    under the long-term key over a label, the client's random and the server's random. It keeps
-    the long-term key's key_id, so the frame still names the long-term key it descends from."""
-    if len(client_random) != len(server_random) or not client_random:
-        raise ValueError("client_random and server_random must be non-empty and of one length")
+def _direction(direction: str) -> bytes:
+    try:
+        return _DIRECTION_LABELS[direction]
+    except (KeyError, TypeError):
+        raise ValueError(f"direction {direction!r} is not {CLIENT_TO_SERVER!r} or {SERVER_TO_CLIENT!r}") from None
+
+
+def session_key(key: Key, client_random: bytes, server_random: bytes, direction: str) -> Key:
+    """The key of one direction of one session: keyed BLAKE2b-256 (libsodium's crypto_generichash,
+    personalised) under the long-term key over a label, the direction, the client's random and the
+    server's random (session_random_bytes each). It keeps the long-term key's key_id, so the frame
+    still names the long-term key it descends from."""
+    label = _direction(direction)
+    if len(client_random) != SESSION_RANDOM_BYTES or len(server_random) != SESSION_RANDOM_BYTES:
+        raise ValueError(f"client_random and server_random must be {SESSION_RANDOM_BYTES} bytes each, got "
+                         f"{len(client_random)} and {len(server_random)}")
     secret = _sodium.crypto_generichash_blake2b_salt_personal(
-        _SESSION_LABEL + bytes(client_random) + bytes(server_random), digest_size=KEY_BYTES, key=key._secret,
-        person=_SESSION_PERSON)
+        _SESSION_LABEL + label + bytes(client_random) + bytes(server_random), digest_size=KEY_BYTES,
+        key=key._secret, person=_SESSION_PERSON)
     return Key(secret, key.key_id)
 
 
-class SessionKeyring(Keyring):
-    """The keys of one session, derived lazily, key id by key id, from a long-term Keyring and the
-    handshake's two randoms (session_key). It follows the long-term keyring: a key added there
-    (rotation) is usable here at once under the same key_id, the primary is the long-term
-    primary's session key, and a key removed there is gone here too."""
+def control_key(key: Key, direction: str) -> Key:
+    """The key that seals control documents (ping, capability, error) in one direction: keyed
+    BLAKE2b-256 under the long-term key over a label and the direction. The long-term key itself
+    is then only ever a BLAKE2b key, never an AEAD key, in a Session. Keeps the key_id."""
+    secret = _sodium.crypto_generichash_blake2b_salt_personal(
+        _CONTROL_LABEL + _direction(direction), digest_size=KEY_BYTES, key=key._secret, person=_CONTROL_PERSON)
+    return Key(secret, key.key_id)
 
-    def __init__(self, base: Keyring, client_random: bytes, server_random: bytes) -> None:  # noqa: D107
+
+class _DerivedKeyring(Keyring):
+    """Keys derived lazily, key id by key id, from a long-term Keyring. It follows the long-term
+    keyring: a key added there (rotation) is usable here at once under the same key_id, the
+    primary is the long-term primary's derived key, and a key removed there is gone here too."""
+
+    def __init__(self, base: Keyring) -> None:  # noqa: D107
         self.base = base
-        self._randoms = (bytes(client_random), bytes(server_random))
-        self._derived: dict[int, tuple[Key, Key]] = {}  # key_id -> (long-term key, session key)
+        self._derived: dict[int, tuple[Key, Key]] = {}  # key_id -> (long-term key, derived key)
+
+    def _derive(self, key: Key) -> Key:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def get(self, key_id: int) -> Key | None:
         key = self.base._keys.get(key_id)
@@ -197,7 +227,7 @@ class SessionKeyring(Keyring):
             return hit[1]
         if key is None:
             return None
-        hit = (key, session_key(key, *self._randoms))
+        hit = (key, self._derive(key))
         self._derived[key_id] = hit
         return hit[1]
 
@@ -210,10 +240,10 @@ class SessionKeyring(Keyring):
         return self.get(key.key_id)  # type: ignore[return-value]
 
     def add(self, key: Key, make_primary: bool = False) -> None:
-        raise TypeError("a SessionKeyring follows its long-term keyring: add keys there")
+        raise TypeError(f"a {type(self).__name__} follows its long-term keyring: add keys there")
 
     def remove(self, key_id: int) -> None:
-        raise TypeError("a SessionKeyring follows its long-term keyring: remove keys there")
+        raise TypeError(f"a {type(self).__name__} follows its long-term keyring: remove keys there")
 
     def __contains__(self, key_id: int) -> bool:
         return key_id in self.base
@@ -221,8 +251,38 @@ class SessionKeyring(Keyring):
     def __len__(self) -> int:
         return len(self.base)
 
+
+class SessionKeyring(_DerivedKeyring):
+    """The keys of one direction of one session (session_key), derived lazily from a long-term
+    Keyring and the handshake's two randoms."""
+
+    def __init__(self, base: Keyring, client_random: bytes, server_random: bytes, direction: str) -> None:  # noqa: D107
+        super().__init__(base)
+        self._randoms = (bytes(client_random), bytes(server_random))
+        self.direction = direction
+        session_key(Key(bytes(KEY_BYTES)), *self._randoms, direction)  # (checks the randoms and direction now)
+
+    def _derive(self, key: Key) -> Key:
+        return session_key(key, *self._randoms, self.direction)
+
     def __repr__(self) -> str:
-        return f"SessionKeyring(of {self.base!r})"
+        return f"SessionKeyring({self.direction}, of {self.base!r})"
+
+
+class ControlKeyring(_DerivedKeyring):
+    """The keys that seal control documents in one direction (control_key), derived lazily from a
+    long-term Keyring."""
+
+    def __init__(self, base: Keyring, direction: str) -> None:  # noqa: D107
+        super().__init__(base)
+        _direction(direction)
+        self.direction = direction
+
+    def _derive(self, key: Key) -> Key:
+        return control_key(key, self.direction)
+
+    def __repr__(self) -> str:
+        return f"ControlKeyring({self.direction}, of {self.base!r})"
 
 
 class Codec:
@@ -241,7 +301,8 @@ class Codec:
     """
 
     def __init__(self, zstd_level: int | None = None, *, shuffle: bool = True, key: Key | Keyring | None = None,
-                 require_encryption: bool | None = None, expected_space_hash: int | None = None) -> None:
+                 require_encryption: bool | None = None, expected_space_hash: int | None = None,
+                 record_tags: int = 0) -> None:
         if zstd_level is not None and not isinstance(zstd_level, int):
             raise TypeError(f"zstd_level must be an int or None, got {zstd_level!r}")
         if zstd_level is not None and not (zstandard.MAX_COMPRESSION_LEVEL * -1 <= zstd_level <= zstandard.MAX_COMPRESSION_LEVEL):
@@ -256,11 +317,20 @@ class Codec:
         self._cctx = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True, write_checksum=False) \
             if zstd_level is not None else None
         self._dctx = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW)
+        # The Poly1305 tags of the last record_tags encrypted frames encoded (a Session's proof that an
+        # error is about a frame it sent under this codec's keys); None when not asked for.
+        self.sent_tags: deque[bytes] | None = deque(maxlen=record_tags) if record_tags > 0 else None
 
     # ------------------------------------------------------------------ encode
 
     def encode(self, frame: _codec.Frame) -> bytes:
         """The frame's bytes, compressed and/or encrypted as configured."""
+        data = self._encode(frame)
+        if self.sent_tags is not None and self.keyring is not None:
+            self.sent_tags.append(data[-20:-4])  # (the tag: the 16 bytes before the CRC-32)
+        return data
+
+    def _encode(self, frame: _codec.Frame) -> bytes:
         transforms = 0
         filters = 0
         body = None

@@ -98,7 +98,7 @@ def _dtype(data, name):
         ("vframe.yaml", lambda d: d.pop("transports"),
          "vframe.yaml: missing required key 'transports'"),
         ("handshake.yaml", lambda d: d["messages"][1]["fields"][1].update(type="float128"),
-         "handshake.yaml: messages[1].fields[1].type: unknown type 'float128' (expected one of string, number, bool, u32, u64, object, list[string], list[u32], list[object])"),
+         "handshake.yaml: messages[1].fields[1].type: unknown type 'float128' (expected one of string, number, bool, u32, u64, hex32, hex64, object, list[string], list[u32], list[object])"),
         ("handshake.yaml", lambda d: d["messages"][0]["fields"][0].update(const="pong"),
          "handshake.yaml: messages[0].fields: the first field must be 'method' with const equal to the message name"),
         ("handshake.yaml", lambda d: d["state_machine"]["transitions"][0]["row"].update(start="explode idle"),

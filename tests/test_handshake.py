@@ -27,7 +27,7 @@ def test_reference_ping_frame_carries_a_valid_ping():
     "doc, message",
     [
         ([], "$: expected a JSON object, got list"),
-        ({"method": "hello"}, "$.method: 'hello' is not one of ping, capability, head, tail, error"),
+        ({"method": "hello"}, "$.method: 'hello' is not one of ping, capability, head, tail, error, confirm"),
         ({"method": "capability", "v": 1}, "capability.agreed_proto: required field is missing"),
         ({"method": "capability", "v": -1, "agreed_proto": 1}, "capability.v: expected an integer in [0, 4294967295], got -1"),
         ({"method": "head", "v": 1, "msg_type": 1, "chunk_bytes": 8, "total_bytes": 2**64, "objects": [], "hash": "xxh3_64"},

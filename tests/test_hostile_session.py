@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from resonant import Key, Keyring, Sync, Think, _codec, handshake
+from resonant import Key, Keyring, Sync, Think, _codec, handshake, transforms
 from resonant.errors import EncodeError, HandshakeError, LocalProtocolError, ResonantError
 from resonant.session import (
     FrameRejected,
@@ -64,8 +64,21 @@ def plain_control(doc: dict, seq: int = 0) -> bytes:
     return _codec.encode(Sync(json.dumps(doc).encode(), frame_seq=seq))
 
 
-def sealed_control(doc: dict, key, seq: int = 0, stream_id: int = 0) -> bytes:
-    return Codec(key=key).encode(Sync(json.dumps(doc).encode(), frame_seq=seq, stream_id=stream_id))
+def control_codec(key, direction: str | None) -> Codec:
+    """What a key holder seals control documents with in one direction (client-to-server or
+    server-to-client): the directional control subkeys of the long-term key."""
+    ring = key if isinstance(key, Keyring) else Keyring([key])
+    if direction is None or not hasattr(transforms, "ControlKeyring"):  # (the code before the directional keys)
+        return Codec(key=ring)
+    return Codec(key=transforms.ControlKeyring(ring, direction))
+
+
+def sealed_control(doc: dict, key, seq: int = 0, stream_id: int = 0, direction: str | None = "auto") -> bytes:
+    """A control document sealed by a key holder: a ping as a client seals it, anything else as a
+    server does (direction=None: under the long-term key itself)."""
+    if direction == "auto":
+        direction = "client-to-server" if doc.get("method") == "ping" else "server-to-client"
+    return control_codec(key, direction).encode(Sync(json.dumps(doc).encode(), frame_seq=seq, stream_id=stream_id))
 
 
 def docs(frames) -> list[dict]:
@@ -131,11 +144,15 @@ def test_recorded_stream_replayed_into_a_fresh_server_completes_nothing():
 def test_session_key_is_bound_to_both_randoms_and_keeps_the_key_id():
     key = Key(bytes(range(32)), key_id=7)
     a, b = bytes(32), bytes([1]) + bytes(31)
-    k1 = session_key(key, a, b)
+    k1 = session_key(key, a, b, "client-to-server")
     assert k1.key_id == 7 and k1 != key
-    assert session_key(key, a, b) == k1
-    assert session_key(key, b, a) != k1 and session_key(key, a, a) != k1
-    assert session_key(Key(bytes(32), key_id=7), a, b) != k1
+    assert session_key(key, a, b, "client-to-server") == k1
+    assert session_key(key, b, a, "client-to-server") != k1 and session_key(key, a, a, "client-to-server") != k1
+    assert session_key(Key(bytes(32), key_id=7), a, b, "client-to-server") != k1
+    assert session_key(key, a, b, "server-to-client") not in (k1, key)  # one key per direction
+    assert transforms.control_key(key, "client-to-server") != transforms.control_key(key, "server-to-client")
+    with pytest.raises(ValueError):
+        session_key(key, a[:31], b, "client-to-server")
 
 
 def test_data_sealed_under_the_long_term_key_after_the_handshake_is_refused():
@@ -146,8 +163,12 @@ def test_data_sealed_under_the_long_term_key_after_the_handshake_is_refused():
     (ev,) = s.receive_datagram(legacy, 0.0)
     assert ev.reason == "malformed"  # only a Sync is tried under the long-term key as well
     tail = {"method": "tail", "chunks": 1, "total_bytes": 2, "xxh3_64": "0" * 16}
-    (ev,) = s.receive_datagram(sealed_control(tail, key, stream_id=4), 0.0)
+    (ev,) = s.receive_datagram(sealed_control(tail, key, stream_id=4, direction="client-to-server"), 0.0)
     assert ev.reason == "stale" and s.stats["stale"] == 1
+    # the long-term key itself seals nothing a Session reads, not even a control document
+    ping = {"method": "ping", "v": 2, "crypto": ["xchacha20poly1305"], "client_random": "ab" * 32}
+    (ev,) = s.receive_datagram(sealed_control(ping, key, seq=3, direction=None), 0.0)
+    assert ev.reason == "malformed" and s.stats["rekeys"] == 1
 
 
 def test_session_keys_follow_rotation_of_the_long_term_keyring():
@@ -161,7 +182,7 @@ def test_session_keys_follow_rotation_of_the_long_term_keyring():
     ring_c.add(new, make_primary=True)  # the session key of the new key is derived on first use
     c.send(think(2))
     (frame,) = c.datagrams_to_send()
-    assert Codec(key=c._decoder.keyring).decode(frame).frame_seq == 1  # (opens under the session keys)
+    assert Codec(key=c._encoder.keyring).decode(frame).frame_seq == 1  # (opens under the session keys)
     assert len(thinks(s.receive_datagram(frame, 0.0))) == 1
     assert isinstance(s._decoder.keyring, SessionKeyring) and new.key_id in s._decoder.keyring
     ring_c.add(old, make_primary=True)  # a late frame under the old key...
@@ -209,9 +230,10 @@ def test_exhausted_replay_state_makes_the_peers_rekey():
     c.initiate(1.0)  # what the asyncio client does on HANDSHAKE_REQUIRED
     exchange(c, s, 1.0)
     assert isinstance(exchange(s, c, 1.0)[-1], HandshakeComplete)
-    assert s.stats["rekeys"] == 2 and c.state is State.ESTABLISHED
+    assert c.state is State.ESTABLISHED
     c.send(think(7, stream_id=7))
-    assert len(thinks(exchange(c, s, 1.0))) == 1
+    events = exchange(c, s, 1.0)  # the client's key confirmation, then its frame
+    assert len(thinks(events)) == 1 and s.stats["rekeys"] == 2
 
 
 def test_client_whose_replay_state_is_exhausted_starts_a_new_session():
@@ -226,6 +248,8 @@ def test_client_whose_replay_state_is_exhausted_starts_a_new_session():
     assert c.state is State.AWAIT_CAPABILITY  # the ping is queued
     exchange(c, s, 1.0)
     assert isinstance(exchange(s, c, 1.0)[-1], HandshakeComplete) and c.stats["rekeys"] == 2
+    # the client's key confirmation makes the server switch (it has nothing else to send)
+    assert kinds(exchange(c, s, 1.0)) == ["HandshakeComplete"] and s.stats["rekeys"] == 2
     s.send(think(7, stream_id=7))
     assert len(thinks(exchange(s, c, 1.0))) == 1
 
@@ -271,20 +295,19 @@ def test_ping_replayed_into_a_live_session():
     assert isinstance(deliver(s_frames, c)[-1], HandshakeComplete)
     c.send(think(1))
     assert len(thinks(exchange(c, s))) == 1
-    # A ping recorded from another session (another client_random) makes a new handshake: the live
-    # client's next frame fails, the server asks it to start over, and one handshake later all flows.
+    # A ping recorded from another session (another client_random) is answered, but the running
+    # session stays until a frame proves the new keys: the live client's frames keep flowing.
     other = Session(role="client", key=key)
     other.initiate(0.0)
     deliver(other.datagrams_to_send(), s, 2.0)
     s.datagrams_to_send()  # (the capability goes to the recorder's address, or nowhere)
-    assert s.stats["rekeys"] == 2
+    assert s.stats["rekeys"] == 1
     c.send(think(2))
-    assert thinks(exchange(c, s, 3.0)) == []
-    (err,) = [e for e in exchange(s, c, 3.0) if isinstance(e, RemoteError)]
-    assert err.code == "HANDSHAKE_REQUIRED"
-    handshake_pair(c, s, 3.0)
-    c.send(think(3))
     assert len(thinks(exchange(c, s, 3.0))) == 1
+    assert s.datagrams_to_send() == []  # nothing to complain about
+    handshake_pair(c, s, 3.0)  # a genuine re-key still works
+    c.send(think(3))
+    assert len(thinks(exchange(c, s, 3.0))) == 1 and s.stats["rekeys"] == 2
 
 
 def test_recorded_capability_cannot_answer_a_new_ping():
@@ -322,9 +345,9 @@ def test_keyed_server_refuses_a_sealed_ping_without_client_random():
     events = s.receive_datagram(sealed_control(ping, key), 0.0)
     assert isinstance(events[-1], HandshakeFailed) and events[-1].code == "UNSUPPORTED_FEATURE"
     assert "client_random" in events[-1].message and s.state is State.IDLE
-    bad = dict(ping, client_random="zz" * 32)
-    events = s.receive_datagram(sealed_control(bad, key, seq=1), 1.0)
-    assert isinstance(events[-1], HandshakeFailed) and "malformed client_random" in events[-1].message
+    bad = dict(ping, client_random="zz" * 32)  # off the schema now (hex64): a bad frame naming the field
+    (ev,) = s.receive_datagram(sealed_control(bad, key, seq=1), 1.0)
+    assert ev.reason == "malformed" and "ping.client_random" in ev.detail and s.state is State.IDLE
 
 
 def test_unkeyed_sessions_send_no_random_and_reference_pings_still_work():
@@ -596,3 +619,225 @@ def test_any_json_in_any_field_raises_only_resonant_errors(data):
     s.receive_datagram(wire, 1.0)  # must not raise
     s.receive_data(frame_record(wire), 2.0)
     s.tick(100.0)
+
+
+# ------------------------------------------------------------------ review 1 (F1-F5)
+
+
+def _keyed_pair(now: float = 0.0, **kw):
+    key = Key.generate()
+    c, s = Session(role="client", key=key, **kw), Session(role="server", key=key, **kw)
+    events = handshake_pair(c, s, now)
+    assert isinstance(events[-1], HandshakeComplete) and s.state is State.ESTABLISHED
+    return key, c, s
+
+
+def test_reflected_frames_are_not_delivered_and_do_not_burn_the_reply():
+    """F1: one key for both directions let an attacker bounce a peer's frame back to it: it was
+    delivered, and the genuine reply on that (stream, seq) was dropped as a replay."""
+    key, c, s = _keyed_pair()
+    c.send(think(7, stream_id=5))
+    out = c.datagrams_to_send()
+    assert len(thinks(deliver(out, s))) == 1
+    reflected = deliver(out, c)  # the client's own frame, back to it
+    assert thinks(reflected) == [] and rejected(reflected, "malformed")
+    s.send(think(8, stream_id=5))  # the server's genuine answer on stream 5, frame_seq 0
+    (answer,) = thinks(exchange(s, c))
+    assert answer.frame.hidden.numpy()[0, 0] == 8
+    # a V-Stream reflected to its sender completes nothing
+    sid = s.new_stream_id()
+    for f in s.stream(sid, [np.arange(64, dtype=np.float32)]):
+        s.send_encoded(f)
+    mine = s.datagrams_to_send()
+    assert not [e for e in deliver(mine, s) if isinstance(e, StreamComplete)]
+    assert [e for e in deliver(mine, c) if isinstance(e, StreamComplete)]
+    # control documents have a direction too: the client's ping reflected to the client, the server's
+    # error reflected to the server, change nothing
+    c.initiate(1.0)
+    ping = c.datagrams_to_send()
+    assert not [e for e in deliver(ping, c, 1.0) if isinstance(e, MessageReceived)]
+    err = sealed_control({"method": "error", "code": "INTERNAL", "message": "x"}, key, direction="server-to-client")
+    assert not [e for e in s.receive_datagram(err, 1.0) if isinstance(e, RemoteError)]
+
+
+def test_harvested_handshake_required_is_stale():
+    """F2: a fresh server Session minted sealed HANDSHAKE_REQUIRED errors for any frame, and an
+    established client acted on every one."""
+    key, c, s = _keyed_pair()
+    c.send(think(1))
+    recorded = c.datagrams_to_send()
+    deliver(recorded, s)
+    minted, garbled = [], []
+    for _ in range(3):  # from three source addresses: a fresh server Session each
+        x = Session(role="server", key=key)
+        x.receive_datagram(recorded[0], 0.0)  # a recorded keyed frame
+        minted += x.datagrams_to_send()
+        y = Session(role="server", key=key)
+        y.receive_datagram(_garble(recorded[0]), 0.0)  # any garbled frame: no capture needed
+        garbled += y.datagrams_to_send()
+    assert len(minted) == 3 and len(garbled) == 3
+    events = deliver(garbled, c, 5.0)
+    assert not [e for e in events if isinstance(e, RemoteError)]
+    assert len(rejected(events, "stale")) == 3 and c.state is State.ESTABLISHED
+    # an echo of a frame the client did send (captured on the path) is acted on once per session key
+    events = deliver(minted, c, 5.0)
+    assert [e.code for e in events if isinstance(e, RemoteError)] == ["HANDSHAKE_REQUIRED"]
+    assert len(rejected(events, "stale")) == 2
+    # an error for a frame sent under an earlier session key (late, after a re-key) is stale too
+    c.send(think(2))
+    old_frame = c.datagrams_to_send()
+    c.initiate(1.0)
+    exchange(c, s, 1.0)
+    assert isinstance(exchange(s, c, 1.0)[-1], HandshakeComplete)
+    c.send(think(3))
+    assert len(thinks(exchange(c, s, 1.1))) == 1  # the server switches to the new key
+    lost = Session(role="server", key=key)  # a server that never had the old session
+    lost.receive_datagram(old_frame[0], 1.2)
+    late = lost.datagrams_to_send()
+    assert docs_sealed(late, key)[0]["code"] == "HANDSHAKE_REQUIRED"
+    events = deliver(late, c, 1.3)
+    assert not [e for e in events if isinstance(e, RemoteError)] and rejected(events, "stale")
+
+
+def _garble(frame: bytes) -> bytes:
+    """A keyed frame whose ciphertext no longer authenticates (CRC fixed): what an attacker can send."""
+    import zlib
+    b = bytearray(frame)
+    b[-10] ^= 1  # (inside the tag: the echoed tag is one the client never sent)
+    b[-4:] = zlib.crc32(bytes(b[:-4])).to_bytes(4, "little")
+    return bytes(b)
+
+
+def docs_sealed(frames, key, direction: str = "server-to-client") -> list[dict]:
+    codec = control_codec(key, direction)
+    codec.require_encryption = False
+    return [json.loads(codec.decode(d).json.tobytes()) for d in frames]
+
+
+def test_genuine_handshake_required_echoes_the_frame_and_is_acted_on():
+    """F2, the good path: a server that lost the session echoes the failing frame's tag; the client,
+    which sent that frame under its current key, reports RemoteError(HANDSHAKE_REQUIRED)."""
+    key, c, s = _keyed_pair()
+    c.send(think(1))
+    (frame,) = c.datagrams_to_send()
+    restarted = Session(role="server", key=key)
+    restarted.receive_datagram(frame, 1.0)
+    reply = restarted.datagrams_to_send()
+    (doc,) = docs_sealed(reply, key)
+    assert doc["code"] == "HANDSHAKE_REQUIRED" and doc["tag"] == frame[-20:-4].hex()
+    events = deliver(reply, c, 1.0)
+    assert [e.code for e in events if isinstance(e, RemoteError)] == ["HANDSHAKE_REQUIRED"]
+
+
+def test_replayed_pings_do_not_rekey_the_live_server():
+    """F3: 257 recorded pings (more than the control tags remembered) replayed in a cycle re-keyed
+    the live server once each, and the live client's data was then refused."""
+    key, c, s = _keyed_pair()
+    old = []
+    for _ in range(handshake.CONTROL_TAGS_REMEMBERED + 1):
+        x = Session(role="client", key=key)
+        x.initiate(0.0)
+        old += x.datagrams_to_send()
+    rekeys = s.stats["rekeys"]
+    deliver(old, s, 1.0)
+    answers = s.datagrams_to_send()
+    deliver(old, s, 2.0)
+    answers += s.datagrams_to_send()
+    assert s.stats["rekeys"] == rekeys and s.state is State.ESTABLISHED
+    # rate-limited: one new session offered per rekey_interval (and the pending ping, replayed once it
+    # left the remembered tags, answered again the same way): not one answer per ping
+    assert len(answers) <= 3
+    c.send(think(1))
+    assert len(thinks(exchange(c, s, 3.0))) == 1
+    s.send(think(2))
+    assert len(thinks(exchange(s, c, 3.0))) == 1
+
+
+def test_initiate_from_established_rekeys_end_to_end():
+    """F3: a genuine re-key still works: the server switches when the first frame under the new key
+    arrives; frames in flight under the old key, both ways, are still delivered."""
+    key, c, s = _keyed_pair()
+    c.send(think(1))
+    c_old = c.datagrams_to_send()
+    s.send(think(2))
+    s_old = s.datagrams_to_send()
+    rekeys = s.stats["rekeys"]
+    c.initiate(1.0)
+    exchange(c, s, 1.0)
+    assert isinstance(exchange(s, c, 1.0)[-1], HandshakeComplete)
+    assert s.stats["rekeys"] == rekeys  # not yet: no frame has proven the new key
+    assert len(thinks(deliver(c_old, s, 1.1))) == 1  # in flight under the old key
+    assert len(thinks(deliver(s_old, c, 1.1))) == 1
+    c.send(think(3))
+    events = exchange(c, s, 1.2)
+    assert len(thinks(events)) == 1 and s.stats["rekeys"] == rekeys + 1
+    s.send(think(4))
+    assert len(thinks(exchange(s, c, 1.3))) == 1
+    assert not rejected(deliver(c_old, s, 1.4), "ok") and not thinks(deliver(c_old, s, 1.4))
+
+
+def test_plain_or_unsuitable_ping_does_not_end_an_established_keyed_server():
+    """F4: a ping in the clear (anyone can send one), or a sealed ping this server cannot serve (e.g.
+    recorded before the upgrade, without client_random), dropped an established keyed server to idle."""
+    key, c, s = _keyed_pair()
+    forged = plain_control({"method": "ping"})
+    events = s.receive_datagram(forged, 1.0)
+    assert s.state is State.ESTABLISHED and not [e for e in events if isinstance(e, HandshakeFailed)]
+    assert rejected(events, "not_encrypted")
+    assert [d["code"] for d in docs(s.datagrams_to_send())] == ["UNSUPPORTED_FEATURE"]  # answered in the clear
+    pre_upgrade = sealed_control({"method": "ping", "v": 2, "crypto": ["xchacha20poly1305"]}, key, seq=1)
+    events = s.receive_datagram(pre_upgrade, 3.0)
+    assert s.state is State.ESTABLISHED and not [e for e in events if isinstance(e, HandshakeFailed)]
+    assert docs_sealed(s.datagrams_to_send(), key)[0]["code"] == "UNSUPPORTED_FEATURE"
+    c.send(think(1))
+    assert len(thinks(exchange(c, s, 4.0))) == 1
+
+
+def test_client_random_must_be_exactly_64_lowercase_hex_digits():
+    """F5: bytes.fromhex skips whitespace, so 62 digits and two spaces gave a 31-byte random, and
+    every later frame raised ValueError out of receive_datagram."""
+    from resonant.session import _random_of
+    for bad in ("ab" * 31 + "  ", "ab" * 31 + "\t\n", " " + "ab" * 31 + " ", "AB" * 32, "ab" * 31 + "g0", "+" + "a" * 63):
+        assert _random_of({"r": bad}, "r") is None
+        with pytest.raises(HandshakeError):
+            handshake.validate({"method": "ping", "client_random": bad})
+    assert _random_of({"r": "ab" * 32}, "r") == bytes([0xAB]) * 32
+    key = Key.generate()
+    s = Session(role="server", key=key)
+    ping = {"method": "ping", "v": 2, "space_hash32": 0, "crypto": ["xchacha20poly1305"], "client_random": "ab" * 31 + "  "}
+    s.receive_datagram(sealed_control(ping, key), 0.0)
+    assert s.state is not State.ESTABLISHED
+    events = s.receive_datagram(Codec(key=key).encode(think(1)), 0.1)  # no exception
+    assert not thinks(events)
+    s.send(think(1))
+
+
+def test_mutated_sealed_control_documents_raise_only_resonant_errors():
+    """F5 follow-up: /tmp/review1/fuzz.py, short, with documents sealed as a key holder would."""
+    import random
+    rng = random.Random(1)
+    vals = [None, True, 0, -1, 2**40, 1.5, "", "x" * 300, "ab" * 32, "AB" * 32, "ab" * 31 + "\t\n", "ab" * 31 + "  ",
+            [], {}, ["zstd"], {"a": 1}, "\u00e9" * 64, "ab" * 16]
+    for it in range(200):
+        key, c, s = _keyed_pair()
+        tgt, role = (s, "ping") if it % 2 else (c, rng.choice(["capability", "error"]))
+        d = {"method": role}
+        if role == "ping":
+            d.update({"v": 2, "space_hash32": 0, "crypto": ["xchacha20poly1305"], "client_random": "ab" * 32})
+        if role == "capability":
+            d.update({"agreed_proto": 2, "v": 2, "space_hash32": 0, "crypto": ["xchacha20poly1305"],
+                      "client_random": c._client_random.hex(), "server_random": "cd" * 32})
+        if role == "error":
+            d.update({"code": "HANDSHAKE_REQUIRED", "message": "m"})
+        fields = list(handshake.SCHEMA[role])
+        for f in rng.sample(fields, k=min(3, len(fields))):
+            d[f] = rng.choice(vals)
+        try:
+            tgt.receive_datagram(sealed_control(d, key, seq=rng.randrange(3)), 1.0)
+            other = c if tgt is s else s
+            tgt.send(think(1))
+            other.receive_datagram(tgt.datagrams_to_send()[-1], 1.5)
+            other.send(think(2))
+            tgt.receive_datagram(other.datagrams_to_send()[-1], 2.0)
+        except ResonantError:
+            pass
