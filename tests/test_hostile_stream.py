@@ -200,20 +200,25 @@ def _tiny_chunk(sid: int, k: int = 0) -> bytes:
     return chunk_frame(sid, k, b"0123456789")
 
 
+def _traced_receive(r: Reassembler, frames: list) -> int:
+    """Feed frames that cause no event; the bytes of Python memory the Reassembler grew by."""
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for f in frames:
+            assert r.receive(f, 0.0) == []
+        return tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.mark.parametrize("per_sid", [1, 100])
 def test_early_frames_are_charged_what_they_cost(per_sid):
     """20,000 small chunks before their HEAD: before, charged nbytes + 64 (74 each) against ~620
     bytes each in reality (8.4x)."""
     r = Reassembler(StreamLimits(max_early_bytes=1 << 30))
     frames = [_tiny_chunk(i // per_sid, i % per_sid) for i in range(20_000)]
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        for f in frames:
-            assert r.receive(f, 0.0) == []
-        real = tracemalloc.get_traced_memory()[0] - base
-    finally:
-        tracemalloc.stop()
+    real = _traced_receive(r, frames)
     assert r.dropped_frames == 0
     assert real / 1.5 <= r.buffered_bytes <= real * 1.5, (real, r.buffered_bytes)
     r.close()
@@ -228,14 +233,7 @@ def test_head_parts_are_charged_what_they_cost():
     r = Reassembler()
     frames = [resonant.encode(Sync(resonant.decode(h).json.tobytes(), stream_id=sid, frame_seq=0))
               for sid in range(200) for h in heads[:1]]
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        for f in frames:
-            assert r.receive(f, 0.0) == []
-        real = tracemalloc.get_traced_memory()[0] - base
-    finally:
-        tracemalloc.stop()
+    real = _traced_receive(r, frames)
     assert real / 1.5 <= r.buffered_bytes <= real * 1.5, (real, r.buffered_bytes)  # before: the parsed documents, uncharged
 
 
@@ -247,14 +245,7 @@ def test_refused_head_parts_leave_nothing_behind():
     part = resonant.decode(sender.heads()[1]).json.tobytes()
     r = Reassembler(StreamLimits(max_early_bytes=len(part)))  # no room for any part
     frames = [resonant.encode(Sync(part, stream_id=sid, frame_seq=0)) for sid in range(3000)]
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        for f in frames:
-            assert r.receive(f, 0.0) == []
-        grown = tracemalloc.get_traced_memory()[0] - base
-    finally:
-        tracemalloc.stop()
+    grown = _traced_receive(r, frames)
     assert r.dropped_frames == 3000
     assert r.buffered_bytes == 0
     assert grown < 32 << 10, grown  # before: ~450 kB of empty entries
