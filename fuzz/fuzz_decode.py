@@ -5,7 +5,6 @@ resonant.inspect). Input: a mode byte (bit 0: recompute the CRC), then the frame
     python3 fuzz/fuzz_decode.py -max_total_time=120      # see docs/fuzzing.md
 """
 
-import sys
 
 import atheris
 

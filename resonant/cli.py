@@ -204,9 +204,12 @@ async def _recv(args) -> int:
                 counted = True
                 layouts.pop((addr, ev.stream_id), None)
                 line = ({"event": "stream_failed", "peer": _peer(addr), "stream_id": ev.stream_id,
-                         "reason": ev.reason, "detail": ev.detail, "missing": [list(r) for r in ev.missing]}
+                         "reason": ev.reason, "detail": ev.detail, "missing": [list(r) for r in ev.missing],
+                         "missing_more": ev.missing_more}
                         if args.json else f"{_peer(addr)} [STREAM] stream={ev.stream_id} FAILED ({ev.reason}): "
-                        f"{ev.detail}; missing byte ranges {ev.missing[:8]}{' ...' if len(ev.missing) > 8 else ''}")
+                        f"{ev.detail}; missing byte ranges {ev.missing[:8]}"
+                        + (f" and {len(ev.missing) - 8 + ev.missing_more} more" if len(ev.missing) > 8 or ev.missing_more
+                           else ""))
             elif isinstance(ev, (FrameRejected, ConnectionBroken)):
                 what = ev.reason if isinstance(ev, FrameRejected) else "connection"
                 detail = ev.detail if isinstance(ev, FrameRejected) else str(ev.error)

@@ -10,11 +10,8 @@ validation and every consumer with a ResonantError, never a numpy/Python error.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
-import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +26,7 @@ from resonant import _spec
 from resonant._spec import MAX_DIMS, DType
 from resonant.errors import HandshakeError, LimitExceeded, ResonantError
 from resonant.stream import Reassembler, StreamFailed, StreamLayout
-from test_transport import HOST, _Child, CLI, receiver, run_cli, udp  # noqa: F401  (helpers, not tests)
+from test_transport import HOST, CLI, receiver, run_cli, udp  # noqa: F401  (helpers, not tests)
 
 U32 = 2**32 - 1
 HUGE = (0, U32, U32, U32)
