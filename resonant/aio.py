@@ -15,7 +15,12 @@ session's buffer (asyncio.BufferedProtocol) and parsed in place.
 Hostile peers (serve()):
 - Fair queueing: events wait for the application in one queue, counted per peer; only a peer
   over its own share is paused (TCP, resumed as the application takes its events) or dropped
-  (UDP), and a TCP read is never larger than the peer's remaining share can take.
+  (UDP), and a TCP read is never larger than the peer's remaining share can take. A paused peer's
+  idle and record deadlines stop until it resumes. Events of sources without a session count
+  under one key.
+- Memory: one peer holds at most max_peer_memory of the shared max_memory (a peer not yet
+  established a quarter of that); completed streams stay charged until the application takes
+  their StreamComplete, and a peer whose queued completions exceed max_peer_memory is paused.
 - Peers that have not completed the handshake live in a pool of their own (max_pending), where a
   newcomer evicts the oldest; established peers are never evicted by them. TCP: a connection
   must complete the handshake (lenient server: send one valid frame) within handshake_timeout
@@ -1138,8 +1143,13 @@ async def _serve(url: str, config, max_peers: int, max_memory: int, idle_timeout
                     continue
                 link.flush()
                 t = link.transport
-                if t is None or t.is_closing() or addr in server._paused:
-                    continue  # (a peer paused by us is not late: its deadlines restart when it resumes)
+                if t is None or t.is_closing():
+                    continue
+                if addr in server._paused:  # paused by us: not late (idle and record deadlines restart at resume)
+                    if link.pending and now - link.born > server.handshake_timeout:
+                        server.timed_out += 1
+                        t.abort()  # the handshake deadline still holds
+                    continue
                 frames = link.session.stats["frames_in"]
                 partial = link.session.records.pending
                 if frames != link.frames_seen:

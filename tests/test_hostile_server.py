@@ -698,3 +698,34 @@ def test_tcp_one_unauthenticated_head_cannot_reserve_the_whole_shared_budget():
     hog_used, outcome = run(scenario())
     assert hog_used <= m // 4
     assert isinstance(outcome, StreamComplete), outcome
+
+
+def test_tcp_a_peer_whose_queued_completions_fill_its_share_is_paused_and_others_still_stream():
+    """F4. max_memory 8 MiB, max_peer_memory 2 MiB, the application away: one client sends ten
+    1 MiB streams; once its queued StreamComplete events hold more than 2 MiB it is paused, so
+    a second client's 1 MiB stream still completes (without the pause: the first client's queued
+    completions take the whole budget and the second's stream fails with 'limit')."""
+    from resonant.stream import StreamComplete, StreamFailed
+
+    async def scenario():
+        async with resonant.serve(f"tcp://{HOST}:0", max_memory=8 << 20, max_peer_memory=2 << 20) as server:
+            host, port = server.address
+            url = f"tcp://{host}:{port}"
+            async with resonant.connect(url) as greedy, resonant.connect(url) as other:
+                async def flood():
+                    for _ in range(10):
+                        await greedy.send_stream([np.ones(1 << 20, np.int8)])
+                task = asyncio.ensure_future(flood())
+                await asyncio.sleep(1.0)  # the application has not taken any event yet
+                held = max(server._held.values(), default=0)
+                await other.send_stream([np.full(1 << 20, 2, np.int8)], stream_id=LEGIT)
+                await asyncio.sleep(0.5)
+                outcome = next((e for _, e in list(server.events._items)
+                                if isinstance(e, (StreamComplete, StreamFailed)) and e.stream_id == LEGIT), None)
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+            return held, outcome
+    held, outcome = run(scenario())
+    assert held <= 3 << 20
+    assert isinstance(outcome, StreamComplete), outcome
