@@ -15,7 +15,12 @@ session's buffer (asyncio.BufferedProtocol) and parsed in place.
 Hostile peers (serve()):
 - Fair queueing: events wait for the application in one queue, counted per peer; only a peer
   over its own share is paused (TCP, resumed as the application takes its events) or dropped
-  (UDP), and a TCP read is never larger than the peer's remaining share can take.
+  (UDP), and a TCP read is never larger than the peer's remaining share can take. A paused peer's
+  idle and record deadlines stop until it resumes. Events of sources without a session count
+  under one key.
+- Memory: one peer holds at most max_peer_memory of the shared max_memory (a peer not yet
+  established a quarter of that); completed streams stay charged until the application takes
+  their StreamComplete, and a peer whose queued completions exceed max_peer_memory is paused.
 - Peers that have not completed the handshake live in a pool of their own (max_pending), where a
   newcomer evicts the oldest; established peers are never evicted by them. TCP: a connection
   must complete the handshake (lenient server: send one valid frame) within handshake_timeout
@@ -47,7 +52,7 @@ from resonant import _codec
 from resonant._codec import Frame
 from resonant._spec import MAX_UDP_FRAME_BYTES, MIN_FRAME_BYTES, VERSION, VERSION_TRANSFORMED, MsgType
 from resonant.errors import DecodeError, HandshakeRefused
-from resonant.stream import MemoryBudget
+from resonant.stream import MemoryBudget, StreamComplete
 from resonant.session import (
     ConnectionBroken,
     FrameRejected,
@@ -69,6 +74,14 @@ _QUEUE_LIMIT = 4096           # events waiting for the application before readin
 # over its share (_QUEUE_LIMIT divided among the peers with a backlog, at least _QUEUE_MIN_SHARE)
 # is paused (TCP) or its datagrams dropped (UDP), and resumed when the application has taken half.
 _QUEUE_MIN_SHARE = 64
+# Events from sources without a session (UDP garbage reports and stateless refusals, the streams of
+# a peer that is gone) are counted under this one key: they are rate-limited already, and one key
+# per source would let spoofed sources shrink every peer's share.
+_SESSIONLESS = ("", 0)
+# Server: the part of max_memory one peer may hold (max_peer_memory, default max_memory //
+# _PEER_MEMORY_SHARE), and the part of that a peer not yet established may (// _PENDING_MEMORY_SHARE).
+_PEER_MEMORY_SHARE = 4
+_PENDING_MEMORY_SHARE = 4
 # Server: peers that have not completed the handshake (TCP: nor, on a lenient server, sent one
 # valid frame) are held in a pool of their own, at most max_pending (default: max_peers // 8,
 # at least 16); a new one evicts the oldest there, never an established peer.
@@ -622,6 +635,9 @@ class Server:
         self._ticker: asyncio.Task | None = None
         self._queued: dict[tuple, int] = {}     # events in self.events, per peer
         self._paused: dict[tuple, _Link] = {}   # TCP peers paused for their backlog
+        self._held: dict[tuple, int] = {}       # bytes of queued StreamComplete events, per peer
+        self.max_peer_memory = 4 << 30
+        self._peer_config = self._pending_config = config
         self._handed = 0
         self.rejected_peers = 0
         self.dropped_datagrams = 0
@@ -634,8 +650,25 @@ class Server:
         self._refusals = _Bucket(_REFUSALS_PER_S)
         self._reports = _Bucket(_REPORTS_PER_S)
 
+    def _limits(self, max_memory: int, max_peer_memory: int | None) -> None:
+        """Each peer's StreamLimits within its part of the shared budget (see serve())."""
+        if max_peer_memory is None:
+            max_peer_memory = max_memory // _PEER_MEMORY_SHARE
+        if max_peer_memory < 0:
+            raise ValueError("max_peer_memory must be >= 0")
+        self.max_peer_memory = max_peer_memory
+
+        def capped(cap: int) -> SessionConfig:
+            lim = self.config.stream_limits
+            return replace(self.config, stream_limits=replace(
+                lim, max_stream_bytes=min(lim.max_stream_bytes, cap), max_buffered_bytes=min(lim.max_buffered_bytes, cap),
+                max_early_bytes=min(lim.max_early_bytes, cap)))
+        self._peer_config = capped(max_peer_memory)
+        self._pending_config = capped(max_peer_memory // _PENDING_MEMORY_SHARE)
+
     def _session(self) -> Session:
-        return Session(self.config, budget=self.budget)
+        """A new peer's session: not yet established, so within the pending peers' memory cap."""
+        return Session(self._pending_config, budget=self.budget)
 
     def _emit(self, address: tuple, session: Session | None, events: list) -> None:
         """One peer's events: to the handler, whose answers are queued on the peer's session (the
@@ -645,10 +678,13 @@ class Server:
         if handler is None:
             if events:
                 put = self.events.put_nowait
+                key = address if session is not None else _SESSIONLESS
                 for e in events:
                     put((address, e))
+                    if type(e) is StreamComplete:  # its buffers stay charged until the application takes it
+                        self._hold(key, e.nbytes)
                 q = self._queued
-                q[address] = q.get(address, 0) + len(events)
+                q[key] = q.get(key, 0) + len(events)
             return
         for e in events:
             try:
@@ -664,22 +700,45 @@ class Server:
         return max(_QUEUE_MIN_SHARE, _QUEUE_LIMIT // max(1, len(self._queued)))
 
     def _over(self, address: tuple) -> bool:
-        """Whether this peer's own backlog of queued events is over its share."""
-        return self._queued.get(address, 0) > self._share()
+        """Whether this peer's own backlog of queued events is over its share, or the bytes of its
+        queued completed streams over its share of max_memory."""
+        return (self._queued.get(address, 0) > self._share()
+                or (bool(self._held) and self._held.get(address, 0) > self.max_peer_memory))
+
+    def _hold(self, key, nbytes: int) -> None:
+        """A completed stream queued for the application: its buffers are charged to max_memory
+        again (the Reassembler released its own charge at completion) until it is taken."""
+        if self.budget is not None:
+            self.budget.used += nbytes
+        self._held[key] = self._held.get(key, 0) + nbytes
 
     def _took(self, item) -> None:
-        """The application took one event: count it off its peer; resume a paused peer at half its share."""
-        address = item[0]
+        """The application took one event: count it off its peer (or the sessionless count); release
+        a completed stream's charge; resume a paused peer at half its share."""
+        address, event = item
         q = self._queued
-        n = q.get(address, 0) - 1
+        key = address if q.get(address) else _SESSIONLESS
+        n = q.get(key, 0) - 1
         if n > 0:
-            q[address] = n
+            q[key] = n
         else:
-            q.pop(address, None)
-        if self._paused and address in self._paused and n <= self._share() // 2:
+            q.pop(key, None)
+        if type(event) is StreamComplete:
+            held = self._held
+            hkey = address if held.get(address, 0) >= event.nbytes else _SESSIONLESS
+            left = held.get(hkey, 0) - event.nbytes
+            if left > 0:
+                held[hkey] = left
+            else:
+                held.pop(hkey, None)
+            if self.budget is not None:
+                self.budget.used -= event.nbytes
+        if self._paused and address in self._paused and n <= self._share() // 2 \
+                and self._held.get(address, 0) <= self.max_peer_memory // 2:
             link = self._paused.pop(address)
             t = link.transport
             if t is not None and not t.is_closing():
+                link.last = link.progress = _now()  # its deadlines start again
                 t.resume_reading()
 
     def __aiter__(self) -> AsyncIterator:
@@ -728,6 +787,7 @@ class Server:
         when max_peers are established; UDP: the least recently heard established peer is dropped."""
         self.pending.pop(address, None)
         link.pending = False
+        link.session.reassembler.limits = self._peer_config.stream_limits  # its full share of max_memory
         if len(self.links) - len(self.pending) <= self.max_peers:
             return True
         if self._udp is None:
@@ -1004,7 +1064,7 @@ def serve(url: str, *, config: SessionConfig | None = None, max_peers: int = 102
           idle_timeout: float = 300.0, handler: Callable[[tuple, Any], Frame | None] | None = None,
           max_pending: int | None = None, handshake_timeout: float = _HANDSHAKE_TIMEOUT,
           record_timeout: float = _RECORD_TIMEOUT, max_malformed: int = _MAX_MALFORMED,
-          **kwargs: Any) -> _Opening:
+          max_peer_memory: int | None = None, **kwargs: Any) -> _Opening:
     """Listen on tcp://host:port or udp://host:port (port 0 picks one; see server.address).
 
     Keyword arguments are SessionConfig fields. Every peer gets its own Session; at most
@@ -1014,12 +1074,20 @@ def serve(url: str, *, config: SessionConfig | None = None, max_peers: int = 102
     at least 16; on a lenient UDP server, where clients may send without the handshake,
     max_peers): a new one evicts the oldest of them, never an established peer. Stream buffers
     of all peers together stay within max_memory bytes (a shared MemoryBudget; each peer also has
-    its StreamLimits). A TCP peer silent for idle_timeout seconds is disconnected.
+    its StreamLimits), completed streams included until the application takes their
+    StreamComplete. One peer may hold at most max_peer_memory of it (default max_memory // 4:
+    a single peer, authenticated or not, cannot reserve the whole budget with one HEAD, and one
+    client may still stream a quarter of it; the peer's StreamLimits max_stream_bytes,
+    max_buffered_bytes and max_early_bytes are lowered to it), a peer that has not completed the
+    handshake (lenient UDP: has not handshaken at all) a quarter of that; a TCP peer whose queued
+    completed streams hold more than max_peer_memory is paused (UDP: its datagrams dropped). A
+    TCP peer silent for idle_timeout seconds is disconnected.
 
     TCP deadlines: a connection that has not completed the handshake within handshake_timeout
     seconds (on a lenient server: has not sent one valid frame) is closed, and so is one whose
     started record does not complete within record_timeout seconds (slowloris), or that sent
-    max_malformed malformed records.
+    max_malformed malformed records. While the server itself has paused a peer (its backlog), the
+    record and idle deadlines do not run; they start again when it is resumed.
 
     UDP, for sources without an established session: datagrams that cannot be a frame (too
     short, unknown version or message type) are dropped before any session is made (at most
@@ -1039,16 +1107,18 @@ def serve(url: str, *, config: SessionConfig | None = None, max_peers: int = 102
     costs, for servers that answer each message straight away. An exception it raises goes to
     the event loop's exception handler, and the server goes on."""
     return _Opening(_serve(url, config, max_peers, max_memory, idle_timeout, handler, kwargs,
-                           max_pending, handshake_timeout, record_timeout, max_malformed))
+                           max_pending, handshake_timeout, record_timeout, max_malformed, max_peer_memory))
 
 
 async def _serve(url: str, config, max_peers: int, max_memory: int, idle_timeout: float, handler, kwargs: dict,
                  max_pending: int | None = None, handshake_timeout: float = _HANDSHAKE_TIMEOUT,
-                 record_timeout: float = _RECORD_TIMEOUT, max_malformed: int = _MAX_MALFORMED) -> Server:
+                 record_timeout: float = _RECORD_TIMEOUT, max_malformed: int = _MAX_MALFORMED,
+                 max_peer_memory: int | None = None) -> Server:
     scheme, host, port = parse_url(url)
     server = Server(scheme, _config(Role.SERVER, scheme, config, kwargs), max_peers, max_pending)
     server.handler = handler
     server.budget = MemoryBudget(max_memory)
+    server._limits(max_memory, max_peer_memory)
     server.idle_timeout = idle_timeout
     server.handshake_timeout = handshake_timeout
     server.record_timeout = record_timeout
@@ -1074,6 +1144,11 @@ async def _serve(url: str, config, max_peers: int, max_memory: int, idle_timeout
                 link.flush()
                 t = link.transport
                 if t is None or t.is_closing():
+                    continue
+                if addr in server._paused:  # paused by us: not late (idle and record deadlines restart at resume)
+                    if link.pending and now - link.born > server.handshake_timeout:
+                        server.timed_out += 1
+                        t.abort()  # the handshake deadline still holds
                     continue
                 frames = link.session.stats["frames_in"]
                 partial = link.session.records.pending

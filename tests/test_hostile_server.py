@@ -561,3 +561,171 @@ def test_udp_a_flooding_source_does_not_make_the_server_drop_another_peers_datag
 
 
 _QUEUE_LIMIT_FOR_TEST = 4000  # (the shared queue's limit is 4,096 events)
+
+
+# ------------------------------------------------------------------ review 2: F3, F4, F2
+
+
+def test_tcp_a_peer_the_server_paused_is_not_aborted_by_its_own_deadlines():
+    """F3. In process, the application away for 3 s: a peer that pipelined 20,000 messages is
+    paused for its backlog, usually mid-record; that pause is the server's own doing, so neither
+    record_timeout (1 s) nor idle_timeout (1.5 s) may close it, and every message arrives
+    (before: timed_out 1 and 4,101 of 20,000 delivered)."""
+    n = 20_000
+
+    async def scenario():
+        async with resonant.serve(f"tcp://{HOST}:0", record_timeout=1.0, idle_timeout=1.5) as server:
+            host, port = server.address
+            r, w = await asyncio.open_connection(host, port)
+            w.write(b"".join(record(think(7, i)) for i in range(n)))
+            await w.drain()
+            await asyncio.sleep(0.5)  # the application is busy (3 s in all)
+            paused = bool(server._paused)
+            await asyncio.sleep(2.5)
+            got = 0
+            with contextlib.suppress(asyncio.TimeoutError):
+                while got < n:
+                    _, e = await server.next_event(timeout=2.0)
+                    got += type(e) is resonant.MessageReceived
+            w.close()
+            return paused, got, server.timed_out
+    paused, got, timed_out = run(scenario())
+    assert paused, "the scenario needs the peer paused"
+    assert (got, timed_out) == (n, 0)
+
+
+def test_udp_reports_on_sessionless_sources_do_not_shrink_the_peers_shares():
+    """F3 (shares). Garbage datagrams from 300 source ports are reported (FrameRejected) under
+    one shared count, not one per source, so they cannot shrink every peer's share of the queue
+    to its minimum (before: 100 entries, one per reported source)."""
+    async def scenario():
+        async with resonant.serve(f"udp://{HOST}:0") as server:
+            port = server.address[1]
+            socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(300)]
+            try:
+                for s in socks:
+                    s.sendto(b"\x00" * 40, (HOST, port))
+                await asyncio.sleep(0.3)
+            finally:
+                for s in socks:
+                    s.close()
+            assert server.events.qsize() > 10  # some were reported
+            keys = len(server._queued)
+            while not server.events.empty():
+                await server.next_event(1.0)
+            return keys, dict(server._queued)
+    keys, left = run(scenario())
+    assert keys == 1 and left == {}
+
+
+def _completed_streams_held(n_streams: int, *, after_close: bool = False):
+    """A client sends n_streams streams of 1 MiB to a server with max_memory (and max_peer_memory,
+    one peer only here) 2 MiB whose
+    application has not taken any event; returns (budget.used while queued, bytes of queued
+    StreamComplete events, completed, failed with 'limit', budget.used at the end)."""
+    from resonant.stream import StreamComplete, StreamFailed
+
+    async def scenario():
+        async with resonant.serve(f"tcp://{HOST}:0", max_memory=2 << 20, max_peer_memory=2 << 20) as server:
+            host, port = server.address
+            async with resonant.connect(f"tcp://{host}:{port}") as peer:
+                x = np.ones(1 << 20, np.int8)
+                for _ in range(n_streams):
+                    await peer.send_stream([x])
+                await asyncio.sleep(0.5)  # the application has not taken any event yet
+            await asyncio.sleep(0.2)
+            queued = [e for _, e in list(server.events._items)]
+            held = sum(e.nbytes for e in queued if isinstance(e, StreamComplete))
+            used = server.budget.used
+            done = sum(isinstance(e, StreamComplete) for e in queued)
+            limit = sum(isinstance(e, StreamFailed) and e.reason == "limit" for e in queued)
+            if not after_close:
+                while not server.events.empty():
+                    await server.next_event(1.0)
+        if after_close:  # the events are still handed out after close (until the end marker)
+            with contextlib.suppress(EOFError):
+                while True:
+                    await server.next_event(1.0)
+        return used, held, done, limit, server
+    used, held, done, limit, server = run(scenario())
+    return used, held, done, limit, server.budget.used
+
+
+def test_tcp_completed_streams_stay_charged_to_max_memory_until_the_application_takes_them():
+    """F4. Completed streams waiting in the server's queue hold their buffers: they stay charged
+    to max_memory (2 MiB) until the application takes them, so later HEADs fail with 'limit'
+    (before: budget.used 0 while 40 MiB of StreamComplete were queued)."""
+    used, held, done, limit, used_after = _completed_streams_held(40)
+    assert held <= 2 << 20 and used >= held > 0
+    assert done >= 1 and limit >= 38 and done + limit == 40
+    assert used_after == 0
+
+
+def test_tcp_a_server_closed_with_completed_streams_queued_releases_them_when_drained():
+    """F4. The server closes with completions still queued: draining the queue (the events are
+    still handed out) brings the budget back to 0."""
+    used, held, done, limit, used_after = _completed_streams_held(3, after_close=True)
+    assert done >= 1 and used_after == 0
+
+
+def test_tcp_one_unauthenticated_head_cannot_reserve_the_whole_shared_budget():
+    """F2. On a lenient server (max_memory 64 MiB) a peer's single HEAD announcing nearly 64 MiB
+    is refused by the per-peer cap (max_peer_memory, default max_memory // 4), and a legitimate
+    client's 1 MiB stream completes (before: StreamFailed 'limit', the budget all reserved)."""
+    from resonant.stream import StreamComplete, StreamFailed, StreamSender
+    m = 64 << 20
+
+    async def scenario():
+        async with resonant.serve(f"tcp://{HOST}:0", max_memory=m) as server:
+            host, port = server.address
+            hog = StreamSender(1, [np.zeros(m - 8192, np.int8)])  # only its HEAD is ever sent
+            r, w = await asyncio.open_connection(host, port)
+            w.write(record(hog.head()))
+            await w.drain()
+            await asyncio.sleep(0.3)
+            hog_used = server.budget.used
+            hog_addr = w.get_extra_info("sockname")[:2]
+            outcome = None
+            async with resonant.connect(f"tcp://{host}:{port}") as peer:
+                await peer.send_stream([np.ones(1 << 20, np.int8)])
+                with contextlib.suppress(asyncio.TimeoutError):
+                    while outcome is None:
+                        addr, e = await server.next_event(timeout=5.0)
+                        if addr != hog_addr and isinstance(e, (StreamFailed, StreamComplete)):
+                            outcome = e
+            w.close()
+            return hog_used, outcome
+    hog_used, outcome = run(scenario())
+    assert hog_used <= m // 4
+    assert isinstance(outcome, StreamComplete), outcome
+
+
+def test_tcp_a_peer_whose_queued_completions_fill_its_share_is_paused_and_others_still_stream():
+    """F4. max_memory 8 MiB, max_peer_memory 2 MiB, the application away: one client sends ten
+    1 MiB streams; once its queued StreamComplete events hold more than 2 MiB it is paused, so
+    a second client's 1 MiB stream still completes (without the pause: the first client's queued
+    completions take the whole budget and the second's stream fails with 'limit')."""
+    from resonant.stream import StreamComplete, StreamFailed
+
+    async def scenario():
+        async with resonant.serve(f"tcp://{HOST}:0", max_memory=8 << 20, max_peer_memory=2 << 20) as server:
+            host, port = server.address
+            url = f"tcp://{host}:{port}"
+            async with resonant.connect(url) as greedy, resonant.connect(url) as other:
+                async def flood():
+                    for _ in range(10):
+                        await greedy.send_stream([np.ones(1 << 20, np.int8)])
+                task = asyncio.ensure_future(flood())
+                await asyncio.sleep(1.0)  # the application has not taken any event yet
+                held = max(server._held.values(), default=0)
+                await other.send_stream([np.full(1 << 20, 2, np.int8)], stream_id=LEGIT)
+                await asyncio.sleep(0.5)
+                outcome = next((e for _, e in list(server.events._items)
+                                if isinstance(e, (StreamComplete, StreamFailed)) and e.stream_id == LEGIT), None)
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+            return held, outcome
+    held, outcome = run(scenario())
+    assert held <= 3 << 20
+    assert isinstance(outcome, StreamComplete), outcome
