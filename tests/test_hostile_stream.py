@@ -432,15 +432,18 @@ def test_an_early_chunk_with_a_many_dimension_shape_is_held_as_a_plain_chunk():
     assert bytes(done.objects[0].view(np.uint8)) == payload
 
 
-def _keepalive_only(r: Reassembler, until: float, step: float, sid: int = 3) -> list:
+def _keepalive_only(r: Reassembler, until: float, step: float, fast: bool, sid: int = 3) -> tuple[list, float]:
+    """HEAD and one chunk at time 0 (through the C fast path, or decoded: the general path), then
+    only HEARTs every `step` s; the events and the time the stream closed."""
     sender = StreamSender(sid, [np.zeros(4 * MIN_CHUNK, np.int8)], max_frame_bytes=512)
     frames = list(sender)
-    events = r.receive(frames[0], 0.0) + r.receive(frames[1], 0.0)  # HEAD and one chunk, then keepalives
+    events = r.receive(frames[0], 0.0) + r.receive(frames[1] if fast else resonant.decode(frames[1]), 0.0)
+    assert r._streams[sid].have_count == 1
     t = 0.0
     while t < until and sid in r:
         t += step
         events += r.receive(sender.heart(), t) + r.tick(t)
-    return events
+    return events, t
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -449,16 +452,18 @@ def test_keepalives_alone_do_not_keep_a_stream_open(fast):
     idle_timeout/2 (HEART only says the sender is alive). Now it fails at progress_timeout."""
     lim = StreamLimits()
     r = Reassembler(lim)
-    r._fast = fast
-    events = _keepalive_only(r, until=10 * lim.progress_timeout, step=lim.idle_timeout / 2)
+    events, closed = _keepalive_only(r, until=10 * lim.progress_timeout, step=lim.idle_timeout / 2, fast=fast)
+    assert lim.progress_timeout < closed <= lim.progress_timeout + lim.idle_timeout / 2
     (failed,) = of(events, StreamFailed)
     assert failed.reason == "timeout"
     assert "no new chunk" in failed.detail and "keepalive" in failed.detail
     assert 3 not in r and r.buffered_bytes == 0
 
 
-def test_slow_but_steady_chunks_keep_a_stream_open():
-    """Chunks that keep coming, however slowly (each within idle_timeout), are progress."""
+@pytest.mark.parametrize("fast", [True, False])
+def test_slow_but_steady_chunks_keep_a_stream_open(fast):
+    """Chunks that keep coming, however slowly (each within idle_timeout), are progress, whether
+    the C fast path or the general path places them."""
     lim = StreamLimits()
     sender = StreamSender(4, [np.arange(40 * MIN_CHUNK, dtype=np.int8)], max_frame_bytes=512)
     frames = list(sender)
@@ -467,7 +472,7 @@ def test_slow_but_steady_chunks_keep_a_stream_open():
     t = 0.0
     for f in frames[1:]:
         t += lim.idle_timeout * 0.9
-        events += r.tick(t) + r.receive(f, t)
+        events += r.tick(t) + r.receive(f if fast else resonant.decode(f), t)
     assert t > 2 * lim.progress_timeout
     assert not of(events, StreamFailed)
     assert of(events, StreamComplete)
