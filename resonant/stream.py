@@ -605,8 +605,9 @@ class Reassembler:
     Each chunk is written straight into a buffer allocated once at HEAD (one copy in all);
     duplicates are ignored. Frames of a stream whose HEAD has not arrived yet are held, up to
     max_early_bytes. Pass the time (`now`, seconds, any monotonic origin) to receive() and call
-    tick(now) now and then: idle streams, and streams whose TAIL came but whose chunks did not,
-    fail and release their memory. tick() costs what expires, not what is held.
+    tick(now) now and then: idle streams, streams with no new chunk for progress_timeout
+    (keepalives notwithstanding), and streams whose TAIL came but whose chunks did not, fail and
+    release their memory. tick() costs what expires, not what is held.
 
     Everything a peer makes it hold is charged (buffered_bytes, and a MemoryBudget) before it
     is allocated: a stream's buffer, bitmap and objects at HEAD, each early frame or HEAD part

@@ -5,6 +5,8 @@
 - Frames held before their HEAD, and HEAD parts, are charged what they really cost, leave no
   entry behind when refused, and tick() costs what expires, not what is held.
 - StreamLimits(release="verified"): objects are handed out only once the TAIL hash matched.
+- Review 2: a frame held before its HEAD never makes receive() raise; keepalives alone do not keep
+  a stream (and its buffer) open past progress_timeout; missing ranges are never empty.
 """
 
 from __future__ import annotations
