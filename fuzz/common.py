@@ -162,12 +162,30 @@ def encoder_frames(keyed: bool = False) -> list[bytes]:
         out += [c.encode(f) for f in frames]
         z = np.zeros((256, 64), np.float16)
         out.append(c.encode(Think(z, stream_id=9)))
+    out.append(large_body_chunk())
     # A small V-Stream: HEAD, chunks, TAIL, HEART.
     objs = [h.astype(np.float16), rng.standard_normal((3, 50)).astype(np.float32)]
     for c in [None] + (codecs if keyed else []):
         sender = StreamSender(20, objs, max_frame_bytes=600, codec=c, names=["a", "b"])
         out += list(sender)
     return out
+
+
+def large_body_chunk(stream_id: int = 21, n: int = 65536 - 6) -> bytes:
+    """A zstd (version 2) Chunk frame whose body is 64 KiB before compression (legal, ~70 bytes):
+    more payload than a plain frame carries, which no encoder makes (an early-held frame of a
+    Reassembler once re-encoded it and raised EncodeError)."""
+    import zstandard
+
+    from resonant import _codec
+    from resonant._codec import Chunk, Slice
+    from resonant._spec import DType
+    from resonant.transforms import _ENV_BASE, _ZSTD
+
+    body = bytes([DType.I8, 1]) + struct.pack("<I", n) + bytes(n)
+    seg = zstandard.ZstdCompressor(level=3).compress(body)
+    header = _codec._encode_header(Chunk(Slice(DType.I8, (n,), bytes(n)), stream_id=stream_id, frame_seq=1), _ZSTD)
+    return _codec._assemble(header + _ENV_BASE.pack(len(body), 0), struct.pack("<BI", 1, len(seg)), seg)
 
 
 def write_seeds(corpus: Path, seeds: list[bytes]) -> None:

@@ -2334,7 +2334,8 @@ cdef inline bint _bit(const unsigned char *bits, Py_ssize_t k) noexcept nogil:
 cdef class ChunkSink:
     """The receiving state of one V-Stream that the chunk fast path (_place_chunk) writes to:
     the output buffer, the chunk bitmap (one bit per chunk: bit k & 7 of byte k >> 3), the
-    chunks left per object, the running hash and the time of the last frame. resonant.stream's
+    chunks left per object, the running hash, the time of the last frame and of the last new
+    chunk (`progress`: a duplicate or a keepalive is not progress). resonant.stream's
     _Stream extends it; its Python path for chunks checks and commits them through the same C
     functions (check, commit), so both paths share the checks and the bitmap code."""
     cdef public object buffer
@@ -2344,6 +2345,7 @@ cdef class ChunkSink:
     cdef public Xxh3 hasher
     cdef public bint streaming
     cdef public double last
+    cdef public double progress          # when the last new chunk was committed (or the stream opened)
     cdef public object object_left       # numpy int64, chunks still missing per object
     cdef public object tail              # the TAIL document once it came (None before)
     cdef public int completed            # the object the last fast placement completed, or -1
@@ -2408,8 +2410,9 @@ cdef class ChunkSink:
         _commit_chunk(self, &at, now)
 
     def missing(self, Py_ssize_t cap):
-        """The byte ranges of the stream not received, in order, touching ranges joined: the
-        first `cap` of them, and how many more there are. One pass over the bitmap (whole bytes
+        """The byte ranges of the stream not received, in order, touching ranges joined, never
+        empty (a missing chunk of an empty object is no bytes): the first `cap` of them, and how
+        many more there are. One pass over the bitmap (whole bytes
         at a time where it is all 0 or all 1); memory for the ranges listed only."""
         cdef Py_ssize_t k = 0, n = self._nchunks, k0, a, b, pa = -1, pb = -1, more = 0
         cdef const unsigned char *bits
@@ -2436,6 +2439,8 @@ cdef class ChunkSink:
                 k = n
             a = self._byte_at(k0, False)
             b = self._byte_at(k - 1, True)
+            if a == b:  # only empty objects' chunks: no bytes missing
+                continue
             if pa >= 0 and a == pb:  # touches the previous range (an empty object in between)
                 pb = b
                 continue
@@ -2562,6 +2567,7 @@ cdef void _commit_chunk(ChunkSink st, ChunkAt *at, double now):
     st._left[at.o] -= 1
     st.completed = <int>at.o if st._left[at.o] == 0 else -1
     st.last = now
+    st.progress = now
 
 
 cdef bint _place_at(ChunkSink st, ChunkAt *at, const unsigned char *p, Py_ssize_t n) noexcept:

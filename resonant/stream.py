@@ -31,7 +31,7 @@ from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, Slice, Sync
 from resonant._spec import (MAX_FRAME_BYTES, MAX_SHAPE_ELEMENTS, NUMPY_DTYPES, TCP_LENGTH_PREFIX_BYTES, DType, Flags,
                             Modality, MsgType)
-from resonant.errors import EncodeError, HandshakeError
+from resonant.errors import EncodeError, HandshakeError, ResonantError
 from resonant.refcodec import expected_size
 
 __all__ = [
@@ -47,6 +47,9 @@ _HEAD_PREFIX = re.compile(rb'\s*\{\s*"method"\s*:\s*"head"')  # a head document 
 # (16) and a segment table for up to 8 byte planes (33).
 _CHUNK_OVERHEAD = 43
 _TRANSFORM_OVERHEAD = 33 + 16 + 33
+# The largest chunk payload a plain (version 1) Chunk frame carries, and so any resonant sender
+# makes; a compressed frame may carry more (its body is up to 64 KiB before compression).
+_PLAIN_CHUNK_MAX = MAX_FRAME_BYTES - _CHUNK_OVERHEAD
 _I8 = DType.I8
 # Stream buffers at least this large are written with streaming (non-temporal) stores: they
 # exceed the caches, and ordinary stores would first read every destination line.
@@ -459,9 +462,10 @@ class StreamComplete:
 @dataclass(frozen=True)
 class StreamFailed:
     """The stream was dropped and its memory released. reason: 'hash_mismatch', 'gap_after_tail',
-    'timeout', 'limit', 'bad_head', 'bad_chunk', 'bad_tail', 'closed'. missing: byte ranges never
-    received, in order (at most StreamLimits.max_missing_ranges); missing_more: how many more
-    ranges there were beyond those listed."""
+    'timeout', 'limit', 'bad_head', 'bad_chunk', 'bad_tail', 'closed'. missing: the byte ranges
+    never received, (start, end) with start < end, in order (at most
+    StreamLimits.max_missing_ranges; an empty object's missing chunk is no bytes and is not listed);
+    missing_more: how many more ranges there were beyond those listed."""
 
     stream_id: int
     reason: str
@@ -484,6 +488,7 @@ class StreamLimits:
     idle_timeout: float = 30.0            # seconds without a frame before a stream fails
     tail_grace: float = 5.0               # seconds after TAIL for missing chunks to arrive
     max_missing_ranges: int = 1024        # byte ranges a StreamFailed lists (the rest are counted)
+    progress_timeout: float = 120.0       # seconds without a new chunk (keepalives or not) before it fails
     release: str = "arrival"              # ObjectReady on "arrival" of an object, or once the hash is "verified"
 
     def __post_init__(self) -> None:
@@ -491,6 +496,9 @@ class StreamLimits:
             raise ValueError(f"release {self.release!r} is not one of {', '.join(map(repr, _RELEASES))}")
         if self.max_missing_ranges < 0:
             raise ValueError("max_missing_ranges must be >= 0")
+        if self.progress_timeout < self.idle_timeout:
+            raise ValueError(f"progress_timeout ({self.progress_timeout} s) must be at least idle_timeout "
+                             f"({self.idle_timeout} s): it bounds a stream kept open by keepalives alone")
 
 
 _RELEASES = ("arrival", "verified")
@@ -533,12 +541,14 @@ class _Stream(_codec.ChunkSink):
         self.tail: dict | None = None
         self.tail_at = 0.0
         self.last = now
+        self.progress = now  # the last new chunk (set by the commit of each)
         self.hasher = _codec.Xxh3()  # fed while chunks arrive in order (cache-hot); else one pass at the end
         self.hashed = 0                 # bytes of the stream's prefix already hashed
 
     def deadline(self, limits: StreamLimits) -> float:
-        """When tick() fails it: idle_timeout after its last frame, or tail_grace after TAIL."""
-        idle = self.last + limits.idle_timeout
+        """When tick() fails it: idle_timeout after its last frame, progress_timeout after its last
+        new chunk, or tail_grace after TAIL."""
+        idle = min(self.last + limits.idle_timeout, self.progress + limits.progress_timeout)
         return idle if self.tail is None else min(idle, self.tail_at + limits.tail_grace)
 
 
@@ -595,8 +605,9 @@ class Reassembler:
     Each chunk is written straight into a buffer allocated once at HEAD (one copy in all);
     duplicates are ignored. Frames of a stream whose HEAD has not arrived yet are held, up to
     max_early_bytes. Pass the time (`now`, seconds, any monotonic origin) to receive() and call
-    tick(now) now and then: idle streams, and streams whose TAIL came but whose chunks did not,
-    fail and release their memory. tick() costs what expires, not what is held.
+    tick(now) now and then: idle streams, streams with no new chunk for progress_timeout
+    (keepalives notwithstanding), and streams whose TAIL came but whose chunks did not, fail and
+    release their memory. tick() costs what expires, not what is held.
 
     Everything a peer makes it hold is charged (buffered_bytes, and a MemoryBudget) before it
     is allocated: a stream's buffer, bitmap and objects at HEAD, each early frame or HEAD part
@@ -741,6 +752,9 @@ class Reassembler:
                 elif now - st.last > lim.idle_timeout:
                     events += self._fail(sid, "timeout", f"no frame for {now - st.last:.1f} s "
                                          f"(idle_timeout {lim.idle_timeout} s)")
+                elif now - st.progress > lim.progress_timeout:
+                    events += self._fail(sid, "timeout", f"no new chunk for {now - st.progress:.1f} s despite "
+                                         f"keepalives (progress_timeout {lim.progress_timeout} s)")
                 else:
                     again.append((kind, sid))
             elif kind == _EARLY:
@@ -1029,8 +1043,24 @@ class Reassembler:
 
     def _hold(self, frame: Frame, now: float) -> list:
         # an owned copy of what arrived before its HEAD (views would pin the caller's buffers):
-        # the plain frame's bytes, decoded again when the HEAD comes, charged what they take
-        raw = _codec.encode(frame)
+        # the plain frame's bytes, decoded again when the HEAD comes, charged what they take. A
+        # chunk is kept as the 1-D chunk it stands for (all a chunk is checked on is its dtype and
+        # length); one larger than a plain frame carries is dropped (a compressed frame's body may
+        # be 64 KiB: re-encoded, it would not fit a frame). Never raises for what a peer sent.
+        try:
+            if isinstance(frame, Chunk):
+                s = frame.data
+                if s.nbytes > _PLAIN_CHUNK_MAX:
+                    self.dropped_frames += 1
+                    return []
+                if len(s.shape) != 1:
+                    frame = Chunk(Slice(s.dtype, (math.prod(s.shape),), s.payload), stream_id=frame.stream_id,
+                                  frame_seq=frame.frame_seq, space_hash32=frame.space_hash32,
+                                  modality=frame.modality)
+            raw = _codec.encode(frame)
+        except ResonantError:
+            self.dropped_frames += 1
+            return []
         held = self._early.get(frame.stream_id)
         cost = len(raw) + _EARLY_FRAME_BYTES + (_EARLY_STREAM_BYTES if held is None else 0)
         if not self._room_for_early(cost):

@@ -5,6 +5,8 @@
 - Frames held before their HEAD, and HEAD parts, are charged what they really cost, leave no
   entry behind when refused, and tick() costs what expires, not what is held.
 - StreamLimits(release="verified"): objects are handed out only once the TAIL hash matched.
+- Review 2: a frame held before its HEAD never makes receive() raise; keepalives alone do not keep
+  a stream (and its buffer) open past progress_timeout; missing ranges are never empty.
 """
 
 from __future__ import annotations
@@ -365,3 +367,149 @@ def test_verified_release_over_tcp_records():
 def test_release_must_be_known():
     with pytest.raises(ValueError, match="release"):
         StreamLimits(release="sometimes")
+
+
+# ------------------------------------------------------------------ review 2
+
+
+def _large_compressed_chunk(sid: int, n: int = 65536 - 6) -> bytes:
+    """A version 2 (zstd) Chunk frame whose body is 64 KiB before compression: legal, ~70 bytes on
+    the wire, and its payload is more than any plain (version 1) Chunk frame can carry."""
+    import struct
+
+    import zstandard
+
+    from resonant import _codec
+    from resonant.transforms import _ENV_BASE, _ZSTD
+
+    big = Chunk(Slice(DType.I8, (n,), bytes(n)), stream_id=sid, frame_seq=1)
+    body = bytes([DType.I8, 1]) + struct.pack("<I", n) + bytes(n)
+    seg = zstandard.ZstdCompressor(level=3).compress(body)
+    return _codec._assemble(_codec._encode_header(big, _ZSTD) + _ENV_BASE.pack(len(body), 0),
+                            struct.pack("<BI", 1, len(seg)), seg)
+
+
+def test_an_early_chunk_too_large_for_a_plain_frame_is_dropped_not_raised():
+    """Review 2, F1. Before: a 70-byte compressed chunk sent before its HEAD made receive() raise
+    EncodeError (the early frame was re-encoded as a 65,573-byte plain frame)."""
+    from resonant.transforms import Codec
+
+    data = _large_compressed_chunk(9)
+    assert len(data) < 200
+    frame = resonant.decode(data)
+    for r, what in ((Reassembler(), frame), (Reassembler(codec=Codec(zstd_level=3)), data)):
+        assert r.receive(what, 0.0) == []
+        assert r.dropped_frames == 1
+        assert r.buffered_bytes == 0 and not r._early
+
+
+@pytest.mark.parametrize("scheme", ["udp", "tcp"])
+def test_an_early_oversize_chunk_does_not_break_a_session(scheme):
+    """Review 2, F1, through the Session: before, receive_datagram/buffer_updated raised EncodeError."""
+    from resonant.session import Role, Session, SessionConfig
+
+    data = _large_compressed_chunk(9)
+    s = Session(SessionConfig(role=Role.SERVER))
+    if scheme == "udp":
+        s.receive_datagram(data, 0.0)
+    else:
+        rec = len(data).to_bytes(4, "little") + data
+        buf = s.get_buffer(len(rec))
+        buf[:len(rec)] = rec
+        s.buffer_updated(len(rec), 0.0)
+
+
+def test_an_early_chunk_with_a_many_dimension_shape_is_held_as_a_plain_chunk():
+    """A chunk before its HEAD (as a decoded compressed frame gives it) whose payload fits a plain
+    frame but whose shape does not (8 dimensions) is held as the 1-D chunk it stands for, and placed
+    when the HEAD comes. Before: EncodeError (a 65,564-byte plain frame)."""
+    payload = bytes(range(256)) * 255 + bytes(200)  # 65,480 bytes: one chunk of a max-size stream
+    sender = StreamSender(5, [np.frombuffer(payload, np.int8)])
+    head, tail = sender.head(), sender.tail()
+    odd = Chunk(Slice(DType.I8, (1,) * 7 + (len(payload),), payload), stream_id=5, frame_seq=1)
+    r = Reassembler()
+    assert r.receive(odd, 0.0) == []
+    events = r.receive(head, 0.0) + r.receive(tail, 0.0)
+    (done,) = of(events, StreamComplete)
+    assert bytes(done.objects[0].view(np.uint8)) == payload
+
+
+def _keepalive_only(r: Reassembler, until: float, step: float, fast: bool, sid: int = 3) -> tuple[list, float]:
+    """HEAD and one chunk at time 0 (through the C fast path, or decoded: the general path), then
+    only HEARTs every `step` s; the events and the time the stream closed."""
+    sender = StreamSender(sid, [np.zeros(4 * MIN_CHUNK, np.int8)], max_frame_bytes=512)
+    frames = list(sender)
+    events = r.receive(frames[0], 0.0) + r.receive(frames[1] if fast else resonant.decode(frames[1]), 0.0)
+    assert r._streams[sid].have_count == 1
+    t = 0.0
+    while t < until and sid in r:
+        t += step
+        events += r.receive(sender.heart(), t) + r.tick(t)
+    return events, t
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_keepalives_alone_do_not_keep_a_stream_open(fast):
+    """Review 2, F2. Before: a HEAD kept its whole buffer reserved forever with a HEART every
+    idle_timeout/2 (HEART only says the sender is alive). Now it fails at progress_timeout."""
+    lim = StreamLimits()
+    r = Reassembler(lim)
+    events, closed = _keepalive_only(r, until=10 * lim.progress_timeout, step=lim.idle_timeout / 2, fast=fast)
+    assert lim.progress_timeout < closed <= lim.progress_timeout + lim.idle_timeout / 2
+    (failed,) = of(events, StreamFailed)
+    assert failed.reason == "timeout"
+    assert "no new chunk" in failed.detail and "keepalive" in failed.detail
+    assert 3 not in r and r.buffered_bytes == 0
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_slow_but_steady_chunks_keep_a_stream_open(fast):
+    """Chunks that keep coming, however slowly (each within idle_timeout), are progress, whether
+    the C fast path or the general path places them."""
+    lim = StreamLimits()
+    sender = StreamSender(4, [np.arange(40 * MIN_CHUNK, dtype=np.int8)], max_frame_bytes=512)
+    frames = list(sender)
+    r = Reassembler(lim)
+    events = r.receive(frames[0], 0.0)
+    t = 0.0
+    for f in frames[1:]:
+        t += lim.idle_timeout * 0.9
+        events += r.tick(t) + r.receive(f if fast else resonant.decode(f), t)
+    assert t > 2 * lim.progress_timeout
+    assert not of(events, StreamFailed)
+    assert of(events, StreamComplete)
+
+
+def test_progress_timeout_is_at_least_idle_timeout():
+    with pytest.raises(ValueError, match="progress_timeout"):
+        StreamLimits(idle_timeout=60.0, progress_timeout=30.0)
+
+
+@pytest.mark.parametrize("objs, drop", [([2, 0, 2], [2]), ([0], [0]), ([1, 0, 0, 1], [1, 2]),
+                                        ([2, 0, 2], [1, 2, 3])])
+def test_missing_never_lists_empty_ranges(objs, drop):
+    """Review 2, F5. Before: a stream whose only missing chunk was an empty object's listed
+    (938, 938), an empty range counted against max_missing_ranges."""
+    cb = _chunk_bytes_for(512, [DType.I8], False)
+    sender = StreamSender(3, [np.ones(n * cb, np.int8) for n in objs], max_frame_bytes=512)
+    frames = list(sender)
+    r = Reassembler()
+    events = r.receive(frames[0], 0.0)
+    for k, c in enumerate(frames[1:-1]):
+        if k not in drop:
+            events += r.receive(c, 0.0)
+    events += r.receive(frames[-1], 0.0) + r.tick(100.0)
+    (failed,) = of(events, StreamFailed)
+    assert all(a < b for a, b in failed.missing)
+    # what is missing is exactly the non-empty dropped chunks' bytes
+    lay = sender.layout
+    want = []
+    for k in drop:
+        obj, start, length = lay.chunk(k)
+        if length:
+            a = obj.offset + start
+            if want and want[-1][1] == a:
+                want[-1] = (want[-1][0], a + length)
+            else:
+                want.append((a, a + length))
+    assert failed.missing == want and failed.missing_more == 0
