@@ -488,7 +488,8 @@ class StreamLimits:
     idle_timeout: float = 30.0            # seconds without a frame before a stream fails
     tail_grace: float = 5.0               # seconds after TAIL for missing chunks to arrive
     max_missing_ranges: int = 1024        # byte ranges a StreamFailed lists (the rest are counted)
-    progress_timeout: float = 120.0       # seconds without a new chunk (keepalives or not) before it fails
+    progress_timeout: float | None = None  # seconds without a new chunk (keepalives or not) before it fails;
+    #                                        None: max(DEFAULT_PROGRESS_TIMEOUT, idle_timeout)
     release: str = "arrival"              # ObjectReady on "arrival" of an object, or once the hash is "verified"
 
     def __post_init__(self) -> None:
@@ -496,12 +497,15 @@ class StreamLimits:
             raise ValueError(f"release {self.release!r} is not one of {', '.join(map(repr, _RELEASES))}")
         if self.max_missing_ranges < 0:
             raise ValueError("max_missing_ranges must be >= 0")
+        if self.progress_timeout is None:
+            object.__setattr__(self, "progress_timeout", max(DEFAULT_PROGRESS_TIMEOUT, self.idle_timeout))
         if self.progress_timeout < self.idle_timeout:
             raise ValueError(f"progress_timeout ({self.progress_timeout} s) must be at least idle_timeout "
                              f"({self.idle_timeout} s): it bounds a stream kept open by keepalives alone")
 
 
 _RELEASES = ("arrival", "verified")
+DEFAULT_PROGRESS_TIMEOUT = 120.0  # StreamLimits.progress_timeout when not given (or idle_timeout, if longer)
 
 # What the Reassembler holds besides payload bytes, charged with them (measured with tracemalloc
 # on CPython 3.11, rounded up): an open stream (its _Stream, layout and per-object arrays);

@@ -483,6 +483,8 @@ def test_slow_but_steady_chunks_keep_a_stream_open(fast):
 def test_progress_timeout_is_at_least_idle_timeout():
     with pytest.raises(ValueError, match="progress_timeout"):
         StreamLimits(idle_timeout=60.0, progress_timeout=30.0)
+    assert StreamLimits().progress_timeout == 120.0
+    assert StreamLimits(idle_timeout=300.0).progress_timeout == 300.0  # (the default follows a longer idle_timeout)
 
 
 @pytest.mark.parametrize("objs, drop", [([2, 0, 2], [2]), ([0], [0]), ([1, 0, 0, 1], [1, 2]),
