@@ -20,11 +20,56 @@ C_TYPES = {"u8": "uint8_t", "u16": "uint16_t", "u32": "uint32_t", "u64": "uint64
 SIZE_RULES = ("element", "packed", "block", "opaque")
 ROLE_KINDS = ("tensor", "text", "json")
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+WIRE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 FRAMINGS = ("datagram", "length_prefix")
 TRANSPORT_ACTIONS = ("continue", "close", "report")
 # hex32 / hex64: a string of exactly 32 / 64 lowercase hexadecimal digits (16 / 32 bytes).
 HANDSHAKE_TYPES = ("string", "number", "bool", "u32", "u64", "hex32", "hex64", "object", "list[string]", "list[u32]",
                    "list[object]")
+
+
+#: Header fields the codec lays out (its Frame, encoder and decoder have a place for each).
+HEADER_FIELDS = ("version", "msg_type", "flags", "stream_id", "frame_seq", "num_slices", "slice_len", "space_hash32",
+                 "modality")
+
+#: Fields whose `limit:` the decoder checks where it reads the field (before anything it counts is
+#: read or allocated), and the limit each must name; a `limit:` anywhere else would not be enforced.
+FIELD_LIMITS = {("header", "num_slices"): "max_slices", ("slice", "shape_len"): "max_dims",
+                ("transforms.compression.segments", "segment_count"): "max_segments"}
+
+#: Limits of the `limits:` lists that the runtime enforces without a field's `limit:`, and where. A
+#: limit that is in neither this table nor a field's `limit:` would be a constant nothing checks
+#: (tests/test_codegen.py checks that each constant named here is used by the runtime).
+RUNTIME_LIMITS = {
+    "vframe.yaml": {
+        "max_frame_bytes": "decode and encode (the whole frame), the transports",
+        "max_shape_elements": "decode, encode and V-Stream HEAD (the product of a shape)",
+        "max_dense_bytes": "resonant.quant.sparse_to_dense",
+    },
+    "handshake.yaml": {
+        "max_json_bytes": "handshake.parse",
+        "max_objects": "handshake.validate (list[object])",
+        "max_list_items": "handshake.validate (lists)",
+        "max_string_chars": "handshake.validate (strings)",
+        "min_chunk_bytes": "the V-Stream Reassembler (HEAD)",
+        "session_random_bytes": "the Session (client_random, server_random)",
+        "replay_evicted_ranges": "the Session's replay window",
+        "control_tags_remembered": "the Session (sealed control documents)",
+        "sent_tags_remembered": "the Session (tags of sent frames)",
+    },
+}
+
+#: Enum values the hand-written runtime names (e.g. DType.F16, MsgType.SYNC); removing one breaks it.
+RUNTIME_ENUM_VALUES = {
+    "msg_type": ("CACHE", "SYNC", "CHUNK"),
+    "modality": ("TEXT",),
+    "flags": ("ZSTD", "XCHACHA", "STRONG_TAIL"),
+    "filters": ("BYTE_SHUFFLE",),
+    "dtype": ("F16", "I8", "BF16", "F32", "Q8_0", "Q4_0", "SPARSE_COO_U32"),
+}
+
+#: Control documents the Session and the Reassembler build and read.
+RUNTIME_MESSAGES = ("ping", "capability", "error", "head", "tail", "confirm")
 
 
 class SchemaError(Exception):
@@ -83,6 +128,13 @@ class _Node:
             raise self.fail(f"expected an integer, got {self.value!r}")
         if self.value < lo or (hi is not None and self.value > hi):
             raise self.fail(f"{self.value} is out of range [{lo}, {hi}]")
+        return self.value
+
+    def bool(self, default: bool) -> bool:
+        if self.value is None:
+            return default
+        if not isinstance(self.value, bool):
+            raise self.fail(f"expected true or false, got {self.value!r}")
         return self.value
 
     def doc(self) -> str:
@@ -171,9 +223,18 @@ class EnumValue:
     size: SizeRule | None = None
     numpy: str | None = None
     body_transform: bool = False
+    wire: str | None = None               # dtype: its name in handshake documents (supports.dtype)
+    reference: bool = False               # dtype: a protocol-1 (reference) peer reads it
+    offered: bool = True                  # dtype: in SessionConfig.dtypes by default
+    fallback: tuple[str, ...] = ()        # dtype: wire names it is converted to when the peer lacks it
+    internal: bool = False                # msg_type: carried by the library itself (control, V-Stream)
 
     def role(self, name: str) -> Role:
         return next(r for r in self.roles if r.name == name)
+
+    @property
+    def smallest_layout(self) -> tuple[str, ...]:
+        return min(self.layouts, key=len)
 
     @property
     def min_slices(self) -> int:
@@ -207,6 +268,9 @@ class Enum:
 
     def by_name(self, name: str) -> EnumValue:
         return next(v for v in self.values if v.name == name)
+
+    def by_wire(self, wire: str) -> EnumValue:
+        return next(v for v in self.values if v.wire == wire)
 
 
 @dataclass(frozen=True)
@@ -380,6 +444,15 @@ class VFrame:
     def dtypes(self) -> tuple[EnumValue, ...]:
         return self.enums["dtype"].values
 
+    @property
+    def user_message_types(self) -> tuple[EnumValue, ...]:
+        """Message types an application sends (not the library's own control and V-Stream frames)."""
+        return tuple(v for v in self.message_types if not v.internal)
+
+    @property
+    def longest_layout(self) -> int:
+        return max(v.max_slices for v in self.message_types)
+
     def field(self, name: str) -> Field:
         for f in self.header + self.slice + self.trailer:
             if f.name == name:
@@ -405,6 +478,12 @@ class HField:
     const: str | None = None
     choices: tuple[str, ...] = ()
     fields: tuple["HField", ...] = ()
+    has_default: bool = False
+    default: Any = field(default=None, compare=False)
+    choices_from: str | None = None   # "dtype": the choices are the dtypes' wire names (vframe.yaml)
+
+    def sub(self, name: str) -> "HField | None":
+        return next((f for f in self.fields if f.name == name), None)
 
 
 @dataclass(frozen=True)
@@ -541,7 +620,8 @@ def _enum(name: str, node: _Node, width: int) -> Enum:
     values: list[EnumValue] = []
     for item in node.child("values").seq():
         item.mapping(("name", "value", "doc"),
-                     ("class", "roles", "layouts", "size", "numpy", "body_transform"))
+                     ("class", "roles", "layouts", "size", "numpy", "body_transform", "wire", "reference", "offered",
+                      "fallback", "internal"))
         vname = item.child("name").ident()
         value = item.child("value").int(0, (1 << (8 * width)) - 1)
         if bits and (value == 0 or value & (value - 1)):
@@ -552,8 +632,9 @@ def _enum(name: str, node: _Node, width: int) -> Enum:
             raise item.child("name").fail(f"duplicate name '{vname}'")
         extra: dict[str, Any] = {}
         if name == "msg_type":
-            item.mapping(("name", "value", "doc", "class", "roles", "layouts"))
+            item.mapping(("name", "value", "doc", "class", "roles", "layouts"), ("internal",))
             extra["class_name"] = item.child("class").ident()
+            extra["internal"] = item.child("internal").bool(False)
             roles = _roles(item.child("roles"))
             layouts = []
             counts = set()
@@ -571,16 +652,49 @@ def _enum(name: str, node: _Node, width: int) -> Enum:
             extra["roles"] = roles
             extra["layouts"] = tuple(layouts)
         if name == "dtype":
-            item.mapping(("name", "value", "doc", "size"), ("numpy",))
+            item.mapping(("name", "value", "doc", "size", "wire"), ("numpy", "reference", "offered", "fallback"))
             extra["size"] = _size(item.child("size"))
-            extra["numpy"] = item.child("numpy").value
+            if item.child("numpy").value is not None:
+                extra["numpy"] = item.child("numpy").str()
+            wire = item.child("wire").str()
+            if not WIRE_NAME.match(wire):
+                raise item.child("wire").fail(f"{wire!r} is not a wire name (lowercase letters, digits and _)")
+            if any(v.wire == wire for v in values):
+                raise item.child("wire").fail(f"duplicate wire name '{wire}'")
+            extra["wire"] = wire
+            extra["reference"] = item.child("reference").bool(False)
+            extra["offered"] = item.child("offered").bool(True)
+            fb = item.child("fallback")
+            extra["fallback"] = tuple(n.str() for n in fb.seq()) if fb.value is not None else ()
         if name == "flags":
             item.mapping(("name", "value", "doc"), ("body_transform",))
             extra["body_transform"] = bool(item.child("body_transform").value)
         if name in ("modality", "filters"):
             item.mapping(("name", "value", "doc"))
         values.append(EnumValue(vname, value, item.doc(), **extra))
+    if not values:
+        raise node.child("values").fail("at least one value is required")
+    if name == "dtype":
+        _check_dtypes(node.child("values"), values)
     return Enum(name, node.doc(), bits, tuple(values))
+
+
+def _check_dtypes(node: _Node, values: list[EnumValue]) -> None:
+    """Cross-checks of the dtypes' negotiation facts: fallbacks name convertible dtypes, something is offered."""
+    wires = {v.wire: v for v in values}
+    for i, v in enumerate(values):
+        fnode = node.child(i).child("fallback")
+        for j, target in enumerate(v.fallback):
+            if target not in wires:
+                raise fnode.child(j).fail(f"unknown dtype wire name '{target}' (known: {', '.join(wires)})")
+            if target == v.wire or target in v.fallback[:j]:
+                raise fnode.child(j).fail(f"'{target}' is {v.wire} itself or listed twice")
+            if not wires[target].numpy:
+                raise fnode.child(j).fail(f"'{target}' has no numpy type: a tensor cannot be converted to it")
+        if v.fallback and not v.numpy and v.size.rule != "block":
+            raise fnode.fail(f"{v.name} has no numpy type and is not block-quantized: it cannot be converted")
+    if not any(v.offered for v in values):
+        raise node.fail("no dtype is offered (every one has offered: false): a session could agree to nothing")
 
 
 def load_vframe(path: Path) -> VFrame:
@@ -702,6 +816,35 @@ def load_vframe(path: Path) -> VFrame:
         if needed not in known:
             raise root.child("errors").fail(f"missing error '{needed}' (the codec raises it)")
 
+    for i, f in enumerate(header):
+        if f.name not in HEADER_FIELDS:
+            raise hnode.child(i).child("name").fail(
+                f"'{f.name}' is not a header field the codec lays out (known: {', '.join(HEADER_FIELDS)}); a new "
+                "header field needs the codec's Frame, encoder and decoder extended first")
+    _check_limits(root, limits, {"header": header, "slice": slice_, "envelope": envelope, "trailer": trailer,
+                                 "transforms.compression.segments": segments})
+    for ename, needed_values in RUNTIME_ENUM_VALUES.items():
+        have = {v.name for v in enums[ename].values}
+        for vname in needed_values:
+            if vname not in have:
+                raise enode.child(ename).child("values").fail(
+                    f"missing value '{vname}' (the hand-written runtime uses it by name)")
+    longest = max(enums["msg_type"].values, key=lambda v: v.max_slices)
+    if longest.max_slices > _lim(limits, "max_slices"):
+        raise _limit_node(root, limits, "max_slices").fail(
+            f"max_slices ({_lim(limits, 'max_slices')}) is less than the longest layout "
+            f"({longest.max_slices} slices, {longest.class_name})")
+    largest = max((v.size.bytes or v.size.block_bytes or 1) for v in enums["dtype"].values)
+    if _lim(limits, "max_shape_elements") * largest >= 1 << 63:
+        raise _limit_node(root, limits, "max_shape_elements").fail(
+            f"max_shape_elements times the largest element or block ({largest} bytes) does not fit int64")
+    if _lim(limits, "max_frame_bytes") > header[counted[0]].max_value:
+        raise _limit_node(root, limits, "max_frame_bytes").fail(
+            f"a slice_len ({header[counted[0]].type}) cannot hold max_frame_bytes")
+    if _lim(limits, "max_frame_bytes") > envelope[0].max_value:
+        raise _limit_node(root, limits, "max_frame_bytes").fail(
+            f"body_len ({envelope[0].type}) cannot hold max_frame_bytes")
+
     min_frame = sum(f.width for f in header if not f.count) + trailer[0].width
     transports = _transports(root.child("transports"), min_frame, next(lim.value for lim in limits
                                                                        if lim.name == "max_frame_bytes"), known)
@@ -724,6 +867,49 @@ def load_vframe(path: Path) -> VFrame:
         transforms=transforms,
         transports=transports,
     )
+
+
+def _lim(limits: tuple[Limit, ...], name: str) -> int:
+    return next(lim.value for lim in limits if lim.name == name)
+
+
+def _limit_node(root: _Node, limits: tuple[Limit, ...], name: str) -> _Node:
+    i = next(i for i, lim in enumerate(limits) if lim.name == name)
+    return root.child("limits").child(i).child("value")
+
+
+def _check_limits(root: _Node, limits: tuple[Limit, ...], sections: dict[str, tuple[Field, ...]],
+                  runtime: dict[str, str] | None = None) -> None:
+    """Every `limit:` names a field the decoder checks, and every limit is checked somewhere."""
+    used = set()
+    for section, fields in sections.items():
+        snode = root
+        for part in section.split("."):
+            snode = snode.child(part)
+        for i, f in enumerate(fields):
+            expected = FIELD_LIMITS.get((section, f.name))
+            lnode = snode.child(i).child("limit")
+            if f.limit is not None and expected is None:
+                sites = ", ".join(f"{s}.{n} ({lim})" for (s, n), lim in FIELD_LIMITS.items())
+                raise lnode.fail(f"no generated check enforces a limit on {section}.{f.name} (limits are checked at "
+                                 f"{sites})")
+            if expected is not None and f.limit != expected:
+                raise lnode.fail(f"{section}.{f.name} must carry 'limit: {expected}' (the decoder checks it there)")
+            if f.limit is not None:
+                used.add(f.limit)
+                if _lim(limits, f.limit) > f.max_value:
+                    raise _limit_node(root, limits, f.limit).fail(
+                        f"{f.limit} ({_lim(limits, f.limit)}) does not fit {section}.{f.name} ({f.type})")
+    _check_unenforced(root, limits, used, RUNTIME_LIMITS["vframe.yaml"] if runtime is None else runtime)
+
+
+def _check_unenforced(root: _Node, limits: tuple[Limit, ...], used: set[str], runtime: dict[str, str]) -> None:
+    for i, lim in enumerate(limits):
+        if lim.name not in used and lim.name not in runtime:
+            raise root.child("limits").child(i).child("name").fail(
+                f"nothing enforces limit '{lim.name}': name it in a field's 'limit:' that the decoder checks, or "
+                f"enforce it in the runtime and list it in codegen.model.RUNTIME_LIMITS (enforced there: "
+                f"{', '.join(runtime)})")
 
 
 def _transports(node: _Node, min_frame: int, max_frame: int, errors: set[str]) -> tuple[Transport, ...]:
@@ -780,10 +966,17 @@ def _transports(node: _Node, min_frame: int, max_frame: int, errors: set[str]) -
     return tuple(out)
 
 
-def _hfields(node: _Node) -> tuple[HField, ...]:
+#: Where `choices_from:` may take a field's choices from: the wire names of a vframe.yaml enum.
+CHOICES_FROM = ("dtype",)
+
+
+def _hfields(node: _Node, ctx: dict[str, Any]) -> tuple[HField, ...]:
     out = []
     for item in node.seq():
-        item.mapping(("name", "type", "required", "doc"), ("const", "choices", "fields"))
+        item.mapping(("name", "type", "required", "doc"), ("const", "choices", "choices_from", "fields", "default"))
+        name = item.child("name").str()
+        if any(f.name == name for f in out):
+            raise item.child("name").fail(f"duplicate field '{name}'")
         htype = item.child("type").str()
         if htype not in HANDSHAKE_TYPES:
             raise item.child("type").fail(f"unknown type '{htype}' (expected one of {', '.join(HANDSHAKE_TYPES)})")
@@ -791,21 +984,111 @@ def _hfields(node: _Node) -> tuple[HField, ...]:
         if not isinstance(req, bool):
             raise item.child("required").fail("expected true or false")
         choices = tuple(c.str() for c in item.child("choices").seq()) if item.child("choices").value else ()
-        sub = _hfields(item.child("fields")) if item.child("fields").value is not None else ()
+        source = item.child("choices_from").value
+        if source is not None:
+            if choices:
+                raise item.child("choices_from").fail("give either choices or choices_from, not both")
+            if source not in CHOICES_FROM or source not in ctx["wire_names"]:
+                raise item.child("choices_from").fail(
+                    f"unknown source '{source}' (expected one of {', '.join(CHOICES_FROM)})")
+            choices = ctx["wire_names"][source]
+        if choices and htype not in ("string", "list[string]"):
+            raise item.fail("only a string or a list of strings has choices")
+        sub = _hfields(item.child("fields"), ctx) if item.child("fields").value is not None else ()
         if sub and htype not in ("object", "list[object]"):
             raise item.child("fields").fail("only an object or a list of objects has fields")
-        out.append(HField(item.child("name").str(), htype, req, item.doc(),
-                          item.child("const").value, choices, sub))
+        const = item.child("const").value
+        hf = HField(name, htype, req, item.doc(), const, choices, sub, choices_from=source)
+        if "default" in item.value:
+            dnode = item.child("default")
+            if req:
+                raise dnode.fail("a required field has no default")
+            value = dnode.value
+            if htype in ("u32", "u64") and isinstance(value, str):  # a limit's name: its value
+                if value not in ctx["limits"]:
+                    raise dnode.fail(f"unknown limit '{value}' (defined: {', '.join(sorted(ctx['limits']))})")
+                value = ctx["limits"][value]
+            problem = _value_problem(value, hf, ctx)
+            if problem:
+                raise dnode.fail(f"default {value!r} does not fit the field: {problem}")
+            hf = HField(name, htype, req, hf.doc, const, choices, sub, True, value, source)
+        out.append(hf)
     return tuple(out)
 
 
-def load_handshake(path: Path) -> Handshake:
+_HEX_DIGITS = {"hex32": 32, "hex64": 64}
+
+
+def _value_problem(value: Any, f: HField, ctx: dict[str, Any], path: str = "") -> str | None:
+    """Why `value` breaks field `f` (what handshake.validate would refuse), or None."""
+    t = f.type
+    at = f"{path}: " if path else ""
+    if t == "string":
+        if not isinstance(value, str):
+            return f"{at}expected a string"
+        if len(value) > ctx["limits"].get("max_string_chars", len(value)):
+            return f"{at}longer than max_string_chars"
+        if f.const is not None and value != f.const:
+            return f"{at}must be {f.const!r}"
+        if f.choices and value not in f.choices:
+            return f"{at}{value!r} is not one of {', '.join(f.choices)}"
+    elif t in _HEX_DIGITS:
+        if not isinstance(value, str) or not re.fullmatch(f"[0-9a-f]{{{_HEX_DIGITS[t]}}}", value):
+            return f"{at}expected {_HEX_DIGITS[t]} lowercase hexadecimal digits"
+    elif t == "number":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{at}expected a number"
+    elif t == "bool":
+        if not isinstance(value, bool):
+            return f"{at}expected true or false"
+    elif t in ("u32", "u64"):
+        top = (1 << (32 if t == "u32" else 64)) - 1
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+            return f"{at}expected an integer in [0, {top}]"
+    elif t.startswith("list["):
+        if not isinstance(value, list):
+            return f"{at}expected a list"
+        item = HField(f.name, t[5:-1], True, f.doc, None, f.choices, f.fields)
+        for i, v in enumerate(value):
+            problem = _value_problem(v, item, ctx, f"{path}[{i}]")
+            if problem:
+                return problem
+    elif t == "object":
+        if not isinstance(value, dict):
+            return f"{at}expected an object"
+        return _document_problem(value, f.fields, ctx, path, open_keys=True)
+    return None
+
+
+def _document_problem(doc: dict, fields: tuple[HField, ...], ctx: dict[str, Any], path: str,
+                      open_keys: bool) -> str | None:
+    names = {f.name for f in fields}
+    for key in doc:
+        if key not in names and not (open_keys and str(key).startswith("x-")):
+            return f"{path}.{key}: not a field of the schema".lstrip(".")
+    for f in fields:
+        if f.name in doc:
+            problem = _value_problem(doc[f.name], f, ctx, f"{path}.{f.name}".lstrip("."))
+            if problem:
+                return problem
+        elif f.required:
+            return f"{path}.{f.name}: required field is missing".lstrip(".")
+    return None
+
+
+def load_handshake(path: Path, vframe: VFrame | None = None) -> Handshake:
     root = _read(path).mapping(("meta", "limits", "flow", "streams", "state_machine", "messages"))
     meta = root.child("meta").mapping(("id", "title", "version", "doc"))
     limits = _limits(root.child("limits"))
     for needed in ("max_json_bytes", "max_list_items", "max_string_chars", "max_objects"):
         if needed not in {lim.name for lim in limits}:
             raise root.child("limits").fail(f"missing limit '{needed}'")
+    _check_unenforced(root, limits, set(), RUNTIME_LIMITS["handshake.yaml"])
+    known = {lim.name: lim.value for lim in limits}
+    if vframe is not None:
+        known.update({lim.name: lim.value for lim in vframe.limits if lim.name not in known})
+    ctx = {"limits": known,
+           "wire_names": {"dtype": tuple(v.wire for v in vframe.dtypes)} if vframe is not None else {}}
     flow = []
     for item in root.child("flow").seq():
         item.mapping(("step", "sender", "message", "doc"))
@@ -816,14 +1099,69 @@ def load_handshake(path: Path) -> Handshake:
         item.mapping(("name", "doc"))
         streams.append((item.child("name").ident(), item.doc()))
     messages = []
-    for item in root.child("messages").seq():
+    for i, item in enumerate(root.child("messages").seq()):
         item.mapping(("name", "doc", "fields"), ("example",))
-        fields = _hfields(item.child("fields"))
+        mname = item.child("name").ident()
+        if any(m.name == mname for m in messages):
+            raise item.child("name").fail(f"duplicate message '{mname}'")
+        fields = _hfields(item.child("fields"), ctx)
         if not fields or fields[0].name != "method" or fields[0].const != item.child("name").value:
             raise item.child("fields").fail("the first field must be 'method' with const equal to the message name")
-        messages.append(HMessage(item.child("name").ident(), item.doc(), fields, item.child("example").value))
-    return Handshake(path.name, meta.child("title").str(), meta.child("version").int(1), meta.doc(),
-                     limits, tuple(flow), tuple(streams), tuple(messages), _state_machine(root.child("state_machine")))
+        example = item.child("example").value
+        if example is not None:
+            if not isinstance(example, dict):
+                raise item.child("example").fail("expected a mapping (a JSON object)")
+            problem = _document_problem(example, fields, ctx, "", open_keys=False)
+            if problem:
+                raise item.child("example").fail(f"the example breaks the message's fields: {problem}")
+        messages.append(HMessage(mname, item.doc(), fields, example))
+    for needed in RUNTIME_MESSAGES:
+        if needed not in {m.name for m in messages}:
+            raise root.child("messages").fail(f"missing message '{needed}' (the Session or the V-Stream uses it)")
+    if messages[0].name != "ping" or messages[0].example is None:
+        raise root.child("messages").fail("the first message must be ping, with an example (the spec's worked example)")
+    hs = Handshake(path.name, meta.child("title").str(), meta.child("version").int(1), meta.doc(),
+                   limits, tuple(flow), tuple(streams), tuple(messages), _state_machine(root.child("state_machine")))
+    _check_handshake(root, hs, vframe)
+    return hs
+
+
+def _check_handshake(root: _Node, hs: Handshake, vf: VFrame | None) -> None:
+    """Cross-file facts: a control document fits one frame, every list of choices fits the list limit,
+    every choice fits the string limit, the hex types hold the random and tag sizes."""
+    def lnode(name: str) -> _Node:
+        return root.child("limits").child(next(i for i, lim in enumerate(hs.limits) if lim.name == name)).child("value")
+
+    def walk(fields: tuple[HField, ...], path: str):
+        for f in fields:
+            yield f, f"{path}.{f.name}"
+            yield from walk(f.fields, f"{path}.{f.name}")
+
+    for m in hs.messages:
+        for f, where in walk(m.fields, m.name):
+            if f.type == "list[string]" and len(f.choices) > hs.limit("max_list_items"):
+                raise lnode("max_list_items").fail(
+                    f"max_list_items ({hs.limit('max_list_items')}) is less than the {len(f.choices)} choices of {where}")
+            for c in f.choices:
+                if len(c) > hs.limit("max_string_chars"):
+                    raise lnode("max_string_chars").fail(f"the choice {c!r} of {where} is longer than max_string_chars")
+            if f.type == "hex64" and "session_random_bytes" in {lim.name for lim in hs.limits} \
+                    and 2 * hs.limit("session_random_bytes") != _HEX_DIGITS["hex64"]:
+                raise lnode("session_random_bytes").fail(
+                    f"{where} is hex64 ({_HEX_DIGITS['hex64']} digits): session_random_bytes must be "
+                    f"{_HEX_DIGITS['hex64'] // 2}")
+            if f.type == "hex32" and vf is not None and 2 * vf.transforms.tag_bytes != _HEX_DIGITS["hex32"]:
+                raise root.child("messages").fail(
+                    f"{where} is hex32 ({_HEX_DIGITS['hex32']} digits) but tag_bytes is {vf.transforms.tag_bytes}")
+    if vf is not None:
+        # a control document travels as one json slice of one Sync frame
+        overhead = vf.min_frame_bytes + vf.counted.width + sum(f.width for f in vf.slice if f.type != "bytes")
+        if hs.limit("max_json_bytes") + overhead > vf.limit("max_frame_bytes"):
+            raise lnode("max_json_bytes").fail(
+                f"max_json_bytes ({hs.limit('max_json_bytes')}) plus a one-slice frame's {overhead} bytes is more "
+                f"than max_frame_bytes ({vf.limit('max_frame_bytes')}): a control document must fit one frame")
+        if "min_chunk_bytes" in {lim.name for lim in hs.limits} and hs.limit("min_chunk_bytes") > vf.limit("max_frame_bytes"):
+            raise lnode("min_chunk_bytes").fail("min_chunk_bytes is more than max_frame_bytes")
 
 
 def _state_machine(node: "_Node") -> StateMachine:
@@ -874,4 +1212,5 @@ def _state_machine(node: "_Node") -> StateMachine:
 
 
 def load(schema_dir: Path) -> Model:
-    return Model(load_vframe(schema_dir / "vframe.yaml"), load_handshake(schema_dir / "handshake.yaml"))
+    vframe = load_vframe(schema_dir / "vframe.yaml")
+    return Model(vframe, load_handshake(schema_dir / "handshake.yaml", vframe))

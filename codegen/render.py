@@ -110,6 +110,8 @@ def environment() -> jinja2.Environment:
     )
     env.filters["hex"] = lambda v, w=2: f"0x{v:0{w}X}"
     env.filters["pyrepr"] = repr
+    env.filters["pytuple"] = lambda seq: repr(tuple(seq))
+    env.filters["role_kind"] = lambda role, msg: (role, msg.role(role).kind)
     env.filters["json"] = lambda v: json.dumps(v)
     return env
 

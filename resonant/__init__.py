@@ -6,15 +6,10 @@
 True
 """
 
+from resonant import _codec
 from resonant._codec import (
-    Ask,
-    Cache,
-    Chunk,
-    Critique,
     Frame,
     Slice,
-    Sync,
-    Think,
     crc32,
     crc32_backend,
     xxh3_64,
@@ -62,11 +57,15 @@ from resonant.session import (
 )
 from resonant.aio import Peer, Server, connect, serve
 from resonant.errors import __all__ as _errors_all
+from resonant._spec import MESSAGE_CLASSES as _MESSAGE_CLASSES
+
+# Every message class the spec defines (schema/vframe.yaml, enums.msg_type), e.g. Think, Cache, Sync.
+globals().update({_name: getattr(_codec, _name) for _name in _MESSAGE_CLASSES.values()})
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Ask", "Cache", "Chunk", "Critique", "Frame", "Slice", "Sync", "Think",
+    *_MESSAGE_CLASSES.values(), "Frame", "Slice",
     "StreamSender", "Reassembler", "StreamLimits", "MemoryBudget", "StreamStarted", "ObjectReady", "StreamComplete", "StreamFailed",
     "decode", "encode", "make_frame", "crc32", "crc32_backend", "xxh3_64", "byte_shuffle",
     "Codec", "Key", "Keyring", "ModelSignature", "space_hash32",

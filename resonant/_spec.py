@@ -135,6 +135,65 @@ NUMPY_DTYPES = {
     DType.F32: "<f4",
 }
 
+#: The name of each DType in handshake documents (supports.dtype, SessionConfig.dtypes).
+DTYPE_WIRE_NAMES: dict[DType, str] = {
+    DType.F16: "f16",
+    DType.I8: "i8",
+    DType.Q4: "q4",
+    DType.BF16: "bf16",
+    DType.F32: "f32",
+    DType.Q8_0: "q8_0",
+    DType.Q4_0: "q4_0",
+    DType.SPARSE_COO: "sparse",
+    DType.SPARSE_COO_U32: "sparse_coo_u32",
+}
+#: The DType of each wire name.
+DTYPE_OF_WIRE_NAME: dict[str, DType] = {name: code for code, name in DTYPE_WIRE_NAMES.items()}
+#: The dtypes a protocol-1 (reference) peer reads, by wire name.
+REFERENCE_DTYPES: tuple[str, ...] = ('f16', 'i8', 'q4', 'sparse')
+#: The dtypes a session offers by default (SessionConfig.dtypes), by wire name.
+DEFAULT_DTYPES: tuple[str, ...] = ('f16', 'i8', 'q4', 'bf16', 'f32', 'q8_0', 'q4_0', 'sparse', 'sparse_coo_u32')
+#: What a tensor of a dtype becomes when the peer did not agree to it: the first of these it agreed to.
+DTYPE_FALLBACK: dict[str, tuple[str, ...]] = {
+    "f16": ('f32', 'bf16'),
+    "bf16": ('f32', 'f16'),
+    "f32": ('f16', 'bf16'),
+    "q8_0": ('f16', 'bf16', 'f32'),
+    "q4_0": ('f16', 'bf16', 'f32'),
+}
+#: The size rule of each DType (element, packed, block or opaque).
+DTYPE_SIZE_RULES: dict[DType, str] = {
+    DType.F16: "element",
+    DType.I8: "element",
+    DType.Q4: "packed",
+    DType.BF16: "element",
+    DType.F32: "element",
+    DType.Q8_0: "block",
+    DType.Q4_0: "block",
+    DType.SPARSE_COO: "opaque",
+    DType.SPARSE_COO_U32: "opaque",
+}
+
+#: The class name (in resonant._codec, exported by resonant) of each message type.
+MESSAGE_CLASSES: dict[MsgType, str] = {
+    MsgType.THINK: "Think",
+    MsgType.CACHE: "Cache",
+    MsgType.ASK: "Ask",
+    MsgType.SYNC: "Sync",
+    MsgType.CRITIQUE: "Critique",
+    MsgType.CHUNK: "Chunk",
+}
+#: Message types an application sends (not the library's own control and V-Stream frames).
+USER_MESSAGE_TYPES: tuple[MsgType, ...] = (MsgType.THINK, MsgType.CACHE, MsgType.ASK, MsgType.CRITIQUE)
+#: The (role, kind) of each slice of each message type's smallest layout (what its class needs at least).
+REQUIRED_ROLES: dict[MsgType, tuple[tuple[str, str], ...]] = {
+    MsgType.THINK: (('hidden', 'tensor'),),
+    MsgType.CACHE: (('keys', 'tensor'), ('values', 'tensor')),
+    MsgType.ASK: (('query', 'tensor'),),
+    MsgType.SYNC: (),
+    MsgType.CRITIQUE: (('divergence', 'tensor'),),
+    MsgType.CHUNK: (('data', 'tensor'),),
+}
 
 
 

@@ -38,13 +38,13 @@ SCHEMA: dict[str, dict[str, dict[str, Any]]] = {
     "ping": {
         "method": {"type": "string", "required": True, "const": 'ping', "choices": [], "fields": {}},
         "ts": {"type": "number", "required": False, "const": None, "choices": [], "fields": {}},
-        "v": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
+        "v": {"type": "u32", "required": False, "const": None, "choices": [], "default": 1, "fields": {}},
         "space_hash32": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
-        "compress": {"type": "list[string]", "required": False, "const": None, "choices": ['zstd', 'lz4', 'none'], "fields": {}},
-        "crypto": {"type": "list[string]", "required": False, "const": None, "choices": ['xchacha20poly1305', 'aes256gcm', 'none'], "fields": {}},
-        "max_frame_bytes": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
+        "compress": {"type": "list[string]", "required": False, "const": None, "choices": ['zstd', 'lz4', 'none'], "default": ['none'], "fields": {}},
+        "crypto": {"type": "list[string]", "required": False, "const": None, "choices": ['xchacha20poly1305', 'aes256gcm', 'none'], "default": ['none'], "fields": {}},
+        "max_frame_bytes": {"type": "u32", "required": False, "const": None, "choices": [], "default": 65536, "fields": {}},
         "client_random": {"type": "hex64", "required": False, "const": None, "choices": [], "fields": {}},
-        "supports": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"critique": {"type": "bool", "required": False, "const": None, "choices": [], "fields": {}}, "dtype": {"type": "list[string]", "required": False, "const": None, "choices": ['f16', 'i8', 'q4', 'sparse', 'bf16', 'f32', 'q8_0', 'q4_0', 'sparse_coo_u32'], "fields": {}}}},
+        "supports": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"critique": {"type": "bool", "required": False, "const": None, "choices": [], "default": True, "fields": {}}, "dtype": {"type": "list[string]", "required": False, "const": None, "choices": ['f16', 'i8', 'q4', 'bf16', 'f32', 'q8_0', 'q4_0', 'sparse', 'sparse_coo_u32'], "fields": {}}}},
         "model_signature": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"version": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "model_id": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "revision": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "dtype": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "num_layers": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "hidden_size": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "num_kv_heads": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "head_dim": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "tokenizer_hash": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}}},
     },
     "capability": {
@@ -55,12 +55,12 @@ SCHEMA: dict[str, dict[str, dict[str, Any]]] = {
         "embedding_space_id": {"type": "string", "required": False, "const": None, "choices": [], "fields": {}},
         "space_hash32": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
         "model_signature": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"version": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "model_id": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "revision": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "dtype": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "num_layers": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "hidden_size": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "num_kv_heads": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "head_dim": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "tokenizer_hash": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}}},
-        "compress": {"type": "list[string]", "required": False, "const": None, "choices": ['zstd', 'lz4', 'none'], "fields": {}},
-        "crypto": {"type": "list[string]", "required": False, "const": None, "choices": ['xchacha20poly1305', 'aes256gcm', 'none'], "fields": {}},
-        "max_frame_bytes": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
+        "compress": {"type": "list[string]", "required": False, "const": None, "choices": ['zstd', 'lz4', 'none'], "default": ['none'], "fields": {}},
+        "crypto": {"type": "list[string]", "required": False, "const": None, "choices": ['xchacha20poly1305', 'aes256gcm', 'none'], "default": ['none'], "fields": {}},
+        "max_frame_bytes": {"type": "u32", "required": False, "const": None, "choices": [], "default": 65536, "fields": {}},
         "client_random": {"type": "hex64", "required": False, "const": None, "choices": [], "fields": {}},
         "server_random": {"type": "hex64", "required": False, "const": None, "choices": [], "fields": {}},
-        "supports": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"critique": {"type": "bool", "required": False, "const": None, "choices": [], "fields": {}}, "dtype": {"type": "list[string]", "required": False, "const": None, "choices": ['f16', 'i8', 'q4', 'sparse', 'bf16', 'f32', 'q8_0', 'q4_0', 'sparse_coo_u32'], "fields": {}}}},
+        "supports": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"critique": {"type": "bool", "required": False, "const": None, "choices": [], "default": True, "fields": {}}, "dtype": {"type": "list[string]", "required": False, "const": None, "choices": ['f16', 'i8', 'q4', 'bf16', 'f32', 'q8_0', 'q4_0', 'sparse', 'sparse_coo_u32'], "fields": {}}}},
     },
     "head": {
         "method": {"type": "string", "required": True, "const": 'head', "choices": [], "fields": {}},
@@ -182,6 +182,58 @@ def validate(doc: Any) -> dict[str, Any]:
         raise HandshakeError("$.method", f"{method[:MAX_STRING_CHARS]!r} is not one of {', '.join(SCHEMA)}")
     _check_fields(doc, SCHEMA[method], method, open_keys=False)
     return doc
+
+
+_MISSING = object()
+
+
+def default(method: str, path: str) -> Any:
+    """The schema's default of an optional field (`path` dotted, e.g. "supports.critique"), or None."""
+    spec: dict[str, Any] = {"fields": SCHEMA[method]}
+    for name in path.split("."):
+        spec = spec["fields"][name]  # KeyError: not a field of the schema (a programming error)
+    return _copy(spec.get("default"))
+
+
+def get(doc: dict[str, Any], path: str) -> Any:
+    """The value of a field of a validated document (`path` dotted, e.g. "supports.critique"), or the
+    schema's default when the field (or an object on its way) is absent; None when it has none."""
+    value: Any = doc
+    for name in path.split("."):
+        value = value.get(name, _MISSING) if isinstance(value, dict) else _MISSING
+        if value is _MISSING:
+            return default(doc["method"], path)
+    return value
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
+
+
+def _build(fields: dict[str, dict[str, Any]], values: dict[str, Any], path: str) -> dict[str, Any]:
+    unknown = [k for k in values if k not in fields and not k.startswith("x-")]
+    if unknown:
+        raise ValueError(f"{path}: {', '.join(unknown)}: not a field of the schema (fields: {', '.join(fields)})")
+    doc: dict[str, Any] = {}
+    for name, spec in fields.items():
+        value = values.get(name)
+        if value is None:
+            if "default" not in spec:
+                continue
+            value = _copy(spec["default"])
+        elif spec["type"] == "object" and isinstance(value, dict):
+            value = _build(spec["fields"], value, f"{path}.{name}")
+        doc[name] = value
+    doc.update((k, v) for k, v in values.items() if k not in fields and v is not None)
+    return doc
+
+
+def build(method: str, **values: Any) -> dict[str, Any]:
+    """A document of `method` from the schema: its fields in schema order, each the value given
+    (None: not given) or else its default (fields without one are left out), nested objects alike;
+    validated. A field the schema does not have raises ValueError (a programming error)."""
+    doc = _build(SCHEMA[method], {"method": method, **values}, method)
+    return validate(doc)
 
 
 def parse(data: bytes | bytearray | memoryview | str) -> dict[str, Any]:
