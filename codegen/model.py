@@ -614,14 +614,18 @@ def _size(node: _Node) -> SizeRule:
     return SizeRule(rule)
 
 
+#: The keys a value of each enum may carry besides name, value and doc.
+_ENUM_KEYS = {"msg_type": ("class", "roles", "layouts", "internal"),
+              "dtype": ("size", "wire", "numpy", "reference", "offered", "fallback"),
+              "flags": ("body_transform",)}
+
+
 def _enum(name: str, node: _Node, width: int) -> Enum:
     node.mapping(("doc", "values"), ("bits",))
     bits = bool(node.child("bits").value)
     values: list[EnumValue] = []
     for item in node.child("values").seq():
-        item.mapping(("name", "value", "doc"),
-                     ("class", "roles", "layouts", "size", "numpy", "body_transform", "wire", "reference", "offered",
-                      "fallback", "internal"))
+        item.mapping(("name", "value", "doc"), _ENUM_KEYS.get(name, ()))
         vname = item.child("name").ident()
         value = item.child("value").int(0, (1 << (8 * width)) - 1)
         if bits and (value == 0 or value & (value - 1)):

@@ -122,6 +122,153 @@ def test_schema_errors_name_the_yaml_path(tmp_path, file, edit, message):
     assert str(exc.value) == message
 
 
+def _msg(data, name):
+    return next(m for m in data["messages"] if m["name"] == name)
+
+
+def _lim(data, name):
+    return next(lim for lim in data["limits"] if lim["name"] == name)
+
+
+def _field(fields, name):
+    return next(f for f in fields if f["name"] == name)
+
+
+@pytest.mark.parametrize(
+    "file, edit, message",
+    [
+        # every limit is enforced somewhere, or the model says it is not
+        ("vframe.yaml", lambda d: d["limits"].append({"name": "max_foo", "value": 3, "doc": "Foo."}),
+         "vframe.yaml: limits[6].name: nothing enforces limit 'max_foo': name it in a field's 'limit:' that the decoder "
+         "checks, or enforce it in the runtime and list it in codegen.model.RUNTIME_LIMITS (enforced there: "
+         "max_frame_bytes, max_shape_elements, max_dense_bytes)"),
+        ("vframe.yaml", lambda d: _field(d["header"], "stream_id").update(limit="max_slices"),
+         "vframe.yaml: header[3].limit: no generated check enforces a limit on header.stream_id (limits are checked at "
+         "header.num_slices (max_slices), slice.shape_len (max_dims), transforms.compression.segments.segment_count "
+         "(max_segments))"),
+        ("vframe.yaml", lambda d: _field(d["header"], "num_slices").pop("limit"),
+         "vframe.yaml: header[5].limit: header.num_slices must carry 'limit: max_slices' (the decoder checks it there)"),
+        ("handshake.yaml", lambda d: d["limits"].append({"name": "max_foo", "value": 3, "doc": "Foo."}),
+         "handshake.yaml: limits[9].name: nothing enforces limit 'max_foo': name it in a field's 'limit:' that the "
+         "decoder checks, or enforce it in the runtime and list it in codegen.model.RUNTIME_LIMITS (enforced there: "
+         "max_json_bytes, max_objects, max_list_items, max_string_chars, min_chunk_bytes, session_random_bytes, "
+         "replay_evicted_ranges, control_tags_remembered, sent_tags_remembered)"),
+        # cross-field consistency
+        ("vframe.yaml", lambda d: _lim(d, "max_slices").update(value=2),
+         "vframe.yaml: limits[1].value: max_slices (2) is less than the longest layout (3 slices, Critique)"),
+        ("vframe.yaml", lambda d: _lim(d, "max_dims").update(value=300),
+         "vframe.yaml: limits[2].value: max_dims (300) does not fit slice.shape_len (u8)"),
+        ("handshake.yaml", lambda d: _lim(d, "max_list_items").update(value=4),
+         "handshake.yaml: limits[3].value: max_list_items (4) is less than the 9 choices of ping.supports.dtype"),
+        ("handshake.yaml", lambda d: _lim(d, "max_json_bytes").update(value=65500),
+         "handshake.yaml: limits[0].value: max_json_bytes (65500) plus a one-slice frame's 43 bytes is more than "
+         "max_frame_bytes (65536): a control document must fit one frame"),
+        ("handshake.yaml", lambda d: _msg(d, "capability")["example"]["supports"].update(dtype=["f16", "f64"]),
+         "handshake.yaml: messages[1].example: the example breaks the message's fields: supports.dtype[1]: 'f64' is not "
+         "one of f16, i8, q4, bf16, f32, q8_0, q4_0, sparse, sparse_coo_u32"),
+        # new or unknown fields: a SchemaError at their path, never a KeyError
+        ("vframe.yaml", lambda d: d["header"].insert(9, {"name": "priority", "type": "u8", "doc": "Priority."}),
+         "vframe.yaml: header[9].name: 'priority' is not a header field the codec lays out (known: version, msg_type, "
+         "flags, stream_id, frame_seq, num_slices, slice_len, space_hash32, modality); a new header field needs the "
+         "codec's Frame, encoder and decoder extended first"),
+        ("vframe.yaml", lambda d: _dtype(d, "F32").update(colour="red"),
+         "vframe.yaml: enums.dtype.values[4].colour: unknown key (allowed: doc, fallback, name, numpy, offered, "
+         "reference, size, value, wire)"),
+        ("vframe.yaml", lambda d: d["enums"]["msg_type"]["values"].pop(),
+         "vframe.yaml: enums.msg_type.values: missing value 'CHUNK' (the hand-written runtime uses it by name)"),
+        ("handshake.yaml", lambda d: _field(_msg(d, "ping")["fields"], "max_frame_bytes").update(defualt=2),
+         "handshake.yaml: messages[0].fields[6].defualt: unknown key (allowed: choices, choices_from, const, default, "
+         "doc, fields, name, required, type)"),
+        ("handshake.yaml", lambda d: d["messages"].pop(),
+         "handshake.yaml: messages: missing message 'confirm' (the Session or the V-Stream uses it)"),
+        # the dtypes' negotiation facts
+        ("vframe.yaml", lambda d: _dtype(d, "F16").pop("wire"),
+         "vframe.yaml: enums.dtype.values[0]: missing required key 'wire'"),
+        ("vframe.yaml", lambda d: _dtype(d, "F32").update(wire="f16"),
+         "vframe.yaml: enums.dtype.values[4].wire: duplicate wire name 'f16'"),
+        ("vframe.yaml", lambda d: _dtype(d, "F32").update(fallback=["f64"]),
+         "vframe.yaml: enums.dtype.values[4].fallback[0]: unknown dtype wire name 'f64' (known: f16, i8, q4, bf16, f32, "
+         "q8_0, q4_0, sparse, sparse_coo_u32)"),
+        ("vframe.yaml", lambda d: _dtype(d, "F32").update(fallback=["q4"]),
+         "vframe.yaml: enums.dtype.values[4].fallback[0]: 'q4' has no numpy type: a tensor cannot be converted to it"),
+        ("vframe.yaml", lambda d: _dtype(d, "Q4").update(fallback=["f16"]),
+         "vframe.yaml: enums.dtype.values[2].fallback: Q4 has no numpy type and is not block-quantized: it cannot be "
+         "converted"),
+        ("vframe.yaml", lambda d: [v.update(offered=False) for v in d["enums"]["dtype"]["values"]],
+         "vframe.yaml: enums.dtype.values: no dtype is offered (every one has offered: false): a session could agree "
+         "to nothing"),
+        # handshake defaults and choices
+        ("handshake.yaml", lambda d: _msg(d, "ping")["fields"][0].update(default="ping"),
+         "handshake.yaml: messages[0].fields[0].default: a required field has no default"),
+        ("handshake.yaml", lambda d: _field(_msg(d, "ping")["fields"], "v").update(default=-1),
+         "handshake.yaml: messages[0].fields[2].default: default -1 does not fit the field: expected an integer in "
+         "[0, 4294967295]"),
+        ("handshake.yaml", lambda d: _field(_msg(d, "ping")["fields"], "max_frame_bytes").update(default="max_everything"),
+         "handshake.yaml: messages[0].fields[6].default: unknown limit 'max_everything' (defined: "
+         "control_tags_remembered, max_dense_bytes, max_dims, max_frame_bytes, max_json_bytes, max_list_items, "
+         "max_objects, max_segments, max_shape_elements, max_slices, max_string_chars, min_chunk_bytes, "
+         "replay_evicted_ranges, sent_tags_remembered, session_random_bytes)"),
+        ("handshake.yaml", lambda d: _field(_msg(d, "ping")["fields"], "supports")["fields"][1].update(choices_from="modality"),
+         "handshake.yaml: messages[0].fields[8].fields[1].choices_from: unknown source 'modality' (expected one of dtype)"),
+    ],
+    ids=["limit-unenforced", "limit-field-unchecked", "limit-field-missing", "hs-limit-unenforced",
+         "max-slices-layout", "max-dims-type", "list-items-choices", "json-fits-frame", "example",
+         "new-header-field", "dtype-key", "runtime-enum-value", "hs-key", "runtime-message",
+         "wire-missing", "wire-dup", "fallback-unknown", "fallback-target", "fallback-source", "nothing-offered",
+         "default-required", "default-type", "default-limit", "choices-from"],
+)
+def test_schema_loop_errors_name_the_yaml_path(tmp_path, file, edit, message):
+    with pytest.raises(SchemaError) as exc:
+        load(_mutated(tmp_path, file, edit))
+    assert str(exc.value) == message
+
+
+def test_runtime_tables_match_the_runtime():
+    """RUNTIME_LIMITS and RUNTIME_ENUM_VALUES describe the hand-written code: every limit listed there
+    is used by it, and every enum value it names (DType.F16, MsgType.SYNC, ...) is listed."""
+    import re
+
+    from codegen.model import RUNTIME_ENUM_VALUES, RUNTIME_LIMITS
+
+    runtime = ROOT / "resonant"
+    sources = [p.read_text(encoding="utf-8") for p in sorted(runtime.rglob("*"))
+               if p.suffix in (".py", ".pyx", ".pxi", ".pxd") and p.name not in ("_spec.py", "errors.py")]
+    # uses, not the definitions (NAME = value) of the constants
+    text = re.sub(r"(?m)^[A-Z_0-9]+ *(: *[^=]+)?= *[-0-9\"'(\[{].*$", "", "\n".join(sources))
+    for file, limits in RUNTIME_LIMITS.items():
+        for name in limits:
+            assert re.search(rf"\b(HANDSHAKE_)?{name.upper()}\b", text), f"{file}: {name} is not used by the runtime"
+    enum_classes = {"MsgType": "msg_type", "DType": "dtype", "Modality": "modality", "Flags": "flags",
+                    "Filters": "filters"}
+    templates = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "codegen" / "templates").glob("*.j2"))
+    generated = {(ROOT / t).resolve() for t in TARGETS.values()}
+    hand_written = "\n".join(p.read_text(encoding="utf-8") for p in sorted(runtime.rglob("*"))
+                             if p.suffix in (".py", ".pyx", ".pxi", ".pxd") and p.resolve() not in generated)
+    for cls, value in re.findall(r"\b(MsgType|DType|Modality|Flags|Filters)\.([A-Z][A-Z0-9_]*)\b",
+                                 hand_written + templates):
+        assert value in RUNTIME_ENUM_VALUES[enum_classes[cls]], f"{cls}.{value} is used but not in RUNTIME_ENUM_VALUES"
+
+
+def test_every_message_class_is_exported():
+    import resonant
+    from resonant import _spec
+
+    for name in _spec.MESSAGE_CLASSES.values():
+        assert getattr(resonant, name) is getattr(resonant._codec, name)
+        assert name in resonant.__all__
+
+
+def test_dtype_tables_come_from_the_yaml():
+    from resonant import _spec, handshake
+
+    model = load(SCHEMA)
+    assert {int(k): v for k, v in _spec.DTYPE_WIRE_NAMES.items()} == {d.value: d.wire for d in model.vframe.dtypes}
+    assert _spec.REFERENCE_DTYPES == tuple(d.wire for d in model.vframe.dtypes if d.reference)
+    assert _spec.DEFAULT_DTYPES == tuple(d.wire for d in model.vframe.dtypes if d.offered)
+    assert handshake.SCHEMA["ping"]["supports"]["fields"]["dtype"]["choices"] == list(_spec.DTYPE_WIRE_NAMES.values())
+    assert handshake.SCHEMA["capability"]["supports"]["fields"]["dtype"]["choices"] == list(_spec.DTYPE_WIRE_NAMES.values())
+
+
 def test_cli_reports_schema_errors(tmp_path):
     d = _mutated(tmp_path, "vframe.yaml", lambda d: _dtype(d, "F16").update(value=300))
     proc = subprocess.run([sys.executable, "-m", "codegen", "--schema", str(d), "--out", str(tmp_path / "o")],
