@@ -27,7 +27,7 @@ def test_reference_ping_frame_carries_a_valid_ping():
     "doc, message",
     [
         ([], "$: expected a JSON object, got list"),
-        ({"method": "hello"}, "$.method: 'hello' is not one of ping, capability, head, tail, error, confirm"),
+        ({"method": "hello"}, f"$.method: 'hello' is not one of {', '.join(handshake.SCHEMA)}"),
         ({"method": "capability", "v": 1}, "capability.agreed_proto: required field is missing"),
         ({"method": "capability", "v": -1, "agreed_proto": 1}, "capability.v: expected an integer in [0, 4294967295], got -1"),
         ({"method": "head", "v": 1, "msg_type": 1, "chunk_bytes": 8, "total_bytes": 2**64, "objects": [], "hash": "xxh3_64"},
@@ -42,7 +42,7 @@ def test_reference_ping_frame_carries_a_valid_ping():
         ({"method": "capability", "v": 1, "agreed_proto": 1, "supports": {"colour": 1}},
          "capability.supports.colour: unknown key (extensions start with 'x-')"),
         ({"method": "error", "code": "NOPE", "message": "x"},
-         "error.code: 'NOPE' is not one of SPACE_MISMATCH, UNSUPPORTED_VERSION, BAD_REQUEST, UNSUPPORTED_FEATURE, HANDSHAKE_REQUIRED, INTERNAL"),
+         f"error.code: 'NOPE' is not one of {', '.join(handshake.SCHEMA['error']['code']['choices'])}"),
         ({"method": "ping", "ts": "now"}, "ping.ts: expected a number, got str"),
         ({"method": "capability", "v": 1, "agreed_proto": 1, "compress": ["zstd"] * 65},
          "capability.compress: 65 items, more than max_list_items (64)"),

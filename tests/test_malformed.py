@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import resonant
 from resonant import refcodec
+from resonant._spec import DType, Flags, Modality, MsgType
 from resonant.errors import (
     ChecksumMismatch,
     DecodeError,
@@ -121,13 +122,13 @@ THINK = vector_bytes("04_think_f16_random.bin")  # Think, 1 slice: F16 [1, 2048]
         (patch(PING, 0, "B", 3, fix_crc=False), UnknownVersion,
          "version: 3 (this decoder speaks versions 1 and 2) (at byte 0)"),
         (patch(PING, 1, "B", 9), UnknownMessageType,
-         "msg_type: 9 is not a message type (0 THINK, 1 CACHE, 2 ASK, 3 SYNC, 4 CRITIQUE, 5 CHUNK) (at byte 1)"),
+         f"msg_type: 9 is not a message type ({', '.join(f'{m.value} {m.name}' for m in MsgType)}) (at byte 1)"),
         (patch(PING, 2, "H", 0x0100), UnknownFlags,
-         "flags: 0x0100 sets bits outside ZSTD=1, XCHACHA=2, STRONG_TAIL=4 (at byte 2)"),
+         f"flags: 0x0100 sets bits outside {', '.join(f'{f.name}={f.value}' for f in Flags)} (at byte 2)"),
         (patch(PING, 32, "B", 7), UnknownModality,
-         "modality: 7 is not a modality (0 TEXT, 1 IMAGE, 2 AUDIO, 3 GRAPH, 4 MIXED) (at byte 32)"),
+         f"modality: 7 is not a modality ({', '.join(f'{m.value} {m.name}' for m in Modality)}) (at byte 32)"),
         (patch(PING, 33, "B", 0x42), UnknownDType,
-         "slices[0].dtype: 0x42 is not a dtype (0x01 F16, 0x02 I8, 0x03 Q4, 0x04 BF16, 0x05 F32, 0x06 Q8_0, 0x07 Q4_0, 0x10 SPARSE_COO, 0x11 SPARSE_COO_U32) (at byte 33)"),
+         f"slices[0].dtype: 0x42 is not a dtype ({', '.join(f'0x{d.value:02x} {d.name}' for d in DType)}) (at byte 33)"),
         (patch(PING, 16, "Q", 2**64 - 1, fix_crc=False), LimitExceeded,
          "num_slices: 18446744073709551615, more than max_slices (1024) (at byte 16)"),
         (patch(PING, 34, "B", 9, fix_crc=False), LimitExceeded,

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import resonant
 from conftest import vector_bytes
 from resonant import Key, ModelSignature, Sync, Think, _codec
+from resonant._spec import DEFAULT_DTYPES, REFERENCE_DTYPES
 from resonant.errors import FramingError, LocalProtocolError
 from resonant.session import (
     TRANSITIONS,
@@ -619,7 +620,8 @@ def test_dtypes_the_peer_lacks_are_reduced():
 def test_protocol_1_peers_get_reference_dtypes_only():
     s = Session(role="server")
     s.receive_datagram(control({"method": "ping", "ts": 1}), 0.0)
-    assert s.agreement.proto == 1 and s.agreement.dtypes == ("f16", "i8", "q4", "sparse")
+    assert s.agreement.proto == 1 and s.agreement.dtypes == tuple(d for d in DEFAULT_DTYPES if d in REFERENCE_DTYPES)
+    assert s.agreement.dtypes and set(s.agreement.dtypes) <= set(REFERENCE_DTYPES)
 
 
 # ------------------------------------------------------------------ nothing the peer sends raises

@@ -751,7 +751,8 @@ def test_many_chunks_cannot_stall_tick():
         ([{"dtype": 1, "shape": [8], "nbytes": 16}], {"chunk_bytes": 65538}, "head.chunk_bytes: 65538 is not in 1..65536"),
         ([{"dtype": 9, "shape": [8], "nbytes": 16}], {}, "head.objects[0].dtype: 9 is not a dtype"),
         ([{"dtype": 1, "shape": [8]}], {}, "head.objects[0].nbytes: required field is missing"),
-        ([{"dtype": 1, "shape": [8], "nbytes": 16}], {"hash": "md5"}, "head.hash: 'md5' is not one of xxh3_64"),
+        ([{"dtype": 1, "shape": [8], "nbytes": 16}], {"hash": "md5"},
+         f"head.hash: 'md5' is not one of {', '.join(resonant.handshake.SCHEMA['head']['hash']['choices'])}"),
     ],
 )
 def test_bad_head(objects, kwargs, detail):
