@@ -228,12 +228,22 @@ def _build(fields: dict[str, dict[str, Any]], values: dict[str, Any], path: str)
     return doc
 
 
-def build(method: str, **values: Any) -> dict[str, Any]:
+def build(method: str, *, check: bool = True, **values: Any) -> dict[str, Any]:
     """A document of `method` from the schema: its fields in schema order, each the value given
     (None: not given) or else its default (fields without one are left out), nested objects alike;
-    validated. A field the schema does not have raises ValueError (a programming error)."""
+    validated unless check=False. A field the schema does not have raises ValueError (a programming
+    error); extensions ("x-...") pass through."""
     doc = _build(SCHEMA[method], {"method": method, **values}, method)
-    return validate(doc)
+    return validate(doc) if check else doc
+
+
+def check_field(method: str, name: str, value: Any) -> None:
+    """Check one top-level field of a `method` document: ValueError when the schema has no such
+    field, HandshakeError (naming the path) when the value breaks it."""
+    if name not in SCHEMA[method] and not name.startswith("x-"):
+        raise ValueError(f"{method}.{name}: not a field of the schema (fields: {', '.join(SCHEMA[method])})")
+    if name in SCHEMA[method]:
+        _check(value, SCHEMA[method][name], f"{method}.{name}")
 
 
 def parse(data: bytes | bytearray | memoryview | str) -> dict[str, Any]:
