@@ -25,14 +25,16 @@ import re
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, MessageReceived, Slice, Sync, make_frame
 from resonant._codec import _buffered_record_event, _message_event, _next_frame_seq, _queue_frame, _SessionCore
-from resonant._spec import MAX_FRAME_BYTES, Flags, MsgType
+from resonant._spec import (DEFAULT_DTYPES, DTYPE_FALLBACK, DTYPE_OF_WIRE_NAME, DTYPE_SIZE_RULES, DTYPE_WIRE_NAMES,
+                            MAX_FRAME_BYTES, NUMPY_DTYPES, REFERENCE_DTYPES, Flags, MsgType)
 from resonant.errors import (
     DecodeError,
     DecryptionFailed,
@@ -78,21 +80,21 @@ _RANDOM_HEX = re.compile(r"[0-9a-f]{%d}" % (2 * _RANDOM_BYTES)).fullmatch
 # ------------------------------------------------------------------ configuration and agreement
 
 
-_DTYPE_NAMES = {"f16": 0x01, "i8": 0x02, "q4": 0x03, "bf16": 0x04, "f32": 0x05, "q8_0": 0x06, "q4_0": 0x07,
-                "sparse": 0x10, "sparse_coo_u32": 0x11}
-_DTYPE_CODE_NAMES = {v: k for k, v in _DTYPE_NAMES.items()}
-_REFERENCE_DTYPES = ("f16", "i8", "q4", "sparse")  # what a protocol-1 (reference) peer reads
-# What a tensor becomes when the peer lacks its dtype: lossless first, then the nearest.
-_FLOAT_FALLBACK = {"bf16": ("f32", "f16"), "f32": ("f16", "bf16"), "f16": ("f32", "bf16"),
-                   "q8_0": ("f16", "bf16", "f32"), "q4_0": ("f16", "bf16", "f32")}
+# The dtypes' names in handshake documents, what a protocol-1 peer reads, what a session offers by
+# default and what a tensor becomes when the peer lacks its dtype: all from schema/vframe.yaml.
+_DTYPE_CODE_NAMES = {int(code): name for code, name in DTYPE_WIRE_NAMES.items()}
 
+_CONFIRM = json.dumps(handshake.build("confirm"), separators=(",", ":")).encode()  # key confirmation (keyed sessions)
 
-def _bf16():
-    import ml_dtypes
-    return ml_dtypes.bfloat16
-
-
-_NUMPY_FLOATS = {"f16": lambda: np.float16, "f32": lambda: np.float32, "bf16": _bf16}
+# The fields of its ping (client) and capability (server) that the Session sets itself; any other
+# field of the schema may be given a value in SessionConfig.extra_fields (the others take their default).
+_SESSION_FIELDS = {
+    Role.CLIENT: ("ping", ("method", "v", "space_hash32", "compress", "crypto", "max_frame_bytes", "supports",
+                           "model_signature", "client_random")),
+    Role.SERVER: ("capability", ("method", "v", "agreed_proto", "space_hash32", "compress", "crypto",
+                                 "max_frame_bytes", "supports", "d_model", "embedding_space_id", "model_signature",
+                                 "client_random", "server_random")),
+}
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,10 @@ class SessionConfig:
     frames are acceptable). A key turns encryption on: crypto defaults to xchacha20poly1305
     alone, and the session becomes strict. strict: refuse data before the handshake (default:
     on when a key or an expected space hash is configured). zstd_level: the level this side
-    compresses with once zstd is agreed.
+    compresses with once zstd is agreed. dtypes: the dtypes this side sends and reads, by their
+    handshake names (schema/vframe.yaml; default: every dtype the spec offers). extra_fields: values
+    for fields of the ping (client) or capability (server) that the Session does not set itself,
+    e.g. an optional field added to schema/handshake.yaml (absent ones are sent with their default).
     """
 
     role: Role | str = Role.CLIENT
@@ -116,7 +121,7 @@ class SessionConfig:
     compress: tuple[str, ...] = ("none", "zstd")
     zstd_level: int = 3
     crypto: tuple[str, ...] | None = None
-    dtypes: tuple[str, ...] = ("f16", "i8", "q4", "sparse", "bf16", "f32", "q8_0", "q4_0", "sparse_coo_u32")
+    dtypes: tuple[str, ...] = DEFAULT_DTYPES
     critique: bool = True
     versions: tuple[int, ...] = PROTOCOL_VERSIONS
     max_frame_bytes: int = MAX_FRAME_BYTES
@@ -130,6 +135,7 @@ class SessionConfig:
     handshake_attempts: int = 6               # pings before the handshake fails
     error_interval: float = 1.0               # at most one unsolicited error reply per interval
     rekey_interval: float = 0.25              # keyed server, established: at most one new session offered per interval
+    extra_fields: Mapping[str, Any] | None = None  # more fields of this side's ping / capability (see above)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", Role(self.role))
@@ -142,10 +148,20 @@ class SessionConfig:
             raise ValueError("crypto offers xchacha20poly1305 but no key is configured")
         for name, values, allowed in (("compress", self.compress, ("zstd", "none")),
                                       ("crypto", self.crypto, ("xchacha20poly1305", "none")),
-                                      ("dtypes", self.dtypes, tuple(_DTYPE_NAMES))):
+                                      ("dtypes", self.dtypes, tuple(DTYPE_OF_WIRE_NAME))):
             bad = [v for v in values if v not in allowed]
             if bad or not values:
                 raise ValueError(f"{name} {list(values)!r}: each must be one of {', '.join(allowed)}")
+        method, own = _SESSION_FIELDS[self.role]
+        for name, value in (self.extra_fields or {}).items():
+            if name in own:
+                raise ValueError(f"extra_fields: {method}.{name} is set by the Session itself")
+            try:
+                handshake.check_field(method, name, value)
+            except HandshakeError as exc:
+                raise ValueError(f"extra_fields: {exc}") from None
+        if self.extra_fields is not None:  # a read-only copy: the config stays immutable
+            object.__setattr__(self, "extra_fields", MappingProxyType(dict(self.extra_fields)))
 
     @property
     def is_strict(self) -> bool:
@@ -896,21 +912,20 @@ class Session(_SessionCore):
     def _do_adopt(self, now, frame, doc) -> list:
         c = self.config
         # (_capability_problem made sure that both lists share an option)
-        compress = next(x for x in c.compress if x in doc.get("compress", ["none"]))
-        crypto = next(x for x in c.crypto if x in doc.get("crypto", ["none"]))
+        compress = next(x for x in c.compress if x in handshake.get(doc, "compress"))
+        crypto = next(x for x in c.crypto if x in handshake.get(doc, "crypto"))
         if self._keyring is not None:
             self._server_random = _random_of(doc, "server_random")
-        dtypes = tuple(d for d in c.dtypes if d in doc.get("supports", {}).get("dtype", c.dtypes)
-                       and (doc["agreed_proto"] >= 2 or d in _REFERENCE_DTYPES))
+        dtypes = self._common_dtypes(doc, doc["agreed_proto"])
         self.agreement = Agreement(doc["agreed_proto"], compress, crypto, dtypes,
-                                   min(c.max_frame_bytes, doc.get("max_frame_bytes", MAX_FRAME_BYTES)),
-                                   c.critique and doc.get("supports", {}).get("critique", True),
+                                   min(c.max_frame_bytes, handshake.get(doc, "max_frame_bytes")),
+                                   c.critique and handshake.get(doc, "supports.critique"),
                                    doc.get("space_hash32"), _signature(doc))
         self._apply_agreement()
         if self._previous is not None:
             # A running session was replaced: confirm the new keys, so that the server (which keeps the
             # running session until a frame authenticates under the new ones) switches now.
-            self._queue(self._encoder.encode(Sync(b'{"method":"confirm"}', stream_id=0, frame_seq=self._next_seq(0),
+            self._queue(self._encoder.encode(Sync(_CONFIRM, stream_id=0, frame_seq=self._next_seq(0),
                                                   space_hash32=self.config.space_hash32)))
         return [MessageReceived(frame, doc), HandshakeComplete(self.agreement)]
 
@@ -990,18 +1005,23 @@ class Session(_SessionCore):
 
     def _offer(self, ping: dict) -> "Session._Offer":
         c = self.config
-        proto = min(ping.get("v", 1), max(c.versions))
-        theirs_compress = ping.get("compress", ["none"])
-        theirs_crypto = ping.get("crypto", ["none"])
+        proto = min(handshake.get(ping, "v"), max(c.versions))
+        theirs_compress = handshake.get(ping, "compress")
+        theirs_crypto = handshake.get(ping, "crypto")
         compress = [x for x in c.compress if x in theirs_compress] if proto >= 2 else ["none"]
         crypto = [x for x in c.crypto if x in theirs_crypto] if proto >= 2 else ["none"]
         if not compress:  # no common compression: plain frames always work
             compress = ["none"]
-        dtypes = tuple(d for d in c.dtypes if d in ping.get("supports", {}).get("dtype", c.dtypes)
-                       and (proto >= 2 or d in _REFERENCE_DTYPES))
-        return Session._Offer(proto, compress, crypto, dtypes,
-                              min(c.max_frame_bytes, ping.get("max_frame_bytes", MAX_FRAME_BYTES)),
-                              bool(ping.get("supports", {}).get("critique", True)))
+        return Session._Offer(proto, compress, crypto, self._common_dtypes(ping, proto),
+                              min(c.max_frame_bytes, handshake.get(ping, "max_frame_bytes")),
+                              bool(handshake.get(ping, "supports.critique")))
+
+    def _common_dtypes(self, doc: dict, proto: int) -> tuple[str, ...]:
+        """This side's dtypes that the peer's ping / capability lists (all of them when it lists none),
+        at protocol version 1 only those the reference reads."""
+        theirs = handshake.get(doc, "supports.dtype")
+        return tuple(d for d in self.config.dtypes
+                     if (theirs is None or d in theirs) and (proto >= 2 or d in REFERENCE_DTYPES))
 
     def _ping_problem(self, ping: dict, frame: Frame) -> tuple[str, str, dict] | None:
         c = self.config
@@ -1014,7 +1034,7 @@ class Session(_SessionCore):
             what = "has no client_random" if "client_random" not in ping else "has a malformed client_random"
             return ("UNSUPPORTED_FEATURE", f"this peer requires session keys: the ping {what} ({_RANDOM_BYTES} random "
                     f"bytes as {2 * _RANDOM_BYTES} lowercase hexadecimal digits)", {})
-        v = ping.get("v", 1)
+        v = handshake.get(ping, "v")
         if min(v, max(c.versions)) not in c.versions:
             return ("UNSUPPORTED_VERSION", f"protocol version {v} is not supported (this peer speaks "
                     f"{', '.join(map(str, c.versions))})", {"expected": str(max(c.versions)), "got": str(v)})
@@ -1028,12 +1048,14 @@ class Session(_SessionCore):
         offer = self._offer(ping)
         if not offer.crypto_list:
             return ("UNSUPPORTED_FEATURE", f"encryption: this peer requires {', '.join(c.crypto)}, the client offers "
-                    f"{', '.join(ping.get('crypto', ['none']))}" + ("" if offer.proto >= 2 else
+                    f"{', '.join(handshake.get(ping, 'crypto'))}" + ("" if offer.proto >= 2 else
                                                                      " (protocol version 1 has no encryption)"), {})
         if offer.max_frame_bytes < MIN_STREAM_FRAME:
             return ("BAD_REQUEST", f"max_frame_bytes {offer.max_frame_bytes} is below {MIN_STREAM_FRAME}", {})
         if not offer.dtypes:
-            theirs = ping.get("supports", {}).get("dtype", list(_REFERENCE_DTYPES if offer.proto < 2 else c.dtypes))
+            theirs = handshake.get(ping, "supports.dtype")
+            if theirs is None:
+                theirs = list(REFERENCE_DTYPES if offer.proto < 2 else c.dtypes)
             return ("UNSUPPORTED_FEATURE", f"supports.dtype: the client reads {theirs} (protocol {offer.proto}), this "
                     f"peer sends {list(c.dtypes)}: no common option", {})
         return None
@@ -1042,16 +1064,17 @@ class Session(_SessionCore):
         c = self.config
         if doc["agreed_proto"] not in c.versions:
             return f"the server agreed protocol version {doc['agreed_proto']}, this client speaks {list(c.versions)}"
-        if not any(x in doc.get("crypto", ["none"]) for x in c.crypto):
-            return (f"encryption: the server offers {doc.get('crypto', ['none'])}, this client requires "
+        if not any(x in handshake.get(doc, "crypto") for x in c.crypto):
+            return (f"encryption: the server offers {handshake.get(doc, 'crypto')}, this client requires "
                     f"{list(c.crypto)}")
-        if not any(x in doc.get("compress", ["none"]) for x in c.compress):
-            return (f"compress: the server offers {doc.get('compress', ['none'])}, this client reads "
+        if not any(x in handshake.get(doc, "compress") for x in c.compress):
+            return (f"compress: the server offers {handshake.get(doc, 'compress')}, this client reads "
                     f"{list(c.compress)}: no common option")
-        theirs = doc.get("supports", {}).get("dtype", c.dtypes)
-        if not any(d in theirs and (doc["agreed_proto"] >= 2 or d in _REFERENCE_DTYPES) for d in c.dtypes):
-            return f"supports.dtype: the server reads {theirs}, this client sends {list(c.dtypes)}: no common option"
-        if doc.get("max_frame_bytes", MAX_FRAME_BYTES) < MIN_STREAM_FRAME:
+        if not self._common_dtypes(doc, doc["agreed_proto"]):
+            theirs = handshake.get(doc, "supports.dtype")
+            return (f"supports.dtype: the server reads {theirs if theirs is not None else list(c.dtypes)}, this client "
+                    f"sends {list(c.dtypes)}: no common option")
+        if handshake.get(doc, "max_frame_bytes") < MIN_STREAM_FRAME:
             return f"max_frame_bytes {doc['max_frame_bytes']} is below {MIN_STREAM_FRAME}"
         if (self.config.expected_space_hash is not None and "space_hash32" in doc
                 and doc["space_hash32"] != self.config.expected_space_hash):
@@ -1060,8 +1083,8 @@ class Session(_SessionCore):
 
     def _apply_agreement(self) -> None:
         a = self.agreement
-        self._agreed_codes = frozenset(_DTYPE_NAMES[d] for d in a.dtypes)
-        self._reduce = len(self._agreed_codes) < len(_DTYPE_NAMES)  # every dtype agreed: nothing to reduce, no check
+        self._agreed_codes = frozenset(int(DTYPE_OF_WIRE_NAME[d]) for d in a.dtypes)
+        self._reduce = len(self._agreed_codes) < len(DTYPE_WIRE_NAMES)  # every dtype agreed: nothing to reduce, no check
         level = self.config.zstd_level if a.compress == "zstd" else None
         key = None
         tags = None
@@ -1106,17 +1129,18 @@ class Session(_SessionCore):
         name = _DTYPE_CODE_NAMES.get(int(sl.dtype), f"0x{int(sl.dtype):02x}")
         if name in a.dtypes:
             return sl
-        target = next((t for t in _FLOAT_FALLBACK.get(name, ()) if t in a.dtypes), None)
+        target = next((t for t in DTYPE_FALLBACK.get(name, ()) if t in a.dtypes), None)
         if target is None:
             raise LocalProtocolError(what, f"the peer does not accept {name} tensors (it agreed to "
                                      f"{', '.join(a.dtypes)})")
-        if name in ("q8_0", "q4_0"):
+        if DTYPE_SIZE_RULES[sl.dtype] == "block":  # quantized (the spec's fallbacks are checked convertible)
             from resonant.quant import dequantize
             arr = dequantize(sl)
         else:
             arr = sl.numpy()
         self.stats["dtype_converted"] += 1
-        return Slice.from_array(arr.astype(_NUMPY_FLOATS[target]()), dtype=_DTYPE_NAMES[target])
+        code = DTYPE_OF_WIRE_NAME[target]
+        return Slice.from_array(arr.astype(np.dtype(NUMPY_DTYPES[code])), dtype=code)
 
     def _next_seq(self, stream_id: int) -> int:
         return _next_frame_seq(self._seq, stream_id)
@@ -1125,6 +1149,12 @@ class Session(_SessionCore):
         _queue_frame(data, self._out, self.stats, self._limit)
 
     def _control(self, doc: dict, stream_id: int, plain: bool = False) -> None:
+        """Queue a control document: `doc` names its method and the fields this side sets; the
+        document is built from the schema (handshake.build: schema order, this side's extra_fields
+        in its own ping / capability, every other field that has a default)."""
+        method = doc["method"]
+        extra = self.config.extra_fields if method == _SESSION_FIELDS[self.role][0] else None
+        doc = handshake.build(method, check=False, **{**(extra or {}), **{k: v for k, v in doc.items() if k != "method"}})
         payload = json.dumps(doc, separators=(",", ":")).encode()
         frame = Sync(payload, stream_id=stream_id, frame_seq=self._next_seq(stream_id), space_hash32=self.config.space_hash32)
         # Control frames travel as plain version-1 frames unless this side insists on encryption; then
@@ -1139,8 +1169,9 @@ class Session(_SessionCore):
         if now - self._last_error_reply < self.config.error_interval:
             return  # never amplify a flood of bad frames into a flood of replies
         self._last_error_reply = now
-        self._control({"method": "error", "code": code, "message": message[:256],
-                       **{k: v[:256] if isinstance(v, str) else v for k, v in extra.items()}}, 0, plain)
+        cut = handshake.MAX_STRING_CHARS
+        self._control({"method": "error", "code": code, "message": message[:cut],
+                       **{k: v[:cut] if isinstance(v, str) else v for k, v in extra.items()}}, 0, plain)
         self.stats["errors_sent"] += 1
 
 
