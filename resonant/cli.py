@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from resonant import _codec
-from resonant._spec import DType, Flags, Modality, MsgType
+from resonant._spec import (DTYPE_OF_WIRE_NAME, DTYPE_WIRE_NAMES, MESSAGE_CLASSES, NUMPY_DTYPES, REQUIRED_ROLES,
+                            USER_MESSAGE_TYPES, DType, Flags, Modality, MsgType)
 from resonant.errors import EncodeError, LocalProtocolError, ResonantError
 from resonant.reassembler import ObjectReady, StreamComplete, StreamFailed, StreamStarted
 from resonant.session import (
@@ -32,7 +33,12 @@ from resonant.session import (
 )
 from resonant.transforms import Key
 
-_DTYPES = {"f16": np.float16, "f32": np.float32, "i8": np.int8}
+# From the spec (schema/vframe.yaml): what `send --dtype` converts to (every dtype numpy holds), and
+# what `send --type` sends (an application's message types whose smallest layout is tensors only:
+# the array, or for several tensors its first axis, one per role).
+_DTYPES = {DTYPE_WIRE_NAMES[code]: np.dtype(name) for code, name in NUMPY_DTYPES.items()}
+_TYPES = {MESSAGE_CLASSES[m].lower(): m for m in USER_MESSAGE_TYPES
+          if REQUIRED_ROLES[m] and all(kind == "tensor" for _, kind in REQUIRED_ROLES[m])}
 
 
 def _bf16():
@@ -244,23 +250,26 @@ def _load(path: str, dtype: str | None) -> np.ndarray:
     if path.endswith(".bf16.npy") and arr.dtype == np.uint16:
         arr = arr.view(_bf16())
     if dtype is not None:
-        arr = arr.astype(_bf16() if dtype == "bf16" else _DTYPES[dtype])
-    if arr.dtype not in (np.float16, np.float32, np.int8, np.dtype(_bf16())):
-        raise SystemExit(f"resonant send: {path} holds {arr.dtype}; give --dtype f16|bf16|f32|i8 to convert it")
+        arr = arr.astype(_DTYPES[dtype])
+    if arr.dtype not in _DTYPES.values():
+        raise SystemExit(f"resonant send: {path} holds {arr.dtype}; give --dtype {'|'.join(_DTYPES)} to convert it")
     return np.ascontiguousarray(arr)
 
 
+def _tensors(kind: str, arr: np.ndarray) -> list[np.ndarray]:
+    """The array as the tensors of message type `kind`: itself, or one per role along its first axis."""
+    roles = [name for name, _ in REQUIRED_ROLES[_TYPES[kind]]]
+    if len(roles) == 1:
+        return [arr]
+    if arr.ndim == 0 or arr.shape[0] != len(roles):
+        raise SystemExit(f"resonant send: --type {kind} takes an array of shape ({len(roles)}, ...): "
+                         f"{' then '.join(roles)}")
+    return list(arr)
+
+
 def _message(kind: str, arr: np.ndarray, stream_id: int, space: int):
-    kw = {"stream_id": stream_id, "space_hash32": space}
-    if kind == "think":
-        return _codec.Think(arr, **kw)
-    if kind == "ask":
-        return _codec.Ask(arr, **kw)
-    if kind == "critique":
-        return _codec.Critique(arr, **kw)
-    if arr.ndim == 0 or arr.shape[0] != 2:
-        raise SystemExit("resonant send: --type cache takes an array of shape (2, ...): keys then values")
-    return _codec.Cache(arr[0], arr[1], **kw)
+    cls = getattr(_codec, MESSAGE_CLASSES[_TYPES[kind]])
+    return cls(*_tensors(kind, arr), stream_id=stream_id, space_hash32=space)
 
 
 class _Progress:
@@ -304,12 +313,12 @@ async def _send(args) -> int:
         except (EncodeError, LocalProtocolError):
             pass  # larger than one (agreed) frame
         # Too large for one frame: a V-Stream.
-        objects = [arr[0], arr[1]] if args.type == "cache" and arr.ndim and arr.shape[0] == 2 else [arr]
-        names = ["keys", "values"] if len(objects) == 2 else [Path(args.file).stem]
+        objects = _tensors(args.type, arr)
+        names = [name for name, _ in REQUIRED_ROLES[_TYPES[args.type]]] if len(objects) > 1 else [Path(args.file).stem]
         progress = _Progress(arr.nbytes) if arr.nbytes >= (4 << 20) else None
         t = time.perf_counter()
         sid = await peer.send_stream(objects, stream_id=args.stream_id or None, names=names,
-                                     msg_type=int(getattr(MsgType, args.type.upper())), progress=progress,
+                                     msg_type=int(_TYPES[args.type]), progress=progress,
                                      space_hash32=space)
         dt = time.perf_counter() - t
         print(f"sent stream {sid}: {arr.dtype}{list(arr.shape)} ({arr.nbytes} bytes) in {dt:.3f} s "
@@ -387,9 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Send FILE.npy; arrays too large for one frame go as a V-Stream.")
     s.add_argument("--to", required=True, metavar="URL", help="udp://HOST:PORT or tcp://HOST:PORT")
     s.add_argument("file", metavar="FILE.npy")
-    s.add_argument("--type", choices=["think", "cache", "ask", "critique"], default="think",
-                   help="message type (cache takes an array of shape (2, ...): keys, values)")
-    s.add_argument("--dtype", choices=["f16", "bf16", "f32", "i8"], help="convert the array first")
+    several = [f"{kind} takes an array of shape ({len(REQUIRED_ROLES[m])}, ...): "
+               f"{', '.join(name for name, _ in REQUIRED_ROLES[m])}" for kind, m in _TYPES.items()
+               if len(REQUIRED_ROLES[m]) > 1]
+    s.add_argument("--type", choices=list(_TYPES), default=next(iter(_TYPES)),
+                   help="message type" + (f" ({'; '.join(several)})" if several else ""))
+    s.add_argument("--dtype", choices=list(_DTYPES), help="convert the array first")
     s.add_argument("--zstd", action="store_true", help="compress (when the receiver supports it)")
     s.add_argument("--key-file", metavar="F", help="encrypt with this key")
     s.add_argument("--space-hash", type=_u32, metavar="H", help="space_hash32 to stamp on the frames and announce")
