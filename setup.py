@@ -5,6 +5,7 @@ RESONANT_ANNOTATE=1   write the Cython HTML annotation next to the .pyx
 RESONANT_LINETRACE=1  enable line tracing for coverage of the Cython code
 """
 
+import glob
 import os
 import sys
 
@@ -30,7 +31,7 @@ extensions = [
     Extension(
         "resonant._codec",
         ["resonant/_codec.pyx"],
-        depends=["resonant/_quant.pxi", "resonant/_bulk.pxi"],
+        depends=sorted(glob.glob("resonant/_*.pxi") + glob.glob("resonant/_*.pxd")),
         extra_compile_args=compile_args,
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), *macros],
