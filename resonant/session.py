@@ -32,7 +32,7 @@ import numpy as np
 from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, MessageReceived, Slice, Sync, make_frame
 from resonant._codec import _buffered_record_event, _message_event, _next_frame_seq, _queue_frame, _SessionCore
-from resonant._spec import MAX_FRAME_BYTES, Flags, MsgType
+from resonant._spec import MAX_FRAME_BYTES, Flags, MsgType, space_hash32_offset
 from resonant.errors import (
     DecodeError,
     DecryptionFailed,
@@ -613,7 +613,7 @@ class Session(_SessionCore):
         want = self.config.expected_space_hash
         if want is not None and frame.space_hash32 != want and not isinstance(frame, Sync):
             exc = SpaceMismatch("space_hash32", f"the frame is of embedding space {frame.space_hash32}, this peer "
-                                f"expects {want}", 24)
+                                f"expects {want}", space_hash32_offset(frame.num_slices))
             self.stats["space_mismatch"] += 1
             self._reply_error("SPACE_MISMATCH", str(exc), now, expected=str(want), got=str(frame.space_hash32))
             return [FrameRejected("space_mismatch", str(exc), exc)]
