@@ -8,7 +8,7 @@ help:
 	@echo "make check-codegen  fail if the generated files are stale (CI runs this)"
 	@echo "make compile        build the Cython extension in place"
 	@echo "make debug          build with -O0 -g and Cython bounds checks"
-	@echo "make annotate       build and write resonant/_codec.html (Cython annotation)"
+	@echo "make annotate       build and write the Cython annotation: resonant/_codec.html and one resonant/_NAME.html per module"
 	@echo "make install        pip install the package with its test extras"
 	@echo "make test           run the test suite"
 	@echo "make bench          run the benchmarks"

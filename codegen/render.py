@@ -18,7 +18,11 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 TARGETS = {
     "errors.py.j2": "resonant/errors.py",
     "spec.py.j2": "resonant/_spec.py",
-    "codec.pyx.j2": "resonant/_codec.pyx",
+    "gen_consts.pxd.j2": "resonant/_gen_consts.pxd",
+    "gen_consts.pxi.j2": "resonant/_gen_consts.pxi",
+    "gen_frame.pxd.j2": "resonant/_gen_frame.pxd",
+    "gen_spec.pxi.j2": "resonant/_gen_spec.pxi",
+    "gen_messages.pxi.j2": "resonant/_gen_messages.pxi",
     "codec.pyi.j2": "resonant/_codec.pyi",
     "refcodec.py.j2": "resonant/refcodec.py",
     "handshake.py.j2": "resonant/handshake.py",

@@ -3,7 +3,7 @@
 # left alone): clang with -fsanitize=fuzzer-no-link, so that libFuzzer (inside atheris) sees
 # the C code's coverage and comparisons, plus UndefinedBehaviorSanitizer (a UB report aborts:
 # a finding). The package's Python files are symlinked next to it. fuzz/run.sh uses this build
-# when it exists and is newer than resonant/_codec.pyx (and preloads atheris's
+# when it exists and is newer than the codec's sources (and preloads atheris's
 # ubsan_with_fuzzer.so, which provides the sanitizer and coverage runtime).
 set -euo pipefail
 cd "$(dirname "$0")/.."

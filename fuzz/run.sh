@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 target="$1"; secs="${2:-600}"; shift $(( $# >= 2 ? 2 : 1 ))
 PYTHON="${PYTHON:-python3}"
 so=$(ls build/fuzz-pkg/resonant/_codec*.so 2>/dev/null | head -1 || true)
-if [ -n "$so" ] && [ "$so" -nt resonant/_codec.pyx ]; then
+newest=$(ls -t resonant/_codec.pyx resonant/_*.pxi resonant/_*.pxd | head -1)  # the codec's sources
+if [ -n "$so" ] && [ "$so" -nt "$newest" ]; then
     lib="$($PYTHON -c 'import atheris; print(atheris.path())')/ubsan_with_fuzzer.so"
     export LD_PRELOAD="$lib" PYTHONPATH="$PWD/build/fuzz-pkg${PYTHONPATH:+:$PYTHONPATH}"
     echo "fuzz/run.sh: $target with the instrumented extension ($so)" >&2

@@ -244,3 +244,20 @@ SEGMENT_FIELDS = (
 TRAILER_FIELDS = (
     LayoutField("crc32", "<I", 4, None, None, None),
 )
+
+#: Header bytes before the slice_len table, one slice_len entry, and the offset of each field after
+#: the table from the table's end (a frame with N slices has them at PREFIX_BYTES + N * SLICE_LEN_BYTES + offset).
+PREFIX_BYTES = 24
+SLICE_LEN_BYTES = 4
+SUFFIX_OFFSETS = {"space_hash32": 0, "modality": 4}
+#: Bytes a one-slice frame with a one-dimensional slice (a V-Stream Chunk) needs besides its payload:
+#: the header with one slice_len entry, the slice's dtype, shape_len and one dimension, the crc32.
+CHUNK_OVERHEAD_BYTES = 43
+#: What a transformed (version 2) frame adds at most for a body of byte planes up to 8 bytes wide:
+#: the envelope, the AEAD tag and a segment table of 8 segments.
+TRANSFORM_OVERHEAD_BYTES = 82
+
+
+def space_hash32_offset(num_slices: int) -> int:
+    """Where space_hash32 sits in a frame of num_slices slices."""
+    return PREFIX_BYTES + num_slices * SLICE_LEN_BYTES + SUFFIX_OFFSETS["space_hash32"]

@@ -34,7 +34,7 @@ from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, MessageReceived, Slice, Sync, make_frame
 from resonant._codec import _buffered_record_event, _message_event, _next_frame_seq, _queue_frame, _SessionCore
 from resonant._spec import (DEFAULT_DTYPES, DTYPE_FALLBACK, DTYPE_OF_WIRE_NAME, DTYPE_SIZE_RULES, DTYPE_WIRE_NAMES,
-                            MAX_FRAME_BYTES, NUMPY_DTYPES, REFERENCE_DTYPES, Flags, MsgType)
+                            MAX_FRAME_BYTES, NUMPY_DTYPES, REFERENCE_DTYPES, Flags, MsgType, space_hash32_offset)
 from resonant.errors import (
     DecodeError,
     DecryptionFailed,
@@ -629,7 +629,7 @@ class Session(_SessionCore):
         want = self.config.expected_space_hash
         if want is not None and frame.space_hash32 != want and not isinstance(frame, Sync):
             exc = SpaceMismatch("space_hash32", f"the frame is of embedding space {frame.space_hash32}, this peer "
-                                f"expects {want}", 24)
+                                f"expects {want}", space_hash32_offset(frame.num_slices))
             self.stats["space_mismatch"] += 1
             self._reply_error("SPACE_MISMATCH", str(exc), now, expected=str(want), got=str(frame.space_hash32))
             return [FrameRejected("space_mismatch", str(exc), exc)]

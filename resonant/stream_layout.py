@@ -9,7 +9,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from resonant import _codec, handshake
-from resonant._spec import MAX_FRAME_BYTES, MAX_SHAPE_ELEMENTS, DType, MsgType
+from resonant._spec import (CHUNK_OVERHEAD_BYTES, MAX_FRAME_BYTES, MAX_SHAPE_ELEMENTS, TRANSFORM_OVERHEAD_BYTES,
+                            DType, MsgType)
 from resonant.errors import EncodeError, HandshakeError
 from resonant.refcodec import expected_size
 
@@ -17,11 +18,9 @@ __all__ = ["StreamLayout", "StreamObject", "MIN_STREAM_FRAME", "STREAM_VERSION"]
 
 STREAM_VERSION = 1
 MIN_STREAM_FRAME = 512  # the smallest max_frame_bytes: a HEAD of one object needs about 200 bytes
-# Bytes a Chunk frame needs besides its payload: header with one slice_len (33), the slice's
-# dtype, shape_len and one dimension (6), CRC (4); with a Codec, the envelope (33), the tag
-# (16) and a segment table for up to 8 byte planes (33).
-_CHUNK_OVERHEAD = 43
-_TRANSFORM_OVERHEAD = 33 + 16 + 33
+# Bytes a Chunk frame needs besides its payload, and what a Codec's transforms add (both from the spec).
+_CHUNK_OVERHEAD = CHUNK_OVERHEAD_BYTES
+_TRANSFORM_OVERHEAD = TRANSFORM_OVERHEAD_BYTES
 # The largest chunk payload a plain (version 1) Chunk frame carries, and so any resonant sender
 # makes; a compressed frame may carry more (its body is up to 64 KiB before compression).
 _PLAIN_CHUNK_MAX = MAX_FRAME_BYTES - _CHUNK_OVERHEAD

@@ -313,6 +313,10 @@ def test_space_hash_enforced_on_data():
     assert kinds(events) == ["FrameRejected"] and events[0].reason == "space_mismatch"
     reply = json.loads(_codec.decode(s.datagrams_to_send()[0]).json.tobytes())
     assert reply["code"] == "SPACE_MISMATCH" and reply["expected"] == str(SPACE) and reply["got"] == "7"
+    # the error's offset is where space_hash32 is in that frame (after one slice_len entry), from the spec
+    data = _codec.encode(Think(np.ones((1, 4), np.float16), space_hash32=7))
+    err = s.receive_datagram(data, 0.0)[0].error
+    assert int.from_bytes(data[err.offset:err.offset + 4], "little") == 7
 
 
 def test_strict_mode_requires_the_handshake():

@@ -1,0 +1,452 @@
+# Hand-written, included by resonant/_codec.pyx: the V-Stream kernels (chunk frames
+# written and placed in C, ChunkSink: a stream's buffer and chunk bitmap).
+
+# --------------------------------------------------------------------------- V-Stream fast paths
+
+
+cdef inline void _write_chunk_head(unsigned char *q, uint32_t stream_id, uint64_t frame_seq, uint32_t space_hash32,
+                                   uint8_t modality, uint8_t dtype, uint32_t count, Py_ssize_t length) noexcept:
+    """The CHUNK_HEAD_BYTES before a chunk's payload: header, slice_len table, suffix, slice head."""
+    cdef Py_ssize_t pos = CHUNK_SLICE
+    _write_fields(q, PREFIX_SIZE + SLICE_LEN_BYTES, VERSION, MSG_CHUNK, 0, 1, stream_id, frame_seq, space_hash32,
+                  modality)
+    rz_st_u32(q + PREFIX_SIZE, <uint32_t>length)
+    q[pos + SL_DTYPE] = dtype
+    q[pos + SL_NDIM] = 1
+    rz_st_u32(q + pos + SL_DIMS, count)
+
+
+def _encode_chunk(uint32_t stream_id, uint64_t frame_seq, uint32_t space_hash32, uint8_t modality,
+                  uint8_t dtype, uint32_t count, source, Py_ssize_t start, Py_ssize_t length, Xxh3 hasher=None):
+    """The raw-version (VERSION) bytes of Chunk(Slice(dtype, (count,), source[start:start + length])), written
+    straight from the source buffer: what StreamSender sends for every chunk without a Codec.
+
+    With a hasher, the payload is also fed to it; copy, CRC and hash run in one GIL-free
+    section while the bytes are in cache."""
+    cdef const unsigned char[::1] src = source
+    cdef long long need = _expected_size(dtype, count)
+    cdef Py_ssize_t size = CHUNK_HEAD + length + CRC_SIZE
+    if start < 0 or length < 0 or start + length > src.shape[0]:
+        raise EncodeError("source", f"bytes {start}..{start + length} are outside a {src.shape[0]}-byte source")
+    if need == -2 or (need >= 0 and need != length):
+        raise EncodeError("payload", f"{_dtype_name(dtype)} of {count} elements does not take {length} bytes")
+    _check_size(size)
+    out = PyBytes_FromStringAndSize(NULL, size)
+    cdef unsigned char *q = <unsigned char *>PyBytes_AS_STRING(out)
+    _write_chunk_head(q, stream_id, frame_seq, space_hash32, modality, dtype, count, length)
+    cdef Py_ssize_t pos = CHUNK_HEAD
+    cdef void *st = hasher._st if hasher is not None else NULL
+    cdef uint32_t crc
+    if _crc_c != NULL and (hasher is None or st != NULL):
+        with nogil:
+            if length:
+                memcpy(q + pos, &src[start], length)
+            crc = _crc_c(0, q, <uint64_t>(size - CRC_SIZE))
+            if st != NULL and length:
+                _xxh_update(st, q + pos, <size_t>length)
+    else:
+        if length:
+            memcpy(q + pos, &src[start], length)
+        crc = _crc32(q, size - CRC_SIZE)
+        if hasher is not None:
+            hasher._feed(q + pos, length)
+    rz_st_u32(q + size - CRC_SIZE, crc)
+    return out
+
+
+def _encode_chunk_parts(uint32_t stream_id, uint64_t frame_seq, uint32_t space_hash32, uint8_t modality,
+                        uint8_t dtype, uint32_t count, source, Py_ssize_t start, Py_ssize_t length,
+                        Xxh3 hasher=None, bint record=False):
+    """_encode_chunk without the payload: (head, tail), where head + source[start:start + length]
+    + tail are the frame's bytes (record: head starts with the TCP record's u32 length). For a
+    scatter-gather send straight from the source: the CRC and hash read the payload once."""
+    cdef const unsigned char[::1] src = source
+    cdef long long need = _expected_size(dtype, count)
+    cdef Py_ssize_t size = CHUNK_HEAD + length + CRC_SIZE
+    cdef Py_ssize_t pre = TCP_PREFIX_BYTES if record else 0
+    cdef Py_ssize_t hs = CHUNK_HEAD
+    if start < 0 or length < 0 or start + length > src.shape[0]:
+        raise EncodeError("source", f"bytes {start}..{start + length} are outside a {src.shape[0]}-byte source")
+    if need == -2 or (need >= 0 and need != length):
+        raise EncodeError("payload", f"{_dtype_name(dtype)} of {count} elements does not take {length} bytes")
+    _check_size(size)
+    head = PyBytes_FromStringAndSize(NULL, pre + hs)
+    tail = PyBytes_FromStringAndSize(NULL, CRC_SIZE)
+    cdef unsigned char *r = <unsigned char *>PyBytes_AS_STRING(head)
+    if record:
+        rz_st_u32(r, <uint32_t>size)
+    cdef unsigned char *q = r + pre
+    _write_chunk_head(q, stream_id, frame_seq, space_hash32, modality, dtype, count, length)
+    cdef void *st = hasher._st if hasher is not None else NULL
+    cdef uint32_t crc
+    cdef const unsigned char *p = &src[start] if length else NULL
+    if _crc_c != NULL and (hasher is None or st != NULL):
+        with nogil:
+            crc = _crc_c(0, q, <uint64_t>hs)
+            if length:
+                crc = _crc_c(crc, p, <uint64_t>length)
+                if st != NULL:
+                    _xxh_update(st, p, <size_t>length)
+    else:  # no C CRC (or a hasher without C xxh3): the slow way, over a joined copy
+        frame = PyBytes_FromStringAndSize(<char *>q, hs) + bytes(src[start:start + length])
+        crc = _crc32(<const unsigned char *>PyBytes_AS_STRING(frame), len(frame))
+        if hasher is not None and length:
+            hasher._feed(p, length)
+    rz_st_u32(<unsigned char *>PyBytes_AS_STRING(tail), crc)
+    return head, tail
+
+
+# What _check_chunk says of a chunk for an open stream (the fast and the general path alike).
+cdef enum:
+    CHUNK_NEW = 0        # in range, not yet received, and of the dtype and length its place needs
+    CHUNK_DUPLICATE = 1  # already received
+    CHUNK_OUTSIDE = 2    # frame_seq is not a chunk of this stream
+    CHUNK_MISFIT = 3     # the wrong dtype or length for its place
+
+
+cdef inline bint _bit(const unsigned char *bits, Py_ssize_t k) noexcept nogil:
+    return (bits[k >> 3] >> (k & 7)) & 1
+
+
+cdef class ChunkSink:
+    """The receiving state of one V-Stream that the chunk fast path (_place_chunk) writes to:
+    the output buffer, the chunk bitmap (one bit per chunk: bit k & 7 of byte k >> 3), the
+    chunks left per object, the running hash, the time of the last frame and of the last new
+    chunk (`progress`: a duplicate or a keepalive is not progress). resonant.stream's
+    _Stream extends it; its Python path for chunks checks and commits them through the same C
+    functions (check, commit), so both paths share the checks and the bitmap code."""
+
+    @staticmethod
+    def bitmap_bytes(Py_ssize_t nchunks):
+        """The bytes of the chunk bitmap of a stream of nchunks chunks."""
+        return (nchunks + 7) >> 3
+
+    def _geometry(self, buffer, first_chunk, offset, nbytes, want, Py_ssize_t chunk_bytes, Py_ssize_t nchunks):
+        """Arrays per object (int64 first chunk, byte offset, bytes; uint8 dtype a chunk must carry);
+        allocates the bitmap (bitmap_bytes(nchunks), zeroed)."""
+        if chunk_bytes < 1 or nchunks < 0:
+            raise ValueError("chunk_bytes must be >= 1 and nchunks >= 0")
+        self.buffer = buffer
+        self._dst = buffer
+        self._first = first_chunk
+        self._offset = offset
+        self._nbytes = nbytes
+        self._want = want
+        self.object_left = _np.array([0] * len(first_chunk), _np.int64)
+        self._left = self.object_left
+        self._nobj = len(first_chunk)
+        self._chunk_bytes = chunk_bytes
+        self._nchunks = nchunks
+        self.have = bytearray((nchunks + 7) >> 3)
+        self._bits = self.have
+        self.have_count = 0
+        self.completed = -1
+
+    def has(self, Py_ssize_t k):
+        """Whether chunk k (0 <= k < chunks) has been received."""
+        if not 0 <= k < self._nchunks:
+            raise IndexError(f"chunk {k} is outside this stream")
+        return bool(_bit(&self._bits[0], k))
+
+    def check(self, k, int dtype, Py_ssize_t length):
+        """The general path's check of chunk k carrying `length` bytes of `dtype`, the fast
+        path's own (_check_chunk): (outcome, object index, byte offset in the stream), outcome
+        0 new, 1 duplicate, 2 outside the stream (object and offset -1), 3 the wrong dtype or length."""
+        cdef ChunkAt at
+        if not 0 <= k < self._nchunks or not 0 <= dtype <= 255:
+            return CHUNK_OUTSIDE if not 0 <= k < self._nchunks else CHUNK_MISFIT, -1, -1
+        outcome = _check_chunk(self, <Py_ssize_t>k, <uint8_t>dtype, length, &at)
+        return outcome, (at.o if outcome != CHUNK_OUTSIDE else -1), (at.a if outcome != CHUNK_OUTSIDE else -1)
+
+    def commit(self, Py_ssize_t k, Py_ssize_t o, Py_ssize_t a, Py_ssize_t length, double now):
+        """Chunk k (of object o, length bytes at offset a) is in place, and hashed if it came in
+        order: the general path's end of a chunk, the same as the fast path's (_commit_chunk)."""
+        cdef ChunkAt at
+        if not (0 <= k < self._nchunks and 0 <= o < self._nobj) or _bit(&self._bits[0], k):
+            raise IndexError(f"chunk {k} of object {o} is outside this stream or already in place")
+        at.k, at.o, at.a, at.length = k, o, a, length
+        _commit_chunk(self, &at, now)
+
+    def missing(self, Py_ssize_t cap):
+        """The byte ranges of the stream not received, in order, touching ranges joined, never
+        empty (a missing chunk of an empty object is no bytes): the first `cap` of them, and how
+        many more there are. One pass over the bitmap (whole bytes
+        at a time where it is all 0 or all 1); memory for the ranges listed only."""
+        cdef Py_ssize_t k = 0, n = self._nchunks, k0, a, b, pa = -1, pb = -1, more = 0
+        cdef const unsigned char *bits
+        out = []
+        if n == 0:
+            return out, 0
+        bits = &self._bits[0]
+        while k < n:
+            if (k & 7) == 0 and bits[k >> 3] == 0xFF:
+                k += 8
+                continue
+            if _bit(bits, k):
+                k += 1
+                continue
+            k0 = k
+            while k < n:  # the run of missing chunks from k0 (bits past n are never set)
+                if (k & 7) == 0 and bits[k >> 3] == 0:
+                    k += 8
+                elif _bit(bits, k):
+                    break
+                else:
+                    k += 1
+            if k > n:
+                k = n
+            a = self._byte_at(k0, False)
+            b = self._byte_at(k - 1, True)
+            if a == b:  # only empty objects' chunks: no bytes missing
+                continue
+            if pa >= 0 and a == pb:  # touches the previous range (an empty object in between)
+                pb = b
+                continue
+            if pa >= 0:
+                if len(out) < cap:
+                    out.append((pa, pb))
+                else:
+                    more += 1
+            pa, pb = a, b
+        if pa >= 0:
+            if len(out) < cap:
+                out.append((pa, pb))
+            else:
+                more += 1
+        return out, more
+
+    cdef Py_ssize_t _byte_at(self, Py_ssize_t k, bint end) noexcept:
+        """The stream offset of chunk k's first byte, or (end) of the byte after its last."""
+        cdef Py_ssize_t o = self._object_of(k)
+        cdef Py_ssize_t s = (k - self._first[o]) * self._chunk_bytes
+        if end:
+            s = min(s + self._chunk_bytes, <Py_ssize_t>self._nbytes[o])
+        return self._offset[o] + s
+
+    cdef Py_ssize_t _object_of(self, Py_ssize_t k) noexcept:
+        """The last object whose first chunk is <= k (as StreamLayout.chunk)."""
+        cdef Py_ssize_t lo = 0, hi = self._nobj - 1, mid
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._first[mid] <= k:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+
+# Bytes of a Chunk frame before its payload: header with one slice_len, suffix, the slice's
+# dtype, shape_len (1) and its one dimension.
+cdef enum:
+    CHUNK_HEAD_BYTES = CHUNK_HEAD
+
+
+cdef struct ChunkAt:
+    Py_ssize_t k        # chunk index (frame_seq - 1)
+    Py_ssize_t o        # object index
+    Py_ssize_t a        # byte offset of the payload in the stream buffer
+    Py_ssize_t length   # payload bytes
+
+
+cdef int _check_chunk(ChunkSink st, Py_ssize_t k, uint8_t dtype, Py_ssize_t length, ChunkAt *at) noexcept:
+    """Where chunk k of `length` bytes of `dtype` goes in st (filled in at), or why it does not:
+    one of CHUNK_NEW, CHUNK_DUPLICATE, CHUNK_OUTSIDE, CHUNK_MISFIT. The one check of a chunk
+    against its stream, for the fast path and the general path."""
+    cdef Py_ssize_t o, start
+    if k < 0 or k >= st._nchunks:
+        return CHUNK_OUTSIDE
+    o = st._object_of(k)
+    start = (k - st._first[o]) * st._chunk_bytes
+    at.k = k
+    at.o = o
+    at.a = st._offset[o] + start
+    at.length = length
+    if _bit(&st._bits[0], k):
+        return CHUNK_DUPLICATE
+    if dtype != st._want[o] or length != min(st._chunk_bytes, <Py_ssize_t>st._nbytes[o] - start):
+        return CHUNK_MISFIT
+    if at.a < 0 or at.a + length > st._dst.shape[0]:
+        return CHUNK_MISFIT
+    return CHUNK_NEW
+
+
+cdef ChunkSink _chunk_target(dict streams, const unsigned char *p, Py_ssize_t n, object expected_space_hash,
+                             ChunkAt *at):
+    """From a frame's first CHUNK_HEAD_BYTES bytes and its length n: the open stream a plain,
+    new, well-formed Chunk belongs to, and where its payload goes; None for anything else."""
+    cdef Py_ssize_t pos = CHUNK_SLICE, length
+    cdef uint64_t seq
+    cdef uint32_t count, space
+    cdef uint8_t dtype
+    cdef long long need
+    cdef ChunkSink st
+    if (n < CHUNK_HEAD_BYTES + CRC_SIZE or n > MAX_FRAME_BYTES or p[OFF_VERSION] != VERSION
+            or p[OFF_MSG_TYPE] != MSG_CHUNK or rz_ld_u16(p + OFF_FLAGS) != 0
+            or rz_ld_u64(p + OFF_NUM_SLICES) != 1 or <Py_ssize_t>rz_ld_u32(p + PREFIX_SIZE) != n - CHUNK_HEAD_BYTES - CRC_SIZE
+            or p[pos + 1] != 1 or not _known_modality(p[CHUNK_SUFFIX + SUF_MODALITY])):
+        return None
+    space = rz_ld_u32(p + CHUNK_SUFFIX + SUF_SPACE_HASH32)
+    if expected_space_hash is not None and space != expected_space_hash:
+        return None
+    st = streams.get(rz_ld_u32(p + OFF_STREAM_ID))
+    if st is None or st._dst is None:
+        return None
+    seq = rz_ld_u64(p + OFF_FRAME_SEQ)
+    if seq == 0 or seq > <uint64_t>st._nchunks:
+        return None
+    dtype = p[pos]
+    count = rz_ld_u32(p + pos + SL_DIMS)
+    length = n - CHUNK_HEAD_BYTES - CRC_SIZE
+    need = _expected_size(dtype, count)
+    if length == 0 or need != length or _check_chunk(st, <Py_ssize_t>(seq - 1), dtype, length, at) != CHUNK_NEW:
+        return None
+    if at.a == st.hashed and (st.hasher is None or st.hasher._st == NULL):
+        return None  # the Python hasher fallback: the general path feeds it
+    return st
+
+
+cdef void _commit_chunk(ChunkSink st, ChunkAt *at, double now):
+    """The chunk's payload is in place (and hashed, if it came in order): the catch-up hash of
+    chunks already waiting after it, the bitmap, the counts."""
+    cdef Py_ssize_t j, o2, s2, l2
+    cdef unsigned char *bits = &st._bits[0]
+    if at.a == st.hashed:
+        st.hashed += at.length
+        j = at.k + 1
+        while j < st._nchunks and _bit(bits, j):
+            o2 = st._object_of(j)
+            s2 = (j - st._first[o2]) * st._chunk_bytes
+            l2 = min(st._chunk_bytes, st._nbytes[o2] - s2)
+            st.hasher._feed(&st._dst[st._offset[o2] + s2], l2)
+            st.hashed += l2
+            j += 1
+    bits[at.k >> 3] |= <unsigned char>(1 << (at.k & 7))
+    st.have_count += 1
+    st._left[at.o] -= 1
+    st.completed = <int>at.o if st._left[at.o] == 0 else -1
+    st.last = now
+    st.progress = now
+
+
+cdef bint _place_at(ChunkSink st, ChunkAt *at, const unsigned char *p, Py_ssize_t n) noexcept:
+    """CRC of the frame p[0:n] checked, then its payload hashed (if in order) and copied into
+    place, in one GIL-free section; False (nothing written) if the CRC is wrong."""
+    cdef void *hs = st.hasher._st if at.a == st.hashed else NULL
+    cdef unsigned char *dst = &st._dst[at.a]
+    cdef bint streaming = st.streaming, ok
+    cdef size_t length = <size_t>at.length
+    with nogil:
+        ok = _crc_c(0, p, <uint64_t>(n - CRC_SIZE)) == rz_ld_u32(p + n - CRC_SIZE)
+        if ok:
+            if hs != NULL:
+                _xxh_update(hs, p + CHUNK_HEAD_BYTES, length)
+            if streaming:
+                rz_copy_nt(dst, p + CHUNK_HEAD_BYTES, length)
+            else:
+                memcpy(dst, p + CHUNK_HEAD_BYTES, length)
+    return ok
+
+
+def _place_chunk(dict streams not None, data, expected_space_hash, double now):
+    """The V-Stream receive fast path: one plain (raw-version (VERSION), no flags) Chunk frame of an open
+    stream, checked as decode() and the Reassembler check it, written into the stream's buffer
+    and hashed in one GIL-free section; returns the stream's ChunkSink. Returns None, having
+    changed nothing, for anything else (another message, a duplicate, any error), which the
+    general path then handles and reports."""
+    cdef const unsigned char[::1] v
+    cdef const unsigned char *p
+    cdef Py_ssize_t n
+    cdef ChunkAt at
+    cdef ChunkSink st
+    if type(data) is bytes:
+        p = <const unsigned char *>PyBytes_AS_STRING(data)
+        n = PyBytes_GET_SIZE(data)
+    else:
+        v = data
+        n = v.shape[0]
+        if n == 0:
+            return None
+        p = &v[0]
+    st = _chunk_target(streams, p, n, expected_space_hash, &at)
+    if st is None or _crc_c == NULL or not _place_at(st, &at, p, n):
+        return None  # (a bad CRC: decode() says which)
+    _commit_chunk(st, &at, now)
+    return st
+
+
+def _place_records(dict streams not None, bytearray buf not None, Py_ssize_t start, Py_ssize_t end,
+                   Py_ssize_t max_frame_bytes, expected_space_hash, double now):
+    """The TCP receive fast path: the whole records (u32 little-endian length, frame) in
+    buf[start:end] that are chunks _place_chunk takes, placed one after the other. Stops before
+    the first record that is incomplete, has a length outside 1..max_frame_bytes, or is not
+    such a chunk (the general path takes it from there), and after a chunk that completes an
+    object or comes after its stream's TAIL (so that its events are made at once). Returns
+    (position reached, chunks placed, their frame bytes, the sink of the last chunk if it has
+    events to make, else None)."""
+    cdef unsigned char *b = <unsigned char *>buf
+    cdef Py_ssize_t pos = start, size, count = 0, nbytes = 0
+    cdef ChunkAt at
+    cdef ChunkSink st
+    if start < 0 or end > len(buf) or start > end:
+        raise ValueError(f"{start}..{end} is not a range of a {len(buf)}-byte buffer")
+    if _crc_c == NULL:
+        return start, 0, 0, None
+    while end - pos >= TCP_PREFIX_BYTES:
+        size = rz_ld_u32(b + pos)
+        if size < 1 or size > max_frame_bytes or end - pos - TCP_PREFIX_BYTES < size:
+            break
+        st = _chunk_target(streams, b + pos + TCP_PREFIX_BYTES, size, expected_space_hash, &at)
+        if st is None or not _place_at(st, &at, b + pos + TCP_PREFIX_BYTES, size):
+            break
+        _commit_chunk(st, &at, now)
+        pos += TCP_PREFIX_BYTES + size
+        count += 1
+        nbytes += size
+        if st.completed >= 0 or st.tail is not None:
+            return pos, count, nbytes, st
+    return pos, count, nbytes, None
+
+
+def _encode_chunks(uint32_t stream_id, uint64_t first_seq, uint32_t space_hash32, uint8_t modality, uint8_t dtype,
+                   int width, source, Py_ssize_t chunk_bytes, Py_ssize_t first, Py_ssize_t count, Xxh3 hasher=None):
+    """Chunks first .. first + count - 1 of one object (source: its bytes, cut every chunk_bytes),
+    as _encode_chunk makes them one by one: frame_seq first_seq + i, element count length //
+    width (width 0: length). One call for a batch, so the per-frame Python is paid once."""
+    cdef const unsigned char[::1] src = source
+    cdef Py_ssize_t i, k, start, length
+    if chunk_bytes < 1 or first < 0 or count < 0:
+        raise ValueError("chunk_bytes must be >= 1, first and count >= 0")
+    out = []
+    for i in range(count):
+        k = first + i
+        start = k * chunk_bytes
+        length = min(chunk_bytes, src.shape[0] - start)
+        if length < 0:
+            raise EncodeError("source", f"chunk {k} starts past the end of a {src.shape[0]}-byte source")
+        out.append(_encode_chunk(stream_id, first_seq + i, space_hash32, modality, dtype,
+                                 length // width if width else length, source, start, length, hasher))
+    return out
+
+
+def _copy_payload(Slice s not None, dest, Py_ssize_t offset, Xxh3 hasher=None, bint streaming=False):
+    """Copy a slice's payload into dest[offset:] (a writable byte buffer): one copy, GIL released.
+    With a hasher, the payload is fed to it in the same GIL-free section, from the source while
+    it is in cache. streaming: write with non-temporal stores (for a destination larger than
+    the caches, which is not read again soon)."""
+    cdef unsigned char[::1] d = dest
+    if offset < 0 or offset + s._len > d.shape[0]:
+        raise ValueError(f"{s._len} bytes at {offset} do not fit a {d.shape[0]}-byte destination")
+    cdef const unsigned char *src = _slice_ptr(s)
+    cdef void *st = hasher._st if hasher is not None else NULL
+    if not s._len:
+        return 0
+    with nogil:
+        if st != NULL:
+            _xxh_update(st, src, <size_t>s._len)
+        if streaming:
+            rz_copy_nt(&d[offset], src, <size_t>s._len)
+        else:
+            memcpy(&d[offset], src, s._len)
+    if hasher is not None and st == NULL:
+        hasher._feed(src, s._len)
+    return s._len
