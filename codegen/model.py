@@ -1119,6 +1119,10 @@ def load_handshake(path: Path, vframe: VFrame | None = None) -> Handshake:
             if problem:
                 raise item.child("example").fail(f"the example breaks the message's fields: {problem}")
         messages.append(HMessage(mname, item.doc(), fields, example))
+    for i, (_, _, message, _) in enumerate(flow):
+        if message != "data" and message not in {m.name for m in messages}:
+            raise root.child("flow").child(i).child("message").fail(
+                f"'{message}' is neither a message nor data (messages: {', '.join(m.name for m in messages)})")
     for needed in RUNTIME_MESSAGES:
         if needed not in {m.name for m in messages}:
             raise root.child("messages").fail(f"missing message '{needed}' (the Session or the V-Stream uses it)")

@@ -158,7 +158,7 @@ class SessionConfig:
                 raise ValueError(f"extra_fields: {method}.{name} is set by the Session itself")
             try:
                 handshake.check_field(method, name, value)
-            except HandshakeError as exc:
+            except (HandshakeError, ValueError) as exc:
                 raise ValueError(f"extra_fields: {exc}") from None
         if self.extra_fields is not None:  # a read-only copy: the config stays immutable
             object.__setattr__(self, "extra_fields", MappingProxyType(dict(self.extra_fields)))

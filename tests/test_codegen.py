@@ -16,7 +16,9 @@ from codegen.model import SchemaError, load
 from codegen.render import ROOT, TARGETS, render_all
 
 SCHEMA = ROOT / "schema"
-_WIRES = [d.wire for d in load(SCHEMA).vframe.dtypes]  # texts that list the dtypes render them from the spec
+# texts that list the dtypes or the messages render them from the spec
+_WIRES = [d.wire for d in load(SCHEMA).vframe.dtypes]
+_MESSAGES = [m.name for m in load(SCHEMA).handshake.messages]
 
 
 def test_checked_in_files_are_current():
@@ -183,6 +185,8 @@ def _field(fields, name):
          "doc, fields, name, required, type)"),
         ("handshake.yaml", lambda d: d["messages"].pop(),
          "handshake.yaml: messages: missing message 'confirm' (the Session or the V-Stream uses it)"),
+        ("handshake.yaml", lambda d: d["flow"][0].update(message="hello"),
+         f"handshake.yaml: flow[0].message: 'hello' is neither a message nor data (messages: {', '.join(_MESSAGES)})"),
         # the dtypes' negotiation facts
         ("vframe.yaml", lambda d: _dtype(d, "F16").pop("wire"),
          "vframe.yaml: enums.dtype.values[0]: missing required key 'wire'"),
@@ -214,7 +218,7 @@ def _field(fields, name):
     ],
     ids=["limit-unenforced", "limit-field-unchecked", "limit-field-missing", "hs-limit-unenforced",
          "max-slices-layout", "max-dims-type", "list-items-choices", "json-fits-frame", "example",
-         "new-header-field", "dtype-key", "runtime-enum-value", "hs-key", "runtime-message",
+         "new-header-field", "dtype-key", "runtime-enum-value", "hs-key", "runtime-message", "flow-message",
          "wire-missing", "wire-dup", "fallback-unknown", "fallback-target", "fallback-source", "nothing-offered",
          "default-required", "default-type", "default-limit", "choices-from"],
 )

@@ -1016,3 +1016,55 @@ def test_a_stream_that_used_every_frame_seq_refuses_to_wrap(fast):
     assert s.datagrams_to_send() == [] and s.stats["frames_out"] == 1
     s.send(resonant.Think(np.ones((1, 4), np.float16), stream_id=6), 0.0)
     assert _codec.decode(s.datagrams_to_send()[0]).frame_seq == 0
+
+
+# ------------------------------------------------------------------ documents from the handshake schema
+
+
+def test_control_documents_are_built_and_read_from_the_schema(monkeypatch):
+    """A field added to the schema (here patched into handshake.SCHEMA, as a new optional field of
+    schema/handshake.yaml would be generated) is sent with its default and read by the peer; the
+    Session's own fields come in schema order."""
+    from resonant import handshake as hs
+
+    extra = {"type": "u32", "required": False, "const": None, "choices": [], "default": 7, "fields": {}}
+    monkeypatch.setitem(hs.SCHEMA, "ping", {**hs.SCHEMA["ping"], "priority": extra})
+    monkeypatch.setitem(hs.SCHEMA, "capability", {**hs.SCHEMA["capability"], "priority": extra})
+    client, server = Session(role="client"), Session(role="server", extra_fields={"priority": 2})
+    c_events, s_events = handshake(client, server)
+    ping = next(e.document for e in s_events if isinstance(e, MessageReceived))
+    capability = next(e.document for e in c_events if isinstance(e, MessageReceived))
+    assert ping["priority"] == 7 and hs.get(ping, "priority") == 7      # the default, sent
+    assert capability["priority"] == 2                                  # the server's configured value
+    assert [k for k in ping if k in hs.SCHEMA["ping"]] == [k for k in hs.SCHEMA["ping"] if k in ping]
+    assert hs.get({"method": "ping"}, "priority") == 7                  # absent: read as the default
+
+
+def test_absent_optional_fields_are_read_as_their_schema_defaults():
+    from resonant import handshake as hs
+
+    server = Session(role="server")
+    events = server.receive_datagram(control({"method": "ping", "v": 2}), 0.0)  # no compress, crypto, frame size
+    a = next(e for e in events if isinstance(e, HandshakeComplete)).agreement
+    assert a.compress == hs.default("ping", "compress")[0] and a.crypto == hs.default("ping", "crypto")[0]
+    assert a.max_frame_bytes == hs.default("ping", "max_frame_bytes") and a.critique is hs.default("ping", "supports.critique")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"v": 3}, "extra_fields: ping.v is set by the Session itself"),
+        ({"colour": 1}, "extra_fields: ping.colour: not a field of the schema (fields: "),
+        ({"ts": "now"}, "extra_fields: ping.ts: expected a number, got str"),
+    ],
+)
+def test_extra_fields_are_checked_against_the_schema(fields, message):
+    with pytest.raises(ValueError) as exc:
+        Session(role="client", extra_fields=fields)
+    assert str(exc.value).startswith(message)
+
+
+def test_extra_fields_reach_the_ping():
+    client, server = Session(role="client", extra_fields={"ts": 1730616000}), Session(role="server")
+    _, s_events = handshake(client, server)
+    assert next(e.document for e in s_events if isinstance(e, MessageReceived))["ts"] == 1730616000
