@@ -32,6 +32,9 @@ HANDSHAKE_TYPES = ("string", "number", "bool", "u32", "u64", "hex32", "hex64", "
 HEADER_FIELDS = ("version", "msg_type", "flags", "stream_id", "frame_seq", "num_slices", "slice_len", "space_hash32",
                  "modality")
 
+#: Envelope fields the codec lays out (version 2 frames).
+ENVELOPE_FIELDS = ("body_len", "filters", "key_id", "nonce")
+
 #: Fields whose `limit:` the decoder checks where it reads the field (before anything it counts is
 #: read or allocated), and the limit each must name; a `limit:` anywhere else would not be enforced.
 FIELD_LIMITS = {("header", "num_slices"): "max_slices", ("slice", "shape_len"): "max_dims",
@@ -795,6 +798,11 @@ def load_vframe(path: Path) -> VFrame:
             raise envnode.child(i).child("when").fail(f"'when' must name the encryption flag '{transforms.encryption_flag}'")
         if f.type == "bytes" and f.size is None:
             raise envnode.child(i).fail("envelope bytes need a fixed 'size'")
+    for i, f in enumerate(envelope):
+        if f.name not in ENVELOPE_FIELDS:
+            raise envnode.child(i).child("name").fail(
+                f"'{f.name}' is not an envelope field the codec lays out (known: {', '.join(ENVELOPE_FIELDS)}); a new "
+                "envelope field needs the codec's transforms extended first")
     crypto = [f for f in envelope if f.when]
     if [f.name for f in crypto] != ["key_id", "nonce"] or crypto[1].size != transforms.nonce_bytes:
         raise envnode.fail(f"the encrypted envelope adds key_id u32 and nonce bytes[{transforms.nonce_bytes}]")

@@ -356,3 +356,48 @@ def test_two_records_example_is_two_real_frames():
     spec = (ROOT / "specs" / "vframe_binary_layout.md").read_text()
     dump = "\n".join(f"{i:08x}  {data[i:i + 16].hex(' ')}" for i in range(0, len(data), 16))
     assert dump in spec
+
+
+def _dict_paths(value, path=""):
+    """The YAML path of every mapping in a loaded YAML document."""
+    if isinstance(value, dict):
+        yield path, value
+        for k, v in value.items():
+            yield from _dict_paths(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _dict_paths(v, f"{path}[{i}]")
+
+
+@pytest.mark.parametrize("file", ["vframe.yaml", "handshake.yaml"])
+def test_an_unknown_key_anywhere_is_a_schema_error_at_its_path(file, monkeypatch):
+    """Add a key the generator does not know to every mapping of the YAML in turn: the model refuses
+    each with a SchemaError naming the key's path (or the path of the mapping it sits in, e.g. an
+    example document), never a KeyError or another exception."""
+    import copy
+
+    import codegen.model as m
+
+    texts = {name: yaml.safe_load((SCHEMA / name).read_text()) for name in ("vframe.yaml", "handshake.yaml")}
+    paths = [p for p, _ in _dict_paths(texts[file])]
+    assert len(paths) > 50
+    for target in paths:
+        data = copy.deepcopy(texts)
+        node = next(d for p, d in _dict_paths(data[file]) if p == target)
+        node["zzz_unknown"] = 1
+        monkeypatch.setattr(m, "_read", lambda path, data=data: m._Node(data[path.name], "", path.name))
+        with pytest.raises(SchemaError) as exc:
+            load(SCHEMA)
+        text = str(exc.value)
+        assert text.startswith(f"{file}: "), (target, text)
+        where = text[len(file) + 2:].split(": ")[0]
+        key = f"{target}.zzz_unknown" if target else "zzz_unknown"
+        assert key.startswith(where) or where == "missing required key 'zzz_unknown'", (target, text)
+
+
+@pytest.mark.parametrize("section", ["header", "slice", "envelope", "trailer"])
+def test_a_new_frame_field_is_a_schema_error_not_a_crash(tmp_path, section):
+    d = _mutated(tmp_path, "vframe.yaml",
+                 lambda d: d[section].append({"name": "priority", "type": "u8", "doc": "A new field."}))
+    with pytest.raises(SchemaError, match=rf"^vframe\.yaml: {section}"):
+        render_all(load(d))
