@@ -70,7 +70,7 @@ def _table() -> dict[tuple[Role, State, Input], tuple[Action, State]]:
                             (Action, handshake.SM_ACTIONS)):
         if sorted(m.value for m in enum_cls) != sorted(names):  # pragma: no cover - caught by the tests
             raise ImportError(f"resonant.session.{enum_cls.__name__} does not match the schema's state machine "
-                              f"({sorted(names)}); run make codegen and update session.py")
+                              f"({sorted(names)}); run make codegen and update transitions.py")
     return {(Role(r), State(st), Input(i)): (Action(a), State(n))
             for (r, st, i), (a, n) in handshake.SM_TRANSITIONS.items()}
 
