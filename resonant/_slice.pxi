@@ -222,6 +222,8 @@ cdef class Slice:
             if isinstance(exc, DecodeError):
                 raise
             raise DecodeError("payload", f"not valid JSON: {exc}") from None
+        except RecursionError:
+            raise DecodeError("payload", "not valid JSON: nested too deeply to parse") from None
 
     def __eq__(self, other):
         if not isinstance(other, Slice):

@@ -13,14 +13,16 @@ from resonant import handshake
 __all__ = ["Role", "State", "Input", "Action", "TRANSITIONS"]
 
 
+# str Enums with str's own equality and hash (cached in the string, so the per-frame table lookup
+# costs what identity hashing did): Role.CLIENT == "client", and either finds the other in a dict.
+
+
 class Role(str, enum.Enum):
-    __hash__ = object.__hash__  # identity: the state table is looked up per frame
     CLIENT = "client"
     SERVER = "server"
 
 
 class State(str, enum.Enum):
-    __hash__ = object.__hash__  # identity: the state table is looked up per frame
     IDLE = "idle"                    # client: not started; server: waiting for a ping
     AWAIT_CAPABILITY = "await_capability"  # client: ping sent
     ESTABLISHED = "established"
@@ -32,7 +34,6 @@ _CLOSED = State.CLOSED  # (a module constant: an Enum class attribute is slow to
 
 
 class Input(str, enum.Enum):
-    __hash__ = object.__hash__  # identity: the state table is looked up per frame
     START = "start"                  # local: initiate()
     PING_OK = "ping_ok"              # a ping this side can serve
     PING_BAD = "ping_bad"            # a ping it cannot (version, space, required encryption)
@@ -47,7 +48,6 @@ class Input(str, enum.Enum):
 
 
 class Action(str, enum.Enum):
-    __hash__ = object.__hash__  # identity: the state table is looked up per frame
     SEND_PING = "send_ping"
     ANSWER_CAPABILITY = "answer_capability"
     ANSWER_ERROR = "answer_error"
@@ -70,7 +70,7 @@ def _table() -> dict[tuple[Role, State, Input], tuple[Action, State]]:
                             (Action, handshake.SM_ACTIONS)):
         if sorted(m.value for m in enum_cls) != sorted(names):  # pragma: no cover - caught by the tests
             raise ImportError(f"resonant.session.{enum_cls.__name__} does not match the schema's state machine "
-                              f"({sorted(names)}); run make codegen and update session.py")
+                              f"({sorted(names)}); run make codegen and update transitions.py")
     return {(Role(r), State(st), Input(i)): (Action(a), State(n))
             for (r, st, i), (a, n) in handshake.SM_TRANSITIONS.items()}
 

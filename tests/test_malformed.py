@@ -205,3 +205,12 @@ def test_mutated_valid_frames(data, draw):
     agree(bytes(b))
     if len(b) > 4:
         agree(with_crc(bytes(b[:-4])))
+
+
+def test_deeply_nested_json_payload_is_a_decode_error():
+    """Found by fuzz_codec: a Sync whose JSON nests deeper than Python's recursion limit raised
+    RecursionError from Slice.json(); it is a DecodeError naming the payload."""
+    text = "[" * 30_000 + "]" * 30_000  # deeper than the recursion limit, within one frame
+    frame = resonant.decode(resonant.encode(resonant.Sync(text)))
+    with pytest.raises(resonant.errors.DecodeError, match="nested too deeply"):
+        frame.slices[0].json()
