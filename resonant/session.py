@@ -896,7 +896,9 @@ class Session(_SessionCore):
         if isinstance(doc.get("client_random"), str):  # so that the client knows the refusal is for its ping
             extra = {**extra, "client_random": doc["client_random"]}
         # A peer that pinged in the clear cannot read an encrypted answer: refuse it in the clear.
-        self._control({"method": "error", "code": code, "message": message, **extra}, frame.stream_id,
+        cut = handshake.MAX_STRING_CHARS  # (the message names lists the peer chose: it may be long)
+        self._control({"method": "error", "code": code, "message": message[:cut],
+                       **{k: v[:cut] if isinstance(v, str) else v for k, v in extra.items()}}, frame.stream_id,
                       plain=not frame.transforms & Flags.XCHACHA)
         self.stats["errors_sent"] += 1
         self.agreement = None

@@ -949,3 +949,18 @@ def test_extra_fields_reach_the_ping():
     client, server = Session(role="client", extra_fields={"ts": 1730616000}), Session(role="server")
     _, s_events = handshake(client, server)
     assert next(e.document for e in s_events if isinstance(e, MessageReceived))["ts"] == 1730616000
+
+
+def test_an_error_naming_long_lists_still_fits_the_schema():
+    """The refusal of a ping whose dtypes share nothing names both lists; however long they are (more
+    dtypes in the spec, or a peer listing many unknown ones), the error document stays within
+    max_string_chars, so that the client can read why it was refused."""
+    from resonant import handshake as hs
+
+    server = Session(role="server", dtypes=("f16",))
+    theirs = [f"x-dtype-{i:02d}-" + "y" * 20 for i in range(20)]
+    server.receive_datagram(control({"method": "ping", "v": 2, "supports": {"dtype": theirs}}), 0.0)
+    (reply,) = server.datagrams_to_send()
+    doc = hs.parse(resonant.decode(reply).json.payload)
+    assert doc["code"] == "UNSUPPORTED_FEATURE" and doc["message"].startswith("supports.dtype: the client reads")
+    assert len(doc["message"]) <= hs.MAX_STRING_CHARS
