@@ -34,7 +34,8 @@ from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, MessageReceived, Slice, Sync, make_frame
 from resonant._codec import _buffered_record_event, _message_event, _next_frame_seq, _queue_frame, _SessionCore
 from resonant._spec import (DEFAULT_DTYPES, DTYPE_FALLBACK, DTYPE_OF_WIRE_NAME, DTYPE_SIZE_RULES, DTYPE_WIRE_NAMES,
-                            MAX_FRAME_BYTES, NUMPY_DTYPES, REFERENCE_DTYPES, Flags, MsgType, space_hash32_offset)
+                            MAX_FRAME_BYTES, NUMPY_DTYPES, REFERENCE_DTYPES, VERSION, VERSION_TRANSFORMED, Flags,
+                            MsgType, space_hash32_offset)
 from resonant.errors import (
     DecodeError,
     DecryptionFailed,
@@ -64,7 +65,7 @@ __all__ = [
 
 #: Protocol versions: 1 = version-1 frames only (the reference; a ping without "v"),
 #: 2 = version-2 frames too (compression and encryption).
-PROTOCOL_VERSIONS = (1, 2)
+PROTOCOL_VERSIONS = (VERSION, VERSION_TRANSFORMED)  # the frame versions of schema/vframe.yaml
 PROTOCOL_VERSION = max(PROTOCOL_VERSIONS)
 _CHUNK = int(MsgType.CHUNK)
 _SYNC = int(MsgType.SYNC)
