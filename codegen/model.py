@@ -8,7 +8,7 @@ YAML file and path of the offending entry, e.g.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +158,7 @@ class Limit:
     name: str
     value: int
     doc: str
+    enforced_by: str = ""   # where the runtime checks it (the decoder at a field, or RUNTIME_LIMITS)
 
 
 @dataclass(frozen=True)
@@ -833,7 +834,7 @@ def load_vframe(path: Path) -> VFrame:
             raise hnode.child(i).child("name").fail(
                 f"'{f.name}' is not a header field the codec lays out (known: {', '.join(HEADER_FIELDS)}); a new "
                 "header field needs the codec's Frame, encoder and decoder extended first")
-    _check_limits(root, limits, {"header": header, "slice": slice_, "envelope": envelope, "trailer": trailer,
+    limits = _check_limits(root, limits, {"header": header, "slice": slice_, "envelope": envelope, "trailer": trailer,
                                  "transforms.compression.segments": segments})
     for ename, needed_values in RUNTIME_ENUM_VALUES.items():
         have = {v.name for v in enums[ename].values}
@@ -891,9 +892,9 @@ def _limit_node(root: _Node, limits: tuple[Limit, ...], name: str) -> _Node:
 
 
 def _check_limits(root: _Node, limits: tuple[Limit, ...], sections: dict[str, tuple[Field, ...]],
-                  runtime: dict[str, str] | None = None) -> None:
+                  runtime: dict[str, str] | None = None) -> tuple[Limit, ...]:
     """Every `limit:` names a field the decoder checks, and every limit is checked somewhere."""
-    used = set()
+    used: dict[str, str] = {}
     for section, fields in sections.items():
         snode = root
         for part in section.split("."):
@@ -908,20 +909,24 @@ def _check_limits(root: _Node, limits: tuple[Limit, ...], sections: dict[str, tu
             if expected is not None and f.limit != expected:
                 raise lnode.fail(f"{section}.{f.name} must carry 'limit: {expected}' (the decoder checks it there)")
             if f.limit is not None:
-                used.add(f.limit)
+                used[f.limit] = f"the decoder, at {section}.{f.name}"
                 if _lim(limits, f.limit) > f.max_value:
                     raise _limit_node(root, limits, f.limit).fail(
                         f"{f.limit} ({_lim(limits, f.limit)}) does not fit {section}.{f.name} ({f.type})")
-    _check_unenforced(root, limits, used, RUNTIME_LIMITS["vframe.yaml"] if runtime is None else runtime)
+    return _check_unenforced(root, limits, used, RUNTIME_LIMITS["vframe.yaml"] if runtime is None else runtime)
 
 
-def _check_unenforced(root: _Node, limits: tuple[Limit, ...], used: set[str], runtime: dict[str, str]) -> None:
+def _check_unenforced(root: _Node, limits: tuple[Limit, ...], used: dict[str, str],
+                      runtime: dict[str, str]) -> tuple[Limit, ...]:
+    """Every limit is checked at a field or by the runtime (RUNTIME_LIMITS); returns the limits with
+    where each is enforced."""
     for i, lim in enumerate(limits):
         if lim.name not in used and lim.name not in runtime:
             raise root.child("limits").child(i).child("name").fail(
                 f"nothing enforces limit '{lim.name}': name it in a field's 'limit:' that the decoder checks, or "
                 f"enforce it in the runtime and list it in codegen.model.RUNTIME_LIMITS (enforced there: "
                 f"{', '.join(runtime)})")
+    return tuple(replace(lim, enforced_by=used.get(lim.name) or runtime[lim.name]) for lim in limits)
 
 
 def _transports(node: _Node, min_frame: int, max_frame: int, errors: set[str]) -> tuple[Transport, ...]:
@@ -1095,7 +1100,7 @@ def load_handshake(path: Path, vframe: VFrame | None = None) -> Handshake:
     for needed in ("max_json_bytes", "max_list_items", "max_string_chars", "max_objects"):
         if needed not in {lim.name for lim in limits}:
             raise root.child("limits").fail(f"missing limit '{needed}'")
-    _check_unenforced(root, limits, set(), RUNTIME_LIMITS["handshake.yaml"])
+    limits = _check_unenforced(root, limits, {}, RUNTIME_LIMITS["handshake.yaml"])
     known = {lim.name: lim.value for lim in limits}
     if vframe is not None:
         known.update({lim.name: lim.value for lim in vframe.limits if lim.name not in known})
