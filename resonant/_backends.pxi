@@ -96,7 +96,7 @@ def _select_crc(str prefer=None, missing=None):
     reason = None
     if prefer in (None, "isal-c", "isal-c+vpclmulqdq"):
         try:
-            import isal.isal_zlib as _isal_zlib
+            _isal_zlib = __import__("isal.isal_zlib", fromlist=["crc32"])
         except ImportError:
             reason = "isal is not importable"
         else:
