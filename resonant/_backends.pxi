@@ -340,10 +340,17 @@ cdef class Xxh3:
 
 def xxh3_64(data):
     """xxh3_64 (seed 0) of a bytes-like object, as an int."""
-    cdef const unsigned char[::1] v = memoryview(data).cast("B")
+    cdef const unsigned char[::1] v
     cdef uint64_t h
-    cdef const unsigned char *p = &v[0] if v.shape[0] else <const unsigned char *>b""
-    cdef size_t n = v.shape[0]
+    cdef const unsigned char *p
+    cdef size_t n
+    if _xxh_c and type(data) is bytes:  # no buffer acquisition: ~1 us less per call
+        p = <const unsigned char *>PyBytes_AS_STRING(data)
+        n = <size_t>PyBytes_GET_SIZE(data)
+    else:
+        v = memoryview(data).cast("B")
+        p = &v[0] if v.shape[0] else <const unsigned char *>b""
+        n = v.shape[0]
     if _xxh_c:
         if n < NOGIL_BYTES:
             return rz_xxh_oneshot(p, n)

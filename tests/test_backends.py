@@ -54,7 +54,9 @@ def test_vendored_xxhash_is_compiled_in_and_hidden():
     lib = ctypes.CDLL(_codec.__file__)
     for name in ("XXH3_64bits", "XXH3_64bits_update", "XXH3_64bits_dispatch", "XXH3_createState"):
         assert not hasattr(lib, name), name
-    assert _codec.xxh3_64(DATA) == xxhash.xxh3_64_intdigest(DATA)
+    for buf in (DATA, b"", DATA[:5], bytearray(DATA[:70_000]), memoryview(DATA)[3:40_000],
+                np.frombuffer(DATA[:4096], np.float16)):
+        assert _codec.xxh3_64(buf) == xxhash.xxh3_64_intdigest(memoryview(buf).cast("B").tobytes())
 
 
 def test_crc_falls_back_when_the_isal_symbol_is_missing(restore, caplog):
