@@ -49,6 +49,7 @@ from resonant.session import (
     SessionConfig,
 )
 from resonant.aio import Peer, Server, connect, serve
+from resonant import stream  # noqa: F401  (resonant.stream.X works after `import resonant`, as before the split)
 from resonant.errors import __all__ as _errors_all
 from resonant._spec import MESSAGE_CLASSES as _MESSAGE_CLASSES
 
