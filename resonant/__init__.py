@@ -38,16 +38,9 @@ from resonant._spec import (
 )
 from resonant.errors import *  # noqa: F401,F403
 from resonant.space import ModelSignature, space_hash32
-from resonant.stream import (
-    MemoryBudget,
-    ObjectReady,
-    Reassembler,
-    StreamComplete,
-    StreamFailed,
-    StreamLimits,
-    StreamSender,
-    StreamStarted,
-)
+from resonant.reassembler import ObjectReady, Reassembler, StreamComplete, StreamFailed, StreamStarted
+from resonant.stream_limits import MemoryBudget, StreamLimits
+from resonant.stream_sender import StreamSender
 from resonant.transforms import Codec, Key, Keyring
 from resonant.session import (
     Agreement,

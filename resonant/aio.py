@@ -52,18 +52,18 @@ from resonant import _codec
 from resonant._codec import Frame
 from resonant._spec import MAX_UDP_FRAME_BYTES, MIN_FRAME_BYTES, VERSION, VERSION_TRANSFORMED, MsgType
 from resonant.errors import DecodeError, HandshakeRefused
-from resonant.stream import MemoryBudget, StreamComplete
+from resonant.reassembler import StreamComplete
 from resonant.session import (
     ConnectionBroken,
     FrameRejected,
     HandshakeComplete,
     HandshakeFailed,
     RemoteError,
-    Role,
     Session,
     SessionConfig,
-    State,
 )
+from resonant.stream_limits import MemoryBudget
+from resonant.transitions import Role, State
 
 __all__ = ["connect", "serve", "Peer", "Server", "parse_url", "MAX_UDP_FRAME_BYTES"]
 

@@ -21,6 +21,7 @@ import numpy as np
 from resonant import _codec
 from resonant._spec import DType, Flags, Modality, MsgType
 from resonant.errors import EncodeError, LocalProtocolError, ResonantError
+from resonant.reassembler import ObjectReady, StreamComplete, StreamFailed, StreamStarted
 from resonant.session import (
     ConnectionBroken,
     FrameRejected,
@@ -29,7 +30,6 @@ from resonant.session import (
     MessageReceived,
     RemoteError,
 )
-from resonant.stream import ObjectReady, StreamComplete, StreamFailed, StreamStarted
 from resonant.transforms import Key
 
 _DTYPES = {"f16": np.float16, "f32": np.float32, "i8": np.int8}

@@ -18,8 +18,8 @@ import numpy as np
 
 import resonant
 from resonant.aio import connect, serve
+from resonant.reassembler import StreamComplete, StreamFailed
 from resonant.session import HandshakeComplete, MessageReceived
-from resonant.stream import StreamComplete, StreamFailed
 from resonant.transforms import Key
 
 

@@ -10,16 +10,14 @@ is passed in (`now=`); nothing here reads the time or touches a socket.
     events = client.receive_datagram(reply, now)  # -> HandshakeComplete(agreed)
     client.send(Think(hidden), now)               # encoded with what was agreed
 
-The handshake is the explicit table `TRANSITIONS`: (role, state, input) -> (action, next
+The handshake is the explicit table `TRANSITIONS` (resonant.transitions): (role, state, input) -> (action, next
 state). Received bytes are first classified into one input (a compatible ping, an incompatible
 ping, a capability, an error, data, a bad frame...), so every row is deterministic and a
-property test drives every row.
+property test drives every row. TCP records are resonant.records; the replay window, resonant.replay.
 """
 
 from __future__ import annotations
 
-import bisect
-import enum
 import json
 import operator
 import os
@@ -34,7 +32,7 @@ import numpy as np
 from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, MessageReceived, Slice, Sync, make_frame
 from resonant._codec import _buffered_record_event, _message_event, _next_frame_seq, _queue_frame, _SessionCore
-from resonant._spec import MAX_FRAME_BYTES, TCP_LENGTH_PREFIX_BYTES, Flags, MsgType
+from resonant._spec import MAX_FRAME_BYTES, Flags, MsgType
 from resonant.errors import (
     DecodeError,
     DecryptionFailed,
@@ -46,8 +44,14 @@ from resonant.errors import (
     SpaceMismatch,
 )
 from resonant.space import ModelSignature
-from resonant.stream import MIN_STREAM_FRAME, MemoryBudget, Reassembler, StreamLayout, StreamLimits, StreamSender
+from resonant.reassembler import Reassembler
+from resonant.records import _LEN_BYTES, RecordReader, frame_record
+from resonant.replay import IdRanges, ReplayWindow
+from resonant.stream_layout import MIN_STREAM_FRAME, StreamLayout
+from resonant.stream_limits import MemoryBudget, StreamLimits
+from resonant.stream_sender import StreamSender
 from resonant.transforms import CLIENT_TO_SERVER, SERVER_TO_CLIENT, Codec, ControlKeyring, Key, Keyring, SessionKeyring
+from resonant.transitions import _CLOSED, _METHOD, TRANSITIONS, Action, Input, Role, State
 
 __all__ = [
     "Role", "State", "Input", "Action", "TRANSITIONS", "SessionConfig", "Agreement", "Session",
@@ -60,9 +64,6 @@ __all__ = [
 #: 2 = version-2 frames too (compression and encryption).
 PROTOCOL_VERSIONS = (1, 2)
 PROTOCOL_VERSION = max(PROTOCOL_VERSIONS)
-_LEN_BYTES = TCP_LENGTH_PREFIX_BYTES
-_read_length = struct.Struct("<I").unpack_from  # the record length prefix (u32 little-endian)
-assert _LEN_BYTES == 4
 _CHUNK = int(MsgType.CHUNK)
 _SYNC = int(MsgType.SYNC)
 _XCHACHA = int(Flags.XCHACHA)
@@ -72,76 +73,6 @@ _CONTROL_METHODS = ("ping", "capability", "error")  # the documents sealed under
 _RANDOM_BYTES = handshake.SESSION_RANDOM_BYTES
 _SENT_TAGS = handshake.SENT_TAGS_REMEMBERED
 _RANDOM_HEX = re.compile(r"[0-9a-f]{%d}" % (2 * _RANDOM_BYTES)).fullmatch
-
-
-# ------------------------------------------------------------------ the state table
-
-
-class Role(str, enum.Enum):
-    __hash__ = object.__hash__  # identity: the state table is looked up per frame
-    CLIENT = "client"
-    SERVER = "server"
-
-
-class State(str, enum.Enum):
-    __hash__ = object.__hash__  # identity: the state table is looked up per frame
-    IDLE = "idle"                    # client: not started; server: waiting for a ping
-    AWAIT_CAPABILITY = "await_capability"  # client: ping sent
-    ESTABLISHED = "established"
-    FAILED = "failed"                # client: the handshake was refused or timed out
-    CLOSED = "closed"
-
-
-_CLOSED = State.CLOSED  # (a module constant: an Enum class attribute is slow to look up)
-
-
-class Input(str, enum.Enum):
-    __hash__ = object.__hash__  # identity: the state table is looked up per frame
-    START = "start"                  # local: initiate()
-    PING_OK = "ping_ok"              # a ping this side can serve
-    PING_BAD = "ping_bad"            # a ping it cannot (version, space, required encryption)
-    CAPABILITY_OK = "capability_ok"  # a capability this side can use
-    CAPABILITY_BAD = "capability_bad"
-    ERROR = "error"                  # an error document
-    DATA = "data"                    # a data frame or a V-Stream frame
-    BAD_FRAME = "bad_frame"          # bytes that are not a frame, or a control document off its schema
-    RETRY = "retry"                  # tick(): the ping is due again
-    DEADLINE = "deadline"            # tick(): the handshake ran out of attempts
-    CLOSE = "close"                  # local: close()
-
-
-class Action(str, enum.Enum):
-    __hash__ = object.__hash__  # identity: the state table is looked up per frame
-    SEND_PING = "send_ping"
-    ANSWER_CAPABILITY = "answer_capability"
-    ANSWER_ERROR = "answer_error"
-    REFUSE_PING = "refuse_ping"      # a server in established: a rate-limited error, the session stays
-    ADOPT = "adopt"                  # take the capability's agreement
-    FAIL = "fail"                    # report HandshakeFailed
-    ACCEPT = "accept"                # deliver the data
-    ACCEPT_IF_LENIENT = "accept_if_lenient"  # deliver, or refuse with HANDSHAKE_REQUIRED in strict mode
-    REPORT_REMOTE_ERROR = "report_remote_error"
-    REPORT_BAD_FRAME = "report_bad_frame"
-    IGNORE = "ignore"
-    DROP = "drop"                    # closed: count and drop
-    SHUTDOWN = "shutdown"
-    INVALID = "invalid"              # local misuse: LocalProtocolError, nothing changes
-
-
-def _table() -> dict[tuple[Role, State, Input], tuple[Action, State]]:
-    """The table of schema/handshake.yaml (state_machine), generated into resonant.handshake."""
-    for enum_cls, names in ((Role, handshake.SM_ROLES), (State, handshake.SM_STATES), (Input, handshake.SM_INPUTS),
-                            (Action, handshake.SM_ACTIONS)):
-        if sorted(m.value for m in enum_cls) != sorted(names):  # pragma: no cover - caught by the tests
-            raise ImportError(f"resonant.session.{enum_cls.__name__} does not match the schema's state machine "
-                              f"({sorted(names)}); run make codegen and update session.py")
-    return {(Role(r), State(st), Input(i)): (Action(a), State(n))
-            for (r, st, i), (a, n) in handshake.SM_TRANSITIONS.items()}
-
-
-#: (role, state, input) -> (action, next state). Every reachable pair is listed.
-TRANSITIONS: dict[tuple[Role, State, Input], tuple[Action, State]] = _table()
-_METHOD = {a: "_do_" + a.value for a in Action}
 
 
 # ------------------------------------------------------------------ configuration and agreement
@@ -286,276 +217,11 @@ class ConnectionBroken:
     error: FramingError
 
 
-# ------------------------------------------------------------------ replay window
-
-
-class IdRanges:
-    """A set of u32 ids kept as sorted, disjoint, non-adjacent ranges [lo, hi]: ids handed out in
-    order (stream ids from new_stream_id) stay one range however many there are."""
-
-    def __init__(self) -> None:
-        self._lo: list[int] = []
-        self._hi: list[int] = []
-
-    def __contains__(self, x: int) -> bool:
-        i = bisect.bisect_right(self._lo, x) - 1
-        return i >= 0 and x <= self._hi[i]
-
-    def needs_range(self, x: int) -> bool:
-        """Whether adding x would add a range (x is neither in nor next to one)."""
-        i = bisect.bisect_right(self._lo, x) - 1
-        if i >= 0 and x <= self._hi[i] + 1:
-            return False
-        return not (i + 1 < len(self._lo) and self._lo[i + 1] == x + 1)
-
-    def add(self, x: int) -> None:
-        i = bisect.bisect_right(self._lo, x) - 1
-        if i >= 0 and x <= self._hi[i]:
-            return
-        joins_left = i >= 0 and self._hi[i] == x - 1
-        joins_right = i + 1 < len(self._lo) and self._lo[i + 1] == x + 1
-        if joins_left and joins_right:
-            self._hi[i] = self._hi[i + 1]
-            del self._lo[i + 1], self._hi[i + 1]
-        elif joins_left:
-            self._hi[i] = x
-        elif joins_right:
-            self._lo[i + 1] = x
-        else:
-            self._lo.insert(i + 1, x)
-            self._hi.insert(i + 1, x)
-
-    def __len__(self) -> int:
-        """The number of ranges."""
-        return len(self._lo)
-
-
-class ReplayWindow:
-    """A sliding window over frame_seq per stream, as IPsec and DTLS keep one: a frame whose
-    sequence number was seen, or lies more than `size` below the highest seen, is refused.
-
-    Only authenticated (decrypted) frames update it, so a forger cannot move the window. At
-    most `max_streams` windows are kept; the least recently used is dropped first, and its
-    stream id is remembered (as ranges of ids, at most `max_ranges`) so that the stream's frames
-    are refused from then on ('evicted') rather than accepted as new. A new stream that would
-    need a window when dropping one would exceed `max_ranges` is refused ('exhausted'): the
-    peers must start a new session (a new session key, a new window).
-    """
-
-    def __init__(self, size: int = 1024, max_streams: int = 4096,
-                 max_ranges: int = handshake.REPLAY_EVICTED_RANGES) -> None:
-        if size < 1 or max_streams < 1 or max_ranges < 1:
-            raise ValueError("size, max_streams and max_ranges must be at least 1")
-        self.size = size
-        self.max_streams = max_streams
-        self.max_ranges = max_ranges
-        self._win: OrderedDict[int, tuple[int, int]] = OrderedDict()  # stream -> (highest, bitmap)
-        self.evicted = IdRanges()  # the streams whose window was dropped
-
-    def check(self, stream_id: int, seq: int) -> str:
-        """'ok' (and the sequence number is recorded), 'replay', 'too_old', 'evicted' or 'exhausted'."""
-        entry = self._win.get(stream_id)
-        if entry is None:
-            if stream_id in self.evicted:
-                return "evicted"
-            if len(self._win) >= self.max_streams:
-                oldest = next(iter(self._win))
-                if len(self.evicted) >= self.max_ranges and self.evicted.needs_range(oldest):
-                    return "exhausted"
-                del self._win[oldest]
-                self.evicted.add(oldest)
-            self._win[stream_id] = (seq, 1)
-            return "ok"
-        self._win.move_to_end(stream_id)
-        top, bits = entry
-        if seq > top:
-            shift = seq - top
-            bits = ((bits << shift) | 1) & ((1 << self.size) - 1) if shift < self.size else 1
-            self._win[stream_id] = (seq, bits)
-            return "ok"
-        back = top - seq
-        if back >= self.size:
-            return "too_old"
-        if bits >> back & 1:
-            return "replay"
-        self._win[stream_id] = (top, bits | (1 << back))
-        return "ok"
-
-    def __len__(self) -> int:
-        return len(self._win)
-
-
-# ------------------------------------------------------------------ TCP records
-
 
 def _immutable(data) -> bool:
     """bytes, or a view of bytes: what a decoded message may keep pointing into."""
     return type(data) is bytes or type(data) is memoryview and type(data.obj) is bytes
 
-
-def frame_record(frame: bytes) -> bytes:
-    """A frame as one TCP record: its u32 little-endian length, then the frame."""
-    return len(frame).to_bytes(_LEN_BYTES, "little") + frame
-
-
-class RecordReader:
-    """Splits a TCP byte stream into frames: each record is a u32 little-endian length, then
-    that many bytes. Lengths are checked (1..max_frame_bytes) before anything is kept, so a
-    4 GiB prefix costs nothing; records may be split over reads and share reads.
-
-    `feed(data)` copies into one reusable buffer and returns the complete records as views of
-    it: they stay valid until the next feed, so decode or copy them before feeding again.
-    """
-
-    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES, read_size: int = 256 << 10) -> None:
-        self.max_frame_bytes = max_frame_bytes
-        self._size = read_size + max_frame_bytes + _LEN_BYTES
-        self._buf = bytearray()  # allocated on first use: a UDP session never needs it
-        self._view = memoryview(self._buf)
-        self._start = 0  # first unparsed byte
-        self._end = 0    # end of the data
-        self.consumed = 0  # bytes of the stream parsed so far (for error offsets)
-        self.broken: FramingError | None = None
-
-    def _alloc(self) -> None:
-        if not self._buf:
-            self._buf = bytearray(self._size)
-            self._view = memoryview(self._buf)
-
-    def _compact(self, need: int) -> None:
-        self._alloc()
-        if self._end + need <= len(self._buf):
-            return
-        n = self._end - self._start
-        self._view[:n] = self._view[self._start:self._end]
-        self._start, self._end = 0, n
-
-    def feed(self, data) -> list[memoryview]:
-        """Take bytes; return the complete records' frames. A bad length makes the stream
-        unusable: FramingError, now and on every later call; when whole records came before
-        it in the same bytes, those are returned first (with `broken` set) and the error is
-        raised by the next call."""
-        if self.broken is not None:
-            raise self.broken
-        if self._start == self._end and type(data) is bytes and len(data) > _LEN_BYTES:
-            size = _read_length(data, 0)[0]  # the common case, exactly one record: no buffer, no loop
-            if size == len(data) - _LEN_BYTES and size <= self.max_frame_bytes:
-                self.consumed += len(data)
-                return [memoryview(data)[_LEN_BYTES:]]
-        mv = memoryview(data).cast("B")
-        out: list[memoryview] = []
-        if self._start == self._end:  # nothing pending: whole records are views of the input itself
-            out, pos = self._split(mv, 0, len(mv))
-            mv = mv[pos:]  # a partial record, if any, goes to the buffer
-        while len(mv) and self.broken is None:
-            if out:  # the buffer is about to move: records already found must not change under the caller
-                out = [bytes(v) for v in out]  # type: ignore[misc]
-            self._compact(min(len(mv), len(self._buf) - (self._end - self._start)))
-            take = min(len(self._buf) - self._end, len(mv))  # the buffer always holds a whole record
-            self._view[self._end:self._end + take] = mv[:take]
-            self._end += take
-            mv = mv[take:]
-            out += self._records()
-        if self.broken is not None and not out:
-            raise self.broken
-        return out
-
-    def get_buffer(self, sizehint: int = -1) -> memoryview:
-        """Free space to receive into (asyncio.BufferedProtocol style): the kernel writes
-        straight into this buffer and `buffer_updated(n)` parses in place."""
-        if self.broken is not None:
-            raise self.broken
-        self._compact(self.max_frame_bytes + _LEN_BYTES)
-        return self._view[self._end:]
-
-    def buffer_updated(self, n: int) -> list[memoryview]:
-        """n bytes were written into the last get_buffer(); returns the complete records."""
-        self.add(n)
-        return self._records()
-
-    def add(self, n: int) -> None:
-        """n bytes were written into the last get_buffer(); nothing is parsed yet."""
-        if self.broken is not None:
-            raise self.broken
-        self._end += n
-
-    def parse(self) -> list[memoryview]:
-        """The complete records held, as views (see feed)."""
-        if self.broken is not None:
-            raise self.broken
-        return self._records()
-
-    def next_record(self) -> memoryview | None:
-        """The next complete record held (a view), or None; FramingError for a bad length."""
-        if self.broken is not None:
-            raise self.broken
-        pos = self._start
-        if self._end - pos < _LEN_BYTES:
-            return None
-        size = self._length(self._view, pos)
-        if self._end - pos - _LEN_BYTES < size:
-            return None
-        self._start = pos + _LEN_BYTES + size
-        self.consumed += _LEN_BYTES + size
-        return self._view[pos + _LEN_BYTES:self._start]
-
-    def skip(self, pos: int) -> None:
-        """Records up to pos were taken by a fast path."""
-        self.consumed += pos - self._start
-        self._start = pos
-
-    def settle(self) -> None:
-        if self._start == self._end:
-            self._start = self._end = 0
-
-    def _split(self, view: memoryview, pos: int, end: int) -> tuple[list[memoryview], int]:
-        """The whole records in view[pos:end] (as views) and where the first incomplete one starts."""
-        out = []
-        while end - pos >= _LEN_BYTES:
-            try:
-                size = self._length(view, pos)
-            except FramingError:
-                break  # broken: what came before is still delivered
-            if end - pos - _LEN_BYTES < size:
-                break
-            out.append(view[pos + _LEN_BYTES:pos + _LEN_BYTES + size])
-            pos += _LEN_BYTES + size
-            self.consumed += _LEN_BYTES + size
-        return out, pos
-
-    def _length(self, view: memoryview, pos: int) -> int:
-        """The record length at view[pos:], checked (1..max_frame_bytes) before anything is kept."""
-        size = _read_length(view, pos)[0]
-        if not 1 <= size <= self.max_frame_bytes:
-            raise self._break("record.length", f"{size} is outside 1..max_frame_bytes ({self.max_frame_bytes}); "
-                              "the connection cannot be resynchronised")
-        return size
-
-    def _records(self) -> list[memoryview]:
-        out, pos = self._split(self._view, self._start, self._end)
-        if self.broken is None:
-            self._start = pos
-            if self._start == self._end:
-                self._start = self._end = 0
-        return out
-
-    def eof(self) -> None:
-        """The peer closed the connection: FramingError when it stopped inside a record."""
-        left = self._end - self._start
-        if left and self.broken is None:
-            need = (int.from_bytes(self._buf[self._start:self._start + _LEN_BYTES], "little") + _LEN_BYTES
-                    if left >= _LEN_BYTES else _LEN_BYTES)
-            raise self._break("record", f"the connection ended {left} bytes into a record of {need} bytes")
-
-    @property
-    def pending(self) -> int:
-        """Bytes of an incomplete record held."""
-        return self._end - self._start
-
-    def _break(self, path: str, detail: str) -> FramingError:
-        self.broken = FramingError(path, detail, self.consumed)
-        self._start = self._end = 0
-        return self.broken
 
 
 # ------------------------------------------------------------------ the session
@@ -1425,9 +1091,6 @@ class Session(_SessionCore):
             self._encoder.sent_tags.extend(tags)
 
     # -------------------------------------------------------------- helpers
-
-    def _encode(self, frame: Frame) -> bytes:
-        return self._encoder.encode(frame) if self._encoder is not None else _codec.encode(frame)
 
     def _reduce_dtypes(self, frame: Frame) -> Frame:
         """Float tensors in a dtype the peer did not agree to are converted to one it did

@@ -24,7 +24,8 @@ from resonant._codec import Cache, Slice
 from resonant._spec import DType, MsgType
 from resonant.errors import UnsupportedDType
 from resonant.quant import dequantize
-from resonant.stream import StreamLayout, StreamSender
+from resonant.stream_layout import StreamLayout
+from resonant.stream_sender import StreamSender
 
 try:
     import torch

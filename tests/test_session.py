@@ -1,5 +1,6 @@
-"""The sans-IO session: the handshake state table (every state x input), negotiation,
-space-hash enforcement, strict mode, the replay window and TCP record framing."""
+"""The sans-IO session: every state x input of the handshake table, negotiation, space-hash
+enforcement, strict mode, replay and TCP records through a Session (the ReplayWindow and
+RecordReader alone are in test_replay.py and test_records.py, the table in test_transitions.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 import resonant
 from conftest import vector_bytes
 from resonant import Key, ModelSignature, Sync, Think, _codec
-from resonant.errors import FramingError, LocalProtocolError
+from resonant.errors import LocalProtocolError
 from resonant.session import (
     TRANSITIONS,
     Action,
@@ -23,9 +24,7 @@ from resonant.session import (
     HandshakeFailed,
     Input,
     MessageReceived,
-    RecordReader,
     RemoteError,
-    ReplayWindow,
     Role,
     Session,
     SessionConfig,
@@ -53,17 +52,6 @@ def control(doc: dict, seq: int = 0, space: int = 0) -> bytes:
 
 
 # ------------------------------------------------------------------ the state table
-
-
-def test_table_is_complete_for_reachable_states():
-    reachable = {Role.SERVER: {State.IDLE, State.ESTABLISHED, State.CLOSED},
-                 Role.CLIENT: {State.IDLE, State.AWAIT_CAPABILITY, State.ESTABLISHED, State.FAILED, State.CLOSED}}
-    for role, states in reachable.items():
-        for state in states:
-            for inp in Input:
-                action, nxt = TRANSITIONS[role, state, inp]
-                assert isinstance(action, Action) and isinstance(nxt, State)
-                assert nxt in reachable[role], (role, state, inp, nxt)
 
 
 # Inputs as real bytes (or local calls). The server expects SPACE; strict is off so that
@@ -433,43 +421,6 @@ def test_replayed_encrypted_frames_are_dropped_and_counted():
     assert s.stats["replay"] == 3
 
 
-def test_replay_window_semantics():
-    w = ReplayWindow(size=64)
-    assert w.check(1, 100) == "ok"
-    assert w.check(1, 100) == "replay"
-    assert w.check(1, 90) == "ok" and w.check(1, 90) == "replay"
-    assert w.check(1, 36) == "too_old"  # 100 - 36 = 64: outside a 64-wide window
-    assert w.check(1, 37) == "ok"
-    assert w.check(1, 1000) == "ok"
-    assert w.check(1, 999) == "ok" and w.check(1, 937) == "ok" and w.check(1, 936) == "too_old"
-    assert w.check(2, 0) == "ok"  # streams are independent
-
-
-@given(st.lists(st.integers(0, 300), max_size=200), st.integers(1, 128))
-def test_replay_window_matches_a_model(seqs, size):
-    w = ReplayWindow(size=size)
-    seen: set[int] = set()
-    top = None
-    for q in seqs:
-        if top is not None and q <= top - size:
-            want = "too_old"
-        elif q in seen:
-            want = "replay"
-        else:
-            want = "ok"
-        assert w.check(0, q) == want
-        if want == "ok":
-            seen.add(q)
-            top = q if top is None else max(top, q)
-
-
-def test_replay_window_bounded_streams():
-    w = ReplayWindow(size=8, max_streams=10)
-    for sid in range(1000):
-        w.check(sid, 0)
-    assert len(w) == 10
-
-
 # ------------------------------------------------------------------ TCP records
 
 
@@ -478,67 +429,6 @@ def _vectors() -> list[bytes]:
     import os
     here = os.path.dirname(__file__)
     return [open(p, "rb").read() for p in sorted(glob.glob(os.path.join(here, "vectors/reference/*.bin")))]
-
-
-def test_records_whole_and_byte_by_byte():
-    frames = _vectors()
-    stream = b"".join(frame_record(f) for f in frames)
-    r = RecordReader()
-    assert [bytes(v) for v in r.feed(stream)] == frames
-    r = RecordReader()
-    got = []
-    for i in range(len(stream)):
-        got += [bytes(v) for v in r.feed(stream[i:i + 1])]
-    assert got == frames and r.pending == 0
-
-
-@given(st.lists(st.integers(1, 70000), max_size=8))
-def test_records_any_split(cuts):
-    frames = _vectors()
-    stream = b"".join(frame_record(f) for f in frames)
-    bounds = sorted({0, len(stream), *(c % len(stream) for c in cuts)})
-    r = RecordReader(read_size=4096)
-    got = []
-    for a, b in zip(bounds, bounds[1:]):
-        got += [bytes(v) for v in r.feed(stream[a:b])]
-    assert got == frames
-
-
-def test_record_length_limits():
-    r = RecordReader()
-    with pytest.raises(FramingError, match=r"record.length: 4294967295 is outside 1..max_frame_bytes \(65536\)"):
-        r.feed(b"\xff\xff\xff\xff")
-    with pytest.raises(FramingError):  # stays broken
-        r.feed(frame_record(_vectors()[0]))
-    with pytest.raises(FramingError, match="record.length: 0"):
-        RecordReader().feed(b"\x00\x00\x00\x00")
-    r = RecordReader()  # records before a bad length are delivered; the error follows
-    rec = frame_record(_vectors()[0])
-    assert [bytes(v) for v in r.feed(rec + b"\x00\x00\x00\x00")] == [rec[4:]]
-    assert r.broken is not None and r.broken.path == "record.length"
-    with pytest.raises(FramingError, match="record.length: 0"):
-        r.feed(rec)
-
-
-def test_records_one_per_read():
-    """A read holding exactly one record (the common case for small messages) gives a view of
-    the read itself; anything else (a longer length, two records, a bad length) the general way."""
-    frames = _vectors()
-    r = RecordReader()
-    for f in frames:
-        rec = frame_record(f)
-        (v,) = r.feed(rec)
-        assert bytes(v) == f and v.obj is rec
-    assert r.consumed == sum(len(f) + 4 for f in frames) and r.pending == 0
-    r = RecordReader(max_frame_bytes=1000)
-    big = frame_record(bytes(1001))
-    with pytest.raises(FramingError, match=r"record.length: 1001 is outside 1..max_frame_bytes \(1000\)"):
-        r.feed(big)
-    r = RecordReader()
-    rec = frame_record(frames[0])
-    assert r.feed(rec[:-1]) == [] and [bytes(v) for v in r.feed(rec[-1:] + rec)] == [frames[0], frames[0]]
-    long = b"\x10\x00\x00\x00" + bytes(8)  # announces 16 bytes, carries 8: kept for the next read
-    assert RecordReader().feed(long) == []
 
 
 def test_tcp_messages_from_bytes_are_views_and_from_bytearrays_copies():
@@ -554,15 +444,6 @@ def test_tcp_messages_from_bytes_are_views_and_from_bytearrays_copies():
     (e,) = Session(role="server").receive_data(buf, 0.0)
     buf[:] = bytes(len(buf))
     assert e.frame.hidden.tobytes() == expect
-
-
-def test_truncated_record_at_eof():
-    r = RecordReader()
-    rec = frame_record(_vectors()[0])
-    r.feed(rec[:10])
-    with pytest.raises(FramingError, match="ended 10 bytes into a record of"):
-        r.eof()
-    RecordReader().eof()  # nothing pending: fine
 
 
 def test_session_tcp_errors_are_events():

@@ -1,0 +1,148 @@
+"""V-Stream geometry: the objects of a stream, its chunks, and its HEAD document (StreamLayout),
+and the chunk size a sender picks for a frame size."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from resonant import _codec, handshake
+from resonant._spec import MAX_FRAME_BYTES, MAX_SHAPE_ELEMENTS, DType, MsgType
+from resonant.errors import EncodeError, HandshakeError
+from resonant.refcodec import expected_size
+
+__all__ = ["StreamLayout", "StreamObject", "MIN_STREAM_FRAME", "STREAM_VERSION"]
+
+STREAM_VERSION = 1
+MIN_STREAM_FRAME = 512  # the smallest max_frame_bytes: a HEAD of one object needs about 200 bytes
+# Bytes a Chunk frame needs besides its payload: header with one slice_len (33), the slice's
+# dtype, shape_len and one dimension (6), CRC (4); with a Codec, the envelope (33), the tag
+# (16) and a segment table for up to 8 byte planes (33).
+_CHUNK_OVERHEAD = 43
+_TRANSFORM_OVERHEAD = 33 + 16 + 33
+# The largest chunk payload a plain (version 1) Chunk frame carries, and so any resonant sender
+# makes; a compressed frame may carry more (its body is up to 64 KiB before compression).
+_PLAIN_CHUNK_MAX = MAX_FRAME_BYTES - _CHUNK_OVERHEAD
+_I8 = DType.I8
+
+
+@dataclass(frozen=True)
+class StreamObject:
+    """One tensor of a stream and where its bytes sit."""
+
+    index: int
+    dtype: DType
+    shape: tuple[int, ...]
+    nbytes: int
+    offset: int          # byte offset in the stream (objects laid end to end)
+    first_chunk: int     # index of its first chunk
+    chunks: int          # number of its chunks
+    name: str | None = None
+    layer: int | None = None
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """The geometry of a stream, derived from its HEAD alone."""
+
+    msg_type: int
+    chunk_bytes: int
+    total_bytes: int
+    objects: tuple[StreamObject, ...]
+    legacy_md5: bool = False
+
+    @property
+    def chunks(self) -> int:
+        return self.objects[-1].first_chunk + self.objects[-1].chunks if self.objects else 0
+
+    def chunk(self, k: int) -> tuple[StreamObject, int, int]:
+        """(object, offset in the object, length) of chunk k."""
+        lo, hi = 0, len(self.objects) - 1
+        while lo < hi:  # the last object whose first chunk is <= k
+            mid = (lo + hi + 1) // 2
+            if self.objects[mid].first_chunk <= k:
+                lo = mid
+            else:
+                hi = mid - 1
+        obj = self.objects[lo]
+        start = (k - obj.first_chunk) * self.chunk_bytes
+        return obj, start, min(self.chunk_bytes, obj.nbytes - start)
+
+    @classmethod
+    def build(cls, msg_type: int, chunk_bytes: int, specs: Sequence[tuple[DType, tuple[int, ...], int, str | None, int | None]],
+              legacy_md5: bool = False) -> "StreamLayout":
+        objects, offset, first = [], 0, 0
+        for i, (dtype, shape, nbytes, name, layer) in enumerate(specs):
+            n = max(1, math.ceil(nbytes / chunk_bytes))  # an empty object still takes one (empty) chunk
+            objects.append(StreamObject(i, DType(dtype), tuple(shape), nbytes, offset, first, n, name, layer))
+            offset += nbytes
+            first += n
+        return cls(int(msg_type), chunk_bytes, offset, tuple(objects), legacy_md5)
+
+    def head_document(self) -> dict:
+        doc = {
+            "method": "head", "v": STREAM_VERSION, "msg_type": self.msg_type, "chunk_bytes": self.chunk_bytes,
+            "total_bytes": self.total_bytes,
+            "objects": [{**({"name": o.name} if o.name is not None else {}),
+                         **({"layer": o.layer} if o.layer is not None else {}),
+                         "dtype": int(o.dtype), "shape": list(o.shape), "nbytes": o.nbytes} for o in self.objects],
+            "hash": "xxh3_64",
+        }
+        if self.legacy_md5:
+            doc["legacy_md5"] = True
+        return doc
+
+    @classmethod
+    def from_head(cls, doc: dict) -> "StreamLayout":
+        """Check a validated head document for consistency and derive the layout."""
+        if doc["v"] != STREAM_VERSION:
+            raise HandshakeError("head.v", f"{doc['v']}: this receiver speaks V-Stream version {STREAM_VERSION}")
+        try:
+            MsgType(doc["msg_type"])
+        except ValueError:
+            raise HandshakeError("head.msg_type", f"{doc['msg_type']} is not a message type") from None
+        chunk_bytes = doc["chunk_bytes"]
+        if not 1 <= chunk_bytes <= MAX_FRAME_BYTES:
+            raise HandshakeError("head.chunk_bytes", f"{chunk_bytes} is not in 1..{MAX_FRAME_BYTES}")
+        if chunk_bytes < handshake.MIN_CHUNK_BYTES:  # a bitmap and a failure path out of proportion to the stream
+            raise HandshakeError("head.chunk_bytes", f"{chunk_bytes} is less than min_chunk_bytes "
+                                 f"({handshake.MIN_CHUNK_BYTES})")
+        specs, total = [], 0
+        for i, o in enumerate(doc["objects"]):
+            path = f"head.objects[{i}]"
+            try:
+                dtype = DType(o["dtype"])
+            except ValueError:
+                raise HandshakeError(f"{path}.dtype", f"{o['dtype']} is not a dtype") from None
+            if math.prod(d or 1 for d in o["shape"]) > MAX_SHAPE_ELEMENTS:  # as for a slice's shape
+                raise HandshakeError(f"{path}.shape", f"{tuple(o['shape'])}: the product of the dimensions, each 0 "
+                                     f"counted as 1, is more than max_shape_elements ({MAX_SHAPE_ELEMENTS})")
+            width = _codec.element_bytes(dtype)
+            need = expected_size(int(dtype), math.prod(o["shape"]))  # the dtype's size rule; None: any size
+            if need is not None and o["nbytes"] != need:
+                raise HandshakeError(f"{path}.nbytes", f"{o['nbytes']}, but {dtype.name} of shape "
+                                     f"{tuple(o['shape'])} is {need} bytes")
+            if width:
+                if chunk_bytes % width:
+                    raise HandshakeError("head.chunk_bytes", f"{chunk_bytes} is not a multiple of {dtype.name}'s "
+                                         f"{width}-byte elements")
+            specs.append((dtype, tuple(o["shape"]), o["nbytes"], o.get("name"), o.get("layer")))
+            total += o["nbytes"]
+        if total != doc["total_bytes"]:
+            raise HandshakeError("head.total_bytes", f"{doc['total_bytes']}, but the objects add up to {total}")
+        return cls.build(doc["msg_type"], chunk_bytes, specs, bool(doc.get("legacy_md5", False)))
+
+
+def _compact(doc: dict) -> bytes:
+    """HEAD and TAIL documents as compact UTF-8 JSON (they must fit one frame)."""
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _chunk_bytes_for(max_frame_bytes: int, dtypes: Iterable[DType], transformed: bool) -> int:
+    if not MIN_STREAM_FRAME <= max_frame_bytes <= MAX_FRAME_BYTES:
+        raise EncodeError("max_frame_bytes", f"{max_frame_bytes} is not in {MIN_STREAM_FRAME}..{MAX_FRAME_BYTES}")
+    unit = math.lcm(1, *(_codec.element_bytes(d) or 1 for d in dtypes))
+    room = max_frame_bytes - _CHUNK_OVERHEAD - (_TRANSFORM_OVERHEAD if transformed else 0)
+    return max(unit, room // unit * unit)

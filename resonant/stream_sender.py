@@ -1,0 +1,250 @@
+"""V-Stream sender: tensors split into the frames of one stream (HEAD, chunks, TAIL)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from resonant import _codec, handshake
+from resonant._codec import Chunk, Frame, Slice, Sync
+from resonant._spec import MAX_FRAME_BYTES, NUMPY_DTYPES, TCP_LENGTH_PREFIX_BYTES, DType, Flags, Modality, MsgType
+from resonant.errors import EncodeError, HandshakeError
+from resonant.stream_layout import _I8, StreamLayout, _chunk_bytes_for, _compact
+
+__all__ = ["StreamSender"]
+
+_CHUNK_BATCH = 16  # chunks encoded per C call
+
+
+class StreamSender:
+    """Splits tensors into the frames of one V-Stream: HEAD, Chunk frames, TAIL.
+
+    objects: numpy arrays (any dtype resonant maps: float16, bfloat16, float32, int8) or
+    Slices (any dtype, including Q4 and SparseCoo). Chunks are views of the sources (no copy
+    until a frame is encoded); with `codec`, every frame is compressed/encrypted by it.
+    """
+
+    def __init__(self, stream_id: int, objects: Sequence, *, msg_type: int = MsgType.CACHE,
+                 names: Sequence[str] | None = None, layers: Sequence[int] | None = None,
+                 max_frame_bytes: int = MAX_FRAME_BYTES, codec=None, space_hash32: int = 0,
+                 modality: int = Modality.TEXT, legacy_md5: bool = False) -> None:
+        slices = [_source(o, i) for i, o in enumerate(objects)]
+        if not slices:
+            raise EncodeError("objects", "a stream needs at least one object")
+        if names is not None and len(names) != len(slices):
+            raise EncodeError("names", f"{len(names)} names for {len(slices)} objects")
+        if layers is not None and len(layers) != len(slices):
+            raise EncodeError("layers", f"{len(layers)} layers for {len(slices)} objects")
+        self.stream_id = stream_id
+        self.codec = codec
+        self._header = {"stream_id": stream_id, "space_hash32": space_hash32, "modality": modality}
+        self._sources = [s.payload for s in slices]  # zero-copy byte views of the sources
+        chunk_bytes = _chunk_bytes_for(max_frame_bytes, [s.dtype for s in slices], codec is not None)
+        self.layout = StreamLayout.build(
+            msg_type, chunk_bytes,
+            [(s.dtype, s.shape, s.nbytes, names[i] if names else None, layers[i] if layers else None)
+             for i, s in enumerate(slices)], legacy_md5)
+        try:
+            handshake.validate(self.layout.head_document())
+        except HandshakeError as exc:  # the caller's names/layers/object count: local misuse
+            path = exc.path.replace("head.objects", "objects")
+            for field_name in ("name", "layer"):
+                m = re.match(rf"objects\[(\d+)\]\.{field_name}$", path)
+                if m:
+                    path = f"{field_name}s[{m.group(1)}]"
+            raise EncodeError(path, exc.detail) from None
+        self.max_frame_bytes = max_frame_bytes
+        self._hearts = 0
+        self._digest: tuple[int, str | None] | None = None
+        self._heads = self._head_frames()  # one frame, or parts when the HEAD does not fit one
+        size = len(self._tail_frame(0, "0" * 32 if legacy_md5 else None))
+        if size > max_frame_bytes:
+            raise EncodeError("max_frame_bytes", f"{max_frame_bytes} is too small for this stream's TAIL ({size} bytes)")
+
+    def _encode(self, frame: Frame) -> bytes:
+        return self.codec.encode(frame) if self.codec is not None else _codec.encode(frame)
+
+    def _head_frame(self, doc: dict) -> bytes:
+        return self._encode(Sync(_compact(doc), frame_seq=0, **self._header))
+
+    def _head_frames(self) -> list[bytes]:
+        doc = self.layout.head_document()
+        try:
+            whole = self._head_frame(doc)
+            if len(whole) <= self.max_frame_bytes:
+                return [whole]
+        except EncodeError:  # larger than any frame
+            pass
+        # Too large for one frame: parts, each as many consecutive objects as fit.
+        objects, common = doc["objects"], {k: v for k, v in doc.items() if k != "objects"}
+        stub = {**common, "objects": [], "parts": 4096, "part": 4095, "first_object": 65535, "object_count": len(objects)}
+        fixed = len(self._head_frame(stub))
+        # a part must fit a frame, and its JSON the receivers' max_json_bytes
+        limit = min(self.max_frame_bytes, handshake.MAX_JSON_BYTES + fixed - len(_compact(stub)))
+        runs, run, size = [], [], fixed
+        for i, o in enumerate(objects):
+            cost = len(_compact(o)) + 1
+            if fixed + cost > limit:
+                raise EncodeError("max_frame_bytes", f"{self.max_frame_bytes} is too small for a HEAD part carrying "
+                                  f"objects[{i}] ({fixed + cost} bytes)")
+            if run and size + cost > limit:
+                runs.append(run)
+                run, size = [], fixed
+            run.append(i)
+            size += cost
+        runs.append(run)
+        return [self._head_frame({**common, "objects": [objects[i] for i in r], "parts": len(runs), "part": k,
+                                  "first_object": r[0], "object_count": len(objects)}) for k, r in enumerate(runs)]
+
+    def head(self) -> bytes:
+        """The HEAD frame; see heads() for a HEAD sent in parts."""
+        if len(self._heads) != 1:
+            raise EncodeError("head", f"this stream's HEAD is {len(self._heads)} frames: use heads()")
+        return self._heads[0]
+
+    def heads(self) -> list[bytes]:
+        """The HEAD frame(s): one, or its parts when it does not fit max_frame_bytes."""
+        return list(self._heads)
+
+    def chunks(self) -> Iterator[bytes]:
+        """The Chunk frames, in order (send them in any order). Without a codec they are made
+        16 at a time, so a paused iteration holds up to 16 frames (1 MiB)."""
+        cb = self.layout.chunk_bytes
+        h = _codec.Xxh3()  # the stream hash, fed while each chunk is in cache
+        md5 = hashlib.md5(usedforsecurity=False) if self.layout.legacy_md5 else None
+        for obj in self.layout.objects:
+            src = self._sources[obj.index]
+            width = _codec.element_bytes(obj.dtype)
+            dtype = obj.dtype if width else _I8
+            if self.codec is None and md5 is None:  # straight from the source into the frames, 16 per call
+                for j in range(0, obj.chunks, _CHUNK_BATCH):
+                    yield from _codec._encode_chunks(self.stream_id, obj.first_chunk + j + 1, self._header["space_hash32"],
+                                                     self._header["modality"], dtype, width, src, cb, j,
+                                                     min(_CHUNK_BATCH, obj.chunks - j), h)
+                continue
+            for j in range(obj.chunks):
+                piece = src[j * cb:(j + 1) * cb]
+                n = len(piece) // width if width else len(piece)
+                if self.codec is None:  # straight from the source into the frame
+                    frame = _codec._encode_chunk(self.stream_id, obj.first_chunk + j + 1, self._header["space_hash32"],
+                                                 self._header["modality"], dtype, n, src, j * cb, len(piece), h)
+                else:
+                    frame = self._encode(Chunk(Slice(dtype, (n,), piece), frame_seq=obj.first_chunk + j + 1,
+                                               **self._header))
+                    h.update(piece)
+                if md5 is not None:
+                    md5.update(piece)
+                yield frame
+        self._digest = (h.intdigest(), md5.hexdigest() if md5 is not None else None)
+
+    def records(self, per_write: int = 8) -> Iterator[list]:
+        """The whole stream (HEAD, chunks, TAIL) as TCP records (u32 little-endian length +
+        frame), in lists of buffers for one `sendmsg` each: per_write chunks per list. Without a
+        codec and MD5, each chunk is its head, a memoryview of the source and its CRC: the payload
+        is not copied (the CRC and hash read it just before the kernel does, while it is in
+        cache), so the source must not change until the list is sent. With a codec, the encoded
+        frames behind their lengths."""
+        for parts, _frames, _nbytes in self._record_batches(per_write):
+            yield parts
+
+    def _record_batches(self, per_write: int) -> Iterator[tuple[list, int, int]]:
+        """records(), with the number of frames and of frame bytes in each list."""
+        if not 1 <= per_write <= 1024:
+            raise ValueError(f"per_write {per_write} is outside 1..1024")
+        parts: list = []
+        frames = nbytes = 0
+        for f in self._heads:
+            parts += [_record_length(f), f]
+            frames, nbytes = frames + 1, nbytes + len(f)
+        if self.codec is not None or self.layout.legacy_md5:
+            for f in self.chunks():
+                parts += [_record_length(f), f]
+                frames, nbytes = frames + 1, nbytes + len(f)
+                if frames % per_write == 0:
+                    yield parts, frames, nbytes
+                    parts, frames, nbytes = [], 0, 0
+        else:
+            cb = self.layout.chunk_bytes
+            h = _codec.Xxh3()
+            for obj in self.layout.objects:
+                src = self._sources[obj.index]
+                view = memoryview(src)
+                width = _codec.element_bytes(obj.dtype)
+                dtype = obj.dtype if width else _I8
+                for j in range(obj.chunks):
+                    start = j * cb
+                    n = min(cb, len(view) - start)
+                    head, crc = _codec._encode_chunk_parts(self.stream_id, obj.first_chunk + j + 1,
+                                                           self._header["space_hash32"], self._header["modality"],
+                                                           dtype, n // width if width else n, src, start, n, h, True)
+                    parts += [head, view[start:start + n], crc]
+                    frames, nbytes = frames + 1, nbytes + len(head) - TCP_LENGTH_PREFIX_BYTES + n + len(crc)
+                    if frames % per_write == 0:
+                        yield parts, frames, nbytes
+                        parts, frames, nbytes = [], 0, 0
+            self._digest = (h.intdigest(), None)
+        tail = self.tail()
+        yield parts + [_record_length(tail), tail], frames + 1, nbytes + len(tail)
+
+    def digest(self) -> tuple[int, str | None]:
+        """xxh3_64 of every object's bytes (and their MD5 when HEAD asked for it)."""
+        if self._digest is not None:
+            return self._digest
+        h = _codec.Xxh3()
+        md5 = hashlib.md5(usedforsecurity=False) if self.layout.legacy_md5 else None
+        for src in self._sources:
+            h.update(src)
+            if md5 is not None:
+                md5.update(src)
+        return h.intdigest(), (md5.hexdigest() if md5 is not None else None)
+
+    def tail(self) -> bytes:
+        return self._tail_frame(*self.digest())
+
+    def _tail_frame(self, xxh: int, md5: str | None) -> bytes:
+        doc = {"method": "tail", "chunks": self.layout.chunks, "total_bytes": self.layout.total_bytes,
+               "xxh3_64": f"{xxh:016x}"}
+        if md5 is not None:
+            doc["md5"] = md5
+        return self._encode(Sync(_compact(doc), frame_seq=self.layout.chunks + 1, flags=Flags.STRONG_TAIL,
+                                 **self._header))
+
+    def heart(self) -> bytes:
+        """A keepalive for this stream (frame_seq above TAIL's)."""
+        self._hearts += 1
+        return self._encode(Sync(frame_seq=self.layout.chunks + 1 + self._hearts, **self._header))
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._heads
+        yield from self.chunks()
+        yield self.tail()
+
+
+def _record_length(frame: bytes) -> bytes:
+    """The TCP record prefix of a frame: its length, u32 little-endian."""
+    return len(frame).to_bytes(TCP_LENGTH_PREFIX_BYTES, "little")
+
+
+@dataclass(frozen=True)
+class _Source:
+    dtype: DType
+    shape: tuple[int, ...]
+    nbytes: int
+    payload: memoryview
+
+
+def _source(obj, i: int) -> _Source:
+    """A stream object as dtype, shape and a zero-copy byte view (a copy only to make an array
+    C-contiguous and little-endian)."""
+    if isinstance(obj, Slice):
+        return _Source(obj.dtype, obj.shape, obj.nbytes, obj.payload)
+    arr = np.asarray(obj)
+    code = _codec._DTYPE_OF_NUMPY.get(arr.dtype.newbyteorder("="))
+    if code is None:
+        raise EncodeError(f"objects[{i}].dtype", f"no dtype for numpy {arr.dtype}; convert it (e.g. to float16) first")
+    arr = np.asarray(arr, dtype=np.dtype(NUMPY_DTYPES[DType(code)]), order="C")  # keeps 0-d shapes
+    return _Source(DType(code), arr.shape, arr.nbytes, memoryview(arr.reshape(-1).view(np.uint8)))
