@@ -184,8 +184,8 @@ def large_body_chunk(stream_id: int = 21, n: int = 65536 - 6) -> bytes:
 
     body = bytes([DType.I8, 1]) + struct.pack("<I", n) + bytes(n)
     seg = zstandard.ZstdCompressor(level=3).compress(body)
-    header = _codec._encode_header(Chunk(Slice(DType.I8, (n,), bytes(n)), stream_id=stream_id, frame_seq=1), _ZSTD)
-    return _codec._assemble(header + _ENV_BASE.pack(len(body), 0), struct.pack("<BI", 1, len(seg)), seg)
+    header = _codec.encode_header(Chunk(Slice(DType.I8, (n,), bytes(n)), stream_id=stream_id, frame_seq=1), _ZSTD)
+    return _codec.assemble(header + _ENV_BASE.pack(len(body), 0), struct.pack("<BI", 1, len(seg)), seg)
 
 
 def write_seeds(corpus: Path, seeds: list[bytes]) -> None:

@@ -256,7 +256,7 @@ class Reassembler:
         events. Returns None, having changed nothing, for any other frame: pass that one to
         receive() (or the Session's general path), which reports it exactly.
         expected_space_hash: a chunk of another space is not taken (None: any)."""
-        st = _codec._place_chunk(self._streams, data, expected_space_hash, now)
+        st = _codec.place_chunk(self._streams, data, expected_space_hash, now)
         if st is None:
             return None
         return self.chunk_events(st)
@@ -267,7 +267,7 @@ class Reassembler:
         that are plain chunks of open streams, placed in one C call. Returns (the position
         reached, chunks placed, their frame bytes, events); the record at that position, if
         whole, is for the general path."""
-        pos, count, nbytes, st = _codec._place_records(self._streams, buf, start, end, max_frame_bytes,
+        pos, count, nbytes, st = _codec.place_records(self._streams, buf, start, end, max_frame_bytes,
                                                        expected_space_hash, now)
         return pos, count, nbytes, ([] if st is None else self.chunk_events(st))
 
@@ -541,7 +541,7 @@ class Reassembler:
             return self._fail(sid, "bad_chunk", f"chunk {k} is {s.dtype.name} of {s.nbytes} bytes, HEAD says "
                               f"{want.name} of {length} bytes")
         # in order: hashed while it is in cache (same GIL-free section); commit hashes the chunks waiting after it
-        _codec._copy_payload(s, st.buffer, a, st.hasher if a == st.hashed else None, st.streaming)
+        _codec.copy_payload(s, st.buffer, a, st.hasher if a == st.hashed else None, st.streaming)
         st.commit(k, o, a, s.nbytes, now)
         return self.chunk_events(st)
 

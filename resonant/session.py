@@ -31,7 +31,7 @@ import numpy as np
 
 from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, MessageReceived, Slice, Sync, make_frame
-from resonant._codec import _buffered_record_event, _message_event, _next_frame_seq, _queue_frame, _SessionCore
+from resonant._codec import SessionCore, accept_message, count_in, message_event, next_frame_seq, queue_frame
 from resonant._spec import MAX_FRAME_BYTES, Flags, MsgType
 from resonant.errors import (
     DecodeError,
@@ -227,11 +227,11 @@ def _immutable(data) -> bool:
 # ------------------------------------------------------------------ the session
 
 
-class Session(_SessionCore):
+class Session(SessionCore):
     """One peer relationship, sans-IO. See the module docstring.
 
     The per-message paths (send, receive_datagram, receive_data, datagrams_to_send,
-    data_to_send, records_to_send) are _SessionCore's, in C; they hand everything but plain
+    data_to_send, records_to_send) are SessionCore's, in C; they hand everything but plain
     data messages to the methods here."""
 
     def __init__(self, config: SessionConfig | None = None, *, budget: MemoryBudget | None = None,
@@ -323,7 +323,7 @@ class Session(_SessionCore):
         self._step(Input.CLOSE, now, None, None)
 
     def _send(self, frame: Frame, now: float, keep_seq: bool) -> None:
-        """send() for everything but a plain frame numbered as it goes (_SessionCore.send)."""
+        """send() for everything but a plain frame numbered as it goes (SessionCore.send)."""
         if self.state is _CLOSED:
             raise LocalProtocolError("send", "the session is closed")
         if not isinstance(frame, Frame):
@@ -335,7 +335,7 @@ class Session(_SessionCore):
             self._queue(enc.encode(frame) if enc is not None else _codec.encode(frame))
             return
         sid = frame.stream_id
-        if self._keyring is None:  # as the C path (_SessionCore.send) numbers plain frames
+        if self._keyring is None:  # as the C path (SessionCore.send) numbers plain frames
             frame = frame.replace(frame_seq=self._next_seq(sid))
             self._queue(enc.encode(frame) if enc is not None else _codec.encode(frame))
             return
@@ -441,11 +441,11 @@ class Session(_SessionCore):
 
     def _chunk_or_frame(self, data, now: float) -> list:
         """receive_datagram, in a state that takes data as it is, for anything but a data message."""
-        events = self.reassembler.receive_chunk(data, now, self._space)
-        if events is not None:
-            self.stats["frames_in"] += 1
-            self.stats["bytes_in"] += len(data)
-            return events
+        if self._fast:
+            events = self.reassembler.receive_chunk(data, now, self._space)
+            if events is not None:
+                count_in(self.stats, 1, len(data))
+                return events
         return self._frame(data, now, copy=True)
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
@@ -461,10 +461,12 @@ class Session(_SessionCore):
             rr.add(n)
         except FramingError as exc:
             return [ConnectionBroken(exc)]
-        if self._fast and rr._end - rr._start > _LEN_BYTES and rr.broken is None and self._chunks_direct():
+        if not self._fast:
+            return self._records(now, rr.parse)
+        if rr._end - rr._start > _LEN_BYTES and rr.broken is None and self._chunks_direct():
             # The common case, the read holds exactly one record of a data message: copied out, decoded.
-            events = _buffered_record_event(self._decoder, rr._buf, rr._start, rr._end, rr.max_frame_bytes,
-                                            self._space, self.stats)
+            events = message_event(self._decoder, rr._buf, rr._start, rr._end, True, self._space, self.stats,
+                                   rr.max_frame_bytes)
             if events is not None:
                 rr.skip(rr._end)
                 rr.settle()
@@ -475,8 +477,7 @@ class Session(_SessionCore):
             pos, count, nbytes, ev = self.reassembler.place_records(rr._buf, rr._start, rr._end, rr.max_frame_bytes,
                                                                     space, now)
             if count:
-                self.stats["frames_in"] += count
-                self.stats["bytes_in"] += nbytes
+                count_in(self.stats, count, nbytes)
                 rr.skip(pos)
                 events += ev
                 if ev:
@@ -488,12 +489,8 @@ class Session(_SessionCore):
             if record is None:
                 rr.settle()
                 return events
-            if self._fast and len(record) > 1 and record[1] != _CHUNK and record[1] != _SYNC:
-                data = bytes(record)  # (a data message: a copy, for the buffer is reused; then the fast path)
-                ev = self._plain_message(data)
-                events += self._frame(data, now, copy=False) if ev is None else ev
-            else:
-                events += self._frame(record, now, copy=True)
+            ev = message_event(self._decoder, record, 0, -1, True, space, self.stats)  # (copied out: the buffer is reused)
+            events += self._frame(record, now, copy=True) if ev is None else ev
         return events + self._records(now, rr.parse)
 
     def _records(self, now: float, read: Callable[..., list], *args: Any) -> list:
@@ -509,32 +506,22 @@ class Session(_SessionCore):
 
     def _frames(self, views: list, now: float) -> list:
         events: list = []
-        direct = self._chunks_direct()
+        direct = self._fast and self._chunks_direct()
         space = self._space
         for v in views:
-            if direct:
+            if direct:  # the fast paths: a stream chunk placed in C, a data message decoded in C
                 ev = self.reassembler.receive_chunk(v, now, space)
                 if ev is not None:
-                    self.stats["frames_in"] += 1
-                    self.stats["bytes_in"] += len(v)
+                    count_in(self.stats, 1, len(v))
                     events += ev
                     continue
-                ev = self._plain_message(v)
+                ev = message_event(self._decoder, v, 0, -1, True, space, self.stats)
                 if ev is not None:
                     events += ev
                     continue
             events += self._frame(v, now, copy=True)
-            direct = self._chunks_direct()  # the state may have changed
+            direct = self._fast and self._chunks_direct()  # the state may have changed
         return events
-
-    def _plain_message(self, data) -> list | None:
-        """A data message (not a stream chunk, not a control frame) in a state that takes data
-        as it is (_chunks_direct), in one step (in C): the events, stats and checks that
-        _frame -> _step(DATA) -> _do_accept give it. None for anything else (a frame that does not
-        decode, another space, a view of a buffer that will be reused): _frame takes it."""
-        if not self._fast:
-            return None
-        return _message_event(self._decoder, data, 0, self._space, self.stats)
 
     def _chunks_direct(self) -> bool:
         """Whether a plain stream chunk may take the Reassembler's fast path: this state accepts
@@ -582,8 +569,7 @@ class Session(_SessionCore):
         return events
 
     def _frame1(self, data, now: float, copy: bool) -> list:
-        self.stats["frames_in"] += 1
-        self.stats["bytes_in"] += len(data)
+        count_in(self.stats, 1, len(data))
         if self.state is _CLOSED:
             return self._step(Input.DATA, now, None, "frame")
         sealed = False  # sealed under the control keys (not a session key)
@@ -932,8 +918,7 @@ class Session(_SessionCore):
                 frame.json is None and frame.stream_id in self.reassembler
                 or doc is not None and doc["method"] in ("head", "tail"))):
             return self.reassembler.receive(frame, now)
-        self.stats["messages"] += 1
-        return [MessageReceived(frame, doc)]
+        return accept_message(frame, doc, self.stats)
 
     def _do_accept_if_lenient(self, now, frame, doc) -> list:
         if not self.config.is_strict or self._session_keys is not None:  # (or it opened under a session key)
@@ -1119,10 +1104,10 @@ class Session(_SessionCore):
         return Slice.from_array(arr.astype(_NUMPY_FLOATS[target]()), dtype=_DTYPE_NAMES[target])
 
     def _next_seq(self, stream_id: int) -> int:
-        return _next_frame_seq(self._seq, stream_id)
+        return next_frame_seq(self._seq, stream_id)
 
     def _queue(self, data: bytes) -> None:
-        _queue_frame(data, self._out, self.stats, self._limit)
+        queue_frame(data, self._out, self.stats, self._limit)
 
     def _control(self, doc: dict, stream_id: int, plain: bool = False) -> None:
         payload = json.dumps(doc, separators=(",", ":")).encode()

@@ -18,6 +18,7 @@ from resonant.stream_layout import _I8, StreamLayout, _chunk_bytes_for, _compact
 __all__ = ["StreamSender"]
 
 _CHUNK_BATCH = 16  # chunks encoded per C call
+_FAST = bool(_codec.fast_paths())  # False with RESONANT_PURE=1: every chunk is built as a Chunk and encoded
 
 
 class StreamSender:
@@ -120,17 +121,17 @@ class StreamSender:
             src = self._sources[obj.index]
             width = _codec.element_bytes(obj.dtype)
             dtype = obj.dtype if width else _I8
-            if self.codec is None and md5 is None:  # straight from the source into the frames, 16 per call
+            if self.codec is None and md5 is None and _FAST:  # straight from the source into the frames, 16 per call
                 for j in range(0, obj.chunks, _CHUNK_BATCH):
-                    yield from _codec._encode_chunks(self.stream_id, obj.first_chunk + j + 1, self._header["space_hash32"],
+                    yield from _codec.encode_chunks(self.stream_id, obj.first_chunk + j + 1, self._header["space_hash32"],
                                                      self._header["modality"], dtype, width, src, cb, j,
                                                      min(_CHUNK_BATCH, obj.chunks - j), h)
                 continue
             for j in range(obj.chunks):
                 piece = src[j * cb:(j + 1) * cb]
                 n = len(piece) // width if width else len(piece)
-                if self.codec is None:  # straight from the source into the frame
-                    frame = _codec._encode_chunk(self.stream_id, obj.first_chunk + j + 1, self._header["space_hash32"],
+                if self.codec is None and _FAST:  # straight from the source into the frame
+                    frame = _codec.encode_chunk(self.stream_id, obj.first_chunk + j + 1, self._header["space_hash32"],
                                                  self._header["modality"], dtype, n, src, j * cb, len(piece), h)
                 else:
                     frame = self._encode(Chunk(Slice(dtype, (n,), piece), frame_seq=obj.first_chunk + j + 1,
@@ -160,7 +161,7 @@ class StreamSender:
         for f in self._heads:
             parts += [_record_length(f), f]
             frames, nbytes = frames + 1, nbytes + len(f)
-        if self.codec is not None or self.layout.legacy_md5:
+        if self.codec is not None or self.layout.legacy_md5 or not _FAST:
             for f in self.chunks():
                 parts += [_record_length(f), f]
                 frames, nbytes = frames + 1, nbytes + len(f)
@@ -178,7 +179,7 @@ class StreamSender:
                 for j in range(obj.chunks):
                     start = j * cb
                     n = min(cb, len(view) - start)
-                    head, crc = _codec._encode_chunk_parts(self.stream_id, obj.first_chunk + j + 1,
+                    head, crc = _codec.encode_chunk_parts(self.stream_id, obj.first_chunk + j + 1,
                                                            self._header["space_hash32"], self._header["modality"],
                                                            dtype, n // width if width else n, src, start, n, h, True)
                     parts += [head, view[start:start + n], crc]
@@ -243,7 +244,7 @@ def _source(obj, i: int) -> _Source:
     if isinstance(obj, Slice):
         return _Source(obj.dtype, obj.shape, obj.nbytes, obj.payload)
     arr = np.asarray(obj)
-    code = _codec._DTYPE_OF_NUMPY.get(arr.dtype.newbyteorder("="))
+    code = _codec.DTYPE_OF_NUMPY.get(arr.dtype.newbyteorder("="))
     if code is None:
         raise EncodeError(f"objects[{i}].dtype", f"no dtype for numpy {arr.dtype}; convert it (e.g. to float16) first")
     arr = np.asarray(arr, dtype=np.dtype(NUMPY_DTYPES[DType(code)]), order="C")  # keeps 0-d shapes

@@ -385,7 +385,7 @@ def _large_compressed_chunk(sid: int, n: int = 65536 - 6) -> bytes:
     big = Chunk(Slice(DType.I8, (n,), bytes(n)), stream_id=sid, frame_seq=1)
     body = bytes([DType.I8, 1]) + struct.pack("<I", n) + bytes(n)
     seg = zstandard.ZstdCompressor(level=3).compress(body)
-    return _codec._assemble(_codec._encode_header(big, _ZSTD) + _ENV_BASE.pack(len(body), 0),
+    return _codec.assemble(_codec.encode_header(big, _ZSTD) + _ENV_BASE.pack(len(body), 0),
                             struct.pack("<BI", 1, len(seg)), seg)
 
 

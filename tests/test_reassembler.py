@@ -211,7 +211,7 @@ def test_copy_payload_with_streaming_stores_at_every_alignment():
         for offset in (0, 1, 15, 16, 33):
             dest = np.full(length + 64, 7, np.uint8)
             h = _codec.Xxh3()
-            assert _codec._copy_payload(s, dest, offset, h, True) == length
+            assert _codec.copy_payload(s, dest, offset, h, True) == length
             assert dest[offset:offset + length].tobytes() == src[:length].tobytes()
             assert (dest[:offset] == 7).all() and (dest[offset + length:] == 7).all()
             assert h.intdigest() == xxhash.xxh3_64_intdigest(src[:length].tobytes())
