@@ -51,15 +51,18 @@ server = Session(role="server")
 note(server.receive_datagram(wire, 0.0))                        # message_event (UDP)
 note(server.receive_data(frame_record(wire), 0.0))              # message_event (TCP, one record)
 note(RecordReader().feed(frame_record(wire))[0].tobytes())      # RecordReader's one-record shortcut
-big = np.arange(300_000, dtype=np.float32).astype(np.float16)
+big = (np.arange(300_000) % 1000).astype(np.float16)
 for frame in StreamSender(5, [big]):                            # encode_chunk(s)
     note(server.receive_datagram(frame, 1.0))                   # place_chunk
 tcp = Session(role="server")
 data = b"".join(b"".join(bytes(p) for p in parts) for parts in StreamSender(7, [big]).records())  # encode_chunk_parts
-for k in range(0, len(data), 200_000):
-    piece = data[k:k + 200_000]
-    tcp.get_buffer()[:len(piece)] = piece
-    note(tcp.buffer_updated(len(piece), 2.0))                   # place_records
+k = 0
+while k < len(data):                                            # read in place, as the TCP transport does
+    buf = tcp.get_buffer()
+    n = min(len(buf), len(data) - k, 200_000)
+    buf[:n] = data[k:k + n]
+    note(tcp.buffer_updated(n, 2.0))                            # place_records
+    k += n
 note(server.stats, tcp.stats)
 print(json.dumps({"fast_paths": list(resonant.fast_paths()), "hits": _codec.fast_path_hits(),
                   "record_reader_general": splits[0], "digest": out.hexdigest()}))

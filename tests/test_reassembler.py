@@ -296,6 +296,7 @@ def test_chunk_fast_path_gives_the_general_paths_events(data):
     assert slow.dropped_frames == fast.dropped_frames
 
 
+@pytest.mark.fast_paths
 def test_chunk_fast_path_takes_the_bulk_of_a_clean_stream():
     x = np.random.default_rng(21).standard_normal(50_000).astype(np.float16)
     frames = list(StreamSender(8, [x, x[:333]], max_frame_bytes=4096))
@@ -318,6 +319,7 @@ def test_receive_of_bytes_keeps_encryption_required():
         r.receive(plain[1], 0.0)
 
 
+@pytest.mark.fast_paths
 def test_chunk_fast_path_leaves_other_frames_alone():
     x = np.ones(3000, np.float16)
     sender = StreamSender(8, [x], max_frame_bytes=1024)

@@ -122,7 +122,7 @@ def test_records_are_the_frames_behind_their_lengths(kind, per_write, max_frame,
     chunks = sender.layout.chunks
     assert all(sum(isinstance(p, memoryview) for p in parts) <= per_write for parts in lists)
     views = [p for parts in lists for p in parts if isinstance(p, memoryview)]
-    if how == "plain":
+    if how == "plain" and resonant.fast_paths():  # (RESONANT_PURE: the chunks are encoded as frames)
         assert len(views) == chunks
         if kind != "mixed":  # float16 C-contiguous objects are sent from where they lie
             assert all(any(np.shares_memory(np.frombuffer(v, np.uint8), o.view(np.uint8).reshape(-1))
