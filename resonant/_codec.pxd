@@ -56,7 +56,7 @@ cdef class SessionCore:
     cdef public object records          # the RecordReader (TCP)
     cdef public Py_ssize_t _limit       # the largest frame this side may send
     cdef public bint _reduce            # whether sent tensors may need a dtype the peer agreed to
-    cdef public bint _fast              # False: every frame takes the general paths (for tests)
+    cdef public bint _fast              # the fast-path switch (RESONANT_PURE=1: False); settable for tests
 
     cdef inline bint _takes_data(self) except -1
 
