@@ -32,7 +32,7 @@ import numpy as np
 from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, MessageReceived, Slice, Sync, make_frame
 from resonant._codec import SessionCore, accept_message, count_in, message_event, next_frame_seq, queue_frame
-from resonant._spec import MAX_FRAME_BYTES, Flags, MsgType
+from resonant._spec import MAX_FRAME_BYTES, TCP_LENGTH_PREFIX_BYTES, Flags, MsgType
 from resonant.errors import (
     DecodeError,
     DecryptionFailed,
@@ -45,13 +45,13 @@ from resonant.errors import (
 )
 from resonant.space import ModelSignature
 from resonant.reassembler import Reassembler
-from resonant.records import _LEN_BYTES, RecordReader, frame_record
+from resonant.records import RecordReader, frame_record
 from resonant.replay import IdRanges, ReplayWindow
 from resonant.stream_layout import MIN_STREAM_FRAME, StreamLayout
 from resonant.stream_limits import MemoryBudget, StreamLimits
 from resonant.stream_sender import StreamSender
 from resonant.transforms import CLIENT_TO_SERVER, SERVER_TO_CLIENT, Codec, ControlKeyring, Key, Keyring, SessionKeyring
-from resonant.transitions import _CLOSED, _METHOD, TRANSITIONS, Action, Input, Role, State
+from resonant.transitions import ACTION_METHOD, TRANSITIONS, Action, Input, Role, State
 
 __all__ = [
     "Role", "State", "Input", "Action", "TRANSITIONS", "SessionConfig", "Agreement", "Session",
@@ -69,6 +69,7 @@ _SYNC = int(MsgType.SYNC)
 _XCHACHA = int(Flags.XCHACHA)
 _TAG = slice(-20, -4)  # an encrypted frame's Poly1305 tag: the 16 bytes before the CRC-32
 _STREAM_ID = struct.Struct("<I")  # the header's stream_id, at offset 4
+_CLOSED = State.CLOSED  # (a module constant: an Enum class attribute is slow to look up)
 _CONTROL_METHODS = ("ping", "capability", "error")  # the documents sealed under the control keys
 _RANDOM_BYTES = handshake.SESSION_RANDOM_BYTES
 _SENT_TAGS = handshake.SENT_TAGS_REMEMBERED
@@ -463,7 +464,7 @@ class Session(SessionCore):
             return [ConnectionBroken(exc)]
         if not self._fast:
             return self._records(now, rr.parse)
-        if rr._end - rr._start > _LEN_BYTES and rr.broken is None and self._chunks_direct():
+        if rr._end - rr._start > TCP_LENGTH_PREFIX_BYTES and rr.broken is None and self._chunks_direct():
             # The common case, the read holds exactly one record of a data message: copied out, decoded.
             events = message_event(self._decoder, rr._buf, rr._start, rr._end, True, self._space, self.stats,
                                    rr.max_frame_bytes)
@@ -793,7 +794,7 @@ class Session(SessionCore):
         action, nxt = TRANSITIONS[self.role, self.state, inp]
         if action is Action.INVALID:
             raise LocalProtocolError(inp.value, f"not allowed for a {self.role.value} in state {self.state.value}")
-        events = getattr(self, _METHOD[action])(now, frame, arg)
+        events = getattr(self, ACTION_METHOD[action])(now, frame, arg)
         self.state = nxt
         return events
 

@@ -13,7 +13,7 @@ from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, Slice, Sync
 from resonant._spec import MAX_FRAME_BYTES, NUMPY_DTYPES, TCP_LENGTH_PREFIX_BYTES, DType, Flags, Modality, MsgType
 from resonant.errors import EncodeError, HandshakeError
-from resonant.stream_layout import _I8, StreamLayout, _chunk_bytes_for, _compact
+from resonant.stream_layout import I8, StreamLayout, chunk_bytes_for, compact_json
 
 __all__ = ["StreamSender"]
 
@@ -44,7 +44,7 @@ class StreamSender:
         self.codec = codec
         self._header = {"stream_id": stream_id, "space_hash32": space_hash32, "modality": modality}
         self._sources = [s.payload for s in slices]  # zero-copy byte views of the sources
-        chunk_bytes = _chunk_bytes_for(max_frame_bytes, [s.dtype for s in slices], codec is not None)
+        chunk_bytes = chunk_bytes_for(max_frame_bytes, [s.dtype for s in slices], codec is not None)
         self.layout = StreamLayout.build(
             msg_type, chunk_bytes,
             [(s.dtype, s.shape, s.nbytes, names[i] if names else None, layers[i] if layers else None)
@@ -70,7 +70,7 @@ class StreamSender:
         return self.codec.encode(frame) if self.codec is not None else _codec.encode(frame)
 
     def _head_frame(self, doc: dict) -> bytes:
-        return self._encode(Sync(_compact(doc), frame_seq=0, **self._header))
+        return self._encode(Sync(compact_json(doc), frame_seq=0, **self._header))
 
     def _head_frames(self) -> list[bytes]:
         doc = self.layout.head_document()
@@ -85,10 +85,10 @@ class StreamSender:
         stub = {**common, "objects": [], "parts": 4096, "part": 4095, "first_object": 65535, "object_count": len(objects)}
         fixed = len(self._head_frame(stub))
         # a part must fit a frame, and its JSON the receivers' max_json_bytes
-        limit = min(self.max_frame_bytes, handshake.MAX_JSON_BYTES + fixed - len(_compact(stub)))
+        limit = min(self.max_frame_bytes, handshake.MAX_JSON_BYTES + fixed - len(compact_json(stub)))
         runs, run, size = [], [], fixed
         for i, o in enumerate(objects):
-            cost = len(_compact(o)) + 1
+            cost = len(compact_json(o)) + 1
             if fixed + cost > limit:
                 raise EncodeError("max_frame_bytes", f"{self.max_frame_bytes} is too small for a HEAD part carrying "
                                   f"objects[{i}] ({fixed + cost} bytes)")
@@ -120,7 +120,7 @@ class StreamSender:
         for obj in self.layout.objects:
             src = self._sources[obj.index]
             width = _codec.element_bytes(obj.dtype)
-            dtype = obj.dtype if width else _I8
+            dtype = obj.dtype if width else I8
             if self.codec is None and md5 is None and _FAST:  # straight from the source into the frames, 16 per call
                 for j in range(0, obj.chunks, _CHUNK_BATCH):
                     yield from _codec.encode_chunks(self.stream_id, obj.first_chunk + j + 1, self._header["space_hash32"],
@@ -175,7 +175,7 @@ class StreamSender:
                 src = self._sources[obj.index]
                 view = memoryview(src)
                 width = _codec.element_bytes(obj.dtype)
-                dtype = obj.dtype if width else _I8
+                dtype = obj.dtype if width else I8
                 for j in range(obj.chunks):
                     start = j * cb
                     n = min(cb, len(view) - start)
@@ -211,7 +211,7 @@ class StreamSender:
                "xxh3_64": f"{xxh:016x}"}
         if md5 is not None:
             doc["md5"] = md5
-        return self._encode(Sync(_compact(doc), frame_seq=self.layout.chunks + 1, flags=Flags.STRONG_TAIL,
+        return self._encode(Sync(compact_json(doc), frame_seq=self.layout.chunks + 1, flags=Flags.STRONG_TAIL,
                                  **self._header))
 
     def heart(self) -> bytes:

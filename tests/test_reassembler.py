@@ -29,7 +29,7 @@ from resonant import (
     Sync,
 )
 from resonant.reassembler import STREAMING_STORE_BYTES, set_buffer_cache
-from resonant.stream_limits import MemoryBudget, _committed
+from resonant.stream_limits import MemoryBudget, committed_bytes
 
 from stream_helpers import deliver, of, assert_bit_exact, head_doc, head_frame
 
@@ -159,7 +159,7 @@ def test_allocate_hook_receives_into_the_callers_buffer():
     events = r.receive(frames[0], 0.0)
     assert seen == [(5, slot.nbytes, [k.nbytes, v.nbytes])]
     # only the chunk bitmap and the bookkeeping are ours
-    assert r.buffered_bytes == budget.used == _committed(StreamSender(5, [k, v], max_frame_bytes=1024).layout, False)
+    assert r.buffered_bytes == budget.used == committed_bytes(StreamSender(5, [k, v], max_frame_bytes=1024).layout, False)
     for f in frames[1:-1][::-1] + frames[-1:]:
         events += r.receive(f, 0.0)
     done = events[-1]
