@@ -10,7 +10,7 @@ help:
 	@echo "make debug          build with -O0 -g and Cython bounds checks"
 	@echo "make annotate       build and write the Cython annotation: resonant/_codec.html and one resonant/_NAME.html per module"
 	@echo "make install        pip install the package with its test extras"
-	@echo "make test           run the test suite"
+	@echo "make test           run the test suite, fast paths on, then off (RESONANT_PURE=1)"
 	@echo "make bench          run the benchmarks"
 	@echo "make fuzz           run every fuzz target for FUZZ_TIME seconds (default 600; docs/fuzzing.md)"
 	@echo "make fuzz-build     build the codec with clang coverage + UBSan for the fuzzers (build/fuzz-pkg)"
@@ -34,8 +34,18 @@ annotate: codegen
 install:
 	$(PYTHON) -m pip install ".[test]"
 
+# The suite with the C fast paths on, then with RESONANT_PURE=1 (every fast path off; the tests
+# marked pure_skip, slow and off the fast paths, are left out of that run). It runs the in-place
+# build when there is one, else the installed package (from tests/, so that the source tree does
+# not shadow it), else builds in place first: it works from a fresh clone.
+PYTEST_ARGS ?= -q
 test:
-	$(PYTHON) -m pytest tests
+	@if $(PYTHON) -c "import resonant._codec" 2>/dev/null; then dir=.; \
+	elif (cd tests && $(PYTHON) -c "import resonant._codec") 2>/dev/null; then dir=tests; \
+	else $(MAKE) compile PYTHON=$(PYTHON) >/dev/null && dir=.; fi; \
+	cd $$dir && $(PYTHON) -m pytest $(PYTEST_ARGS) $(CURDIR)/tests && \
+	echo "== the same with RESONANT_PURE=1 (every C fast path off)" && \
+	RESONANT_PURE=1 $(PYTHON) -m pytest $(PYTEST_ARGS) -m "not pure_skip" $(CURDIR)/tests
 
 bench:
 	$(PYTHON) bench/bench_codec.py

@@ -36,6 +36,7 @@ import time
 import numpy as np
 
 import resonant
+import resonant.stream  # (set_buffer_cache; `import resonant` alone no longer imports resonant.stream since the layout split)
 from bench_codec import best_of, machine, print_machine  # noqa: E402  (bench/ is sys.path[0] for a script)
 from resonant import ConnectionBroken, FrameRejected, Reassembler, StreamComplete, StreamFailed, StreamSender
 from resonant.session import MessageReceived, Session

@@ -90,8 +90,8 @@ def part_a_frame(states: list[np.ndarray] | None) -> tuple[resonant.Frame, str]:
 def part_a_cases(frame: resonant.Frame) -> list[Case]:
     """Every implementation, each checked to round-trip (and the Codec to really transform)."""
     plain = resonant.encode(frame)
-    body = _codec._encode_body(frame, False)
-    header = _codec._encode_header(frame, int(resonant.Flags.XCHACHA))
+    body = _codec.encode_body(frame, False)
+    header = _codec.encode_header(frame, int(resonant.Flags.XCHACHA))
     aad = header + bytes(ENVELOPE_BASE_BYTES + ENVELOPE_CRYPTO_BYTES)  # header + envelope, as the Codec authenticates
     nonce = os.urandom(NONCE_BYTES)
     key = resonant.Key.generate()

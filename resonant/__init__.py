@@ -17,7 +17,7 @@ from resonant._codec import (
     encode,
     make_frame,
 )
-from resonant._codec import byte_shuffle
+from resonant._codec import byte_shuffle, fast_paths
 from resonant._spec import (
     VERSION_TRANSFORMED,
     Filters,
@@ -61,7 +61,7 @@ __version__ = "0.1.0"
 __all__ = [
     *_MESSAGE_CLASSES.values(), "Frame", "Slice",
     "StreamSender", "Reassembler", "StreamLimits", "MemoryBudget", "StreamStarted", "ObjectReady", "StreamComplete", "StreamFailed",
-    "decode", "encode", "make_frame", "crc32", "crc32_backend", "xxh3_64", "byte_shuffle",
+    "decode", "encode", "make_frame", "crc32", "crc32_backend", "xxh3_64", "byte_shuffle", "fast_paths",
     "Codec", "Key", "Keyring", "ModelSignature", "space_hash32",
     "connect", "serve", "Peer", "Server", "Session", "SessionConfig", "Agreement",
     "HandshakeComplete", "HandshakeFailed", "MessageReceived", "FrameRejected", "RemoteError", "ConnectionBroken",

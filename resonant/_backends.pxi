@@ -479,7 +479,7 @@ def backends():
     }
 
 
-def _seal_frame(bytes head not None, body, bytes nonce not None, bytes key not None):
+def seal_frame(bytes head not None, body, bytes nonce not None, bytes key not None):
     """head + XChaCha20-Poly1305(body, ad=head) + tag + CRC-32, encrypted straight into the frame."""
     cdef const unsigned char[::1] m = memoryview(body).cast("B")
     cdef Py_ssize_t hn = PyBytes_GET_SIZE(head), mn = m.shape[0]
@@ -502,7 +502,7 @@ def _seal_frame(bytes head not None, body, bytes nonce not None, bytes key not N
     return out
 
 
-def _open_body(ciphertext, aad, nonce, bytes key not None):
+def open_body(ciphertext, aad, nonce, bytes key not None):
     """The plaintext of an XChaCha20-Poly1305 ciphertext+tag, read straight from the frame; None when
     it does not authenticate (nothing of the plaintext is returned then)."""
     cdef const unsigned char[::1] c = memoryview(ciphertext).cast("B")

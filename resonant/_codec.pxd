@@ -1,5 +1,5 @@
 # Declarations of resonant._codec (hand-written): the compile-time constants, the C classes
-# and their attributes, and the interface _SessionCore expects of its Python subclass.
+# and their attributes, and the interface SessionCore expects of its Python subclass.
 
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
@@ -41,7 +41,7 @@ cdef class MessageReceived:
     cdef readonly object document
 
 
-cdef class _SessionCore:
+cdef class SessionCore:
     # The per-message state, kept in C slots (the Python subclass, resonant.session.Session, owns it).
     cdef public object state
     cdef public object _closed          # State.CLOSED
@@ -56,7 +56,7 @@ cdef class _SessionCore:
     cdef public object records          # the RecordReader (TCP)
     cdef public Py_ssize_t _limit       # the largest frame this side may send
     cdef public bint _reduce            # whether sent tensors may need a dtype the peer agreed to
-    cdef public bint _fast              # False: every frame takes the general paths (for tests)
+    cdef public bint _fast              # the fast-path switch (RESONANT_PURE=1: False); settable for tests
 
     cdef inline bint _takes_data(self) except -1
 

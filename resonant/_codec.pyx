@@ -78,6 +78,42 @@ cdef extern from "<dlfcn.h>" nogil:
 
 cnp.import_array()
 
+import os as _os
+
+# --------------------------------------------------------------------------- the fast-path switch
+# RESONANT_PURE=1 in the environment, read once here at import, turns off every C fast path (the
+# list below): the general paths then do everything, with the same results. CI runs the suite both
+# ways. Session._fast (per session, settable for tests) starts from it.
+cdef bint FAST_PATHS = _os.environ.get("RESONANT_PURE", "").strip() in ("", "0")
+
+# The fast paths, each counted when taken (fast_path_hits(), for the test that the switch works).
+cdef enum FastPath:
+    FP_MESSAGE_EVENT = 0   # a data message received in one C call (message_event)
+    FP_PLACE_CHUNK         # a plain chunk placed by place_chunk (UDP, one frame)
+    FP_PLACE_RECORDS       # chunks placed by place_records (TCP, a run of records)
+    FP_QUEUE_NUMBERED      # Session.send's plain frame numbered, encoded and queued in one call
+    FP_ENCODE_CHUNK        # StreamSender: a chunk frame written straight from its source
+    FP_ENCODE_CHUNK_PARTS  # StreamSender.records: a chunk's head and CRC around a view of its source
+    FP_INIT_MESSAGE        # a message built from arrays/Slices without the layout search
+    FP_SLICE_OF_ARRAY      # an exact C-contiguous ndarray viewed as a Slice in C
+    FP_COUNT
+
+_FAST_PATH_NAMES = ("message_event", "place_chunk", "place_records", "queue_numbered", "encode_chunk",
+                    "encode_chunk_parts", "init_message", "slice_of_array")
+cdef Py_ssize_t _fp_hits[<int>FP_COUNT]
+
+
+def fast_paths():
+    """The C fast paths in use (a tuple of names), empty when RESONANT_PURE=1 was set at import:
+    then the general paths do everything (same results, slower). The RecordReader's one-record
+    shortcut and the Session's (Session._fast) follow the same switch."""
+    return _FAST_PATH_NAMES if FAST_PATHS else ()
+
+
+def fast_path_hits():
+    """How many times each fast path was taken in this process (for tests: {name: count})."""
+    return {name: _fp_hits[i] for i, name in enumerate(_FAST_PATH_NAMES)}
+
 # An element count above this cannot fit any payload under max_frame_bytes; counts are
 # saturated here so that a product of eight u32 dimensions never overflows.
 cdef uint64_t ELEMS_SATURATE = (<uint64_t>1) << 40

@@ -84,7 +84,7 @@ cdef bytes _encode_plain(Frame frame, bint renumber, uint64_t frame_seq):
     return out
 
 
-cpdef object _next_frame_seq(dict seq, object stream_id):
+cpdef object next_frame_seq(dict seq, object stream_id):
     """The next frame_seq of `stream_id` from the Session's counters `seq` (0, 1, 2...), counted.
     A stream that has used every u64 number refuses to go on rather than wrap around to 0."""
     got = seq.get(stream_id)
@@ -98,7 +98,7 @@ cpdef object _next_frame_seq(dict seq, object stream_id):
     return got
 
 
-cpdef int _queue_frame(bytes data, list out, dict stats, Py_ssize_t limit) except -1:
+cpdef int queue_frame(bytes data, list out, dict stats, Py_ssize_t limit) except -1:
     """The Session's send queue: one encoded frame, checked against the agreed limit, appended to
     `out` and counted in stats (frames_out, bytes_out)."""
     cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
@@ -106,19 +106,19 @@ cpdef int _queue_frame(bytes data, list out, dict stats, Py_ssize_t limit) excep
         raise LocalProtocolError("send", f"a {size}-byte frame is over the agreed max_frame_bytes ({limit}); "
                                  "send it as a stream")
     out.append(data)
-    _count(stats, "frames_out", 1)
-    _count(stats, "bytes_out", size)
+    stats["frames_out"] = stats["frames_out"] + 1
+    stats["bytes_out"] = stats["bytes_out"] + size
     return 0
 
 
 cdef inline int _queue_numbered(Frame frame, dict seq, list out, dict stats, Py_ssize_t limit) except -1:
     """Session.send's plain path in one call: the frame takes its stream's next number from
-    `seq` (0, 1, 2...), is encoded and queued (_queue_frame)."""
-    return _queue_frame(_encode_plain(frame, True, _next_frame_seq(seq, frame._stream_id)), out, stats, limit)
+    `seq` (0, 1, 2...), is encoded and queued (queue_frame)."""
+    return queue_frame(_encode_plain(frame, True, next_frame_seq(seq, frame._stream_id)), out, stats, limit)
 
 
 
-def _encode_header(Frame frame not None, uint16_t transforms):
+def encode_header(Frame frame not None, uint16_t transforms):
     """The transformed-version (VERSION_TRANSFORMED) header of a frame whose body gets `transforms` (ZSTD, XCHACHA)."""
     cdef Py_ssize_t nslices = len(frame._slices)
     header = PyBytes_FromStringAndSize(NULL, PREFIX_SIZE + SLICE_LEN_BYTES * nslices + SUFFIX_SIZE)
@@ -127,7 +127,7 @@ def _encode_header(Frame frame not None, uint16_t transforms):
     return header
 
 
-def _encode_body(Frame frame not None, bint shuffle):
+def encode_body(Frame frame not None, bint shuffle):
     """The raw body (every slice, raw-version (VERSION) layout), its payloads byte-shuffled if asked."""
     cdef tuple slices = frame._slices
     cdef Py_ssize_t bsize = _body_size(slices)
@@ -137,7 +137,7 @@ def _encode_body(Frame frame not None, bint shuffle):
     return body
 
 
-def _assemble(bytes head, *parts):
+def assemble(bytes head, *parts):
     """head + parts + CRC-32 of all of it, as one bytes object (each part copied once)."""
     cdef Py_ssize_t hn = PyBytes_GET_SIZE(head), size = hn + CRC_SIZE, pos
     cdef const unsigned char[::1] t

@@ -16,7 +16,7 @@ cdef object _slice_of_array(object arr):
     cdef cnp.npy_intp *shape = cnp.PyArray_DIMS(a)
     cdef cnp.npy_intp nbytes
     cdef uint64_t elems = 1
-    if nd == 0 or nd > MAX_DIMS or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+    if not FAST_PATHS or nd == 0 or nd > MAX_DIMS or not cnp.PyArray_IS_C_CONTIGUOUS(a):
         return None
     code = _DTYPE_OF_NUMPY_FAST.get(<object>cnp.PyArray_DESCR(a))
     if code is None:
@@ -40,6 +40,7 @@ cdef object _slice_of_array(object arr):
     s._base = arr
     s._off = 0
     s._len = nbytes
+    _fp_hits[<int>FP_SLICE_OF_ARRAY] += 1
     return s
 
 
@@ -179,37 +180,45 @@ cdef inline object _tensor_slice(object v):
 
 cdef _init_message(Frame self, uint8_t code, tuple values, object stream_id, object frame_seq,
                    object space_hash32, object modality, object flags):
+    """The message's slices from the values given per role (None: not given), in the smallest
+    layout that carries them. Fast paths (off with RESONANT_PURE): a tensors-only message of arrays
+    or Slices, and every role given as arrays or Slices (the full layout, in role order), skip the
+    layout search; the general path below gives the same slices and raises the errors."""
     cdef Py_ssize_t i, n = len(values)
-    if _TENSORS_ONLY[code]:  # the fastest path: every value an array or a Slice
-        if n == 1:
-            s = _tensor_slice(values[0])
-            if s is not None:
-                _set_header(self, code, stream_id, frame_seq, space_hash32, modality, flags)
-                self._slices = (s,)
-                return
-        else:
-            out = [_tensor_slice(v) for v in values]
-            if None not in out:
-                _set_header(self, code, stream_id, frame_seq, space_hash32, modality, flags)
-                self._slices = tuple(out)
-                return
     roles = _ROLES[code]
-    if n == len(roles):  # fast path: every role given, as Slices or arrays (the full layout, in role order)
-        out = []
-        for i in range(n):
-            v = values[i]
-            if type(v) is Slice:
-                out.append(v)
-            elif isinstance(v, (Slice, _np.ndarray)):
-                out.append(_as_slice(v, roles[i][1], roles[i][0]))
+    if FAST_PATHS:
+        if _TENSORS_ONLY[code]:  # every value an array or a Slice
+            if n == 1:
+                s = _tensor_slice(values[0])
+                if s is not None:
+                    _set_header(self, code, stream_id, frame_seq, space_hash32, modality, flags)
+                    self._slices = (s,)
+                    _fp_hits[<int>FP_INIT_MESSAGE] += 1
+                    return
             else:
-                break
-        else:
-            slices = tuple(out)
-            _check_roles(code, slices)
-            _set_header(self, code, stream_id, frame_seq, space_hash32, modality, flags)
-            self._slices = slices
-            return
+                out = [_tensor_slice(v) for v in values]
+                if None not in out:
+                    _set_header(self, code, stream_id, frame_seq, space_hash32, modality, flags)
+                    self._slices = tuple(out)
+                    _fp_hits[<int>FP_INIT_MESSAGE] += 1
+                    return
+        if n == len(roles):  # every role given, as Slices or arrays (the full layout, in role order)
+            out = []
+            for i in range(n):
+                v = values[i]
+                if type(v) is Slice:
+                    out.append(v)
+                elif isinstance(v, (Slice, _np.ndarray)):
+                    out.append(_as_slice(v, roles[i][1], roles[i][0]))
+                else:
+                    break
+            else:
+                slices = tuple(out)
+                _check_roles(code, slices)
+                _set_header(self, code, stream_id, frame_seq, space_hash32, modality, flags)
+                self._slices = slices
+                _fp_hits[<int>FP_INIT_MESSAGE] += 1
+                return
     given = {name for (name, kind), v in zip(roles, values) if v is not None}
     layout = None
     for lay in _LAYOUTS[code]:

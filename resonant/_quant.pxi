@@ -140,7 +140,7 @@ cdef object _as_f32(x):
     return arr.reshape(-1)
 
 
-def _quantize(x, int kind):
+def quantize_blocks(x, int kind):
     """Q8_0 (kind 8) or Q4_0 (kind 4) payload bytes of x's values in C order (any float dtype)."""
     cdef const float[::1] v = _as_f32(x)
     cdef int64_t n = v.shape[0]
@@ -160,7 +160,7 @@ def _quantize(x, int kind):
     return out
 
 
-def _dequantize(payload, int64_t n, int kind):
+def dequantize_blocks(payload, int64_t n, int kind):
     """float32 values (n of them) of a Q8_0 / Q4_0 payload; checks the payload's size first."""
     cdef const unsigned char[::1] b = memoryview(payload).cast("B")
     cdef int64_t need = ((n + 31) // 32) * (34 if kind == 8 else 18)

@@ -1,5 +1,5 @@
 # Hand-written, included by resonant/_codec.pyx: the Session's per-message paths in C
-# (MessageReceived, the data-message fast paths, the send queue, _SessionCore).
+# (MessageReceived, the data-message fast paths, the send queue, SessionCore).
 
 # --------------------------------------------------------------------------- Session fast paths
 
@@ -33,14 +33,22 @@ cdef class MessageReceived:
         return f"MessageReceived(frame={self.frame!r}, document={self.document!r})"
 
 
-cdef inline int _count(dict stats, str key, Py_ssize_t n) except -1:
-    stats[key] = stats[key] + n
+cpdef int count_in(dict stats, Py_ssize_t frames, Py_ssize_t nbytes) except -1:
+    """Frames received, counted in a Session's stats (frames_in, bytes_in): the one count, for the
+    general path (Session._frame) and the fast ones alike."""
+    stats["frames_in"] = stats["frames_in"] + frames
+    stats["bytes_in"] = stats["bytes_in"] + nbytes
     return 0
 
 
-def _message_event(codec, data, Py_ssize_t off, expected_space_hash, dict stats):
-    """The Session's fast path for a data message: see _message_event_c."""
-    return _message_event_c(codec, data, off, expected_space_hash, stats)
+cpdef list accept_message(frame, document, dict stats):
+    """A message handed to the application, counted (messages): [MessageReceived(frame, document)].
+    The one accept, for the general path (Session._do_accept) and the fast one alike."""
+    cdef MessageReceived ev = MessageReceived.__new__(MessageReceived)
+    ev.frame = frame
+    ev.document = document
+    stats["messages"] = stats["messages"] + 1
+    return [ev]
 
 
 cdef inline bint _one_record(const unsigned char *p, Py_ssize_t n, Py_ssize_t max_frame_bytes) noexcept:
@@ -53,78 +61,80 @@ cdef inline bint _one_record(const unsigned char *p, Py_ssize_t n, Py_ssize_t ma
     return <Py_ssize_t>length == n - TCP_PREFIX_BYTES and <Py_ssize_t>length <= max_frame_bytes
 
 
-def _buffered_record_event(codec, buf, Py_ssize_t start, Py_ssize_t end, Py_ssize_t max_frame_bytes,
-                           expected_space_hash, dict stats):
-    """_message_event for buf[start:end] of a buffer that will be reused (a bytearray read into in
-    place): when it holds exactly one record of a data message, the frame is copied out and
-    decoded; None otherwise (nothing copied)."""
-    cdef const unsigned char[::1] v = buf
-    cdef uint8_t msg_type
-    if start < 0 or end > v.shape[0] or start >= end or not _one_record(&v[start], end - start, max_frame_bytes):
-        return None
-    msg_type = v[start + TCP_PREFIX_BYTES + OFF_MSG_TYPE]
-    if msg_type == MSG_CHUNK or msg_type == MSG_SYNC:
-        return None
-    data = PyBytes_FromStringAndSize(<const char *>&v[start + TCP_PREFIX_BYTES], end - start - TCP_PREFIX_BYTES)
-    return _message_event_c(codec, data, 0, expected_space_hash, stats)
+def message_event(codec, buf, Py_ssize_t start, Py_ssize_t end, bint copy, expected_space_hash, dict stats,
+                  Py_ssize_t record=0):
+    """The Session's fast path for a data message: see _message_event_c."""
+    return _message_event_c(codec, buf, start, end, copy, expected_space_hash, stats, record)
 
 
-cdef object _record_event_c(codec, data, Py_ssize_t max_frame_bytes, expected_space_hash, dict stats):
-    """_message_event for bytes that hold exactly one TCP record; None for anything else."""
-    if type(data) is not bytes or not _one_record(<const unsigned char *>PyBytes_AS_STRING(data),
-                                                  PyBytes_GET_SIZE(data), max_frame_bytes):
-        return None
-    return _message_event_c(codec, data, TCP_PREFIX_BYTES, expected_space_hash, stats)
-
-
-cdef object _message_event_c(codec, data, Py_ssize_t off, expected_space_hash, dict stats):
-    """The Session's fast path for a data message (not a stream chunk, not a control frame): the
-    frame data[off:], where data is immutable bytes (or a byte view of bytes), decoded by `codec`
-    (a resonant.Codec that requires no encryption), counted in stats (frames_in, bytes_in,
-    messages), as [MessageReceived(frame, None)]. None for anything else (a chunk or a Sync, a
-    frame that does not decode, another space, a buffer that may change): the general path takes
-    it and gives the same events and counts."""
+cdef object _message_event_c(codec, buf, Py_ssize_t start, Py_ssize_t end, bint copy, expected_space_hash,
+                             dict stats, Py_ssize_t record):
+    """The Session's fast path for a data message (not a stream chunk, not a control frame) in a
+    state that takes data as it is: the frame buf[start:end] (end < 0: to the end of buf) decoded
+    by `codec` (a resonant.Codec that requires no encryption), counted (count_in), accepted
+    (accept_message): the events and counts the general path (Session._frame -> _step(DATA) ->
+    _do_accept) gives it. With record > 0, buf[start:end] must be exactly one TCP record whose frame
+    is at most `record` bytes, and the frame is the record's. buf is bytes, a bytearray, or a 1-D
+    byte view of either; with copy, buf may change after the call, so the frame is copied out
+    first unless buf is immutable (bytes, or a view of bytes); without copy, a mutable buf is not
+    taken. None, having changed nothing, for anything else (a chunk or a Sync, a frame that does not
+    decode, another space): the general path takes it and gives the same events and counts."""
     cdef const unsigned char *p
     cdef Py_ssize_t n
     cdef Py_buffer *view
-    cdef MessageReceived ev
-    if type(data) is bytes:
-        base = data
-        p = <const unsigned char *>PyBytes_AS_STRING(data)
-        n = PyBytes_GET_SIZE(data)
-    elif type(data) is memoryview:
-        base = memoryview(data)  # a view of our own (the caller may release theirs); raises if released
+    cdef bint mutable
+    if not FAST_PATHS:
+        return None
+    if type(buf) is bytes:
+        base = buf
+        p = <const unsigned char *>PyBytes_AS_STRING(buf)
+        n = PyBytes_GET_SIZE(buf)
+        mutable = False
+    else:
+        if type(buf) is memoryview:
+            base = memoryview(buf)  # a view of our own (the caller may release theirs); raises if released
+        elif type(buf) is bytearray:
+            base = memoryview(buf)
+        else:
+            return None
         view = PyMemoryView_GET_BUFFER(base)
-        if (<void *>view.obj == NULL or type(<object>view.obj) is not bytes or view.ndim != 1 or view.itemsize != 1
+        if (<void *>view.obj == NULL or view.ndim != 1 or view.itemsize != 1
                 or view.strides == NULL or view.strides[0] != 1):
+            return None
+        mutable = type(<object>view.obj) is not bytes
+        if mutable and not copy:
             return None
         p = <const unsigned char *>view.buf
         n = view.len
+    if end < 0 or end > n:
+        end = n
+    if start < 0 or start >= end:
+        return None
+    if record > 0:
+        if not _one_record(p + start, end - start, record):
+            return None
+        start += TCP_PREFIX_BYTES
+    if end - start < OFF_MSG_TYPE + 1 or p[start + OFF_MSG_TYPE] == MSG_CHUNK or p[start + OFF_MSG_TYPE] == MSG_SYNC:
+        return None
+    n = end - start
+    if mutable:  # the buffer will be reused: the message keeps a copy
+        base = PyBytes_FromStringAndSize(<const char *>p + start, n)
+        p = <const unsigned char *>PyBytes_AS_STRING(base)
+        start = 0
     else:
-        return None
-    if off < 0 or n - off < 2:
-        return None
-    p += off
-    n -= off
-    if p[OFF_MSG_TYPE] == MSG_CHUNK or p[OFF_MSG_TYPE] == MSG_SYNC:
-        return None
+        p += start
     try:
-        frame = _decode_in(base, p, n, off, codec, None, False)
+        frame = _decode_in(base, p, n, start, codec, None, False)
     except DecodeError:
         return None
     if expected_space_hash is not None and frame._space_hash32 != expected_space_hash:
         return None
-    _count(stats, "frames_in", 1)
-    _count(stats, "bytes_in", n)
-    _count(stats, "messages", 1)
-    ev = MessageReceived.__new__(MessageReceived)
-    ev.frame = frame
-    return [ev]
+    _fp_hits[<int>FP_MESSAGE_EVENT] += 1
+    count_in(stats, 1, n)
+    return accept_message(frame, None, stats)
 
 
-
-
-cdef class _SessionCore:
+cdef class SessionCore:
     """The per-message paths of resonant.session.Session, in C: data messages in (UDP datagrams,
     TCP reads holding one record) and out (plain frames), and the send queue. Everything else
     (the handshake, control frames, streams, encryption, compression, errors) is the Python
@@ -133,7 +143,7 @@ cdef class _SessionCore:
     the subclass's state, kept in C slots."""
 
     def __cinit__(self, *args, **kwargs):
-        self._fast = True
+        self._fast = FAST_PATHS  # the switch (RESONANT_PURE); settable per session for tests
 
     cdef inline bint _takes_data(self) except -1:
         if self._direct_state is self.state:
@@ -172,6 +182,7 @@ cdef class _SessionCore:
         if (self.state is self._closed or self._reduce or keep_seq or self._encoder is not None
                 or not isinstance(frame, Frame) or not self._fast):
             return self._send(frame, now, keep_seq)
+        _fp_hits[<int>FP_QUEUE_NUMBERED] += 1
         _queue_numbered(frame, self._seq, self._out, self.stats, self._limit)
 
     def datagrams_to_send(self):
@@ -222,7 +233,7 @@ cdef class _SessionCore:
         """One UDP datagram (one frame). Never raises for anything the peer sent."""
         if self._takes_data():
             if self._fast:
-                events = _message_event_c(self._decoder, data, 0, self._space, self.stats)
+                events = _message_event_c(self._decoder, data, 0, -1, True, self._space, self.stats, 0)
                 if events is not None:
                     return events
             return self._chunk_or_frame(data, now)
@@ -234,7 +245,7 @@ cdef class _SessionCore:
         rr = self.records
         if type(data) is bytes and self._fast and self._takes_data() and rr._start == rr._end and rr.broken is None:
             # The common case, bytes holding exactly one record of a data message: decoded in place.
-            events = _record_event_c(self._decoder, data, rr.max_frame_bytes, self._space, self.stats)
+            events = _message_event_c(self._decoder, data, 0, -1, False, self._space, self.stats, rr.max_frame_bytes)
             if events is not None:
                 rr.consumed += PyBytes_GET_SIZE(data)
                 return events

@@ -8,9 +8,9 @@ _MODALITIES = {int(m): m for m in Modality}
 _DTYPES = {int(d): d for d in DType}
 _FLAGS = [Flags(i) for i in range(FLAGS_MASK + 1)]
 _NUMPY = {int(d): _np.dtype(s) for d, s in NUMPY_DTYPES.items()}
-_DTYPE_OF_NUMPY = {_np.dtype(s).newbyteorder("="): int(d) for d, s in NUMPY_DTYPES.items()}
+DTYPE_OF_NUMPY = {_np.dtype(s).newbyteorder("="): int(d) for d, s in NUMPY_DTYPES.items()}
 # Native little-endian dtypes that need no conversion (the common case, looked up first).
-_DTYPE_OF_NUMPY_FAST = {t: c for t, c in _DTYPE_OF_NUMPY.items() if t.byteorder in ("=", "|", "<") and
+_DTYPE_OF_NUMPY_FAST = {t: c for t, c in DTYPE_OF_NUMPY.items() if t.byteorder in ("=", "|", "<") and
                         (t.byteorder != "=" or _sys.byteorder == "little")}
 
 
@@ -127,10 +127,10 @@ cdef class Slice:
                     return Slice(code, arr.shape, memoryview(arr).cast("B"))
                 except (TypeError, ValueError):  # a dtype the buffer protocol cannot name (bfloat16)
                     return Slice(code, arr.shape, arr.reshape(-1).view(_np.uint8))
-            code = _DTYPE_OF_NUMPY.get(arr.dtype.newbyteorder("="))
+            code = DTYPE_OF_NUMPY.get(arr.dtype.newbyteorder("="))
             if code is None:
                 raise EncodeError("dtype", f"no dtype for numpy {arr.dtype} (have "
-                                  f"{', '.join(_DTYPES[c].name + '=' + str(t) for t, c in _DTYPE_OF_NUMPY.items())}); "
+                                  f"{', '.join(_DTYPES[c].name + '=' + str(t) for t, c in DTYPE_OF_NUMPY.items())}); "
                                   "pass dtype= to convert")
         else:
             try:

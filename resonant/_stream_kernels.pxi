@@ -6,7 +6,7 @@
 
 cdef inline void _write_chunk_head(unsigned char *q, uint32_t stream_id, uint64_t frame_seq, uint32_t space_hash32,
                                    uint8_t modality, uint8_t dtype, uint32_t count, Py_ssize_t length) noexcept:
-    """The CHUNK_HEAD_BYTES before a chunk's payload: header, slice_len table, suffix, slice head."""
+    """The CHUNK_HEAD before a chunk's payload: header, slice_len table, suffix, slice head."""
     cdef Py_ssize_t pos = CHUNK_SLICE
     _write_fields(q, PREFIX_SIZE + SLICE_LEN_BYTES, VERSION, MSG_CHUNK, 0, 1, stream_id, frame_seq, space_hash32,
                   modality)
@@ -16,83 +16,86 @@ cdef inline void _write_chunk_head(unsigned char *q, uint32_t stream_id, uint64_
     rz_st_u32(q + pos + SL_DIMS, count)
 
 
-def _encode_chunk(uint32_t stream_id, uint64_t frame_seq, uint32_t space_hash32, uint8_t modality,
-                  uint8_t dtype, uint32_t count, source, Py_ssize_t start, Py_ssize_t length, Xxh3 hasher=None):
-    """The raw-version (VERSION) bytes of Chunk(Slice(dtype, (count,), source[start:start + length])), written
-    straight from the source buffer: what StreamSender sends for every chunk without a Codec.
-
-    With a hasher, the payload is also fed to it; copy, CRC and hash run in one GIL-free
-    section while the bytes are in cache."""
-    cdef const unsigned char[::1] src = source
+cdef int _check_piece(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t length, uint8_t dtype,
+                      uint32_t count) except -1:
+    """A chunk's piece of its source, checked before anything is allocated: inside the source, the
+    size its dtype and count need, its frame within max_frame_bytes."""
     cdef long long need = _expected_size(dtype, count)
-    cdef Py_ssize_t size = CHUNK_HEAD + length + CRC_SIZE
     if start < 0 or length < 0 or start + length > src.shape[0]:
         raise EncodeError("source", f"bytes {start}..{start + length} are outside a {src.shape[0]}-byte source")
     if need == -2 or (need >= 0 and need != length):
         raise EncodeError("payload", f"{_dtype_name(dtype)} of {count} elements does not take {length} bytes")
-    _check_size(size)
-    out = PyBytes_FromStringAndSize(NULL, size)
-    cdef unsigned char *q = <unsigned char *>PyBytes_AS_STRING(out)
-    _write_chunk_head(q, stream_id, frame_seq, space_hash32, modality, dtype, count, length)
-    cdef Py_ssize_t pos = CHUNK_HEAD
+    _check_size(CHUNK_HEAD + length + CRC_SIZE)
+    return 0
+
+
+cdef uint32_t _chunk_frame(unsigned char *q, unsigned char *dst, uint32_t stream_id, uint64_t frame_seq,
+                           uint32_t space_hash32, uint8_t modality, uint8_t dtype, uint32_t count,
+                           const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t length, Xxh3 hasher) except? 0:
+    """The one writer of a chunk frame from its source (checked by _check_piece): the CHUNK_HEAD
+    bytes at q, then (dst not NULL) the payload copied to dst; returns the CRC-32 of head and
+    payload, and feeds the payload to the hasher. Copy, CRC and hash run in one GIL-free section
+    while the bytes are in cache."""
     cdef void *st = hasher._st if hasher is not None else NULL
+    cdef const unsigned char *p = &src[start] if length else NULL
+    cdef const unsigned char *rd = p  # where the CRC and hash read the payload (the copy, if one is made)
     cdef uint32_t crc
+    if dst != NULL:
+        rd = dst
+    _write_chunk_head(q, stream_id, frame_seq, space_hash32, modality, dtype, count, length)
     if _crc_c != NULL and (hasher is None or st != NULL):
         with nogil:
+            if dst != NULL and length:
+                memcpy(dst, p, length)
+            crc = _crc_c(0, q, <uint64_t>CHUNK_HEAD)
             if length:
-                memcpy(q + pos, &src[start], length)
-            crc = _crc_c(0, q, <uint64_t>(size - CRC_SIZE))
-            if st != NULL and length:
-                _xxh_update(st, q + pos, <size_t>length)
-    else:
-        if length:
-            memcpy(q + pos, &src[start], length)
-        crc = _crc32(q, size - CRC_SIZE)
-        if hasher is not None:
-            hasher._feed(q + pos, length)
-    rz_st_u32(q + size - CRC_SIZE, crc)
+                crc = _crc_c(crc, rd, <uint64_t>length)
+                if st != NULL:
+                    _xxh_update(st, rd, <size_t>length)
+        return crc
+    # no C CRC (or a hasher without C xxh3): the slow way, over a joined copy
+    if dst != NULL and length:
+        memcpy(dst, p, length)
+    frame = PyBytes_FromStringAndSize(<char *>q, CHUNK_HEAD) + bytes(src[start:start + length])
+    crc = _crc32(<const unsigned char *>PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+    if hasher is not None and length:
+        hasher._feed(p, length)
+    return crc
+
+
+def encode_chunk(uint32_t stream_id, uint64_t frame_seq, uint32_t space_hash32, uint8_t modality,
+                 uint8_t dtype, uint32_t count, source, Py_ssize_t start, Py_ssize_t length, Xxh3 hasher=None):
+    """The raw-version (VERSION) bytes of Chunk(Slice(dtype, (count,), source[start:start + length])),
+    written straight from the source buffer (_chunk_frame): what StreamSender sends for every
+    chunk without a Codec (a fast path: with RESONANT_PURE it builds the Chunk and encodes it).
+    With a hasher, the payload is also fed to it."""
+    cdef const unsigned char[::1] src = source
+    _check_piece(src, start, length, dtype, count)
+    out = PyBytes_FromStringAndSize(NULL, CHUNK_HEAD + length + CRC_SIZE)
+    cdef unsigned char *q = <unsigned char *>PyBytes_AS_STRING(out)
+    rz_st_u32(q + CHUNK_HEAD + length, _chunk_frame(q, q + CHUNK_HEAD, stream_id, frame_seq, space_hash32, modality,
+                                                    dtype, count, src, start, length, hasher))
+    _fp_hits[<int>FP_ENCODE_CHUNK] += 1
     return out
 
 
-def _encode_chunk_parts(uint32_t stream_id, uint64_t frame_seq, uint32_t space_hash32, uint8_t modality,
-                        uint8_t dtype, uint32_t count, source, Py_ssize_t start, Py_ssize_t length,
-                        Xxh3 hasher=None, bint record=False):
-    """_encode_chunk without the payload: (head, tail), where head + source[start:start + length]
+def encode_chunk_parts(uint32_t stream_id, uint64_t frame_seq, uint32_t space_hash32, uint8_t modality,
+                       uint8_t dtype, uint32_t count, source, Py_ssize_t start, Py_ssize_t length,
+                       Xxh3 hasher=None, bint record=False):
+    """encode_chunk without the payload: (head, tail), where head + source[start:start + length]
     + tail are the frame's bytes (record: head starts with the TCP record's u32 length). For a
     scatter-gather send straight from the source: the CRC and hash read the payload once."""
     cdef const unsigned char[::1] src = source
-    cdef long long need = _expected_size(dtype, count)
-    cdef Py_ssize_t size = CHUNK_HEAD + length + CRC_SIZE
     cdef Py_ssize_t pre = TCP_PREFIX_BYTES if record else 0
-    cdef Py_ssize_t hs = CHUNK_HEAD
-    if start < 0 or length < 0 or start + length > src.shape[0]:
-        raise EncodeError("source", f"bytes {start}..{start + length} are outside a {src.shape[0]}-byte source")
-    if need == -2 or (need >= 0 and need != length):
-        raise EncodeError("payload", f"{_dtype_name(dtype)} of {count} elements does not take {length} bytes")
-    _check_size(size)
-    head = PyBytes_FromStringAndSize(NULL, pre + hs)
+    _check_piece(src, start, length, dtype, count)
+    head = PyBytes_FromStringAndSize(NULL, pre + CHUNK_HEAD)
     tail = PyBytes_FromStringAndSize(NULL, CRC_SIZE)
     cdef unsigned char *r = <unsigned char *>PyBytes_AS_STRING(head)
     if record:
-        rz_st_u32(r, <uint32_t>size)
-    cdef unsigned char *q = r + pre
-    _write_chunk_head(q, stream_id, frame_seq, space_hash32, modality, dtype, count, length)
-    cdef void *st = hasher._st if hasher is not None else NULL
-    cdef uint32_t crc
-    cdef const unsigned char *p = &src[start] if length else NULL
-    if _crc_c != NULL and (hasher is None or st != NULL):
-        with nogil:
-            crc = _crc_c(0, q, <uint64_t>hs)
-            if length:
-                crc = _crc_c(crc, p, <uint64_t>length)
-                if st != NULL:
-                    _xxh_update(st, p, <size_t>length)
-    else:  # no C CRC (or a hasher without C xxh3): the slow way, over a joined copy
-        frame = PyBytes_FromStringAndSize(<char *>q, hs) + bytes(src[start:start + length])
-        crc = _crc32(<const unsigned char *>PyBytes_AS_STRING(frame), len(frame))
-        if hasher is not None and length:
-            hasher._feed(p, length)
-    rz_st_u32(<unsigned char *>PyBytes_AS_STRING(tail), crc)
+        rz_st_u32(r, <uint32_t>(CHUNK_HEAD + length + CRC_SIZE))
+    rz_st_u32(<unsigned char *>PyBytes_AS_STRING(tail), _chunk_frame(r + pre, NULL, stream_id, frame_seq, space_hash32,
+                                                                     modality, dtype, count, src, start, length, hasher))
+    _fp_hits[<int>FP_ENCODE_CHUNK_PARTS] += 1
     return head, tail
 
 
@@ -109,7 +112,7 @@ cdef inline bint _bit(const unsigned char *bits, Py_ssize_t k) noexcept nogil:
 
 
 cdef class ChunkSink:
-    """The receiving state of one V-Stream that the chunk fast path (_place_chunk) writes to:
+    """The receiving state of one V-Stream that the chunk fast path (place_chunk) writes to:
     the output buffer, the chunk bitmap (one bit per chunk: bit k & 7 of byte k >> 3), the
     chunks left per object, the running hash, the time of the last frame and of the last new
     chunk (`progress`: a duplicate or a keepalive is not progress). resonant.stream's
@@ -235,12 +238,6 @@ cdef class ChunkSink:
         return lo
 
 
-# Bytes of a Chunk frame before its payload: header with one slice_len, suffix, the slice's
-# dtype, shape_len (1) and its one dimension.
-cdef enum:
-    CHUNK_HEAD_BYTES = CHUNK_HEAD
-
-
 cdef struct ChunkAt:
     Py_ssize_t k        # chunk index (frame_seq - 1)
     Py_ssize_t o        # object index
@@ -272,33 +269,29 @@ cdef int _check_chunk(ChunkSink st, Py_ssize_t k, uint8_t dtype, Py_ssize_t leng
 
 cdef ChunkSink _chunk_target(dict streams, const unsigned char *p, Py_ssize_t n, object expected_space_hash,
                              ChunkAt *at):
-    """From a frame's first CHUNK_HEAD_BYTES bytes and its length n: the open stream a plain,
-    new, well-formed Chunk belongs to, and where its payload goes; None for anything else."""
-    cdef Py_ssize_t pos = CHUNK_SLICE, length
-    cdef uint64_t seq
-    cdef uint32_t count, space
-    cdef uint8_t dtype
-    cdef long long need
+    """The open stream a frame p[0:n] (CRC not checked yet) belongs to when it is a plain, new,
+    well-formed Chunk, and where its payload goes (at); None for anything else. Its checks are
+    decode()'s own (_check_header, _check_body, _check_space, _check_meaning) and the
+    Reassembler's (_check_chunk): what the fast path adds is only which frames it takes (raw
+    version, no flags, one 1-D non-empty slice of an open stream, the hasher in C)."""
+    cdef Hdr h
     cdef ChunkSink st
-    if (n < CHUNK_HEAD_BYTES + CRC_SIZE or n > MAX_FRAME_BYTES or p[OFF_VERSION] != VERSION
-            or p[OFF_MSG_TYPE] != MSG_CHUNK or rz_ld_u16(p + OFF_FLAGS) != 0
-            or rz_ld_u64(p + OFF_NUM_SLICES) != 1 or <Py_ssize_t>rz_ld_u32(p + PREFIX_SIZE) != n - CHUNK_HEAD_BYTES - CRC_SIZE
-            or p[pos + 1] != 1 or not _known_modality(p[CHUNK_SUFFIX + SUF_MODALITY])):
-        return None
-    space = rz_ld_u32(p + CHUNK_SUFFIX + SUF_SPACE_HASH32)
-    if expected_space_hash is not None and space != expected_space_hash:
+    if (n < CHUNK_HEAD + CRC_SIZE or p[OFF_MSG_TYPE] != MSG_CHUNK or p[OFF_VERSION] != VERSION
+            or rz_ld_u16(p + OFF_FLAGS) != 0 or rz_ld_u64(p + OFF_NUM_SLICES) != 1 or p[CHUNK_SLICE + SL_NDIM] != 1):
         return None
     st = streams.get(rz_ld_u32(p + OFF_STREAM_ID))
     if st is None or st._dst is None:
         return None
-    seq = rz_ld_u64(p + OFF_FRAME_SEQ)
-    if seq == 0 or seq > <uint64_t>st._nchunks:
-        return None
-    dtype = p[pos]
-    count = rz_ld_u32(p + pos + SL_DIMS)
-    length = n - CHUNK_HEAD_BYTES - CRC_SIZE
-    need = _expected_size(dtype, count)
-    if length == 0 or need != length or _check_chunk(st, <Py_ssize_t>(seq - 1), dtype, length, at) != CHUNK_NEW:
+    try:
+        _check_header(p, n, &h)
+        _check_body(p, &h, p + h.body, h.end - h.body, h.body, "", _BEFORE_CRC, "crc32", "the crc32")
+        _check_space(p, &h, expected_space_hash)
+        _check_meaning(p, &h, p + h.body, h.body, "")
+    except DecodeError:
+        return None  # decode() says what is wrong
+    # (the checks above put the payload at CHUNK_HEAD, the rest of the frame before the CRC)
+    if (h.end == CHUNK_HEAD or _check_chunk(st, <Py_ssize_t>(rz_ld_u64(p + OFF_FRAME_SEQ) - 1), p[CHUNK_SLICE + SL_DTYPE],
+                                            h.end - CHUNK_HEAD, at) != CHUNK_NEW):
         return None
     if at.a == st.hashed and (st.hasher is None or st.hasher._st == NULL):
         return None  # the Python hasher fallback: the general path feeds it
@@ -339,15 +332,15 @@ cdef bint _place_at(ChunkSink st, ChunkAt *at, const unsigned char *p, Py_ssize_
         ok = _crc_c(0, p, <uint64_t>(n - CRC_SIZE)) == rz_ld_u32(p + n - CRC_SIZE)
         if ok:
             if hs != NULL:
-                _xxh_update(hs, p + CHUNK_HEAD_BYTES, length)
+                _xxh_update(hs, p + CHUNK_HEAD, length)
             if streaming:
-                rz_copy_nt(dst, p + CHUNK_HEAD_BYTES, length)
+                rz_copy_nt(dst, p + CHUNK_HEAD, length)
             else:
-                memcpy(dst, p + CHUNK_HEAD_BYTES, length)
+                memcpy(dst, p + CHUNK_HEAD, length)
     return ok
 
 
-def _place_chunk(dict streams not None, data, expected_space_hash, double now):
+def place_chunk(dict streams not None, data, expected_space_hash, double now):
     """The V-Stream receive fast path: one plain (raw-version (VERSION), no flags) Chunk frame of an open
     stream, checked as decode() and the Reassembler check it, written into the stream's buffer
     and hashed in one GIL-free section; returns the stream's ChunkSink. Returns None, having
@@ -358,6 +351,8 @@ def _place_chunk(dict streams not None, data, expected_space_hash, double now):
     cdef Py_ssize_t n
     cdef ChunkAt at
     cdef ChunkSink st
+    if not FAST_PATHS:
+        return None
     if type(data) is bytes:
         p = <const unsigned char *>PyBytes_AS_STRING(data)
         n = PyBytes_GET_SIZE(data)
@@ -371,13 +366,14 @@ def _place_chunk(dict streams not None, data, expected_space_hash, double now):
     if st is None or _crc_c == NULL or not _place_at(st, &at, p, n):
         return None  # (a bad CRC: decode() says which)
     _commit_chunk(st, &at, now)
+    _fp_hits[<int>FP_PLACE_CHUNK] += 1
     return st
 
 
-def _place_records(dict streams not None, bytearray buf not None, Py_ssize_t start, Py_ssize_t end,
+def place_records(dict streams not None, bytearray buf not None, Py_ssize_t start, Py_ssize_t end,
                    Py_ssize_t max_frame_bytes, expected_space_hash, double now):
     """The TCP receive fast path: the whole records (u32 little-endian length, frame) in
-    buf[start:end] that are chunks _place_chunk takes, placed one after the other. Stops before
+    buf[start:end] that are chunks place_chunk takes, placed one after the other. Stops before
     the first record that is incomplete, has a length outside 1..max_frame_bytes, or is not
     such a chunk (the general path takes it from there), and after a chunk that completes an
     object or comes after its stream's TAIL (so that its events are made at once). Returns
@@ -389,7 +385,7 @@ def _place_records(dict streams not None, bytearray buf not None, Py_ssize_t sta
     cdef ChunkSink st
     if start < 0 or end > len(buf) or start > end:
         raise ValueError(f"{start}..{end} is not a range of a {len(buf)}-byte buffer")
-    if _crc_c == NULL:
+    if _crc_c == NULL or not FAST_PATHS:
         return start, 0, 0, None
     while end - pos >= TCP_PREFIX_BYTES:
         size = rz_ld_u32(b + pos)
@@ -399,6 +395,7 @@ def _place_records(dict streams not None, bytearray buf not None, Py_ssize_t sta
         if st is None or not _place_at(st, &at, b + pos + TCP_PREFIX_BYTES, size):
             break
         _commit_chunk(st, &at, now)
+        _fp_hits[<int>FP_PLACE_RECORDS] += 1
         pos += TCP_PREFIX_BYTES + size
         count += 1
         nbytes += size
@@ -407,10 +404,10 @@ def _place_records(dict streams not None, bytearray buf not None, Py_ssize_t sta
     return pos, count, nbytes, None
 
 
-def _encode_chunks(uint32_t stream_id, uint64_t first_seq, uint32_t space_hash32, uint8_t modality, uint8_t dtype,
+def encode_chunks(uint32_t stream_id, uint64_t first_seq, uint32_t space_hash32, uint8_t modality, uint8_t dtype,
                    int width, source, Py_ssize_t chunk_bytes, Py_ssize_t first, Py_ssize_t count, Xxh3 hasher=None):
     """Chunks first .. first + count - 1 of one object (source: its bytes, cut every chunk_bytes),
-    as _encode_chunk makes them one by one: frame_seq first_seq + i, element count length //
+    as encode_chunk makes them one by one: frame_seq first_seq + i, element count length //
     width (width 0: length). One call for a batch, so the per-frame Python is paid once."""
     cdef const unsigned char[::1] src = source
     cdef Py_ssize_t i, k, start, length
@@ -423,12 +420,12 @@ def _encode_chunks(uint32_t stream_id, uint64_t first_seq, uint32_t space_hash32
         length = min(chunk_bytes, src.shape[0] - start)
         if length < 0:
             raise EncodeError("source", f"chunk {k} starts past the end of a {src.shape[0]}-byte source")
-        out.append(_encode_chunk(stream_id, first_seq + i, space_hash32, modality, dtype,
+        out.append(encode_chunk(stream_id, first_seq + i, space_hash32, modality, dtype,
                                  length // width if width else length, source, start, length, hasher))
     return out
 
 
-def _copy_payload(Slice s not None, dest, Py_ssize_t offset, Xxh3 hasher=None, bint streaming=False):
+def copy_payload(Slice s not None, dest, Py_ssize_t offset, Xxh3 hasher=None, bint streaming=False):
     """Copy a slice's payload into dest[offset:] (a writable byte buffer): one copy, GIL released.
     With a hasher, the payload is fed to it in the same GIL-free section, from the source while
     it is in cache. streaming: write with non-temporal stores (for a destination larger than

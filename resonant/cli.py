@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from resonant import _codec
-from resonant._spec import (DTYPE_OF_WIRE_NAME, DTYPE_WIRE_NAMES, MESSAGE_CLASSES, NUMPY_DTYPES, REQUIRED_ROLES,
+from resonant._spec import (DTYPE_WIRE_NAMES, MESSAGE_CLASSES, NUMPY_DTYPES, REQUIRED_ROLES,
                             USER_MESSAGE_TYPES, DType, Flags, Modality, MsgType)
 from resonant.errors import EncodeError, LocalProtocolError, ResonantError
 from resonant.reassembler import ObjectReady, StreamComplete, StreamFailed, StreamStarted

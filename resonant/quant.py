@@ -46,7 +46,7 @@ def quantize(x, dtype="q8_0") -> Slice:
     if d not in _KIND:
         raise UnsupportedDType("dtype", f"{d.name} is not a quantized dtype (Q8_0, Q4_0)")
     arr = np.asarray(x)
-    return Slice(d, arr.shape, _codec._quantize(arr, _KIND[d]))
+    return Slice(d, arr.shape, _codec.quantize_blocks(arr, _KIND[d]))
 
 
 def dequantize(s: Slice) -> np.ndarray:
@@ -54,7 +54,7 @@ def dequantize(s: Slice) -> np.ndarray:
     if s.dtype not in _KIND:
         raise UnsupportedDType("dtype", f"{DType(s.dtype).name} is not a quantized dtype (Q8_0, Q4_0)")
     n = math.prod(s.shape)
-    return _codec._dequantize(s.payload, n, _KIND[s.dtype]).reshape(s.shape)
+    return _codec.dequantize_blocks(s.payload, n, _KIND[s.dtype]).reshape(s.shape)
 
 
 def to_float(s: Slice) -> np.ndarray:

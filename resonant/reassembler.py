@@ -15,9 +15,9 @@ from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, Slice, Sync
 from resonant._spec import NUMPY_DTYPES
 from resonant.errors import HandshakeError, ResonantError
-from resonant.stream_layout import _I8, _PLAIN_CHUNK_MAX, StreamLayout, StreamObject
-from resonant.stream_limits import (_EARLY_FRAME_BYTES, _EARLY_STREAM_BYTES, _PART_BYTES, MemoryBudget, StreamLimits,
-                                    _committed)
+from resonant.stream_layout import I8, PLAIN_CHUNK_MAX, StreamLayout, StreamObject
+from resonant.stream_limits import (EARLY_FRAME_BYTES, EARLY_STREAM_BYTES, PART_BYTES, MemoryBudget, StreamLimits,
+                                    committed_bytes)
 
 __all__ = ["Reassembler", "StreamStarted", "ObjectReady", "StreamComplete", "StreamFailed", "set_buffer_cache"]
 
@@ -98,7 +98,7 @@ class _Stream(_codec.ChunkSink):
     def __init__(self, stream_id: int, layout: StreamLayout, now: float, buffer: np.ndarray | None = None) -> None:
         self.stream_id = stream_id
         self.layout = layout
-        self.charged = _committed(layout, buffer is None)
+        self.charged = committed_bytes(layout, buffer is None)
         # the one copy: chunks land here (in the caller's buffer when its allocate hook gave one)
         if buffer is None:
             n = layout.total_bytes
@@ -106,7 +106,7 @@ class _Stream(_codec.ChunkSink):
         objs = layout.objects
         self._geometry(buffer, np.array([o.first_chunk for o in objs], np.int64),
                        np.array([o.offset for o in objs], np.int64), np.array([o.nbytes for o in objs], np.int64),
-                       np.array([o.dtype if _codec.element_bytes(o.dtype) else _I8 for o in objs], np.uint8),
+                       np.array([o.dtype if _codec.element_bytes(o.dtype) else I8 for o in objs], np.uint8),
                        layout.chunk_bytes, layout.chunks)
         self.object_left[:] = [o.chunks for o in objs]
         self.streaming = layout.total_bytes >= STREAMING_STORE_BYTES
@@ -256,7 +256,7 @@ class Reassembler:
         events. Returns None, having changed nothing, for any other frame: pass that one to
         receive() (or the Session's general path), which reports it exactly.
         expected_space_hash: a chunk of another space is not taken (None: any)."""
-        st = _codec._place_chunk(self._streams, data, expected_space_hash, now)
+        st = _codec.place_chunk(self._streams, data, expected_space_hash, now)
         if st is None:
             return None
         return self.chunk_events(st)
@@ -267,7 +267,7 @@ class Reassembler:
         that are plain chunks of open streams, placed in one C call. Returns (the position
         reached, chunks placed, their frame bytes, events); the record at that position, if
         whole, is for the general path."""
-        pos, count, nbytes, st = _codec._place_records(self._streams, buf, start, end, max_frame_bytes,
+        pos, count, nbytes, st = _codec.place_records(self._streams, buf, start, end, max_frame_bytes,
                                                        expected_space_hash, now)
         return pos, count, nbytes, ([] if st is None else self.chunk_events(st))
 
@@ -423,7 +423,7 @@ class Reassembler:
         if held is not None and part in held:
             return []  # a duplicate part
         raw = bytes(payload)
-        cost = len(raw) + _PART_BYTES + (_EARLY_STREAM_BYTES if held is None else 0)
+        cost = len(raw) + PART_BYTES + (EARLY_STREAM_BYTES if held is None else 0)
         if not self._room_for_early(cost):
             self.dropped_frames += 1
             return []
@@ -473,7 +473,7 @@ class Reassembler:
         held = self._parts.pop(sid, None)
         if held is None:
             return
-        cost = sum(len(raw) + _PART_BYTES for raw, _ in held.values()) + _EARLY_STREAM_BYTES
+        cost = sum(len(raw) + PART_BYTES for raw, _ in held.values()) + EARLY_STREAM_BYTES
         self._early_bytes -= cost
         self._charge(-cost)
 
@@ -494,7 +494,7 @@ class Reassembler:
         buffer = None
         if problem is None and self.allocate is not None:
             buffer = _caller_buffer(self.allocate(sid, layout), layout)
-        cost = _committed(layout, buffer is None)
+        cost = committed_bytes(layout, buffer is None)
         if problem is not None:
             pass
         elif self.buffered_bytes + cost > lim.max_buffered_bytes:
@@ -537,11 +537,11 @@ class Reassembler:
             return []
         if outcome == _CHUNK_MISFIT:
             obj, _, length = st.layout.chunk(k)
-            want = obj.dtype if _codec.element_bytes(obj.dtype) else _I8
+            want = obj.dtype if _codec.element_bytes(obj.dtype) else I8
             return self._fail(sid, "bad_chunk", f"chunk {k} is {s.dtype.name} of {s.nbytes} bytes, HEAD says "
                               f"{want.name} of {length} bytes")
         # in order: hashed while it is in cache (same GIL-free section); commit hashes the chunks waiting after it
-        _codec._copy_payload(s, st.buffer, a, st.hasher if a == st.hashed else None, st.streaming)
+        _codec.copy_payload(s, st.buffer, a, st.hasher if a == st.hashed else None, st.streaming)
         st.commit(k, o, a, s.nbytes, now)
         return self.chunk_events(st)
 
@@ -600,7 +600,7 @@ class Reassembler:
         try:
             if isinstance(frame, Chunk):
                 s = frame.data
-                if s.nbytes > _PLAIN_CHUNK_MAX:
+                if s.nbytes > PLAIN_CHUNK_MAX:
                     self.dropped_frames += 1
                     return []
                 if len(s.shape) != 1:
@@ -612,7 +612,7 @@ class Reassembler:
             self.dropped_frames += 1
             return []
         held = self._early.get(frame.stream_id)
-        cost = len(raw) + _EARLY_FRAME_BYTES + (_EARLY_STREAM_BYTES if held is None else 0)
+        cost = len(raw) + EARLY_FRAME_BYTES + (EARLY_STREAM_BYTES if held is None else 0)
         if not self._room_for_early(cost):
             self.dropped_frames += 1
             return []
@@ -636,7 +636,7 @@ class Reassembler:
         held = self._early.pop(sid, None)
         if held is None:
             return []
-        size = sum(len(raw) + _EARLY_FRAME_BYTES for raw, _ in held) + _EARLY_STREAM_BYTES
+        size = sum(len(raw) + EARLY_FRAME_BYTES for raw, _ in held) + EARLY_STREAM_BYTES
         self._early_bytes -= size
         self._charge(-size)
         return held

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 
+from resonant import _codec
 from resonant._spec import MAX_FRAME_BYTES, TCP_LENGTH_PREFIX_BYTES
 from resonant.errors import FramingError
 
@@ -15,6 +16,7 @@ __all__ = ["RecordReader", "frame_record"]
 _LEN_BYTES = TCP_LENGTH_PREFIX_BYTES
 _read_length = struct.Struct("<I").unpack_from  # the record length prefix (u32 little-endian)
 assert _LEN_BYTES == 4
+_FAST = bool(_codec.fast_paths())  # False with RESONANT_PURE=1: feed() always takes the general path
 
 
 def frame_record(frame: bytes) -> bytes:
@@ -61,7 +63,7 @@ class RecordReader:
         raised by the next call."""
         if self.broken is not None:
             raise self.broken
-        if self._start == self._end and type(data) is bytes and len(data) > _LEN_BYTES:
+        if _FAST and self._start == self._end and type(data) is bytes and len(data) > _LEN_BYTES:
             size = _read_length(data, 0)[0]  # the common case, exactly one record: no buffer, no loop
             if size == len(data) - _LEN_BYTES and size <= self.max_frame_bytes:
                 self.consumed += len(data)

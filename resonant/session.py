@@ -32,10 +32,10 @@ import numpy as np
 
 from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, MessageReceived, Slice, Sync, make_frame
-from resonant._codec import _buffered_record_event, _message_event, _next_frame_seq, _queue_frame, _SessionCore
+from resonant._codec import SessionCore, accept_message, count_in, message_event, next_frame_seq, queue_frame
 from resonant._spec import (DEFAULT_DTYPES, DTYPE_FALLBACK, DTYPE_OF_WIRE_NAME, DTYPE_SIZE_RULES, DTYPE_WIRE_NAMES,
-                            MAX_FRAME_BYTES, NUMPY_DTYPES, REFERENCE_DTYPES, VERSION, VERSION_TRANSFORMED, Flags,
-                            MsgType, space_hash32_offset)
+                            MAX_FRAME_BYTES, NUMPY_DTYPES, REFERENCE_DTYPES, TCP_LENGTH_PREFIX_BYTES, VERSION,
+                            VERSION_TRANSFORMED, Flags, MsgType, space_hash32_offset)
 from resonant.errors import (
     DecodeError,
     DecryptionFailed,
@@ -48,13 +48,13 @@ from resonant.errors import (
 )
 from resonant.space import ModelSignature
 from resonant.reassembler import Reassembler
-from resonant.records import _LEN_BYTES, RecordReader, frame_record
+from resonant.records import RecordReader, frame_record
 from resonant.replay import IdRanges, ReplayWindow
 from resonant.stream_layout import MIN_STREAM_FRAME, StreamLayout
 from resonant.stream_limits import MemoryBudget, StreamLimits
 from resonant.stream_sender import StreamSender
 from resonant.transforms import CLIENT_TO_SERVER, SERVER_TO_CLIENT, Codec, ControlKeyring, Key, Keyring, SessionKeyring
-from resonant.transitions import _CLOSED, _METHOD, TRANSITIONS, Action, Input, Role, State
+from resonant.transitions import ACTION_METHOD, TRANSITIONS, Action, Input, Role, State
 
 __all__ = [
     "Role", "State", "Input", "Action", "TRANSITIONS", "SessionConfig", "Agreement", "Session",
@@ -72,6 +72,7 @@ _SYNC = int(MsgType.SYNC)
 _XCHACHA = int(Flags.XCHACHA)
 _TAG = slice(-20, -4)  # an encrypted frame's Poly1305 tag: the 16 bytes before the CRC-32
 _STREAM_ID = struct.Struct("<I")  # the header's stream_id, at offset 4
+_CLOSED = State.CLOSED  # (a module constant: an Enum class attribute is slow to look up)
 _CONTROL_METHODS = ("ping", "capability", "error")  # the documents sealed under the control keys
 _RANDOM_BYTES = handshake.SESSION_RANDOM_BYTES
 _SENT_TAGS = handshake.SENT_TAGS_REMEMBERED
@@ -244,11 +245,11 @@ def _immutable(data) -> bool:
 # ------------------------------------------------------------------ the session
 
 
-class Session(_SessionCore):
+class Session(SessionCore):
     """One peer relationship, sans-IO. See the module docstring.
 
     The per-message paths (send, receive_datagram, receive_data, datagrams_to_send,
-    data_to_send, records_to_send) are _SessionCore's, in C; they hand everything but plain
+    data_to_send, records_to_send) are SessionCore's, in C; they hand everything but plain
     data messages to the methods here."""
 
     def __init__(self, config: SessionConfig | None = None, *, budget: MemoryBudget | None = None,
@@ -340,7 +341,7 @@ class Session(_SessionCore):
         self._step(Input.CLOSE, now, None, None)
 
     def _send(self, frame: Frame, now: float, keep_seq: bool) -> None:
-        """send() for everything but a plain frame numbered as it goes (_SessionCore.send)."""
+        """send() for everything but a plain frame numbered as it goes (SessionCore.send)."""
         if self.state is _CLOSED:
             raise LocalProtocolError("send", "the session is closed")
         if not isinstance(frame, Frame):
@@ -352,7 +353,7 @@ class Session(_SessionCore):
             self._queue(enc.encode(frame) if enc is not None else _codec.encode(frame))
             return
         sid = frame.stream_id
-        if self._keyring is None:  # as the C path (_SessionCore.send) numbers plain frames
+        if self._keyring is None:  # as the C path (SessionCore.send) numbers plain frames
             frame = frame.replace(frame_seq=self._next_seq(sid))
             self._queue(enc.encode(frame) if enc is not None else _codec.encode(frame))
             return
@@ -458,11 +459,11 @@ class Session(_SessionCore):
 
     def _chunk_or_frame(self, data, now: float) -> list:
         """receive_datagram, in a state that takes data as it is, for anything but a data message."""
-        events = self.reassembler.receive_chunk(data, now, self._space)
-        if events is not None:
-            self.stats["frames_in"] += 1
-            self.stats["bytes_in"] += len(data)
-            return events
+        if self._fast:
+            events = self.reassembler.receive_chunk(data, now, self._space)
+            if events is not None:
+                count_in(self.stats, 1, len(data))
+                return events
         return self._frame(data, now, copy=True)
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
@@ -478,10 +479,12 @@ class Session(_SessionCore):
             rr.add(n)
         except FramingError as exc:
             return [ConnectionBroken(exc)]
-        if self._fast and rr._end - rr._start > _LEN_BYTES and rr.broken is None and self._chunks_direct():
+        if not self._fast:
+            return self._records(now, rr.parse)
+        if rr._end - rr._start > TCP_LENGTH_PREFIX_BYTES and rr.broken is None and self._chunks_direct():
             # The common case, the read holds exactly one record of a data message: copied out, decoded.
-            events = _buffered_record_event(self._decoder, rr._buf, rr._start, rr._end, rr.max_frame_bytes,
-                                            self._space, self.stats)
+            events = message_event(self._decoder, rr._buf, rr._start, rr._end, True, self._space, self.stats,
+                                   rr.max_frame_bytes)
             if events is not None:
                 rr.skip(rr._end)
                 rr.settle()
@@ -492,8 +495,7 @@ class Session(_SessionCore):
             pos, count, nbytes, ev = self.reassembler.place_records(rr._buf, rr._start, rr._end, rr.max_frame_bytes,
                                                                     space, now)
             if count:
-                self.stats["frames_in"] += count
-                self.stats["bytes_in"] += nbytes
+                count_in(self.stats, count, nbytes)
                 rr.skip(pos)
                 events += ev
                 if ev:
@@ -505,12 +507,8 @@ class Session(_SessionCore):
             if record is None:
                 rr.settle()
                 return events
-            if self._fast and len(record) > 1 and record[1] != _CHUNK and record[1] != _SYNC:
-                data = bytes(record)  # (a data message: a copy, for the buffer is reused; then the fast path)
-                ev = self._plain_message(data)
-                events += self._frame(data, now, copy=False) if ev is None else ev
-            else:
-                events += self._frame(record, now, copy=True)
+            ev = message_event(self._decoder, record, 0, -1, True, space, self.stats)  # (copied out: the buffer is reused)
+            events += self._frame(record, now, copy=True) if ev is None else ev
         return events + self._records(now, rr.parse)
 
     def _records(self, now: float, read: Callable[..., list], *args: Any) -> list:
@@ -526,32 +524,22 @@ class Session(_SessionCore):
 
     def _frames(self, views: list, now: float) -> list:
         events: list = []
-        direct = self._chunks_direct()
+        direct = self._fast and self._chunks_direct()
         space = self._space
         for v in views:
-            if direct:
+            if direct:  # the fast paths: a stream chunk placed in C, a data message decoded in C
                 ev = self.reassembler.receive_chunk(v, now, space)
                 if ev is not None:
-                    self.stats["frames_in"] += 1
-                    self.stats["bytes_in"] += len(v)
+                    count_in(self.stats, 1, len(v))
                     events += ev
                     continue
-                ev = self._plain_message(v)
+                ev = message_event(self._decoder, v, 0, -1, True, space, self.stats)
                 if ev is not None:
                     events += ev
                     continue
             events += self._frame(v, now, copy=True)
-            direct = self._chunks_direct()  # the state may have changed
+            direct = self._fast and self._chunks_direct()  # the state may have changed
         return events
-
-    def _plain_message(self, data) -> list | None:
-        """A data message (not a stream chunk, not a control frame) in a state that takes data
-        as it is (_chunks_direct), in one step (in C): the events, stats and checks that
-        _frame -> _step(DATA) -> _do_accept give it. None for anything else (a frame that does not
-        decode, another space, a view of a buffer that will be reused): _frame takes it."""
-        if not self._fast:
-            return None
-        return _message_event(self._decoder, data, 0, self._space, self.stats)
 
     def _chunks_direct(self) -> bool:
         """Whether a plain stream chunk may take the Reassembler's fast path: this state accepts
@@ -599,8 +587,7 @@ class Session(_SessionCore):
         return events
 
     def _frame1(self, data, now: float, copy: bool) -> list:
-        self.stats["frames_in"] += 1
-        self.stats["bytes_in"] += len(data)
+        count_in(self.stats, 1, len(data))
         if self.state is _CLOSED:
             return self._step(Input.DATA, now, None, "frame")
         sealed = False  # sealed under the control keys (not a session key)
@@ -824,7 +811,7 @@ class Session(_SessionCore):
         action, nxt = TRANSITIONS[self.role, self.state, inp]
         if action is Action.INVALID:
             raise LocalProtocolError(inp.value, f"not allowed for a {self.role.value} in state {self.state.value}")
-        events = getattr(self, _METHOD[action])(now, frame, arg)
+        events = getattr(self, ACTION_METHOD[action])(now, frame, arg)
         self.state = nxt
         return events
 
@@ -950,8 +937,7 @@ class Session(_SessionCore):
                 frame.json is None and frame.stream_id in self.reassembler
                 or doc is not None and doc["method"] in ("head", "tail"))):
             return self.reassembler.receive(frame, now)
-        self.stats["messages"] += 1
-        return [MessageReceived(frame, doc)]
+        return accept_message(frame, doc, self.stats)
 
     def _do_accept_if_lenient(self, now, frame, doc) -> list:
         if not self.config.is_strict or self._session_keys is not None:  # (or it opened under a session key)
@@ -1146,10 +1132,10 @@ class Session(_SessionCore):
         return Slice.from_array(arr.astype(np.dtype(NUMPY_DTYPES[code])), dtype=code)
 
     def _next_seq(self, stream_id: int) -> int:
-        return _next_frame_seq(self._seq, stream_id)
+        return next_frame_seq(self._seq, stream_id)
 
     def _queue(self, data: bytes) -> None:
-        _queue_frame(data, self._out, self.stats, self._limit)
+        queue_frame(data, self._out, self.stats, self._limit)
 
     def _control(self, doc: dict, stream_id: int, plain: bool = False) -> None:
         """Queue a control document: `doc` names its method and the fields this side sets; the

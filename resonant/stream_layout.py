@@ -23,8 +23,8 @@ _CHUNK_OVERHEAD = CHUNK_OVERHEAD_BYTES
 _TRANSFORM_OVERHEAD = TRANSFORM_OVERHEAD_BYTES
 # The largest chunk payload a plain (version 1) Chunk frame carries, and so any resonant sender
 # makes; a compressed frame may carry more (its body is up to 64 KiB before compression).
-_PLAIN_CHUNK_MAX = MAX_FRAME_BYTES - _CHUNK_OVERHEAD
-_I8 = DType.I8
+PLAIN_CHUNK_MAX = MAX_FRAME_BYTES - _CHUNK_OVERHEAD
+I8 = DType.I8
 
 
 @dataclass(frozen=True)
@@ -134,12 +134,12 @@ class StreamLayout:
         return cls.build(doc["msg_type"], chunk_bytes, specs, bool(doc.get("legacy_md5", False)))
 
 
-def _compact(doc: dict) -> bytes:
+def compact_json(doc: dict) -> bytes:
     """HEAD and TAIL documents as compact UTF-8 JSON (they must fit one frame)."""
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def _chunk_bytes_for(max_frame_bytes: int, dtypes: Iterable[DType], transformed: bool) -> int:
+def chunk_bytes_for(max_frame_bytes: int, dtypes: Iterable[DType], transformed: bool) -> int:
     if not MIN_STREAM_FRAME <= max_frame_bytes <= MAX_FRAME_BYTES:
         raise EncodeError("max_frame_bytes", f"{max_frame_bytes} is not in {MIN_STREAM_FRAME}..{MAX_FRAME_BYTES}")
     unit = math.lcm(1, *(_codec.element_bytes(d) or 1 for d in dtypes))

@@ -49,12 +49,12 @@ DEFAULT_PROGRESS_TIMEOUT = 120.0  # StreamLimits.progress_timeout when not given
 # (its dict entry, list or dict, and deadline).
 _STREAM_BYTES = 5632
 _OBJECT_BYTES = 440
-_EARLY_FRAME_BYTES = 96
-_PART_BYTES = 200
-_EARLY_STREAM_BYTES = 320
+EARLY_FRAME_BYTES = 96
+PART_BYTES = 200
+EARLY_STREAM_BYTES = 320
 
 
-def _committed(layout: StreamLayout, buffer: bool = True) -> int:
+def committed_bytes(layout: StreamLayout, buffer: bool = True) -> int:
     """Memory a stream takes once open, charged before any of it is allocated: its output
     buffer (unless the caller's), its chunk bitmap (a bit per chunk), its objects and the rest."""
     objects = sum(_OBJECT_BYTES + len(o.name or "") + 40 * len(o.shape) for o in layout.objects)

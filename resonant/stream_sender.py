@@ -13,11 +13,12 @@ from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, Slice, Sync
 from resonant._spec import MAX_FRAME_BYTES, NUMPY_DTYPES, TCP_LENGTH_PREFIX_BYTES, DType, Flags, Modality, MsgType
 from resonant.errors import EncodeError, HandshakeError
-from resonant.stream_layout import _I8, StreamLayout, _chunk_bytes_for, _compact
+from resonant.stream_layout import I8, StreamLayout, chunk_bytes_for, compact_json
 
 __all__ = ["StreamSender"]
 
 _CHUNK_BATCH = 16  # chunks encoded per C call
+_FAST = bool(_codec.fast_paths())  # False with RESONANT_PURE=1: every chunk is built as a Chunk and encoded
 
 
 class StreamSender:
@@ -43,7 +44,7 @@ class StreamSender:
         self.codec = codec
         self._header = {"stream_id": stream_id, "space_hash32": space_hash32, "modality": modality}
         self._sources = [s.payload for s in slices]  # zero-copy byte views of the sources
-        chunk_bytes = _chunk_bytes_for(max_frame_bytes, [s.dtype for s in slices], codec is not None)
+        chunk_bytes = chunk_bytes_for(max_frame_bytes, [s.dtype for s in slices], codec is not None)
         self.layout = StreamLayout.build(
             msg_type, chunk_bytes,
             [(s.dtype, s.shape, s.nbytes, names[i] if names else None, layers[i] if layers else None)
@@ -69,7 +70,7 @@ class StreamSender:
         return self.codec.encode(frame) if self.codec is not None else _codec.encode(frame)
 
     def _head_frame(self, doc: dict) -> bytes:
-        return self._encode(Sync(_compact(doc), frame_seq=0, **self._header))
+        return self._encode(Sync(compact_json(doc), frame_seq=0, **self._header))
 
     def _head_frames(self) -> list[bytes]:
         doc = self.layout.head_document()
@@ -84,10 +85,10 @@ class StreamSender:
         stub = {**common, "objects": [], "parts": 4096, "part": 4095, "first_object": 65535, "object_count": len(objects)}
         fixed = len(self._head_frame(stub))
         # a part must fit a frame, and its JSON the receivers' max_json_bytes
-        limit = min(self.max_frame_bytes, handshake.MAX_JSON_BYTES + fixed - len(_compact(stub)))
+        limit = min(self.max_frame_bytes, handshake.MAX_JSON_BYTES + fixed - len(compact_json(stub)))
         runs, run, size = [], [], fixed
         for i, o in enumerate(objects):
-            cost = len(_compact(o)) + 1
+            cost = len(compact_json(o)) + 1
             if fixed + cost > limit:
                 raise EncodeError("max_frame_bytes", f"{self.max_frame_bytes} is too small for a HEAD part carrying "
                                   f"objects[{i}] ({fixed + cost} bytes)")
@@ -119,18 +120,18 @@ class StreamSender:
         for obj in self.layout.objects:
             src = self._sources[obj.index]
             width = _codec.element_bytes(obj.dtype)
-            dtype = obj.dtype if width else _I8
-            if self.codec is None and md5 is None:  # straight from the source into the frames, 16 per call
+            dtype = obj.dtype if width else I8
+            if self.codec is None and md5 is None and _FAST:  # straight from the source into the frames, 16 per call
                 for j in range(0, obj.chunks, _CHUNK_BATCH):
-                    yield from _codec._encode_chunks(self.stream_id, obj.first_chunk + j + 1, self._header["space_hash32"],
+                    yield from _codec.encode_chunks(self.stream_id, obj.first_chunk + j + 1, self._header["space_hash32"],
                                                      self._header["modality"], dtype, width, src, cb, j,
                                                      min(_CHUNK_BATCH, obj.chunks - j), h)
                 continue
             for j in range(obj.chunks):
                 piece = src[j * cb:(j + 1) * cb]
                 n = len(piece) // width if width else len(piece)
-                if self.codec is None:  # straight from the source into the frame
-                    frame = _codec._encode_chunk(self.stream_id, obj.first_chunk + j + 1, self._header["space_hash32"],
+                if self.codec is None and _FAST:  # straight from the source into the frame
+                    frame = _codec.encode_chunk(self.stream_id, obj.first_chunk + j + 1, self._header["space_hash32"],
                                                  self._header["modality"], dtype, n, src, j * cb, len(piece), h)
                 else:
                     frame = self._encode(Chunk(Slice(dtype, (n,), piece), frame_seq=obj.first_chunk + j + 1,
@@ -160,7 +161,7 @@ class StreamSender:
         for f in self._heads:
             parts += [_record_length(f), f]
             frames, nbytes = frames + 1, nbytes + len(f)
-        if self.codec is not None or self.layout.legacy_md5:
+        if self.codec is not None or self.layout.legacy_md5 or not _FAST:
             for f in self.chunks():
                 parts += [_record_length(f), f]
                 frames, nbytes = frames + 1, nbytes + len(f)
@@ -174,11 +175,11 @@ class StreamSender:
                 src = self._sources[obj.index]
                 view = memoryview(src)
                 width = _codec.element_bytes(obj.dtype)
-                dtype = obj.dtype if width else _I8
+                dtype = obj.dtype if width else I8
                 for j in range(obj.chunks):
                     start = j * cb
                     n = min(cb, len(view) - start)
-                    head, crc = _codec._encode_chunk_parts(self.stream_id, obj.first_chunk + j + 1,
+                    head, crc = _codec.encode_chunk_parts(self.stream_id, obj.first_chunk + j + 1,
                                                            self._header["space_hash32"], self._header["modality"],
                                                            dtype, n // width if width else n, src, start, n, h, True)
                     parts += [head, view[start:start + n], crc]
@@ -210,7 +211,7 @@ class StreamSender:
                "xxh3_64": f"{xxh:016x}"}
         if md5 is not None:
             doc["md5"] = md5
-        return self._encode(Sync(_compact(doc), frame_seq=self.layout.chunks + 1, flags=Flags.STRONG_TAIL,
+        return self._encode(Sync(compact_json(doc), frame_seq=self.layout.chunks + 1, flags=Flags.STRONG_TAIL,
                                  **self._header))
 
     def heart(self) -> bytes:
@@ -243,7 +244,7 @@ def _source(obj, i: int) -> _Source:
     if isinstance(obj, Slice):
         return _Source(obj.dtype, obj.shape, obj.nbytes, obj.payload)
     arr = np.asarray(obj)
-    code = _codec._DTYPE_OF_NUMPY.get(arr.dtype.newbyteorder("="))
+    code = _codec.DTYPE_OF_NUMPY.get(arr.dtype.newbyteorder("="))
     if code is None:
         raise EncodeError(f"objects[{i}].dtype", f"no dtype for numpy {arr.dtype}; convert it (e.g. to float16) first")
     arr = np.asarray(arr, dtype=np.dtype(NUMPY_DTYPES[DType(code)]), order="C")  # keeps 0-d shapes

@@ -336,7 +336,7 @@ class Codec:
         body = None
         raw_len = 0
         if self._cctx is not None:
-            raw = _codec._encode_body(frame, self.shuffle)
+            raw = _codec.encode_body(frame, self.shuffle)
             raw_len = len(raw)
             parts = self._compress(raw, _plane_cuts(frame) if self.shuffle else ())
             if sum(map(len, parts)) < raw_len:  # raw fallback otherwise: never send a larger "compressed" body
@@ -349,9 +349,9 @@ class Codec:
             return _codec.encode(frame if not frame.flags & _TRANSFORM_BITS
                                  else frame.replace(flags=frame.flags & ~_TRANSFORM_BITS))
         if body is None:
-            body = [_codec._encode_body(frame, False)]
+            body = [_codec.encode_body(frame, False)]
             raw_len = len(body[0])
-        header = _codec._encode_header(frame, transforms)
+        header = _codec.encode_header(frame, transforms)
         envelope = _ENV_BASE.pack(raw_len, filters)
         if transforms & _XCHACHA:
             key = self.keyring.primary
@@ -360,7 +360,7 @@ class Codec:
             body = body[0] if len(body) == 1 else b"".join(body)
             if _codec.aead_backend() == "sodium-c":  # encrypt straight into the frame
                 try:
-                    return _codec._seal_frame(head, body, nonce, key._secret)
+                    return _codec.seal_frame(head, body, nonce, key._secret)
                 except EncodeError:
                     raise EncodeError("frame", f"{len(head) + len(body) + 20} bytes after the transforms, more "
                                       f"than max_frame_bytes ({MAX_FRAME_BYTES}); send it as a stream") from None
@@ -368,7 +368,7 @@ class Codec:
         else:
             head = header + envelope
         try:
-            return _codec._assemble(head, *body)
+            return _codec.assemble(head, *body)
         except EncodeError:
             raise EncodeError("frame", f"{len(head) + sum(map(len, body)) + 4} bytes after the transforms, more than "
                               f"max_frame_bytes ({MAX_FRAME_BYTES}); send it as a stream") from None
@@ -387,7 +387,7 @@ class Codec:
             raise UnknownKey("key_id", f"0x{key_id:08x} is not a known key ({have})",
                              offset - NONCE_BYTES - _KEY_ID.size)
         if _codec.aead_backend() == "sodium-c":  # decrypt straight from the received buffer
-            plain = _codec._open_body(ciphertext, aad, nonce, key._secret)
+            plain = _codec.open_body(ciphertext, aad, nonce, key._secret)
         else:
             try:
                 plain = _sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(

@@ -30,9 +30,6 @@ class State(str, enum.Enum):
     CLOSED = "closed"
 
 
-_CLOSED = State.CLOSED  # (a module constant: an Enum class attribute is slow to look up)
-
-
 class Input(str, enum.Enum):
     START = "start"                  # local: initiate()
     PING_OK = "ping_ok"              # a ping this side can serve
@@ -77,4 +74,4 @@ def _table() -> dict[tuple[Role, State, Input], tuple[Action, State]]:
 
 #: (role, state, input) -> (action, next state). Every reachable pair is listed.
 TRANSITIONS: dict[tuple[Role, State, Input], tuple[Action, State]] = _table()
-_METHOD = {a: "_do_" + a.value for a in Action}
+ACTION_METHOD = {a: "_do_" + a.value for a in Action}  # the Session method that carries out each action

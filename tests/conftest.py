@@ -30,6 +30,17 @@ settings.register_profile("expensive", max_examples=20000, deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") == "true" else "dev"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """With RESONANT_PURE=1 (resonant.fast_paths() empty) the tests that assert a fast path is
+    taken (marker fast_paths) are skipped."""
+    if resonant.fast_paths():
+        return
+    skip = pytest.mark.skip(reason="RESONANT_PURE=1: the fast paths are off")
+    for item in items:
+        if "fast_paths" in item.keywords:
+            item.add_marker(skip)
+
+
 def load_manifest() -> list[dict]:
     return json.loads((VECTORS / "manifest.json").read_text())["vectors"]
 

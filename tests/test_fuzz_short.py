@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - the test extra installs it
 
 
 @pytest.mark.slow
+@pytest.mark.pure_skip  # ~100 s of fuzzing: the RESONANT_PURE run leaves it to the fast run and `make fuzz`
 @pytest.mark.skipif(atheris is None, reason="atheris is not importable (pip install '.[test]' or '.[fuzz]' installs it)")
 @pytest.mark.parametrize("target", TARGETS)
 def test_fuzz_target_finds_nothing(target, tmp_path):

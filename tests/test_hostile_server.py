@@ -351,6 +351,7 @@ def test_udp_client_handshakes_again_when_the_server_lost_its_session(keyed, tmp
 # ------------------------------------------------------------------ item 10: connection exhaustion
 
 
+@pytest.mark.pure_skip  # connection limits (1,100 sockets), no frame reaches a fast path
 def test_tcp_1100_idle_connections_do_not_lock_out_a_client():
     """Before: the 1,024 idle connections took every place and every new client was closed."""
     with server_child(f"tcp://{HOST}:0") as srv:

@@ -33,7 +33,7 @@ from resonant import (
     Sync,
     handshake,
 )
-from resonant.stream import MemoryBudget, _chunk_bytes_for
+from resonant.stream import MemoryBudget, chunk_bytes_for
 
 IDLE = StreamLimits().idle_timeout
 MIN_CHUNK = handshake.MIN_CHUNK_BYTES
@@ -79,8 +79,8 @@ def test_every_resonant_sender_meets_min_chunk_bytes():
     # the smallest frame (512 bytes), with and without a Codec's envelope, any dtype mix
     for transformed in (False, True):
         for dtypes in ([d] for d in DType):
-            assert _chunk_bytes_for(512, dtypes, transformed) >= MIN_CHUNK
-        assert _chunk_bytes_for(512, list(DType), transformed) >= MIN_CHUNK
+            assert chunk_bytes_for(512, dtypes, transformed) >= MIN_CHUNK
+        assert chunk_bytes_for(512, list(DType), transformed) >= MIN_CHUNK
     assert MIN_CHUNK % 4 == 0  # a multiple of every element size
 
 
@@ -385,7 +385,7 @@ def _large_compressed_chunk(sid: int, n: int = 65536 - 6) -> bytes:
     big = Chunk(Slice(DType.I8, (n,), bytes(n)), stream_id=sid, frame_seq=1)
     body = bytes([DType.I8, 1]) + struct.pack("<I", n) + bytes(n)
     seg = zstandard.ZstdCompressor(level=3).compress(body)
-    return _codec._assemble(_codec._encode_header(big, _ZSTD) + _ENV_BASE.pack(len(body), 0),
+    return _codec.assemble(_codec.encode_header(big, _ZSTD) + _ENV_BASE.pack(len(body), 0),
                             struct.pack("<BI", 1, len(seg)), seg)
 
 
@@ -492,7 +492,7 @@ def test_progress_timeout_is_at_least_idle_timeout():
 def test_missing_never_lists_empty_ranges(objs, drop):
     """Review 2, F5. Before: a stream whose only missing chunk was an empty object's listed
     (938, 938), an empty range counted against max_missing_ranges."""
-    cb = _chunk_bytes_for(512, [DType.I8], False)
+    cb = chunk_bytes_for(512, [DType.I8], False)
     sender = StreamSender(3, [np.ones(n * cb, np.int8) for n in objs], max_frame_bytes=512)
     frames = list(sender)
     r = Reassembler()

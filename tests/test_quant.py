@@ -407,7 +407,7 @@ def test_dequantize_any_payload_matches_reference(data, kind):
     n = data.draw(st.integers(0, 100))
     payload = data.draw(st.binary(min_size=-(-n // 32) * bsize, max_size=-(-n // 32) * bsize))
     with np.errstate(invalid="ignore", over="ignore"):
-        got = _codec._dequantize(payload, n, 8 if kind == "q8_0" else 4)
+        got = _codec.dequantize_blocks(payload, n, 8 if kind == "q8_0" else 4)
     assert_same_f32(got, dqref(payload, n))
 
 
@@ -633,9 +633,9 @@ def test_payload_size_rule(kind, delta):
         Slice(s.dtype, s.shape, s.tobytes()[:-1] if delta < 0 else s.tobytes() + b"\0")
     bad = s.tobytes()[:-1] if delta < 0 else s.tobytes() + b"\0"
     with pytest.raises(SizeMismatch):
-        _codec._dequantize(bad, x.size, 8 if kind == "q8_0" else 4)
+        _codec.dequantize_blocks(bad, x.size, 8 if kind == "q8_0" else 4)
     with pytest.raises(SizeMismatch):
-        _codec._dequantize(s.tobytes(), -1, 8 if kind == "q8_0" else 4)
+        _codec.dequantize_blocks(s.tobytes(), -1, 8 if kind == "q8_0" else 4)
 
 
 def test_short_payload_frame_is_a_decode_error_not_a_crash():

@@ -29,7 +29,7 @@ from resonant import (
     Sync,
 )
 from resonant.reassembler import STREAMING_STORE_BYTES, set_buffer_cache
-from resonant.stream_limits import MemoryBudget, _committed
+from resonant.stream_limits import MemoryBudget, committed_bytes
 
 from stream_helpers import deliver, of, assert_bit_exact, head_doc, head_frame
 
@@ -160,7 +160,7 @@ def test_allocate_hook_receives_into_the_callers_buffer():
     events = r.receive(frames[0], 0.0)
     assert seen == [(5, slot.nbytes, [k.nbytes, v.nbytes])]
     # only the chunk bitmap and the bookkeeping are ours
-    assert r.buffered_bytes == budget.used == _committed(StreamSender(5, [k, v], max_frame_bytes=1024).layout, False)
+    assert r.buffered_bytes == budget.used == committed_bytes(StreamSender(5, [k, v], max_frame_bytes=1024).layout, False)
     for f in frames[1:-1][::-1] + frames[-1:]:
         events += r.receive(f, 0.0)
     done = events[-1]
@@ -212,7 +212,7 @@ def test_copy_payload_with_streaming_stores_at_every_alignment():
         for offset in (0, 1, 15, 16, 33):
             dest = np.full(length + 64, 7, np.uint8)
             h = _codec.Xxh3()
-            assert _codec._copy_payload(s, dest, offset, h, True) == length
+            assert _codec.copy_payload(s, dest, offset, h, True) == length
             assert dest[offset:offset + length].tobytes() == src[:length].tobytes()
             assert (dest[:offset] == 7).all() and (dest[offset + length:] == 7).all()
             assert h.intdigest() == xxhash.xxh3_64_intdigest(src[:length].tobytes())
@@ -297,6 +297,7 @@ def test_chunk_fast_path_gives_the_general_paths_events(data):
     assert slow.dropped_frames == fast.dropped_frames
 
 
+@pytest.mark.fast_paths
 def test_chunk_fast_path_takes_the_bulk_of_a_clean_stream():
     x = np.random.default_rng(21).standard_normal(50_000).astype(np.float16)
     frames = list(StreamSender(8, [x, x[:333]], max_frame_bytes=4096))
@@ -319,6 +320,7 @@ def test_receive_of_bytes_keeps_encryption_required():
         r.receive(plain[1], 0.0)
 
 
+@pytest.mark.fast_paths
 def test_chunk_fast_path_leaves_other_frames_alone():
     x = np.ones(3000, np.float16)
     sender = StreamSender(8, [x], max_frame_bytes=1024)

@@ -1,5 +1,5 @@
 """resonant.stream_limits: every limit of StreamLimits as the Reassembler enforces it, what a
-stream is charged (_committed), and a MemoryBudget shared by several Reassemblers."""
+stream is charged (committed_bytes), and a MemoryBudget shared by several Reassemblers."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from resonant import (
     StreamStarted,
 )
 from resonant.stream_layout import StreamLayout
-from resonant.stream_limits import _EARLY_FRAME_BYTES, _EARLY_STREAM_BYTES, MemoryBudget, _committed
+from resonant.stream_limits import EARLY_FRAME_BYTES, EARLY_STREAM_BYTES, MemoryBudget, committed_bytes
 
 from stream_helpers import IDLE, deliver, of, assert_bit_exact, head_doc, head_frame, chunk_range
 
@@ -67,11 +67,11 @@ def test_max_streams_bounds_open_streams_and_memory():
         for e in r.receive(head_frame(doc, sid), now=0.0):
             (started if isinstance(e, StreamStarted) else failed).append(e)
         assert r.open_streams <= 16
-        assert r.buffered_bytes <= 16 * _committed(sender.layout)  # 1024 bytes, a 1-chunk bitmap, bookkeeping
+        assert r.buffered_bytes <= 16 * committed_bytes(sender.layout)  # 1024 bytes, a 1-chunk bitmap, bookkeeping
     assert [e.stream_id for e in started] == list(range(16))
     assert len(failed) == 3000 - 16
     assert {(e.reason, e.detail) for e in failed} == {("limit", "16 streams open, max_streams is 16")}
-    assert (r.open_streams, r.buffered_bytes) == (16, 16 * _committed(sender.layout))
+    assert (r.open_streams, r.buffered_bytes) == (16, 16 * committed_bytes(sender.layout))
 
     # a finished stream frees its slot
     assert of(deliver(r, list(sender)[1:]), StreamComplete)
@@ -87,8 +87,8 @@ def i8_doc(n: int) -> dict:
 
 
 def test_max_buffered_bytes():
-    # a stream commits its bytes, a bitmap of a bit per chunk and its bookkeeping (_committed)
-    c6 = _committed(StreamLayout.from_head(i8_doc(6000)))
+    # a stream commits its bytes, a bitmap of a bit per chunk and its bookkeeping (committed_bytes)
+    c6 = committed_bytes(StreamLayout.from_head(i8_doc(6000)))
     assert c6 > 6000 + 1
     limit = 2 * c6 - 1
     r = Reassembler(StreamLimits(max_buffered_bytes=limit))
@@ -97,7 +97,7 @@ def test_max_buffered_bytes():
     assert failed.reason == "limit"
     assert failed.detail == f"{c6} more bytes would exceed max_buffered_bytes ({limit}); {c6} are buffered"
     assert r.buffered_bytes == c6
-    n = limit - c6 - _committed(StreamLayout.from_head(i8_doc(0)))  # fills the limit exactly
+    n = limit - c6 - committed_bytes(StreamLayout.from_head(i8_doc(0)))  # fills the limit exactly
     assert [type(e) for e in r.receive(head_frame(i8_doc(n), 3), 0.0)] == [StreamStarted]
     assert r.buffered_bytes == limit
     # early frames count too: nothing more is held
@@ -116,13 +116,13 @@ def test_max_early_bytes_drops_and_counts_frames_before_head():
         assert r.receive(data, now=0.0) == []
         assert r.buffered_bytes <= 4096
         # each held frame costs its bytes and an entry; the first of a stream id, that id's entry too
-        assert r.buffered_bytes == min(i + 1, 3) * (1043 + _EARLY_FRAME_BYTES) + _EARLY_STREAM_BYTES
+        assert r.buffered_bytes == min(i + 1, 3) * (1043 + EARLY_FRAME_BYTES) + EARLY_STREAM_BYTES
     assert r.dropped_frames == 7
     assert r.open_streams == 0
 
     events = r.receive(frames[0], now=1.0)  # HEAD: the three held chunks are placed
     assert [type(e) for e in events] == [StreamStarted]
-    assert r.buffered_bytes == _committed(sender.layout)  # the stream's bytes, its 10-chunk bitmap, bookkeeping
+    assert r.buffered_bytes == committed_bytes(sender.layout)  # the stream's bytes, its 10-chunk bitmap, bookkeeping
     events = deliver(r, frames[4:], now=2.0)
     (done,) = of(events, StreamComplete)
     assert_bit_exact(done.objects[0], arr)
@@ -135,7 +135,7 @@ def test_early_tail_is_held_and_stale_early_frames_are_dropped_and_reported():
     r = Reassembler()
     assert r.receive(tail, 0.0) == [] and r.receive(chunk, 0.0) == []
     held = r.buffered_bytes
-    assert held == len(tail) + len(chunk) + 2 * _EARLY_FRAME_BYTES + _EARLY_STREAM_BYTES
+    assert held == len(tail) + len(chunk) + 2 * EARLY_FRAME_BYTES + EARLY_STREAM_BYTES
     (failed,) = r.tick(IDLE + 1)  # stale: dropped, and reported
     assert isinstance(failed, StreamFailed) and failed.reason == "timeout"
     assert failed.detail.startswith("HEAD never arrived: 2 frames held")

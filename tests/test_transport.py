@@ -928,6 +928,7 @@ def test_inspect_malformed_file_text_mode_exits_non_zero(tmp_path):
 # ------------------------------------------------------------------ 8. --help
 
 
+@pytest.mark.pure_skip  # the CLI's help texts (a process per command), no frame sent
 def test_help_of_every_command():
     for args in ([], ["recv"], ["send"], ["inspect"], ["demo"]):
         r = run_cli(*args, "--help")

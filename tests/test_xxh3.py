@@ -54,7 +54,7 @@ def test_stream_hash_with_each_backend(backend):
 def test_encode_chunk_feeds_the_hasher():
     src = np.arange(70_000, dtype=np.uint8) * 7
     h = _codec.Xxh3()
-    frame = _codec._encode_chunk(1, 1, 0, 0, 0x02, 40_000, src, 1000, 40_000, h)
+    frame = _codec.encode_chunk(1, 1, 0, 0, 0x02, 40_000, src, 1000, 40_000, h)
     assert h.intdigest() == xxhash.xxh3_64_intdigest(src[1000:41_000].tobytes())
     assert _codec.decode(frame).data.tobytes() == src[1000:41_000].tobytes()
 
