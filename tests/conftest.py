@@ -17,6 +17,11 @@ from hypothesis import HealthCheck, settings
 import resonant  # noqa: E402,F401  (the installed package, imported before the checkout is put on the path)
 
 ROOT = Path(__file__).resolve().parent.parent
+# Subprocesses (the CLI, fuzz targets, servers) import the same resonant as this process: an
+# in-place build of the checkout, or the installed package, whichever the tests run.
+_PACKAGE_ROOT = str(Path(resonant.__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                                               if p and p != _PACKAGE_ROOT])
 sys.path.insert(0, str(Path(__file__).parent))  # tests/strategies.py (generated)
 sys.path.append(str(ROOT))  # `codegen` for its tests; appended, so it never shadows the installed `resonant`
 VECTORS = Path(__file__).parent / "vectors" / "reference"
