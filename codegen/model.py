@@ -603,6 +603,26 @@ def _roles(node: _Node) -> tuple[Role, ...]:
     return tuple(out)
 
 
+def _numpy_type(node: _Node, dtype: str, size: SizeRule) -> str:
+    """A dtype's numpy type: Slice.numpy() views slice_len bytes as prod(shape) elements of it, so
+    its element size must be the size rule's (else a view would reach past the payload)."""
+    name = node.str()
+    if size.rule != "element":
+        raise node.fail(f"a numpy view needs the element size rule, {dtype} has '{size.rule}'")
+    import numpy  # (the runtime's resolution: ml_dtypes registers bfloat16, float8_* ...)
+    try:
+        import ml_dtypes  # noqa: F401
+    except ImportError:  # pragma: no cover - a runtime dependency
+        pass
+    try:
+        itemsize = numpy.dtype(name).itemsize
+    except TypeError:
+        raise node.fail(f"{name!r} is not a numpy dtype") from None
+    if itemsize != size.bytes:
+        raise node.fail(f"numpy type {name!r} has {itemsize}-byte elements, but the size rule says {size.bytes}")
+    return name
+
+
 def _size(node: _Node) -> SizeRule:
     node.mapping(("rule",), ("bytes", "bits", "block_elements", "block_bytes"))
     rule = node.child("rule").str()
@@ -663,7 +683,7 @@ def _enum(name: str, node: _Node, width: int) -> Enum:
             item.mapping(("name", "value", "doc", "size", "wire"), ("numpy", "reference", "offered", "fallback"))
             extra["size"] = _size(item.child("size"))
             if item.child("numpy").value is not None:
-                extra["numpy"] = item.child("numpy").str()
+                extra["numpy"] = _numpy_type(item.child("numpy"), vname, extra["size"])
             wire = item.child("wire").str()
             if not WIRE_NAME.match(wire):
                 raise item.child("wire").fail(f"{wire!r} is not a wire name (lowercase letters, digits and _)")
