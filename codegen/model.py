@@ -71,6 +71,15 @@ RUNTIME_ENUM_VALUES = {
     "dtype": ("F16", "I8", "BF16", "F32", "Q8_0", "Q4_0", "SPARSE_COO_U32"),
 }
 
+#: Size rules the hand-written runtime implements for a dtype by name (the Q8_0/Q4_0 kernels of
+#: resonant/_quant.pxi lay out ggml's blocks; I8 carries UTF-8 text and JSON byte for byte): the YAML
+#: may not change them without those kernels.
+RUNTIME_SIZE_RULES = {
+    "I8": {"rule": "element", "bytes": 1},
+    "Q8_0": {"rule": "block", "block_elements": 32, "block_bytes": 34},
+    "Q4_0": {"rule": "block", "block_elements": 32, "block_bytes": 18},
+}
+
 #: Control documents the Session and the Reassembler build and read.
 RUNTIME_MESSAGES = ("ping", "capability", "error", "head", "tail", "confirm")
 
@@ -862,6 +871,13 @@ def load_vframe(path: Path) -> VFrame:
             if vname not in have:
                 raise enode.child(ename).child("values").fail(
                     f"missing value '{vname}' (the hand-written runtime uses it by name)")
+    for i, v in enumerate(enums["dtype"].values):
+        want = RUNTIME_SIZE_RULES.get(v.name)
+        if want is not None and {k: getattr(v.size, k) for k in want} != want:
+            rule = ", ".join(f"{k}: {w}" for k, w in want.items())
+            raise enode.child("dtype").child("values").child(i).child("size").fail(
+                f"{v.name} must keep {{{rule}}} (the hand-written runtime implements it: "
+                "codegen.model.RUNTIME_SIZE_RULES)")
     longest = max(enums["msg_type"].values, key=lambda v: v.max_slices)
     if longest.max_slices > _lim(limits, "max_slices"):
         raise _limit_node(root, limits, "max_slices").fail(

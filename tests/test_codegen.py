@@ -423,3 +423,19 @@ def test_a_dtype_numpy_type_must_match_its_size_rule(tmp_path, edit, message):
     with pytest.raises(SchemaError) as exc:
         load(_mutated(tmp_path, "vframe.yaml", edit))
     assert str(exc.value) == message
+
+
+@pytest.mark.parametrize("name, size", [
+    ("Q8_0", {"rule": "block", "block_elements": 32, "block_bytes": 36}),
+    ("Q4_0", {"rule": "block", "block_elements": 64, "block_bytes": 34}),
+    ("I8", {"rule": "element", "bytes": 2}),  # (with numpy <i2, so that only the rule is at fault)
+])
+def test_a_size_rule_the_runtime_implements_cannot_change(tmp_path, name, size):
+    """resonant/_quant.pxi's kernels write and read ggml's Q8_0/Q4_0 blocks (32 values in 34/18
+    bytes): a YAML that changes them would have the decoder and the kernels disagree."""
+    values = yaml.safe_load((SCHEMA / "vframe.yaml").read_text())["enums"]["dtype"]["values"]
+    index = [v["name"] for v in values].index(name)
+    with pytest.raises(SchemaError) as exc:
+        load(_mutated(tmp_path, "vframe.yaml",
+                      lambda d: _dtype(d, name).update(size=size, **({"numpy": "<i2"} if name == "I8" else {}))))
+    assert str(exc.value).startswith(f"vframe.yaml: enums.dtype.values[{index}].size: {name} must keep {{")
