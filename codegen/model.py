@@ -71,6 +71,15 @@ RUNTIME_ENUM_VALUES = {
     "dtype": ("F16", "I8", "BF16", "F32", "Q8_0", "Q4_0", "SPARSE_COO_U32"),
 }
 
+#: Size rules the hand-written runtime implements for a dtype by name (the Q8_0/Q4_0 kernels of
+#: resonant/_quant.pxi lay out ggml's blocks; I8 carries UTF-8 text and JSON byte for byte): the YAML
+#: may not change them without those kernels.
+RUNTIME_SIZE_RULES = {
+    "I8": {"rule": "element", "bytes": 1},
+    "Q8_0": {"rule": "block", "block_elements": 32, "block_bytes": 34},
+    "Q4_0": {"rule": "block", "block_elements": 32, "block_bytes": 18},
+}
+
 #: Control documents the Session and the Reassembler build and read.
 RUNTIME_MESSAGES = ("ping", "capability", "error", "head", "tail", "confirm")
 
@@ -603,6 +612,26 @@ def _roles(node: _Node) -> tuple[Role, ...]:
     return tuple(out)
 
 
+def _numpy_type(node: _Node, dtype: str, size: SizeRule) -> str:
+    """A dtype's numpy type: Slice.numpy() views slice_len bytes as prod(shape) elements of it, so
+    its element size must be the size rule's (else a view would reach past the payload)."""
+    name = node.str()
+    if size.rule != "element":
+        raise node.fail(f"a numpy view needs the element size rule, {dtype} has '{size.rule}'")
+    import numpy  # (the runtime's resolution: ml_dtypes registers bfloat16, float8_* ...)
+    try:
+        import ml_dtypes  # noqa: F401
+    except ImportError:  # pragma: no cover - a runtime dependency
+        pass
+    try:
+        itemsize = numpy.dtype(name).itemsize
+    except TypeError:
+        raise node.fail(f"{name!r} is not a numpy dtype") from None
+    if itemsize != size.bytes:
+        raise node.fail(f"numpy type {name!r} has {itemsize}-byte elements, but the size rule says {size.bytes}")
+    return name
+
+
 def _size(node: _Node) -> SizeRule:
     node.mapping(("rule",), ("bytes", "bits", "block_elements", "block_bytes"))
     rule = node.child("rule").str()
@@ -663,7 +692,7 @@ def _enum(name: str, node: _Node, width: int) -> Enum:
             item.mapping(("name", "value", "doc", "size", "wire"), ("numpy", "reference", "offered", "fallback"))
             extra["size"] = _size(item.child("size"))
             if item.child("numpy").value is not None:
-                extra["numpy"] = item.child("numpy").str()
+                extra["numpy"] = _numpy_type(item.child("numpy"), vname, extra["size"])
             wire = item.child("wire").str()
             if not WIRE_NAME.match(wire):
                 raise item.child("wire").fail(f"{wire!r} is not a wire name (lowercase letters, digits and _)")
@@ -842,6 +871,13 @@ def load_vframe(path: Path) -> VFrame:
             if vname not in have:
                 raise enode.child(ename).child("values").fail(
                     f"missing value '{vname}' (the hand-written runtime uses it by name)")
+    for i, v in enumerate(enums["dtype"].values):
+        want = RUNTIME_SIZE_RULES.get(v.name)
+        if want is not None and {k: getattr(v.size, k) for k in want} != want:
+            rule = ", ".join(f"{k}: {w}" for k, w in want.items())
+            raise enode.child("dtype").child("values").child(i).child("size").fail(
+                f"{v.name} must keep {{{rule}}} (the hand-written runtime implements it: "
+                "codegen.model.RUNTIME_SIZE_RULES)")
     longest = max(enums["msg_type"].values, key=lambda v: v.max_slices)
     if longest.max_slices > _lim(limits, "max_slices"):
         raise _limit_node(root, limits, "max_slices").fail(

@@ -179,9 +179,10 @@ cdef class SessionCore:
         (0, 1, 2...), so that the peer's replay window never mistakes two messages for a
         replay. keep_seq=True sends the frame_seq as given (then keep it increasing per
         stream when encrypting)."""
+        cdef double t = now  # a number on every path (the general path declares `double now`)
         if (self.state is self._closed or self._reduce or keep_seq or self._encoder is not None
                 or not isinstance(frame, Frame) or not self._fast):
-            return self._send(frame, now, keep_seq)
+            return self._send(frame, t, keep_seq)
         _fp_hits[<int>FP_QUEUE_NUMBERED] += 1
         _queue_numbered(frame, self._seq, self._out, self.stats, self._limit)
 
@@ -231,17 +232,19 @@ cdef class SessionCore:
 
     def receive_datagram(self, data, now):
         """One UDP datagram (one frame). Never raises for anything the peer sent."""
+        cdef double t = now  # checked here, so that a fast path takes the same `now` as the general one
         if self._takes_data():
             if self._fast:
                 events = _message_event_c(self._decoder, data, 0, -1, True, self._space, self.stats, 0)
                 if events is not None:
                     return events
-            return self._chunk_or_frame(data, now)
-        return self._frame(data, now, True)
+            return self._chunk_or_frame(data, t)
+        return self._frame(data, t, True)
 
     def receive_data(self, data, now):
         """Bytes from a TCP connection (any split). A broken record stream gives
         ConnectionBroken, after which the connection should be closed."""
+        cdef double t = now  # checked here, so that a fast path takes the same `now` as the general one
         rr = self.records
         if type(data) is bytes and self._fast and self._takes_data() and rr._start == rr._end and rr.broken is None:
             # The common case, bytes holding exactly one record of a data message: decoded in place.
@@ -249,4 +252,4 @@ cdef class SessionCore:
             if events is not None:
                 rr.consumed += PyBytes_GET_SIZE(data)
                 return events
-        return self._records(now, rr.feed, data)
+        return self._records(t, rr.feed, data)

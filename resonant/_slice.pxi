@@ -184,7 +184,7 @@ cdef class Slice:
         cdef int k
         npdt = _NUMPY.get(self._dtype)
         if npdt is None:
-            raise UnsupportedDType("dtype", f"{_dtype_name(self._dtype)} has no numpy view; use .payload" + (", or resonant.quant.dequantize()" if self._dtype in (0x06, 0x07) else ""))
+            raise UnsupportedDType("dtype", f"{_dtype_name(self._dtype)} has no numpy view; use .payload" + (", or resonant.quant.dequantize()" if self._dtype == DTYPE_Q8_0 or self._dtype == DTYPE_Q4_0 else ""))
         for k in range(self._ndim):
             dims[k] = self._dims[k]
         # Every way of making a Slice (the constructor, from_array, decode) checks the shape

@@ -248,6 +248,10 @@ TRAILER_FIELDS = (
 #: Header bytes before the slice_len table, one slice_len entry, and the offset of each field after
 #: the table from the table's end (a frame with N slices has them at PREFIX_BYTES + N * SLICE_LEN_BYTES + offset).
 PREFIX_BYTES = 24
+#: The offset of each header field before the slice_len table, from the start of the frame.
+PREFIX_OFFSETS = {"version": 0, "msg_type": 1, "flags": 2, "stream_id": 4, "frame_seq": 8, "num_slices": 16}
+#: The trailer's crc32: its size (the frame's last bytes).
+CRC_BYTES = 4
 SLICE_LEN_BYTES = 4
 SUFFIX_OFFSETS = {"space_hash32": 0, "modality": 4}
 #: Bytes a one-slice frame with a one-dimensional slice (a V-Stream Chunk) needs besides its payload:

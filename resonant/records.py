@@ -8,13 +8,13 @@ from __future__ import annotations
 import struct
 
 from resonant import _codec
-from resonant._spec import MAX_FRAME_BYTES, TCP_LENGTH_PREFIX_BYTES
+from resonant._spec import MAX_FRAME_BYTES, TCP_LENGTH_PREFIX_BYTES, TCP_LENGTH_PREFIX_FORMAT
 from resonant.errors import FramingError
 
 __all__ = ["RecordReader", "frame_record"]
 
 _LEN_BYTES = TCP_LENGTH_PREFIX_BYTES
-_read_length = struct.Struct("<I").unpack_from  # the record length prefix (u32 little-endian)
+_read_length = struct.Struct(TCP_LENGTH_PREFIX_FORMAT).unpack_from  # the record length prefix
 assert _LEN_BYTES == 4
 _FAST = bool(_codec.fast_paths())  # False with RESONANT_PURE=1: feed() always takes the general path
 

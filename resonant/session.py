@@ -34,8 +34,9 @@ from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, MessageReceived, Slice, Sync, make_frame
 from resonant._codec import SessionCore, accept_message, count_in, message_event, next_frame_seq, queue_frame
 from resonant._spec import (DEFAULT_DTYPES, DTYPE_FALLBACK, DTYPE_OF_WIRE_NAME, DTYPE_SIZE_RULES, DTYPE_WIRE_NAMES,
-                            MAX_FRAME_BYTES, NUMPY_DTYPES, REFERENCE_DTYPES, TCP_LENGTH_PREFIX_BYTES, VERSION,
-                            VERSION_TRANSFORMED, Flags, MsgType, space_hash32_offset)
+                            CRC_BYTES, HEADER_FIELDS, MAX_FRAME_BYTES, NUMPY_DTYPES, PREFIX_BYTES, PREFIX_OFFSETS,
+                            REFERENCE_DTYPES, TAG_BYTES, TCP_LENGTH_PREFIX_BYTES, VERSION, VERSION_TRANSFORMED, Flags,
+                            MsgType, space_hash32_offset)
 from resonant.errors import (
     DecodeError,
     DecryptionFailed,
@@ -70,8 +71,12 @@ PROTOCOL_VERSION = max(PROTOCOL_VERSIONS)
 _CHUNK = int(MsgType.CHUNK)
 _SYNC = int(MsgType.SYNC)
 _XCHACHA = int(Flags.XCHACHA)
-_TAG = slice(-20, -4)  # an encrypted frame's Poly1305 tag: the 16 bytes before the CRC-32
-_STREAM_ID = struct.Struct("<I")  # the header's stream_id, at offset 4
+_TAG = slice(-(TAG_BYTES + CRC_BYTES), -CRC_BYTES)  # an encrypted frame's Poly1305 tag: the bytes before the CRC-32
+_FORMAT = {f.name: f.format for f in HEADER_FIELDS}
+_VERSION_AT, _MSG_TYPE_AT, _FLAGS_AT, _STREAM_ID_AT = (PREFIX_OFFSETS[name] for name in
+                                                       ("version", "msg_type", "flags", "stream_id"))
+_FLAGS = struct.Struct(_FORMAT["flags"])
+_STREAM_ID = struct.Struct(_FORMAT["stream_id"])
 _CLOSED = State.CLOSED  # (a module constant: an Enum class attribute is slow to look up)
 _CONTROL_METHODS = ("ping", "capability", "error")  # the documents sealed under the control keys
 _RANDOM_BYTES = handshake.SESSION_RANDOM_BYTES
@@ -595,7 +600,7 @@ class Session(SessionCore):
         try:
             # Messages are handed to the caller and must outlive the receive buffer: a message
             # decoded in place from a reused buffer is decoded again from a copy.
-            if copy and not _immutable(data) and (len(data) < 2 or data[1] != _CHUNK):
+            if copy and not _immutable(data) and (len(data) <= _MSG_TYPE_AT or data[_MSG_TYPE_AT] != _CHUNK):
                 data = bytes(data)  # (a stream chunk is consumed at once, from the receive buffer: no copy;
                 # a view of bytes the caller passed in is immutable and keeps them alive: no copy either)
             frame = self._decoder.decode(data)
@@ -609,7 +614,8 @@ class Session(SessionCore):
             if frame is None:
                 frame = self._open_sealed(data)  # a control document under the control keys, after the handshake
                 if frame is None:
-                    self._undecryptable = (data[1], _STREAM_ID.unpack_from(data, 4)[0], bytes(data[_TAG]))
+                    self._undecryptable = (data[_MSG_TYPE_AT], _STREAM_ID.unpack_from(data, _STREAM_ID_AT)[0],
+                                           bytes(data[_TAG]))
                     return self._step(Input.BAD_FRAME, now, None, exc)
                 sealed = True
         except DecodeError as exc:
@@ -748,14 +754,15 @@ class Session(SessionCore):
     def _current_tag(self) -> dict:
         """{"tag": hex} of the encrypted frame being handled, for an error about it; {} otherwise."""
         data = self._current
-        if data is None or len(data) < 24 or data[0] != 2 or not (data[2] & _XCHACHA):
+        if (data is None or len(data) < PREFIX_BYTES or data[_VERSION_AT] != VERSION_TRANSFORMED
+                or not _FLAGS.unpack_from(data, _FLAGS_AT)[0] & _XCHACHA):
             return {}
         return {"tag": bytes(data[_TAG]).hex()}
 
     def _open_sealed(self, data) -> Frame | None:
         """After the handshake: a Sync that did not open under the session key, opened under the
         control key of the peer's direction (a control document: ping, capability, error), or None."""
-        if self._session_keys is None or len(data) < 2 or data[1] != _SYNC:
+        if self._session_keys is None or len(data) <= _MSG_TYPE_AT or data[_MSG_TYPE_AT] != _SYNC:
             return None
         try:
             return self._lt_decoder.decode(data)

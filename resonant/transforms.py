@@ -28,13 +28,16 @@ from resonant import _codec
 from resonant.handshake import SESSION_RANDOM_BYTES
 from resonant._spec import (
     BODY_TRANSFORM_FLAGS,
+    CRC_BYTES,
     ENVELOPE_BASE_BYTES,
+    ENVELOPE_FIELDS,
     KEY_BYTES,
     MAX_FRAME_BYTES,
     MAX_SEGMENTS,
     SEGMENT_COUNT_FORMAT,
     SEGMENT_LEN_FORMAT,
     NONCE_BYTES,
+    TAG_BYTES,
     Filters,
     Flags,
 )
@@ -43,12 +46,15 @@ from resonant.errors import DecompressionFailed, DecryptionFailed, EncodeError, 
 __all__ = ["Codec", "Key", "Keyring", "SessionKeyring", "ControlKeyring", "session_key", "control_key",
            "CLIENT_TO_SERVER", "SERVER_TO_CLIENT", "default_codec"]
 
-_ENV_BASE = struct.Struct("<IB")  # body_len, filters
+_ENV_FORMAT = {f.name: f.format for f in ENVELOPE_FIELDS}
+_ENV_BASE = struct.Struct("<" + _ENV_FORMAT["body_len"][1:] + _ENV_FORMAT["filters"][1:])  # body_len, filters
 _ZSTD, _XCHACHA, _SHUFFLE = int(Flags.ZSTD), int(Flags.XCHACHA), int(Filters.BYTE_SHUFFLE)  # ints: no enum work per frame
 _TRANSFORM_BITS = int(BODY_TRANSFORM_FLAGS)
 _SEG_COUNT = struct.Struct(SEGMENT_COUNT_FORMAT)
 _SEG_LEN = struct.Struct(SEGMENT_LEN_FORMAT)
-_KEY_ID = struct.Struct("<I")
+_KEY_ID = struct.Struct(_ENV_FORMAT["key_id"])
+_ONE_SEGMENT_TABLE = _SEG_COUNT.size + _SEG_LEN.size  # a segment table of one segment
+_TAG = slice(-(TAG_BYTES + CRC_BYTES), -CRC_BYTES)  # a sealed frame's Poly1305 tag: the bytes before the CRC-32
 _HEX_KEY = re.compile(rb"^[0-9a-fA-F]{%d}$" % (2 * KEY_BYTES))
 # The nonce source; tests replace it to check known answers. Never reuse a nonce under one key.
 _urandom = os.urandom
@@ -327,7 +333,7 @@ class Codec:
         """The frame's bytes, compressed and/or encrypted as configured."""
         data = self._encode(frame)
         if self.sent_tags is not None and self.keyring is not None:
-            self.sent_tags.append(data[-20:-4])  # (the tag: the 16 bytes before the CRC-32)
+            self.sent_tags.append(data[_TAG])
         return data
 
     def _encode(self, frame: _codec.Frame) -> bytes:
@@ -416,10 +422,11 @@ class Codec:
         # Every segment must be one zstd frame that declares its content size, and the sizes
         # must add up to body_len (<= max_frame_bytes): all checked before anything is
         # allocated, because zstandard's decompress() trusts a declared size over max_output_size.
-        if len(data) > 5 and data[0] == 1:  # one segment (no shuffle): the common case, checked the same way
-            (length,) = _SEG_LEN.unpack_from(data, 1)
-            if length == len(data) - 5:
-                return self._inflate_one(memoryview(data)[5:], body_len, 0, offset + 5)
+        one = _ONE_SEGMENT_TABLE
+        if len(data) > one and data[0] == 1:  # one segment (no shuffle): the common case, checked the same way
+            (length,) = _SEG_LEN.unpack_from(data, _SEG_COUNT.size)
+            if length == len(data) - one:
+                return self._inflate_one(memoryview(data)[one:], body_len, 0, offset + one)
         data = memoryview(data)
         if len(data) < _SEG_COUNT.size:
             raise DecompressionFailed("body.segment_count", "missing", offset)

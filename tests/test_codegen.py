@@ -401,3 +401,41 @@ def test_a_new_frame_field_is_a_schema_error_not_a_crash(tmp_path, section):
                  lambda d: d[section].append({"name": "priority", "type": "u8", "doc": "A new field."}))
     with pytest.raises(SchemaError, match=rf"^vframe\.yaml: {section}"):
         render_all(load(d))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: _dtype(d, "F32").update(numpy="<f2"),
+         "vframe.yaml: enums.dtype.values[4].numpy: numpy type '<f2' has 2-byte elements, but the size rule says 4"),
+        (lambda d: _dtype(d, "F32").update(size={"rule": "element", "bytes": 8}),
+         "vframe.yaml: enums.dtype.values[4].numpy: numpy type '<f4' has 4-byte elements, but the size rule says 8"),
+        (lambda d: _dtype(d, "F32").update(numpy="float33"),
+         "vframe.yaml: enums.dtype.values[4].numpy: 'float33' is not a numpy dtype"),
+        (lambda d: _dtype(d, "Q4").update(numpy="i1"),
+         "vframe.yaml: enums.dtype.values[2].numpy: a numpy view needs the element size rule, Q4 has 'packed'"),
+    ],
+    ids=["itemsize", "size-bytes", "unknown", "rule"],
+)
+def test_a_dtype_numpy_type_must_match_its_size_rule(tmp_path, edit, message):
+    """Slice.numpy() views slice_len bytes as prod(shape) elements of the numpy type: a numpy type
+    whose element size is not the size rule's would read past the payload, so the model refuses it."""
+    with pytest.raises(SchemaError) as exc:
+        load(_mutated(tmp_path, "vframe.yaml", edit))
+    assert str(exc.value) == message
+
+
+@pytest.mark.parametrize("name, size", [
+    ("Q8_0", {"rule": "block", "block_elements": 32, "block_bytes": 36}),
+    ("Q4_0", {"rule": "block", "block_elements": 64, "block_bytes": 34}),
+    ("I8", {"rule": "element", "bytes": 2}),  # (with numpy <i2, so that only the rule is at fault)
+])
+def test_a_size_rule_the_runtime_implements_cannot_change(tmp_path, name, size):
+    """resonant/_quant.pxi's kernels write and read ggml's Q8_0/Q4_0 blocks (32 values in 34/18
+    bytes): a YAML that changes them would have the decoder and the kernels disagree."""
+    values = yaml.safe_load((SCHEMA / "vframe.yaml").read_text())["enums"]["dtype"]["values"]
+    index = [v["name"] for v in values].index(name)
+    with pytest.raises(SchemaError) as exc:
+        load(_mutated(tmp_path, "vframe.yaml",
+                      lambda d: _dtype(d, name).update(size=size, **({"numpy": "<i2"} if name == "I8" else {}))))
+    assert str(exc.value).startswith(f"vframe.yaml: enums.dtype.values[{index}].size: {name} must keep {{")

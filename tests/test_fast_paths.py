@@ -102,3 +102,25 @@ def test_fast_paths_report_and_the_session_default():
     before = _codec.fast_path_hits()["message_event"]
     (ev,) = s.receive_datagram(resonant.encode(frame), 0.0)
     assert ev.frame == frame and _codec.fast_path_hits()["message_event"] == before
+
+
+def test_now_is_checked_the_same_way_on_either_path():
+    """`now` is a number on every path: a data message that a fast path takes (which does not use
+    the time) is refused with now=None exactly as the general path (declared `double now`) refuses
+    it, so RESONANT_PURE=1 does not change what a caller may pass."""
+    frame = resonant.Think(np.ones((1, 4), np.float16), stream_id=3)
+    wire = resonant.encode(frame)
+    from resonant.records import frame_record
+    for fast in (True, False):
+        s = Session(role="server")
+        s._fast = fast
+        for call in (lambda: s.receive_datagram(wire, None), lambda: s.receive_data(frame_record(wire), None),
+                     lambda: s.send(frame, None)):
+            try:
+                call()
+            except TypeError as exc:
+                assert "NoneType" in str(exc)
+            else:
+                raise AssertionError(f"now=None accepted with _fast={fast}")
+        (ev,) = s.receive_datagram(wire, 1)  # an int is a time like any other
+        assert ev.frame == frame
