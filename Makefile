@@ -39,9 +39,14 @@ install:
 # build when there is one, else the installed package (from tests/, so that the source tree does
 # not shadow it), else builds in place first: it works from a fresh clone.
 PYTEST_ARGS ?= -q
+# Succeeds when the installed resonant is this checkout's (every .py file the same), so that
+# `make test` never runs this tree's tests against another version.
+export SAME_AS_TREE = import filecmp, glob, os, resonant._codec as c; d = os.path.dirname(c.__file__); \
+	assert all(filecmp.cmp(f, os.path.join(d, os.path.basename(f)), shallow=False) for f in glob.glob("../resonant/*.py"))
+
 test:
 	@if $(PYTHON) -c "import resonant._codec" 2>/dev/null; then dir=.; \
-	elif (cd tests && $(PYTHON) -c "import resonant._codec") 2>/dev/null; then dir=tests; \
+	elif (cd tests && $(PYTHON) -c "$$SAME_AS_TREE") 2>/dev/null; then dir=tests; \
 	else $(MAKE) compile PYTHON=$(PYTHON) >/dev/null && dir=.; fi; \
 	cd $$dir && $(PYTHON) -m pytest $(PYTEST_ARGS) $(CURDIR)/tests && \
 	echo "== the same with RESONANT_PURE=1 (every C fast path off)" && \

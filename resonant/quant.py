@@ -21,14 +21,17 @@ import numpy as np
 
 from resonant import _codec
 from resonant._codec import Slice
-from resonant._spec import MAX_DENSE_BYTES, NUMPY_DTYPES, DType
+from resonant._spec import DTYPE_OF_WIRE_NAME, MAX_DENSE_BYTES, NUMPY_DTYPES, DType
 from resonant.errors import LimitExceeded, SizeMismatch, UnsupportedDType
 
 __all__ = ["quantize", "dequantize", "to_float", "Choice", "choose", "error_of",
            "sparse_from_dense", "sparse_from_scipy", "sparse_to_dense", "SparseCoo", "parse_sparse"]
 
 _KIND = {DType.Q8_0: 8, DType.Q4_0: 4}
-_NAMES = {"q8_0": DType.Q8_0, "q4_0": DType.Q4_0, "f16": DType.F16, "bf16": DType.BF16, "f32": DType.F32}
+# The dtypes this module converts between, by their wire names (the spec's): the block-quantized
+# ones above and every float dtype numpy holds (F16, BF16, F32).
+_NAMES = {name: d for name, d in DTYPE_OF_WIRE_NAME.items()
+          if d in _KIND or (d in NUMPY_DTYPES and np.dtype(NUMPY_DTYPES[d]).kind in "fV")}
 
 
 def _dtype(d) -> DType:
