@@ -23,8 +23,7 @@ from __future__ import annotations
 from resonant.reassembler import (BLOCK_BYTES, STREAMING_STORE_BYTES, ObjectReady, Reassembler, StreamComplete,  # noqa: F401
                                   StreamFailed, StreamStarted, set_buffer_cache)
 from resonant.stream_layout import MIN_STREAM_FRAME, STREAM_VERSION, StreamLayout, StreamObject, chunk_bytes_for  # noqa: F401
-from resonant.stream_limits import (EARLY_FRAME_BYTES, EARLY_STREAM_BYTES, DEFAULT_PROGRESS_TIMEOUT, MemoryBudget,  # noqa: F401
-                                    StreamLimits, committed_bytes)
+from resonant.stream_limits import DEFAULT_PROGRESS_TIMEOUT, MemoryBudget, StreamLimits  # noqa: F401
 from resonant.stream_sender import StreamSender
 
 __all__ = [
