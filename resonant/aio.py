@@ -433,6 +433,11 @@ class Peer:
             if event is _CLOSED:
                 raise HandshakeRefused("handshake", f"the connection to {self.address} closed during the handshake")
             if isinstance(event, HandshakeComplete):
+                if event.agreement.reference and isinstance(self._link.icmp_error, ConnectionRefusedError):
+                    # no answer because nothing listens (a reference receiver would have taken the pings)
+                    self.session.agreement = None
+                    raise HandshakeRefused("handshake", f"nothing listens at udp://{self.address[0]}:"
+                                           f"{self.address[1]} (ICMP port unreachable)")
                 self._link.rehandshake = True
                 return
             if isinstance(event, HandshakeFailed):
