@@ -12,7 +12,6 @@ bin/recv_think (the reference's UDP receiver example).
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import socket
 import struct
@@ -25,6 +24,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from conftest import ROOT
+from test_reference_rust import recv_think
 
 import resonant
 from resonant import DType, Key, MsgType, Slice, Think, handshake
@@ -41,7 +41,6 @@ CLI = [sys.executable, "-m", "resonant.cli"]
 CHILD_CWD = tempfile.gettempdir()  # (as test_transport: the source tree must not shadow the package)
 HEADER = ("version", "msg_type", "flags", "stream_id", "frame_seq", "num_slices", "space_hash32", "modality")
 WAIT = handshake.REFERENCE_FALLBACK_MS / 1000
-RECV_THINK_ADDR = ("127.0.0.1", 50051)
 _rng = np.random.default_rng(163)
 
 
@@ -394,36 +393,14 @@ def test_cli_send_refuses_an_array_larger_than_one_frame_in_reference_mode(tmp_p
 def test_cli_send_with_no_options_to_recv_think(tmp_path):
     """The issue's case: `resonant send` with no options to the reference's receiver example, which
     prints each frame (never answering the pings): the Think arrives, its printed fields equal."""
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        probe.bind(RECV_THINK_ADDR)
-    except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            pytest.skip("127.0.0.1:50051 (bin/recv_think's fixed port) is busy")
-        raise
-    finally:
-        probe.close()
     arr = _rng.standard_normal((1, 2048)).astype(np.float16)
     np.save(tmp_path / "h.npy", arr)
-    proc = subprocess.Popen([str(REF_BIN / "recv_think")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        banner = b""
-        deadline = time.monotonic() + 5
-        while b"Listening" not in banner and time.monotonic() < deadline:  # it binds before printing this
-            line = proc.stdout.readline()
-            if not line:
-                break
-            banner += line
-        assert b"Listening on 127.0.0.1:50051" in banner, banner
+    with recv_think() as out:
         r = _cli("send", "--to", "udp://127.0.0.1:50051", str(tmp_path / "h.npy"), "--stream-id", "0x2a25c22c",
                  "--space-hash", "2451163210")
-        time.sleep(0.5)  # not a timing assertion: lets it print before it is killed
-    finally:
-        proc.kill()
-        out = banner + proc.communicate(timeout=5)[0]
+    (text,) = out
     assert r.returncode == 0, r.stderr
     assert "looks like a reference receiver" in r.stderr and "sent THINK float16[1, 2048]" in r.stderr
-    text = out.decode("utf-8", "replace")
     frames = text.split("Frame #")[1:]
     thinks = [f for f in frames if "Type: Think" in f]
     assert len(thinks) == 1, text
