@@ -59,6 +59,7 @@ RUNTIME_LIMITS = {
         "replay_evicted_ranges": "the Session's replay window",
         "control_tags_remembered": "the Session (sealed control documents)",
         "sent_tags_remembered": "the Session (tags of sent frames)",
+        "reference_fallback_ms": "the Session (the reference fallback's wait)",
     },
 }
 

@@ -55,6 +55,8 @@ HANDSHAKE_REPLAY_EVICTED_RANGES = 1024
 HANDSHAKE_CONTROL_TAGS_REMEMBERED = 256
 #: A keyed client remembers the authentication tags of the last this many frames it sent under its current session key; a HANDSHAKE_REQUIRED (or another error about a data frame) is acted on only when its tag echoes one of them, otherwise it is stale (see specs/security.md).
 HANDSHAKE_SENT_TAGS_REMEMBERED = 4096
+#: A client that allows the reference fallback (no key, not strict) waits this many milliseconds after its first ping for a capability or an error; then it takes the peer for a reference receiver (which reads pings but never answers them) and goes on in reference mode (see Talking to reference peers).
+HANDSHAKE_REFERENCE_FALLBACK_MS = 1000
 
 
 class MsgType(enum.IntEnum):

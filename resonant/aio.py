@@ -407,6 +407,13 @@ class Peer:
     def agreement(self):
         return self.session.agreement
 
+    @property
+    def reference_mode(self) -> bool:
+        """Whether the peer never answered the handshake and was taken for a reference receiver
+        (connect(..., reference_fallback=True)): frames go as version 1, in the reference's dtypes,
+        one frame per message (send_stream() and larger messages raise LocalProtocolError)."""
+        return self.session.reference_mode
+
     async def handshake(self, timeout: float = 5.0) -> None:
         """Ping until the server answers; raises HandshakeRefused on an error or no answer."""
         self.session.initiate(_now())
@@ -426,6 +433,11 @@ class Peer:
             if event is _CLOSED:
                 raise HandshakeRefused("handshake", f"the connection to {self.address} closed during the handshake")
             if isinstance(event, HandshakeComplete):
+                if event.agreement.reference and isinstance(self._link.icmp_error, ConnectionRefusedError):
+                    # no answer because nothing listens (a reference receiver would have taken the pings)
+                    self.session.agreement = None
+                    raise HandshakeRefused("handshake", f"nothing listens at udp://{self.address[0]}:"
+                                           f"{self.address[1]} (ICMP port unreachable)")
                 self._link.rehandshake = True
                 return
             if isinstance(event, HandshakeFailed):
@@ -576,17 +588,34 @@ class _Opening:
 
 
 def connect(url: str, *, config: SessionConfig | None = None, handshake: bool = True, timeout: float = 5.0,
-            **kwargs: Any) -> _Opening:
+            reference_fallback: bool = False, **kwargs: Any) -> _Opening:
     """Connect to tcp://host:port or udp://host:port and (by default) perform the handshake.
 
     Keyword arguments are SessionConfig fields (key=, expected_space_hash=, space_hash32=,
-    compress=, max_frame_bytes=, ...)."""
-    return _Opening(_connect(url, config, handshake, timeout, kwargs))
+    compress=, max_frame_bytes=, ...).
+
+    reference_fallback=True: when neither a capability nor an error answers the pings within
+    SessionConfig.reference_fallback_wait (1 s by default, reference_fallback_ms of
+    schema/handshake.yaml), the peer is taken for a reference receiver (they read pings but never
+    answer) and the connection goes on in reference mode (peer.reference_mode): version-1 frames
+    (no compression, no encryption), only the dtypes the reference reads (f16, i8, q4, sparse;
+    others converted by the dtype fallback rules, e.g. f32 -> f16, or refused with a
+    LocalProtocolError), one frame per message (send_stream() and a message larger than one frame
+    raise LocalProtocolError: the reference has no V-Stream reassembly). Over TCP alike (the
+    reference has only UDP receivers; a TCP peer that accepts and never answers is treated the
+    same). With a key or a strict config it is refused at once with ValueError: such a session
+    never falls back (without the option it keeps pinging and fails with TIMEOUT). Nothing
+    listening on UDP (ICMP port unreachable) still fails with HandshakeRefused."""
+    return _Opening(_connect(url, config, handshake, timeout, kwargs, reference_fallback))
 
 
-async def _connect(url: str, config, handshake: bool, timeout: float, kwargs: dict) -> Peer:
+async def _connect(url: str, config, handshake: bool, timeout: float, kwargs: dict,
+                   reference_fallback: bool = False) -> Peer:
     scheme, host, port = parse_url(url)
-    session = Session(_config(Role.CLIENT, scheme, config, kwargs))
+    cfg = _config(Role.CLIENT, scheme, config, kwargs)
+    if reference_fallback and not cfg.reference_fallback:
+        cfg = replace(cfg, reference_fallback=True)  # (checked by SessionConfig: no key, not strict)
+    session = Session(cfg)
     loop = asyncio.get_running_loop()
     if scheme == "tcp":
         _, link = await asyncio.wait_for(loop.create_connection(lambda: _TcpLink(session), host, port), timeout)

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from resonant import _codec
-from resonant._spec import (DTYPE_WIRE_NAMES, MESSAGE_CLASSES, NUMPY_DTYPES, REQUIRED_ROLES,
+from resonant._spec import (DTYPE_FALLBACK, DTYPE_WIRE_NAMES, MESSAGE_CLASSES, NUMPY_DTYPES, REQUIRED_ROLES,
                             USER_MESSAGE_TYPES, DType, Flags, Modality, MsgType)
 from resonant.errors import EncodeError, LocalProtocolError, ResonantError
 from resonant.reassembler import ObjectReady, StreamComplete, StreamFailed, StreamStarted
@@ -29,6 +29,7 @@ from resonant.session import (
     HandshakeComplete,
     HandshakeFailed,
     MessageReceived,
+    REFERENCE_ONE_FRAME,
     RemoteError,
 )
 from resonant.transforms import Key
@@ -256,6 +257,12 @@ def _load(path: str, dtype: str | None) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _sent_dtype(arr: np.ndarray, agreement) -> str:
+    """What Session.send converts arr's dtype to when the peer lacks it (the dtype fallback rules)."""
+    name = next((w for w, dt in _DTYPES.items() if dt == arr.dtype), str(arr.dtype))
+    return next((t for t in DTYPE_FALLBACK.get(name, ()) if t in agreement.dtypes), name)
+
+
 def _tensors(kind: str, arr: np.ndarray) -> list[np.ndarray]:
     """The array as the tensors of message type `kind`: itself, or one per role along its first axis."""
     roles = [name for name, _ in REQUIRED_ROLES[_TYPES[kind]]]
@@ -300,18 +307,33 @@ async def _send(args) -> int:
     cfg["compress"] = ("zstd", "none") if args.zstd else ("none", "zstd")
     if args.space_hash is not None:
         cfg.pop("expected_space_hash", None)
-        cfg["strict"] = False
-    async with connect(args.to, handshake=not args.no_handshake, **cfg) as peer:
+        cfg["strict"] = args.strict
+    # A receiver that never answers the pings (the reference's) gets version-1 frames, unless a key or
+    # --strict forbids it (then the handshake fails with TIMEOUT).
+    fallback = not (args.key_file or args.strict or args.no_handshake)
+    async with connect(args.to, handshake=not args.no_handshake, reference_fallback=fallback, **cfg) as peer:
+        if peer.reference_mode:
+            a = peer.agreement
+            print(f"resonant send: no capability from {args.to} within {peer.session.config.reference_fallback_wait} s: "
+                  f"the peer looks like a reference receiver; sending version-1 frames ({'/'.join(a.dtypes)}, one "
+                  "frame per message)", file=sys.stderr, flush=True)
         space = args.space_hash or 0
         try:
             frame = _message(args.type, arr, args.stream_id, space)
+            converted = peer.session.stats["dtype_converted"]
             await peer.send(frame)
             print(f"sent {MsgType(frame.msg_type).name} {arr.dtype}{list(arr.shape)} ({arr.nbytes} bytes) "
-                  f"to {args.to}", file=sys.stderr)
+                  + (f"converted to {_sent_dtype(arr, peer.agreement)} (what the peer reads) "
+                     if peer.session.stats["dtype_converted"] != converted else "") + f"to {args.to}", file=sys.stderr)
             await asyncio.sleep(0.05)  # let the frame leave before the socket closes
             return 0
-        except (EncodeError, LocalProtocolError):
-            pass  # larger than one (agreed) frame
+        except (EncodeError, LocalProtocolError) as exc:
+            if peer.reference_mode:  # one frame per message
+                if "max_frame_bytes" not in exc.detail:
+                    raise
+                raise LocalProtocolError("send", f"{args.file} holds {arr.nbytes} bytes, more than one frame carries "
+                                         f"({peer.session.max_frame_bytes} bytes); {REFERENCE_ONE_FRAME}") from None
+            # larger than one (agreed) frame
         # Too large for one frame: a V-Stream.
         objects = _tensors(args.type, arr)
         names = [name for name, _ in REQUIRED_ROLES[_TYPES[args.type]]] if len(objects) > 1 else [Path(args.file).stem]
@@ -407,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--space-hash", type=_u32, metavar="H", help="space_hash32 to stamp on the frames and announce")
     s.add_argument("--stream-id", type=_u32, default=1, metavar="ID", help="stream_id (default 1)")
     s.add_argument("--no-handshake", action="store_true", help="send without the handshake (as the reference does)")
+    s.add_argument("--strict", action="store_true", help="never fall back to reference mode (a receiver that does not "
+                   "answer the handshake is an error); check layouts")
     s.add_argument("--max-frame-bytes", type=int, metavar="N", help="largest frame to send, 512..65536 (e.g. 1200 on "
                    "small-MTU UDP paths; the receiver may lower it further)")
 

@@ -32,6 +32,8 @@ REPLAY_EVICTED_RANGES = 1024
 CONTROL_TAGS_REMEMBERED = 256
 #: A keyed client remembers the authentication tags of the last this many frames it sent under its current session key; a HANDSHAKE_REQUIRED (or another error about a data frame) is acted on only when its tag echoes one of them, otherwise it is stale (see specs/security.md).
 SENT_TAGS_REMEMBERED = 4096
+#: A client that allows the reference fallback (no key, not strict) waits this many milliseconds after its first ping for a capability or an error; then it takes the peer for a reference receiver (which reads pings but never answers them) and goes on in reference mode (see Talking to reference peers).
+REFERENCE_FALLBACK_MS = 1000
 
 #: Field specs per message: type, required, const, choices, nested fields.
 SCHEMA: dict[str, dict[str, dict[str, Any]]] = {
@@ -264,9 +266,9 @@ def parse(data: bytes | bytearray | memoryview | str) -> dict[str, Any]:
 #: States: idle, await_capability, established, failed, closed.
 SM_STATES: tuple[str, ...] = ("idle", "await_capability", "established", "failed", "closed", )
 #: Inputs (received bytes are classified into exactly one, or a local call / timer).
-SM_INPUTS: tuple[str, ...] = ("start", "ping_ok", "ping_bad", "capability_ok", "capability_bad", "error", "data", "bad_frame", "retry", "deadline", "close", )
+SM_INPUTS: tuple[str, ...] = ("start", "ping_ok", "ping_bad", "capability_ok", "capability_bad", "error", "data", "bad_frame", "retry", "deadline", "close", "silence", )
 #: Actions.
-SM_ACTIONS: tuple[str, ...] = ("send_ping", "answer_capability", "answer_error", "refuse_ping", "adopt", "fail", "accept", "accept_if_lenient", "report_remote_error", "report_bad_frame", "ignore", "drop", "shutdown", "invalid", )
+SM_ACTIONS: tuple[str, ...] = ("send_ping", "answer_capability", "answer_error", "refuse_ping", "adopt", "assume_reference", "fail", "accept", "accept_if_lenient", "report_remote_error", "report_bad_frame", "ignore", "drop", "shutdown", "invalid", )
 SM_ROLES: tuple[str, ...] = ("client", "server", )
 
 #: (role, state, input) -> (action, next state), for every state each role can be in.
@@ -282,6 +284,7 @@ SM_TRANSITIONS: dict[tuple[str, str, str], tuple[str, str]] = {
     ("client", "idle", "retry"): ("ignore", "idle"),
     ("client", "idle", "deadline"): ("ignore", "idle"),
     ("client", "idle", "close"): ("shutdown", "closed"),
+    ("client", "idle", "silence"): ("ignore", "idle"),
     ("client", "await_capability", "start"): ("invalid", "await_capability"),
     ("client", "await_capability", "ping_ok"): ("ignore", "await_capability"),
     ("client", "await_capability", "ping_bad"): ("ignore", "await_capability"),
@@ -293,6 +296,7 @@ SM_TRANSITIONS: dict[tuple[str, str, str], tuple[str, str]] = {
     ("client", "await_capability", "retry"): ("send_ping", "await_capability"),
     ("client", "await_capability", "deadline"): ("fail", "failed"),
     ("client", "await_capability", "close"): ("shutdown", "closed"),
+    ("client", "await_capability", "silence"): ("assume_reference", "established"),
     ("client", "established", "start"): ("send_ping", "await_capability"),
     ("client", "established", "ping_ok"): ("ignore", "established"),
     ("client", "established", "ping_bad"): ("ignore", "established"),
@@ -304,6 +308,7 @@ SM_TRANSITIONS: dict[tuple[str, str, str], tuple[str, str]] = {
     ("client", "established", "retry"): ("ignore", "established"),
     ("client", "established", "deadline"): ("ignore", "established"),
     ("client", "established", "close"): ("shutdown", "closed"),
+    ("client", "established", "silence"): ("ignore", "established"),
     ("client", "failed", "start"): ("send_ping", "await_capability"),
     ("client", "failed", "ping_ok"): ("ignore", "failed"),
     ("client", "failed", "ping_bad"): ("ignore", "failed"),
@@ -315,6 +320,7 @@ SM_TRANSITIONS: dict[tuple[str, str, str], tuple[str, str]] = {
     ("client", "failed", "retry"): ("ignore", "failed"),
     ("client", "failed", "deadline"): ("ignore", "failed"),
     ("client", "failed", "close"): ("shutdown", "closed"),
+    ("client", "failed", "silence"): ("ignore", "failed"),
     ("client", "closed", "start"): ("invalid", "closed"),
     ("client", "closed", "ping_ok"): ("drop", "closed"),
     ("client", "closed", "ping_bad"): ("drop", "closed"),
@@ -326,6 +332,7 @@ SM_TRANSITIONS: dict[tuple[str, str, str], tuple[str, str]] = {
     ("client", "closed", "retry"): ("drop", "closed"),
     ("client", "closed", "deadline"): ("drop", "closed"),
     ("client", "closed", "close"): ("drop", "closed"),
+    ("client", "closed", "silence"): ("drop", "closed"),
     ("server", "idle", "start"): ("invalid", "idle"),
     ("server", "idle", "ping_ok"): ("answer_capability", "established"),
     ("server", "idle", "ping_bad"): ("answer_error", "idle"),
@@ -337,6 +344,7 @@ SM_TRANSITIONS: dict[tuple[str, str, str], tuple[str, str]] = {
     ("server", "idle", "retry"): ("ignore", "idle"),
     ("server", "idle", "deadline"): ("ignore", "idle"),
     ("server", "idle", "close"): ("shutdown", "closed"),
+    ("server", "idle", "silence"): ("ignore", "idle"),
     ("server", "established", "start"): ("invalid", "established"),
     ("server", "established", "ping_ok"): ("answer_capability", "established"),
     ("server", "established", "ping_bad"): ("refuse_ping", "established"),
@@ -348,6 +356,7 @@ SM_TRANSITIONS: dict[tuple[str, str, str], tuple[str, str]] = {
     ("server", "established", "retry"): ("ignore", "established"),
     ("server", "established", "deadline"): ("ignore", "established"),
     ("server", "established", "close"): ("shutdown", "closed"),
+    ("server", "established", "silence"): ("ignore", "established"),
     ("server", "closed", "start"): ("invalid", "closed"),
     ("server", "closed", "ping_ok"): ("drop", "closed"),
     ("server", "closed", "ping_bad"): ("drop", "closed"),
@@ -359,4 +368,5 @@ SM_TRANSITIONS: dict[tuple[str, str, str], tuple[str, str]] = {
     ("server", "closed", "retry"): ("drop", "closed"),
     ("server", "closed", "deadline"): ("drop", "closed"),
     ("server", "closed", "close"): ("drop", "closed"),
+    ("server", "closed", "silence"): ("drop", "closed"),
 }

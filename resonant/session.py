@@ -39,6 +39,7 @@ from resonant._spec import (DEFAULT_DTYPES, DTYPE_FALLBACK, DTYPE_OF_WIRE_NAME, 
                             MsgType, space_hash32_offset)
 from resonant.errors import (
     DecodeError,
+    EncodeError,
     DecryptionFailed,
     UnknownKey,
     FramingError,
@@ -81,6 +82,10 @@ _CLOSED = State.CLOSED  # (a module constant: an Enum class attribute is slow to
 _CONTROL_METHODS = ("ping", "capability", "error")  # the documents sealed under the control keys
 _RANDOM_BYTES = handshake.SESSION_RANDOM_BYTES
 _SENT_TAGS = handshake.SENT_TAGS_REMEMBERED
+#: Why reference mode sends one frame per message (Session._send_reference, Session.stream, the CLI).
+REFERENCE_ONE_FRAME = ("reference mode (the peer never answered a ping: taken for a reference receiver) sends one "
+                        "frame per message, because the reference has no V-Stream reassembly; send smaller tensors, "
+                        "or use a resonant receiver")
 _RANDOM_HEX = re.compile(r"[0-9a-f]{%d}" % (2 * _RANDOM_BYTES)).fullmatch
 
 
@@ -116,6 +121,14 @@ class SessionConfig:
     handshake names (schema/vframe.yaml; default: every dtype the spec offers). extra_fields: values
     for fields of the ping (client) or capability (server) that the Session does not set itself,
     e.g. an optional field added to schema/handshake.yaml (absent ones are sent with their default).
+
+    reference_fallback (client): when no capability and no error came within reference_fallback_wait
+    seconds of the first ping (default: reference_fallback_ms of schema/handshake.yaml), take the peer
+    for a reference receiver (which reads pings but never answers them) and go on in reference mode
+    (Session.reference_mode): version-1 frames, only the dtypes the reference reads (others converted
+    by the dtype fallback rules, or refused), one frame per message (no V-Stream). Not allowed with a
+    key or a strict session (ValueError): they never fall back. See "Talking to reference peers" in
+    specs/capability_handshake.md.
     """
 
     role: Role | str = Role.CLIENT
@@ -143,6 +156,8 @@ class SessionConfig:
     error_interval: float = 1.0               # at most one unsolicited error reply per interval
     rekey_interval: float = 0.25              # keyed server, established: at most one new session offered per interval
     extra_fields: Mapping[str, Any] | None = None  # more fields of this side's ping / capability (see above)
+    reference_fallback: bool = False          # client: no answer within reference_fallback_wait -> reference mode
+    reference_fallback_wait: float = handshake.REFERENCE_FALLBACK_MS / 1000  # seconds after the first ping
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", Role(self.role))
@@ -167,6 +182,16 @@ class SessionConfig:
                 handshake.check_field(method, name, value)
             except (HandshakeError, ValueError) as exc:
                 raise ValueError(f"extra_fields: {exc}") from None
+        if self.reference_fallback:
+            if self.key is not None or self.is_strict:
+                raise ValueError("reference_fallback: a session with a key or a strict one never falls back to "
+                                 "reference mode (version-1 frames to a reference receiver are neither encrypted nor "
+                                 "authenticated, and it does no handshake)")
+            if not any(d in REFERENCE_DTYPES for d in self.dtypes):
+                raise ValueError(f"reference_fallback: dtypes {list(self.dtypes)} has none of what a reference "
+                                 f"receiver reads ({', '.join(REFERENCE_DTYPES)})")
+            if not self.reference_fallback_wait > 0:
+                raise ValueError(f"reference_fallback_wait {self.reference_fallback_wait!r} must be > 0 seconds")
         if self.extra_fields is not None:  # a read-only copy: the config stays immutable
             object.__setattr__(self, "extra_fields", MappingProxyType(dict(self.extra_fields)))
 
@@ -190,6 +215,7 @@ class Agreement:
     critique: bool
     peer_space_hash32: int | None = None
     peer_model_signature: ModelSignature | None = None
+    reference: bool = False     # assumed, not agreed: no answer came and the peer is taken for a reference receiver
 
 
 # ------------------------------------------------------------------ events
@@ -319,6 +345,7 @@ class Session(SessionCore):
         self._out: list[bytes] = []
         self._pings_sent = 0
         self._next_ping = 0.0
+        self._silence_at = 0.0  # when the reference fallback is due (reference_fallback: initiate() + its wait)
         self._last_error_reply = float("-inf")
         self._seq: dict[int, int] = {}
         self.stats: dict[str, int] = {k: 0 for k in (
@@ -338,6 +365,7 @@ class Session(SessionCore):
             raise LocalProtocolError("initiate", "only a client starts the handshake")
         if TRANSITIONS[self.role, self.state, Input.START][0] is not Action.INVALID:
             self._pings_sent = 0
+            self._silence_at = now + self.config.reference_fallback_wait
             self._client_random = None  # a new handshake: fresh randomness (retries repeat it)
             self._last_unauthenticated = None
         self._step(Input.START, now, None, None)
@@ -353,6 +381,9 @@ class Session(SessionCore):
             raise TypeError(f"send() takes a message (Think, Cache, ...), got {type(frame).__name__}")
         if self._reduce:
             frame = self._reduce_dtypes(frame)
+        if self._agreement is not None and self._agreement.reference:
+            self._send_reference(frame, keep_seq)
+            return
         enc = self._encoder
         if keep_seq:
             self._queue(enc.encode(frame) if enc is not None else _codec.encode(frame))
@@ -378,6 +409,24 @@ class Session(SessionCore):
                 self._seq[sid] = before
             raise
 
+    def _send_reference(self, frame: Frame, keep_seq: bool) -> None:
+        """send() in reference mode: a plain version-1 frame, which must fit one frame (the
+        reference has no V-Stream reassembly, so nothing larger can reach it)."""
+        if not keep_seq:
+            frame = frame.replace(frame_seq=self._next_seq(frame.stream_id))
+        try:
+            data = _codec.encode(frame)
+        except EncodeError as exc:
+            if "max_frame_bytes" not in exc.detail:
+                raise
+            data = None
+        if data is None or len(data) > self._limit:
+            size = (f"is a {len(data)}-byte frame" if data is not None else
+                    f"holds {sum(sl.nbytes for sl in frame.slices)} bytes of tensors")
+            raise LocalProtocolError("send", f"the message {size}, over max_frame_bytes ({self._limit}); "
+                                     f"{REFERENCE_ONE_FRAME}")
+        self._queue(data)
+
     def new_stream_id(self) -> int:
         """A stream id not used yet in this session (not by send(), the handshake or stream()),
         for stream(): ids are handed out in order from 1, so the receiver's record of used ids
@@ -398,6 +447,9 @@ class Session(SessionCore):
         start at frame_seq 0, and the receiver drops frames it has seen on a stream id as replays."""
         if self.state is _CLOSED:
             raise LocalProtocolError("stream", "the session is closed")
+        if self.reference_mode:
+            raise LocalProtocolError("stream", f"a V-Stream cannot be sent in reference mode: {REFERENCE_ONE_FRAME} "
+                                     f"(at most {self._limit} bytes per frame)")
         try:
             stream_id = operator.index(stream_id)
         except TypeError:
@@ -459,6 +511,14 @@ class Session(SessionCore):
     @property
     def max_frame_bytes(self) -> int:
         return self._limit
+
+    @property
+    def reference_mode(self) -> bool:
+        """Whether this client took its peer for a reference receiver (SessionConfig.reference_fallback:
+        no answer to its pings in time) and sends as the reference reads: version-1 frames, the
+        reference dtypes, one frame per message (no V-Stream)."""
+        a = self._agreement
+        return a is not None and a.reference
 
     # -------------------------------------------------------------- input
 
@@ -570,6 +630,8 @@ class Session(SessionCore):
     def tick(self, now: float) -> list:
         """Timers: ping retries and the handshake deadline, stream timeouts."""
         events: list = []
+        if self.state is State.AWAIT_CAPABILITY and self.config.reference_fallback and now >= self._silence_at:
+            events += self._step(Input.SILENCE, now, None, None)  # no answer: a reference receiver (reference mode)
         if self.state is State.AWAIT_CAPABILITY and now >= self._next_ping:
             inp = Input.DEADLINE if self._pings_sent >= self.config.handshake_attempts else Input.RETRY
             events += self._step(inp, now, None, None)
@@ -931,6 +993,9 @@ class Session(SessionCore):
             code, message = "TIMEOUT", f"no capability after {self._pings_sent} pings"
             if self._last_unauthenticated is not None:
                 message += f"; the last unauthenticated or stale reply: {self._last_unauthenticated}"
+            elif self._keyring is not None or self.config.is_strict:
+                message += ("; if the peer is a reference receiver (it never answers a ping): a session with a key "
+                            "or a strict one never falls back to reference mode")
         elif doc["method"] == "error":
             code, message = doc["code"], doc["message"]
         else:
@@ -938,6 +1003,14 @@ class Session(SessionCore):
         self.agreement = None
         events: list = [] if frame is None else [MessageReceived(frame, doc)]
         return events + [HandshakeFailed(code, message)]
+
+    def _do_assume_reference(self, now, frame, arg) -> list:
+        """No answer in time (reference_fallback): the peer is taken for a reference receiver."""
+        c = self.config
+        self.agreement = Agreement(VERSION, "none", "none", tuple(d for d in c.dtypes if d in REFERENCE_DTYPES),
+                                   c.max_frame_bytes, c.critique, reference=True)
+        self._apply_agreement()
+        return [HandshakeComplete(self.agreement)]
 
     def _do_accept(self, now, frame, doc) -> list:
         if isinstance(frame, Chunk) or (isinstance(frame, Sync) and (
@@ -1080,7 +1153,8 @@ class Session(SessionCore):
     def _apply_agreement(self) -> None:
         a = self.agreement
         self._agreed_codes = frozenset(int(DTYPE_OF_WIRE_NAME[d]) for d in a.dtypes)
-        self._reduce = len(self._agreed_codes) < len(DTYPE_WIRE_NAMES)  # every dtype agreed: nothing to reduce, no check
+        # every dtype agreed: nothing to reduce, no check (reference mode: always the Python path, _send_reference)
+        self._reduce = len(self._agreed_codes) < len(DTYPE_WIRE_NAMES) or a.reference
         level = self.config.zstd_level if a.compress == "zstd" else None
         key = None
         tags = None
@@ -1127,6 +1201,10 @@ class Session(SessionCore):
             return sl
         target = next((t for t in DTYPE_FALLBACK.get(name, ()) if t in a.dtypes), None)
         if target is None:
+            if a.reference:
+                raise LocalProtocolError(what, f"reference mode (the peer never answered a ping: taken for a "
+                                         f"reference receiver): it reads only {', '.join(a.dtypes)} tensors, and "
+                                         f"{name} has no conversion to them; convert the tensor first")
             raise LocalProtocolError(what, f"the peer does not accept {name} tensors (it agreed to "
                                      f"{', '.join(a.dtypes)})")
         if DTYPE_SIZE_RULES[sl.dtype] == "block":  # quantized (the spec's fallbacks are checked convertible)

@@ -42,6 +42,7 @@ class Input(str, enum.Enum):
     RETRY = "retry"                  # tick(): the ping is due again
     DEADLINE = "deadline"            # tick(): the handshake ran out of attempts
     CLOSE = "close"                  # local: close()
+    SILENCE = "silence"              # tick(): no answer within the reference fallback's wait (client, when allowed)
 
 
 class Action(str, enum.Enum):
@@ -50,6 +51,7 @@ class Action(str, enum.Enum):
     ANSWER_ERROR = "answer_error"
     REFUSE_PING = "refuse_ping"      # a server in established: a rate-limited error, the session stays
     ADOPT = "adopt"                  # take the capability's agreement
+    ASSUME_REFERENCE = "assume_reference"  # no answer: take the peer for a reference receiver (reference mode)
     FAIL = "fail"                    # report HandshakeFailed
     ACCEPT = "accept"                # deliver the data
     ACCEPT_IF_LENIENT = "accept_if_lenient"  # deliver, or refuse with HANDSHAKE_REQUIRED in strict mode

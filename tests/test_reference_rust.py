@@ -9,6 +9,7 @@ receiver example (bin/recv_think).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -201,8 +202,20 @@ def test_reference_decodes_resonant_zero_d_tensor(tmp_path):
 RECV_ADDR = ("127.0.0.1", 50051)
 
 
-@need_ref
-def test_reference_receiver_prints_resonant_think():
+def _udp_bound(addr) -> bool:
+    """Whether a UDP socket is bound to addr (Linux: /proc/net/udp lists local addresses in hex)."""
+    want = f"{socket.inet_aton(addr[0])[::-1].hex().upper()}:{addr[1]:04X}"
+    try:
+        lines = open("/proc/net/udp").read().splitlines()[1:]
+    except OSError:
+        return True  # cannot tell: the banner has to do
+    return any(line.split()[1] == want for line in lines)
+
+
+@contextlib.contextmanager
+def recv_think():
+    """bin/recv_think running and bound to 127.0.0.1:50051 (skips when the port is busy); yields a
+    list that holds its whole output once the block is left (it is killed then)."""
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         probe.bind(RECV_ADDR)
@@ -212,26 +225,37 @@ def test_reference_receiver_prints_resonant_think():
         raise
     finally:
         probe.close()
-    think = resonant.Think(_rng.standard_normal((1, 2048)).astype(np.float16), stream_id=0x2A25C22C, frame_seq=1,
-                           space_hash32=H, flags=Flags.ZSTD)
-    data = resonant.encode(think)
     proc = subprocess.Popen([str(REF_BIN / "recv_think")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out: list[str] = []
+    banner = b""
     try:
-        banner = b""
-        deadline = time.monotonic() + 3
-        while b"Listening" not in banner and time.monotonic() < deadline:  # it binds before printing this
+        deadline = time.monotonic() + 5
+        while b"Listening" not in banner and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
             banner += line
         assert b"Listening on 127.0.0.1:50051" in banner, banner
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.sendto(data, RECV_ADDR)
+        # It prints the banner as it binds, not after: a datagram sent at once may find no socket yet.
+        while not _udp_bound(RECV_ADDR) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _udp_bound(RECV_ADDR), "bin/recv_think did not bind 127.0.0.1:50051"
+        yield out
         time.sleep(0.5)  # not a timing assertion: lets it print before it is killed
     finally:
         proc.kill()
-        out = banner + proc.communicate(timeout=2)[0]
-    text = out.decode("utf-8", "replace")
+        out.append((banner + proc.communicate(timeout=5)[0]).decode("utf-8", "replace"))
+
+
+@need_ref
+def test_reference_receiver_prints_resonant_think():
+    think = resonant.Think(_rng.standard_normal((1, 2048)).astype(np.float16), stream_id=0x2A25C22C, frame_seq=1,
+                           space_hash32=H, flags=Flags.ZSTD)
+    data = resonant.encode(think)
+    with recv_think() as out:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(data, RECV_ADDR)
+    (text,) = out
     assert f"Received {len(data)} bytes" in text, text
     for expected in ("Version: 1", "Type: Think", "Stream ID: 0x2a25c22c", "Sequence: 1", "Slices: 1",
                      "Space hash: 0x9219c84a", "Flags: Flags(ZSTD)", "✓",

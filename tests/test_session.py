@@ -65,8 +65,11 @@ ERROR = {"method": "error", "code": "INTERNAL", "message": "boom"}
 
 
 def _config(role: Role) -> SessionConfig:
+    # (the reference fallback is allowed, its wait far beyond any RETRY the tests feed: SILENCE comes
+    # only when _feed gives it)
     return SessionConfig(role=role, space_hash32=SPACE, expected_space_hash=SPACE, strict=False,
-                         handshake_attempts=2, handshake_retry=0.5)
+                         handshake_attempts=2, handshake_retry=0.5, reference_fallback=True,
+                         reference_fallback_wait=1000.0)
 
 
 def _drive_to(role: Role, state: State) -> Session:
@@ -110,6 +113,9 @@ def _feed(s: Session, inp: Input) -> list:
     if inp is Input.RETRY:
         s._pings_sent = 0
         return s.tick(s._next_ping + 0.01)  # past handshake_retry, with attempts left
+    if inp is Input.SILENCE:  # past the reference fallback's wait (with attempts left)
+        s._pings_sent = 0
+        return s.tick(max(s._silence_at, s._next_ping) + 0.01)
     s._pings_sent = s.config.handshake_attempts  # DEADLINE: attempts used up
     return s.tick(s._next_ping + 0.01)
 
@@ -146,13 +152,16 @@ def test_every_state_input_pair(role, state, inp):
         assert isinstance(events[-1], HandshakeComplete) and s.agreement is not None
     if action is Action.FAIL:
         assert isinstance(events[-1], HandshakeFailed) and s.agreement is None
+    if action is Action.ASSUME_REFERENCE:
+        assert isinstance(events[-1], HandshakeComplete) and events[-1].agreement.reference and s.reference_mode
+        assert sent == []  # (and no ping: the silence came first)
     if action in (Action.ACCEPT, Action.ACCEPT_IF_LENIENT):
         assert kinds(events) == ["MessageReceived"]
     if action is Action.REPORT_BAD_FRAME:
         assert kinds(events) == ["FrameRejected"] and events[0].reason == "malformed"
     if action is Action.REPORT_REMOTE_ERROR:
         assert isinstance(events[-1], RemoteError) and events[-1].code == "INTERNAL"
-    if action is Action.DROP and inp not in (Input.CLOSE, Input.RETRY, Input.DEADLINE):
+    if action is Action.DROP and inp not in (Input.CLOSE, Input.RETRY, Input.DEADLINE, Input.SILENCE):
         assert kinds(events) == ["FrameRejected"] and events[0].reason == "closed"
     if action is Action.SHUTDOWN:
         assert sent == []
