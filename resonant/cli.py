@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -93,19 +95,20 @@ DEFAULT_SAVE_MAX_BYTES = 1 << 30
 EXIT_SAVE_QUOTA = 3
 
 
-def _save_plan(directory: Path, ev: StreamComplete, layout) -> list[tuple[Path, np.ndarray]]:
-    """The .npy files a completed stream becomes: (path, array as written)."""
+def _save_plan(directory: Path, ev: StreamComplete, layout) -> list[tuple[Path, str, np.ndarray]]:
+    """The .npy files a completed stream becomes: (path without its extension, extension, array as
+    written); _save numbers the name (-1, -2, ...) when a file of that name exists."""
     plan = []
     for obj, arr in zip(layout.objects if layout is not None else [], ev.objects):
         name = obj.name or f"object{obj.index}"
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+        stem = directory / f"stream{ev.stream_id}_{obj.index:04d}_{safe}"
         if arr.dtype == np.dtype(_bf16()):  # .npy has no bfloat16: keep the bits, say so in the name
-            plan.append((directory / f"stream{ev.stream_id}_{obj.index:04d}_{safe}.bf16.npy", arr.view(np.uint16)))
+            plan.append((stem, ".bf16.npy", arr.view(np.uint16)))
         elif arr.dtype.kind == "V":  # Q4 / sparse: the raw payload bytes
-            plan.append((directory / f"stream{ev.stream_id}_{obj.index:04d}_{safe}.{DType(obj.dtype).name.lower()}.npy",
-                         arr.view(np.uint8)))
+            plan.append((stem, f".{DType(obj.dtype).name.lower()}.npy", arr.view(np.uint8)))
         else:
-            plan.append((directory / f"stream{ev.stream_id}_{obj.index:04d}_{safe}.npy", arr))
+            plan.append((stem, ".npy", arr))
     return plan
 
 
@@ -122,13 +125,39 @@ def _npy_bytes(arr: np.ndarray) -> int:
     return len(head.getvalue()) + arr.nbytes
 
 
-def _save(plan: list[tuple[Path, np.ndarray]]) -> list[str]:
+# How many numbered names (NAME-1.npy, NAME-2.npy, ...) --save tries when NAME.npy exists.
+_SAVE_NUMBERED_NAMES = 10_000
+
+
+def _save(plan: list[tuple[Path, str, np.ndarray]]) -> list[str]:
+    """Write each array to a new file: an existing file is never replaced (the name is numbered,
+    and the file is created with O_EXCL, so that a file appearing meanwhile is not replaced either)."""
     paths = []
-    for path, arr in plan:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, arr, allow_pickle=False)
+    for stem, ext, arr in plan:
+        for n in range(_SAVE_NUMBERED_NAMES):
+            path = stem.with_name(stem.name + (f"-{n}" if n else "") + ext)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            except FileExistsError:
+                continue
+            break
+        else:
+            raise OSError(f"{stem}{ext} and {_SAVE_NUMBERED_NAMES - 1} numbered names after it exist already")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
         paths.append(str(path))
     return paths
+
+
+def _check_save_dir(save: Path) -> None:
+    """Make sure --save DIR can take files before anything is received: create it if missing, then
+    create and remove a file in it. A clear error, exit status 2, otherwise."""
+    try:
+        save.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=save, prefix=".resonant-probe-"):
+            pass
+    except OSError as exc:
+        raise _UsageError(f"--save {save}: cannot write files there: {exc.strerror or exc}") from None
 
 
 # ------------------------------------------------------------------ recv
@@ -157,6 +186,8 @@ async def _recv(args) -> int:
     refused = 0    # completed streams not saved because of --max-bytes
     layouts: dict[tuple, Any] = {}
     save = Path(args.save) if args.save else None
+    if save is not None:
+        _check_save_dir(save)  # before binding: a bad --save is found before anything is received
     cfg = _session_config(args)
     cfg["compress"] = ("zstd", "none")
     async with serve(args.listen, **cfg) as server:
@@ -187,7 +218,7 @@ async def _recv(args) -> int:
                 not_saved = None
                 if save is not None:
                     plan = _save_plan(save, ev, lay)
-                    size = sum(_npy_bytes(a) for _, a in plan)
+                    size = sum(_npy_bytes(a) for *_, a in plan)
                     if written + size > args.max_bytes:
                         refused += 1
                         not_saved = (f"{size} bytes of .npy files would bring what this receiver has written to "
@@ -352,6 +383,10 @@ def _inspect(args) -> int:
 # ------------------------------------------------------------------ main
 
 
+class _UsageError(Exception):
+    """A bad command line found after parsing (e.g. an unusable --save DIR): exit status 2."""
+
+
 def _u32(text: str) -> int:
     v = int(text, 0)
     if not 0 <= v < 1 << 32:
@@ -441,6 +476,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(run_demo(args))
     except KeyboardInterrupt:
         return 130
+    except _UsageError as exc:
+        print(f"resonant {args.command}: {exc}", file=sys.stderr)
+        return 2
     except (ResonantError, OSError, ValueError) as exc:
         print(f"resonant {args.command}: {exc}", file=sys.stderr)
         return 1
