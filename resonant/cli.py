@@ -3,7 +3,9 @@
     resonant recv --listen udp://0.0.0.0:7000 [--json] [--save DIR [--max-bytes N]] [--count N]
     resonant send --to tcp://127.0.0.1:7000 kv.npy --type cache --zstd
     resonant inspect frame.bin [--json]
+    resonant keygen peer.key
     resonant demo
+    resonant --version
 """
 
 from __future__ import annotations
@@ -380,6 +382,25 @@ def _inspect(args) -> int:
     return 1 if rinspect.inspect(data, codec=codec).error is not None else 0
 
 
+# ------------------------------------------------------------------ keygen
+
+
+_KEY_FILE_FORMAT = ("a key file holds one 32-byte XChaCha20-Poly1305 key as 64 hexadecimal characters and a "
+                    "newline (32 raw bytes are read too); both peers use the same file")
+
+
+def _keygen(args) -> int:
+    key = Key.generate()
+    try:
+        key.to_file(args.file, overwrite=False)
+    except FileExistsError:
+        print(f"resonant keygen: {args.file} exists: a key file is never overwritten", file=sys.stderr)
+        return 1
+    print(f"resonant keygen: wrote key 0x{key.key_id:08x} to {args.file} (mode 0600); give it to both sides "
+          "with --key-file", file=sys.stderr)
+    return 0
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -407,6 +428,8 @@ def _size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resonant", description="Send and receive V-Frames: hidden states, KV caches, "
                                 "embeddings and control messages between models.")
+    from resonant import __version__
+    p.add_argument("--version", action="version", version=f"resonant {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("recv", help="receive and print messages", description="Listen for frames and print one line "
@@ -451,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="JSON output")
     i.add_argument("--key-file", metavar="F", help="decrypt an encrypted (version 2) frame with this key")
 
+    k = sub.add_parser("keygen", help="write a fresh key file for --key-file",
+                       description=f"Write a fresh random key to FILE, readable by its owner only (mode 0600); "
+                       f"an existing FILE is never overwritten. Format: {_KEY_FILE_FORMAT}.")
+    k.add_argument("file", metavar="FILE")
+
     d = sub.add_parser("demo", help="a receiver and a sender on loopback, with a summary table",
                        description="Start a receiver and a sender on loopback: handshake, a Think, a multi-megabyte "
                        "KV cache as a V-Stream, and a Critique; print sizes, latencies, throughput and verification.")
@@ -472,6 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_send(args))
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "keygen":
+            return _keygen(args)
         from resonant.demo import run_demo
         return asyncio.run(run_demo(args))
     except KeyboardInterrupt:

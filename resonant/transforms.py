@@ -103,10 +103,12 @@ class Key:
         raise KeyFileError(str(path), f"{len(data)} bytes: a key file holds {KEY_BYTES} raw bytes or "
                            f"{2 * KEY_BYTES} hexadecimal characters")
 
-    def to_file(self, path: str | os.PathLike) -> None:
+    def to_file(self, path: str | os.PathLike, *, overwrite: bool = True) -> None:
         """Write the key as hexadecimal text, readable by the owner only (an existing file's mode is
-        reset to 0600 before the key is written; a symbolic link is refused)."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        reset to 0600 before the key is written; a symbolic link is refused). With overwrite=False
+        an existing file is left alone and FileExistsError raised."""
+        excl = os.O_TRUNC if overwrite else os.O_EXCL
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | excl | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
             os.fchmod(fd, 0o600)
         except BaseException:
