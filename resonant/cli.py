@@ -25,7 +25,8 @@ import numpy as np
 from resonant import _codec
 from resonant._spec import (DTYPE_WIRE_NAMES, MESSAGE_CLASSES, NUMPY_DTYPES, REQUIRED_ROLES,
                             USER_MESSAGE_TYPES, DType, Flags, Modality, MsgType)
-from resonant.errors import EncodeError, LocalProtocolError, ResonantError
+from resonant.errors import (DecryptionFailed, EncodeError, HandshakeRefused, LocalProtocolError, NotEncrypted,
+                             ResonantError, UnknownKey)
 from resonant.reassembler import ObjectReady, StreamComplete, StreamFailed, StreamStarted
 from resonant.session import (
     ConnectionBroken,
@@ -58,11 +59,13 @@ def _peer(addr) -> str:
 
 
 def frame_json(frame) -> dict:
-    """The header fields as integers named as in the spec, and the slices."""
+    """The header fields as integers named as in the spec, and the slices (each dtype's code, and
+    beside it its wire name from the spec)."""
     return {"version": frame.version, "msg_type": int(frame.msg_type), "flags": int(frame.flags),
             "stream_id": frame.stream_id, "frame_seq": frame.frame_seq, "space_hash32": frame.space_hash32,
             "modality": int(frame.modality),
-            "slices": [{"dtype": int(s.dtype), "shape": list(s.shape), "payload_len": s.nbytes} for s in frame.slices]}
+            "slices": [{"dtype": int(s.dtype), "dtype_name": DTYPE_WIRE_NAMES.get(int(s.dtype)), "shape": list(s.shape),
+                        "payload_len": s.nbytes} for s in frame.slices]}
 
 
 def frame_line(frame, doc: dict | None) -> str:
@@ -77,7 +80,7 @@ def frame_line(frame, doc: dict | None) -> str:
     for s in frame.slices:
         parts.append(f"{DType(s.dtype).name}{list(s.shape)} {s.nbytes}B")
     if doc is not None:
-        parts.append(json.dumps(doc, separators=(",", ":"))[:160])
+        parts.append(json.dumps(doc, separators=(",", ":")))  # whole: a cut document is not JSON
     elif isinstance(frame, _codec.Sync) and frame.json is None:
         parts.append("(heartbeat)")
     elif mt in ("THINK", "ASK", "CRITIQUE", "CACHE") and frame.slices:
@@ -165,6 +168,19 @@ def _check_save_dir(save: Path) -> None:
 # ------------------------------------------------------------------ recv
 
 
+def _rejection(ev: FrameRejected) -> tuple[str, str]:
+    """What recv says of a rejected frame: (what, detail), in the command line's terms."""
+    exc = ev.error
+    if isinstance(exc, NotEncrypted):
+        return ev.reason, (f"{exc.path}: the frame is not encrypted, and this receiver requires encryption (it was "
+                           "started with --key-file): send with --key-file, or start recv without --key-file")
+    if isinstance(exc, UnknownKey):
+        return "wrong key", f"{exc}: the sender's --key-file is another key; use the same key file on both sides"
+    if isinstance(exc, DecryptionFailed):
+        return "wrong key", f"{exc}: the sender's --key-file holds another key (or the frame was altered)"
+    return ev.reason, ev.detail
+
+
 def _session_config(args) -> dict:
     kw: dict[str, Any] = {}
     if getattr(args, "key_file", None):
@@ -230,7 +246,8 @@ async def _recv(args) -> int:
                     else:
                         saved = _save(plan)
                         written += size
-                objs = [{"dtype": int(o.dtype), "shape": list(o.shape), "nbytes": o.nbytes, "name": o.name,
+                objs = [{"dtype": int(o.dtype), "dtype_name": DTYPE_WIRE_NAMES.get(int(o.dtype)),
+                         "shape": list(o.shape), "nbytes": o.nbytes, "name": o.name,
                          "layer": o.layer} for o in (lay.objects if lay else [])]
                 line = ({"event": "stream_complete", "peer": _peer(addr), "stream_id": ev.stream_id,
                          "nbytes": ev.nbytes, "xxh3_64": f"{ev.xxh3_64:016x}", "verified": True, "objects": objs,
@@ -249,10 +266,14 @@ async def _recv(args) -> int:
                         f"{ev.detail}; missing byte ranges {ev.missing[:8]}"
                         + (f" and {len(ev.missing) - 8 + ev.missing_more} more" if len(ev.missing) > 8 or ev.missing_more
                            else ""))
-            elif isinstance(ev, (FrameRejected, ConnectionBroken)):
-                what = ev.reason if isinstance(ev, FrameRejected) else "connection"
-                detail = ev.detail if isinstance(ev, FrameRejected) else str(ev.error)
+            elif isinstance(ev, FrameRejected):
+                # Rejected input is its own event, on stdout with the messages (and logged on stderr).
+                what, detail = _rejection(ev)
                 print(f"{_peer(addr)} rejected ({what}): {detail}", file=sys.stderr, flush=True)
+                line = ({"event": "rejected", "peer": _peer(addr), "reason": ev.reason, "detail": detail}
+                        if args.json else f"{_peer(addr)} [REJECTED] ({what}) {detail}")
+            elif isinstance(ev, ConnectionBroken):
+                print(f"{_peer(addr)} rejected (connection): {ev.error}", file=sys.stderr, flush=True)
                 continue
             elif isinstance(ev, HandshakeComplete):
                 a = ev.agreement
@@ -276,6 +297,15 @@ async def _recv(args) -> int:
 
 
 def _load(path: str, dtype: str | None) -> np.ndarray:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as exc:
+        raise SystemExit(f"resonant send: cannot read {path}: {exc.strerror or exc}")
+    if magic != b"\x93NUMPY":
+        what = "a .npz archive (send one of its arrays)" if magic[:2] == b"PK" else "not a .npy file"
+        raise SystemExit(f"resonant send: {path} is {what}: it does not start with the .npy magic; write the array "
+                         "with numpy.save")
     try:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -314,15 +344,23 @@ class _Progress:
 
     def __call__(self, sent: int, total: int) -> None:
         now = time.perf_counter()
-        if sent < total and now - self.last < (0.1 if self.tty else 1.0):
-            return
+        if sent < total and (not self.tty or now - self.last < 0.1):
+            return  # (without a terminal: one line, at the end)
         self.last = now
         frac = sent / total if total else 1.0
         rate = sent / max(now - self.start, 1e-9) / 1e6
         bar = "#" * int(frac * 30)
-        end = "\n" if sent >= total or not self.tty else "\r"
+        end = "\n" if sent >= total else "\r"
         print(f"[{bar:<30}] {frac:6.1%} {sent / 1e6:8.1f}/{total / 1e6:.1f} MB {rate:8.1f} MB/s", end=end,
               file=sys.stderr, flush=True)
+
+
+def _wire(peer, raw: int, out0: int) -> str:
+    """The bytes sent since out0 (frames, as the session counts them), and with zstd their share of raw."""
+    wire = peer.session.stats["bytes_out"] - out0
+    agreed = peer.agreement
+    zstd = agreed is not None and agreed.compress == "zstd"
+    return f"{wire} bytes on the wire" + (f" (zstd: {100 * wire / max(raw, 1):.1f}% of the raw size)" if zstd else "")
 
 
 async def _send(args) -> int:
@@ -338,9 +376,10 @@ async def _send(args) -> int:
         space = args.space_hash or 0
         try:
             frame = _message(args.type, arr, args.stream_id, space)
+            out0 = peer.session.stats["bytes_out"]
             await peer.send(frame)
             print(f"sent {MsgType(frame.msg_type).name} {arr.dtype}{list(arr.shape)} ({arr.nbytes} bytes) "
-                  f"to {args.to}", file=sys.stderr)
+                  f"to {args.to}: {_wire(peer, arr.nbytes, out0)}", file=sys.stderr)
             await asyncio.sleep(0.05)  # let the frame leave before the socket closes
             return 0
         except (EncodeError, LocalProtocolError):
@@ -350,12 +389,14 @@ async def _send(args) -> int:
         names = [name for name, _ in REQUIRED_ROLES[_TYPES[args.type]]] if len(objects) > 1 else [Path(args.file).stem]
         progress = _Progress(arr.nbytes) if arr.nbytes >= (4 << 20) else None
         t = time.perf_counter()
+        out0 = peer.session.stats["bytes_out"]
         sid = await peer.send_stream(objects, stream_id=args.stream_id or None, names=names,
                                      msg_type=int(_TYPES[args.type]), progress=progress,
                                      space_hash32=space)
         dt = time.perf_counter() - t
         print(f"sent stream {sid}: {arr.dtype}{list(arr.shape)} ({arr.nbytes} bytes) in {dt:.3f} s "
-              f"({arr.nbytes / max(dt, 1e-9) / 1e6:.1f} MB/s) to {args.to}", file=sys.stderr)
+              f"({arr.nbytes / max(dt, 1e-9) / 1e6:.1f} MB/s) to {args.to}: {_wire(peer, arr.nbytes, out0)}",
+              file=sys.stderr)
         await asyncio.sleep(0.05)  # let the last frames leave before the socket closes
     return 0
 
@@ -409,9 +450,22 @@ class _UsageError(Exception):
 
 
 def _u32(text: str) -> int:
-    v = int(text, 0)
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not a number: give 0..4294967295, decimal or 0x hex") from None
     if not 0 <= v < 1 << 32:
         raise argparse.ArgumentTypeError(f"{text} is not a u32")
+    return v
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not a number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text}: N is at least 1 (leave --count out to receive until interrupted)")
     return v
 
 
@@ -436,15 +490,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "per message (a V-Stream counts once, when it completes or fails).")
     r.add_argument("--listen", required=True, metavar="URL", help="udp://HOST:PORT or tcp://HOST:PORT")
     r.add_argument("--json", action="store_true", help="one JSON object per line, header fields as integers")
-    r.add_argument("--save", metavar="DIR", help="save completed streams as .npy files in DIR")
+    r.add_argument("--save", metavar="DIR", help="save completed streams as .npy files in DIR (created if missing, "
+                   "checked before listening); an existing file is never replaced: NAME-1.npy, NAME-2.npy, ... instead")
     r.add_argument("--max-bytes", type=_size, default=DEFAULT_SAVE_MAX_BYTES, metavar="N",
                    help="write at most N bytes of .npy files in total with --save (default 1 GiB = "
                    f"{DEFAULT_SAVE_MAX_BYTES}); a completed stream that would go over it is not saved (nothing of it "
                    f"is written), a line on stderr says so, and the exit status is {EXIT_SAVE_QUOTA}")
-    r.add_argument("--count", type=int, metavar="N", help="exit after N messages (data messages and completed or "
-                   "failed streams; handshake documents are printed but not counted), with status 0, or 3 if "
-                   "--max-bytes kept a stream from being saved")
-    r.add_argument("--key-file", metavar="F", help="decrypt with this key (and require encryption)")
+    r.add_argument("--count", type=_count, metavar="N", help="exit after N messages, N at least 1 (data messages and "
+                   "completed or failed streams; handshake documents are printed but not counted), with status 0, "
+                   "or 3 if --max-bytes kept a stream from being saved; without --count, run until interrupted")
+    r.add_argument("--key-file", metavar="F", help="decrypt with this key (and require encryption); "
+                   "`resonant keygen F` makes one")
     r.add_argument("--space-hash", type=_u32, metavar="H", help="accept only this embedding space (space_hash32)")
     r.add_argument("--max-frame-bytes", type=int, metavar="N", help="largest frame the peers may send (512..65536)")
     r.add_argument("--strict", action="store_true", help="require the handshake before data (the default with a key "
@@ -461,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="message type" + (f" ({'; '.join(several)})" if several else ""))
     s.add_argument("--dtype", choices=list(_DTYPES), help="convert the array first")
     s.add_argument("--zstd", action="store_true", help="compress (when the receiver supports it)")
-    s.add_argument("--key-file", metavar="F", help="encrypt with this key")
+    s.add_argument("--key-file", metavar="F", help="encrypt with this key (the receiver's key file)")
     s.add_argument("--space-hash", type=_u32, metavar="H", help="space_hash32 to stamp on the frames and announce")
     s.add_argument("--stream-id", type=_u32, default=1, metavar="ID", help="stream_id (default 1)")
     s.add_argument("--no-handshake", action="store_true", help="send without the handshake (as the reference does)")
@@ -510,8 +566,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"resonant {args.command}: {exc}", file=sys.stderr)
         return 2
     except (ResonantError, OSError, ValueError) as exc:
-        print(f"resonant {args.command}: {exc}", file=sys.stderr)
+        print(f"resonant {args.command}: {exc}{_advice(args, exc)}", file=sys.stderr)
         return 1
+
+
+def _advice(args, exc: Exception) -> str:
+    """What to do about a refused handshake, in the command line's terms."""
+    if args.command != "send" or not isinstance(exc, HandshakeRefused):
+        return ""
+    if "requires encryption" in exc.detail and not args.key_file:
+        return "; send with --key-file (the receiver's key file)"
+    if "is not a known key" in exc.detail or "authentication failed" in exc.detail:
+        return ("; the receiver does not hold this --key-file's key: use the same key file on both sides "
+                "(`resonant keygen FILE` makes one)")
+    return ""
 
 
 if __name__ == "__main__":

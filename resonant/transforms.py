@@ -168,6 +168,11 @@ class Keyring:
     def __len__(self) -> int:
         return len(self._keys)
 
+    @property
+    def ids(self) -> list[int]:
+        """The key ids held, in the order the keys were added."""
+        return list(self._keys)
+
     def __repr__(self) -> str:
         ids = ", ".join(f"0x{i:08x}" for i in self._keys)
         return f"Keyring([{ids}], primary=0x{self.primary.key_id:08x})"
@@ -258,6 +263,10 @@ class _DerivedKeyring(Keyring):
 
     def __len__(self) -> int:
         return len(self.base)
+
+    @property
+    def ids(self) -> list[int]:
+        return self.base.ids
 
 
 class SessionKeyring(_DerivedKeyring):
@@ -391,7 +400,8 @@ class Codec:
     def _open(self, key_id: int, nonce, aad, ciphertext, offset: int) -> bytes:
         key = self.keyring.get(key_id) if self.keyring is not None else None
         if key is None:
-            have = "no keyring was given" if self.keyring is None else f"the keyring holds {self.keyring!r}"
+            have = ("no keyring was given" if self.keyring is None else "this peer holds key id"
+                    + ("s " if len(self.keyring.ids) > 1 else " ") + ", ".join(f"0x{i:08x}" for i in self.keyring.ids))
             raise UnknownKey("key_id", f"0x{key_id:08x} is not a known key ({have})",
                              offset - NONCE_BYTES - _KEY_ID.size)
         if _codec.aead_backend() == "sodium-c":  # decrypt straight from the received buffer
