@@ -44,7 +44,9 @@ def files(tmp_path_factory):
 
 
 def _json_lines(rx) -> list[dict]:
-    return [json.loads(x) for x in rx.stdout]
+    """recv --json's lines: the messages and streams, then the rejected events (test_transport's
+    _Child keeps those apart, in .rejected)."""
+    return [json.loads(x) for x in rx.stdout + rx.rejected]
 
 
 # ------------------------------------------------------------------ fresh clone: make codegen, import
@@ -173,7 +175,7 @@ def test_recv_json_prints_rejected_input_as_its_own_event(files, scheme):
     with receiver(scheme, "--json", "--key-file", str(files / "a.key")) as rx:
         r = run_cli("send", "--to", rx.url, str(files / "small.npy"), timeout=15)
         assert r.returncode == 1, r.stderr
-        rx.wait_stdout_lines(1)
+        rx.wait_for(lambda: rx.rejected, "a rejected event")
         docs = _json_lines(rx)
     assert not any(d["event"] == "message" for d in docs), docs
     rej = [d for d in docs if d["event"] == "rejected"]
@@ -185,9 +187,9 @@ def test_recv_human_output_prints_rejected_input_as_rejected(files):
     with receiver("udp", "--space-hash", "7") as rx:
         r = run_cli("send", "--to", rx.url, str(files / "small.npy"), "--space-hash", "5", timeout=15)
         assert r.returncode == 1, r.stderr
-        rx.wait_stdout_lines(1)
-    assert all("REJECTED" in line for line in rx.stdout), rx.dump()
-    assert "SPACE_MISMATCH" in rx.stdout[0] and "[SYNC]" not in rx.stdout[0]
+        rx.wait_for(lambda: rx.rejected, "a rejected line")
+    assert rx.stdout == [], rx.dump()  # the refused ping is not printed as a [SYNC] message
+    assert "[REJECTED] (ping_refused) SPACE_MISMATCH: " in rx.rejected[0], rx.dump()
 
 
 # ------------------------------------------------------------------ error texts
