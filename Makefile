@@ -4,7 +4,7 @@ PYTHON ?= python3
 .PHONY: help codegen check-codegen compile debug annotate install test test-fast bench fuzz fuzz-build fuzz-short clean
 
 help:
-	@echo "make codegen        regenerate code, stubs, specs and strategies from schema/"
+	@echo "make codegen        regenerate code, stubs, specs and strategies from schema/ (installs what it needs if missing)"
 	@echo "make check-codegen  fail if the generated files are stale (CI runs this)"
 	@echo "make compile        build the Cython extension in place"
 	@echo "make debug          build with -O0 -g and Cython bounds checks"
@@ -16,10 +16,21 @@ help:
 	@echo "make fuzz-build     build the codec with clang coverage + UBSan for the fuzzers (build/fuzz-pkg)"
 	@echo "make fuzz-short     the CI version: each target ~15 s (tests/test_fuzz_short.py)"
 
+# What `python -m codegen` needs (pyproject's `codegen` extra; numpy and ml_dtypes check the dtype names): `make codegen` installs them with
+# $(PYTHON)'s pip when they are missing, so that `make codegen && pip install .` works in a fresh venv.
+CODEGEN_DEPS = 'pyyaml>=6' 'jinja2>=3.1' 'numpy>=1.24' 'ml_dtypes>=0.4'
+CODEGEN_READY = $(PYTHON) -c "import yaml, jinja2, numpy, ml_dtypes" 2>/dev/null || { \
+	echo "codegen needs PyYAML, Jinja2, numpy and ml_dtypes: $(PYTHON) -m pip install $(CODEGEN_DEPS)"; \
+	$(PYTHON) -m pip install -q $(CODEGEN_DEPS) || { \
+	echo "make codegen: could not install $(CODEGEN_DEPS) with $(PYTHON) -m pip; install them, then run make codegen again" >&2; \
+	exit 1; }; }
+
 codegen:
+	@$(CODEGEN_READY)
 	$(PYTHON) -m codegen
 
 check-codegen:
+	@$(CODEGEN_READY)
 	$(PYTHON) -m codegen --check
 
 compile: codegen

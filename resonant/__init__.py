@@ -6,7 +6,17 @@
 True
 """
 
-from resonant import _codec
+try:
+    from resonant import _codec
+except ImportError:  # e.g. `python -c "import resonant"` in a fresh clone: its resonant/ shadows the installed one
+    import importlib.util as _util
+    import os as _os
+    if _util.find_spec("resonant._codec") is not None:
+        raise  # the codec is there but does not load: its own error says why
+    raise ImportError(
+        f"resonant: the compiled codec (resonant._codec) is not built in {_os.path.dirname(__file__)}: run "
+        "`make compile` (or `pip install -e .`) in the checkout, or run Python from another directory to use "
+        "the installed resonant") from None
 from resonant._codec import (
     Frame,
     Slice,

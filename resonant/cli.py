@@ -3,7 +3,9 @@
     resonant recv --listen udp://0.0.0.0:7000 [--json] [--save DIR [--max-bytes N]] [--count N]
     resonant send --to tcp://127.0.0.1:7000 kv.npy --type cache --zstd
     resonant inspect frame.bin [--json]
+    resonant keygen peer.key
     resonant demo
+    resonant --version
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,7 +25,8 @@ import numpy as np
 from resonant import _codec
 from resonant._spec import (DTYPE_FALLBACK, DTYPE_WIRE_NAMES, MESSAGE_CLASSES, NUMPY_DTYPES, REQUIRED_ROLES,
                             USER_MESSAGE_TYPES, DType, Flags, Modality, MsgType)
-from resonant.errors import EncodeError, LocalProtocolError, ResonantError
+from resonant.errors import (DecryptionFailed, EncodeError, HandshakeRefused, LocalProtocolError, NotEncrypted,
+                             ResonantError, UnknownKey)
 from resonant.reassembler import ObjectReady, StreamComplete, StreamFailed, StreamStarted
 from resonant.session import (
     ConnectionBroken,
@@ -55,11 +60,13 @@ def _peer(addr) -> str:
 
 
 def frame_json(frame) -> dict:
-    """The header fields as integers named as in the spec, and the slices."""
+    """The header fields as integers named as in the spec, and the slices (each dtype's code, and
+    beside it its wire name from the spec)."""
     return {"version": frame.version, "msg_type": int(frame.msg_type), "flags": int(frame.flags),
             "stream_id": frame.stream_id, "frame_seq": frame.frame_seq, "space_hash32": frame.space_hash32,
             "modality": int(frame.modality),
-            "slices": [{"dtype": int(s.dtype), "shape": list(s.shape), "payload_len": s.nbytes} for s in frame.slices]}
+            "slices": [{"dtype": int(s.dtype), "dtype_name": DTYPE_WIRE_NAMES.get(int(s.dtype)), "shape": list(s.shape),
+                        "payload_len": s.nbytes} for s in frame.slices]}
 
 
 def frame_line(frame, doc: dict | None) -> str:
@@ -74,7 +81,7 @@ def frame_line(frame, doc: dict | None) -> str:
     for s in frame.slices:
         parts.append(f"{DType(s.dtype).name}{list(s.shape)} {s.nbytes}B")
     if doc is not None:
-        parts.append(json.dumps(doc, separators=(",", ":"))[:160])
+        parts.append(json.dumps(doc, separators=(",", ":")))  # whole: a cut document is not JSON
     elif isinstance(frame, _codec.Sync) and frame.json is None:
         parts.append("(heartbeat)")
     elif mt in ("THINK", "ASK", "CRITIQUE", "CACHE") and frame.slices:
@@ -94,19 +101,20 @@ DEFAULT_SAVE_MAX_BYTES = 1 << 30
 EXIT_SAVE_QUOTA = 3
 
 
-def _save_plan(directory: Path, ev: StreamComplete, layout) -> list[tuple[Path, np.ndarray]]:
-    """The .npy files a completed stream becomes: (path, array as written)."""
+def _save_plan(directory: Path, ev: StreamComplete, layout) -> list[tuple[Path, str, np.ndarray]]:
+    """The .npy files a completed stream becomes: (path without its extension, extension, array as
+    written); _save numbers the name (-1, -2, ...) when a file of that name exists."""
     plan = []
     for obj, arr in zip(layout.objects if layout is not None else [], ev.objects):
         name = obj.name or f"object{obj.index}"
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+        stem = directory / f"stream{ev.stream_id}_{obj.index:04d}_{safe}"
         if arr.dtype == np.dtype(_bf16()):  # .npy has no bfloat16: keep the bits, say so in the name
-            plan.append((directory / f"stream{ev.stream_id}_{obj.index:04d}_{safe}.bf16.npy", arr.view(np.uint16)))
+            plan.append((stem, ".bf16.npy", arr.view(np.uint16)))
         elif arr.dtype.kind == "V":  # Q4 / sparse: the raw payload bytes
-            plan.append((directory / f"stream{ev.stream_id}_{obj.index:04d}_{safe}.{DType(obj.dtype).name.lower()}.npy",
-                         arr.view(np.uint8)))
+            plan.append((stem, f".{DType(obj.dtype).name.lower()}.npy", arr.view(np.uint8)))
         else:
-            plan.append((directory / f"stream{ev.stream_id}_{obj.index:04d}_{safe}.npy", arr))
+            plan.append((stem, ".npy", arr))
     return plan
 
 
@@ -123,16 +131,55 @@ def _npy_bytes(arr: np.ndarray) -> int:
     return len(head.getvalue()) + arr.nbytes
 
 
-def _save(plan: list[tuple[Path, np.ndarray]]) -> list[str]:
+# How many numbered names (NAME-1.npy, NAME-2.npy, ...) --save tries when NAME.npy exists.
+_SAVE_NUMBERED_NAMES = 10_000
+
+
+def _save(plan: list[tuple[Path, str, np.ndarray]]) -> list[str]:
+    """Write each array to a new file: an existing file is never replaced (the name is numbered,
+    and the file is created with O_EXCL, so that a file appearing meanwhile is not replaced either)."""
     paths = []
-    for path, arr in plan:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, arr, allow_pickle=False)
+    for stem, ext, arr in plan:
+        for n in range(_SAVE_NUMBERED_NAMES):
+            path = stem.with_name(stem.name + (f"-{n}" if n else "") + ext)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            except FileExistsError:
+                continue
+            break
+        else:
+            raise OSError(f"{stem}{ext} and {_SAVE_NUMBERED_NAMES - 1} numbered names after it exist already")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
         paths.append(str(path))
     return paths
 
 
+def _check_save_dir(save: Path) -> None:
+    """Make sure --save DIR can take files before anything is received: create it if missing, then
+    create and remove a file in it. A clear error, exit status 2, otherwise."""
+    try:
+        save.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=save, prefix=".resonant-probe-"):
+            pass
+    except OSError as exc:
+        raise _UsageError(f"--save {save}: cannot write files there: {exc.strerror or exc}") from None
+
+
 # ------------------------------------------------------------------ recv
+
+
+def _rejection(ev: FrameRejected) -> tuple[str, str]:
+    """What recv says of a rejected frame: (what, detail), in the command line's terms."""
+    exc = ev.error
+    if isinstance(exc, NotEncrypted):
+        return ev.reason, (f"{exc.path}: the frame is not encrypted, and this receiver requires encryption (it was "
+                           "started with --key-file): send with --key-file, or start recv without --key-file")
+    if isinstance(exc, UnknownKey):
+        return "wrong key", f"{exc}: the sender's --key-file is another key; use the same key file on both sides"
+    if isinstance(exc, DecryptionFailed):
+        return "wrong key", f"{exc}: the sender's --key-file holds another key (or the frame was altered)"
+    return ev.reason, ev.detail
 
 
 def _session_config(args) -> dict:
@@ -158,6 +205,8 @@ async def _recv(args) -> int:
     refused = 0    # completed streams not saved because of --max-bytes
     layouts: dict[tuple, Any] = {}
     save = Path(args.save) if args.save else None
+    if save is not None:
+        _check_save_dir(save)  # before binding: a bad --save is found before anything is received
     cfg = _session_config(args)
     cfg["compress"] = ("zstd", "none")
     async with serve(args.listen, **cfg) as server:
@@ -188,7 +237,7 @@ async def _recv(args) -> int:
                 not_saved = None
                 if save is not None:
                     plan = _save_plan(save, ev, lay)
-                    size = sum(_npy_bytes(a) for _, a in plan)
+                    size = sum(_npy_bytes(a) for *_, a in plan)
                     if written + size > args.max_bytes:
                         refused += 1
                         not_saved = (f"{size} bytes of .npy files would bring what this receiver has written to "
@@ -198,7 +247,8 @@ async def _recv(args) -> int:
                     else:
                         saved = _save(plan)
                         written += size
-                objs = [{"dtype": int(o.dtype), "shape": list(o.shape), "nbytes": o.nbytes, "name": o.name,
+                objs = [{"dtype": int(o.dtype), "dtype_name": DTYPE_WIRE_NAMES.get(int(o.dtype)),
+                         "shape": list(o.shape), "nbytes": o.nbytes, "name": o.name,
                          "layer": o.layer} for o in (lay.objects if lay else [])]
                 line = ({"event": "stream_complete", "peer": _peer(addr), "stream_id": ev.stream_id,
                          "nbytes": ev.nbytes, "xxh3_64": f"{ev.xxh3_64:016x}", "verified": True, "objects": objs,
@@ -217,10 +267,14 @@ async def _recv(args) -> int:
                         f"{ev.detail}; missing byte ranges {ev.missing[:8]}"
                         + (f" and {len(ev.missing) - 8 + ev.missing_more} more" if len(ev.missing) > 8 or ev.missing_more
                            else ""))
-            elif isinstance(ev, (FrameRejected, ConnectionBroken)):
-                what = ev.reason if isinstance(ev, FrameRejected) else "connection"
-                detail = ev.detail if isinstance(ev, FrameRejected) else str(ev.error)
+            elif isinstance(ev, FrameRejected):
+                # Rejected input is its own event, on stdout with the messages (and logged on stderr).
+                what, detail = _rejection(ev)
                 print(f"{_peer(addr)} rejected ({what}): {detail}", file=sys.stderr, flush=True)
+                line = ({"event": "rejected", "peer": _peer(addr), "reason": ev.reason, "detail": detail}
+                        if args.json else f"{_peer(addr)} [REJECTED] ({what}) {detail}")
+            elif isinstance(ev, ConnectionBroken):
+                print(f"{_peer(addr)} rejected (connection): {ev.error}", file=sys.stderr, flush=True)
                 continue
             elif isinstance(ev, HandshakeComplete):
                 a = ev.agreement
@@ -244,6 +298,15 @@ async def _recv(args) -> int:
 
 
 def _load(path: str, dtype: str | None) -> np.ndarray:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as exc:
+        raise SystemExit(f"resonant send: cannot read {path}: {exc.strerror or exc}")
+    if magic != b"\x93NUMPY":
+        what = "a .npz archive (send one of its arrays)" if magic[:2] == b"PK" else "not a .npy file"
+        raise SystemExit(f"resonant send: {path} is {what}: it does not start with the .npy magic; write the array "
+                         "with numpy.save")
     try:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -288,15 +351,23 @@ class _Progress:
 
     def __call__(self, sent: int, total: int) -> None:
         now = time.perf_counter()
-        if sent < total and now - self.last < (0.1 if self.tty else 1.0):
-            return
+        if sent < total and (not self.tty or now - self.last < 0.1):
+            return  # (without a terminal: one line, at the end)
         self.last = now
         frac = sent / total if total else 1.0
         rate = sent / max(now - self.start, 1e-9) / 1e6
         bar = "#" * int(frac * 30)
-        end = "\n" if sent >= total or not self.tty else "\r"
+        end = "\n" if sent >= total else "\r"
         print(f"[{bar:<30}] {frac:6.1%} {sent / 1e6:8.1f}/{total / 1e6:.1f} MB {rate:8.1f} MB/s", end=end,
               file=sys.stderr, flush=True)
+
+
+def _wire(peer, raw: int, out0: int) -> str:
+    """The bytes sent since out0 (frames, as the session counts them), and with zstd their share of raw."""
+    wire = peer.session.stats["bytes_out"] - out0
+    agreed = peer.agreement
+    zstd = agreed is not None and agreed.compress == "zstd"
+    return f"{wire} bytes on the wire" + (f" (zstd: {100 * wire / max(raw, 1):.1f}% of the raw size)" if zstd else "")
 
 
 async def _send(args) -> int:
@@ -321,10 +392,12 @@ async def _send(args) -> int:
         try:
             frame = _message(args.type, arr, args.stream_id, space)
             converted = peer.session.stats["dtype_converted"]
+            out0 = peer.session.stats["bytes_out"]
             await peer.send(frame)
             print(f"sent {MsgType(frame.msg_type).name} {arr.dtype}{list(arr.shape)} ({arr.nbytes} bytes) "
                   + (f"converted to {_sent_dtype(arr, peer.agreement)} (what the peer reads) "
-                     if peer.session.stats["dtype_converted"] != converted else "") + f"to {args.to}", file=sys.stderr)
+                     if peer.session.stats["dtype_converted"] != converted else "")
+                  + f"to {args.to}: {_wire(peer, arr.nbytes, out0)}", file=sys.stderr)
             await asyncio.sleep(0.05)  # let the frame leave before the socket closes
             return 0
         except (EncodeError, LocalProtocolError) as exc:
@@ -339,12 +412,14 @@ async def _send(args) -> int:
         names = [name for name, _ in REQUIRED_ROLES[_TYPES[args.type]]] if len(objects) > 1 else [Path(args.file).stem]
         progress = _Progress(arr.nbytes) if arr.nbytes >= (4 << 20) else None
         t = time.perf_counter()
+        out0 = peer.session.stats["bytes_out"]
         sid = await peer.send_stream(objects, stream_id=args.stream_id or None, names=names,
                                      msg_type=int(_TYPES[args.type]), progress=progress,
                                      space_hash32=space)
         dt = time.perf_counter() - t
         print(f"sent stream {sid}: {arr.dtype}{list(arr.shape)} ({arr.nbytes} bytes) in {dt:.3f} s "
-              f"({arr.nbytes / max(dt, 1e-9) / 1e6:.1f} MB/s) to {args.to}", file=sys.stderr)
+              f"({arr.nbytes / max(dt, 1e-9) / 1e6:.1f} MB/s) to {args.to}: {_wire(peer, arr.nbytes, out0)}",
+              file=sys.stderr)
         await asyncio.sleep(0.05)  # let the last frames leave before the socket closes
     return 0
 
@@ -371,13 +446,49 @@ def _inspect(args) -> int:
     return 1 if rinspect.inspect(data, codec=codec).error is not None else 0
 
 
+# ------------------------------------------------------------------ keygen
+
+
+_KEY_FILE_FORMAT = ("a key file holds one 32-byte XChaCha20-Poly1305 key as 64 hexadecimal characters and a "
+                    "newline (32 raw bytes are read too); both peers use the same file")
+
+
+def _keygen(args) -> int:
+    key = Key.generate()
+    try:
+        key.to_file(args.file, overwrite=False)
+    except FileExistsError:
+        print(f"resonant keygen: {args.file} exists: a key file is never overwritten", file=sys.stderr)
+        return 1
+    print(f"resonant keygen: wrote key 0x{key.key_id:08x} to {args.file} (mode 0600); give it to both sides "
+          "with --key-file", file=sys.stderr)
+    return 0
+
+
 # ------------------------------------------------------------------ main
 
 
+class _UsageError(Exception):
+    """A bad command line found after parsing (e.g. an unusable --save DIR): exit status 2."""
+
+
 def _u32(text: str) -> int:
-    v = int(text, 0)
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not a number: give 0..4294967295, decimal or 0x hex") from None
     if not 0 <= v < 1 << 32:
         raise argparse.ArgumentTypeError(f"{text} is not a u32")
+    return v
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not a number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text}: N is at least 1 (leave --count out to receive until interrupted)")
     return v
 
 
@@ -394,21 +505,25 @@ def _size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resonant", description="Send and receive V-Frames: hidden states, KV caches, "
                                 "embeddings and control messages between models.")
+    from resonant import __version__
+    p.add_argument("--version", action="version", version=f"resonant {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("recv", help="receive and print messages", description="Listen for frames and print one line "
                        "per message (a V-Stream counts once, when it completes or fails).")
     r.add_argument("--listen", required=True, metavar="URL", help="udp://HOST:PORT or tcp://HOST:PORT")
     r.add_argument("--json", action="store_true", help="one JSON object per line, header fields as integers")
-    r.add_argument("--save", metavar="DIR", help="save completed streams as .npy files in DIR")
+    r.add_argument("--save", metavar="DIR", help="save completed streams as .npy files in DIR (created if missing, "
+                   "checked before listening); an existing file is never replaced: NAME-1.npy, NAME-2.npy, ... instead")
     r.add_argument("--max-bytes", type=_size, default=DEFAULT_SAVE_MAX_BYTES, metavar="N",
                    help="write at most N bytes of .npy files in total with --save (default 1 GiB = "
                    f"{DEFAULT_SAVE_MAX_BYTES}); a completed stream that would go over it is not saved (nothing of it "
                    f"is written), a line on stderr says so, and the exit status is {EXIT_SAVE_QUOTA}")
-    r.add_argument("--count", type=int, metavar="N", help="exit after N messages (data messages and completed or "
-                   "failed streams; handshake documents are printed but not counted), with status 0, or 3 if "
-                   "--max-bytes kept a stream from being saved")
-    r.add_argument("--key-file", metavar="F", help="decrypt with this key (and require encryption)")
+    r.add_argument("--count", type=_count, metavar="N", help="exit after N messages, N at least 1 (data messages and "
+                   "completed or failed streams; handshake documents are printed but not counted), with status 0, "
+                   "or 3 if --max-bytes kept a stream from being saved; without --count, run until interrupted")
+    r.add_argument("--key-file", metavar="F", help="decrypt with this key (and require encryption); "
+                   "`resonant keygen F` makes one")
     r.add_argument("--space-hash", type=_u32, metavar="H", help="accept only this embedding space (space_hash32)")
     r.add_argument("--max-frame-bytes", type=int, metavar="N", help="largest frame the peers may send (512..65536)")
     r.add_argument("--strict", action="store_true", help="require the handshake before data (the default with a key "
@@ -425,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="message type" + (f" ({'; '.join(several)})" if several else ""))
     s.add_argument("--dtype", choices=list(_DTYPES), help="convert the array first")
     s.add_argument("--zstd", action="store_true", help="compress (when the receiver supports it)")
-    s.add_argument("--key-file", metavar="F", help="encrypt with this key")
+    s.add_argument("--key-file", metavar="F", help="encrypt with this key (the receiver's key file)")
     s.add_argument("--space-hash", type=_u32, metavar="H", help="space_hash32 to stamp on the frames and announce")
     s.add_argument("--stream-id", type=_u32, default=1, metavar="ID", help="stream_id (default 1)")
     s.add_argument("--no-handshake", action="store_true", help="send without the handshake (as the reference does)")
@@ -439,6 +554,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file", metavar="FILE")
     i.add_argument("--json", action="store_true", help="JSON output")
     i.add_argument("--key-file", metavar="F", help="decrypt an encrypted (version 2) frame with this key")
+
+    k = sub.add_parser("keygen", help="write a fresh key file for --key-file",
+                       description=f"Write a fresh random key to FILE, readable by its owner only (mode 0600); "
+                       f"an existing FILE is never overwritten. Format: {_KEY_FILE_FORMAT}.")
+    k.add_argument("file", metavar="FILE")
 
     d = sub.add_parser("demo", help="a receiver and a sender on loopback, with a summary table",
                        description="Start a receiver and a sender on loopback: handshake, a Think, a multi-megabyte "
@@ -461,13 +581,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_send(args))
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "keygen":
+            return _keygen(args)
         from resonant.demo import run_demo
         return asyncio.run(run_demo(args))
     except KeyboardInterrupt:
         return 130
-    except (ResonantError, OSError, ValueError) as exc:
+    except _UsageError as exc:
         print(f"resonant {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except (ResonantError, OSError, ValueError) as exc:
+        print(f"resonant {args.command}: {exc}{_advice(args, exc)}", file=sys.stderr)
         return 1
+
+
+def _advice(args, exc: Exception) -> str:
+    """What to do about a refused handshake, in the command line's terms."""
+    if args.command != "send" or not isinstance(exc, HandshakeRefused):
+        return ""
+    if "requires encryption" in exc.detail and not args.key_file:
+        return "; send with --key-file (the receiver's key file)"
+    if "is not a known key" in exc.detail or "authentication failed" in exc.detail:
+        return ("; the receiver does not hold this --key-file's key: use the same key file on both sides "
+                "(`resonant keygen FILE` makes one)")
+    return ""
 
 
 if __name__ == "__main__":

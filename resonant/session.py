@@ -248,7 +248,8 @@ class RemoteError:
 @dataclass(frozen=True)
 class FrameRejected:
     """A frame was dropped and counted. reason: 'malformed', 'space_mismatch', 'not_encrypted',
-    'replay', 'too_old', 'handshake_required', 'closed'; with a key: 'unauthenticated' (an error
+    'replay', 'too_old', 'handshake_required', 'closed', 'ping_refused' (a server's refusal of a ping,
+    answered with an error document: detail is "CODE: message"); with a key: 'unauthenticated' (an error
     in the clear), 'stale' (sealed for another session or handshake, or an error about a frame this
     client did not send under its current session key), 'rate_limited' (a server's answer to a ping
     offering a new session within rekey_interval of the last), 'evicted' (a stream whose
@@ -959,14 +960,15 @@ class Session(SessionCore):
                       plain=not frame.transforms & Flags.XCHACHA)
         self.stats["errors_sent"] += 1
         self.agreement = None
-        return [MessageReceived(frame, doc), HandshakeFailed(code, message)]
+        # (a refused ping is rejected input: never reported as a MessageReceived)
+        return [FrameRejected("ping_refused", f"{code}: {message}"), HandshakeFailed(code, message)]
 
     def _do_refuse_ping(self, now, frame, doc) -> list:
         code, message, extra = self._ping_problem(doc, frame)
         if isinstance(doc.get("client_random"), str):
             extra = {**extra, "client_random": doc["client_random"]}
         self._reply_error(code, message, now, plain=not frame.transforms & Flags.XCHACHA, **extra)
-        return [MessageReceived(frame, doc)]
+        return [FrameRejected("ping_refused", f"{code}: {message}")]
 
     def _do_adopt(self, now, frame, doc) -> list:
         c = self.config
@@ -1108,7 +1110,9 @@ class Session(SessionCore):
             return ("UNSUPPORTED_VERSION", f"protocol version {v} is not supported (this peer speaks "
                     f"{', '.join(map(str, c.versions))})", {"expected": str(max(c.versions)), "got": str(v)})
         if c.expected_space_hash is not None and ping.get("space_hash32") != c.expected_space_hash:
-            message = "Embedding space mismatch"
+            got = ping.get("space_hash32")
+            message = (f"Embedding space mismatch: this peer expects space_hash32 0x{c.expected_space_hash:08x}, the "
+                       + ("ping announces none" if not isinstance(got, int) else f"ping announces 0x{got:08x}"))
             theirs = _signature(ping)
             if theirs is not None and c.model_signature is not None:
                 message += ": " + c.model_signature.explain(theirs)

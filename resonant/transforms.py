@@ -103,10 +103,12 @@ class Key:
         raise KeyFileError(str(path), f"{len(data)} bytes: a key file holds {KEY_BYTES} raw bytes or "
                            f"{2 * KEY_BYTES} hexadecimal characters")
 
-    def to_file(self, path: str | os.PathLike) -> None:
+    def to_file(self, path: str | os.PathLike, *, overwrite: bool = True) -> None:
         """Write the key as hexadecimal text, readable by the owner only (an existing file's mode is
-        reset to 0600 before the key is written; a symbolic link is refused)."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        reset to 0600 before the key is written; a symbolic link is refused). With overwrite=False
+        an existing file is left alone and FileExistsError raised."""
+        excl = os.O_TRUNC if overwrite else os.O_EXCL
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | excl | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
             os.fchmod(fd, 0o600)
         except BaseException:
@@ -165,6 +167,11 @@ class Keyring:
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    @property
+    def ids(self) -> list[int]:
+        """The key ids held, in the order the keys were added."""
+        return list(self._keys)
 
     def __repr__(self) -> str:
         ids = ", ".join(f"0x{i:08x}" for i in self._keys)
@@ -256,6 +263,10 @@ class _DerivedKeyring(Keyring):
 
     def __len__(self) -> int:
         return len(self.base)
+
+    @property
+    def ids(self) -> list[int]:
+        return self.base.ids
 
 
 class SessionKeyring(_DerivedKeyring):
@@ -389,7 +400,8 @@ class Codec:
     def _open(self, key_id: int, nonce, aad, ciphertext, offset: int) -> bytes:
         key = self.keyring.get(key_id) if self.keyring is not None else None
         if key is None:
-            have = "no keyring was given" if self.keyring is None else f"the keyring holds {self.keyring!r}"
+            have = ("no keyring was given" if self.keyring is None else "this peer holds key id"
+                    + ("s " if len(self.keyring.ids) > 1 else " ") + ", ".join(f"0x{i:08x}" for i in self.keyring.ids))
             raise UnknownKey("key_id", f"0x{key_id:08x} is not a known key ({have})",
                              offset - NONCE_BYTES - _KEY_ID.size)
         if _codec.aead_backend() == "sodium-c":  # decrypt straight from the received buffer

@@ -144,7 +144,7 @@ def test_every_state_input_pair(role, state, inp):
         assert isinstance(events[-1], HandshakeComplete)
     if action is Action.REFUSE_PING:  # answered, the session stays (review 1, F4)
         assert json.loads(_codec.decode(sent[-1]).json.tobytes())["code"] == "SPACE_MISMATCH"
-        assert kinds(events) == ["MessageReceived"] and s.agreement is not None
+        assert kinds(events) == ["FrameRejected"] and s.agreement is not None  # (rejected input: issue 16 part 4)
     if action is Action.ANSWER_ERROR:
         assert json.loads(_codec.decode(sent[-1]).json.tobytes())["code"] == "SPACE_MISMATCH"
         assert isinstance(events[-1], HandshakeFailed)

@@ -174,7 +174,7 @@ def test_wrong_key_is_rejected():
 
 
 def test_unknown_key_id_and_missing_keyring():
-    with pytest.raises(UnknownKey, match=r"^key_id: 0x00000007 is not a known key \(the keyring holds Keyring\(\[0x00000009\]"):
+    with pytest.raises(UnknownKey, match=r"^key_id: 0x00000007 is not a known key \(this peer holds key id 0x00000009\) \(at byte 38\)$"):
         Codec(key=Key(os.urandom(32), key_id=9)).decode(_encrypted())
     with pytest.raises(UnknownKey, match=r"^key_id: 0x00000007 is not a known key \(no keyring was given\) \(at byte 38\)$"):
         resonant.decode(_encrypted())

@@ -28,6 +28,7 @@ from conftest import MANIFEST, VECTORS, vector_bytes
 
 import resonant
 from resonant import Flags, Key, MsgType
+from resonant._spec import DTYPE_WIRE_NAMES
 from resonant.session import (
     FrameRejected,
     HandshakeComplete,
@@ -52,13 +53,20 @@ VEC = {name: vector_bytes(name) for name in VEC_FILES}
 # ------------------------------------------------------------------ child processes
 
 
+def _is_rejected(line: str) -> bool:
+    """recv's stdout line for a rejected frame: its JSON event or its human line."""
+    return line.startswith('{"event": "rejected"') or " [REJECTED] " in line
+
+
 class _Child:
-    """A child process whose stdout and stderr lines are collected by two threads."""
+    """A child process whose stdout and stderr lines are collected by two threads; recv's lines
+    for rejected frames go to .rejected, not .stdout (which keeps the messages and streams)."""
 
     def __init__(self, argv: list[str]) -> None:
         self.argv = argv
         self.stdout: list[str] = []
         self.stderr: list[str] = []
+        self.rejected: list[str] = []
         self._cv = threading.Condition()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, bufsize=1, cwd=CHILD_CWD)
@@ -69,14 +77,15 @@ class _Child:
 
     def _pump(self, pipe, sink: list[str]) -> None:
         for line in pipe:
+            line = line.rstrip("\n")
             with self._cv:
-                sink.append(line.rstrip("\n"))
+                (self.rejected if sink is self.stdout and _is_rejected(line) else sink).append(line)
                 self._cv.notify_all()
 
     def dump(self) -> str:
         with self._cv:
             return (f"$ {' '.join(self.argv)}\nreturncode {self.proc.poll()}\n--- stdout\n"
-                    + "\n".join(self.stdout[-40:])
+                    + "\n".join(self.stdout[-40:]) + "\n--- stdout: rejected\n" + "\n".join(self.rejected[-20:])
                     + "\n--- stderr\n" + "\n".join(self.stderr[-40:]))
 
     def wait_for(self, pred, what: str, timeout: float = WAIT):
@@ -208,11 +217,13 @@ def closed_by_peer(s: socket.socket, timeout: float = WAIT) -> bool:
     return False
 
 
-def expected_json(entry: dict) -> dict:
+def expected_json(entry: dict, *, names: bool = True) -> dict:
+    """recv --json's fields for a vector (with names: each dtype's wire name beside its code)."""
     e = entry["expect"]
     return {"version": e["version"], "msg_type": e["msg_type"], "flags": e["flags"], "stream_id": e["stream_id"],
             "frame_seq": e["frame_seq"], "space_hash32": e["space_hash32"], "modality": e["modality"],
-            "slices": [{"dtype": s["dtype"], "shape": s["shape"], "payload_len": s["payload_len"]}
+            "slices": [{"dtype": s["dtype"], **({"dtype_name": DTYPE_WIRE_NAMES[s["dtype"]]} if names else {}),
+                        "shape": s["shape"], "payload_len": s["payload_len"]}
                        for s in e["slices"]]}
 
 
@@ -500,7 +511,8 @@ def test_send_small_array_arrives_as_one_think(scheme, arrays):
         [think] = _payload_lines(rx)
         assert {k: think[k] for k in HEADER_KEYS} == {
             "version": 1, "msg_type": MsgType.THINK, "flags": 0, "stream_id": 1, "frame_seq": 0, "space_hash32": 0,
-            "modality": 0, "slices": [{"dtype": 1, "shape": [1, 2048], "payload_len": 4096}]}
+            "modality": 0, "slices": [{"dtype": 1, "dtype_name": DTYPE_WIRE_NAMES[1], "shape": [1, 2048],
+                                       "payload_len": 4096}]}
         rx.wait_stderr(r"handshake: protocol 2, compress zstd, crypto none, max_frame_bytes "
                        + ("65536" if scheme == "tcp" else "65507"))
 
@@ -517,7 +529,7 @@ def test_send_small_array_compressed_and_encrypted(scheme, options, arrays):
         [think] = _payload_lines(rx)
         want = (Flags.ZSTD if zstd else 0) | (Flags.XCHACHA if key else 0)
         assert (think["version"], think["flags"], think["msg_type"]) == (2, want, MsgType.THINK)
-        assert think["slices"] == [{"dtype": 1, "shape": [1, 2048], "payload_len": 4096}]
+        assert think["slices"] == [{"dtype": 1, "dtype_name": DTYPE_WIRE_NAMES[1], "shape": [1, 2048], "payload_len": 4096}]
         crypto = "xchacha20poly1305" if key else "none"
         rx.wait_stderr(rf"handshake: protocol 2, compress zstd, crypto {crypto}, ")
 
@@ -621,7 +633,8 @@ def test_receiver_with_key_rejects_a_sender_without_key(scheme, arrays):
         assert "sent THINK" not in r.stderr
         rx.wait_stderr(r"rejected \(not_encrypted\): flags: the frame is not encrypted, and this receiver requires "
                        r"encryption")
-        assert all(json.loads(x)["document"]["method"] == "ping" for x in rx.stdout), rx.dump()
+        assert rx.stdout == [], rx.dump()  # the refused ping is a rejected event, not a message
+        assert json.loads(rx.rejected[0])["reason"] == "not_encrypted", rx.dump()
         assert rx.proc.poll() is None  # still serving
 
 
@@ -636,7 +649,7 @@ def test_receiver_with_key_rejects_a_sender_with_another_key(arrays):
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith("resonant send: handshake: TIMEOUT: "), last
         assert f"BAD_REQUEST: key_id: 0x{other:08x} is not a known key" in last
-        rx.wait_stderr(rf"rejected \(malformed\): key_id: 0x{other:08x} is not a known key")
+        rx.wait_stderr(rf"rejected \(wrong key\): key_id: 0x{other:08x} is not a known key")
         assert rx.stdout == [], rx.dump()
 
 
@@ -900,7 +913,7 @@ def test_inspect_reference_frame():
     doc = json.loads(r.stdout)
     entry = next(v for v in MANIFEST if v["file"] == "01_sync_ping.bin")
     assert doc["error"] is None
-    assert {k: doc["frame"][k] for k in HEADER_KEYS} == expected_json(entry)
+    assert {k: doc["frame"][k] for k in HEADER_KEYS} == expected_json(entry, names=False)
     paths = [f["path"] for f in doc["fields"]]
     assert "header.stream_id" in paths and paths[-1] == "crc32"
 
