@@ -347,7 +347,7 @@ def test_cli_send_with_no_options_falls_back_and_the_reference_reads_it(tmp_path
     lines = r.stderr.strip().splitlines()
     assert lines[0] == (f"resonant send: no capability from {url} within {WAIT} s: the peer looks like a reference "
                         "receiver; sending version-1 frames (f16/i8/q4/sparse, one frame per message)")
-    assert lines[1] == f"sent THINK float32[1, 2048] (8192 bytes) converted to f16 (what the peer reads) to {url}"
+    assert lines[1] == f"sent THINK float32[1, 2048] (8192 bytes) converted to f16 (what the peer reads) to {url}: 4143 bytes on the wire"
     data = [d for d in got if resonant.decode(d).msg_type != MsgType.SYNC]
     assert len(data) == 1
     (rec,) = _decode_frames(tmp_path, data)
