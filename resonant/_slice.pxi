@@ -87,6 +87,8 @@ cdef class Slice:
                 raise EncodeError("shape", f"expected a sequence of integers, got {shape!r}") from None
         if len(dims) > MAX_DIMS:
             raise EncodeError("shape", f"{len(dims)} dimensions, more than max_dims ({MAX_DIMS})")
+        if not dims:
+            raise EncodeError("shape", "a 0-D tensor (empty shape): reshape it to [1]: the reference rejects an empty shape")
         for k, d in enumerate(dims):
             if not 0 <= d <= 0xFFFFFFFF:
                 raise EncodeError(f"shape[{k}]", f"{d} does not fit u32")
