@@ -82,6 +82,13 @@ cdef class Frame:
         return None if self._layout is None else str(self._layout)
 
     @property
+    def empty_slice_len(self):
+        """Whether this frame with no slices is written with one slice_len entry of 0 (the
+        reference's Rust form, 4 bytes longer) instead of none (the spec's form): as it was
+        received, or as make_frame(empty_slice_len=True) built it."""
+        return bool(self._empty_entry)
+
+    @property
     def transforms(self):
         """Body transforms (ZSTD, XCHACHA) that were really applied on the wire and undone by the decoder."""
         return _FLAGS[self._applied]
