@@ -212,3 +212,13 @@ def test_recv_strict_refuses_misfits():
         sock.sendto(two_layer_cache(stream_id=21), (HOST, rx.port))
         rx.wait_stderr(r"rejected \(malformed\): num_slices: Cache carries 2 slices, got 4")
         assert rx.proc.poll() is None, rx.dump()
+
+
+def test_inspect_walks_the_rust_form():
+    from resonant import inspect as rinspect
+    data = resonant.encode(resonant.make_frame(MsgType.SYNC, [], stream_id=5, space_hash32=7, empty_slice_len=True))
+    ins = rinspect.inspect(data)
+    assert ins.error is None and ins.frame.empty_slice_len
+    paths = [f.path for f in ins.fields]
+    assert paths[6:9] == ["header.slice_len[0]", "header.space_hash32", "header.modality"] and "trailing" not in paths
+    assert ins.header["space_hash32"] == 7
