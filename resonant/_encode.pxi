@@ -4,11 +4,14 @@
 # --------------------------------------------------------------------------- encode
 
 
-cdef Py_ssize_t _body_size(tuple slices):
+cdef Py_ssize_t _body_size(tuple slices) except -1:
+    """The body's bytes; a 0-D slice (empty shape, which the reference rejects) is refused."""
     cdef Py_ssize_t size = 0, i
     cdef Slice s
     for i in range(len(slices)):
         s = <Slice>slices[i]
+        if s._ndim == 0:
+            raise EncodeError(f"slices[{i}].shape", ZERO_D_REFUSED)
         size += SL_DIMS + DIM_BYTES * s._ndim + s._len
     return size
 

@@ -180,6 +180,10 @@ cdef _check_roles(uint8_t msg_type, tuple slices):
                               f"({MAX_FRAME_BYTES})")
         if roles[i][1] and ((<Slice>s)._dtype != DTYPE_I8 or (<Slice>s)._ndim != 1):
             raise EncodeError(f"slices[{i}]", f"the {roles[i][0]} slice carries text: it must be I8 of one dimension, got {s!r}")
+    at = _BY_CONTENT.get(msg_type, {}).get(n)  # a slice whose role a receiver tells by content
+    if at is not None and not _reads_as_text(<Slice>slices[at]):
+        raise EncodeError(f"slices[{at}]", f"the {roles[at][0]} slice must read as text (UTF-8 with no control character "
+                          f"but tab, LF and CR): a receiver takes slice {at} of {n} that does not for a tensor role")
 
 
 cdef _check_slices(tuple slices):

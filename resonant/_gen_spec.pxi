@@ -64,6 +64,12 @@ _LAYOUTS = {
     5: (("data", ), ),
 }
 
+# Read layouts (chosen by content): message type -> {slice count: index of the slice that is the
+# text role when it reads as text, else the read layout's tensor role}.
+_BY_CONTENT = {
+    4: {2: 1},
+}
+
 
 cdef _set_header(Frame f, uint8_t msg_type, object stream_id, object frame_seq, object space_hash32,
                  object modality, object flags):

@@ -222,3 +222,9 @@ def test_inspect_walks_the_rust_form():
     paths = [f.path for f in ins.fields]
     assert paths[6:9] == ["header.slice_len[0]", "header.space_hash32", "header.modality"] and "trailing" not in paths
     assert ins.header["space_hash32"] == 7
+
+
+def test_constructor_refuses_an_explanation_a_receiver_would_take_for_a_mask():
+    with pytest.raises(EncodeError, match=r"^slices\[1\]: the explanation slice must read as text"):
+        resonant.Critique(F16(4), explanation=b"\x00\x01")
+    assert resonant.Critique(F16(4), explanation="tab\tand newline\n").explanation is not None
