@@ -228,3 +228,20 @@ def test_constructor_refuses_an_explanation_a_receiver_would_take_for_a_mask():
     with pytest.raises(EncodeError, match=r"^slices\[1\]: the explanation slice must read as text"):
         resonant.Critique(F16(4), explanation=b"\x00\x01")
     assert resonant.Critique(F16(4), explanation="tab\tand newline\n").explanation is not None
+
+
+def test_transformed_misfits_decode_liberally_and_strictly():
+    key = resonant.Key(bytes(range(32)), key_id=1)
+    zeros = Slice.from_array(np.zeros((4, 64), np.float16))  # compressible: ZSTD is kept
+    frame = resonant.make_frame(MsgType.THINK, [zeros, zeros], stream_id=3)
+    for codec in (resonant.Codec(3), resonant.Codec(3, key=key)):
+        data = codec.encode(frame)
+        assert data[0] == 2
+        back = codec.decode(data)
+        assert back == frame and not back.layout_ok and back.transforms
+        assert back.layout_reason == "num_slices: Think carries 1 slices, got 2 (at byte 16)"
+        with pytest.raises(LayoutError):
+            codec.decode(data, strict=True)
+    empty = resonant.make_frame(MsgType.SYNC, [], empty_slice_len=True)  # (version 2 has no 37-byte form)
+    data = resonant.Codec(3, key=key).encode(empty)
+    assert resonant.Codec(3, key=key).decode(data) == empty
