@@ -242,6 +242,11 @@ class EnumValue:
     offered: bool = True                  # dtype: in SessionConfig.dtypes by default
     fallback: tuple[str, ...] = ()        # dtype: wire names it is converted to when the peer lacks it
     internal: bool = False                # msg_type: carried by the library itself (control, V-Stream)
+    read_layouts: tuple[tuple[tuple[str, ...], str], ...] = ()  # msg_type: (layout, doc) a decoder also reads
+
+    def alternate(self, count: int) -> tuple[str, ...] | None:
+        """The read layout with `count` slices (chosen by content over the layout of that count), or None."""
+        return next((lay for lay, _ in self.read_layouts if len(lay) == count), None)
 
     def role(self, name: str) -> Role:
         return next(r for r in self.roles if r.name == name)
@@ -379,6 +384,7 @@ class VFrame:
     envelope: tuple[Field, ...]
     transforms: Transforms
     transports: tuple[Transport, ...] = ()
+    slice_len_empty_doc: str = ""          # the two forms of a frame with no slices (reference discrepancy)
 
     def transport(self, name: str) -> Transport:
         return next(t for t in self.transports if t.name == name)
@@ -649,7 +655,7 @@ def _size(node: _Node) -> SizeRule:
 
 
 #: The keys a value of each enum may carry besides name, value and doc.
-_ENUM_KEYS = {"msg_type": ("class", "roles", "layouts", "internal"),
+_ENUM_KEYS = {"msg_type": ("class", "roles", "layouts", "internal", "read_layouts"),
               "dtype": ("size", "wire", "numpy", "reference", "offered", "fallback"),
               "flags": ("body_transform",)}
 
@@ -670,7 +676,7 @@ def _enum(name: str, node: _Node, width: int) -> Enum:
             raise item.child("name").fail(f"duplicate name '{vname}'")
         extra: dict[str, Any] = {}
         if name == "msg_type":
-            item.mapping(("name", "value", "doc", "class", "roles", "layouts"), ("internal",))
+            item.mapping(("name", "value", "doc", "class", "roles", "layouts"), ("internal", "read_layouts"))
             extra["class_name"] = item.child("class").ident()
             extra["internal"] = item.child("internal").bool(False)
             roles = _roles(item.child("roles"))
@@ -689,6 +695,24 @@ def _enum(name: str, node: _Node, width: int) -> Enum:
                 raise item.child("layouts").fail("at least one layout is required")
             extra["roles"] = roles
             extra["layouts"] = tuple(layouts)
+            reads = []
+            rnode = item.child("read_layouts")
+            for alt in (rnode.seq() if rnode.value is not None else []):
+                alt.mapping(("layout", "doc"))
+                names = tuple(r.str() for r in alt.child("layout").seq())
+                for i, r in enumerate(names):
+                    if r not in {ro.name for ro in roles}:
+                        raise alt.child("layout").child(i).fail(f"unknown role '{r}'")
+                base = next((lay for lay in layouts if len(lay) == len(names)), None)
+                if base is None or any(len(lay) == len(names) for lay, _ in reads):
+                    raise alt.fail(f"a read layout is chosen by content over the one layout with {len(names)} slices")
+                kinds = {ro.name: ro.kind for ro in roles}
+                diff = [i for i, (a, b) in enumerate(zip(base, names)) if a != b]
+                if (len(diff) != 1 or kinds[base[diff[0]]] == "tensor" or kinds[names[diff[0]]] != "tensor"):
+                    raise alt.fail("a read layout differs from the layout of its count in one slice, a text role "
+                                   "there and a tensor role here (the slice is the text role when it reads as text)")
+                reads.append((names, alt.doc()))
+            extra["read_layouts"] = tuple(reads)
         if name == "dtype":
             item.mapping(("name", "value", "doc", "size", "wire"), ("numpy", "reference", "offered", "fallback"))
             extra["size"] = _size(item.child("size"))
@@ -747,7 +771,7 @@ def load_vframe(path: Path) -> VFrame:
     for needed in ("max_frame_bytes", "max_slices", "max_dims", "max_shape_elements", "max_segments"):
         if needed not in lnames:
             raise root.child("limits").fail(f"missing limit '{needed}'")
-    rule = root.child("slice_len_rule").mapping(("name", "doc"))
+    rule = root.child("slice_len_rule").mapping(("name", "doc"), ("empty_form_doc",))
     rule_name = rule.child("name").ident()
     header = _fields(root.child("header"), lnames, {rule_name})
     slice_ = _fields(root.child("slice"), lnames, set())
@@ -908,6 +932,7 @@ def load_vframe(path: Path) -> VFrame:
         limits=limits,
         header=header,
         slice_len_rule_doc=rule.doc(),
+        slice_len_empty_doc=rule.child("empty_form_doc").str() if rule.child("empty_form_doc").value is not None else "",
         slice=slice_,
         trailer=trailer,
         enums=enums,

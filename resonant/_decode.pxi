@@ -7,6 +7,7 @@ cdef struct Hdr:
     uint8_t version
     Py_ssize_t nslices     # number of slices (<= max_slices)
     Py_ssize_t tab         # offset of the slice_len table
+    Py_ssize_t entries     # its entries: nslices, or 1 for a version 1 frame with no slices in the Rust form
     Py_ssize_t body        # offset just after the header (start of the body, or of the envelope)
     Py_ssize_t end         # offset of the crc32 (frame length - 4)
 
@@ -46,10 +47,14 @@ cdef int _check_header(const unsigned char *p, Py_ssize_t n, Hdr *h) except -1:
     h.nslices = <Py_ssize_t>num
     h.tab = PREFIX_SIZE
     h.end = end
+    h.entries = h.nslices
+    if (num == 0 and h.version == VERSION and end == PREFIX_SIZE + SLICE_LEN_BYTES + SUFFIX_SIZE
+            and rz_ld_u32(p + PREFIX_SIZE) == 0):
+        h.entries = 1  # no slices, one slice_len entry of 0: the form the reference's Rust encoder writes
     if h.tab + SLICE_LEN_BYTES * h.nslices > end:
         k = (end - h.tab) // 4 if end > h.tab else 0
         raise _truncated(f"slice_len[{k}]", h.tab + SLICE_LEN_BYTES * k, SLICE_LEN_BYTES, end, _BEFORE_CRC)
-    h.body = h.tab + SLICE_LEN_BYTES * h.nslices
+    h.body = h.tab + SLICE_LEN_BYTES * h.entries
     if h.body + SUFFIX_SIZE > end:
         raise _truncated_fixed(_SUFFIX_FIELDS, h.body, end)
     h.body += SUFFIX_SIZE
@@ -110,8 +115,9 @@ cdef int _check_space(const unsigned char *p, Hdr *h, object expected) except -1
     return 0
 
 
-cdef int _check_meaning(const unsigned char *p, Hdr *h, const unsigned char *b, Py_ssize_t base, str prefix) except -1:
-    """Message type, flags, modality, every slice's dtype and size rule, then the layout."""
+cdef object _check_meaning(const unsigned char *p, Hdr *h, const unsigned char *b, Py_ssize_t base, str prefix):
+    """Message type, flags, modality, every slice's dtype and size rule (raised); then whether the
+    slices fit the type's layouts: None, or the LayoutError (returned, raised only by strict decoding)."""
     cdef Py_ssize_t pos = 0, i, k
     cdef uint64_t nel
     cdef uint32_t slen
@@ -149,19 +155,21 @@ cdef int _check_meaning(const unsigned char *p, Hdr *h, const unsigned char *b, 
             shape = tuple([dims[k] for k in range(ndim)])
             raise SizeMismatch(f"{prefix}slices[{i}].payload", _size_detail(dtype, shape, nel, need, slen, f"slice_len[{i}]"), base + pos + SL_DIMS + DIM_BYTES * ndim)
         pos += SL_DIMS + DIM_BYTES * ndim + slen
-    _check_layout(msg_type, h.nslices, role_dtype, role_ndim, role_off, prefix)
-    return 0
+    return _layout_problem(msg_type, h.nslices, role_dtype, role_ndim, role_off, prefix)
 
 
 cdef Frame _build(const unsigned char *p, Hdr *h, const unsigned char *b, object base, Py_ssize_t boff,
-                  uint16_t applied):
-    """Build the message from checked bytes: the header at p, the body at b, which is base[boff:]."""
+                  uint16_t applied, object layout):
+    """Build the message from checked bytes: the header at p, the body at b, which is base[boff:];
+    layout: what _check_meaning said of its slices."""
     cdef Py_ssize_t pos = 0, i, k
     cdef Slice s
     cdef Frame f = _new_frame(p[OFF_MSG_TYPE])
     cdef Py_ssize_t suffix = h.body - SUFFIX_SIZE
     _read_header(f, p, suffix)
     f._applied = applied
+    f._layout = layout
+    f._empty_entry = h.entries != h.nslices
     cdef tuple slices = PyTuple_New(h.nslices)
     for i in range(h.nslices):
         s = Slice.__new__(Slice)
@@ -250,7 +258,7 @@ def byte_shuffle(data, int width, bint inverse=False):
 
 
 cdef Frame _decode_transformed(const unsigned char *p, Hdr *h, object base, object codec, object expected_space,
-                               bint require_encryption):
+                               bint require_encryption, bint strict):
     """Transformed version (VERSION_TRANSFORMED): envelope, CRC, space, decrypt, decompress, then the body's checks."""
     cdef uint16_t flags, applied
     cdef Py_ssize_t env = h.body, env_size, tb
@@ -302,8 +310,10 @@ cdef Frame _decode_transformed(const unsigned char *p, Hdr *h, object base, obje
     if filters & FILTER_BYTE_SHUFFLE:
         plain = _unshuffle_body(p, h, pb, body_len)
         pb = <const unsigned char *>PyBytes_AS_STRING(plain)
-    _check_meaning(p, h, pb, 0, "body.")
-    return _build(p, h, pb, plain, 0, applied)
+    layout = _check_meaning(p, h, pb, 0, "body.")
+    if strict and layout is not None:
+        raise layout
+    return _build(p, h, pb, plain, 0, applied, layout)
 
 
 cdef int _check_encrypted(const unsigned char *p, Hdr *h, bint required) except -1:
@@ -313,7 +323,7 @@ cdef int _check_encrypted(const unsigned char *p, Hdr *h, bint required) except 
     return 0
 
 
-def decode(data, *, codec=None, expected_space_hash=None, bint require_encryption=False):
+def decode(data, *, codec=None, expected_space_hash=None, bint require_encryption=False, bint strict=False):
     """Decode one V-Frame from a bytes-like object into its message class.
 
     A raw-version (VERSION) frame's slices are views of `data` (no copy). A transformed-version (VERSION_TRANSFORMED) frame is
@@ -322,6 +332,9 @@ def decode(data, *, codec=None, expected_space_hash=None, bint require_encryptio
     `expected_space_hash`, a frame for another embedding space raises SpaceMismatch; with
     `require_encryption`, a frame that is not encrypted raises NotEncrypted.
     Malformed input raises a DecodeError subclass naming the field path and byte offset.
+    Any number of slices of any dtype is valid on the wire in any message type: a frame whose
+    slices fit none of its type's layouts decodes with layout_ok False (layout_reason says why);
+    with `strict` it raises that LayoutError instead.
     """
     cdef const unsigned char *p
     cdef Py_ssize_t n
@@ -345,11 +358,11 @@ def decode(data, *, codec=None, expected_space_hash=None, bint require_encryptio
         view = PyMemoryView_GET_BUFFER(base)
         p = <const unsigned char *>view.buf
         n = view.len
-    return _decode_in(base, p, n, 0, codec, expected_space_hash, require_encryption)
+    return _decode_in(base, p, n, 0, codec, expected_space_hash, require_encryption, strict)
 
 
 cdef Frame _decode_in(object base, const unsigned char *p, Py_ssize_t n, Py_ssize_t off, object codec,
-                      object expected_space_hash, bint require_encryption):
+                      object expected_space_hash, bint require_encryption, bint strict):
     """decode() of the n frame bytes at p, which are base[off:off + n] (base: bytes, or a 1-D
     unsigned-byte memoryview)."""
     cdef Hdr h
@@ -357,10 +370,12 @@ cdef Frame _decode_in(object base, const unsigned char *p, Py_ssize_t n, Py_ssiz
     if h.version == VERSION_TRANSFORMED:
         if off:  # (its offsets count from the frame's first byte)
             base = memoryview(base)[off:off + n]
-        return _decode_transformed(p, &h, base, codec, expected_space_hash, require_encryption)
+        return _decode_transformed(p, &h, base, codec, expected_space_hash, require_encryption, strict)
     _check_body(p, &h, p + h.body, h.end - h.body, h.body, "", _BEFORE_CRC, "crc32", "the crc32")
     _check_crc(p, &h)
     _check_encrypted(p, &h, require_encryption)
     _check_space(p, &h, expected_space_hash)
-    _check_meaning(p, &h, p + h.body, h.body, "")
-    return _build(p, &h, p + h.body, base, off + h.body, 0)
+    layout = _check_meaning(p, &h, p + h.body, h.body, "")
+    if strict and layout is not None:
+        raise layout
+    return _build(p, &h, p + h.body, base, off + h.body, 0, layout)

@@ -4,21 +4,35 @@
 # --------------------------------------------------------------------------- encode
 
 
-cdef Py_ssize_t _body_size(tuple slices):
+cdef Py_ssize_t _body_size(tuple slices) except -1:
+    """The body's bytes; a 0-D slice (empty shape, which the reference rejects) is refused."""
     cdef Py_ssize_t size = 0, i
     cdef Slice s
     for i in range(len(slices)):
         s = <Slice>slices[i]
+        if s._ndim == 0:
+            raise EncodeError(f"slices[{i}].shape", ZERO_D_REFUSED)
         size += SL_DIMS + DIM_BYTES * s._ndim + s._len
     return size
 
 
-cdef void _write_header(Frame frame, unsigned char *q, uint8_t version, uint16_t flags, Py_ssize_t nslices) noexcept:
+cdef void _write_header(Frame frame, unsigned char *q, uint8_t version, uint16_t flags, Py_ssize_t nslices,
+                        Py_ssize_t entries) noexcept:
+    """The header with `entries` slice_len entries: nslices, or 1 (of 0) for a frame with no slices
+    in the reference's Rust form (_entries)."""
     cdef Py_ssize_t i
-    _write_fields(q, PREFIX_SIZE + SLICE_LEN_BYTES * nslices, version, frame._msg_type, flags, nslices,
+    _write_fields(q, PREFIX_SIZE + SLICE_LEN_BYTES * entries, version, frame._msg_type, flags, nslices,
                   frame._stream_id, frame._frame_seq, frame._space_hash32, frame._modality)
     for i in range(nslices):
         rz_st_u32(q + PREFIX_SIZE + SLICE_LEN_BYTES * i, <uint32_t>(<Slice>frame._slices[i])._len)
+    for i in range(nslices, entries):
+        rz_st_u32(q + PREFIX_SIZE + SLICE_LEN_BYTES * i, 0)
+
+
+cdef inline Py_ssize_t _entries(Frame frame, Py_ssize_t nslices) noexcept:
+    """slice_len entries of a raw-version frame: one of 0 for no slices in the Rust form (a frame
+    decoded in it, or make_frame(empty_slice_len=True)), else nslices."""
+    return 1 if nslices == 0 and frame._empty_entry else nslices
 
 
 cdef Py_ssize_t _write_body(tuple slices, unsigned char *q, bint shuffle) noexcept:
@@ -71,12 +85,13 @@ cdef bytes _encode_plain(Frame frame, bint renumber, uint64_t frame_seq):
     """encode(frame), or with renumber, encode(frame.replace(frame_seq=frame_seq)) without the copy."""
     cdef tuple slices = frame._slices
     cdef Py_ssize_t nslices = len(slices)
-    cdef Py_ssize_t hsize = PREFIX_SIZE + SLICE_LEN_BYTES * nslices + SUFFIX_SIZE
+    cdef Py_ssize_t entries = _entries(frame, nslices)
+    cdef Py_ssize_t hsize = PREFIX_SIZE + SLICE_LEN_BYTES * entries + SUFFIX_SIZE
     cdef Py_ssize_t size = hsize + _body_size(slices) + CRC_SIZE
     _check_size(size)
     out = PyBytes_FromStringAndSize(NULL, size)
     cdef unsigned char *q = <unsigned char *>PyBytes_AS_STRING(out)
-    _write_header(frame, q, VERSION, frame._flags & ~frame._applied, nslices)
+    _write_header(frame, q, VERSION, frame._flags & ~frame._applied, nslices, entries)
     if renumber:
         rz_st_u64(q + OFF_FRAME_SEQ, frame_seq)
     _write_body(slices, q + hsize, False)
@@ -123,7 +138,7 @@ def encode_header(Frame frame not None, uint16_t transforms):
     cdef Py_ssize_t nslices = len(frame._slices)
     header = PyBytes_FromStringAndSize(NULL, PREFIX_SIZE + SLICE_LEN_BYTES * nslices + SUFFIX_SIZE)
     _write_header(frame, <unsigned char *>PyBytes_AS_STRING(header), VERSION_TRANSFORMED,
-                  (frame._flags & ~BODY_TRANSFORM_MASK) | (transforms & BODY_TRANSFORM_MASK), nslices)
+                  (frame._flags & ~BODY_TRANSFORM_MASK) | (transforms & BODY_TRANSFORM_MASK), nslices, nslices)
     return header
 
 

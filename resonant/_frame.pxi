@@ -99,11 +99,13 @@ cdef Frame _frame_replace(Frame self, dict changes):
                     changes.get("frame_seq", self._frame_seq), changes.get("space_hash32", self._space_hash32),
                     changes.get("modality", self._modality), changes.get("flags", self._flags))
         f._slices = self._slices
+        f._layout = self._layout
+        f._empty_entry = self._empty_entry
         return f
     header = {name: getattr(self, name) for name in ("stream_id", "frame_seq", "space_hash32", "modality", "flags")}
-    slices = changes.pop("slices")
+    slices = tuple(changes.pop("slices"))
     header.update(changes)
-    return make_frame(self._msg_type, slices, **header)
+    return make_frame(self._msg_type, slices, empty_slice_len=self._empty_entry and not slices, **header)
 
 
 cdef str _frame_repr(Frame self):
@@ -111,11 +113,56 @@ cdef str _frame_repr(Frame self):
              f"space_hash32={self._space_hash32}", f"modality={self.modality.name}"]
     if self._flags:
         parts.append(f"flags={self.flags!r}")
-    roles = _LAYOUTS[self._msg_type]
-    names = next((lay for lay in roles if len(lay) == len(self._slices)), ())
-    for name, s in zip(names, self._slices):
-        parts.append(f"{name}={s!r}")
+    if self._layout is None:  # the slices by role (a 2-slice Critique's second by content)
+        for name, _ in _ROLES[self._msg_type]:
+            s = getattr(self, name)
+            if s is not None:
+                parts.append(f"{name}={s!r}")
+    else:
+        parts.append(f"slices={self._slices!r}")
+        parts.append("layout_ok=False")
     return f"{type(self).__name__}({', '.join(parts)})"
+
+
+cdef bint _reads_as_text(Slice s) except -1:
+    """Whether a slice reads as text: one-dimensional I8 whose payload is UTF-8 with no control
+    character but tab, LF and CR (every JSON document and plain text; an empty payload too). The
+    second slice of a 2-slice Critique is its explanation when it does, else its mask (the spec's
+    read_layouts)."""
+    cdef const unsigned char *p
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    if s._dtype != DTYPE_I8 or s._ndim != 1:
+        return False
+    if s._len == 0:
+        return True
+    p = _slice_ptr(s)
+    for i in range(s._len):
+        c = p[i]
+        if c < 0x20 and c != 9 and c != 10 and c != 13:
+            return False
+    try:
+        PyBytes_FromStringAndSize(<const char *>p, s._len).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+cdef object _layout_of(uint8_t msg_type, tuple slices):
+    """_layout_problem of slices as encode() would lay them out (offsets as on the wire)."""
+    cdef Py_ssize_t i, n = len(slices), pos
+    cdef Slice s
+    cdef uint8_t dt[ROLE_CHECK_SLOTS]
+    cdef uint8_t nd[ROLE_CHECK_SLOTS]
+    cdef Py_ssize_t off[ROLE_CHECK_SLOTS]
+    pos = PREFIX_SIZE + SLICE_LEN_BYTES * n + SUFFIX_SIZE
+    for i in range(min(n, ROLE_CHECK_SLOTS)):
+        s = <Slice>slices[i]
+        dt[i] = s._dtype
+        nd[i] = s._ndim
+        off[i] = pos
+        pos += SL_DIMS + DIM_BYTES * s._ndim + s._len
+    return _layout_problem(msg_type, n, dt, nd, off, "")
 
 
 cdef _check_roles(uint8_t msg_type, tuple slices):
@@ -133,10 +180,35 @@ cdef _check_roles(uint8_t msg_type, tuple slices):
                               f"({MAX_FRAME_BYTES})")
         if roles[i][1] and ((<Slice>s)._dtype != DTYPE_I8 or (<Slice>s)._ndim != 1):
             raise EncodeError(f"slices[{i}]", f"the {roles[i][0]} slice carries text: it must be I8 of one dimension, got {s!r}")
+    at = _BY_CONTENT.get(msg_type, {}).get(n)  # a slice whose role a receiver tells by content
+    if at is not None and not _reads_as_text(<Slice>slices[at]):
+        raise EncodeError(f"slices[{at}]", f"the {roles[at][0]} slice must read as text (UTF-8 with no control character "
+                          f"but tab, LF and CR): a receiver takes slice {at} of {n} that does not for a tensor role")
 
 
-def make_frame(msg_type, slices, *, stream_id=0, frame_seq=0, space_hash32=0, modality=0, flags=0):
-    """Build the message of type `msg_type` from a sequence of Slices (checked against its layouts)."""
+cdef _check_slices(tuple slices):
+    """make_frame's checks: what the wire allows (at most max_slices Slices, each payload at most
+    max_frame_bytes); the roles are not checked (see layout_ok)."""
+    cdef Py_ssize_t i, n = len(slices)
+    if n > MAX_SLICES:
+        raise EncodeError("slices", f"{n} slices, more than max_slices ({MAX_SLICES})")
+    for i in range(n):
+        s = slices[i]
+        if not isinstance(s, Slice):
+            raise EncodeError(f"slices[{i}]", f"expected a Slice, got {type(s).__name__}")
+        if (<Slice>s)._len > MAX_FRAME_BYTES:
+            raise EncodeError(f"slices[{i}].payload", f"{(<Slice>s)._len} bytes, more than max_frame_bytes "
+                              f"({MAX_FRAME_BYTES})")
+
+
+def make_frame(msg_type, slices, *, stream_id=0, frame_seq=0, space_hash32=0, modality=0, flags=0,
+               empty_slice_len=False):
+    """Build the message of type `msg_type` from a sequence of Slices: any number (up to
+    max_slices) of any dtype, as the wire allows. Whether they fit the type's layouts is the
+    frame's layout_ok / layout_reason (the typed constructors, Think(...) etc., refuse what does
+    not fit). empty_slice_len: a frame with no slices is written with one slice_len entry of 0
+    (37 bytes for an empty Sync: the reference's Rust form, which its Rust decoder requires)
+    instead of none (33 bytes: the spec's and the reference's Python form)."""
     if isinstance(msg_type, int) and msg_type in _MSG_TYPES:
         code = int(msg_type)
     else:
@@ -146,10 +218,14 @@ def make_frame(msg_type, slices, *, stream_id=0, frame_seq=0, space_hash32=0, mo
             raise EncodeError("msg_type", f"{msg_type!r} is not a message type") from None
     if type(slices) is not tuple:
         slices = tuple(slices)
-    _check_roles(code, slices)
+    _check_slices(slices)
+    if empty_slice_len and slices:
+        raise EncodeError("empty_slice_len", f"applies to a frame with no slices, this one has {len(slices)}")
     cdef Frame f = _new_frame(code)
     _set_header(f, code, stream_id, frame_seq, space_hash32, modality, flags)
     f._slices = slices
+    f._layout = _layout_of(code, slices)
+    f._empty_entry = bool(empty_slice_len)
     return f
 
 

@@ -11,3 +11,5 @@ cdef class Frame:
     cdef uint8_t _modality
     cdef tuple _slices
     cdef uint16_t _applied   # body transforms the decoder applied (transformed version); 0 for built frames
+    cdef object _layout      # None when the slices fit one of the type's layouts, else the LayoutError (not raised)
+    cdef bint _empty_entry   # no slices, written with one slice_len entry of 0 (the reference's Rust form)

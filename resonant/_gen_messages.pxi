@@ -69,6 +69,26 @@ cdef class Frame:
         return _FLAGS[self._flags & BODY_TRANSFORM_MASK & ~self._applied]
 
     @property
+    def layout_ok(self):
+        """Whether the slices fit one of the message type's layouts (a slice count it has, every text
+        role one-dimensional I8). The typed constructors build only such frames; a decoded frame, or
+        one from make_frame, may not fit and is still valid on the wire (decode(strict=True) refuses it)."""
+        return self._layout is None
+
+    @property
+    def layout_reason(self):
+        """None when layout_ok, else why the slices do not fit: the text the LayoutError of
+        decode(strict=True) carries (field path, what is wrong, byte offset)."""
+        return None if self._layout is None else str(self._layout)
+
+    @property
+    def empty_slice_len(self):
+        """Whether this frame with no slices is written with one slice_len entry of 0 (the
+        reference's Rust form, 4 bytes longer) instead of none (the spec's form): as it was
+        received, or as make_frame(empty_slice_len=True) built it."""
+        return bool(self._empty_entry)
+
+    @property
     def transforms(self):
         """Body transforms (ZSTD, XCHACHA) that were really applied on the wire and undone by the decoder."""
         return _FLAGS[self._applied]
@@ -114,8 +134,10 @@ cdef class Think(Frame):
 
     @property
     def hidden(self):
-        """The hidden state. (Slice, or None when absent)"""
+        """The hidden state. (Slice, or None when absent or when the frame's slices do not fit the role:
+        a slice count that is none of the layouts', or a text role that is not one-dimensional I8)"""
         cdef Py_ssize_t n = len(self._slices)
+        cdef Slice s
         if n == 1:
             return self._slices[0]
         return None
@@ -136,16 +158,20 @@ cdef class Cache(Frame):
 
     @property
     def keys(self):
-        """The attention keys. (Slice, or None when absent)"""
+        """The attention keys. (Slice, or None when absent or when the frame's slices do not fit the role:
+        a slice count that is none of the layouts', or a text role that is not one-dimensional I8)"""
         cdef Py_ssize_t n = len(self._slices)
+        cdef Slice s
         if n == 2:
             return self._slices[0]
         return None
 
     @property
     def values(self):
-        """The attention values. (Slice, or None when absent)"""
+        """The attention values. (Slice, or None when absent or when the frame's slices do not fit the role:
+        a slice count that is none of the layouts', or a text role that is not one-dimensional I8)"""
         cdef Py_ssize_t n = len(self._slices)
+        cdef Slice s
         if n == 2:
             return self._slices[1]
         return None
@@ -166,8 +192,10 @@ cdef class Ask(Frame):
 
     @property
     def query(self):
-        """The query embedding. (Slice, or None when absent)"""
+        """The query embedding. (Slice, or None when absent or when the frame's slices do not fit the role:
+        a slice count that is none of the layouts', or a text role that is not one-dimensional I8)"""
         cdef Py_ssize_t n = len(self._slices)
+        cdef Slice s
         if n == 1:
             return self._slices[0]
         if n == 2:
@@ -176,10 +204,13 @@ cdef class Ask(Frame):
 
     @property
     def context(self):
-        """Optional UTF-8 context text. (Slice, or None when absent)"""
+        """Optional UTF-8 context text. (Slice, or None when absent or when the frame's slices do not fit the role:
+        a slice count that is none of the layouts', or a text role that is not one-dimensional I8)"""
         cdef Py_ssize_t n = len(self._slices)
+        cdef Slice s
         if n == 2:
-            return self._slices[1]
+            s = self._slices[1]
+            return s if s._dtype == DTYPE_I8 and s._ndim == 1 else None
         return None
 
 
@@ -198,10 +229,13 @@ cdef class Sync(Frame):
 
     @property
     def json(self):
-        """The UTF-8 JSON document. (Slice, or None when absent)"""
+        """The UTF-8 JSON document. (Slice, or None when absent or when the frame's slices do not fit the role:
+        a slice count that is none of the layouts', or a text role that is not one-dimensional I8)"""
         cdef Py_ssize_t n = len(self._slices)
+        cdef Slice s
         if n == 1:
-            return self._slices[0]
+            s = self._slices[0]
+            return s if s._dtype == DTYPE_I8 and s._ndim == 1 else None
         return None
 
 
@@ -220,8 +254,10 @@ cdef class Critique(Frame):
 
     @property
     def divergence(self):
-        """The divergence (or gradient) vector. (Slice, or None when absent)"""
+        """The divergence (or gradient) vector. (Slice, or None when absent or when the frame's slices do not fit the role:
+        a slice count that is none of the layouts', or a text role that is not one-dimensional I8)"""
         cdef Py_ssize_t n = len(self._slices)
+        cdef Slice s
         if n == 1:
             return self._slices[0]
         if n == 2:
@@ -232,20 +268,29 @@ cdef class Critique(Frame):
 
     @property
     def mask(self):
-        """Optional mask of the dimensions at issue. (Slice, or None when absent)"""
+        """Optional mask of the dimensions at issue. (Slice, or None when absent or when the frame's slices do not fit the role:
+        a slice count that is none of the layouts', or a text role that is not one-dimensional I8)"""
         cdef Py_ssize_t n = len(self._slices)
+        cdef Slice s
+        if n == 2:
+            s = self._slices[1]  # (explanation when it reads as text, else mask)
+            return None if _reads_as_text(s) else s
         if n == 3:
             return self._slices[1]
         return None
 
     @property
     def explanation(self):
-        """Optional JSON explanation. (Slice, or None when absent)"""
+        """Optional JSON explanation. (Slice, or None when absent or when the frame's slices do not fit the role:
+        a slice count that is none of the layouts', or a text role that is not one-dimensional I8)"""
         cdef Py_ssize_t n = len(self._slices)
+        cdef Slice s
         if n == 2:
-            return self._slices[1]
+            s = self._slices[1]  # (explanation when it reads as text, else mask)
+            return s if _reads_as_text(s) else None
         if n == 3:
-            return self._slices[2]
+            s = self._slices[2]
+            return s if s._dtype == DTYPE_I8 and s._ndim == 1 else None
         return None
 
 
@@ -264,8 +309,10 @@ cdef class Chunk(Frame):
 
     @property
     def data(self):
-        """The chunk's bytes: the object's dtype with shape (elements,) when it is sized per element, else I8 bytes. (Slice, or None when absent)"""
+        """The chunk's bytes: the object's dtype with shape (elements,) when it is sized per element, else I8 bytes. (Slice, or None when absent or when the frame's slices do not fit the role:
+        a slice count that is none of the layouts', or a text role that is not one-dimensional I8)"""
         cdef Py_ssize_t n = len(self._slices)
+        cdef Slice s
         if n == 1:
             return self._slices[0]
         return None

@@ -64,6 +64,12 @@ _LAYOUTS = {
     5: (("data", ), ),
 }
 
+# Read layouts (chosen by content): message type -> {slice count: index of the slice that is the
+# text role when it reads as text, else the read layout's tensor role}.
+_BY_CONTENT = {
+    4: {2: 1},
+}
+
 
 cdef _set_header(Frame f, uint8_t msg_type, object stream_id, object frame_seq, object space_hash32,
                  object modality, object flags):
@@ -87,52 +93,55 @@ cdef _set_header(Frame f, uint8_t msg_type, object stream_id, object frame_seq, 
     f._flags = x
 
 
-cdef int _check_layout(uint8_t msg_type, Py_ssize_t nslices, const uint8_t *dt, const uint8_t *nd,
-                       const Py_ssize_t *off, str prefix) except -1:
-    """Slice count allowed for the message type; text/json roles must be one-dimensional I8."""
+cdef object _layout_problem(uint8_t msg_type, Py_ssize_t nslices, const uint8_t *dt, const uint8_t *nd,
+                            const Py_ssize_t *off, str prefix):
+    """Whether the slices fit one of the message type's layouts: None when they do, else the
+    LayoutError (not raised: a frame whose slices do not fit is valid on the wire; decode(strict=True)
+    raises it). The slice count must be one of the layouts', and every text/json slice one-dimensional
+    I8 (a count that also has a read layout, chosen by content, fits either way). dt/nd/off: the
+    dtype, rank and byte offset of the first ROLE_CHECK_SLOTS slices."""
     if msg_type == 0:  # Think
         if nslices == 1:
             pass
         else:
-            raise LayoutError("num_slices", f"Think carries 1 slices, got {nslices}", OFF_NUM_SLICES)
+            return LayoutError("num_slices", f"Think carries 1 slices, got {nslices}", OFF_NUM_SLICES)
     elif msg_type == 1:  # Cache
         if nslices == 2:
             pass
         else:
-            raise LayoutError("num_slices", f"Cache carries 2 slices, got {nslices}", OFF_NUM_SLICES)
+            return LayoutError("num_slices", f"Cache carries 2 slices, got {nslices}", OFF_NUM_SLICES)
     elif msg_type == 2:  # Ask
         if nslices == 1:
             pass
         elif nslices == 2:
             if dt[1] != DTYPE_I8 or nd[1] != 1:
-                raise LayoutError(f"{prefix}slices[1].dtype", f"the context slice of Ask carries text: it must be I8 of one dimension, got {_dtype_name(dt[1])} of {nd[1]} dimensions", off[1])
+                return LayoutError(f"{prefix}slices[1].dtype", f"the context slice of Ask carries text: it must be I8 of one dimension, got {_dtype_name(dt[1])} of {nd[1]} dimensions", off[1])
         else:
-            raise LayoutError("num_slices", f"Ask carries 1 or 2 slices, got {nslices}", OFF_NUM_SLICES)
+            return LayoutError("num_slices", f"Ask carries 1 or 2 slices, got {nslices}", OFF_NUM_SLICES)
     elif msg_type == 3:  # Sync
         if nslices == 0:
             pass
         elif nslices == 1:
             if dt[0] != DTYPE_I8 or nd[0] != 1:
-                raise LayoutError(f"{prefix}slices[0].dtype", f"the json slice of Sync carries text: it must be I8 of one dimension, got {_dtype_name(dt[0])} of {nd[0]} dimensions", off[0])
+                return LayoutError(f"{prefix}slices[0].dtype", f"the json slice of Sync carries text: it must be I8 of one dimension, got {_dtype_name(dt[0])} of {nd[0]} dimensions", off[0])
         else:
-            raise LayoutError("num_slices", f"Sync carries 0 or 1 slices, got {nslices}", OFF_NUM_SLICES)
+            return LayoutError("num_slices", f"Sync carries 0 or 1 slices, got {nslices}", OFF_NUM_SLICES)
     elif msg_type == 4:  # Critique
         if nslices == 1:
             pass
         elif nslices == 2:
-            if dt[1] != DTYPE_I8 or nd[1] != 1:
-                raise LayoutError(f"{prefix}slices[1].dtype", f"the explanation slice of Critique carries text: it must be I8 of one dimension, got {_dtype_name(dt[1])} of {nd[1]} dimensions", off[1])
+            pass
         elif nslices == 3:
             if dt[2] != DTYPE_I8 or nd[2] != 1:
-                raise LayoutError(f"{prefix}slices[2].dtype", f"the explanation slice of Critique carries text: it must be I8 of one dimension, got {_dtype_name(dt[2])} of {nd[2]} dimensions", off[2])
+                return LayoutError(f"{prefix}slices[2].dtype", f"the explanation slice of Critique carries text: it must be I8 of one dimension, got {_dtype_name(dt[2])} of {nd[2]} dimensions", off[2])
         else:
-            raise LayoutError("num_slices", f"Critique carries 1 or 2 or 3 slices, got {nslices}", OFF_NUM_SLICES)
+            return LayoutError("num_slices", f"Critique carries 1 or 2 or 3 slices, got {nslices}", OFF_NUM_SLICES)
     elif msg_type == 5:  # Chunk
         if nslices == 1:
             pass
         else:
-            raise LayoutError("num_slices", f"Chunk carries 1 slices, got {nslices}", OFF_NUM_SLICES)
-    return 0
+            return LayoutError("num_slices", f"Chunk carries 1 slices, got {nslices}", OFF_NUM_SLICES)
+    return None
 
 
 cdef inline void _read_header(Frame f, const unsigned char *p, Py_ssize_t suffix) noexcept:

@@ -124,8 +124,10 @@ cdef object _message_event_c(codec, buf, Py_ssize_t start, Py_ssize_t end, bint 
     else:
         p += start
     try:
-        frame = _decode_in(base, p, n, start, codec, None, False)
+        frame = _decode_in(base, p, n, start, codec, None, False, False)
     except DecodeError:
+        return None
+    if frame._layout is not None:  # slices that fit no layout: the general path decides (strict_layout)
         return None
     if expected_space_hash is not None and frame._space_hash32 != expected_space_hash:
         return None

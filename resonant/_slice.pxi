@@ -44,6 +44,10 @@ cdef str _shape_problem(tuple shape):
             f"max_shape_elements ({MAX_SHAPE_ELEMENTS})")
 
 
+# encode() and Slice.from_array refuse a 0-D tensor (decode still reads one, from an older resonant peer).
+cdef str ZERO_D_REFUSED = "a 0-D tensor (empty shape): reshape it to [1]: the reference rejects an empty shape"
+
+
 cdef str _dtype_name(int code):
     d = _DTYPES.get(code)
     return d.name if d is not None else f"dtype {code}"
@@ -120,6 +124,8 @@ cdef class Slice:
             if fast is not None:
                 return fast
         arr = _np.asarray(array)
+        if arr.ndim == 0:
+            raise EncodeError("shape", ZERO_D_REFUSED)
         if dtype is None:
             code = _DTYPE_OF_NUMPY_FAST.get(arr.dtype)
             if code is not None and arr.flags.c_contiguous:  # fast path: no conversion, no copy

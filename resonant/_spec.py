@@ -60,7 +60,7 @@ HANDSHAKE_REFERENCE_FALLBACK_MS = 1000
 
 
 class MsgType(enum.IntEnum):
-    """Message types and the named role of each slice."""
+    """Message types and the named role of each slice. The layouts are what the typed constructors build and what a message's role properties name; on the wire any number of slices (up to max_slices) of any dtype is a valid frame in any message type, as the reference reads and writes it: a decoder accepts it and says whether the slices fit one of the type's layouts (read_layouts: further layouts a decoder recognises, chosen by content)."""
 
     THINK = 0  #: A latent (hidden) state of one model for another.
     CACHE = 1  #: A KV cache block.

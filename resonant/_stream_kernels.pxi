@@ -286,7 +286,8 @@ cdef ChunkSink _chunk_target(dict streams, const unsigned char *p, Py_ssize_t n,
         _check_header(p, n, &h)
         _check_body(p, &h, p + h.body, h.end - h.body, h.body, "", _BEFORE_CRC, "crc32", "the crc32")
         _check_space(p, &h, expected_space_hash)
-        _check_meaning(p, &h, p + h.body, h.body, "")
+        if _check_meaning(p, &h, p + h.body, h.body, "") is not None:
+            return None  # (a chunk's one slice always fits)
     except DecodeError:
         return None  # decode() says what is wrong
     # (the checks above put the payload at CHUNK_HEAD, the rest of the frame before the CRC)

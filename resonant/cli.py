@@ -80,10 +80,20 @@ def frame_line(frame, doc: dict | None) -> str:
         parts.append(f"wire=v{frame.version}")
     for s in frame.slices:
         parts.append(f"{DType(s.dtype).name}{list(s.shape)} {s.nbytes}B")
+    if not frame.layout_ok:
+        parts.append(f"(layout: {frame.layout_reason})")
     if doc is not None:
         parts.append(json.dumps(doc, separators=(",", ":")))  # whole: a cut document is not JSON
-    elif isinstance(frame, _codec.Sync) and frame.json is None:
+    elif isinstance(frame, _codec.Sync) and not frame.slices:
         parts.append("(heartbeat)")
+    elif isinstance(frame, _codec.Sync):  # a Sync that is no control document: its payload, as such
+        raw = bytes(frame.slices[0].payload)
+        try:
+            json.loads(raw.decode("utf-8"))
+            what = "(JSON)"
+        except ValueError:  # (UnicodeDecodeError is one)
+            what = "(not JSON)"
+        parts.append(f"{what} {raw[:120].decode('utf-8', 'backslashreplace')!r}")
     elif mt in ("THINK", "ASK", "CRITIQUE", "CACHE") and frame.slices:
         s = frame.slices[0]
         try:
@@ -191,6 +201,7 @@ def _session_config(args) -> dict:
         kw["space_hash32"] = args.space_hash
     if getattr(args, "strict", False):
         kw["strict"] = True
+        kw["strict_layout"] = True
     if getattr(args, "max_frame_bytes", None) is not None:
         kw["max_frame_bytes"] = args.max_frame_bytes
     return kw
@@ -527,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--space-hash", type=_u32, metavar="H", help="accept only this embedding space (space_hash32)")
     r.add_argument("--max-frame-bytes", type=int, metavar="N", help="largest frame the peers may send (512..65536)")
     r.add_argument("--strict", action="store_true", help="require the handshake before data (the default with a key "
-                   "or a space hash)")
+                   "or a space hash), and refuse messages whose slices fit no layout of their type (printed with "
+                   "their layout problem otherwise)")
 
     s = sub.add_parser("send", help="send an array (.npy) as one message or a V-Stream",
                        description="Send FILE.npy; arrays too large for one frame go as a V-Stream.")

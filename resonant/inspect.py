@@ -185,6 +185,10 @@ def _walk_header(w: _Walker) -> None:
         raise _Stop(f"num_slices {nslices} is more than max_slices ({MAX_SLICES}): the {_COUNTED.name} table is not read")
     for i in range(nslices):  # the slice_len rule: N = num_slices
         w.values[f"{_COUNTED.name}[{i}]"] = w.int(f"header.{_COUNTED.name}[{i}]", _COUNTED)
+    suffix = sum(f.size for f in _SUFFIX)
+    if (nslices == 0 and w.values["version"] == VERSION and w.end - w.pos == _COUNTED.size + suffix
+            and not any(w.view[w.pos:w.pos + _COUNTED.size])):  # the reference's Rust form (spec: two forms)
+        w.int(f"header.{_COUNTED.name}[0]", _COUNTED, "no slice: one entry of 0 (the Rust encoder's form)")
     for f in _SUFFIX:
         w.values[f.name] = w.int(f"header.{f.name}", f)
 

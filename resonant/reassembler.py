@@ -217,8 +217,8 @@ class Reassembler:
                                             else codec.expected_space_hash)
                 if events is not None:
                     return events
-            frame = (self.codec.decode(data) if self.codec is not None
-                     else _codec.decode(data, expected_space_hash=self.expected_space_hash))
+            frame = (self.codec.decode(data, strict=True) if self.codec is not None  # (stream frames fit their layouts)
+                     else _codec.decode(data, expected_space_hash=self.expected_space_hash, strict=True))
         sid = frame.stream_id
         if sid in self._closed:
             self.dropped_frames += 1  # a late or replayed frame of a finished stream (new streams take new ids)

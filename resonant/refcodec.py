@@ -59,6 +59,10 @@ LAYOUTS = {
     4: ("Critique", {1: (("divergence", "tensor"), ), 2: (("divergence", "tensor"), ("explanation", "json"), ), 3: (("divergence", "tensor"), ("mask", "tensor"), ("explanation", "json"), )}),
     5: ("Chunk", {1: (("data", "tensor"), )}),
 }
+# Slice counts whose text role is chosen by content (the spec's read_layouts): any slice fits there.
+READ_BY_CONTENT = {
+    4: {2},
+}
 
 
 def expected_size(dtype: int, n: int) -> int | None:
@@ -101,6 +105,9 @@ class RefFrame:
     space_hash32: int
     modality: int
     slices: tuple[RefSlice, ...] = field(default=())
+    layout_ok: bool = True                 # the slices fit one of the type's layouts
+    layout_reason: str | None = None       # else why (the LayoutError's text)
+    empty_slice_len: bool = False          # no slices, written with one slice_len entry of 0 (the Rust form)
 
 
 def from_frame(frame: Any) -> RefFrame:
@@ -114,6 +121,9 @@ def from_frame(frame: Any) -> RefFrame:
         space_hash32=int(frame.space_hash32),
         modality=int(frame.modality),
         slices=tuple(RefSlice(int(s.dtype), tuple(int(d) for d in s.shape), bytes(s.payload)) for s in frame.slices),
+        layout_ok=bool(getattr(frame, "layout_ok", True)),
+        layout_reason=getattr(frame, "layout_reason", None),
+        empty_slice_len=bool(getattr(frame, "empty_slice_len", False)),
     )
 
 
@@ -132,8 +142,9 @@ def _size_detail(dtype: int, shape: tuple, n: int, need: int, have: int, have_na
     return f"{DTYPES[dtype]} of shape {shape} ({n} elements) needs {need} bytes, {have_name} is {have}"
 
 
-def decode(data: bytes | bytearray | memoryview) -> RefFrame:
-    """Decode one frame; raises the same DecodeError subclasses as resonant.decode."""
+def decode(data: bytes | bytearray | memoryview, *, strict: bool = False) -> RefFrame:
+    """Decode one frame; raises the same DecodeError subclasses as resonant.decode. Slices that fit
+    none of the type's layouts give layout_ok False (with strict: LayoutError), as resonant.decode."""
     b = bytes(data)
     n = len(b)
     if n > MAX_FRAME_BYTES:
@@ -149,11 +160,14 @@ def decode(data: bytes | bytearray | memoryview) -> RefFrame:
     if num_slices > MAX_SLICES:
         raise LimitExceeded("num_slices", f"{num_slices}, more than max_slices ({MAX_SLICES})", 16)
     tab = _PREFIX.size
+    entries = num_slices
+    if num_slices == 0 and end == tab + 4 + _SUFFIX.size and _U32.unpack_from(b, tab)[0] == 0:
+        entries = 1  # no slices, one slice_len entry of 0: the reference's Rust form
     if tab + 4 * num_slices > end:
         k = (end - tab) // 4 if end > tab else 0
         raise _truncated(f"slice_len[{k}]", tab + 4 * k, 4, end)
     lens = struct.unpack_from(f"<{num_slices}I", b, tab)
-    pos = tab + 4 * num_slices
+    pos = tab + 4 * entries
     if pos + _SUFFIX.size > end:
         raise _truncated_fixed(_SUFFIX_FIELDS, pos, end)
     space_hash32, modality = _SUFFIX.unpack_from(b, pos)
@@ -191,7 +205,7 @@ def decode(data: bytes | bytearray | memoryview) -> RefFrame:
         raise UnknownFlags("flags", f"0x{flags:04x} sets bits outside {names}", 2)
     if modality not in MODALITIES:
         names = ", ".join(f"{v} {k}" for v, k in MODALITIES.items())
-        raise UnknownModality("modality", f"{modality} is not a modality ({names})", tab + 4 * num_slices + 4)
+        raise UnknownModality("modality", f"{modality} is not a modality ({names})", tab + 4 * entries + 4)
     slices = []
     for i, (start, dtype, shape, poff, length) in enumerate(raw):
         nel = 1
@@ -210,15 +224,9 @@ def decode(data: bytes | bytearray | memoryview) -> RefFrame:
         if need is not None and need != length:
             raise SizeMismatch(f"slices[{i}].payload", _size_detail(dtype, shape, nel, need, length, f"slice_len[{i}]"), poff)
         slices.append(RefSlice(dtype, shape, b[poff:poff + length]))
-    cls, layouts = LAYOUTS[msg_type]
-    if num_slices not in layouts:
-        counts = " or ".join(str(c) for c in layouts)
-        raise LayoutError("num_slices", f"{cls} carries {counts} slices, got {num_slices}", 16)
-    for i, (role, kind) in enumerate(layouts[num_slices]):
-        s = slices[i]
-        if kind != "tensor" and (s.dtype != I8 or len(s.shape) != 1):
-            raise LayoutError(f"slices[{i}].dtype", f"the {role} slice of {cls} carries text: it must be I8 of one dimension, "
-                              f"got {DTYPES[s.dtype]} of {len(s.shape)} dimensions", raw[i][0])
+    problem = layout_problem(msg_type, slices, [r[0] for r in raw])
+    if strict and problem is not None:
+        raise problem
     return RefFrame(
         version=version,
         msg_type=msg_type,
@@ -228,7 +236,27 @@ def decode(data: bytes | bytearray | memoryview) -> RefFrame:
         space_hash32=space_hash32,
         modality=modality,
         slices=tuple(slices),
+        layout_ok=problem is None,
+        layout_reason=None if problem is None else str(problem),
+        empty_slice_len=entries != num_slices,
     )
+
+
+def layout_problem(msg_type: int, slices: list[RefSlice], offsets: list[int]) -> LayoutError | None:
+    """None when the slices fit one of the type's layouts, else the LayoutError (not raised)."""
+    cls, layouts = LAYOUTS[msg_type]
+    n = len(slices)
+    if n not in layouts:
+        counts = " or ".join(str(c) for c in layouts)
+        return LayoutError("num_slices", f"{cls} carries {counts} slices, got {n}", 16)
+    if n in READ_BY_CONTENT.get(msg_type, ()):
+        return None
+    for i, (role, kind) in enumerate(layouts[n]):
+        s = slices[i]
+        if kind != "tensor" and (s.dtype != I8 or len(s.shape) != 1):
+            return LayoutError(f"slices[{i}].dtype", f"the {role} slice of {cls} carries text: it must be I8 of one dimension, "
+                               f"got {DTYPES[s.dtype]} of {len(s.shape)} dimensions", offsets[i])
+    return None
 
 
 def encode(frame: RefFrame) -> bytes:
@@ -237,6 +265,8 @@ def encode(frame: RefFrame) -> bytes:
     out += _PREFIX.pack(frame.version, frame.msg_type, frame.flags, frame.stream_id, frame.frame_seq, len(frame.slices))
     for s in frame.slices:
         out += _U32.pack(len(s.payload))
+    if frame.empty_slice_len and not frame.slices:
+        out += _U32.pack(0)
     out += _SUFFIX.pack(frame.space_hash32, frame.modality)
     for s in frame.slices:
         out += struct.pack(f"<BB{len(s.shape)}I", s.dtype, len(s.shape), *s.shape)

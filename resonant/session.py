@@ -129,6 +129,9 @@ class SessionConfig:
     by the dtype fallback rules, or refused), one frame per message (no V-Stream). Not allowed with a
     key or a strict session (ValueError): they never fall back. See "Talking to reference peers" in
     specs/capability_handshake.md.
+    strict_layout: refuse a frame whose slices fit none of its message type's layouts (LayoutError,
+    reported as a malformed frame); by default such a frame, valid on the wire, is delivered with
+    layout_ok False (a V-Stream chunk is always held to its layout).
     """
 
     role: Role | str = Role.CLIENT
@@ -146,6 +149,7 @@ class SessionConfig:
     versions: tuple[int, ...] = PROTOCOL_VERSIONS
     max_frame_bytes: int = MAX_FRAME_BYTES
     strict: bool | None = None
+    strict_layout: bool = False               # refuse (as malformed) a message whose slices fit no layout of its type
     stream_limits: StreamLimits = StreamLimits()
     replay_window: int = 1024                 # frame_seq positions remembered per stream
     replay_streams: int = 4096                # streams whose window is kept (least recently used dropped)
@@ -666,7 +670,7 @@ class Session(SessionCore):
             if copy and not _immutable(data) and (len(data) <= _MSG_TYPE_AT or data[_MSG_TYPE_AT] != _CHUNK):
                 data = bytes(data)  # (a stream chunk is consumed at once, from the receive buffer: no copy;
                 # a view of bytes the caller passed in is immutable and keeps them alive: no copy either)
-            frame = self._decoder.decode(data)
+            frame = self._decoder.decode(data, strict=self._strict_layout(data))
             sealed = self._keyring is not None and self._session_keys is None
             if self._previous is not None and not sealed:  # the peer sends under the new keys: the old are done
                 self._previous = None
@@ -715,7 +719,8 @@ class Session(SessionCore):
                 verdict = replay.check(frame.stream_id, frame.frame_seq)
                 if verdict != "ok":
                     return self._refuse_replay(verdict, frame, now)
-        if doc is None and isinstance(frame, Sync) and frame.json is not None:
+        if doc is None and isinstance(frame, Sync) and frame.json is not None and _is_json(frame.json.payload):
+            # (a Sync whose payload is not JSON at all is no control document: a message, delivered as data)
             try:
                 doc = handshake.parse(frame.json.payload)
             except HandshakeError as exc:
@@ -745,6 +750,11 @@ class Session(SessionCore):
             if method == "confirm":  # key confirmation: it proved a re-key on its way in (_open_other); no more
                 return []
         return self._step(Input.DATA, now, frame, doc)
+
+    def _strict_layout(self, data) -> bool:
+        """Whether a frame must fit its type's layouts to be taken: with strict_layout, and always
+        for a V-Stream chunk (its one slice is the stream's data)."""
+        return self.config.strict_layout or (len(data) > _MSG_TYPE_AT and data[_MSG_TYPE_AT] == _CHUNK)
 
     def _unencrypted(self, data, now: float, exc: NotEncrypted) -> list:
         """A frame in the clear to a session that holds a key: refused; a plain ping is answered
@@ -777,7 +787,7 @@ class Session(SessionCore):
         a client's previous ones (frames the server sent before it switched); (None, None) otherwise."""
         if self._pending is not None:
             try:
-                frame = self._pending[2].decode(data)
+                frame = self._pending[2].decode(data, strict=self._strict_layout(data))
             except DecodeError:
                 pass
             else:
@@ -785,7 +795,7 @@ class Session(SessionCore):
                 return frame, self.replay
         if self._previous is not None:
             try:
-                frame = self._previous[0].decode(data)
+                frame = self._previous[0].decode(data, strict=self._strict_layout(data))
             except DecodeError:
                 pass
             else:
@@ -828,7 +838,7 @@ class Session(SessionCore):
         if self._session_keys is None or len(data) <= _MSG_TYPE_AT or data[_MSG_TYPE_AT] != _SYNC:
             return None
         try:
-            return self._lt_decoder.decode(data)
+            return self._lt_decoder.decode(data, strict=self._strict_layout(data))
         except DecodeError:
             return None
 
@@ -1251,6 +1261,15 @@ class Session(SessionCore):
         self._control({"method": "error", "code": code, "message": message[:cut],
                        **{k: v[:cut] if isinstance(v, str) else v for k, v in extra.items()}}, 0, plain)
         self.stats["errors_sent"] += 1
+
+
+def _is_json(payload) -> bool:
+    """Whether a Sync's payload is UTF-8 JSON (a control document, to be validated), not other text."""
+    try:
+        json.loads(bytes(payload).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return True
 
 
 def _plain_control(data) -> tuple[Sync, dict] | None:

@@ -392,10 +392,11 @@ class Codec:
 
     # ------------------------------------------------------------------ decode
 
-    def decode(self, data) -> _codec.Frame:
-        """Decode a frame of either version, undoing compression and encryption."""
+    def decode(self, data, *, strict: bool = False) -> _codec.Frame:
+        """Decode a frame of either version, undoing compression and encryption (strict: as
+        resonant.decode's, a frame whose slices fit none of its type's layouts raises LayoutError)."""
         return _codec.decode(data, codec=self, expected_space_hash=self.expected_space_hash,
-                             require_encryption=self.require_encryption)
+                             require_encryption=self.require_encryption, strict=strict)
 
     def _open(self, key_id: int, nonce, aad, ciphertext, offset: int) -> bytes:
         key = self.keyring.get(key_id) if self.keyring is not None else None

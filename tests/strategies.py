@@ -58,9 +58,10 @@ def payload_size(dtype: DType, n: int, free: int) -> int:
 
 @st.composite
 def slices(draw, dtype=None, max_bytes: int = 2048, max_dims: int = 4) -> Slice:
-    """A Slice of any dtype with a payload of the size its rule requires."""
+    """A Slice of any dtype with a payload of the size its rule requires (at least one dimension:
+    resonant refuses to build a 0-D slice, the reference rejects an empty shape)."""
     dtype = draw(st.sampled_from(list(DType))) if dtype is None else dtype
-    ndim = draw(st.integers(0, max_dims))
+    ndim = draw(st.integers(1, max_dims))
     shape = tuple(draw(st.lists(st.integers(0, 9), min_size=ndim, max_size=ndim)))
     n = math.prod(shape)
     size = payload_size(dtype, n, draw(st.integers(0, 256)))
@@ -77,7 +78,8 @@ def slices(draw, dtype=None, max_bytes: int = 2048, max_dims: int = 4) -> Slice:
 
 @st.composite
 def text_slices(draw) -> Slice:
-    return Slice.from_text(draw(st.text(max_size=64)))
+    """UTF-8 text without control characters: it reads as text (a 2-slice Critique's explanation)."""
+    return Slice.from_text(draw(st.text(st.characters(min_codepoint=0x20, blacklist_categories=("Cs",)), max_size=64)))
 
 
 @st.composite
@@ -97,6 +99,26 @@ def frames(draw, msg_type=None) -> resonant.Frame:
     )
 
 
-def encoded_frames(msg_type=None):
-    """Valid frame bytes."""
+@st.composite
+def liberal_frames(draw, msg_type=None, max_slices: int = 5) -> resonant.Frame:
+    """A frame valid on the wire that need not fit its type's layouts: any number of slices of any
+    dtype in any message type (as the reference sends), and a frame with no slices in either form."""
+    msg_type = draw(st.sampled_from(list(MsgType))) if msg_type is None else msg_type
+    parts = draw(st.lists(st.one_of(slices(max_bytes=256), text_slices()), max_size=max_slices))
+    return resonant.make_frame(
+        msg_type,
+        parts,
+        stream_id=draw(st.integers(0, 2**32 - 1)),
+        frame_seq=draw(st.integers(0, 2**64 - 1)),
+        space_hash32=draw(st.integers(0, 2**32 - 1)),
+        modality=draw(st.sampled_from(list(Modality))),
+        flags=draw(st.integers(0, 7)),
+        empty_slice_len=not parts and draw(st.booleans()),
+    )
+
+
+def encoded_frames(msg_type=None, liberal: bool = False):
+    """Valid frame bytes (liberal: also frames whose slices fit none of their type's layouts)."""
+    if liberal:
+        return st.one_of(frames(msg_type), liberal_frames(msg_type)).map(resonant.encode)
     return frames(msg_type).map(resonant.encode)

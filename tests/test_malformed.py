@@ -41,15 +41,16 @@ def outcome(decode, data):
     return ("ok", refcodec.from_frame(frame) if not isinstance(frame, refcodec.RefFrame) else frame)
 
 
-def agree(data) -> tuple:
-    """Both codecs give the same frame or the same error (class, field path, byte offset).
+def agree(data, strict: bool = False) -> tuple:
+    """Both codecs give the same frame (with the same layout verdict) or the same error (class,
+    field path, byte offset); strict: both refuse slices that fit no layout (LayoutError).
 
     The plain codec speaks version 1 only; version 2 input (transformed bodies) is checked
     for raising nothing but DecodeErrors (test_transforms.py covers it in depth)."""
-    fast = outcome(resonant.decode, data)
+    fast = outcome(lambda d: resonant.decode(d, strict=strict), data)
     if data[:1] == b"\x02":
         return fast
-    slow = outcome(refcodec.decode, data)
+    slow = outcome(lambda d: refcodec.decode(d, strict=strict), data)
     assert fast == slow, (data.hex(), fast, slow)
     return fast
 
@@ -145,10 +146,15 @@ THINK = vector_bytes("04_think_f16_random.bin")  # Think, 1 slice: F16 [1, 2048]
          "role-dtype", "slice-count"],
 )
 def test_broken_header_with_valid_crc(data, cls, message):
+    strict = cls is LayoutError  # (slices that fit no layout are refused only when asked)
     with pytest.raises(cls) as exc:
-        resonant.decode(data)
+        resonant.decode(data, strict=strict)
     assert str(exc.value) == message
-    assert agree(data)[1] is cls
+    assert agree(data, strict=strict)[1] is cls
+    if strict:  # valid on the wire: decoded, the frame says why its slices do not fit
+        frame = resonant.decode(data)
+        assert not frame.layout_ok and frame.layout_reason == message
+        assert agree(data)[0] == "ok"
 
 
 def test_huge_dimensions_saturate_instead_of_overflowing():
@@ -195,16 +201,18 @@ def test_random_bodies_with_version_and_valid_crc(body):
     agree(data)
 
 
-@given(strategies.encoded_frames(), st.data())
+@given(strategies.encoded_frames(liberal=True), st.data())
 def test_mutated_valid_frames(data, draw):
-    """Random byte edits of valid frames, with and without a fixed CRC: codecs agree, nothing crashes."""
+    """Random byte edits of valid frames (also ones whose slices fit no layout), with and without a
+    fixed CRC: codecs agree, liberal and strict, nothing crashes."""
     b = bytearray(data)
     for _ in range(draw.draw(st.integers(1, 4))):
         i = draw.draw(st.integers(0, len(b) - 1))
         b[i] = draw.draw(st.integers(0, 255))
-    agree(bytes(b))
+    strict = draw.draw(st.booleans())
+    agree(bytes(b), strict)
     if len(b) > 4:
-        agree(with_crc(bytes(b[:-4])))
+        agree(with_crc(bytes(b[:-4])), strict)
 
 
 def test_deeply_nested_json_payload_is_a_decode_error():

@@ -22,7 +22,7 @@ import pytest
 from conftest import ROOT
 
 import resonant
-from resonant import DType, Flags, Modality, MsgType, Slice, errors
+from resonant import DType, Flags, Modality, MsgType, Slice, errors, refcodec
 
 REF = ROOT.parent / "shared" / "reference-rust"
 REF_BIN = REF / "bin"
@@ -38,15 +38,14 @@ need_vectors = pytest.mark.skipif(not RUST_MANIFEST, reason="../shared/vectors/r
 need_ref = pytest.mark.skipif(not (REF_BIN / "decode_frames").exists(),
                               reason="../shared/reference-rust (the reference's Rust build) is not beside this checkout")
 
-# Frames the reference writes and reads (manifest expect "decode") that resonant rejects today:
-# slice counts / dtypes outside its per-type role layouts (LayoutError), and the Rust encoder's
-# 37-byte form of a frame with no slices (one slice_len entry of 0; TrailingBytes). Issue 16 part 2
-# (liberal decoding) makes them decode; then these XPASS and strict xfail turns the test red:
-# remove them from this set.
-NOT_YET_DECODED = {
+# Frames the reference writes and reads (manifest expect "decode") whose slices fit none of their
+# type's layouts (issue 16 part 2: valid on the wire, decoded with layout_ok False; strict=True
+# refuses them with LayoutError). The other 3 that resonant rejected before decode and fit: the Rust
+# encoder's 37-byte form of a Sync with no slices, and two 2-slice Critiques whose slices[1] is a
+# mask by content.
+LAYOUT_MISFITS = {
     "x_think_2_slices.bin",
     "x_think_0_slices.bin",
-    "x_sync_0_slices_heart.bin",
     "x_cache_1_slice.bin",
     "x_cache_3_slices.bin",
     "x_cache_4_slices.bin",
@@ -57,12 +56,11 @@ NOT_YET_DECODED = {
     "x_sync_2_slices.bin",
     "x_sync_f16.bin",
     "x_sync_i8_2d.bin",
-    "x_critique_div_mask_2d.bin",
-    "x_critique_div_f16_mask.bin",
     "x_critique_4_slices.bin",
     "x_critique_expl_2d.bin",
 }
-LIBERAL = pytest.mark.xfail(strict=True, reason="issue 16 part 2: liberal decoding")
+# No slices, written by the Rust encoder with one slice_len entry of 0 (37 bytes).
+EMPTY_ENTRY_FORM = {"x_think_0_slices.bin", "x_sync_0_slices_heart.bin"}
 
 # The manifest names error classes; each must be a resonant.errors class. None needs an explicit
 # mapping today (x_version_2 expects DecodeError; resonant raises LayoutError, a DecodeError subclass).
@@ -70,8 +68,7 @@ ERROR_ALIASES: dict[str, str] = {}
 
 
 def _decode_params():
-    return [pytest.param(e, id=e["file"], marks=[LIBERAL] if e["file"] in NOT_YET_DECODED else [])
-            for e in RUST_MANIFEST if e["expect"] == "decode"]
+    return [pytest.param(e, id=e["file"]) for e in RUST_MANIFEST if e["expect"] == "decode"]
 
 
 def _reject_params():
@@ -82,7 +79,7 @@ def _reject_params():
 def test_manifest_lists_every_file():
     assert len(RUST_MANIFEST) == 60
     assert sorted(e["file"] for e in RUST_MANIFEST) == sorted(p.name for p in RUST_VECTORS.glob("*.bin"))
-    assert NOT_YET_DECODED <= {e["file"] for e in RUST_MANIFEST if e["expect"] == "decode"}
+    assert LAYOUT_MISFITS | EMPTY_ENTRY_FORM <= {e["file"] for e in RUST_MANIFEST if e["expect"] == "decode"}
 
 
 @need_vectors
@@ -100,6 +97,20 @@ def test_reference_frame_decodes(entry):
         assert len(s.payload) == e["payload_len"]
         assert hashlib.sha256(s.payload).hexdigest() == e["payload_sha256"]
     assert resonant.encode(frame) == data
+    assert frame.layout_ok is (entry["file"] not in LAYOUT_MISFITS)
+    assert frame.empty_slice_len is (entry["file"] in EMPTY_ENTRY_FORM)
+    # the second codec reads the same fields, the same layout verdict, and writes the same bytes
+    ref = refcodec.decode(data)
+    assert ref == refcodec.from_frame(frame) and refcodec.encode(ref) == data
+    if frame.layout_ok:
+        assert resonant.decode(data, strict=True) == frame
+    else:
+        assert frame.layout_reason
+        with pytest.raises(errors.LayoutError) as exc:
+            resonant.decode(data, strict=True)
+        assert str(exc.value) == frame.layout_reason
+        with pytest.raises(errors.LayoutError):
+            refcodec.decode(data, strict=True)
 
 
 @need_vectors
@@ -111,6 +122,8 @@ def test_reference_frame_rejected(entry):
     data = (RUST_VECTORS / entry["file"]).read_bytes()
     with pytest.raises(cls):
         resonant.decode(data)
+    with pytest.raises(cls):
+        resonant.decode(data, strict=True)
 
 
 # --- resonant -> the reference's decoder (bin/decode_frames) --------------------------------------
@@ -178,21 +191,68 @@ def test_reference_decodes_resonant_frames(tmp_path):
         _assert_reference_reads(frame, records[f"{name}.bin"])
 
 
+def test_role_properties_of_reference_misfits():
+    """Role properties give what fits; a 2-slice Critique's slices[1] is the mask unless it reads as text."""
+    load = lambda name: resonant.decode((RUST_VECTORS / name).read_bytes())  # noqa: E731
+    if not RUST_MANIFEST:
+        pytest.skip("../shared/vectors/reference-rust is not beside this checkout")
+    think2 = load("x_think_2_slices.bin")
+    assert isinstance(think2, resonant.Think) and think2.hidden is None and len(think2.slices) == 2
+    cache4 = load("x_cache_4_slices.bin")
+    assert cache4.keys is None and cache4.values is None and len(cache4.slices) == 4
+    ask = load("x_ask_context_f16.bin")
+    assert ask.query is ask.slices[0] and ask.context is None
+    sync = load("x_sync_f16.bin")
+    assert sync.json is None and sync.slices[0].dtype == DType.F16
+    for name in ("x_critique_div_mask_1d.bin", "x_critique_div_mask_2d.bin", "x_critique_div_f16_mask.bin"):
+        c = load(name)
+        assert c.layout_ok and c.divergence is c.slices[0] and c.mask is c.slices[1] and c.explanation is None, name
+    c = load("critique_2_explanation.bin")
+    assert c.layout_ok and c.explanation is c.slices[1] and c.mask is None and c.explanation.json() is not None
+    expl2d = load("x_critique_expl_2d.bin")
+    assert expl2d.mask is expl2d.slices[1] and expl2d.explanation is None and not expl2d.layout_ok
+
+
 @need_ref
-@pytest.mark.xfail(strict=True, reason="issue 16 part 2: resonant writes a frame with no slices as 33 bytes (no "
-                                       "slice_len entry); the Rust decoder rejects that form ('slice_len field is empty')")
-def test_reference_decodes_resonant_frame_without_slices(tmp_path):
+def test_reference_rejects_every_frame_without_slices(tmp_path):
+    """The reference's Rust decoder reads no frame without slices, in either form ('slice_len field
+    is empty'): neither resonant's (the spec's and the reference's Python form, 33 bytes) nor the
+    Rust encoder's own (37 bytes, make_frame(empty_slice_len=True)). resonant keeps the spec's form
+    and reads both (the discrepancy is written in the spec)."""
     heart = resonant.Sync(stream_id=14, frame_seq=7, space_hash32=H)
-    assert len(resonant.encode(heart)) == 33
+    rust_form = resonant.make_frame(MsgType.SYNC, [], stream_id=14, frame_seq=7, space_hash32=H, empty_slice_len=True)
+    assert len(resonant.encode(heart)) == 33 and not heart.empty_slice_len
+    assert len(resonant.encode(rust_form)) == 37 and rust_form.empty_slice_len
+    rust = (RUST_VECTORS / "x_sync_0_slices_heart.bin").read_bytes()  # the Rust encoder's own, rebuilt
+    got = resonant.decode(rust)
+    assert resonant.encode(resonant.make_frame(MsgType.SYNC, [], stream_id=got.stream_id, frame_seq=got.frame_seq,
+                                               space_hash32=got.space_hash32, modality=got.modality, flags=got.flags,
+                                               empty_slice_len=True)) == rust
     (tmp_path / "heart.bin").write_bytes(resonant.encode(heart))
-    _assert_reference_reads(heart, _run_decode_frames(tmp_path)["heart.bin"])
+    (tmp_path / "rust_form.bin").write_bytes(resonant.encode(rust_form))
+    records = _run_decode_frames(tmp_path)
+    for name in ("heart.bin", "rust_form.bin"):
+        assert records[name]["ok"] is False and "slice_len field is empty" in records[name]["error"], records[name]
+    for frame in (heart, rust_form):
+        back = resonant.decode(resonant.encode(frame))
+        assert back == frame and back.empty_slice_len == frame.empty_slice_len
+        assert resonant.encode(back) == resonant.encode(frame)
+
+
+def test_resonant_refuses_zero_d_tensor():
+    """The reference refuses an empty shape on encode and decode: resonant refuses to build one
+    (reshape it to [1]), so it never sends one."""
+    with pytest.raises(errors.EncodeError, match=r"^hidden\.shape: a 0-D tensor \(empty shape\): reshape it to \[1\]"):
+        resonant.Think(np.array(1.5, np.float16), stream_id=15, space_hash32=H)
+    with pytest.raises(errors.EncodeError, match="reshape it to"):
+        Slice.from_array(np.array(1.5, np.float16))
+    with pytest.raises(errors.EncodeError, match=r"^slices\[0\]\.shape: a 0-D tensor"):  # built or decoded: not sent
+        resonant.encode(resonant.Think(Slice(DType.F16, (), b"\0\0")))
 
 
 @need_ref
-@pytest.mark.xfail(strict=True, reason="issue 16 part 2: resonant encodes a 0-D tensor with an empty shape, which "
-                                       "the reference refuses on decode")
-def test_reference_decodes_resonant_zero_d_tensor(tmp_path):
-    scalar = resonant.Think(np.array(1.5, np.float16), stream_id=15, space_hash32=H)
+def test_reference_decodes_resonant_one_element_tensor(tmp_path):
+    scalar = resonant.Think(np.array(1.5, np.float16).reshape(1), stream_id=15, space_hash32=H)
     (tmp_path / "scalar.bin").write_bytes(resonant.encode(scalar))
     _assert_reference_reads(scalar, _run_decode_frames(tmp_path)["scalar.bin"])
 

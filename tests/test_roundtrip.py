@@ -54,6 +54,23 @@ def test_header_fields_over_their_range(flags, stream_id, frame_seq, space):
     assert (back.flags, back.stream_id, back.frame_seq, back.space_hash32) == (flags, stream_id, frame_seq, space)
 
 
+@given(strategies.liberal_frames())
+def test_roundtrip_liberal_frames(frame):
+    """Any number of slices of any dtype in any message type (and no slices in either form):
+    decoded by both codecs with the same layout verdict, re-encoded byte for byte."""
+    data = roundtrip(frame)
+    back = resonant.decode(data)
+    assert back.layout_ok == frame.layout_ok and back.layout_reason == frame.layout_reason
+    assert back.empty_slice_len == frame.empty_slice_len
+    assert len(data) == len(resonant.encode(frame.replace(slices=frame.slices))) 
+    if not frame.layout_ok:
+        with pytest.raises(resonant.errors.LayoutError) as exc:
+            resonant.decode(data, strict=True)
+        assert str(exc.value) == frame.layout_reason
+        with pytest.raises(resonant.errors.LayoutError):
+            refcodec.decode(data, strict=True)
+
+
 @given(strategies.frames())
 def test_codecs_agree_on_generated_frames(frame):
     data = resonant.encode(frame)
@@ -186,8 +203,12 @@ def test_messages_are_immutable():
         (lambda: Slice(DType.I8, (1,) * 9, b"\0"), r"^shape: 9 dimensions, more than max_dims \(8\)$"),
         (lambda: Slice(DType.I8, (2**32,), b""), r"^shape\[0\]: 4294967296 does not fit u32$"),
         (lambda: Slice(DType.I8, (1,), "x"), r"^payload: expected a bytes-like object, got str$"),
-        (lambda: resonant.make_frame(MsgType.THINK, []), r"^slices: Think carries 1 slices, got 0$"),
-        (lambda: resonant.make_frame(MsgType.SYNC, [Slice.from_array(np.zeros(2, np.float16))]), r"^slices\[0\]: the json slice carries text"),
+        # (make_frame builds any slices the wire allows, issue 16: the typed constructors check roles)
+        (lambda: resonant.make_frame(MsgType.SYNC, [Slice.from_text("")] * 1025), r"^slices: 1025 slices, more than max_slices \(1024\)$"),
+        (lambda: resonant.make_frame(MsgType.SYNC, [Slice.from_text("")], empty_slice_len=True), r"^empty_slice_len: applies to a frame with no slices, this one has 1$"),
+        (lambda: resonant.Sync(Slice.from_array(np.zeros(2, np.float16))), r"^slices\[0\]: the json slice carries text"),
+        (lambda: resonant.Think(np.array(1.5, np.float16)), r"^hidden\.shape: a 0-D tensor \(empty shape\): reshape it to \[1\]: the reference rejects an empty shape$"),
+        (lambda: resonant.encode(resonant.Think(Slice(DType.F16, (), b"\0\0"))), r"^slices\[0\]\.shape: a 0-D tensor"),
     ],
 )
 def test_encode_errors_name_the_field(build, message):
@@ -206,5 +227,13 @@ def test_empty_and_zero_sized_slices():
     t = resonant.Think(np.zeros((0, 5), np.float16))
     back = resonant.decode(roundtrip(t))
     assert back.hidden.shape == (0, 5) and back.hidden.numpy().size == 0
-    scalar = resonant.Think(np.array(1.5, np.float16))
-    assert resonant.decode(roundtrip(scalar)).hidden.numpy() == np.float16(1.5)
+    # A 0-D tensor is refused on encode (the reference rejects an empty shape: reshape it to [1],
+    # issue 16); a 0-D frame from an older resonant peer still decodes, and is not sent on.
+    with pytest.raises(resonant.EncodeError, match=r"reshape it to \[1\]"):
+        resonant.Think(np.array(1.5, np.float16))
+    old = refcodec.encode(refcodec.RefFrame(version=1, msg_type=0, flags=0, stream_id=0, frame_seq=0, space_hash32=0,
+                                            modality=0, slices=(refcodec.RefSlice(1, (), np.float16(1.5).tobytes()),)))
+    back = resonant.decode(old)
+    assert back.hidden.shape == () and back.hidden.numpy() == np.float16(1.5) and back.layout_ok
+    with pytest.raises(resonant.EncodeError, match=r"^slices\[0\]\.shape: a 0-D tensor"):
+        resonant.encode(back)
