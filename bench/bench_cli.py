@@ -153,7 +153,7 @@ class Child:
     """A child process whose stdout and stderr lines are read by threads."""
 
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(argv, env=env, cwd=WORKDIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.out: list[str] = []
         self.err: list[str] = []
         self.listening = threading.Event()
@@ -188,10 +188,14 @@ class Child:
             self.proc.wait()
 
 
+# Children run in the bench's own temporary directory, not in the current directory: `python -c`
+# puts the current directory first on sys.path, where a checkout would shadow the tree under test.
+WORKDIR = tempfile.gettempdir()
+
+
 def env_for(tree: str | None) -> dict[str, str]:
     env = dict(os.environ)
-    if tree:
-        env["PYTHONPATH"] = tree
+    env["PYTHONPATH"] = str(tree or ROOT)
     return env
 
 
@@ -203,11 +207,16 @@ def _pair(recv_argv: list[str], send_argv_of, env: dict[str, str]) -> tuple[dict
     try:
         if not r.listening.wait(60):
             raise RuntimeError("receiver did not listen:\n" + "".join(r.err[-20:]))
+        t_send = time.perf_counter()
         s = Child(send_argv_of(r.port), env)
-        src, rrc = s.wait(), r.wait()
+        src = s.wait()
+        send_wall = time.perf_counter() - t_send
+        rrc = r.wait()
         if src or rrc:
             raise RuntimeError(f"sender exit {src}, receiver exit {rrc}:\n" + "".join(s.err[-10:] + r.err[-10:]))
-        return r.bench(), (s.bench() if any(x.startswith("BENCH ") for x in s.err) else {}), time.perf_counter() - t
+        st = s.bench() if any(x.startswith("BENCH ") for x in s.err) else {}
+        st["send_wall"] = send_wall
+        return r.bench(), st, time.perf_counter() - t
     finally:
         r.kill()
         if s is not None:
@@ -226,7 +235,7 @@ def run_cli(tree, scheme: str, path: Path, save_dir: Path, mib: int) -> dict:
         raise RuntimeError(f"expected one saved .npy, found {saved}")
     save = rt.get("_save", 0.0)
     return {"load": st.get("_load"), "transfer": rt["stream_complete"] - rt["stream_started"] - save,
-            "save": save, "wall": wall}
+            "save": save, "send_wall": st["send_wall"], "wall": wall}
 
 
 def run_aio(tree, scheme: str, path: Path) -> dict:
@@ -235,7 +244,8 @@ def run_aio(tree, scheme: str, path: Path) -> dict:
                          lambda port: [py, "-c", AIO_SEND, f"{scheme}://{HOST}:{port}", str(path)], env_for(tree))
     if "failed" in rt:
         raise RuntimeError(f"asyncio stream failed: {rt['failed']}")
-    return {"load": st.get("_load"), "transfer": rt["stream_complete"] - rt["stream_started"], "wall": wall}
+    return {"load": st.get("_load"), "transfer": rt["stream_complete"] - rt["stream_started"],
+            "send_wall": st["send_wall"], "wall": wall}
 
 
 def run_raw(path: Path, nbytes: int) -> dict:
@@ -251,19 +261,24 @@ def startup(tree, repeat: int) -> dict:
     py = sys.executable
     env = env_for(tree)
     main = "import sys; from resonant.cli import main; sys.exit(main(sys.argv[1:]))"
-    version = subprocess.run([py, "-c", main, "--version"], env=env, capture_output=True).returncode == 0
+    where = subprocess.run([py, "-c", "import resonant; print(resonant.__file__)"], env=env, cwd=WORKDIR,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    if not Path(where).resolve().is_relative_to(Path(env["PYTHONPATH"]).resolve()):
+        raise SystemExit(f"bench_cli: the children import {where}, not the tree {env['PYTHONPATH']}")
+    version = subprocess.run([py, "-c", main, "--version"], env=env, cwd=WORKDIR, capture_output=True).returncode == 0
     cmds = {"python -c pass": [py, "-c", "pass"], "import resonant": [py, "-c", "import resonant"],
             "resonant --version" if version else "resonant --help": [py, "-c", main, "--version" if version else "--help"]}
     out: dict[str, list[float]] = {k: [] for k in cmds}
     for _ in range(repeat):
         for name, argv in cmds.items():
             t = time.perf_counter()
-            subprocess.run(argv, env=env, capture_output=True, check=True)
+            subprocess.run(argv, env=env, cwd=WORKDIR, capture_output=True, check=True)
             out[name].append(time.perf_counter() - t)
     # The import itself, as python -X importtime counts it (without the interpreter's own start-up).
     imp = []
     for _ in range(repeat):
-        p = subprocess.run([py, "-X", "importtime", "-c", "import resonant"], env=env, capture_output=True, text=True)
+        p = subprocess.run([py, "-X", "importtime", "-c", "import resonant"], env=env, cwd=WORKDIR, capture_output=True,
+                           text=True)
         last = [ln for ln in p.stderr.splitlines() if ln.rstrip().endswith("| resonant")]
         imp.append(int(last[-1].split("|")[1]) / 1e6)
     out["import resonant (importtime)"] = imp
@@ -296,7 +311,9 @@ def main() -> int:
     out = sys.stderr if args.json == "-" else sys.stdout
     schemes = ["tcp"] + (["udp"] if args.udp else [])
     nbytes = args.mib << 20
+    global WORKDIR
     tmp = Path(tempfile.mkdtemp(prefix="bench_cli_"))
+    WORKDIR = str(tmp)
     try:
         path = tmp / "array.npy"
         rng = np.random.default_rng(20261204)
@@ -341,18 +358,20 @@ def main() -> int:
                 print(f"  {name:<42} {fmt(st)}", file=out)
             for scheme in schemes:
                 cli, aio = res[t][scheme]["cli"], res[t][scheme]["aio"]
-                c = {k: stats([r.get(k) for r in cli]) for k in ("load", "transfer", "save", "wall")}
-                a = {k: stats([r.get(k) for r in aio]) for k in ("load", "transfer", "wall")}
+                c = {k: stats([r.get(k) for r in cli]) for k in ("load", "transfer", "save", "send_wall", "wall")}
+                a = {k: stats([r.get(k) for r in aio]) for k in ("load", "transfer", "send_wall", "wall")}
                 tdoc[scheme] = {"cli": c, "aio": a, "cli_runs": cli, "aio_runs": aio}
                 print(f"{scheme.upper() + ' phase':<44} {'median':>8}    [min .. max]", file=out)
                 print(f"  {'CLI file load (send: _load)':<42} {fmt(c['load'])}", file=out)
                 print(f"  {'CLI transfer (first byte -> verified)':<42} {fmt(c['transfer'])}"
                       + (f"  {nbytes / c['transfer']['median'] / 1e6:,.0f} MB/s" if c["transfer"] else ""), file=out)
                 print(f"  {'CLI save (recv --save: .npy written)':<42} {fmt(c['save'])}", file=out)
+                print(f"  {'CLI `resonant send` process (wall)':<42} {fmt(c['send_wall'])}", file=out)
                 print(f"  {'CLI whole run (both processes, wall)':<42} {fmt(c['wall'])}", file=out)
                 print(f"  {'asyncio API load (np.load)':<42} {fmt(a['load'])}", file=out)
                 print(f"  {'asyncio API transfer (send_stream)':<42} {fmt(a['transfer'])}"
                       + (f"  {nbytes / a['transfer']['median'] / 1e6:,.0f} MB/s" if a["transfer"] else ""), file=out)
+                print(f"  {'asyncio API sender process (wall)':<42} {fmt(a['send_wall'])}", file=out)
                 ratios = {}
                 if c["transfer"] and a["transfer"]:
                     ratios["cli_rate_over_aio"] = a["transfer"]["median"] / c["transfer"]["median"]
