@@ -28,8 +28,8 @@ __all__ = ["quantize", "dequantize", "to_float", "Choice", "choose", "error_of",
            "sparse_from_dense", "sparse_from_scipy", "sparse_to_dense", "SparseCoo", "parse_sparse"]
 
 _KIND = {DType.Q8_0: 8, DType.Q4_0: 4}
-# The dtypes this module converts between, by their wire names (the spec's): the block-quantized
-# ones above and every float dtype numpy holds (F16, BF16, F32).
+
+
 def _float_like(name: str) -> bool:
     try:
         return np.dtype(name).kind == "f"
@@ -37,6 +37,8 @@ def _float_like(name: str) -> bool:
         return True
 
 
+# The dtypes this module converts between, by their wire names (the spec's): the block-quantized
+# ones above and every float dtype numpy holds (F16, BF16, F32).
 _NAMES = {name: d for name, d in DTYPE_OF_WIRE_NAME.items()
           if d in _KIND or (d in NUMPY_DTYPES and _float_like(NUMPY_DTYPES[d]))}
 
