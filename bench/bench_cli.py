@@ -16,6 +16,9 @@ apart, on a float16 .npy array of --mib MiB (random bits, so that nothing compre
   (the sender's _load), transfer (on the receiver: from its stream_started line to its
   stream_complete line, which it prints once the last byte is in and the stream's xxh3_64
   verified, minus the save in between) and save (the receiver's _save: the .npy file written).
+  Also "send_stream call -> verified": from the sender's call of peer.send_stream to the
+  receiver's stream_complete (one clock: perf_counter is system-wide on Linux), which does not
+  depend on when the receiver's event loop gets round to the StreamStarted event.
 - resonant asyncio: a receiver with `resonant.serve(URL)` taking the time at StreamStarted and at
   StreamComplete (the same two points), the sender `resonant.connect(URL)` and
   `await peer.send_stream([array])` of the array loaded before.
@@ -75,6 +78,12 @@ def stamped_print(*a, **k):
             T[ev] = time.perf_counter()
     return print(*a, **k)
 cli.print = stamped_print
+import resonant.aio
+_send_stream = resonant.aio.Peer.send_stream
+async def send_stream(self, *a, **k):
+    T.setdefault("send_stream_start", time.perf_counter())
+    return await _send_stream(self, *a, **k)
+resonant.aio.Peer.send_stream = send_stream
 try:
     rc = cli.main(sys.argv[1:])
 finally:
@@ -114,7 +123,8 @@ async def main():
     async with resonant.connect(sys.argv[1]) as peer:
         t = time.perf_counter()
         await peer.send_stream([arr])
-        print("BENCH " + json.dumps({"_load": load, "send": time.perf_counter() - t}), file=sys.stderr, flush=True)
+        print("BENCH " + json.dumps({"_load": load, "send": time.perf_counter() - t, "send_stream_start": t}),
+              file=sys.stderr, flush=True)
         await asyncio.sleep(0.05)
 asyncio.run(main())
 """
@@ -235,7 +245,7 @@ def run_cli(tree, scheme: str, path: Path, save_dir: Path, mib: int) -> dict:
         raise RuntimeError(f"expected one saved .npy, found {saved}")
     save = rt.get("_save", 0.0)
     return {"load": st.get("_load"), "transfer": rt["stream_complete"] - rt["stream_started"] - save,
-            "save": save, "send_wall": st["send_wall"], "wall": wall}
+            "end_to_end": rt["stream_complete"] - st["send_stream_start"] - save, "save": save, "send_wall": st["send_wall"], "wall": wall}
 
 
 def run_aio(tree, scheme: str, path: Path) -> dict:
@@ -245,7 +255,7 @@ def run_aio(tree, scheme: str, path: Path) -> dict:
     if "failed" in rt:
         raise RuntimeError(f"asyncio stream failed: {rt['failed']}")
     return {"load": st.get("_load"), "transfer": rt["stream_complete"] - rt["stream_started"],
-            "send_wall": st["send_wall"], "wall": wall}
+            "end_to_end": rt["stream_complete"] - st["send_stream_start"], "send_wall": st["send_wall"], "wall": wall}
 
 
 def run_raw(path: Path, nbytes: int) -> dict:
@@ -358,23 +368,26 @@ def main() -> int:
                 print(f"  {name:<42} {fmt(st)}", file=out)
             for scheme in schemes:
                 cli, aio = res[t][scheme]["cli"], res[t][scheme]["aio"]
-                c = {k: stats([r.get(k) for r in cli]) for k in ("load", "transfer", "save", "send_wall", "wall")}
-                a = {k: stats([r.get(k) for r in aio]) for k in ("load", "transfer", "send_wall", "wall")}
+                c = {k: stats([r.get(k) for r in cli]) for k in ("load", "transfer", "end_to_end", "save", "send_wall", "wall")}
+                a = {k: stats([r.get(k) for r in aio]) for k in ("load", "transfer", "end_to_end", "send_wall", "wall")}
                 tdoc[scheme] = {"cli": c, "aio": a, "cli_runs": cli, "aio_runs": aio}
                 print(f"{scheme.upper() + ' phase':<44} {'median':>8}    [min .. max]", file=out)
                 print(f"  {'CLI file load (send: _load)':<42} {fmt(c['load'])}", file=out)
                 print(f"  {'CLI transfer (first byte -> verified)':<42} {fmt(c['transfer'])}"
                       + (f"  {nbytes / c['transfer']['median'] / 1e6:,.0f} MB/s" if c["transfer"] else ""), file=out)
+                print(f"  {'CLI send_stream call -> verified':<42} {fmt(c['end_to_end'])}", file=out)
                 print(f"  {'CLI save (recv --save: .npy written)':<42} {fmt(c['save'])}", file=out)
                 print(f"  {'CLI `resonant send` process (wall)':<42} {fmt(c['send_wall'])}", file=out)
                 print(f"  {'CLI whole run (both processes, wall)':<42} {fmt(c['wall'])}", file=out)
                 print(f"  {'asyncio API load (np.load)':<42} {fmt(a['load'])}", file=out)
                 print(f"  {'asyncio API transfer (send_stream)':<42} {fmt(a['transfer'])}"
                       + (f"  {nbytes / a['transfer']['median'] / 1e6:,.0f} MB/s" if a["transfer"] else ""), file=out)
+                print(f"  {'asyncio API send_stream call -> verified':<42} {fmt(a['end_to_end'])}", file=out)
                 print(f"  {'asyncio API sender process (wall)':<42} {fmt(a['send_wall'])}", file=out)
                 ratios = {}
                 if c["transfer"] and a["transfer"]:
                     ratios["cli_rate_over_aio"] = a["transfer"]["median"] / c["transfer"]["median"]
+                    ratios["cli_rate_over_aio_end_to_end"] = a["end_to_end"]["median"] / c["end_to_end"]["median"]
                     if raw_st and scheme == "tcp":
                         ratios["cli_rate_over_raw"] = raw_st["median"] / c["transfer"]["median"]
                         ratios["aio_rate_over_raw"] = raw_st["median"] / a["transfer"]["median"]
