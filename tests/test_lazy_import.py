@@ -80,3 +80,20 @@ def test_bf16_stream_round_trip_in_a_fresh_interpreter():
         print(got.dtype.name, np.array_equal(got.view(np.uint16), x.view(np.uint16)))
     """)
     assert out == "bfloat16 True"
+
+
+def test_import_resonant_leaves_asyncio_out_until_the_adapters_are_used():
+    out = run("""
+        import sys
+        import resonant
+        before = "resonant.aio" in sys.modules or "asyncio" in sys.modules
+        from resonant import connect
+        assert connect is resonant.connect is resonant.aio.connect and resonant.Peer is resonant.aio.Peer
+        assert {"connect", "serve", "Peer", "Server", "aio"} <= set(dir(resonant))
+        try:
+            resonant.no_such_name
+        except AttributeError as exc:
+            assert "no_such_name" in str(exc)
+        print(before)
+    """)
+    assert out == "False"
