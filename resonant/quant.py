@@ -32,7 +32,7 @@ _KIND = {DType.Q8_0: 8, DType.Q4_0: 4}
 
 def _float_like(name: str) -> bool:
     try:
-        return np.dtype(name).kind == "f"
+        return np.dtype(name).kind in "fV"  # (ml_dtypes' bfloat16 is of kind V)
     except TypeError:  # one numpy knows only through ml_dtypes (bfloat16), not imported until used
         return True
 

@@ -97,3 +97,13 @@ def test_import_resonant_leaves_asyncio_out_until_the_adapters_are_used():
         print(before)
     """)
     assert out == "False"
+
+
+def test_quant_names_bf16_whether_ml_dtypes_came_first_or_not():
+    for first in ("import ml_dtypes", "pass"):
+        out = run(f"""
+            {first}
+            import resonant.quant as q
+            print(sorted(q._NAMES))
+        """)
+        assert "'bf16'" in out and "'f16'" in out and "'q4_0'" in out and "'i8'" not in out, (first, out)
