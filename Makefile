@@ -69,6 +69,7 @@ bench:
 	$(PYTHON) bench/bench_stream.py
 	$(PYTHON) bench/bench_transport.py
 	$(PYTHON) bench/bench_quant.py
+	$(PYTHON) bench/bench_cli.py
 
 FUZZ_TIME ?= 600
 FUZZ_TARGETS ?= decode codec handshake reassembler session

@@ -58,7 +58,6 @@ from resonant.session import (
     Session,
     SessionConfig,
 )
-from resonant.aio import Peer, Server, connect, serve
 from resonant import stream  # noqa: F401  (resonant.stream.X works after `import resonant`, as before the split)
 from resonant.errors import __all__ as _errors_all
 from resonant._spec import MESSAGE_CLASSES as _MESSAGE_CLASSES
@@ -67,6 +66,26 @@ from resonant._spec import MESSAGE_CLASSES as _MESSAGE_CLASSES
 globals().update({_name: getattr(_codec, _name) for _name in _MESSAGE_CLASSES.values()})
 
 __version__ = "0.1.0"
+
+# The asyncio adapters are imported on first use (resonant.connect, resonant.aio, ...): asyncio is
+# a good part of what `import resonant` would cost, and the sans-IO core needs none of it.
+_LAZY = {"Peer": "resonant.aio", "Server": "resonant.aio", "connect": "resonant.aio", "serve": "resonant.aio"}
+
+
+def __getattr__(name: str):
+    import importlib
+    if name == "aio":
+        return importlib.import_module("resonant.aio")
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'resonant' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, "aio"})
+
 
 __all__ = [
     *_MESSAGE_CLASSES.values(), "Frame", "Slice",

@@ -26,7 +26,6 @@ from cpython.object cimport PyTypeObject
 import json as _json
 import sys as _sys
 
-import ml_dtypes as _ml_dtypes  # noqa: F401  (registers numpy's bfloat16)
 import numpy as _np
 
 cdef extern from "Python.h":

@@ -7,11 +7,63 @@ _MSG_TYPES = {int(m): m for m in MsgType}
 _MODALITIES = {int(m): m for m in Modality}
 _DTYPES = {int(d): d for d in DType}
 _FLAGS = [Flags(i) for i in range(FLAGS_MASK + 1)]
-_NUMPY = {int(d): _np.dtype(s) for d, s in NUMPY_DTYPES.items()}
-DTYPE_OF_NUMPY = {_np.dtype(s).newbyteorder("="): int(d) for d, s in NUMPY_DTYPES.items()}
+# The numpy dtype of each DType that maps to numpy, and back. numpy's own dtypes are there from
+# the start; the ones numpy knows only once ml_dtypes has registered them (bfloat16) are added by
+# _load_extension_dtypes() when first needed: importing ml_dtypes takes longer than the rest of
+# `import resonant` together, and most programs never see a bfloat16.
+_NUMPY = {}
+DTYPE_OF_NUMPY = {}
 # Native little-endian dtypes that need no conversion (the common case, looked up first).
-_DTYPE_OF_NUMPY_FAST = {t: c for t, c in DTYPE_OF_NUMPY.items() if t.byteorder in ("=", "|", "<") and
-                        (t.byteorder != "=" or _sys.byteorder == "little")}
+_DTYPE_OF_NUMPY_FAST = {}
+cdef bint _extension_dtypes_loaded = False
+
+
+def _add_numpy_dtypes():
+    for d, s in NUMPY_DTYPES.items():
+        if int(d) in _NUMPY:
+            continue
+        try:
+            t = _np.dtype(s)
+        except TypeError:  # not registered with numpy (yet)
+            continue
+        _NUMPY[int(d)] = t
+        DTYPE_OF_NUMPY[t.newbyteorder("=")] = int(d)
+        if t.byteorder in ("|", "<") or (t.byteorder == "=" and _sys.byteorder == "little"):
+            _DTYPE_OF_NUMPY_FAST[t] = int(d)
+
+
+def _load_extension_dtypes():
+    """Import ml_dtypes (which registers bfloat16 with numpy) and add its dtypes to the tables."""
+    global _extension_dtypes_loaded
+    if not _extension_dtypes_loaded:
+        import ml_dtypes  # noqa: F401
+        _extension_dtypes_loaded = True
+        _add_numpy_dtypes()
+
+
+_add_numpy_dtypes()
+
+
+def numpy_dtype(dtype):
+    """The numpy dtype of a DType (bfloat16 through ml_dtypes, imported on first use), or None
+    for the dtypes numpy cannot hold (Q4, Q8_0, Q4_0, sparse)."""
+    code = int(dtype)
+    npdt = _NUMPY.get(code)
+    if npdt is None and not _extension_dtypes_loaded and code in NUMPY_DTYPES:
+        _load_extension_dtypes()
+        npdt = _NUMPY.get(code)
+    return npdt
+
+
+def dtype_of_numpy(dt):
+    """The DType code (int) of a numpy dtype in either byte order, or None."""
+    dt = _np.dtype(dt).newbyteorder("=")
+    code = DTYPE_OF_NUMPY.get(dt)
+    # An array of an ml_dtypes dtype exists only once ml_dtypes is imported (by the caller).
+    if code is None and not _extension_dtypes_loaded and "ml_dtypes" in _sys.modules:
+        _load_extension_dtypes()
+        code = DTYPE_OF_NUMPY.get(dt)
+    return code
 
 
 cdef inline uint64_t _elems(const uint32_t *dims, int ndim) noexcept:
@@ -133,8 +185,9 @@ cdef class Slice:
                     return Slice(code, arr.shape, memoryview(arr).cast("B"))
                 except (TypeError, ValueError):  # a dtype the buffer protocol cannot name (bfloat16)
                     return Slice(code, arr.shape, arr.reshape(-1).view(_np.uint8))
-            code = DTYPE_OF_NUMPY.get(arr.dtype.newbyteorder("="))
+            code = dtype_of_numpy(arr.dtype)
             if code is None:
+                _load_extension_dtypes()  # (the message lists them all)
                 raise EncodeError("dtype", f"no dtype for numpy {arr.dtype} (have "
                                   f"{', '.join(_DTYPES[c].name + '=' + str(t) for t, c in DTYPE_OF_NUMPY.items())}); "
                                   "pass dtype= to convert")
@@ -143,10 +196,11 @@ cdef class Slice:
                 code = int(DType(dtype))
             except (ValueError, TypeError):
                 raise EncodeError("dtype", f"{dtype!r} is not a dtype") from None
-            if code not in _NUMPY:
+            npdt = numpy_dtype(code)
+            if npdt is None:
                 raise EncodeError("dtype", f"{_DTYPES[code].name} has no numpy equivalent; build the Slice from its packed payload")
         shape = arr.shape  # (ascontiguousarray makes a 0-d array 1-d: keep the caller's shape)
-        arr = _np.ascontiguousarray(arr, dtype=_NUMPY[code])
+        arr = _np.ascontiguousarray(arr, dtype=numpy_dtype(code))
         return Slice(code, shape, arr.reshape(-1).view(_np.uint8))
 
     @staticmethod
@@ -188,7 +242,7 @@ cdef class Slice:
         """The payload as a numpy array of this slice's shape, viewing the buffer (no copy)."""
         cdef cnp.npy_intp dims[MAX_DIMS]
         cdef int k
-        npdt = _NUMPY.get(self._dtype)
+        npdt = numpy_dtype(self._dtype)
         if npdt is None:
             raise UnsupportedDType("dtype", f"{_dtype_name(self._dtype)} has no numpy view; use .payload" + (", or resonant.quant.dequantize()" if self._dtype == DTYPE_Q8_0 or self._dtype == DTYPE_Q4_0 else ""))
         for k in range(self._ndim):

@@ -42,14 +42,13 @@ from resonant.transforms import Key
 # From the spec (schema/vframe.yaml): what `send --dtype` converts to (every dtype numpy holds), and
 # what `send --type` sends (an application's message types whose smallest layout is tensors only:
 # the array, or for several tensors its first axis, one per role).
-_DTYPES = {DTYPE_WIRE_NAMES[code]: np.dtype(name) for code, name in NUMPY_DTYPES.items()}
+_DTYPES = {DTYPE_WIRE_NAMES[code]: code for code in NUMPY_DTYPES}  # numpy dtype: _codec.numpy_dtype(code)
 _TYPES = {MESSAGE_CLASSES[m].lower(): m for m in USER_MESSAGE_TYPES
           if REQUIRED_ROLES[m] and all(kind == "tensor" for _, kind in REQUIRED_ROLES[m])}
 
 
 def _bf16():
-    import ml_dtypes
-    return ml_dtypes.bfloat16
+    return _codec.numpy_dtype(DType.BF16)  # imports ml_dtypes on first use
 
 
 # ------------------------------------------------------------------ formatting
@@ -119,7 +118,7 @@ def _save_plan(directory: Path, ev: StreamComplete, layout) -> list[tuple[Path, 
         name = obj.name or f"object{obj.index}"
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
         stem = directory / f"stream{ev.stream_id}_{obj.index:04d}_{safe}"
-        if arr.dtype == np.dtype(_bf16()):  # .npy has no bfloat16: keep the bits, say so in the name
+        if obj.dtype == DType.BF16:  # .npy has no bfloat16: keep the bits, say so in the name
             plan.append((stem, ".bf16.npy", arr.view(np.uint16)))
         elif arr.dtype.kind == "V":  # Q4 / sparse: the raw payload bytes
             plan.append((stem, f".{DType(obj.dtype).name.lower()}.npy", arr.view(np.uint8)))
@@ -325,8 +324,9 @@ def _load(path: str, dtype: str | None) -> np.ndarray:
     if path.endswith(".bf16.npy") and arr.dtype == np.uint16:
         arr = arr.view(_bf16())
     if dtype is not None:
-        arr = arr.astype(_DTYPES[dtype])
-    if arr.dtype not in _DTYPES.values():
+        arr = arr.astype(_codec.numpy_dtype(_DTYPES[dtype]))
+    code = _codec.dtype_of_numpy(arr.dtype)
+    if code is None or arr.dtype != _codec.numpy_dtype(code):
         raise SystemExit(f"resonant send: {path} holds {arr.dtype}; give --dtype {'|'.join(_DTYPES)} to convert it")
     return np.ascontiguousarray(arr)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from resonant import _codec
 from resonant._codec import Critique, Slice
 from resonant._spec import DType, NUMPY_DTYPES
 from resonant.errors import UnsupportedDType
@@ -85,7 +86,7 @@ def critique(reference, other, *, threshold: float | None = None, top_k: int | N
         from resonant.quant import quantize
         payload = quantize(div, d)
     elif d in NUMPY_DTYPES:
-        payload = Slice.from_array(div.astype(np.dtype(NUMPY_DTYPES[d])), dtype=d)
+        payload = Slice.from_array(div.astype(_codec.numpy_dtype(d)), dtype=d)
     else:
         raise UnsupportedDType("dtype", f"{d.name} cannot carry a divergence vector")
     return Critique(payload, mask, doc, **header)

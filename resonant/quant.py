@@ -28,10 +28,19 @@ __all__ = ["quantize", "dequantize", "to_float", "Choice", "choose", "error_of",
            "sparse_from_dense", "sparse_from_scipy", "sparse_to_dense", "SparseCoo", "parse_sparse"]
 
 _KIND = {DType.Q8_0: 8, DType.Q4_0: 4}
+
+
+def _float_like(name: str) -> bool:
+    try:
+        return np.dtype(name).kind in "fV"  # (ml_dtypes' bfloat16 is of kind V)
+    except TypeError:  # one numpy knows only through ml_dtypes (bfloat16), not imported until used
+        return True
+
+
 # The dtypes this module converts between, by their wire names (the spec's): the block-quantized
 # ones above and every float dtype numpy holds (F16, BF16, F32).
 _NAMES = {name: d for name, d in DTYPE_OF_WIRE_NAME.items()
-          if d in _KIND or (d in NUMPY_DTYPES and np.dtype(NUMPY_DTYPES[d]).kind in "fV")}
+          if d in _KIND or (d in NUMPY_DTYPES and _float_like(NUMPY_DTYPES[d]))}
 
 
 def _dtype(d) -> DType:
@@ -101,7 +110,7 @@ def error_of(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 def _encode_as(x: np.ndarray, d: DType) -> Slice:
     if d in _KIND:
         return quantize(x, d)
-    return Slice.from_array(np.ascontiguousarray(x.astype(np.dtype(NUMPY_DTYPES[d]))), dtype=d)
+    return Slice.from_array(np.ascontiguousarray(x.astype(_codec.numpy_dtype(d))), dtype=d)
 
 
 def choose(x, *, max_rel_error: float | None = None, min_cosine: float | None = None,
@@ -170,7 +179,7 @@ class SparseCoo:
 
 
 def _sparse_slice(shape: tuple[int, ...], coords: np.ndarray, values: np.ndarray, is_sorted: bool) -> Slice:
-    vd = next((d for d in _VALUE_DTYPES if np.dtype(NUMPY_DTYPES[d]) == values.dtype), None)
+    vd = next((d for d in _VALUE_DTYPES if _codec.numpy_dtype(d) == values.dtype), None)
     if vd is None:
         raise UnsupportedDType("values", f"{values.dtype} values: use float16, bfloat16, float32 or int8")
     head = _SPARSE_HEAD.pack(len(values), int(vd), _SORTED if is_sorted else 0, 0)
@@ -232,7 +241,7 @@ def parse_sparse(s: Slice) -> SparseCoo:
     if nnz > dense:
         raise SizeMismatch("payload.nnz", f"{nnz} nonzeros in a dense shape of {dense} elements", 0)
     coords = np.frombuffer(p, "<u4", nnz * ndim, _SPARSE_HEAD.size).reshape(nnz, ndim)
-    values = np.frombuffer(p, np.dtype(NUMPY_DTYPES[DType(vd)]), nnz, _SPARSE_HEAD.size + 4 * nnz * ndim)
+    values = np.frombuffer(p, _codec.numpy_dtype(vd), nnz, _SPARSE_HEAD.size + 4 * nnz * ndim)
     if nnz and (coords >= np.asarray(s.shape, np.uint64)).any():
         raise SizeMismatch("payload.coords", f"a coordinate is outside the dense shape {s.shape}", _SPARSE_HEAD.size)
     return SparseCoo(tuple(s.shape), coords, values, bool(flags & _SORTED))

@@ -13,7 +13,6 @@ import numpy as np
 
 from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, Slice, Sync
-from resonant._spec import NUMPY_DTYPES
 from resonant.errors import HandshakeError, ResonantError
 from resonant.stream_layout import I8, PLAIN_CHUNK_MAX, StreamLayout, StreamObject
 from resonant.stream_limits import (EARLY_FRAME_BYTES, EARLY_STREAM_BYTES, PART_BYTES, MemoryBudget, StreamLimits,
@@ -143,10 +142,10 @@ def _caller_buffer(buffer, layout: StreamLayout) -> np.ndarray | None:
 
 def _object_view(buffer: np.ndarray, o: StreamObject) -> np.ndarray:
     raw = buffer[o.offset:o.offset + o.nbytes]
-    npdt = NUMPY_DTYPES.get(o.dtype)
+    npdt = _codec.numpy_dtype(o.dtype)
     if npdt is None:
         return raw
-    return raw.view(np.dtype(npdt)).reshape(o.shape)
+    return raw.view(npdt).reshape(o.shape)
 
 
 class Reassembler:

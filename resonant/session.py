@@ -34,7 +34,7 @@ from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, MessageReceived, Slice, Sync, make_frame
 from resonant._codec import SessionCore, accept_message, count_in, message_event, next_frame_seq, queue_frame
 from resonant._spec import (DEFAULT_DTYPES, DTYPE_FALLBACK, DTYPE_OF_WIRE_NAME, DTYPE_SIZE_RULES, DTYPE_WIRE_NAMES,
-                            CRC_BYTES, HEADER_FIELDS, MAX_FRAME_BYTES, NUMPY_DTYPES, PREFIX_BYTES, PREFIX_OFFSETS,
+                            CRC_BYTES, HEADER_FIELDS, MAX_FRAME_BYTES, PREFIX_BYTES, PREFIX_OFFSETS,
                             REFERENCE_DTYPES, TAG_BYTES, TCP_LENGTH_PREFIX_BYTES, VERSION, VERSION_TRANSFORMED, Flags,
                             MsgType, space_hash32_offset)
 from resonant.errors import (
@@ -1228,7 +1228,7 @@ class Session(SessionCore):
             arr = sl.numpy()
         self.stats["dtype_converted"] += 1
         code = DTYPE_OF_WIRE_NAME[target]
-        return Slice.from_array(arr.astype(np.dtype(NUMPY_DTYPES[code])), dtype=code)
+        return Slice.from_array(arr.astype(_codec.numpy_dtype(code)), dtype=code)
 
     def _next_seq(self, stream_id: int) -> int:
         return next_frame_seq(self._seq, stream_id)

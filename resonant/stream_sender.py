@@ -11,7 +11,7 @@ import numpy as np
 
 from resonant import _codec, handshake
 from resonant._codec import Chunk, Frame, Slice, Sync
-from resonant._spec import MAX_FRAME_BYTES, NUMPY_DTYPES, TCP_LENGTH_PREFIX_BYTES, DType, Flags, Modality, MsgType
+from resonant._spec import MAX_FRAME_BYTES, TCP_LENGTH_PREFIX_BYTES, DType, Flags, Modality, MsgType
 from resonant.errors import EncodeError, HandshakeError
 from resonant.stream_layout import I8, StreamLayout, chunk_bytes_for, compact_json
 
@@ -244,8 +244,8 @@ def _source(obj, i: int) -> _Source:
     if isinstance(obj, Slice):
         return _Source(obj.dtype, obj.shape, obj.nbytes, obj.payload)
     arr = np.asarray(obj)
-    code = _codec.DTYPE_OF_NUMPY.get(arr.dtype.newbyteorder("="))
+    code = _codec.dtype_of_numpy(arr.dtype)
     if code is None:
         raise EncodeError(f"objects[{i}].dtype", f"no dtype for numpy {arr.dtype}; convert it (e.g. to float16) first")
-    arr = np.asarray(arr, dtype=np.dtype(NUMPY_DTYPES[DType(code)]), order="C")  # keeps 0-d shapes
+    arr = np.asarray(arr, dtype=_codec.numpy_dtype(code), order="C")  # keeps 0-d shapes
     return _Source(DType(code), arr.shape, arr.nbytes, memoryview(arr.reshape(-1).view(np.uint8)))
