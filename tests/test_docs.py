@@ -225,3 +225,29 @@ def test_block_runs(block: Block, tmp_path: Path):
     except subprocess.TimeoutExpired as exc:
         pytest.fail(_report(block, f"not done within {BLOCK_TIMEOUT} s", exc.output or ""))
     assert proc.returncode == 0, _report(block, f"exited with {proc.returncode}", proc.stdout)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def test_links_resolve():
+    """Every relative link of README.md and docs/*.md names a file that exists, and a heading
+    of it when it has an #anchor."""
+    bad = []
+    for path in DOCS:
+        text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            if not dest.exists():
+                bad.append(f"{path.relative_to(ROOT)}: {target}: no such file")
+            elif anchor and dest.suffix == ".md":
+                slugs = {_slug(h) for h in re.findall(r"^#+ (.+)$", dest.read_text(), flags=re.M)}
+                if anchor not in slugs:
+                    bad.append(f"{path.relative_to(ROOT)}: {target}: no heading with that anchor")
+    assert not bad, "\n".join(bad)
