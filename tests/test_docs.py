@@ -4,13 +4,15 @@ The convention (for writers of the docs):
 
 - Every fenced block has a language after its opening fence.
 - ```python, ```bash and ```sh blocks are run, each in a fresh subprocess (python3, or
-  `bash -e`), in an empty temporary directory, with this test's PYTHONPATH and a `resonant`
-  command on PATH that runs this checkout's CLI; a block must define every name it uses and
-  exit with status 0 within BLOCK_TIMEOUT seconds.
+  `bash -e -o pipefail`), in an empty temporary directory, with this test's PYTHONPATH and,
+  first on PATH, a `resonant` that runs this checkout's CLI and `python`/`python3` that are
+  this interpreter; a block must define every name it uses and exit with status 0 within
+  BLOCK_TIMEOUT seconds. Its output is not compared with anything (show expected output in a
+  ```text block after it).
 - An HTML comment on the line just before the opening fence changes that (it is invisible
   when the Markdown is rendered):
   - `<!-- fragment -->`: not run; an excerpt that needs names or a setting it does not
-    define (a synopsis, a few lines out of a larger program, a machine-dependent transcript).
+    define (a synopsis, a few lines out of a larger program, a long-running command).
   - `<!-- ci -->`: the set-up block (install, demo, test): not run here (it installs the
     package and runs this suite), but every command in it must appear in `.ci/run`, which
     CI runs on a fresh clone.
@@ -21,6 +23,9 @@ The convention (for writers of the docs):
   - `<!-- needs torch -->`: run only when torch and transformers are importable (the
     `model` extra, which CI installs); skipped otherwise.
 - Blocks in any other language (```text for output, ```json, ...) are data and are not run.
+
+Relative links in these files must name files that exist and, with #anchor, one of their
+headings (test_links_resolve).
 """
 
 from __future__ import annotations
@@ -209,6 +214,7 @@ def _has_torch() -> bool:
     return True
 
 
+@pytest.mark.pure_skip  # the blocks show the API, not the fast paths: once per `make test` is enough
 @pytest.mark.parametrize("block", RUNNABLE, ids=[b.id for b in RUNNABLE])
 def test_block_runs(block: Block, tmp_path: Path):
     if block.marker == "needs torch" and not _has_torch():
