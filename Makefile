@@ -9,7 +9,7 @@ help:
 	@echo "make compile        build the Cython extension in place"
 	@echo "make debug          build with -O0 -g and Cython bounds checks"
 	@echo "make annotate       build and write the Cython annotation: resonant/_codec.html and one resonant/_NAME.html per module"
-	@echo "make install        pip install the package with its test extras"
+	@echo "make install        pip install the package with its test extras (the README's install)"
 	@echo "make test           run the test suite, fast paths on, then off (RESONANT_PURE=1)"
 	@echo "make bench          run the benchmarks"
 	@echo "make fuzz           run every fuzz target for FUZZ_TIME seconds (default 600; docs/fuzzing.md)"
@@ -43,7 +43,7 @@ annotate: codegen
 	RESONANT_ANNOTATE=1 $(PYTHON) setup.py build_ext --inplace --force
 
 install:
-	$(PYTHON) -m pip install ".[test]"
+	$(PYTHON) -m pip install ".[test]" -c constraints.txt
 
 # The suite with the C fast paths on, then with RESONANT_PURE=1 (every fast path off; the tests
 # marked pure_skip, slow and off the fast paths, are left out of that run). It runs the in-place
