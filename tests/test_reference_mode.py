@@ -332,6 +332,49 @@ def _check_payloads(frame, expected) -> None:
             assert s.shape == want.shape and bytes(s.payload) == np.ascontiguousarray(want).tobytes()
 
 
+def test_udp_peer_leaves_reference_mode_when_the_capability_comes_late():
+    # connect() falls back (nothing answered within the wait); then a resonant server answers the
+    # pings it kept: peer.reference_mode turns false and a V-Stream goes through to it.
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("127.0.0.1", 0))
+    server = Session(role="server")
+
+    def serve(events: list) -> None:  # what waits on the socket, through the server Session
+        srv.setblocking(False)
+        while True:
+            try:
+                data, addr = srv.recvfrom(65536)
+            except BlockingIOError:
+                return
+            events += server.receive_datagram(data, time.monotonic())
+            for d in server.datagrams_to_send():
+                srv.sendto(d, addr)
+
+    async def run() -> list:
+        async with connect(f"udp://127.0.0.1:{srv.getsockname()[1]}", reference_fallback=True, timeout=5.0) as peer:
+            assert peer.reference_mode
+            serve([])  # the pings, answered late
+            deadline = time.monotonic() + 5.0
+            event = None
+            while not isinstance(event, HandshakeComplete) and time.monotonic() < deadline:
+                event = await peer.next_event(timeout=5.0)  # (the capability's MessageReceived first)
+            assert isinstance(event, HandshakeComplete) and not event.agreement.reference
+            assert not peer.reference_mode and peer.agreement.proto == 2
+            objs = [_rng.standard_normal((64, 1024)).astype(np.float16)]
+            await peer.send_stream(objs)
+            events: list = []
+            while not any(isinstance(e, StreamComplete) for e in events) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+                serve(events)
+            return [e for e in events if isinstance(e, StreamComplete)], objs
+
+    try:
+        (done,), objs = asyncio.run(run())
+        assert np.array_equal(done.objects[0], objs[0])
+    finally:
+        srv.close()
+
+
 async def _send_all(url: str, messages) -> None:
     async with connect(url, reference_fallback=True, timeout=5.0) as peer:
         assert peer.reference_mode and peer.agreement.proto == 1
