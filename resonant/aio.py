@@ -411,7 +411,8 @@ class Peer:
     def reference_mode(self) -> bool:
         """Whether the peer never answered the handshake and was taken for a reference receiver
         (connect(..., reference_fallback=True)): frames go as version 1, in the reference's dtypes,
-        one frame per message (send_stream() and larger messages raise LocalProtocolError)."""
+        one frame per message (send_stream() and larger messages raise LocalProtocolError). Read
+        from the session each time: a capability that comes after the fallback ends it."""
         return self.session.reference_mode
 
     async def handshake(self, timeout: float = 5.0) -> None:

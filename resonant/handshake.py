@@ -268,7 +268,7 @@ SM_STATES: tuple[str, ...] = ("idle", "await_capability", "established", "failed
 #: Inputs (received bytes are classified into exactly one, or a local call / timer).
 SM_INPUTS: tuple[str, ...] = ("start", "ping_ok", "ping_bad", "capability_ok", "capability_bad", "error", "data", "bad_frame", "retry", "deadline", "close", "silence", )
 #: Actions.
-SM_ACTIONS: tuple[str, ...] = ("send_ping", "answer_capability", "answer_error", "refuse_ping", "adopt", "assume_reference", "fail", "accept", "accept_if_lenient", "report_remote_error", "report_bad_frame", "ignore", "drop", "shutdown", "invalid", )
+SM_ACTIONS: tuple[str, ...] = ("send_ping", "answer_capability", "answer_error", "refuse_ping", "adopt", "adopt_if_reference", "assume_reference", "fail", "accept", "accept_if_lenient", "report_remote_error", "report_bad_frame", "ignore", "drop", "shutdown", "invalid", )
 SM_ROLES: tuple[str, ...] = ("client", "server", )
 
 #: (role, state, input) -> (action, next state), for every state each role can be in.
@@ -300,7 +300,7 @@ SM_TRANSITIONS: dict[tuple[str, str, str], tuple[str, str]] = {
     ("client", "established", "start"): ("send_ping", "await_capability"),
     ("client", "established", "ping_ok"): ("ignore", "established"),
     ("client", "established", "ping_bad"): ("ignore", "established"),
-    ("client", "established", "capability_ok"): ("ignore", "established"),
+    ("client", "established", "capability_ok"): ("adopt_if_reference", "established"),
     ("client", "established", "capability_bad"): ("ignore", "established"),
     ("client", "established", "error"): ("report_remote_error", "established"),
     ("client", "established", "data"): ("accept", "established"),

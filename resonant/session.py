@@ -127,7 +127,10 @@ class SessionConfig:
     for a reference receiver (which reads pings but never answers them) and go on in reference mode
     (Session.reference_mode): version-1 frames, only the dtypes the reference reads (others converted
     by the dtype fallback rules, or refused), one frame per message (no V-Stream). Not allowed with a
-    key or a strict session (ValueError): they never fall back. See "Talking to reference peers" in
+    key or a strict session (ValueError): they never fall back. A capability that answers the ping
+    after the fallback (a resonant server that answered late) ends reference mode: the session adopts
+    what it agrees and reports HandshakeComplete again, with Agreement.reference unset (the frames
+    sent so far, version 1, are read by any peer). See "Talking to reference peers" in
     specs/capability_handshake.md.
     strict_layout: refuse a frame whose slices fit none of its message type's layouts (LayoutError,
     reported as a malformed frame); by default such a frame, valid on the wire, is delivered with
@@ -521,7 +524,8 @@ class Session(SessionCore):
     def reference_mode(self) -> bool:
         """Whether this client took its peer for a reference receiver (SessionConfig.reference_fallback:
         no answer to its pings in time) and sends as the reference reads: version-1 frames, the
-        reference dtypes, one frame per message (no V-Stream)."""
+        reference dtypes, one frame per message (no V-Stream). It ends when a capability comes late
+        (or a new handshake completes): read it when it matters, not once."""
         a = self._agreement
         return a is not None and a.reference
 
@@ -731,7 +735,12 @@ class Session(SessionCore):
                 return self._step(Input.PING_OK if self._ping_problem(doc, frame) is None else Input.PING_BAD,
                                   now, frame, doc)
             if method == "capability":
-                if self._keyring is not None and self.role is Role.CLIENT and not self._answers_my_ping(doc):
+                # A client takes only a capability that answers its current ping: with a key, one that echoes
+                # its client_random (with a server_random); without, one that echoes none (it answers a
+                # keyed ping, not this client's). The same check in every state (await_capability, and
+                # established in reference mode, where a late capability is adopted).
+                if (self.role is Role.CLIENT and (self._keyring is not None or "client_random" in doc)
+                        and not self._answers_my_ping(doc)):
                     return self._stale(doc, "a capability that does not answer this client's current ping (its "
                                        "client_random is not echoed, or it has no server_random)")
                 return self._step(Input.CAPABILITY_OK if self._capability_problem(doc) is None
@@ -999,6 +1008,14 @@ class Session(SessionCore):
             self._queue(self._encoder.encode(Sync(_CONFIRM, stream_id=0, frame_seq=self._next_seq(0),
                                                   space_hash32=self.config.space_hash32)))
         return [MessageReceived(frame, doc), HandshakeComplete(self.agreement)]
+
+    def _do_adopt_if_reference(self, now, frame, doc) -> list:
+        """Established: a capability that answers this client's ping (classified as in
+        await_capability) ends reference mode, late (the peer is no reference receiver after all);
+        with an agreement the peer sent, it changes nothing."""
+        if self.agreement is not None and self.agreement.reference:
+            return self._do_adopt(now, frame, doc)
+        return self._do_ignore(now, frame, doc)
 
     def _do_fail(self, now, frame, doc) -> list:
         if doc is None:

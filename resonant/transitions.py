@@ -51,6 +51,7 @@ class Action(str, enum.Enum):
     ANSWER_ERROR = "answer_error"
     REFUSE_PING = "refuse_ping"      # a server in established: a rate-limited error, the session stays
     ADOPT = "adopt"                  # take the capability's agreement
+    ADOPT_IF_REFERENCE = "adopt_if_reference"  # established: adopt a late capability in reference mode, else ignore
     ASSUME_REFERENCE = "assume_reference"  # no answer: take the peer for a reference receiver (reference mode)
     FAIL = "fail"                    # report HandshakeFailed
     ACCEPT = "accept"                # deliver the data

@@ -32,6 +32,7 @@ from resonant._spec import REFERENCE_DTYPES
 from resonant.aio import connect
 from resonant.errors import HandshakeRefused, LocalProtocolError
 from resonant.session import HandshakeComplete, HandshakeFailed, Session, SessionConfig
+from resonant.stream import StreamComplete
 from resonant.transitions import State
 
 REF_BIN = ROOT.parent / "shared" / "reference-rust" / "bin"
@@ -162,21 +163,100 @@ def test_reference_mode_refuses_a_v_stream_and_a_message_over_one_frame():
     _sent(c, Think(np.zeros((1, 512), np.float16), stream_id=3))  # what fits one frame goes
 
 
-def test_a_late_capability_is_ignored_and_a_new_handshake_replaces_reference_mode():
-    c, s = _fallen_back(), Session(role="server")
-    c2 = Session(SessionConfig(role="client"))  # a capability for some ping: reaches c late
-    c2.initiate(0.0)
-    (ping,) = c2.datagrams_to_send()
-    s.receive_datagram(ping, 0.0)
-    (cap,) = s.datagrams_to_send()
-    c.receive_datagram(cap, 2.0)
+def _late_pair(**kw) -> tuple[Session, Session, list[bytes]]:
+    """A client fallen back to reference mode, a resonant server that has not yet seen its pings,
+    and the pings (the first one and its retry) on their way to it."""
+    c, s = _client(**kw), Session(role="server")
+    c.initiate(0.0)
+    pings = c.datagrams_to_send()
+    c.tick(WAIT / 2)
+    pings += c.datagrams_to_send()  # (the retry)
+    c.tick(WAIT)
+    assert c.reference_mode and len(pings) == 2
+    return c, s, pings
+
+
+def test_a_late_capability_leaves_reference_mode_and_v_streams_then_go():
+    # A resonant server that answers after the fallback (e.g. a loaded machine): its capability
+    # answers this client's ping, so the client adopts what it agrees (issue 16 part 3, late answer).
+    c, s, pings = _late_pair(compress=("zstd", "none"))
+    c.send(Think(np.ones((1, 8), np.float32), stream_id=3), 1.2)  # sent in reference mode: version 1, f16
+    (early,) = c.datagrams_to_send()
+    (msg,) = s.receive_datagram(early, 1.4)  # (a resonant server reads what reference mode sent)
+    assert early[0] == 1 and msg.frame.slices[0].dtype == DType.F16
+    events = [e for p in pings for e in s.receive_datagram(p, 1.5)]
+    assert isinstance(events[-1], HandshakeComplete) and not events[-1].agreement.reference
+    caps = s.datagrams_to_send()
+    assert len(caps) == 2  # (each ping answered)
+    events = c.receive_datagram(caps[0], 1.6)
+    (done,) = [e for e in events if isinstance(e, HandshakeComplete)]
+    assert isinstance(events[-1], HandshakeComplete)
+    a = done.agreement
+    assert not a.reference and a is c.agreement and (a.proto, a.compress) == (2, "zstd")
+    assert not c.reference_mode and c.state is State.ESTABLISHED
+    # the answer to the retry comes next: established with a real agreement, a capability is ignored
+    assert [type(e).__name__ for e in c.receive_datagram(caps[1], 1.7)] == ["MessageReceived"] and c.agreement is a
+    # frames now go with what was agreed, a V-Stream included, and the server takes them
+    f32 = _rng.standard_normal((1, 64)).astype(np.float32)
+    c.send(Think(f32, stream_id=5), 2.0)
+    (data,) = c.datagrams_to_send()
+    (msg,) = s.receive_datagram(data, 2.0)
+    assert np.array_equal(msg.frame.slices[0].numpy(), f32)  # f32 as it is: no reference dtypes any more
+    objs = [_rng.standard_normal((64, 512)).astype(np.float16) for _ in range(3)]
+    for d in c.stream(c.new_stream_id(), objs, names=["a", "b", "c"]):
+        c.send_encoded(d)
+    out = c.datagrams_to_send()
+    assert len(out) > 3
+    events = [e for d in out for e in s.receive_datagram(d, 2.0)]
+    assert isinstance(events[-1], StreamComplete)
+    assert all(np.array_equal(x, y) for x, y in zip(events[-1].objects, objs))
+
+
+def test_a_capability_that_does_not_answer_this_clients_ping_leaves_reference_mode_alone():
+    # The capability goes through the same checks as in await_capability: one that echoes a
+    # client_random answers a keyed client's ping (this client's pings carry none) and is stale;
+    # one this client cannot use is ignored (reference mode goes on: the peer reads version 1).
+    c, s, pings = _late_pair()
+    stray = {"method": "capability", "v": 2, "agreed_proto": 2, "client_random": "ab" * 32,
+             "server_random": "cd" * 32}
+    for at in (0.5, 2.0):  # the same rule before the fallback (await_capability) and after it
+        fresh = _client()
+        fresh.initiate(0.0)
+        if at > WAIT:
+            fresh.tick(WAIT)
+        before = fresh.state
+        (ev,) = fresh.receive_datagram(_control(stray), at)
+        assert ev.reason == "stale" and "does not answer this client's current ping" in ev.detail
+        assert fresh.state is before and fresh.stats["stale"] == 1
+    (ev,) = c.receive_datagram(_control(stray), 2.0)
+    assert ev.reason == "stale" and c.reference_mode
+    unusable = {"method": "capability", "v": 9, "agreed_proto": 9}
+    assert [type(e).__name__ for e in c.receive_datagram(_control(unusable), 2.0)] == ["MessageReceived"]
     assert c.reference_mode and c.state is State.ESTABLISHED
+    # and an established client with a real agreement ignores a capability, as before
+    s.receive_datagram(pings[0], 2.0)
+    (cap,) = s.datagrams_to_send()
+    c.receive_datagram(cap, 2.1)
+    a = c.agreement
+    other = {"method": "capability", "v": 1, "agreed_proto": 1}
+    assert [type(e).__name__ for e in c.receive_datagram(_control(other), 2.2)] == ["MessageReceived"]
+    assert c.agreement is a and not c.reference_mode
+
+
+def test_a_new_handshake_after_the_fallback_replaces_reference_mode():
+    # (formerly test_a_late_capability_is_ignored_and_a_new_handshake_replaces_reference_mode: a late
+    # capability is no longer ignored, see the two tests above; a new handshake still works)
+    c, s = _fallen_back(), Session(role="server")
     c.initiate(3.0)  # a handshake started again (e.g. the application's) that completes: what it agrees
     (ping,) = c.datagrams_to_send()
     s.receive_datagram(ping, 3.0)
     (cap,) = s.datagrams_to_send()
     events = c.receive_datagram(cap, 3.0)
     assert isinstance(events[-1], HandshakeComplete) and not c.reference_mode and c.agreement.proto == 2
+
+
+def _control(doc: dict) -> bytes:
+    return resonant.encode(resonant.Sync(json.dumps(doc).encode(), stream_id=0, frame_seq=9))
 
 
 # ------------------------------------------------------------------ capture and the reference's decoder
@@ -250,6 +330,49 @@ def _check_payloads(frame, expected) -> None:
             assert bytes(s.payload) == want
         else:
             assert s.shape == want.shape and bytes(s.payload) == np.ascontiguousarray(want).tobytes()
+
+
+def test_udp_peer_leaves_reference_mode_when_the_capability_comes_late():
+    # connect() falls back (nothing answered within the wait); then a resonant server answers the
+    # pings it kept: peer.reference_mode turns false and a V-Stream goes through to it.
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("127.0.0.1", 0))
+    server = Session(role="server")
+
+    def serve(events: list) -> None:  # what waits on the socket, through the server Session
+        srv.setblocking(False)
+        while True:
+            try:
+                data, addr = srv.recvfrom(65536)
+            except BlockingIOError:
+                return
+            events += server.receive_datagram(data, time.monotonic())
+            for d in server.datagrams_to_send():
+                srv.sendto(d, addr)
+
+    async def run() -> list:
+        async with connect(f"udp://127.0.0.1:{srv.getsockname()[1]}", reference_fallback=True, timeout=5.0) as peer:
+            assert peer.reference_mode
+            serve([])  # the pings, answered late
+            deadline = time.monotonic() + 5.0
+            event = None
+            while not isinstance(event, HandshakeComplete) and time.monotonic() < deadline:
+                event = await peer.next_event(timeout=5.0)  # (the capability's MessageReceived first)
+            assert isinstance(event, HandshakeComplete) and not event.agreement.reference
+            assert not peer.reference_mode and peer.agreement.proto == 2
+            objs = [_rng.standard_normal((64, 1024)).astype(np.float16)]
+            await peer.send_stream(objs)
+            events: list = []
+            while not any(isinstance(e, StreamComplete) for e in events) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+                serve(events)
+            return [e for e in events if isinstance(e, StreamComplete)], objs
+
+    try:
+        (done,), objs = asyncio.run(run())
+        assert np.array_equal(done.objects[0], objs[0])
+    finally:
+        srv.close()
 
 
 async def _send_all(url: str, messages) -> None:

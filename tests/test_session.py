@@ -134,6 +134,7 @@ def test_every_state_input_pair(role, state, inp):
             _feed(s, inp)
         assert s.state is state  # a refused call changes nothing
         return
+    before = s.agreement
     events = _feed(s, inp)
     assert s.state is nxt, (role, state, inp, action)
     sent = s.datagrams_to_send()
@@ -152,6 +153,8 @@ def test_every_state_input_pair(role, state, inp):
         assert isinstance(events[-1], HandshakeComplete) and s.agreement is not None
     if action is Action.FAIL:
         assert isinstance(events[-1], HandshakeFailed) and s.agreement is None
+    if action is Action.ADOPT_IF_REFERENCE:  # (a real agreement here: test_reference_established_... has the other)
+        assert kinds(events) == ["MessageReceived"] and s.agreement is before and not s.reference_mode
     if action is Action.ASSUME_REFERENCE:
         assert isinstance(events[-1], HandshakeComplete) and events[-1].agreement.reference and s.reference_mode
         assert sent == []  # (and no ping: the silence came first)
@@ -165,6 +168,24 @@ def test_every_state_input_pair(role, state, inp):
         assert kinds(events) == ["FrameRejected"] and events[0].reason == "closed"
     if action is Action.SHUTDOWN:
         assert sent == []
+
+
+@pytest.mark.parametrize("inp", list(Input))
+def test_reference_established_client_follows_the_table_and_adopts_a_late_capability(inp):
+    # established in reference mode (the silence came first): the same row; capability_ok
+    # (adopt_if_reference) adopts the real agreement and leaves reference mode
+    s = _drive_to(Role.CLIENT, State.AWAIT_CAPABILITY)
+    _feed(s, Input.SILENCE)
+    assert s.state is State.ESTABLISHED and s.reference_mode
+    action, nxt = TRANSITIONS[Role.CLIENT, State.ESTABLISHED, inp]
+    events = _feed(s, inp)
+    assert s.state is nxt
+    if inp is Input.CAPABILITY_OK:
+        assert action is Action.ADOPT_IF_REFERENCE
+        assert kinds(events) == ["MessageReceived", "HandshakeComplete"] and events[-1].agreement is s.agreement
+        assert not s.reference_mode and s.agreement.proto == 2
+    elif inp not in (Input.START, Input.CLOSE):
+        assert s.reference_mode  # nothing else leaves it (a new handshake does once it completes)
 
 
 @settings(max_examples=150, deadline=None)
