@@ -333,7 +333,8 @@ def _load(path: str, dtype: str | None) -> np.ndarray:
 
 def _sent_dtype(arr: np.ndarray, agreement) -> str:
     """What Session.send converts arr's dtype to when the peer lacks it (the dtype fallback rules)."""
-    name = next((w for w, dt in _DTYPES.items() if dt == arr.dtype), str(arr.dtype))
+    code = _codec.dtype_of_numpy(arr.dtype)
+    name = DTYPE_WIRE_NAMES[code] if code is not None else str(arr.dtype)
     return next((t for t in DTYPE_FALLBACK.get(name, ()) if t in agreement.dtypes), name)
 
 
