@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_transport import CHILD_CWD, CLI, HOST, child, receiver, run_cli
+from test_transport import HOST, child, receiver, run_cli
 
 import resonant
 from resonant import Key, MsgType
@@ -58,9 +58,10 @@ def test_make_codegen_installs_what_codegen_needs_in_a_bare_venv(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
     py = venv / "bin" / "python"
-    assert subprocess.run([py, "-c", "import yaml"], capture_output=True).returncode != 0
+    bare = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # (conftest's may name a site-packages)
+    assert subprocess.run([py, "-c", "import yaml"], capture_output=True, env=bare).returncode != 0
     r = subprocess.run(["make", "-s", "codegen", f"PYTHON={py}"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, env={**os.environ, "PIP_NO_INDEX": "1"})
+                       timeout=120, env={**bare, "PIP_NO_INDEX": "1"})
     assert r.returncode != 0
     out = r.stdout + r.stderr
     assert "No module named 'yaml'" not in out, out
