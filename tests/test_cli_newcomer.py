@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_transport import HOST, child, receiver, run_cli
+from test_transport import HOST, receiver, run_cli
 
 import resonant
 from resonant import Key, MsgType
