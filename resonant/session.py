@@ -420,6 +420,10 @@ class Session(SessionCore):
     def _send_reference(self, frame: Frame, keep_seq: bool) -> None:
         """send() in reference mode: a plain version-1 frame, which must fit one frame (the
         reference has no V-Stream reassembly, so nothing larger can reach it)."""
+        if not frame.slices:  # (its decoder rejects both forms: "slice_len field is empty")
+            raise LocalProtocolError("send", "reference mode (the peer never answered a ping: taken for a reference "
+                                     f"receiver): the reference rejects a frame with no slices; this "
+                                     f"{type(frame).__name__} has none, so it is not sent")
         if not keep_seq:
             frame = frame.replace(frame_seq=self._next_seq(frame.stream_id))
         try:

@@ -535,3 +535,14 @@ def test_cli_send_with_no_options_to_recv_think(tmp_path):
                      "Slice 0: F16 shape=[1, 2048] size=4096 bytes"):
         assert expected in thinks[0], expected
     assert all("Type: Sync" in f for f in frames if f is not thinks[0])  # the pings, unanswered
+
+
+@pytest.mark.parametrize("message", [resonant.Sync(), resonant.make_frame(MsgType.THINK, []),
+                                     resonant.make_frame(MsgType.SYNC, [], empty_slice_len=True)])
+def test_reference_mode_refuses_a_frame_with_no_slices(message):
+    """The reference's decoder rejects a frame with no slices in both forms (33 bytes: "slice_len
+    field is empty"; the Rust encoder's 37 bytes as well): reference mode refuses it, sends nothing."""
+    c = _fallen_back()
+    with pytest.raises(LocalProtocolError, match="no slices"):
+        c.send(message, 1.0)
+    assert c.datagrams_to_send() == []
