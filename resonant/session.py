@@ -698,7 +698,7 @@ class Session(SessionCore):
         want = self.config.expected_space_hash
         if want is not None and frame.space_hash32 != want and not isinstance(frame, Sync):
             exc = SpaceMismatch("space_hash32", f"the frame is of embedding space {frame.space_hash32}, this peer "
-                                f"expects {want}", space_hash32_offset(frame.num_slices))
+                                f"expects {want}", space_hash32_offset(frame.num_slices + frame.empty_slice_len))
             self.stats["space_mismatch"] += 1
             self._reply_error("SPACE_MISMATCH", str(exc), now, expected=str(want), got=str(frame.space_hash32))
             return [FrameRejected("space_mismatch", str(exc), exc)]

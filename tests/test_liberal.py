@@ -245,3 +245,15 @@ def test_transformed_misfits_decode_liberally_and_strictly():
     empty = resonant.make_frame(MsgType.SYNC, [], empty_slice_len=True)  # (version 2 has no 37-byte form)
     data = resonant.Codec(3, key=key).encode(empty)
     assert resonant.Codec(3, key=key).decode(data) == empty
+
+
+def test_space_mismatch_offset_of_the_37_byte_empty_form():
+    """The Session's SpaceMismatch names the byte of space_hash32, also in the Rust encoder's empty
+    form (one slice_len entry of 0: space_hash32 4 bytes further on), as decode() does."""
+    data = resonant.encode(resonant.make_frame(MsgType.THINK, [], empty_slice_len=True, space_hash32=7))
+    with pytest.raises(resonant.errors.SpaceMismatch) as exc:
+        resonant.decode(data, expected_space_hash=8)
+    server = Session(SessionConfig(role="server", strict=False, expected_space_hash=8))
+    (ev,) = server.receive_datagram(data, 0.0)
+    assert isinstance(ev, FrameRejected) and ev.error.offset == exc.value.offset
+    assert data[ev.error.offset:ev.error.offset + 4] == (7).to_bytes(4, "little")
