@@ -160,6 +160,8 @@ def kv_from_messages(messages: Sequence, *, legacy: bool = False) -> Any:
             raise TypeError(f"expected Cache messages, got {type(m).__name__}")
         if m.frame_seq in by_layer:
             raise ValueError(f"layer {m.frame_seq} appears twice")
+        if m.keys is None:  # (decoded liberally: slices that fit no Cache layout)
+            raise ValueError(f"layer {m.frame_seq}: the message's slices are not (keys, values): {m.layout_reason}")
         by_layer[m.frame_seq] = m
     if sorted(by_layer) != list(range(len(by_layer))):
         raise ValueError(f"layers {sorted(by_layer)[:8]}...: expected 0..{len(by_layer) - 1}")

@@ -286,3 +286,13 @@ def test_kv_cache_as_cache_messages_layer_by_layer():
     big.update(torch.zeros(1, 8, 512, 64), torch.zeros(1, 8, 512, 64), 0)
     with pytest.raises(resonant.EncodeError, match="max_frame_bytes"):
         tu.kv_messages(big)
+
+
+def test_kv_from_messages_names_a_cache_that_fits_no_layout():
+    """A decoded Cache need not fit its layout (liberal decoding: a reference peer may put two
+    layers' K and V in one frame); kv_from_messages says so instead of an AttributeError on None."""
+    four = resonant.make_frame(MsgType.CACHE, [resonant.Slice.from_array(np.ones((2, 4), np.float16))] * 4)
+    frame = resonant.decode(resonant.encode(four))
+    assert frame.keys is None
+    with pytest.raises(ValueError, match=r"^layer 0: .*Cache carries 2 slices, got 4"):
+        tu.kv_from_messages([frame])
