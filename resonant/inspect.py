@@ -467,8 +467,12 @@ def render_text(data: Any, codec: Any = None) -> str:
     # Slices: the first elements of decoded tensors; the text of JSON and text roles.
     if f is not None:
         roles = _roles(int(f.msg_type), len(f.slices))
+        every = {r for lay in LAYOUTS[int(f.msg_type)][1].values() for r in lay}
         for i, s in enumerate(f.slices):
             role, kind = roles[i] if i < len(roles) else (f"slices[{i}]", "tensor")
+            if getattr(f, role, None) is not s:  # not read in that role (a layout that does not fit; a
+                # 2-slice Critique's mask, told by content): the role it is read in, if any
+                role, kind = next(((n, k) for n, k in every if getattr(f, n, None) is s), (f"slices[{i}]", "tensor"))
             if kind in ("json", "text"):
                 text = bytes(s.payload).decode("utf-8", errors="replace")
                 lines.append(f"{role}{'' if role == kind else f' ({kind})'}: {_cut(text, _TEXT_CHARS)}")

@@ -257,3 +257,18 @@ def test_space_mismatch_offset_of_the_37_byte_empty_form():
     (ev,) = server.receive_datagram(data, 0.0)
     assert isinstance(ev, FrameRejected) and ev.error.offset == exc.value.offset
     assert data[ev.error.offset:ev.error.offset + 4] == (7).to_bytes(4, "little")
+
+
+def test_inspect_labels_slices_by_the_role_they_are_read_in():
+    """render_text names a slice's role only where the frame reads it in that role: a 2-slice
+    Critique's mask (not text) is no explanation, a Sync's F16 slice is no JSON document."""
+    from resonant import inspect as rinspect
+    mask = resonant.make_frame(MsgType.CRITIQUE, [Slice.from_array(F16(4)), Slice.from_array(np.array([1, 0, 1, 1], np.int8))])
+    assert mask.mask is mask.slices[1] and mask.explanation is None
+    text = rinspect.render_text(resonant.encode(mask))
+    assert "explanation" not in text.split("\n\n")[1]
+    sync = resonant.make_frame(MsgType.SYNC, [Slice.from_array(F16(2))])
+    text = rinspect.render_text(resonant.encode(sync))
+    assert not any(line.startswith("json") for line in text.splitlines())
+    doc = rinspect.render_text(resonant.encode(resonant.Critique(F16(4), explanation={"why": 1})))
+    assert 'explanation (json): {"why": 1}' in doc or 'explanation (json): {"why":1}' in doc
