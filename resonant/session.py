@@ -71,6 +71,8 @@ PROTOCOL_VERSIONS = (VERSION, VERSION_TRANSFORMED)  # the frame versions of sche
 PROTOCOL_VERSION = max(PROTOCOL_VERSIONS)
 _CHUNK = int(MsgType.CHUNK)
 _SYNC = int(MsgType.SYNC)
+_CRITIQUE = int(MsgType.CRITIQUE)
+_EMPTY_MASK = Slice.from_array(np.zeros(0, np.int8))  # reference mode: a Critique's absent mask, before its explanation
 _XCHACHA = int(Flags.XCHACHA)
 _TAG = slice(-(TAG_BYTES + CRC_BYTES), -CRC_BYTES)  # an encrypted frame's Poly1305 tag: the bytes before the CRC-32
 _FORMAT = {f.name: f.format for f in HEADER_FIELDS}
@@ -424,6 +426,11 @@ class Session(SessionCore):
             raise LocalProtocolError("send", "reference mode (the peer never answered a ping: taken for a reference "
                                      f"receiver): the reference rejects a frame with no slices; this "
                                      f"{type(frame).__name__} has none, so it is not sent")
+        if frame.msg_type == _CRITIQUE and len(frame.slices) == 2 and frame.explanation is not None:
+            # the reference reads slices[1] of a 2-slice Critique as the mask: an empty mask goes before
+            frame = make_frame(_CRITIQUE, (frame.slices[0], _EMPTY_MASK, frame.slices[1]), stream_id=frame.stream_id,
+                               frame_seq=frame.frame_seq, space_hash32=frame.space_hash32, modality=frame.modality,
+                               flags=frame.flags)
         if not keep_seq:
             frame = frame.replace(frame_seq=self._next_seq(frame.stream_id))
         try:

@@ -546,3 +546,32 @@ def test_reference_mode_refuses_a_frame_with_no_slices(message):
     with pytest.raises(LocalProtocolError, match="no slices"):
         c.send(message, 1.0)
     assert c.datagrams_to_send() == []
+
+
+@need_ref
+def test_reference_mode_sends_an_explanation_where_the_reference_reads_it(tmp_path):
+    """The reference reads slices[1] of a 2-slice Critique as the mask: in reference mode a Critique
+    with an explanation and no mask goes as three slices, the mask empty, the explanation third;
+    one with a mask (and with or without an explanation) goes as it is."""
+    div = np.arange(16, dtype=np.float16)
+    mask = np.array([3, 7], np.int8)
+    c = _fallen_back()
+    cases = [resonant.Critique(div, explanation={"note": "dims 3 and 7"}),
+             resonant.Critique(div, mask, {"note": "dims 3 and 7"}),
+             resonant.Critique(div, mask)]
+    sent = []
+    for message in cases:
+        c.send(message, 1.0)
+        (data,) = c.datagrams_to_send()
+        sent.append(data)
+    records = _decode_frames(tmp_path, sent)
+    frames = [_assert_equal_fields(d, r) for d, r in zip(sent, records)]
+    expl_only, both, mask_only = frames
+    assert len(expl_only.slices) == 3 and expl_only.layout_ok
+    assert expl_only.mask.shape == (0,) and expl_only.explanation.json() == {"note": "dims 3 and 7"}
+    assert records[0]["slices"][1]["shape"] == [0]  # what the reference reads as the mask: empty
+    assert np.array_equal(expl_only.divergence.numpy(), div)
+    assert len(both.slices) == 3 and np.array_equal(both.mask.numpy(), mask)
+    assert both.explanation.json() == {"note": "dims 3 and 7"}
+    assert np.array_equal(mask_only.mask.numpy(), mask)
+    assert records[2]["slices"][1]["payload_hex"] == mask.tobytes().hex()  # the reference's mask: the mask
