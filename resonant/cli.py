@@ -98,7 +98,8 @@ def frame_line(frame, doc: dict | None) -> str:
         try:
             a = s.numpy().astype(np.float32, copy=False).ravel()
             if a.size:
-                parts.append(f"mean={float(a.mean()):.4g} norm={float(np.linalg.norm(a)):.4g}")
+                with np.errstate(all="ignore"):  # a peer's values may overflow the sums: inf/nan, no warning
+                    parts.append(f"mean={float(a.mean()):.4g} norm={float(np.linalg.norm(a)):.4g}")
         except ResonantError:
             pass  # Q4 / sparse payloads have no element view
     return " ".join(parts)
@@ -471,6 +472,9 @@ def _keygen(args) -> int:
         key.to_file(args.file, overwrite=False)
     except FileExistsError:
         print(f"resonant keygen: {args.file} exists: a key file is never overwritten", file=sys.stderr)
+        return 1
+    except OSError as exc:  # no such directory, not writable, an empty name, ...
+        print(f"resonant keygen: cannot write {args.file!r}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     print(f"resonant keygen: wrote key 0x{key.key_id:08x} to {args.file} (mode 0600); give it to both sides "
           "with --key-file", file=sys.stderr)

@@ -439,6 +439,12 @@ def _summary(ins: Inspection) -> str:
     return f"not decoded; the header says {name}({', '.join(parts)})"
 
 
+def _printable(text: str) -> str:
+    """A peer's text as it may reach a terminal: control characters (escape sequences included)
+    shown as Python escapes, never written raw."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def render_text(data: Any, codec: Any = None) -> str:
     """A human-readable dump: one line per field (offset in decimal and hex, size, path, value,
     note), a one-line summary of the message, the slices' first elements and, for JSON and
@@ -474,7 +480,7 @@ def render_text(data: Any, codec: Any = None) -> str:
                 # 2-slice Critique's mask, told by content): the role it is read in, if any
                 role, kind = next(((n, k) for n, k in every if getattr(f, n, None) is s), (f"slices[{i}]", "tensor"))
             if kind in ("json", "text"):
-                text = bytes(s.payload).decode("utf-8", errors="replace")
+                text = _printable(bytes(s.payload).decode("utf-8", errors="replace"))
                 lines.append(f"{role}{'' if role == kind else f' ({kind})'}: {_cut(text, _TEXT_CHARS)}")
             elif f.version != VERSION:
                 el = _elements(s)
@@ -483,7 +489,7 @@ def render_text(data: Any, codec: Any = None) -> str:
         roles = _roles(ins.header["msg_type"], ins.header["num_slices"])
         for i, s in enumerate(ins.slices):
             if i < len(roles) and roles[i][1] in ("json", "text"):
-                text = bytes(view[s["offset"]:s["offset"] + s["payload_len"]]).decode("utf-8", errors="replace")
+                text = _printable(bytes(view[s["offset"]:s["offset"] + s["payload_len"]]).decode("utf-8", errors="replace"))
                 lines.append(f"{roles[i][0]} ({roles[i][1]}, not verified): {_cut(text, _TEXT_CHARS)}")
     if ins.error is not None:
         lines.append(f"error: {ins.error.type}: {ins.error.message}")

@@ -108,6 +108,24 @@ def test_keygen_writes_a_key_that_key_from_file_reads_mode_0600(tmp_path):
     assert Key.from_file(tmp_path / "k2.key") != key
 
 
+def test_keygen_into_a_missing_directory_is_one_line_not_a_traceback(tmp_path):
+    r = run_cli("keygen", str(tmp_path / "no" / "such" / "k.key"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("resonant keygen: cannot write") and "No such file" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_recv_line_of_overflowing_values_warns_nothing():
+    import warnings
+
+    from resonant import cli
+    big = resonant.decode(resonant.encode(resonant.Think(resonant.Slice.from_array(np.full((1, 64), 3e38, np.float32)))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a numpy RuntimeWarning (overflow in the sums) would raise here
+        line = cli.frame_line(big, None)
+    assert "mean=" in line
+
+
 def test_keygen_help_states_the_key_file_format():
     r = run_cli("keygen", "--help")
     assert r.returncode == 0

@@ -318,3 +318,13 @@ def test_mutated_frames_never_raise(seed, draw):
     _check_malformed(bytes(data))
     json.dumps(vinspect.render_json(bytes(data)))
     vinspect.render_text(bytes(data))
+
+
+def test_text_is_never_written_raw_to_the_terminal():
+    """A peer's text (an Ask's context, a Sync's JSON string) may hold escape sequences: inspect
+    shows control characters escaped."""
+    from resonant.inspect import render_text
+    ask = resonant.Ask(np.zeros(4, np.float16), "\x1b[2J\x1b]0;pwned\x07 hello")
+    out = render_text(resonant.encode(ask))
+    assert "\x1b" not in out and "\x07" not in out
+    assert "\\x1b[2J" in out and "hello" in out
