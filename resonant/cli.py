@@ -488,31 +488,30 @@ class _UsageError(Exception):
     """A bad command line found after parsing (e.g. an unusable --save DIR): exit status 2."""
 
 
-def _u32(text: str) -> int:
+def _int(text: str, what: str) -> int:
+    """An integer argument, decimal or 0x hex; else an argparse error saying `text is not {what}`."""
     try:
-        v = int(text, 0)
+        return int(text, 0)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text} is not a number: give 0..4294967295, decimal or 0x hex") from None
+        raise argparse.ArgumentTypeError(f"{text} is not {what}") from None
+
+
+def _u32(text: str) -> int:
+    v = _int(text, "a number: give 0..4294967295, decimal or 0x hex")
     if not 0 <= v < 1 << 32:
         raise argparse.ArgumentTypeError(f"{text} is not a u32")
     return v
 
 
 def _count(text: str) -> int:
-    try:
-        v = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text} is not a number") from None
+    v = _int(text, "a number")
     if v < 1:
         raise argparse.ArgumentTypeError(f"{text}: N is at least 1 (leave --count out to receive until interrupted)")
     return v
 
 
 def _size(text: str) -> int:
-    try:
-        v = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text} is not a number of bytes") from None
+    v = _int(text, "a number of bytes")
     if v < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
     return v

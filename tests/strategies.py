@@ -82,21 +82,24 @@ def text_slices(draw) -> Slice:
     return Slice.from_text(draw(st.text(st.characters(min_codepoint=0x20, blacklist_categories=("Cs",)), max_size=64)))
 
 
-@st.composite
-def frames(draw, msg_type=None) -> resonant.Frame:
-    """A message of any type and layout, header fields over their whole range."""
-    msg_type = draw(st.sampled_from(list(MsgType))) if msg_type is None else msg_type
-    count = draw(st.sampled_from(sorted(LAYOUTS[msg_type])))
-    parts = [draw(slices() if kind == "tensor" else text_slices()) for _, kind in LAYOUTS[msg_type][count]]
-    return resonant.make_frame(
-        msg_type,
-        parts,
+def _header_fields(draw) -> dict:
+    """Header fields over their whole range."""
+    return dict(
         stream_id=draw(st.integers(0, 2**32 - 1)),
         frame_seq=draw(st.integers(0, 2**64 - 1)),
         space_hash32=draw(st.integers(0, 2**32 - 1)),
         modality=draw(st.sampled_from(list(Modality))),
         flags=draw(st.integers(0, 7)),
     )
+
+
+@st.composite
+def frames(draw, msg_type=None) -> resonant.Frame:
+    """A message of any type and layout, header fields over their whole range."""
+    msg_type = draw(st.sampled_from(list(MsgType))) if msg_type is None else msg_type
+    count = draw(st.sampled_from(sorted(LAYOUTS[msg_type])))
+    parts = [draw(slices() if kind == "tensor" else text_slices()) for _, kind in LAYOUTS[msg_type][count]]
+    return resonant.make_frame(msg_type, parts, **_header_fields(draw))
 
 
 @st.composite
@@ -105,16 +108,8 @@ def liberal_frames(draw, msg_type=None, max_slices: int = 5) -> resonant.Frame:
     dtype in any message type (as the reference sends), and a frame with no slices in either form."""
     msg_type = draw(st.sampled_from(list(MsgType))) if msg_type is None else msg_type
     parts = draw(st.lists(st.one_of(slices(max_bytes=256), text_slices()), max_size=max_slices))
-    return resonant.make_frame(
-        msg_type,
-        parts,
-        stream_id=draw(st.integers(0, 2**32 - 1)),
-        frame_seq=draw(st.integers(0, 2**64 - 1)),
-        space_hash32=draw(st.integers(0, 2**32 - 1)),
-        modality=draw(st.sampled_from(list(Modality))),
-        flags=draw(st.integers(0, 7)),
-        empty_slice_len=not parts and draw(st.booleans()),
-    )
+    return resonant.make_frame(msg_type, parts, **_header_fields(draw),
+                               empty_slice_len=not parts and draw(st.booleans()))
 
 
 def encoded_frames(msg_type=None, liberal: bool = False):
