@@ -65,7 +65,7 @@ RUNTIME_LIMITS = {
 
 #: Enum values the hand-written runtime names (e.g. DType.F16, MsgType.SYNC); removing one breaks it.
 RUNTIME_ENUM_VALUES = {
-    "msg_type": ("CACHE", "SYNC", "CHUNK"),
+    "msg_type": ("CACHE", "SYNC", "CRITIQUE", "CHUNK"),
     "modality": ("TEXT",),
     "flags": ("ZSTD", "XCHACHA", "STRONG_TAIL"),
     "filters": ("BYTE_SHUFFLE",),

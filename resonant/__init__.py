@@ -42,23 +42,6 @@ from resonant._spec import (
     MsgType,
 )
 from resonant.errors import *  # noqa: F401,F403
-from resonant.space import ModelSignature, space_hash32
-from resonant.reassembler import ObjectReady, Reassembler, StreamComplete, StreamFailed, StreamStarted
-from resonant.stream_limits import MemoryBudget, StreamLimits
-from resonant.stream_sender import StreamSender
-from resonant.transforms import Codec, Key, Keyring
-from resonant.session import (
-    Agreement,
-    ConnectionBroken,
-    FrameRejected,
-    HandshakeComplete,
-    HandshakeFailed,
-    MessageReceived,
-    RemoteError,
-    Session,
-    SessionConfig,
-)
-from resonant import stream  # noqa: F401  (resonant.stream.X works after `import resonant`, as before the split)
 from resonant.errors import __all__ as _errors_all
 from resonant._spec import MESSAGE_CLASSES as _MESSAGE_CLASSES
 
@@ -67,24 +50,36 @@ globals().update({_name: getattr(_codec, _name) for _name in _MESSAGE_CLASSES.va
 
 __version__ = "0.1.0"
 
-# The asyncio adapters are imported on first use (resonant.connect, resonant.aio, ...): asyncio is
-# a good part of what `import resonant` would cost, and the sans-IO core needs none of it.
-_LAZY = {"Peer": "resonant.aio", "Server": "resonant.aio", "connect": "resonant.aio", "serve": "resonant.aio"}
+# Imported on first use (resonant.connect, resonant.Session, resonant.aio, ...): the sessions,
+# streams and asyncio adapters are most of what `import resonant` would cost beyond numpy and the
+# codec, and a program that only encodes and decodes frames needs none of them.
+_LAZY_MODULES = {
+    "resonant.aio": ("Peer", "Server", "connect", "serve"),
+    "resonant.session": ("Agreement", "ConnectionBroken", "FrameRejected", "HandshakeComplete", "HandshakeFailed",
+                         "MessageReceived", "RemoteError", "Session", "SessionConfig"),
+    "resonant.reassembler": ("ObjectReady", "Reassembler", "StreamComplete", "StreamFailed", "StreamStarted"),
+    "resonant.stream_limits": ("MemoryBudget", "StreamLimits"),
+    "resonant.stream_sender": ("StreamSender",),
+    "resonant.transforms": ("Codec", "Key", "Keyring"),
+    "resonant.space": ("ModelSignature", "space_hash32"),
+}
+_LAZY = {name: module for module, names in _LAZY_MODULES.items() for name in names}
 
 
 def __getattr__(name: str):
     import importlib
-    if name == "aio":
-        return importlib.import_module("resonant.aio")
+    import importlib.util
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if not name.startswith("_") and importlib.util.find_spec(f"resonant.{name}") is not None:
+        return importlib.import_module(f"resonant.{name}")  # a submodule (resonant.aio, resonant.stream, ...)
     raise AttributeError(f"module 'resonant' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY, "aio"})
+    return sorted({*globals(), *_LAZY, *(m.rsplit(".", 1)[1] for m in _LAZY_MODULES), "stream"})
 
 
 __all__ = [
