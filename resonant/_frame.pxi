@@ -155,6 +155,9 @@ cdef object _layout_of(uint8_t msg_type, tuple slices):
     cdef uint8_t dt[ROLE_CHECK_SLOTS]
     cdef uint8_t nd[ROLE_CHECK_SLOTS]
     cdef Py_ssize_t off[ROLE_CHECK_SLOTS]
+    memset(dt, 0, sizeof(dt))  # (entries past n are never read; this keeps the compiler sure of it)
+    memset(nd, 0, sizeof(nd))
+    memset(off, 0, sizeof(off))
     pos = PREFIX_SIZE + SLICE_LEN_BYTES * n + SUFFIX_SIZE
     for i in range(min(n, ROLE_CHECK_SLOTS)):
         s = <Slice>slices[i]
