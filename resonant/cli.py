@@ -361,12 +361,14 @@ class _Progress:
         self.start = time.perf_counter()
         self.last = 0.0
         self.tty = sys.stderr.isatty()
+        self.done = False
 
     def __call__(self, sent: int, total: int) -> None:
         now = time.perf_counter()
-        if sent < total and (not self.tty or now - self.last < 0.1):
-            return  # (without a terminal: one line, at the end)
+        if self.done or (sent < total and (not self.tty or now - self.last < 0.1)):
+            return  # (without a terminal: one line, at the end; and the end only once)
         self.last = now
+        self.done = sent >= total
         frac = sent / total if total else 1.0
         rate = sent / max(now - self.start, 1e-9) / 1e6
         bar = "#" * int(frac * 30)

@@ -302,6 +302,18 @@ def test_send_progress_without_a_tty_is_one_line_and_reports_wire_bytes(files):
     assert 0 < int(m.group(1)) and abs(int(m.group(1)) / (8 << 20) * 100 - float(m.group(2))) < 0.1
 
 
+def test_send_progress_without_a_tty_is_one_line_for_a_plain_stream(files):
+    """The same without zstd, one object (the stream's last chunk and its completion both report
+    100%: printed once)."""
+    with receiver("tcp", "--count", "1") as rx:
+        r = run_cli("send", "--to", rx.url, str(files / "big.npy"), timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert rx.wait_exit(30) == 0, rx.dump()
+    bars = [x for x in r.stderr.splitlines() if x.startswith("[")]
+    assert len(bars) == 1 and "100.0%" in bars[0], r.stderr
+    assert re.search(r"\d+ bytes on the wire$", r.stderr.strip()), r.stderr
+
+
 def test_send_of_one_frame_reports_wire_bytes(files):
     with receiver("udp", "--count", "1") as rx:
         r = run_cli("send", "--to", rx.url, str(files / "small.npy"))
