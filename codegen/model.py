@@ -25,7 +25,7 @@ FRAMINGS = ("datagram", "length_prefix")
 TRANSPORT_ACTIONS = ("continue", "close", "report")
 # hex32 / hex64: a string of exactly 32 / 64 lowercase hexadecimal digits (16 / 32 bytes).
 HANDSHAKE_TYPES = ("string", "number", "bool", "u32", "u64", "hex32", "hex64", "object", "list[string]", "list[u32]",
-                   "list[object]")
+                   "list[object]", "ranges")
 
 
 #: Header fields the codec lays out (its Frame, encoder and decoder have a place for each).
@@ -53,6 +53,10 @@ RUNTIME_LIMITS = {
         "max_json_bytes": "handshake.parse",
         "max_objects": "handshake.validate (list[object])",
         "max_list_items": "handshake.validate (lists)",
+        "max_report_ranges": "handshake.validate (ranges), the receiver's reports",
+        "report_interval_ms": "the Session (the receiver's reports)",
+        "feedback_timeout_ms": "the Session (resonant.delivery: the sender's deadline)",
+        "max_retransmits": "resonant.delivery (the sender)",
         "max_string_chars": "handshake.validate (strings)",
         "min_chunk_bytes": "the V-Stream Reassembler (HEAD)",
         "session_random_bytes": "the Session (client_random, server_random)",
@@ -1124,6 +1128,8 @@ def _value_problem(value: Any, f: HField, ctx: dict[str, Any], path: str = "") -
         top = (1 << (32 if t == "u32" else 64)) - 1
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
             return f"{at}expected an integer in [0, {top}]"
+    elif t == "ranges":
+        return _ranges_problem(value, ctx["limits"].get("max_report_ranges", 0), at)
     elif t.startswith("list["):
         if not isinstance(value, list):
             return f"{at}expected a list"
@@ -1136,6 +1142,22 @@ def _value_problem(value: Any, f: HField, ctx: dict[str, Any], path: str = "") -
         if not isinstance(value, dict):
             return f"{at}expected an object"
         return _document_problem(value, f.fields, ctx, path, open_keys=True)
+    return None
+
+
+def _ranges_problem(value: Any, cap: int, at: str) -> str | None:
+    """The `ranges` type: [a0, b0, a1, b1, ...], u64 integers, a_i < b_i <= a_(i+1), at most cap pairs."""
+    if not isinstance(value, list) or len(value) % 2:
+        return f"{at}expected a list of an even number of integers"
+    if len(value) > 2 * cap:
+        return f"{at}more than max_report_ranges ({cap}) ranges"
+    last = -1
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 64:
+            return f"{at}item {i} is not a u64"
+        if (v <= last) if i % 2 else (v < last):
+            return f"{at}ranges must be ascending, non-empty and apart"
+        last = v
     return None
 
 

@@ -81,6 +81,10 @@ cdef class ChunkSink:
     cdef public object object_left       # numpy int64, chunks still missing per object
     cdef public object tail              # the TAIL document once it came (None before)
     cdef public int completed            # the object the last fast placement completed, or -1
+    cdef public Py_ssize_t top           # one more than the highest chunk index received (0: none)
+    cdef public double top_at            # when chunk top - 1 arrived
+    cdef public Py_ssize_t skipped       # chunk indices jumped over when a chunk arrived above top
+    cdef public Py_ssize_t have_bytes    # payload bytes of the chunks received
     cdef unsigned char[::1] _dst
     cdef unsigned char[::1] _bits        # a view of `have` (which it keeps from being resized)
     cdef const int64_t[::1] _first

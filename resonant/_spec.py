@@ -57,6 +57,14 @@ HANDSHAKE_CONTROL_TAGS_REMEMBERED = 256
 HANDSHAKE_SENT_TAGS_REMEMBERED = 4096
 #: A client that allows the reference fallback (no key, not strict) waits this many milliseconds after its first ping for a capability or an error; then it takes the peer for a reference receiver (which reads pings but never answers them) and goes on in reference mode (see Talking to reference peers).
 HANDSHAKE_REFERENCE_FALLBACK_MS = 1000
+#: A report lists at most this many missing chunk ranges (the ranges type); a receiver with more lists those after the ones its previous report listed, in turn, so that every hole is named within a few reports.
+HANDSHAKE_MAX_REPORT_RANGES = 64
+#: With feedback agreed, a receiver reports each open stream at most this often while frames arrive (and at once when the stream opens and when TAIL comes with chunks missing); after TAIL with chunks missing and nothing new arriving, it doubles the interval after each report, up to feedback_timeout_ms / 4.
+HANDSHAKE_REPORT_INTERVAL_MS = 20
+#: With feedback agreed, a sender whose stream has heard nothing from the receiver (no report, no verdict) for this long gives the stream up (the receiver is gone); a receiver reports every open stream, and every completed one whose verdict the application still holds, well within it.
+HANDSHAKE_FEEDBACK_TIMEOUT_MS = 5000
+#: A sender sends one chunk at most this many times in all (the first time included) before it gives the stream up (the path loses everything); together with feedback_timeout_ms it bounds the repair rounds.
+HANDSHAKE_MAX_RETRANSMITS = 64
 
 
 class MsgType(enum.IntEnum):

@@ -144,6 +144,8 @@ cdef class ChunkSink:
         self._bits = self.have
         self.have_count = 0
         self.completed = -1
+        self.top = self.skipped = self.have_bytes = 0
+        self.top_at = 0.0
 
     def has(self, Py_ssize_t k):
         """Whether chunk k (0 <= k < chunks) has been received."""
@@ -169,6 +171,42 @@ cdef class ChunkSink:
             raise IndexError(f"chunk {k} of object {o} is outside this stream or already in place")
         at.k, at.o, at.a, at.length = k, o, a, length
         _commit_chunk(self, &at, now)
+
+    def missing_chunks(self, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t cap):
+        """The chunk index ranges [a, b) not received within [lo, hi), in order, as a flat list
+        [a0, b0, a1, b1, ...] of at most `cap` ranges, and how many more ranges there are up to hi.
+        One pass over the bitmap (whole bytes at a time where it is all 0 or all 1)."""
+        cdef Py_ssize_t k, k0, more = 0, found = 0
+        cdef const unsigned char *bits
+        out = []
+        lo = max(lo, 0)
+        hi = min(hi, self._nchunks)
+        if lo >= hi:
+            return out, 0
+        bits = &self._bits[0]
+        k = lo
+        while k < hi:
+            if (k & 7) == 0 and k + 8 <= hi and bits[k >> 3] == 0xFF:
+                k += 8
+                continue
+            if _bit(bits, k):
+                k += 1
+                continue
+            k0 = k
+            while k < hi:
+                if (k & 7) == 0 and k + 8 <= hi and bits[k >> 3] == 0:
+                    k += 8
+                elif _bit(bits, k):
+                    break
+                else:
+                    k += 1
+            if found < cap:
+                out.append(k0)
+                out.append(k)
+                found += 1
+            else:
+                more += 1
+        return out, more
 
     def missing(self, Py_ssize_t cap):
         """The byte ranges of the stream not received, in order, touching ranges joined, never
@@ -316,6 +354,11 @@ cdef void _commit_chunk(ChunkSink st, ChunkAt *at, double now):
             j += 1
     bits[at.k >> 3] |= <unsigned char>(1 << (at.k & 7))
     st.have_count += 1
+    st.have_bytes += at.length
+    if at.k >= st.top:  # (what a sender's pacing reads from the receiver's reports)
+        st.skipped += at.k - st.top
+        st.top = at.k + 1
+        st.top_at = now
     st._left[at.o] -= 1
     st.completed = <int>at.o if st._left[at.o] == 0 else -1
     st.last = now

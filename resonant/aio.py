@@ -52,6 +52,7 @@ from resonant import _codec
 from resonant._codec import Frame
 from resonant._spec import MAX_UDP_FRAME_BYTES, MIN_FRAME_BYTES, VERSION, VERSION_TRANSFORMED, MsgType
 from resonant.errors import DecodeError, HandshakeRefused
+from resonant.delivery import REPORT_INTERVAL, StreamDelivered, StreamUndelivered
 from resonant.reassembler import StreamComplete
 from resonant.session import (
     ConnectionBroken,
@@ -65,9 +66,24 @@ from resonant.session import (
 from resonant.stream_limits import MemoryBudget
 from resonant.transitions import Role, State
 
-__all__ = ["connect", "serve", "Peer", "Server", "parse_url", "MAX_UDP_FRAME_BYTES"]
+__all__ = ["connect", "serve", "Peer", "Server", "parse_url", "MAX_UDP_FRAME_BYTES", "DeliveryFailed"]
+
+
+class DeliveryFailed(ConnectionError):
+    """send_stream(): the receiver did not verify the stream. reason: the receiver's (remote True:
+    its StreamFailed reason, e.g. hash_mismatch, limit, timeout, or its application's, e.g.
+    save_failed) or this side's ('no_feedback': the receiver fell silent; 'retransmits'; 'hash_mismatch':
+    it verified other bytes; 'closed': the connection went away)."""
+
+    def __init__(self, stream_id: int, reason: str, detail: str, remote: bool = False) -> None:
+        self.stream_id, self.reason, self.detail, self.remote = stream_id, reason, detail, remote
+        who = "the receiver refused" if remote else "not delivered"
+        super().__init__(f"stream {stream_id}: {who}: {reason}: {detail}")
 
 _TICK = 0.05                  # seconds between timer ticks
+_FAST_TICK = REPORT_INTERVAL  # ... and for sessions with V-Stream feedback under way (reports, verdicts)
+_UDP_RATE = 200e6             # bytes/s: the default pacing cap of a UDP V-Stream (send_stream(rate=))
+_POLL_FRAMES = 64             # UDP V-Stream: frames taken from the Delivery per poll
 _UDP_RCVBUF = 4 << 20         # ask the kernel for this much receive buffer
 _QUEUE_LIMIT = 4096           # events waiting for the application before reading pauses
 # Server: the events queued for the application are counted per peer; a peer whose own backlog is
@@ -225,6 +241,11 @@ class _Inbox:
 _TIMED_OUT = object()
 
 
+def _wake(w: asyncio.Future) -> None:
+    if not w.done():
+        w.set_result(None)
+
+
 def _expire(w: asyncio.Future) -> None:
     if not w.done():
         w.set_result(_TIMED_OUT)
@@ -249,6 +270,24 @@ class _Link:
 
     def flush(self) -> None:
         raise NotImplementedError
+
+    _waiter: asyncio.Future | None = None
+
+    async def wait_input(self, delay: float) -> None:
+        """Sleep up to `delay` seconds, less when something arrives from the peer (or it goes away)."""
+        loop = asyncio.get_running_loop()
+        fut = self._waiter = loop.create_future()
+        handle = loop.call_later(max(0.0, delay), _wake, fut)
+        try:
+            await fut
+        finally:
+            handle.cancel()
+            self._waiter = None
+
+    def woken(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
     async def drain(self) -> None:
         await self._can_write.wait()
@@ -333,6 +372,7 @@ class _TcpLink(_Link, asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         events = self.session.buffer_updated(nbytes, _now())
         self.deliver(events)
+        self.woken()
         if events and type(events[-1]) is ConnectionBroken:  # (the Session puts it last)
             self.transport.close()  # the record stream cannot be resynchronised
         elif self.events.qsize() > _QUEUE_LIMIT:
@@ -346,6 +386,7 @@ class _TcpLink(_Link, asyncio.BufferedProtocol):
         self.closed.set()
         self._can_write.set()
         self.events.put_nowait(_CLOSED)  # wakes whoever waits for an event
+        self.woken()
 
     def flush(self) -> None:
         parts = self.session.records_to_send()
@@ -370,6 +411,7 @@ class _UdpClientLink(_Link, asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr) -> None:
         self.deliver(self.session.receive_datagram(data, _now()))
+        self.woken()
 
     def error_received(self, exc) -> None:
         self.icmp_error = exc  # e.g. ICMP port unreachable: nobody listens (yet); UDP goes on
@@ -378,6 +420,7 @@ class _UdpClientLink(_Link, asyncio.DatagramProtocol):
         self.closed.set()
         self._can_write.set()
         self.events.put_nowait(_CLOSED)  # wakes whoever waits for an event
+        self.woken()
 
     def flush(self) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -473,52 +516,111 @@ class Peer:
     async def send_stream(self, objects: Sequence, *, stream_id: int | None = None,
                           progress: Callable[[int, int], None] | None = None,
                           rate: float | None = None, **kwargs: Any) -> int:
-        """Send tensors as a V-Stream (HEAD, chunks, TAIL); returns the stream id.
+        """Send tensors as a V-Stream (HEAD, chunks, TAIL); returns the stream id once the receiver
+        has verified it.
 
-        progress(sent_bytes, total_bytes) is called as frames go out. rate (bytes/s) paces
-        UDP (default 200 MB/s there: without pacing a fast sender overruns the receiver's
-        socket buffer, and UDP streams have no loss recovery yet)."""
+        With feedback agreed in the handshake (both sides resonant with SessionConfig.feedback, the
+        default), it returns only after the receiver's verdict: the stream arrived and its xxh3_64 is
+        the one sent (StreamDelivered in the events too); otherwise it raises DeliveryFailed with the
+        receiver's reason, or 'no_feedback' when the receiver falls silent for feedback_timeout (5 s).
+        Over UDP it resends what the receiver reports missing (selective repeat) and paces the
+        datagrams at a rate that adapts to loss and delay, never above `rate` bytes/s (default 200
+        MB/s). Over TCP, `rate` caps the rate too (default: none). Without feedback (a peer that
+        does not offer it), it returns once every frame was handed to the transport. The objects
+        must not change until it returns. progress(sent_bytes, total_bytes) is called as frames go out."""
         if self._link.rehandshaking:
             await self._await_rehandshake()
         self._check_open()
         sid = next(self._stream_ids) if stream_id is None else stream_id
-        sender = self.session.stream(sid, objects, **kwargs)
+        udp = self.scheme == "udp"
+        if rate is None and udp:
+            rate = _UDP_RATE
+        session = self.session
+        sender = session.stream(sid, objects, rate=rate if udp else None, **kwargs)
+        delivery = session.delivery(sid)
         total = sender.layout.total_bytes
-        if rate is None and self.scheme == "udp":
-            rate = 200e6
         start = _now()
         sent = 0
-        if self.scheme == "tcp":
-            # Zero-copy: records whose payloads are views of the objects (joined by writelines
-            # before Python 3.12, sent as they are with sendmsg after); once the last is handed
-            # over, wait until the transport holds none of them, so the caller may reuse the objects.
-            for parts in self.session._records_of(sender, 16):
-                self._check_open()  # the peer went away mid-stream
-                self._link.flush()  # anything queued before (a control reply) goes first
-                self._link.transport.writelines(parts)
-                sent += sum(map(len, parts))
-                await self._link.drain()
-                if rate:
-                    await asyncio.sleep(max(0.0, sent / rate - (_now() - start)))
-                if progress is not None:
-                    progress(min(sent, total), total)
-            await self._link.written()
-            if progress is not None:
-                progress(total, total)
-            return sid
-        for data in sender:  # UDP: yield after every datagram, so that a receiver in this event loop keeps up
-            self._check_open()  # the peer went away mid-stream
-            self.session.send_encoded(data)
-            sent += len(data)
-            self._link.flush()
-            await self._link.drain()
-            if rate:
-                await asyncio.sleep(max(0.0, sent / rate - (_now() - start)))
-            if progress is not None:
-                progress(min(sent, total), total)
+        try:
+            if not udp:
+                # Zero-copy: records whose payloads are views of the objects (joined by writelines
+                # before Python 3.12, sent as they are with sendmsg after); once the last is handed
+                # over, wait until the transport holds none of them, so the caller may reuse the objects.
+                for parts in session._records_of(sender, 16):
+                    self._check_open()  # the peer went away mid-stream
+                    self._link.flush()  # anything queued before (a control reply) goes first
+                    self._link.transport.writelines(parts)
+                    sent += sum(map(len, parts))
+                    await self._link.drain()
+                    if rate:
+                        await asyncio.sleep(max(0.0, sent / rate - (_now() - start)))
+                    if progress is not None:
+                        progress(min(sent, total), total)
+                await self._link.written()
+                if delivery is not None:
+                    delivery.sent_all(_now())
+                    await self._verdict(delivery)
+            elif delivery is not None:
+                await self._send_udp_delivery(delivery, total, progress)
+            else:  # a peer without feedback: every frame once, paced at the rate
+                for data in sender:  # yield after every datagram, so that a receiver in this event loop keeps up
+                    self._check_open()  # the peer went away mid-stream
+                    session.send_encoded(data)
+                    sent += len(data)
+                    self._link.flush()
+                    await self._link.drain()
+                    if rate:
+                        await asyncio.sleep(max(0.0, sent / rate - (_now() - start)))
+                    if progress is not None:
+                        progress(min(sent, total), total)
+        except BaseException:
+            if delivery is not None and not delivery.done:  # (cancelled, or the connection went away)
+                delivery.close("the sender stopped", _now())
+                session._deliveries.pop(sid, None)
+            raise
         if progress is not None:
             progress(total, total)
         return sid
+
+    async def _send_udp_delivery(self, delivery, total: int, progress) -> None:
+        """UDP with feedback: what the Delivery gives (new chunks, resends, HEAD and TAIL again), paced,
+        until its verdict."""
+        link, session = self._link, self.session
+        chunk = max(1, delivery._chunk_bytes)
+        while not delivery.done:
+            if link.closed.is_set():
+                delivery.close(f"the connection to {self.address} is closed", _now())
+                break
+            now = _now()
+            frames = delivery.poll(now, _POLL_FRAMES)
+            if frames:
+                for data in frames:
+                    session.send_encoded(data)
+                link.flush()
+                if progress is not None:
+                    progress(min(delivery._next_new * chunk, total), total)
+            wait = delivery.next_time(_now()) - _now()
+            if wait > 0:
+                await link.wait_input(min(wait, REPORT_INTERVAL))
+            else:
+                await asyncio.sleep(0)  # a receiver in this event loop gets its turn
+        self._raise_unless_delivered(delivery)
+
+    async def _verdict(self, delivery) -> None:
+        """Wait for the verdict of a stream whose frames are all written (TCP)."""
+        link = self._link
+        while not delivery.done:
+            if link.closed.is_set():
+                delivery.close(f"the connection to {self.address} closed before the receiver's verdict", _now())
+                break
+            await link.wait_input(REPORT_INTERVAL)
+        self._raise_unless_delivered(delivery)
+
+    def _raise_unless_delivered(self, delivery) -> None:
+        r = delivery.result
+        if isinstance(r, StreamUndelivered):
+            self.session._deliveries.pop(delivery.stream_id, None)
+            raise DeliveryFailed(r.stream_id, r.reason, r.detail, r.remote)
 
     async def next_event(self, timeout: float | None = None):
         """The next event (MessageReceived, stream events, RemoteError, ...); ConnectionError
@@ -564,9 +666,10 @@ class Peer:
 
 
 async def _tick(link: _Link) -> None:
+    session = link.session
     while True:
-        await asyncio.sleep(_TICK)
-        link.deliver(link.session.tick(_now()))
+        await asyncio.sleep(_FAST_TICK if session.feedback_busy else _TICK)
+        link.deliver(session.tick(_now()))
 
 
 class _Opening:
@@ -1163,10 +1266,15 @@ async def _serve(url: str, config, max_peers: int, max_memory: int, idle_timeout
         server.address = transport.get_extra_info("sockname")[:2]
 
     async def ticker() -> None:
+        every = max(1, round(_TICK / _FAST_TICK))
+        n = 0
         while True:
-            await asyncio.sleep(_TICK)
+            await asyncio.sleep(_FAST_TICK)  # (sessions with feedback under way: every time; the others every _TICK)
+            n += 1
             now = _now()
             for addr, link in list(server.links.items()):
+                if n % every and not link.session.feedback_busy:
+                    continue
                 server._emit(addr, link.session, link.session.tick(now))
                 if server._udp is not None:
                     server._udp_protocol._send(link, addr)

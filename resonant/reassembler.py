@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from resonant import _codec, handshake
+from resonant._spec import MAX_FRAME_BYTES
 from resonant._codec import Chunk, Frame, Slice, Sync
 from resonant.errors import HandshakeError, ResonantError
 from resonant.stream_layout import I8, PLAIN_CHUNK_MAX, StreamLayout, StreamObject
@@ -92,7 +93,7 @@ class _Stream(_codec.ChunkSink):
     """An open stream. The fields the chunk fast path writes (buffer, have, have_count,
     object_left, hasher, hashed, streaming, last) are the ChunkSink's, shared by both paths."""
 
-    __slots__ = ("stream_id", "layout", "arrays", "tail_at", "charged")
+    __slots__ = ("stream_id", "layout", "arrays", "tail_at", "charged", "reported_at", "report_wait", "cursor")
 
     def __init__(self, stream_id: int, layout: StreamLayout, now: float, buffer: np.ndarray | None = None) -> None:
         self.stream_id = stream_id
@@ -116,12 +117,19 @@ class _Stream(_codec.ChunkSink):
         self.progress = now  # the last new chunk (set by the commit of each)
         self.hasher = _codec.Xxh3()  # fed while chunks arrive in order (cache-hot); else one pass at the end
         self.hashed = 0                 # bytes of the stream's prefix already hashed
+        self.reported_at: float | None = None  # feedback: when this stream was last reported (None: report now)
+        self.report_wait = 0.0          # feedback: the wait before the next report without news
+        self.cursor = 0                 # feedback: the chunk index the next report's missing ranges start from
 
-    def deadline(self, limits: StreamLimits) -> float:
+    def deadline(self, limits: StreamLimits, repair: bool = False) -> float:
         """When tick() fails it: idle_timeout after its last frame, progress_timeout after its last
-        new chunk, or tail_grace after TAIL."""
+        new chunk, or tail_grace after TAIL (with repair: after TAIL or the last new chunk, whichever
+        is later, as the missing chunks are being resent)."""
         idle = min(self.last + limits.idle_timeout, self.progress + limits.progress_timeout)
-        return idle if self.tail is None else min(idle, self.tail_at + limits.tail_grace)
+        return idle if self.tail is None else min(idle, self.grace_from(repair) + limits.tail_grace)
+
+    def grace_from(self, repair: bool) -> float:
+        return max(self.tail_at, self.progress) if repair else self.tail_at
 
 
 def _caller_buffer(buffer, layout: StreamLayout) -> np.ndarray | None:
@@ -188,6 +196,15 @@ class Reassembler:
         self._deadlines: list[tuple[float, int, int, int]] = []
         self._seq = 0
         self.dropped_frames = 0   # early frames over the limit; late frames of closed streams
+        # Feedback (set by a Session whose handshake agreed it): report documents for each open stream
+        # (reports()), a verdict for each stream that completes or fails (verdicts()); hold_verdicts:
+        # a verified stream's verdict waits for the application (verdict()), reported as held meanwhile.
+        self.feedback = False
+        self.hold_verdicts = False
+        self.max_frame_bytes = MAX_FRAME_BYTES
+        self._verdicts: list[dict] = []       # verdict documents to send
+        self._report_now: set[int] = set()    # streams to report at once (opened; TAIL with chunks missing)
+        self._held: dict[int, list] = {}      # verified streams whose verdict the application holds: [doc, last report]
 
     # -------------------------------------------------------------- state
 
@@ -234,7 +251,7 @@ class Reassembler:
                     return self._fail(sid, "bad_tail", str(exc))
                 if sid not in self._streams and (exc.path.startswith("head") or _HEAD_PREFIX.match(frame.json.tobytes()[:64])):
                     self._drop_early(sid)
-                    return [StreamFailed(sid, "bad_head", str(exc))]
+                    return [self._failed(sid, "bad_head", str(exc))]
                 return []  # not a stream document, or one that is not ours to judge
             if doc["method"] == "head":
                 if doc.get("parts", 1) != 1 or "part" in doc:
@@ -295,7 +312,7 @@ class Reassembler:
                 st = self._streams.get(sid)
                 if st is None:
                     continue
-                if st.tail is not None and now - st.tail_at > lim.tail_grace:
+                if st.tail is not None and now - st.grace_from(self.feedback) > lim.tail_grace:
                     events += self._fail(sid, "gap_after_tail", f"{st.layout.chunks - st.have_count} of "
                                          f"{st.layout.chunks} chunks never arrived after TAIL")
                 elif now - st.last > lim.idle_timeout:
@@ -312,7 +329,7 @@ class Reassembler:
                     continue
                 if now - held[-1][1] > lim.idle_timeout:
                     dropped = self._drop_early(sid)
-                    events.append(StreamFailed(sid, "timeout", f"HEAD never arrived: {len(dropped)} frames held for "
+                    events.append(self._failed(sid, "timeout", f"HEAD never arrived: {len(dropped)} frames held for "
                                                f"{now - held[0][1]:.1f} s were dropped (idle_timeout "
                                                f"{lim.idle_timeout} s)"))
                 else:
@@ -326,7 +343,7 @@ class Reassembler:
                     got = len(parts)
                     self._drop_parts(sid)
                     self._drop_early(sid)
-                    events.append(StreamFailed(sid, "timeout", f"HEAD never completed: {got} of {total} parts arrived "
+                    events.append(self._failed(sid, "timeout", f"HEAD never completed: {got} of {total} parts arrived "
                                                f"(idle_timeout {lim.idle_timeout} s)"))
                 else:
                     again.append((kind, sid))
@@ -355,6 +372,79 @@ class Reassembler:
         self._rebuild_deadlines()
         return events
 
+    # -------------------------------------------------------------- feedback (receiver side)
+
+    def take_verdicts(self) -> list[dict]:
+        """The verdict documents due (each handed out once)."""
+        out, self._verdicts = self._verdicts, []
+        return out
+
+    def verdict(self, sid: int, ok: bool, reason: str = "", detail: str = "") -> dict | None:
+        """The application's verdict on a stream whose verdict it held (hold_verdicts): the document
+        to send (ok: the verified one), or None when no verdict is held for sid."""
+        held = self._held.pop(sid, None)
+        if held is None:
+            return None
+        if ok:
+            return held[0]
+        cut = handshake.MAX_STRING_CHARS
+        return {"method": "verdict", "stream_id": sid, "ok": False, "reason": (reason or "refused")[:cut],
+                "detail": detail[:cut]}
+
+    def reports(self, now: float, interval: float, quiet: float) -> list[dict]:
+        """The report documents due at `now`: a stream that just opened or whose TAIL came with chunks
+        missing at once; one that received frames since its last report after `interval`; one whose
+        TAIL came with chunks missing and nothing new since, after a wait that doubles up to `quiet`;
+        any other open stream, and every held verdict, after `quiet` (so the sender knows the receiver
+        is there)."""
+        out = []
+        now_set, self._report_now = self._report_now, set()
+        for sid, st in self._streams.items():
+            at = st.reported_at
+            if sid in now_set or at is None:
+                wait = interval
+            elif st.last > at:  # frames since the last report
+                if now - at < interval:
+                    continue
+                wait = interval
+            elif st.tail is not None:  # chunks missing after TAIL, nothing new: less and less often
+                if now - at < st.report_wait:
+                    continue
+                wait = min(2 * st.report_wait, quiet)
+            else:
+                if now - at < quiet:
+                    continue
+                wait = quiet
+            st.reported_at, st.report_wait = now, wait
+            out.append(self._report(sid, st, now))
+        for sid, held in self._held.items():
+            if now - held[1] >= quiet:
+                held[1] = now
+                out.append({"method": "report", "stream_id": sid, "received": held[2], "bytes": held[3],
+                            "highest": held[2], "skipped": 0, "age_ms": 0, "tail": True, "missing": [], "more": 0,
+                            "held": True})
+        return out
+
+    def _report(self, sid: int, st: _Stream, now: float) -> dict:
+        n = st.layout.chunks
+        hi = n if st.tail is not None else st.top
+        # as many ranges as fit a frame: each at most two numbers of the stream's digits, a comma and a bracket
+        room = max(1, (self.max_frame_bytes - 400) // (2 * len(str(n)) + 2))
+        cap = min(handshake.MAX_REPORT_RANGES, room)
+        cursor = st.cursor if st.cursor < hi else 0
+        first, more = st.missing_chunks(cursor, hi, cap)
+        if not more and cursor and len(first) < 2 * cap:  # wrap around: the ranges before the cursor
+            second, more = st.missing_chunks(0, cursor, cap - len(first) // 2)
+            missing = second + first  # (ascending: second lies below the cursor, first above it)
+            st.cursor = second[-1] if more and second else 0
+        else:
+            missing = first
+            st.cursor = first[-1] if more else 0
+        age = min(0xFFFFFFFF, max(0, int((now - st.top_at) * 1000))) if st.top else 0
+        return {"method": "report", "stream_id": sid, "received": st.have_count, "bytes": st.have_bytes,
+                "highest": st.top, "skipped": st.skipped, "age_ms": age, "tail": st.tail is not None,
+                "missing": missing, "more": more}
+
     def _close(self, sid: int, now: float) -> None:
         self._closed[sid] = now
         while len(self._closed) > 4 * self.limits.max_streams + 1024:  # bounded: forget the oldest
@@ -368,7 +458,7 @@ class Reassembler:
         lim = self.limits
         if kind == _STREAM:
             st = self._streams.get(sid)
-            return None if st is None else st.deadline(lim)
+            return None if st is None else st.deadline(lim, self.feedback)
         if kind == _EARLY:
             held = self._early.get(sid)
             return held[-1][1] + lim.idle_timeout if held else None
@@ -417,7 +507,7 @@ class Reassembler:
         if problem:
             self._drop_early(sid)
             self._drop_parts(sid)
-            return [StreamFailed(sid, "bad_head", f"head.part: {problem}")]
+            return [self._failed(sid, "bad_head", f"head.part: {problem}")]
         held = self._parts.get(sid)
         if held is not None and part in held:
             return []  # a duplicate part
@@ -440,7 +530,7 @@ class Reassembler:
         self._drop_parts(sid)
         if ordered is None:
             self._drop_early(sid)
-            return [StreamFailed(sid, "bad_head", "head.part: parts numbered outside 0..parts-1")]
+            return [self._failed(sid, "bad_head", "head.part: parts numbered outside 0..parts-1")]
         # parsed again one at a time, stopping at the first problem: at most max_objects objects are built
         common = ("v", "msg_type", "chunk_bytes", "total_bytes", "hash", "parts", "object_count", "legacy_md5")
         objects: list = []
@@ -463,7 +553,7 @@ class Reassembler:
             problem = f"the parts carry {len(objects)} objects, object_count says {first['object_count']}"
         if problem:
             self._drop_early(sid)
-            return [StreamFailed(sid, "bad_head", f"head.part: {problem}")]
+            return [self._failed(sid, "bad_head", f"head.part: {problem}")]
         merged = {k: v for k, v in first.items() if k not in ("parts", "part", "first_object", "object_count")}
         merged["objects"] = objects
         return self._head(sid, merged, now)
@@ -483,7 +573,7 @@ class Reassembler:
             layout = StreamLayout.from_head(doc)
         except HandshakeError as exc:
             self._drop_early(sid)
-            return [StreamFailed(sid, "bad_head", str(exc))]
+            return [self._failed(sid, "bad_head", str(exc))]
         lim = self.limits
         problem = None
         if layout.total_bytes > lim.max_stream_bytes:
@@ -504,7 +594,7 @@ class Reassembler:
                        f"{self.budget.used} are in use")
         if problem:
             self._drop_early(sid)
-            return [StreamFailed(sid, "limit", problem)]
+            return [self._failed(sid, "limit", problem)]
         self._charge(cost)  # before the buffer, bitmap and arrays are allocated
         try:
             self._streams[sid] = _Stream(sid, layout, now, buffer)
@@ -512,6 +602,8 @@ class Reassembler:
             self._charge(-cost)
             raise
         self._due(_STREAM, sid)
+        if self.feedback:
+            self._report_now.add(sid)
         events: list = [StreamStarted(sid, layout)]
         for raw, _ in self._drop_early(sid):
             if sid not in self._streams:
@@ -557,6 +649,8 @@ class Reassembler:
         st.tail = doc
         st.tail_at = now
         events = self._maybe_complete(sid)
+        if self.feedback and sid in self._streams:
+            self._report_now.add(sid)  # chunks are missing: the sender learns which at once
         if sid in self._streams:
             self._due(_STREAM, sid)  # its deadline may be earlier now (tail_grace)
         return events
@@ -576,19 +670,34 @@ class Reassembler:
         del self._streams[sid]
         self._charge(-st.charged)  # the buffer is the caller's now
         self._close(sid, st.last)
+        if self.feedback:
+            doc = {"method": "verdict", "stream_id": sid, "ok": True, "xxh3_64": f"{got:016x}",
+                   "bytes": st.layout.total_bytes}
+            if self.hold_verdicts:
+                self._held[sid] = [doc, st.last, st.layout.chunks, st.layout.total_bytes]
+            else:
+                self._verdicts.append(doc)
         events: list = []
         if self.limits.release == "verified":
             events = [ObjectReady(sid, o.index, o.name, o.layer, st.arrays[o.index]) for o in st.layout.objects]
         return events + [StreamComplete(sid, st.arrays, got, st.layout.total_bytes)]
 
+    def _failed(self, sid: int, reason: str, detail: str, missing: list | None = None, more: int = 0) -> StreamFailed:
+        """A StreamFailed event; with feedback, its verdict is queued for the sender (not when the
+        connection closed: nobody would read it)."""
+        if self.feedback and reason != "closed":
+            self._verdicts.append({"method": "verdict", "stream_id": sid, "ok": False, "reason": reason,
+                                   "detail": detail[:handshake.MAX_STRING_CHARS]})
+        return StreamFailed(sid, reason, detail, missing or [], more)
+
     def _fail(self, sid: int, reason: str, detail: str) -> list:
         st = self._streams.pop(sid, None)
         if st is None:
-            return [StreamFailed(sid, reason, detail)]
+            return [self._failed(sid, reason, detail)]
         missing, more = st.missing(self.limits.max_missing_ranges)
         self._charge(-st.charged)
         self._close(sid, st.last)
-        return [StreamFailed(sid, reason, detail, missing, more)]
+        return [self._failed(sid, reason, detail, missing, more)]
 
     def _hold(self, frame: Frame, now: float) -> list:
         # an owned copy of what arrived before its HEAD (views would pin the caller's buffers):

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from resonant import _codec, handshake
+from resonant.delivery import REPORT_INTERVAL, Delivery
 from resonant._codec import Chunk, Frame, MessageReceived, Slice, Sync, make_frame
 from resonant._codec import SessionCore, accept_message, count_in, message_event, next_frame_seq, queue_frame
 from resonant._spec import (DEFAULT_DTYPES, DTYPE_FALLBACK, DTYPE_OF_WIRE_NAME, DTYPE_SIZE_RULES, DTYPE_WIRE_NAMES,
@@ -167,6 +168,9 @@ class SessionConfig:
     extra_fields: Mapping[str, Any] | None = None  # more fields of this side's ping / capability (see above)
     reference_fallback: bool = False          # client: no answer within reference_fallback_wait -> reference mode
     reference_fallback_wait: float = handshake.REFERENCE_FALLBACK_MS / 1000  # seconds after the first ping
+    feedback: bool = True                     # offer V-Stream feedback (reports, verdicts; supports.feedback)
+    hold_verdicts: bool = False               # receiver: a verified stream's verdict waits for verdict() (the application)
+    feedback_timeout: float = handshake.FEEDBACK_TIMEOUT_MS / 1000  # sender: give a stream up after this silence
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", Role(self.role))
@@ -225,6 +229,7 @@ class Agreement:
     peer_space_hash32: int | None = None
     peer_model_signature: ModelSignature | None = None
     reference: bool = False     # assumed, not agreed: no answer came and the peer is taken for a reference receiver
+    feedback: bool = False      # V-Stream feedback agreed: receivers report and send verdicts, senders repair and wait
 
 
 # ------------------------------------------------------------------ events
@@ -348,6 +353,8 @@ class Session(SessionCore):
         self._undecryptable: tuple[int, int, bytes] | None = None  # (msg_type, stream_id, tag) of a frame that failed to open
         self._current = None  # the keyed frame being handled (_frame)
         self._used_streams = IdRanges()  # stream ids opened by stream() in this session
+        self._fb = False  # V-Stream feedback agreed (and not in reference mode)
+        self._deliveries: dict[int, Delivery] = {}  # this side's streams waiting for their verdict
         self._next_stream_id = 1
         self.reassembler = Reassembler(config.stream_limits, codec=self._decoder, budget=budget, allocate=allocate)
         self.replay = ReplayWindow(config.replay_window, config.replay_streams, config.replay_ranges)
@@ -361,7 +368,7 @@ class Session(SessionCore):
         self.stats: dict[str, int] = {k: 0 for k in (
             "frames_in", "frames_out", "bytes_in", "bytes_out", "dtype_converted", "messages", "malformed", "space_mismatch", "not_encrypted", "replay",
             "too_old", "handshake_required", "dropped_closed", "errors_sent", "unauthenticated", "stale", "evicted",
-            "exhausted", "rekeys", "rekey_limited")}
+            "exhausted", "rekeys", "rekey_limited", "feedback_ignored")}
 
     # -------------------------------------------------------------- local calls
 
@@ -382,6 +389,9 @@ class Session(SessionCore):
 
     def close(self, now: float = 0.0) -> None:
         self._step(Input.CLOSE, now, None, None)
+        for d in self._deliveries.values():  # (their sources are the caller's again)
+            d.close("the session was closed", now)
+        self._deliveries.clear()
 
     def _send(self, frame: Frame, now: float, keep_seq: bool) -> None:
         """send() for everything but a plain frame numbered as it goes (SessionCore.send)."""
@@ -458,9 +468,15 @@ class Session(SessionCore):
         self._next_stream_id = sid + 1
         return sid
 
-    def stream(self, stream_id: int, objects: Sequence, **kwargs: Any) -> StreamSender:
+    def stream(self, stream_id: int, objects: Sequence, *, rate: float | None = None, **kwargs: Any) -> StreamSender:
         """A StreamSender configured with what was agreed (codec, frame size, space hash);
         iterate it and pass each frame to `send_encoded` (or write it yourself).
+
+        With feedback agreed (SessionConfig.feedback on both sides), the stream also gets a Delivery
+        (delivery(stream_id), resonant.delivery) that keeps it until the receiver's verdict, which comes
+        out of receive_* as StreamDelivered or StreamUndelivered; over UDP, send what
+        delivery(stream_id).poll(now) returns instead of iterating the sender (it resends what reports
+        list as missing and paces at up to `rate` bytes/s).
 
         stream_id must be new in this session (new_stream_id() gives one): a V-Stream's frames
         start at frame_seq 0, and the receiver drops frames it has seen on a stream id as replays."""
@@ -489,7 +505,10 @@ class Session(SessionCore):
         if self._reduce:  # as send() does, object by object
             objects = [self._reduce_slice(o if isinstance(o, Slice) else Slice.from_array(o), "stream")
                        for o in objects]
-        return StreamSender(stream_id, objects, codec=self._encoder, **kwargs)
+        sender = StreamSender(stream_id, objects, codec=self._encoder, **kwargs)
+        if self._fb:  # the receiver will report and judge it: kept (views of the objects) until then
+            self._deliveries[stream_id] = Delivery(sender, rate=rate, feedback_timeout=self.config.feedback_timeout)
+        return sender
 
     def stream_records(self, stream_id: int, objects: Sequence, *, per_write: int = 8,
                        **kwargs: Any) -> Iterator[list]:
@@ -548,6 +567,8 @@ class Session(SessionCore):
             events = self.reassembler.receive_chunk(data, now, self._space)
             if events is not None:
                 count_in(self.stats, 1, len(data))
+                if events and self._fb:  # (a completed stream's verdict)
+                    self._feedback_out(now, False)
                 return events
         return self._frame(data, now, copy=True)
 
@@ -584,6 +605,8 @@ class Session(SessionCore):
                 rr.skip(pos)
                 events += ev
                 if ev:
+                    if self._fb:
+                        self._feedback_out(now, False)
                     continue
             try:
                 record = rr.next_record()
@@ -617,6 +640,8 @@ class Session(SessionCore):
                 if ev is not None:
                     count_in(self.stats, 1, len(v))
                     events += ev
+                    if ev and self._fb:
+                        self._feedback_out(now, False)
                     continue
                 ev = message_event(self._decoder, v, 0, -1, True, space, self.stats)
                 if ev is not None:
@@ -656,13 +681,22 @@ class Session(SessionCore):
             inp = Input.DEADLINE if self._pings_sent >= self.config.handshake_attempts else Input.RETRY
             events += self._step(inp, now, None, None)
         events += self.reassembler.tick(now)
+        if self._fb and self.state is not _CLOSED:
+            self._feedback_out(now, True)
+            for d in list(self._deliveries.values()):
+                events += d.tick(now)
+                if d.done:
+                    del self._deliveries[d.stream_id]
         return events
 
     # -------------------------------------------------------------- classification
 
     def _frame(self, data, now: float, copy: bool) -> list:
         if self._keyring is None:
-            return self._frame1(data, now, copy)
+            events = self._frame1(data, now, copy)
+            if self._fb and events:
+                self._feedback_out(now, False)
+            return events
         self._current = data  # (for the tag that an error about this frame echoes)
         try:
             events = self._frame1(data, now, copy)
@@ -671,6 +705,8 @@ class Session(SessionCore):
         if self._committed is not None:  # this frame proved a pending re-key
             events.insert(0, self._committed)
             self._committed = None
+        if self._fb and events:
+            self._feedback_out(now, False)
         return events
 
     def _frame1(self, data, now: float, copy: bool) -> list:
@@ -769,7 +805,60 @@ class Session(SessionCore):
                 return self._step(Input.ERROR, now, frame, doc)
             if method == "confirm":  # key confirmation: it proved a re-key on its way in (_open_other); no more
                 return []
+            if method == "report" or method == "verdict":
+                return self._feedback_in(doc, now)
         return self._step(Input.DATA, now, frame, doc)
+
+    def _feedback_in(self, doc: dict, now: float) -> list:
+        """A report or verdict about a stream this side sends: to its Delivery (never delivered as a
+        message). Ignored (counted) when feedback was not agreed, or the stream is unknown or done."""
+        d = self._deliveries.get(doc["stream_id"]) if self._fb and self.state is State.ESTABLISHED else None
+        if d is None:
+            self.stats["feedback_ignored"] += 1
+            return []
+        events = d.on_report(doc, now) if doc["method"] == "report" else d.on_verdict(doc, now)
+        if d.done:
+            del self._deliveries[d.stream_id]
+        return events
+
+    def _feedback_out(self, now: float, periodic: bool) -> None:
+        """Queue the receiver's due verdicts and reports (periodic: the timer's reports too; else only
+        those due at once) on stream 0, under the session's encoding."""
+        r = self.reassembler
+        for doc in r.take_verdicts():
+            self._send_doc(doc)
+        if periodic or r._report_now:
+            for doc in r.reports(now, REPORT_INTERVAL, self.config.feedback_timeout / 4):
+                self._send_doc(doc)
+
+    def _send_doc(self, doc: dict) -> None:
+        frame = Sync(json.dumps(doc, separators=(",", ":")).encode(), stream_id=0, frame_seq=self._next_seq(0),
+                     space_hash32=self.config.space_hash32)
+        enc = self._encoder
+        self._queue(enc.encode(frame) if enc is not None else _codec.encode(frame))
+
+    def verdict(self, stream_id: int, ok: bool, reason: str = "", detail: str = "") -> bool:
+        """Receiver with SessionConfig(hold_verdicts=True): the application's verdict on a stream that
+        completed verified (after it kept the data: ok=True; or not, e.g. reason="save_failed",
+        detail="No space left on device"); queued for the sender. False when no verdict is held for
+        stream_id (never completed, already judged, or feedback not agreed)."""
+        doc = self.reassembler.verdict(stream_id, ok, reason, detail)
+        if doc is None:
+            return False
+        if self.state is not _CLOSED:
+            self._send_doc(doc)
+        return True
+
+    @property
+    def feedback_busy(self) -> bool:
+        """Whether V-Stream feedback is under way (streams received or sent, verdicts held): tick()
+        is then due every report interval (report_interval_ms)."""
+        r = self.reassembler
+        return self._fb and bool(r._streams or self._deliveries or r._held or r._verdicts)
+
+    def delivery(self, stream_id: int) -> Delivery | None:
+        """The Delivery of a stream this side sends with feedback, until its verdict (see resonant.delivery)."""
+        return self._deliveries.get(stream_id)
 
     def _strict_layout(self, data) -> bool:
         """Whether a frame must fit its type's layouts to be taken: with strict_layout, and always
@@ -920,7 +1009,7 @@ class Session(SessionCore):
         doc: dict[str, Any] = {"method": "ping", "v": max(c.versions), "space_hash32": c.space_hash32,
                                "compress": list(c.compress), "crypto": list(c.crypto),
                                "max_frame_bytes": c.max_frame_bytes,
-                               "supports": {"critique": c.critique, "dtype": list(c.dtypes)}}
+                               "supports": {"critique": c.critique, "dtype": list(c.dtypes), "feedback": c.feedback}}
         if c.model_signature is not None:
             doc["model_signature"] = c.model_signature.to_json()
         if self._keyring is not None:  # the client's half of the session key (kept by the retries)
@@ -938,7 +1027,8 @@ class Session(SessionCore):
         reply: dict[str, Any] = {"method": "capability", "v": max(c.versions), "agreed_proto": offer.proto,
                                  "space_hash32": c.space_hash32, "compress": offer.compress_list,
                                  "crypto": offer.crypto_list, "max_frame_bytes": offer.max_frame_bytes,
-                                 "supports": {"critique": c.critique and offer.critique, "dtype": list(offer.dtypes)}}
+                                 "supports": {"critique": c.critique and offer.critique, "dtype": list(offer.dtypes),
+                                              "feedback": offer.feedback}}
         if c.d_model is not None:
             reply["d_model"] = c.d_model
         if c.embedding_space_id is not None:
@@ -947,7 +1037,8 @@ class Session(SessionCore):
             reply["model_signature"] = c.model_signature.to_json()
         # The server sends with the best of what both support, as the client will.
         agreement = Agreement(offer.proto, offer.compress_list[0], offer.crypto_list[0], offer.dtypes,
-                              offer.max_frame_bytes, offer.critique, doc.get("space_hash32"), _signature(doc))
+                              offer.max_frame_bytes, offer.critique, doc.get("space_hash32"), _signature(doc),
+                              feedback=offer.feedback)
         if self._keyring is not None:
             # The server's half of the session key: the same for every retry of one ping (the client
             # adopts whichever answer arrives first), fresh for a new client_random.
@@ -1011,7 +1102,8 @@ class Session(SessionCore):
         self.agreement = Agreement(doc["agreed_proto"], compress, crypto, dtypes,
                                    min(c.max_frame_bytes, handshake.get(doc, "max_frame_bytes")),
                                    c.critique and handshake.get(doc, "supports.critique"),
-                                   doc.get("space_hash32"), _signature(doc))
+                                   doc.get("space_hash32"), _signature(doc),
+                                   feedback=c.feedback and bool(handshake.get(doc, "supports.feedback")))
         self._apply_agreement()
         if self._previous is not None:
             # A running session was replaced: confirm the new keys, so that the server (which keeps the
@@ -1111,6 +1203,7 @@ class Session(SessionCore):
         dtypes: tuple
         max_frame_bytes: int
         critique: bool
+        feedback: bool
 
     def _offer(self, ping: dict) -> "Session._Offer":
         c = self.config
@@ -1123,7 +1216,8 @@ class Session(SessionCore):
             compress = ["none"]
         return Session._Offer(proto, compress, crypto, self._common_dtypes(ping, proto),
                               min(c.max_frame_bytes, handshake.get(ping, "max_frame_bytes")),
-                              bool(handshake.get(ping, "supports.critique")))
+                              bool(handshake.get(ping, "supports.critique")),
+                              c.feedback and bool(handshake.get(ping, "supports.feedback")))
 
     def _common_dtypes(self, doc: dict, proto: int) -> tuple[str, ...]:
         """This side's dtypes that the peer's ping / capability lists (all of them when it lists none),
@@ -1194,6 +1288,9 @@ class Session(SessionCore):
 
     def _apply_agreement(self) -> None:
         a = self.agreement
+        self._fb = a.feedback and not a.reference
+        r = self.reassembler
+        r.feedback, r.hold_verdicts, r.max_frame_bytes = self._fb, self._fb and self.config.hold_verdicts, a.max_frame_bytes
         self._agreed_codes = frozenset(int(DTYPE_OF_WIRE_NAME[d]) for d in a.dtypes)
         # every dtype agreed: nothing to reduce, no check (reference mode: always the Python path, _send_reference)
         self._reduce = len(self._agreed_codes) < len(DTYPE_WIRE_NAMES) or a.reference

@@ -142,6 +142,21 @@ class StreamSender:
                 yield frame
         self._digest = (h.intdigest(), md5.hexdigest() if md5 is not None else None)
 
+    def chunk_frame(self, k: int) -> bytes:
+        """Chunk k (0 <= k < layout.chunks) as one encoded frame, again (a resend: the stream hash
+        is not fed)."""
+        if not 0 <= k < self.layout.chunks:
+            raise IndexError(f"chunk {k} is outside this stream (0..{self.layout.chunks - 1})")
+        obj, start, length = self.layout.chunk(k)
+        src = self._sources[obj.index]
+        width = _codec.element_bytes(obj.dtype)
+        dtype = obj.dtype if width else I8
+        n = length // width if width else length
+        if self.codec is None and _FAST:
+            return _codec.encode_chunk(self.stream_id, k + 1, self._header["space_hash32"], self._header["modality"],
+                                       dtype, n, src, start, length, None)
+        return self._encode(Chunk(Slice(dtype, (n,), src[start:start + length]), frame_seq=k + 1, **self._header))
+
     def records(self, per_write: int = 8) -> Iterator[list]:
         """The whole stream (HEAD, chunks, TAIL) as TCP records (u32 little-endian length +
         frame), in lists of buffers for one `sendmsg` each: per_write chunks per list. Without a

@@ -1,0 +1,293 @@
+"""The sender's side of a V-Stream with feedback, sans-IO: it keeps the stream (views of the
+source tensors) until the receiver's verdict, resends what the receiver's reports list as missing,
+paces what it sends, and gives the stream up when the receiver falls silent.
+
+A Session creates one for each stream() once its handshake agreed feedback (supports.feedback);
+Session.delivery(stream_id) returns it. Over UDP, the adapter sends what poll(now) returns and calls
+poll again at next_time(now) (or when a datagram came); over TCP it writes the stream's records
+itself (nothing is lost) and only waits for the verdict. Reports and the verdict reach it through
+the Session (receive_datagram / receive_data), which returns StreamDelivered / StreamUndelivered.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from resonant import handshake
+from resonant.ratecontrol import RateController
+
+__all__ = ["Delivery", "StreamDelivered", "StreamUndelivered", "REPORT_INTERVAL", "FEEDBACK_TIMEOUT",
+           "MAX_RETRANSMITS"]
+
+REPORT_INTERVAL = handshake.REPORT_INTERVAL_MS / 1000    # seconds (schema/handshake.yaml)
+FEEDBACK_TIMEOUT = handshake.FEEDBACK_TIMEOUT_MS / 1000  # seconds
+MAX_RETRANSMITS = handshake.MAX_RETRANSMITS
+_FIRST_RTO = 0.1      # seconds before HEAD or TAIL is sent again while no round trip has been measured
+_MIN_RTO = 0.01       # the least wait before a chunk, HEAD or TAIL is sent again
+
+
+@dataclass(frozen=True)
+class StreamDelivered:
+    """The receiver verified the whole stream: its xxh3_64 equals the one this side sent."""
+
+    stream_id: int
+    xxh3_64: int
+    nbytes: int
+    seconds: float        # from the first frame sent to the verdict
+    retransmitted: int    # chunk frames sent again
+
+
+@dataclass(frozen=True)
+class StreamUndelivered:
+    """The stream did not arrive verified. remote: the receiver's verdict said so (reason is its
+    StreamFailed reason or its application's, e.g. save_failed); otherwise this side gave up:
+    'no_feedback' (nothing from the receiver for feedback_timeout_ms), 'retransmits' (a chunk was
+    sent max_retransmits times), 'hash_mismatch' (the receiver verified other bytes), 'closed'."""
+
+    stream_id: int
+    reason: str
+    detail: str
+    remote: bool = False
+
+
+class Delivery:
+    """One outgoing V-Stream with feedback. See the module docstring."""
+
+    def __init__(self, sender, *, rate: float | None = None, feedback_timeout: float = FEEDBACK_TIMEOUT,
+                 max_retransmits: int = MAX_RETRANSMITS) -> None:
+        self.sender = sender
+        self.stream_id = sender.stream_id
+        layout = sender.layout
+        self.chunks = layout.chunks
+        self.total_bytes = layout.total_bytes
+        self._chunk_bytes = layout.chunk_bytes
+        self.feedback_timeout = feedback_timeout
+        self.max_retransmits = max_retransmits
+        self.result: StreamDelivered | StreamUndelivered | None = None
+        self.pacer = RateController(rate) if rate else None
+        self._heads = sender.heads()
+        self._new = None                      # the first pass over the chunks (a generator, made at the first poll)
+        self._next_new = 0                    # chunks sent by the first pass
+        self._tail: bytes | None = None
+        self._sent_at = np.zeros(self.chunks, np.float64)  # when each chunk was last sent (0: never)
+        self._sends = np.zeros(self.chunks, np.uint8)      # how often
+        self._resend: deque[tuple[int, int]] = deque()     # ranges a report asked for
+        self._head_at: float | None = None
+        self._tail_at: float | None = None
+        self._open = False                    # a report showed the stream open (HEAD arrived)
+        self._tail_seen = False
+        self.started: float | None = None
+        self._heard: float | None = None      # the last feedback (or the start)
+        self.srtt: float | None = None
+        self.min_rtt: float | None = None
+        self._last_bytes = 0                  # the receiver's bytes and skipped at its previous report
+        self._last_skipped = 0
+        self._sent_since = 0                  # bytes sent since the previous report
+        self.frames_sent = 0
+        self.bytes_sent = 0
+        self.retransmitted = 0
+        self.reports = 0
+        self.held = False                     # the receiver verified it; its application holds the verdict
+
+    # -------------------------------------------------------------- state
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+    def _rto(self) -> float:
+        if self.srtt is None:
+            return _FIRST_RTO
+        return max(_MIN_RTO, 2 * self.srtt + REPORT_INTERVAL)
+
+    def start(self, now: float) -> None:
+        """The stream begins (the first poll, or a TCP adapter that writes the records itself):
+        the feedback deadline counts from here."""
+        if self.started is None:
+            self.started = self._heard = now
+
+    def sent_all(self, now: float) -> None:
+        """A transport that wrote every frame itself (TCP records): nothing is left to send."""
+        self.start(now)
+        self._next_new = self.chunks
+        self._head_at = self._tail_at = now
+
+    # -------------------------------------------------------------- sending (UDP)
+
+    def _due(self, now: float) -> bool:
+        """Whether poll would give a frame now, pacing aside."""
+        if self.result is not None:
+            return False
+        if self._head_at is None or not self._open and now - self._head_at >= self._rto():
+            return True
+        if self._resend or self._next_new < self.chunks:
+            return True
+        if self._tail_at is None or not self._tail_seen and now - self._tail_at >= self._rto():
+            return True
+        return False
+
+    def next_time(self, now: float) -> float:
+        """When poll() may give frames again: now when some are due (or when pacing lets them go);
+        otherwise when HEAD or TAIL would be sent again, at the latest a report interval away."""
+        if self.result is not None:
+            return math.inf
+        if self._due(now):
+            return self.pacer.next_time(self._chunk_bytes, now) if self.pacer is not None else now
+        t = now + REPORT_INTERVAL
+        if self._head_at is not None and not self._open:
+            t = min(t, self._head_at + self._rto())
+        if self._tail_at is not None and not self._tail_seen:
+            t = min(t, self._tail_at + self._rto())
+        return t
+
+    def poll(self, now: float, max_frames: int = 64) -> list[bytes]:
+        """The frames to send now (at most max_frames, within the pacing rate): HEAD (again while no
+        report shows the stream open), the chunks reports asked for (each at most once per round
+        trip), the next new chunks, TAIL (again while no report shows it arrived)."""
+        self.start(now)
+        out: list[bytes] = []
+        if self.result is not None:
+            return out
+        budget = self.pacer.allowance(now) if self.pacer is not None else math.inf
+        rto = self._rto()
+        if self._head_at is None or (not self._open and now - self._head_at >= rto):
+            out += self._heads
+            budget -= sum(map(len, self._heads))
+            self._head_at = now
+        while self._resend and budget > 0 and len(out) < max_frames:
+            a, b = self._resend[0]
+            k = a
+            while k < b and budget > 0 and len(out) < max_frames:
+                if self._sent_at[k] and now - self._sent_at[k] < rto:  # (resent lately: in flight still)
+                    k += 1
+                    continue
+                if self._sends[k] >= self.max_retransmits:
+                    self._finish(StreamUndelivered(self.stream_id, "retransmits", f"chunk {k} was sent "
+                                                   f"{self.max_retransmits} times and never arrived"), now)
+                    return out
+                frame = self.sender.chunk_frame(k)
+                out.append(frame)
+                budget -= len(frame)
+                self._mark(k, now)
+                self.retransmitted += 1
+                k += 1
+            if k >= b:
+                self._resend.popleft()
+            else:
+                self._resend[0] = (k, b)
+        if self._new is None and self._next_new < self.chunks:
+            self._new = self.sender.chunks()
+        while self._next_new < self.chunks and budget > 0 and len(out) < max_frames:
+            frame = next(self._new)
+            out.append(frame)
+            budget -= len(frame)
+            self._mark(self._next_new, now)
+            self._next_new += 1
+        if self._next_new >= self.chunks and budget > 0 and len(out) < max_frames:
+            if self._tail_at is None or (not self._tail_seen and now - self._tail_at >= rto):
+                if self._tail is None:
+                    for _ in self._new or ():  # (finishes the first pass: the stream hash)
+                        pass
+                    self._tail = self.sender.tail()
+                out.append(self._tail)
+                self._tail_at = now
+        n = sum(map(len, out))
+        self.frames_sent += len(out)
+        self.bytes_sent += n
+        self._sent_since += n
+        if self.pacer is not None and n:
+            self.pacer.sent(n, now)
+        return out
+
+    def _mark(self, k: int, now: float) -> None:
+        self._sent_at[k] = now
+        self._sends[k] += 1
+
+    # -------------------------------------------------------------- feedback
+
+    def on_report(self, doc: dict, now: float) -> list:
+        """A report from the receiver (validated against the schema): the stream is open, these
+        chunks are missing, this much arrived."""
+        if self.result is not None:
+            return []
+        self.start(now)
+        self._heard = now
+        self._open = True
+        self.reports += 1
+        if doc.get("held"):
+            self.held = True
+            return []
+        if doc["tail"]:
+            self._tail_seen = True
+        highest = min(doc["highest"], self.chunks)
+        rtt = None
+        if highest and self._sent_at[highest - 1]:
+            sample = now - self._sent_at[highest - 1] - doc["age_ms"] / 1000
+            if 0 <= sample < self.feedback_timeout:
+                rtt = sample
+                self.srtt = sample if self.srtt is None else 0.875 * self.srtt + 0.125 * sample
+                self.min_rtt = sample if self.min_rtt is None else min(self.min_rtt, sample)
+        delivered = max(0, doc["bytes"] - self._last_bytes)
+        lost = max(0, doc["skipped"] - self._last_skipped) * self._chunk_bytes
+        self._last_bytes = max(self._last_bytes, doc["bytes"])
+        self._last_skipped = max(self._last_skipped, doc["skipped"])
+        if self.pacer is not None:
+            self.pacer.feedback(now, sent_bytes=self._sent_since, delivered_bytes=delivered, lost_bytes=lost, rtt=rtt)
+        self._sent_since = 0
+        missing = doc["missing"]
+        if missing:
+            queued = {r for r in self._resend}
+            for i in range(0, len(missing), 2):
+                a, b = missing[i], min(missing[i + 1], self._next_new)  # never "resend" what was never sent
+                if a < b and (a, b) not in queued:
+                    self._resend.append((a, b))
+        return []
+
+    def on_verdict(self, doc: dict, now: float) -> list:
+        """The receiver's verdict: delivered (when its hash is the one this side sent) or not."""
+        if self.result is not None:
+            return []
+        if doc["ok"]:
+            got = doc.get("xxh3_64")
+            want = self.sender.digest()[0] if self._next_new >= self.chunks else None
+            if want is not None and got == f"{want:016x}" and doc.get("bytes", self.total_bytes) == self.total_bytes:
+                event = StreamDelivered(self.stream_id, want, self.total_bytes,
+                                        now - self.started if self.started is not None else 0.0,
+                                        self.retransmitted)
+            else:
+                event = StreamUndelivered(self.stream_id, "hash_mismatch", f"the receiver verified xxh3_64 {got} of "
+                                          f"{doc.get('bytes')} bytes; this side sent "
+                                          f"{'(not all yet)' if want is None else f'{want:016x}'} of "
+                                          f"{self.total_bytes} bytes")
+        else:
+            event = StreamUndelivered(self.stream_id, doc.get("reason") or "failed", doc.get("detail") or "",
+                                      remote=True)
+        return self._finish(event, now)
+
+    def tick(self, now: float) -> list:
+        """Gives the stream up when the receiver has been silent for feedback_timeout."""
+        if self.result is not None or self._heard is None:
+            return []
+        if now - self._heard > self.feedback_timeout:
+            what = "a verdict" if self._next_new >= self.chunks else "a report"
+            return self._finish(StreamUndelivered(self.stream_id, "no_feedback", f"nothing from the receiver for "
+                                                  f"{now - self._heard:.1f} s (feedback_timeout {self.feedback_timeout} "
+                                                  f"s) while waiting for {what}: it is gone or unreachable"), now)
+        return []
+
+    def close(self, detail: str, now: float = 0.0) -> list:
+        """The connection is gone: the stream cannot be delivered."""
+        if self.result is not None:
+            return []
+        return self._finish(StreamUndelivered(self.stream_id, "closed", detail), now)
+
+    def _finish(self, event, now: float) -> list:
+        self.result = event
+        self.sender = None  # the source tensors are the caller's again
+        self._new = None
+        self._resend.clear()
+        return [event]
