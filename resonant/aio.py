@@ -903,6 +903,19 @@ class Server:
             await asyncio.sleep(0)
         return item
 
+    def verdict(self, address: tuple, stream_id: int, ok: bool, reason: str = "", detail: str = "") -> bool:
+        """Serve with hold_verdicts=True (SessionConfig): the application's verdict on a stream the peer at
+        `address` sent, once it has kept the data (ok), or not (reason, e.g. "save_failed", and detail);
+        sent at once. False when there is no such peer or no verdict is held for the stream."""
+        link = self.links.get(address)
+        if link is None or not link.session.verdict(stream_id, ok, reason, detail):
+            return False
+        if self._udp is not None:
+            self._udp_protocol._send(link, address)
+        else:
+            link.flush()
+        return True
+
     async def reply(self, address: tuple, frame: Frame) -> None:
         """Send a frame back to one peer."""
         link = self.links.get(address)

@@ -220,6 +220,8 @@ async def _recv(args) -> int:
         _check_save_dir(save)  # before binding: a bad --save is found before anything is received
     cfg = _session_config(args)
     cfg["compress"] = ("zstd", "none")
+    cfg["hold_verdicts"] = True  # a sender's stream is verified once it is printed, or saved (--save)
+    failed = 0     # streams that failed or could not be saved: exit 1
     async with serve(args.listen, **cfg) as server:
         print(f"listening on {args.listen.split('://')[0]}://{_peer(server.address)}", file=sys.stderr, flush=True)
         async for addr, ev in server:
@@ -256,8 +258,17 @@ async def _recv(args) -> int:
                         print(f"resonant recv: stream {ev.stream_id} from {_peer(addr)} not saved: {not_saved}",
                               file=sys.stderr, flush=True)
                     else:
-                        saved = _save(plan)
-                        written += size
+                        try:
+                            saved = _save(plan)
+                        except OSError as exc:  # e.g. a full disk: the sender learns it from the verdict
+                            failed += 1
+                            not_saved = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+                            print(f"resonant recv: stream {ev.stream_id} from {_peer(addr)} not saved: {not_saved}",
+                                  file=sys.stderr, flush=True)
+                        else:
+                            written += size
+                server.verdict(addr, ev.stream_id, not not_saved, "save_failed" if not_saved else "",
+                               f"the receiver could not save it: {not_saved}" if not_saved else "")
                 objs = [{"dtype": int(o.dtype), "dtype_name": DTYPE_WIRE_NAMES.get(int(o.dtype)),
                          "shape": list(o.shape), "nbytes": o.nbytes, "name": o.name,
                          "layer": o.layer} for o in (lay.objects if lay else [])]
@@ -267,9 +278,10 @@ async def _recv(args) -> int:
                         if args.json else f"{_peer(addr)} [STREAM] stream={ev.stream_id} complete: {len(ev.objects)} "
                         f"objects, {ev.nbytes} bytes, xxh3_64 {ev.xxh3_64:016x} verified"
                         + (f", saved {len(saved)} .npy files to {save}" if saved else "")
-                        + (", NOT saved (--max-bytes)" if not_saved else ""))
+                        + (f", NOT saved ({not_saved})" if not_saved else ""))
             elif isinstance(ev, StreamFailed):
                 counted = True
+                failed += 1
                 layouts.pop((addr, ev.stream_id), None)
                 line = ({"event": "stream_failed", "peer": _peer(addr), "stream_id": ev.stream_id,
                          "reason": ev.reason, "detail": ev.detail, "missing": [list(r) for r in ev.missing],
@@ -301,8 +313,8 @@ async def _recv(args) -> int:
             if counted:
                 count += 1
                 if args.count and count >= args.count:
-                    return EXIT_SAVE_QUOTA if refused else 0
-    return EXIT_SAVE_QUOTA if refused else 0
+                    return 1 if failed else EXIT_SAVE_QUOTA if refused else 0
+    return 1 if failed else EXIT_SAVE_QUOTA if refused else 0
 
 
 # ------------------------------------------------------------------ send
@@ -430,10 +442,13 @@ async def _send(args) -> int:
         out0 = peer.session.stats["bytes_out"]
         sid = await peer.send_stream(objects, stream_id=args.stream_id or None, names=names,
                                      msg_type=int(_TYPES[args.type]), progress=progress,
-                                     space_hash32=space)
+                                     space_hash32=space, rate=args.rate)
         dt = time.perf_counter() - t
+        verified = ("verified by the receiver (xxh3_64)" if peer.agreement is not None and peer.agreement.feedback
+                    else "NOT verified (the receiver sends no verdicts" + (": --no-handshake)" if args.no_handshake
+                                                                          else ")"))
         print(f"sent stream {sid}: {arr.dtype}{list(arr.shape)} ({arr.nbytes} bytes) in {dt:.3f} s "
-              f"({arr.nbytes / max(dt, 1e-9) / 1e6:.1f} MB/s) to {args.to}: {_wire(peer, arr.nbytes, out0)}",
+              f"({arr.nbytes / max(dt, 1e-9) / 1e6:.1f} MB/s) to {args.to}, {verified}: {_wire(peer, arr.nbytes, out0)}",
               file=sys.stderr)
         await asyncio.sleep(0.05)  # let the last frames leave before the socket closes
     return 0
@@ -512,6 +527,18 @@ def _count(text: str) -> int:
     return v
 
 
+def _rate(text: str) -> float:
+    t = text.strip()
+    scale = {"k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9}.get(t[-1:], 1.0)
+    try:
+        v = float(t[:-1] if scale != 1.0 else t) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (bytes per second, e.g. 50M)") from None
+    if not v >= 1e4 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text}: give at least 10k bytes per second")
+    return v
+
+
 def _size(text: str) -> int:
     v = _int(text, "a number of bytes")
     if v < 0:
@@ -561,6 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--key-file", metavar="F", help="encrypt with this key (the receiver's key file)")
     s.add_argument("--space-hash", type=_u32, metavar="H", help="space_hash32 to stamp on the frames and announce")
     s.add_argument("--stream-id", type=_u32, default=1, metavar="ID", help="stream_id (default 1)")
+    s.add_argument("--rate", type=_rate, metavar="BYTES/S", help="the most a V-Stream may send per second, e.g. 50M "
+                   "(k, M, G: powers of 1000); UDP adapts below it to loss and delay (default 200M), TCP has no "
+                   "default cap")
     s.add_argument("--no-handshake", action="store_true", help="send without the handshake (as the reference does)")
     s.add_argument("--strict", action="store_true", help="never fall back to reference mode (a receiver that does not "
                    "answer the handshake is an error); check layouts")

@@ -624,6 +624,7 @@ def _completed_streams_held(n_streams: int, *, after_close: bool = False):
     one peer only here) 2 MiB whose
     application has not taken any event; returns (budget.used while queued, bytes of queued
     StreamComplete events, completed, failed with 'limit', budget.used at the end)."""
+    from resonant.aio import DeliveryFailed
     from resonant.stream import StreamComplete, StreamFailed
 
     async def scenario():
@@ -631,8 +632,13 @@ def _completed_streams_held(n_streams: int, *, after_close: bool = False):
             host, port = server.address
             async with resonant.connect(f"tcp://{host}:{port}") as peer:
                 x = np.ones(1 << 20, np.int8)
+                refused = 0
                 for _ in range(n_streams):
-                    await peer.send_stream([x])
+                    try:
+                        await peer.send_stream([x])  # returns on the server's verdict
+                    except DeliveryFailed as exc:  # the sender learns each refusal (feedback)
+                        assert exc.remote and exc.reason == "limit", exc
+                        refused += 1
                 await asyncio.sleep(0.5)  # the application has not taken any event yet
             await asyncio.sleep(0.2)
             queued = [e for _, e in list(server.events._items)]
@@ -640,6 +646,7 @@ def _completed_streams_held(n_streams: int, *, after_close: bool = False):
             used = server.budget.used
             done = sum(isinstance(e, StreamComplete) for e in queued)
             limit = sum(isinstance(e, StreamFailed) and e.reason == "limit" for e in queued)
+            assert refused == limit
             if not after_close:
                 while not server.events.empty():
                     await server.next_event(1.0)
