@@ -92,6 +92,7 @@ class Delivery:
         self.retransmitted = 0
         self.reports = 0
         self.held = False                     # the receiver verified it; its application holds the verdict
+        self._unreported = None               # an end poll() came to, for tick() to report
 
     # -------------------------------------------------------------- state
 
@@ -166,8 +167,9 @@ class Delivery:
                     k += 1
                     continue
                 if self._sends[k] >= self.max_retransmits:
-                    self._finish(StreamUndelivered(self.stream_id, "retransmits", f"chunk {k} was sent "
-                                                   f"{self.max_retransmits} times and never arrived"), now)
+                    self._unreported = self.result = StreamUndelivered(self.stream_id, "retransmits", f"chunk {k} was sent "
+                                                   f"{self.max_retransmits} times and never arrived")
+                    self._finish(self.result, now)
                     return out
                 frame = self.sender.chunk_frame(k)
                 out.append(frame)
@@ -269,7 +271,11 @@ class Delivery:
         return self._finish(event, now)
 
     def tick(self, now: float) -> list:
-        """Gives the stream up when the receiver has been silent for feedback_timeout."""
+        """Gives the stream up when the receiver has been silent for feedback_timeout; reports an end
+        that poll() came to (max_retransmits)."""
+        if self._unreported is not None:
+            event, self._unreported = self._unreported, None
+            return [event]
         if self.result is not None or self._heard is None:
             return []
         if now - self._heard > self.feedback_timeout:

@@ -685,7 +685,7 @@ class Session(SessionCore):
             self._feedback_out(now, True)
             for d in list(self._deliveries.values()):
                 events += d.tick(now)
-                if d.done:
+                if d.done and d._unreported is None:
                     del self._deliveries[d.stream_id]
         return events
 
@@ -694,7 +694,7 @@ class Session(SessionCore):
     def _frame(self, data, now: float, copy: bool) -> list:
         if self._keyring is None:
             events = self._frame1(data, now, copy)
-            if self._fb and events:
+            if self._fb and (events or self.reassembler._report_now):
                 self._feedback_out(now, False)
             return events
         self._current = data  # (for the tag that an error about this frame echoes)
@@ -705,7 +705,7 @@ class Session(SessionCore):
         if self._committed is not None:  # this frame proved a pending re-key
             events.insert(0, self._committed)
             self._committed = None
-        if self._fb and events:
+        if self._fb and (events or self.reassembler._report_now):
             self._feedback_out(now, False)
         return events
 

@@ -1,0 +1,314 @@
+"""V-Stream feedback, sans-IO: the handshake agrees it, receivers report and judge, senders repair
+(selective repeat), pace, and give up on silence. Transports through an impaired relay are in
+tests/test_loss.py."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from resonant import _codec, handshake
+from resonant._codec import Sync
+from resonant._spec import MsgType
+from resonant.delivery import StreamDelivered, StreamUndelivered
+from resonant.errors import HandshakeError
+from resonant.reassembler import StreamComplete, StreamFailed
+from resonant.session import FrameRejected, HandshakeComplete, Session, SessionConfig
+from resonant.stream_limits import StreamLimits
+
+_rng = np.random.default_rng(17)
+
+
+def _pair(client: dict | None = None, server: dict | None = None):
+    c = Session(SessionConfig(role="client", **(client or {})))
+    s = Session(SessionConfig(role="server", **(server or {})))
+    c.initiate(0.0)
+    for d in c.datagrams_to_send():
+        s.receive_datagram(d, 0.0)
+    events = []
+    for d in s.datagrams_to_send():
+        events += c.receive_datagram(d, 0.0)
+    assert isinstance(events[-1], HandshakeComplete)
+    return c, s
+
+
+class Net:
+    """Both directions of a simulated UDP path: seeded loss, duplication, reordering."""
+
+    def __init__(self, c: Session, s: Session, loss=0.0, dup=0.0, reorder=0.0, seed=1, back_loss=None):
+        self.c, self.s = c, s
+        self.rng = random.Random(seed)
+        self.loss, self.dup, self.reorder = loss, dup, reorder
+        self.back_loss = loss if back_loss is None else back_loss
+        self.held: list = []
+        self.server_events: list = []
+        self.client_events: list = []
+
+    def _through(self, datagrams, loss):
+        out = []
+        for d in datagrams:
+            if self.rng.random() < loss:
+                continue
+            n = 2 if self.rng.random() < self.dup else 1
+            for _ in range(n):
+                if self.rng.random() < self.reorder:
+                    self.held.append(d)
+                else:
+                    out.append(d)
+        if self.held and self.rng.random() < 0.5:
+            out.append(self.held.pop(0))
+        return out
+
+    def step(self, frames, now):
+        for f in self._through(frames, self.loss):
+            self.server_events += self.s.receive_datagram(f, now)
+        self.server_events += self.s.tick(now)
+        for f in self._through(self.s.datagrams_to_send(), self.back_loss):
+            self.client_events += self.c.receive_datagram(f, now)
+        self.client_events += self.c.tick(now)
+
+    def outcome(self):
+        return [e for e in self.client_events if isinstance(e, (StreamDelivered, StreamUndelivered))]
+
+
+def _run(net: Net, sid: int, until: float = 60.0, dt: float = 0.002, frames_per_step: int = 64):
+    d = net.c.delivery(sid)
+    now = 0.0
+    while not d.done and now < until:
+        net.step(d.poll(now, frames_per_step), now)
+        now += dt
+    return d, now
+
+
+# ------------------------------------------------------------------ negotiation
+
+
+def test_feedback_is_agreed_when_both_offer_it_and_not_otherwise():
+    c, s = _pair()
+    assert c.agreement.feedback and s.agreement.feedback
+    for client, server in (({"feedback": False}, {}), ({}, {"feedback": False})):
+        c, s = _pair(client, server)
+        assert not c.agreement.feedback and not s.agreement.feedback
+        c.stream(c.new_stream_id(), [np.zeros(1000, np.float16)])
+        assert c.delivery(1) is None  # no Delivery, no verdict expected
+
+
+def test_ping_and_capability_say_feedback_in_supports():
+    c = Session(SessionConfig(role="client"))
+    c.initiate(0.0)
+    (ping,) = c.datagrams_to_send()
+    doc = json.loads(bytes(_codec.decode(ping).json.payload))
+    assert doc["supports"]["feedback"] is True
+    assert handshake.EXAMPLES["report"]["method"] == "report"  # (the schema's examples validate)
+    handshake.validate(handshake.EXAMPLES["report"])
+    handshake.validate(handshake.EXAMPLES["verdict"])
+
+
+@pytest.mark.parametrize("missing", [[3, 2], [1, 2, 1, 3], [1, 2, 3], [-1, 2], [True, 2], [1, 2.5],
+                                     list(range(2 * handshake.MAX_REPORT_RANGES + 2))])
+def test_a_report_with_bad_ranges_breaks_the_schema(missing):
+    doc = dict(handshake.EXAMPLES["report"], missing=missing)
+    with pytest.raises(HandshakeError) as exc:
+        handshake.validate(doc)
+    assert exc.value.path.startswith("report.missing")
+
+
+# ------------------------------------------------------------------ delivery
+
+
+@pytest.mark.parametrize("loss", [0.0, 0.01, 0.05, 0.2])
+def test_a_stream_arrives_bit_exact_at_any_loss_with_1200_byte_frames(loss):
+    c, s = _pair({"max_frame_bytes": 1200}, {"max_frame_bytes": 1200})
+    x = _rng.standard_normal(1 << 20).astype(np.float16)  # 2 MiB: 1,750 chunks
+    sid = c.new_stream_id()
+    c.stream(sid, [x], rate=50e6)
+    net = Net(c, s, loss=loss, seed=int(loss * 1000) + 1)
+    d, _ = _run(net, sid)
+    (out,) = net.outcome()
+    assert isinstance(out, StreamDelivered), out
+    done = [e for e in net.server_events if isinstance(e, StreamComplete)]
+    assert len(done) == 1 and done[0].objects[0].tobytes() == x.tobytes()
+    assert out.xxh3_64 == done[0].xxh3_64
+    if loss == 0:
+        assert d.retransmitted == 0
+    else:  # about what was lost, not the whole stream again
+        assert 0 < d.retransmitted < 3 * loss * d.chunks + 50
+    assert c.delivery(sid) is None  # released at the verdict (the sources are the caller's again)
+    assert d.sender is None
+
+
+def test_duplicates_reordering_and_lost_feedback_are_harmless():
+    c, s = _pair({"max_frame_bytes": 1200}, {"max_frame_bytes": 1200})
+    objs = [_rng.standard_normal((37, 101)).astype(np.float32), _rng.integers(-9, 9, 5000).astype(np.int8),
+            np.zeros(0, np.float16)]
+    sid = c.new_stream_id()
+    c.stream(sid, objs, rate=20e6)
+    net = Net(c, s, loss=0.1, dup=0.2, reorder=0.2, back_loss=0.3, seed=5)
+    _run(net, sid)
+    (out,) = net.outcome()
+    assert isinstance(out, StreamDelivered), out
+    (done,) = [e for e in net.server_events if isinstance(e, StreamComplete)]
+    for a, b in zip(done.objects, objs):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_lost_head_and_tail_are_sent_again():
+    c, s = _pair()
+    sid = c.new_stream_id()
+    x = _rng.standard_normal(100_000).astype(np.float16)
+    c.stream(sid, [x])
+    d = c.delivery(sid)
+    first = d.poll(0.0, 1000)
+    head, tail = first[0], first[-1]
+    for f in first[1:-1]:  # HEAD and TAIL lost
+        s.receive_datagram(f, 0.0)
+    assert s.reassembler.open_streams == 0
+    assert d.poll(0.05, 1000) == []  # not yet: one round trip allowed
+    again = d.poll(0.2, 1000)
+    assert again[0] == head  # HEAD again (no report showed the stream open)
+    events = []
+    for f in again:
+        events += s.receive_datagram(f, 0.2)
+    assert any(isinstance(e, StreamComplete) for e in events)  # the TAIL came again too
+    for f in s.datagrams_to_send():
+        events += c.receive_datagram(f, 0.21)
+    assert any(isinstance(e, StreamDelivered) for e in events)
+    assert head != tail
+
+
+def test_the_receivers_refusal_reaches_the_sender_with_its_reason():
+    c, s = _pair({}, {"stream_limits": StreamLimits(max_stream_bytes=1000)})
+    sid = c.new_stream_id()
+    c.stream(sid, [np.zeros(4096, np.float16)])
+    net = Net(c, s)
+    _run(net, sid)
+    (out,) = net.outcome()
+    assert isinstance(out, StreamUndelivered) and out.remote and out.reason == "limit"
+    assert "max_stream_bytes" in out.detail
+
+
+def test_a_silent_receiver_fails_the_stream_after_feedback_timeout():
+    c, s = _pair({"feedback_timeout": 2.0})
+    sid = c.new_stream_id()
+    c.stream(sid, [np.zeros(4096, np.float16)])
+    d = c.delivery(sid)
+    d.poll(0.0)  # sent; nothing comes back
+    events = []
+    t = 0.0
+    while not events and t < 10:
+        t += 0.1
+        events = c.tick(t)
+    (out,) = events
+    assert isinstance(out, StreamUndelivered) and out.reason == "no_feedback" and not out.remote
+    assert 2.0 < t < 2.3
+
+
+def test_a_verdict_with_another_hash_is_not_a_delivery():
+    c, s = _pair()
+    sid = c.new_stream_id()
+    c.stream(sid, [np.ones(1000, np.float16)])
+    c.delivery(sid).poll(0.0)
+    forged = {"method": "verdict", "stream_id": sid, "ok": True, "xxh3_64": "0" * 16, "bytes": 2000}
+    events = c.receive_datagram(_codec.encode(Sync(json.dumps(forged).encode(), stream_id=0, frame_seq=9)), 0.1)
+    (out,) = events
+    assert isinstance(out, StreamUndelivered) and out.reason == "hash_mismatch" and not out.remote
+
+
+def test_feedback_for_unknown_streams_or_without_agreement_is_ignored():
+    c, s = _pair()
+    report = dict(handshake.EXAMPLES["report"], stream_id=12345)
+    events = c.receive_datagram(_codec.encode(Sync(json.dumps(report).encode(), stream_id=0, frame_seq=3)), 0.0)
+    assert events == [] and c.stats["feedback_ignored"] == 1
+    bad = dict(report, missing=[5, 1])
+    events = c.receive_datagram(_codec.encode(Sync(json.dumps(bad).encode(), stream_id=0, frame_seq=4)), 0.0)
+    assert len(events) == 1 and isinstance(events[0], FrameRejected) and events[0].reason == "malformed"
+
+
+def test_a_chunk_that_never_arrives_ends_the_stream_after_max_retransmits():
+    c, s = _pair({"max_frame_bytes": 1200}, {"max_frame_bytes": 1200})
+    sid = c.new_stream_id()
+    c.stream(sid, [_rng.standard_normal(20_000).astype(np.float16)], rate=50e6)
+    d = c.delivery(sid)
+    d.max_retransmits = 5
+    now, out = 0.0, []
+    while not d.done and now < 60:
+        for f in d.poll(now):
+            fr = _codec.decode(f)
+            if not (fr.msg_type == MsgType.CHUNK and fr.frame_seq == 8):  # chunk 7 is always lost
+                s.receive_datagram(f, now)
+        s.tick(now)
+        for f in s.datagrams_to_send():
+            out += c.receive_datagram(f, now)
+        out += c.tick(now)
+        now += 0.01
+    (res,) = [e for e in out if isinstance(e, (StreamDelivered, StreamUndelivered))]
+    assert res.reason == "retransmits" and "chunk 7" in res.detail
+
+
+def test_held_verdicts_wait_for_the_application_and_keep_the_sender_waiting():
+    c, s = _pair({"feedback_timeout": 1.0}, {"hold_verdicts": True, "feedback_timeout": 1.0})
+    sid = c.new_stream_id()
+    x = np.arange(5000, dtype=np.float16)
+    c.stream(sid, [x])
+    net = Net(c, s)
+    d = c.delivery(sid)
+    now = 0.0
+    while now < 3.0:  # three feedback timeouts: held reports keep the stream alive
+        net.step(d.poll(now), now)
+        now += 0.01
+    assert not d.done and d.held
+    assert any(isinstance(e, StreamComplete) for e in net.server_events)
+    assert s.verdict(sid, False, "save_failed", "No space left on device")
+    assert not s.verdict(sid, True)  # judged once
+    net.step([], now)
+    (out,) = net.outcome()
+    assert isinstance(out, StreamUndelivered) and out.remote and out.reason == "save_failed"
+    assert out.detail == "No space left on device"
+
+
+def test_after_tail_the_receiver_waits_while_resent_chunks_keep_coming():
+    # tail_grace counts from the last new chunk once feedback is on (repair in progress), not from TAIL
+    c, s = _pair({}, {"stream_limits": StreamLimits(tail_grace=0.5)})
+    sid = c.new_stream_id()
+    x = _rng.standard_normal(300_000).astype(np.float16)
+    c.stream(sid, [x])
+    d = c.delivery(sid)
+    frames = d.poll(0.0, 1000)
+    held_back = frames[1:5]
+    for f in frames[:1] + frames[5:]:
+        s.receive_datagram(f, 0.0)
+    events = []
+    for i, f in enumerate(held_back):  # one every 0.4 s: 1.6 s after TAIL in all
+        t = 0.4 * (i + 1)
+        events += s.tick(t)
+        events += s.receive_datagram(f, t)
+    assert not any(isinstance(e, StreamFailed) for e in events)
+    assert any(isinstance(e, StreamComplete) for e in events)
+
+
+def test_a_report_lists_missing_ranges_in_turn_when_there_are_more_than_fit():
+    c, s = _pair({}, {"stream_limits": StreamLimits(tail_grace=30.0)})
+    sid = c.new_stream_id()
+    x = np.zeros(1 << 22, np.int8)
+    c.stream(sid, [x], max_frame_bytes=4096)  # about 1,050 chunks of ~4 KiB
+    d = c.delivery(sid)
+    frames = d.poll(0.0, 5000)
+    for f in frames[:1] + frames[1:-1][::2] + frames[-1:]:  # every other chunk lost: 512 holes
+        s.receive_datagram(f, 0.0)
+    reports = [json.loads(bytes(_codec.decode(f).json.payload)) for f in s.datagrams_to_send()]
+    reports = [r for r in reports if r["method"] == "report"]
+    seen = set()
+    t = 0.0
+    for _ in range(20):
+        last = reports[-1]
+        assert last["tail"] and len(last["missing"]) // 2 <= handshake.MAX_REPORT_RANGES
+        for i in range(0, len(last["missing"]), 2):
+            seen.update(range(last["missing"][i], last["missing"][i + 1]))
+        t += 0.3  # (within tail_grace: the stream stays open)
+        s.tick(t)
+        reports += [r for r in (json.loads(bytes(_codec.decode(f).json.payload)) for f in s.datagrams_to_send())
+                    if r["method"] == "report"]
+    assert seen == set(range(1, d.chunks, 2))  # every hole named within a few reports
