@@ -248,6 +248,7 @@ async def _recv(args) -> int:
                 lay = layouts.pop((addr, ev.stream_id), None)
                 saved: list[str] = []
                 not_saved = None
+                why = "save_refused"  # (--max-bytes; "save_failed": the files could not be written)
                 if save is not None:
                     plan = _save_plan(save, ev, lay)
                     size = sum(_npy_bytes(a) for *_, a in plan)
@@ -262,12 +263,13 @@ async def _recv(args) -> int:
                             saved = _save(plan)
                         except OSError as exc:  # e.g. a full disk: the sender learns it from the verdict
                             failed += 1
+                            why = "save_failed"
                             not_saved = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
                             print(f"resonant recv: stream {ev.stream_id} from {_peer(addr)} not saved: {not_saved}",
                                   file=sys.stderr, flush=True)
                         else:
                             written += size
-                server.verdict(addr, ev.stream_id, not not_saved, "save_failed" if not_saved else "",
+                server.verdict(addr, ev.stream_id, not not_saved, why if not_saved else "",
                                f"the receiver could not save it: {not_saved}" if not_saved else "")
                 objs = [{"dtype": int(o.dtype), "dtype_name": DTYPE_WIRE_NAMES.get(int(o.dtype)),
                          "shape": list(o.shape), "nbytes": o.nbytes, "name": o.name,

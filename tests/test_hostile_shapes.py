@@ -258,10 +258,15 @@ def test_recv_save_refuses_what_would_go_over_max_bytes(tmp_path):
     np.save(src, arr)
     save = tmp_path / "out"
     with receiver("tcp", "--count", "2", "--save", str(save), "--max-bytes", str(1_500_000)) as rx:
-        for _ in range(2):
+        for i in range(2):
             r = subprocess.run(_stream_sender(src, rx.url), stdin=subprocess.DEVNULL, capture_output=True,
                                text=True, timeout=60, cwd=CHILD_CWD)
-            assert r.returncode == 0, r.stderr
+            if i == 0:
+                assert r.returncode == 0, r.stderr
+            else:  # the sender learns that the receiver did not keep it (the verdict), and why
+                assert r.returncode == 1, r.stderr
+                last = r.stderr.strip().splitlines()[-1]
+                assert "save_refused" in last and "--max-bytes 1500000" in last, r.stderr
         rc = rx.wait_exit(30)
         assert rc == 3, rx.dump()
         assert any("saved 2 .npy files" in ln for ln in rx.stdout), rx.dump()

@@ -1,0 +1,175 @@
+"""V-Streams over an impaired UDP path: completion time, goodput and peak memory at each loss
+rate, with selective repeat (resonant's reports and resends), with forward error correction on
+top, the ideal (1 - loss) x rate, and QUIC (aioquic: one QUIC stream through the same relay) as
+the standard transport's figure, all in the same run.
+
+Not part of the test suite. Run from the repository root:
+
+    python3 bench/bench_loss.py [--mib 64] [--loss 0,0.01,0.05,0.2] [--rate 100M] [--frame 65507]
+                                [--fec 16,2] [--no-quic] [--repeat 1] [--json PATH|-]
+
+Each row sends one float16 tensor of --mib MiB from this process (resonant.connect ->
+send_stream, which returns once the receiver verified the xxh3_64 of every byte) to a receiver
+process (resonant.serve) through resonant.relay (its own process), which drops datagrams at
+random with the loss rate in both directions (seeded: every row sees the same decisions for the
+same datagrams). Goodput = tensor bytes / time from the first datagram to the verdict. The
+sender's pacing cap is --rate; the ideal row is (1 - loss) x rate, the most any scheme that sends
+at the rate can deliver; the target is goodput >= 0.8 x ideal at 5% loss. Peak RSS: the
+receiver process's, and this process's growth over the run (the tensor itself excluded).
+QUIC's row uses aioquic's defaults for loss recovery and congestion control (Reno), 1,200-byte
+datagrams, flow-control windows raised to 16 MiB (bench/bench_quic.py); it is not paced to --rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import resonant  # noqa: E402
+from resonant._codec import xxh3_64  # noqa: E402
+from resonant.relay import Impairment, Relay  # noqa: E402
+
+TARGET = 0.8  # goodput / ideal at 5% loss
+
+_RECEIVER = r"""
+import asyncio, json, resource, sys
+import resonant
+from resonant.reassembler import StreamComplete, StreamFailed
+async def main():
+    async with resonant.serve("udp://127.0.0.1:0", max_frame_bytes=int(sys.argv[1])) as server:
+        print(json.dumps({"port": server.address[1]}), flush=True)
+        async for addr, ev in server:
+            if isinstance(ev, (StreamComplete, StreamFailed)):
+                doc = {"ok": isinstance(ev, StreamComplete), "xxh3_64": getattr(ev, "xxh3_64", None),
+                       "reason": getattr(ev, "reason", None),
+                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                del ev
+                print(json.dumps(doc), flush=True)
+asyncio.run(main())
+"""
+
+
+def _rate(text: str) -> float:
+    scale = {"k": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:], 1.0)
+    return float(text[:-1] if scale != 1.0 else text) * scale
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def resonant_row(x: np.ndarray, loss: float, rate: float, frame: int, fec: tuple[int, int] | None,
+                 seed: int) -> dict:
+    recv = subprocess.Popen([sys.executable, "-c", _RECEIVER, str(frame)], stdout=subprocess.PIPE, text=True)
+    try:
+        port = json.loads(recv.stdout.readline())["port"]
+        fwd, back = Impairment(loss=loss, seed=seed), Impairment(loss=loss, seed=seed + 1)
+        with Relay.start(("127.0.0.1", port), forward=fwd, backward=back) as relay:
+            async def go():
+                async with resonant.connect(f"udp://127.0.0.1:{relay.address[1]}", max_frame_bytes=frame,
+                                            timeout=10.0) as peer:
+                    kw = {"fec": fec} if fec else {}
+                    d0 = peer.session.stats["bytes_out"]
+                    t = time.perf_counter()
+                    await peer.send_stream([x], rate=rate, **kw)
+                    dt = time.perf_counter() - t
+                    return dt, peer.session.stats["bytes_out"] - d0
+            rss0 = _rss_mb()
+            try:
+                seconds, wire = asyncio.run(go())
+                error = None
+            except Exception as exc:  # noqa: BLE001 (a row that fails is reported, not fatal)
+                seconds, wire, error = float("nan"), 0, f"{type(exc).__name__}: {exc}"
+            sender_growth = _rss_mb() - rss0
+            stats = relay.stats()
+        done = json.loads(recv.stdout.readline()) if error is None else {}
+    finally:
+        recv.kill()
+        recv.wait()
+    ok = error is None and done.get("ok") and done.get("xxh3_64") == xxh3_64(x)
+    return {"seconds": seconds, "goodput_mbs": x.nbytes / seconds / 1e6 if ok else 0.0, "ok": bool(ok),
+            "error": error, "wire_bytes": wire, "overhead": wire / x.nbytes - 1 if wire else None,
+            "receiver_peak_rss_mb": done.get("peak_rss_mb"), "sender_rss_growth_mb": sender_growth,
+            "relay_dropped": stats["forward"]["dropped"] + stats["backward"]["dropped"]}
+
+
+def quic_row(nbytes: int, loss: float, seed: int, timeout: float) -> dict:
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from bench_quic import quic_transfer  # aioquic (the bench-net extra)
+    r = quic_transfer(nbytes, forward=Impairment(loss=loss, seed=seed), backward=Impairment(loss=loss, seed=seed + 1),
+                      timeout=timeout)
+    return {"seconds": r.get("seconds"), "goodput_mbs": r.get("goodput_mbs") or 0.0, "ok": bool(r.get("ok")),
+            "error": r.get("error"), "receiver_peak_rss_mb": r.get("server_peak_rss_mb"),
+            "sender_rss_growth_mb": r.get("client_peak_rss_mb")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mib", type=int, default=64)
+    ap.add_argument("--loss", default="0,0.01,0.05,0.2")
+    ap.add_argument("--rate", type=_rate, default=100e6, help="the sender's pacing cap, bytes/s (default 100M)")
+    ap.add_argument("--frame", type=int, default=65507, help="max_frame_bytes (1200 for small-MTU paths)")
+    ap.add_argument("--fec", default="16,2", help="k,m for the FEC row ('' for none)")
+    ap.add_argument("--no-quic", action="store_true")
+    ap.add_argument("--quic-timeout", type=float, default=300.0)
+    ap.add_argument("--json", help="write the results as JSON to PATH, or - for stdout")
+    args = ap.parse_args(argv)
+    losses = [float(v) for v in args.loss.split(",")]
+    fec = tuple(int(v) for v in args.fec.split(",")) if args.fec else None
+    x = np.random.default_rng(0).standard_normal(args.mib << 19, dtype=np.float32).astype(np.float16)
+    rows: dict[str, dict[str, dict]] = {}
+    for i, loss in enumerate(losses):
+        seed = 100 + i
+        key = f"{loss:.0%}"
+        rows[key] = {"ideal": {"goodput_mbs": (1 - loss) * args.rate / 1e6, "ok": True}}
+        rows[key]["selective repeat"] = resonant_row(x, loss, args.rate, args.frame, None, seed)
+        if fec:
+            rows[key][f"selective repeat + FEC {fec[0]}+{fec[1]}"] = resonant_row(x, loss, args.rate, args.frame, fec, seed)
+        if not args.no_quic:
+            rows[key]["QUIC (aioquic)"] = quic_row(x.nbytes, loss, seed, args.quic_timeout)
+        print(f"loss {key} done", file=sys.stderr, flush=True)
+    print(f"{args.mib} MiB float16 through resonant.relay (random loss both ways), rate cap "
+          f"{args.rate / 1e6:.0f} MB/s, max_frame_bytes {args.frame}")
+    print(f"| loss | row | time (s) | goodput (MB/s) | / ideal | wire overhead | receiver peak RSS (MB) | "
+          f"sender RSS growth (MB) | verified |")
+    print("|---|---|--:|--:|--:|--:|--:|--:|---|")
+    verdict = None
+    for key, by_row in rows.items():
+        ideal = by_row["ideal"]["goodput_mbs"]
+        for name, r in by_row.items():
+            ratio = r["goodput_mbs"] / ideal if ideal else None
+            sec = r.get("seconds")
+            ov = r.get("overhead")
+            print(f"| {key} | {name} | {'' if sec is None else f'{sec:.2f}'} | {r['goodput_mbs']:.1f} | "
+                  f"{'' if ratio is None else f'{ratio:.2f}'} | {'' if ov is None else f'{ov:.1%}'} | "
+                  f"{r.get('receiver_peak_rss_mb') or '':.4} | {r.get('sender_rss_growth_mb') or '':.4} | "
+                  f"{'yes' if r['ok'] else 'NO: ' + str(r.get('error'))} |")
+            if key == "5%" and name == "selective repeat":
+                verdict = ratio
+    if verdict is not None:
+        print(f"\ntarget at 5% loss: selective-repeat goodput >= {TARGET} x ideal: {verdict:.2f} "
+              f"({'met' if verdict >= TARGET else 'NOT met'})")
+    if args.json:
+        doc = {"mib": args.mib, "rate": args.rate, "frame": args.frame, "rows": rows, "target_ratio_5pct": verdict}
+        if args.json == "-":
+            json.dump(doc, sys.stdout, indent=1)
+        else:
+            with open(args.json, "w") as f:
+                json.dump(doc, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
