@@ -51,9 +51,15 @@ SOCKET_BUFFER = 8 << 20
 
 
 def tensor_bytes(nbytes: int, seed: int = 0) -> bytes:
-    """The payload: the bytes of a float16 tensor of nbytes // 2 normal values (nbytes even)."""
+    """The payload: the bytes of a float16 tensor of nbytes // 2 normal values (nbytes even),
+    made 1 Mi values at a time (no float32 copy of the whole: the client's peak RSS is the
+    tensor and its bytes, 2 x nbytes, plus what aioquic holds)."""
     rng = np.random.default_rng(seed)
-    return rng.standard_normal(nbytes // 2, dtype=np.float32).astype(np.float16).tobytes()
+    out = np.empty(nbytes // 2, np.float16)
+    step = 1 << 20
+    for i in range(0, out.size, step):
+        out[i:i + step] = rng.standard_normal(min(step, out.size - i), dtype=np.float32)
+    return out.tobytes()
 
 
 def make_certificate(directory: str) -> tuple[str, str]:
@@ -106,6 +112,11 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _emit(obj) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -142,7 +153,7 @@ async def _serve(args) -> None:
                 ok = self.got == args.nbytes and xxh3_64(self.buf) == expected
                 verified = time.perf_counter()
                 result = {"ok": ok, "received": self.got, "seconds": verified - self.first,
-                          "rss_mb": _peak_rss_mb()}
+                          "rss_mb": _peak_rss_mb(), "cpu_s": _cpu_s()}
                 self._quic.send_stream_data(event.stream_id, json.dumps(result).encode(), end_stream=True)
                 self.transmit()
                 if not done.done():
@@ -176,6 +187,7 @@ async def _send(args) -> None:
     from aioquic.asyncio import connect
 
     data = tensor_bytes(args.nbytes, args.seed)
+    cpu0 = _cpu_s()  # the process's CPU time from here on: the connection and the transfer
     config = _config(True, args.cc, args.datagram_size)
     config.load_verify_locations(args.cert)
     config.server_name = "127.0.0.1"
@@ -191,7 +203,8 @@ async def _send(args) -> None:
         t1 = time.perf_counter()
         stats = client._quic._loss  # aioquic's recovery state (information only)
         _emit({"handshake_s": t0 - t_connect, "client_seconds": t1 - t0, "answer": json.loads(answer),
-               "rss_mb": _peak_rss_mb(), "cwnd": getattr(stats, "congestion_window", None)})
+               "rss_mb": _peak_rss_mb(), "cwnd": getattr(stats, "congestion_window", None),
+               "cpu_s": _cpu_s() - cpu0})
 
 
 # -- the parent ---------------------------------------------------------------------------------
@@ -225,6 +238,8 @@ def quic_transfer(nbytes: int, forward: Impairment, backward: Impairment, timeou
     client_seconds: from the client opening the stream to the server's answer arriving
     handshake_s: the QUIC handshake through the relay
     rss_client_mb, rss_server_mb: peak RSS of each process (MiB)
+    cpu_client_s, cpu_server_s: CPU seconds of each process (the client's from the connection on;
+                 the server's whole life): on a loaded machine, what the transfer cost in CPU
     received:    stream bytes the server had when it finished or gave up
     relay:       the relay's counters (per direction: datagrams_in, dropped, duplicated, ...)
     """
@@ -257,12 +272,13 @@ def quic_transfer(nbytes: int, forward: Impairment, backward: Impairment, timeou
             cli = _read_json(client, time.monotonic() + 5) if result.get("ok") else None
             out.update(ok=bool(result.get("ok")) and bool(cli) and bool(cli["answer"].get("ok")),
                        received=result.get("received"), seconds=result.get("seconds"),
-                       rss_server_mb=result.get("rss_mb"), timed_out=bool(result.get("timeout")))
+                       rss_server_mb=result.get("rss_mb"), timed_out=bool(result.get("timeout")),
+                       cpu_server_s=result.get("cpu_s"))
             if result.get("seconds"):
                 out["goodput_MBps"] = nbytes / result["seconds"] / 1e6
             if cli:
                 out.update(client_seconds=cli["client_seconds"], handshake_s=cli["handshake_s"],
-                           rss_client_mb=cli["rss_mb"])
+                           rss_client_mb=cli["rss_mb"], cpu_client_s=cli["cpu_s"])
         finally:
             if relay is not None:
                 st = relay.stop()
@@ -312,7 +328,7 @@ def main() -> None:
     print(f"QUIC (aioquic, {args.cc}, {args.datagram_size}-byte datagrams) one stream of {nbytes / (1 << 20):g} MiB, "
           f"through resonant.relay; loss both ways (burst {args.burst:g}), delay {args.delay * 1e3:g} ms each way")
     print(f"{'loss':>6} {'ok':>5} {'seconds':>9} {'MB/s':>8} {'handshake':>10} {'RSS cli/srv MiB':>16} "
-          f"{'fwd drops':>10} {'bwd drops':>10} {'relay CPU s':>11}")
+          f"{'fwd drops':>10} {'bwd drops':>10} {'CPU s cli/srv/relay':>20}")
     for i, loss in enumerate(float(x) for x in args.loss.split(",")):
         fwd = Impairment(loss=loss, burst=args.burst, delay=args.delay, seed=2 * i + 1)
         bwd = Impairment(loss=loss, burst=args.burst, delay=args.delay, seed=2 * i + 2)
@@ -325,9 +341,10 @@ def main() -> None:
             f"({(row.get('received') or 0) / (1 << 20):.1f} MiB)"
         hs = f"{row['handshake_s'] * 1e3:.0f} ms" if row.get("handshake_s") is not None else "-"
         rss = f"{row.get('rss_client_mb') or 0:.0f}/{row.get('rss_server_mb') or 0:.0f}"
+        cpu = f"{row.get('cpu_client_s') or 0:.1f}/{row.get('cpu_server_s') or 0:.1f}/{rel.get('cpu_seconds', 0):.1f}"
         print(f"{loss * 100:>5g}% {str(row['ok']):>5} {secs:>9} {rate:>8} {hs:>10} {rss:>16} "
               f"{rel.get('forward', {}).get('dropped', '-'):>10} {rel.get('backward', {}).get('dropped', '-'):>10} "
-              f"{rel.get('cpu_seconds', 0):>11.2f}", flush=True)
+              f"{cpu:>20}", flush=True)
     if args.json:
         text = json.dumps(rows, indent=1)
         if args.json == "-":

@@ -15,7 +15,10 @@ Three layers:
 - `Relay`: a real UDP relay in its own process (it never competes for the caller's GIL) that
   listens on 127.0.0.1 and forwards each client's datagrams to one target address, from a socket
   of its own per client (as a NAT does, so several clients can share a relay), and the target's
-  answers back to that client; each direction goes through its own `ImpairmentModel`.
+  answers back to that client; each direction goes through its own `ImpairmentModel` (shared by
+  all clients, as a link is). A delayed datagram leaves within about a millisecond of its due
+  time (poll()'s timeout is in milliseconds; the process may also wait for a core); the model's
+  decisions do not depend on that.
 
     with Relay.start(("127.0.0.1", 7000), forward=Impairment(loss=0.05, seed=1)) as relay:
         client.sendto(data, relay.address)   # reaches 127.0.0.1:7000 with 5% loss
@@ -43,7 +46,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Impairment", "ImpairmentModel", "Relay", "RELAY_MAX_CLIENTS", "RELAY_SOCKET_BUFFER"]
+__all__ = ["Impairment", "ImpairmentModel", "ImpairmentStats", "Relay", "RELAY_MAX_CLIENTS",
+           "RELAY_MAX_PENDING_BYTES", "RELAY_SOCKET_BUFFER"]
 
 RELAY_SOCKET_BUFFER = 8 * 1024 * 1024
 """SO_RCVBUF / SO_SNDBUF the relay asks for on each of its sockets (SO_*BUFFORCE first, which
@@ -53,6 +57,10 @@ RELAY_MAX_CLIENTS = 1024
 """Client addresses the relay keeps a forwarding socket for; datagrams from further new
 addresses are dropped (counted as `clients_refused`). Sockets are never expired: a relay lives
 for one test or bench run."""
+
+RELAY_MAX_PENDING_BYTES = 256 * 1024 * 1024
+"""Bytes of delayed datagrams (delay, jitter, reordering, a bottleneck's queue) the relay holds at
+once; a datagram that would go past it is dropped (counted as `pending_drops`)."""
 
 RELAY_MAX_DATAGRAM = 65535
 """Read buffer per datagram: the largest UDP payload there is."""
@@ -251,7 +259,8 @@ class _Loop:
     target: tuple[str, int]
     forward: Impairment
     backward: Impairment
-    counters: dict = field(default_factory=lambda: dict(clients_refused=0, target_unreachable=0, send_errors=0))
+    counters: dict = field(default_factory=lambda: dict(clients_refused=0, target_unreachable=0, send_errors=0,
+                                                        pending_drops=0))
 
     def __post_init__(self) -> None:
         self.fwd = ImpairmentModel(self.forward, "forward")
@@ -265,13 +274,15 @@ class _Loop:
         self.by_fd: dict[int, _Client] = {}
         self.heap: list = []
         self._seq = 0
+        self._pending_bytes = 0
         self._cpu0 = time.process_time()
         self.poller = select.poll()
         self.poller.register(self.sock.fileno(), select.POLLIN)
 
     def stats(self) -> dict[str, Any]:
         return {"address": self.address, "target": self.target, "clients": len(self.clients),
-                "pending": len(self.heap), "forward": asdict(self.fwd.stats),
+                "pending": len(self.heap), "pending_bytes": self._pending_bytes,
+                "forward": asdict(self.fwd.stats),
                 "backward": asdict(self.bwd.stats), **self.counters,
                 "cpu_seconds": round(time.process_time() - self._cpu0, 6),
                 "rcvbuf": self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)}
@@ -302,8 +313,11 @@ class _Loop:
         for due in times:
             if due <= now:
                 self._send(sock, data, addr)
+            elif self._pending_bytes + len(data) > RELAY_MAX_PENDING_BYTES:
+                self.counters["pending_drops"] += 1
             else:
                 self._seq += 1
+                self._pending_bytes += len(data)
                 heapq.heappush(self.heap, (due, self._seq, sock, data, addr))
 
     def _drain_listen(self, now: float) -> None:
@@ -366,6 +380,7 @@ class _Loop:
         heap = self.heap
         while heap and heap[0][0] <= now:
             _, _, sock, data, addr = heapq.heappop(heap)
+            self._pending_bytes -= len(data)
             self._send(sock, data, addr)
 
     def run(self, control=None) -> None:
@@ -514,8 +529,11 @@ class Relay:
 
     def stats(self, timeout: float = 5.0) -> dict[str, Any]:
         """The relay's counters: per direction (`forward`, `backward`) the model's ImpairmentStats
-        as a dict, plus clients, pending (delayed datagrams not yet sent), clients_refused,
-        target_unreachable (ICMP errors from the target), send_errors. After stop(): the last ones."""
+        as a dict, plus clients, pending / pending_bytes (delayed datagrams not yet sent),
+        pending_drops (past RELAY_MAX_PENDING_BYTES), clients_refused (past RELAY_MAX_CLIENTS),
+        target_unreachable (ICMP errors from the target), send_errors, cpu_seconds (the relay
+        process's CPU time) and rcvbuf (the listening socket's SO_RCVBUF as granted).
+        After stop(): the last ones."""
         if self._process is None:
             if self.final_stats is None:
                 raise RuntimeError("the relay is stopped")
