@@ -1,0 +1,319 @@
+"""Sans-IO pacing-rate controller for UDP V-Streams (specs/vstream_rate_control.md).
+
+RateController paces a sender with a token bucket at `rate` bytes/s and adapts `rate` to the
+receiver's reports (bytes delivered / lost since the previous report, an RTT sample):
+
+- congestion is queueing delay above a target (LEDBAT's signal) or loss clearly above the
+  running baseline of loss (the loss the path shows when we are not overrunning it: random,
+  non-congestion loss is learned, not punished);
+- on congestion the rate drops to just under the measured delivery rate (BBR's bottleneck
+  estimate: a windowed max of delivery-rate samples), at least by BETA and at most by half;
+- otherwise it probes upward: slowly near the rate of the last backoff, doubling its step each
+  round beyond it (a rise of the bottleneck is found in a few rounds), never above
+  PROBE_CEILING x the delivery estimate, never above `cap`.
+
+No I/O and no clock reads: every method takes `now` (seconds, float, any monotonic origin).
+Malformed report values (negative, NaN, infinite, huge, wrong type) are ignored or clamped;
+the rate always stays within [floor, cap].
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+__all__ = ["RateController"]
+
+# --- constants (each is explained in specs/vstream_rate_control.md, "Constants") ---
+DEFAULT_FLOOR = 65536.0       # bytes/s: the default floor, one maximum-size V-Frame a second
+DEFAULT_BURST = 256 * 1024    # bytes: the default token bucket (4 maximum-size frames; ~1.3 ms at 200 MB/s)
+BETA = 0.85                   # a backoff cuts the rate to at most BETA x rate ...
+DRAIN_GAIN = 0.9              # ... and to at most DRAIN_GAIN x the delivery estimate (the queue drains at 10 %)
+MAX_CUT = 0.5                 # one backoff never more than halves the rate
+PROBE_CEILING = 1.25          # the rate is never raised above PROBE_CEILING x the delivery estimate (BBR's probe gain)
+INC_MIN = 0.01                # increase per round below the rate of the last backoff
+INC_MAX = 0.25                # increase per round at most (after doubling each round beyond that rate)
+QDELAY_MIN = 0.005            # s: the queueing-delay target is QDELAY_FRAC x min RTT within [QDELAY_MIN, QDELAY_MAX]
+QDELAY_MAX = 0.050
+QDELAY_FRAC = 0.5
+LOSS_MULT = 1.5               # loss is congestion above LOSS_MULT x baseline + LOSS_MARGIN
+LOSS_MARGIN = 0.03
+LOSS_BASE_MAX = 0.3           # the baseline never exceeds this: more loss than that is always congestion
+LOSS_TAU = 0.25               # s: time constant of the smoothed loss fraction
+BIN_TIME = 0.25               # s: the loss baseline is the minimum loss of the last BIN_COUNT bins of
+BIN_MIN_BYTES = 2 << 20       # at least BIN_TIME and BIN_MIN_BYTES of reported packets each
+BIN_COUNT = 8
+BW_WINDOW_ROUNDS = 4          # the delivery estimate is the max of the samples of the last rounds
+MIN_RTT_WINDOW = 10.0         # s: min RTT is the minimum over this window (BBR's value)
+ROUND_MIN = 0.005             # s: a round is max(srtt, report interval, ROUND_MIN)
+MAX_DT = 1.0                  # s: a report interval counts as at most this (a gap is not credit)
+APP_LIMITED = 0.5             # a report that saw less than this x rate x interval sent is app-limited: no increase
+STALE_MIN = 1.0               # s: data sent and no report for max(STALE_MIN, 8 x srtt) halves the rate
+MAX_RTT = 60.0                # s: RTT samples outside (0, MAX_RTT] are ignored
+MAX_REPORT_BYTES = float(1 << 50)  # a report's byte counts are clamped to this
+
+
+def _num(x: object) -> float:
+    """A report field as a finite float >= 0 (garbage -> 0, huge -> clamped)."""
+    try:
+        v = float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
+    if not v >= 0.0:  # negative or NaN
+        return 0.0
+    return min(v, MAX_REPORT_BYTES)
+
+
+def _time(now: object) -> float | None:
+    try:
+        t = float(now)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return t if math.isfinite(t) else None
+
+
+class RateController:
+    """Pacing rate (bytes/s) of one sender, adapted to receiver reports; see the module doc."""
+
+    def __init__(self, cap: float, *, start: float | None = None, floor: float | None = None,
+                 burst_bytes: int = DEFAULT_BURST) -> None:
+        cap = self._arg("cap", cap)
+        if floor is None:
+            floor = min(DEFAULT_FLOOR, cap)
+        floor = self._arg("floor", floor)
+        if floor > cap:
+            raise ValueError(f"floor ({floor:g} B/s) must not exceed cap ({cap:g} B/s)")
+        start = cap if start is None else self._arg("start", start)
+        if not floor <= start <= cap:
+            raise ValueError(f"start ({start:g} B/s) must be within [floor, cap] = [{floor:g}, {cap:g}] B/s")
+        if isinstance(burst_bytes, bool) or not isinstance(burst_bytes, int) or burst_bytes < 1:
+            raise ValueError(f"burst_bytes must be a positive int, not {burst_bytes!r}")
+        self.cap = cap
+        self.floor = floor
+        self.burst_bytes = burst_bytes
+        self.rate = start
+        # token bucket
+        self._tokens = float(burst_bytes)
+        self._t_bucket: float | None = None
+        # RTT
+        self.min_rtt: float | None = None
+        self._min_rtt_t = 0.0
+        self.srtt: float | None = None
+        self._qrtt: float | None = None    # faster EWMA of RTT, for the queueing delay
+        self.qdelay = 0.0
+        # reports
+        self._t_report: float | None = None
+        self._interval: float | None = None   # EWMA of the report interval
+        self._sent_since_report = 0.0
+        self._stale_mark = 0.0
+        # loss
+        self.loss: float | None = None        # smoothed loss fraction
+        self._bins: deque[float] = deque(maxlen=BIN_COUNT)
+        self._bin_t: float | None = None
+        self._bin_lost = 0.0
+        self._bin_total = 0.0
+        # delivery-rate max filter: (time, sample)
+        self._bw: deque[tuple[float, float]] = deque()
+        # probing / backoff
+        self._inc = INC_MIN
+        self._w_max = 0.0                     # the rate before the last backoff
+        self._next_backoff = -math.inf
+        self._last_backoff_t = -math.inf
+        self._last_backoff_q = 0.0
+        self._last_backoff_delay = False
+        self._counts = {"reports": 0, "ignored_reports": 0, "backoffs": 0, "backoffs_delay": 0,
+                        "backoffs_loss": 0, "stale_halvings": 0}
+
+    @staticmethod
+    def _arg(name: str, v: object) -> float:
+        try:
+            f = float(v)  # type: ignore[arg-type]
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"{name} must be a number of bytes/s, not {v!r}") from None
+        if isinstance(v, bool) or not (math.isfinite(f) and f > 0):
+            raise ValueError(f"{name} must be a finite positive number of bytes/s, not {v!r}")
+        return f
+
+    # --- pacing (token bucket) ---
+
+    def _refill(self, now: float) -> None:
+        if self._t_bucket is None:
+            self._t_bucket = now
+            return
+        if now > self._t_bucket:
+            self._tokens = min(float(self.burst_bytes), self._tokens + (now - self._t_bucket) * self.rate)
+            self._t_bucket = now
+        self._check_stale(now)
+
+    def allowance(self, now: float) -> int:
+        """Bytes that may be sent at `now` (0 if the bucket is in debt)."""
+        t = _time(now)
+        if t is not None:
+            self._refill(t)
+        return max(0, int(self._tokens))
+
+    def sent(self, nbytes: int, now: float) -> None:
+        """Account `nbytes` just sent: they take tokens (the bucket may go into debt)."""
+        n = _num(nbytes)
+        t = _time(now)
+        if t is not None:
+            self._refill(t)
+        self._tokens = max(self._tokens - n, -float(self.burst_bytes) - n)
+        self._sent_since_report += n
+
+    def next_time(self, nbytes: int, now: float) -> float:
+        """When `nbytes` may be sent (`now` if already); a send larger than the bucket waits for a
+        full bucket and goes into debt."""
+        t = _time(now)
+        if t is None:
+            return now
+        self._refill(t)
+        need = min(_num(nbytes), float(self.burst_bytes))
+        if self._tokens >= need:
+            return t
+        return t + (need - self._tokens) / self.rate
+
+    def _check_stale(self, now: float) -> None:
+        """Data sent and no report for a long time: halve the rate once per stale period."""
+        if self._t_report is None or self._sent_since_report <= 0:
+            return
+        stale = max(STALE_MIN, 8 * (self.srtt or 0.0))
+        if now - max(self._t_report, self._stale_mark) > stale:
+            self._stale_mark = now
+            self.rate = max(self.floor, self.rate * 0.5)
+            self._counts["stale_halvings"] += 1
+
+    # --- feedback ---
+
+    def _round(self) -> float:
+        return max(self.srtt or 0.0, self._interval or 0.0, ROUND_MIN)
+
+    def _loss_base(self) -> float:
+        if self._bins:
+            base = min(self._bins)
+        elif self._bin_total > 0:
+            base = self._bin_lost / self._bin_total
+        else:
+            base = 0.0
+        return min(base, LOSS_BASE_MAX)
+
+    def _bw_est(self) -> float:
+        return max((s for _, s in self._bw), default=0.0)
+
+    def feedback(self, now: float, *, sent_bytes: float, delivered_bytes: float, lost_bytes: float,
+                 rtt: float | None) -> None:
+        """One receiver report: bytes sent, delivered (newly received, distinct) and newly reported
+        lost since the previous report, and an RTT sample in seconds (or None)."""
+        t = _time(now)
+        if t is None or (self._t_report is not None and t < self._t_report):
+            self._counts["ignored_reports"] += 1
+            return
+        self._counts["reports"] += 1
+        sent = _num(sent_bytes)
+        delivered = _num(delivered_bytes)
+        lost = _num(lost_bytes)
+        if self._t_report is None:
+            dt = 0.0
+        else:
+            dt = min(t - self._t_report, MAX_DT)
+            self._interval = dt if self._interval is None else 0.875 * self._interval + 0.125 * dt
+        self._t_report = t
+        self._stale_mark = t
+        sent_local = self._sent_since_report
+        self._sent_since_report = 0.0
+        sent = max(sent, sent_local) if sent > 0 else sent_local
+
+        self._on_rtt(t, rtt)
+        self._on_loss(t, dt, delivered, lost)
+        self._on_delivery(t, dt, delivered)
+        if dt <= 0:
+            return
+        self._adapt(t, dt, sent)
+
+    def _on_rtt(self, t: float, rtt: object) -> None:
+        if rtt is None:
+            return
+        r = _time(rtt)
+        if r is None or not 0 < r <= MAX_RTT:
+            return
+        if self.min_rtt is None or r <= self.min_rtt or t - self._min_rtt_t > MIN_RTT_WINDOW:
+            self.min_rtt = r
+            self._min_rtt_t = t
+        self.srtt = r if self.srtt is None else 0.875 * self.srtt + 0.125 * r
+        self._qrtt = r if self._qrtt is None else 0.75 * self._qrtt + 0.25 * r
+        self.qdelay = max(0.0, self._qrtt - self.min_rtt)
+
+    def _on_loss(self, t: float, dt: float, delivered: float, lost: float) -> None:
+        total = delivered + lost
+        if total <= 0:
+            return
+        frac = lost / total
+        if self.loss is None:
+            self.loss = frac
+        else:
+            g = min(1.0, dt / LOSS_TAU) if dt > 0 else 0.0
+            self.loss += g * (frac - self.loss)
+        if self._bin_t is None:
+            self._bin_t = t
+        self._bin_lost += lost
+        self._bin_total += total
+        if t - self._bin_t >= BIN_TIME and self._bin_total >= BIN_MIN_BYTES:
+            self._bins.append(self._bin_lost / self._bin_total)
+            self._bin_t, self._bin_lost, self._bin_total = t, 0.0, 0.0
+
+    def _on_delivery(self, t: float, dt: float, delivered: float) -> None:
+        if dt <= 0:
+            return
+        span = max(dt, 0.5 * (self._interval or dt))
+        sample = delivered / span / (1.0 - self._loss_base())
+        self._bw.append((t, sample))
+        horizon = t - BW_WINDOW_ROUNDS * self._round()
+        while len(self._bw) > 1 and self._bw[0][0] < horizon:
+            self._bw.popleft()
+
+    def _adapt(self, t: float, dt: float, sent: float) -> None:
+        rnd = self._round()
+        target = min(max(QDELAY_FRAC * (self.min_rtt or 0.0), QDELAY_MIN), QDELAY_MAX)
+        delay_cong = self.min_rtt is not None and self.qdelay > target
+        base = self._loss_base()
+        loss_cong = self.loss is not None and self.loss > LOSS_MULT * base + LOSS_MARGIN
+        if delay_cong or loss_cong:
+            if t < self._next_backoff:
+                return
+            if (delay_cong and not loss_cong and self._last_backoff_delay
+                    and self.qdelay < self._last_backoff_q and t - self._last_backoff_t < 4 * rnd):
+                return  # the queue is draining after the last backoff: give it time
+            bw = self._bw_est()
+            new = min(self.rate * BETA, bw * DRAIN_GAIN) if bw > 0 else self.rate * BETA
+            new = max(new, self.rate * MAX_CUT, self.floor)
+            self._w_max = self.rate
+            self.rate = min(new, self.cap)
+            self._inc = INC_MIN
+            self._next_backoff = t + rnd + (self._interval or 0.0)
+            self._last_backoff_t = t
+            self._last_backoff_q = self.qdelay
+            self._last_backoff_delay = delay_cong
+            self._counts["backoffs"] += 1
+            self._counts["backoffs_delay" if delay_cong else "backoffs_loss"] += 1
+            return
+        if self.min_rtt is not None and self.qdelay > 0.5 * target:
+            return  # some queue: hold
+        if sent < APP_LIMITED * self.rate * dt:
+            return  # app-limited: the reports say nothing about a higher rate
+        frac = dt / rnd
+        if self.rate >= self._w_max:
+            self._inc = min(INC_MAX, self._inc * 2.0 ** frac)
+        else:
+            self._inc = INC_MIN
+        new = self.rate * (1.0 + self._inc * frac)
+        ceiling = self._bw_est() * PROBE_CEILING
+        if new > ceiling:
+            new = max(self.rate, ceiling)
+        self.rate = min(max(new, self.floor), self.cap)
+
+    @property
+    def stats(self) -> dict:
+        """A snapshot: rate, cap, floor, min_rtt, srtt, qdelay, loss, loss_base, bw_est and counters."""
+        return {"rate": self.rate, "cap": self.cap, "floor": self.floor, "min_rtt": self.min_rtt,
+                "srtt": self.srtt, "qdelay": self.qdelay, "loss": self.loss, "loss_base": self._loss_base(),
+                "bw_est": self._bw_est(), **self._counts}
