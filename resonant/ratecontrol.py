@@ -38,11 +38,15 @@ QDELAY_MAX = 0.050
 QDELAY_FRAC = 0.5
 LOSS_MULT = 1.5               # loss is congestion above LOSS_MULT x baseline + LOSS_MARGIN
 LOSS_MARGIN = 0.03
-LOSS_BASE_MAX = 0.3           # the baseline never exceeds this: more loss than that is always congestion
+LOSS_BASE_MAX = 0.25          # the baseline never exceeds this: more loss than that is always congestion
+LOW_GAIN = 0.75               # while there is loss to explain, every LOW_PERIOD s the rate dips to LOW_GAIN x rate
+LOW_PERIOD = 2.0              # for max(LOW_TIME, 2 rounds) (BBR's drain phase); the loss seen one lag later
+LOW_TIME = 0.1                # (and after each loss backoff) is a baseline sample: loss that does not fall
+SAMPLE_MIN_BYTES = 4 << 20    # when we send less is not ours. A sample needs this many bytes (64 frames)
+FIRST_LOW = 0.25              # s: the first low phase comes this long after loss is first seen
+LOSS_SEEN = 0.005             # smoothed loss above this is "loss to explain"
 LOSS_TAU = 0.25               # s: time constant of the smoothed loss fraction
-BIN_TIME = 0.25               # s: the loss baseline is the minimum loss of the last BIN_COUNT bins of
-BIN_MIN_BYTES = 2 << 20       # at least BIN_TIME and BIN_MIN_BYTES of reported packets each
-BIN_COUNT = 8
+BASE_SAMPLES = 5              # the loss baseline is the median of the last BASE_SAMPLES experiment samples
 BW_WINDOW_ROUNDS = 4          # the delivery estimate is the max of the samples of the last rounds
 MIN_RTT_WINDOW = 10.0         # s: min RTT is the minimum over this window (BBR's value)
 ROUND_MIN = 0.005             # s: a round is max(srtt, report interval, ROUND_MIN)
@@ -101,6 +105,7 @@ class RateController:
         self.srtt: float | None = None
         self._qrtt: float | None = None    # faster EWMA of RTT, for the queueing delay
         self.qdelay = 0.0
+        self._q_prev = 0.0                    # qdelay at the report before
         # reports
         self._t_report: float | None = None
         self._interval: float | None = None   # EWMA of the report interval
@@ -108,21 +113,23 @@ class RateController:
         self._stale_mark = 0.0
         # loss
         self.loss: float | None = None        # smoothed loss fraction
-        self._bins: deque[float] = deque(maxlen=BIN_COUNT)
-        self._bin_t: float | None = None
-        self._bin_lost = 0.0
-        self._bin_total = 0.0
+        self._samples: deque[float] = deque(maxlen=BASE_SAMPLES)  # loss fractions of experiment windows
         # delivery-rate max filter: (time, sample)
         self._bw: deque[tuple[float, float]] = deque()
         # probing / backoff
         self._inc = INC_MIN
         self._w_max = 0.0                     # the rate before the last backoff
         self._next_backoff = -math.inf
-        self._last_backoff_t = -math.inf
-        self._last_backoff_q = 0.0
-        self._last_backoff_delay = False
+        # experiments: a low phase (a dip to LOW_GAIN x rate) or a loss backoff, measured by the
+        # reports that arrive in a window one lag later
+        self._low_next: float | None = None   # when the next low phase may start
+        self._low_end = 0.0                   # the low phase lasts until then (0: none)
+        self._low_base = 0.0                  # the rate to return to
+        self._win: tuple[float, float] | None = None  # reports in [a, b) measure the experiment
+        self._win_lost = 0.0
+        self._win_total = 0.0
         self._counts = {"reports": 0, "ignored_reports": 0, "backoffs": 0, "backoffs_delay": 0,
-                        "backoffs_loss": 0, "stale_halvings": 0}
+                        "backoffs_loss": 0, "stale_halvings": 0, "low_phases": 0}
 
     @staticmethod
     def _arg(name: str, v: object) -> float:
@@ -189,15 +196,23 @@ class RateController:
         return max(self.srtt or 0.0, self._interval or 0.0, ROUND_MIN)
 
     def _loss_base(self) -> float:
-        if self._bins:
-            base = min(self._bins)
-        elif self._bin_total > 0:
-            base = self._bin_lost / self._bin_total
+        """The loss the path shows when we are not overrunning it: the median of the experiment
+        samples; before the first, the smoothed loss itself (no loss backoff yet)."""
+        if self._samples:
+            ss = sorted(self._samples)
+            n = len(ss)
+            base = 0.5 * (ss[(n - 1) // 2] + ss[n // 2])  # the median: robust to one noisy or congested sample
         else:
-            base = 0.0
+            base = self.loss or 0.0
         return min(base, LOSS_BASE_MAX)
 
+    def _experiment(self, t: float, span: float) -> None:
+        lag = (self.srtt or 0.0) + (self._interval or 0.0)
+        self._win = (t + lag, t + lag + span)
+        self._win_lost = self._win_total = 0.0
+
     def _bw_est(self) -> float:
+        """The delivery rate: the max of the last rounds' samples (BBR's bottleneck estimate)."""
         return max((s for _, s in self._bw), default=0.0)
 
     def feedback(self, now: float, *, sent_bytes: float, delivered_bytes: float, lost_bytes: float,
@@ -241,6 +256,7 @@ class RateController:
             self._min_rtt_t = t
         self.srtt = r if self.srtt is None else 0.875 * self.srtt + 0.125 * r
         self._qrtt = r if self._qrtt is None else 0.75 * self._qrtt + 0.25 * r
+        self._q_prev = self.qdelay
         self.qdelay = max(0.0, self._qrtt - self.min_rtt)
 
     def _on_loss(self, t: float, dt: float, delivered: float, lost: float) -> None:
@@ -253,36 +269,52 @@ class RateController:
         else:
             g = min(1.0, dt / LOSS_TAU) if dt > 0 else 0.0
             self.loss += g * (frac - self.loss)
-        if self._bin_t is None:
-            self._bin_t = t
-        self._bin_lost += lost
-        self._bin_total += total
-        if t - self._bin_t >= BIN_TIME and self._bin_total >= BIN_MIN_BYTES:
-            self._bins.append(self._bin_lost / self._bin_total)
-            self._bin_t, self._bin_lost, self._bin_total = t, 0.0, 0.0
+        if self._win is not None and t >= self._win[0]:
+            self._win_lost += lost
+            self._win_total += total
+            if t >= self._win[1]:
+                if self._win_total >= SAMPLE_MIN_BYTES:
+                    self._samples.append(self._win_lost / self._win_total)
+                self._win = None
 
     def _on_delivery(self, t: float, dt: float, delivered: float) -> None:
         if dt <= 0:
             return
         span = max(dt, 0.5 * (self._interval or dt))
-        sample = delivered / span / (1.0 - self._loss_base())
-        self._bw.append((t, sample))
+        self._bw.append((t, delivered / span))
         horizon = t - BW_WINDOW_ROUNDS * self._round()
         while len(self._bw) > 1 and self._bw[0][0] < horizon:
             self._bw.popleft()
 
     def _adapt(self, t: float, dt: float, sent: float) -> None:
         rnd = self._round()
+        if self._low_end:
+            if t < self._low_end:
+                return  # in the low phase: hold
+            self.rate = min(max(self._low_base, self.floor), self.cap)
+            self._low_end = 0.0
+        span = max(LOW_TIME, 2 * rnd)
+        if self._win is None and self.loss is not None and self.loss > LOSS_SEEN:
+            if self._low_next is None:
+                self._low_next = t + FIRST_LOW
+            elif t >= self._low_next:
+                self._low_base = self.rate
+                self.rate = max(self.floor, self.rate * LOW_GAIN)
+                self._low_end = t + span
+                self._experiment(t, span)
+                self._low_next = t + LOW_PERIOD
+                self._counts["low_phases"] += 1
+                return
         target = min(max(QDELAY_FRAC * (self.min_rtt or 0.0), QDELAY_MIN), QDELAY_MAX)
         delay_cong = self.min_rtt is not None and self.qdelay > target
         base = self._loss_base()
-        loss_cong = self.loss is not None and self.loss > LOSS_MULT * base + LOSS_MARGIN
+        loss_cong = (self.loss is not None and self.loss > LOSS_MULT * base + LOSS_MARGIN
+                     and self._win is None)  # not while an experiment is being measured
         if delay_cong or loss_cong:
             if t < self._next_backoff:
                 return
-            if (delay_cong and not loss_cong and self._last_backoff_delay
-                    and self.qdelay < self._last_backoff_q and t - self._last_backoff_t < 4 * rnd):
-                return  # the queue is draining after the last backoff: give it time
+            if delay_cong and not loss_cong and self.qdelay < self._q_prev:
+                return  # the queue is draining (after the last backoff): give it time
             bw = self._bw_est()
             new = min(self.rate * BETA, bw * DRAIN_GAIN) if bw > 0 else self.rate * BETA
             new = max(new, self.rate * MAX_CUT, self.floor)
@@ -290,11 +322,10 @@ class RateController:
             self.rate = min(new, self.cap)
             self._inc = INC_MIN
             self._next_backoff = t + rnd + (self._interval or 0.0)
-            self._last_backoff_t = t
-            self._last_backoff_q = self.qdelay
-            self._last_backoff_delay = delay_cong
             self._counts["backoffs"] += 1
             self._counts["backoffs_delay" if delay_cong else "backoffs_loss"] += 1
+            if loss_cong and self._win is None:
+                self._experiment(t, span)  # did the loss fall? (if not, it was not ours)
             return
         if self.min_rtt is not None and self.qdelay > 0.5 * target:
             return  # some queue: hold
@@ -306,7 +337,7 @@ class RateController:
         else:
             self._inc = INC_MIN
         new = self.rate * (1.0 + self._inc * frac)
-        ceiling = self._bw_est() * PROBE_CEILING
+        ceiling = self._bw_est() / (1.0 - base) * PROBE_CEILING  # random loss does not hold the probe down
         if new > ceiling:
             new = max(self.rate, ceiling)
         self.rate = min(max(new, self.floor), self.cap)

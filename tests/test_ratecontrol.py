@@ -61,7 +61,7 @@ class SimResult:
 
 
 def simulate(*, B, Q, rtt=0.01, p=0.0, duration=10.0, cap=CAP, start=None, seed=1,
-             report_every=REPORT, gap=None, B_at=None) -> SimResult:
+             report_every=REPORT, gap=None, B_at=None, pkt=PKT) -> SimResult:
     """Run the controller against the link; B_at(t) overrides B; gap=(t0, t1) drops every report
     the receiver would send in [t0, t1)."""
     rng = random.Random(seed)
@@ -75,7 +75,7 @@ def simulate(*, B, Q, rtt=0.01, p=0.0, duration=10.0, cap=CAP, start=None, seed=
     t = 0.0
     while t < duration:
         # the receiver's reports due before the sender's next send
-        t_send = ctl.next_time(PKT, t)
+        t_send = ctl.next_time(pkt, t)
         while next_report <= t_send + rtt / 2 and next_report < duration:
             delivered = lost = 0
             last_rtt = None
@@ -100,24 +100,24 @@ def simulate(*, B, Q, rtt=0.01, p=0.0, duration=10.0, cap=CAP, start=None, seed=
         t = t_send
         if t >= duration:
             break
-        ctl.sent(PKT, t)
-        sent_since += PKT
+        ctl.sent(pkt, t)
+        sent_since += pkt
         res.sent += 1
         b = B_at(t) if B_at else B
         if rng.random() < p:
             res.random_drops += 1
-            fates.append((t + rtt / 2 + max(0.0, busy_until - t), PKT, True, None))
+            fates.append((t + rtt / 2 + max(0.0, busy_until - t), pkt, True, None))
             continue
         backlog = max(0.0, busy_until - t) * b
-        if backlog + PKT > Q:
+        if backlog + pkt > Q:
             res.queue_drops.append(t)
-            fates.append((t + rtt / 2 + max(0.0, busy_until - t), PKT, True, None))
+            fates.append((t + rtt / 2 + max(0.0, busy_until - t), pkt, True, None))
             continue
         res.qdelays.append((t, max(0.0, busy_until - t)))
-        busy_until = max(busy_until, t) + PKT / b
+        busy_until = max(busy_until, t) + pkt / b
         arrive = busy_until + rtt / 2
-        res.delivered.append((arrive, PKT))
-        fates.append((arrive, PKT, False, arrive - t + rtt / 2))
+        res.delivered.append((arrive, pkt))
+        fates.append((arrive, pkt, False, arrive - t + rtt / 2))
     return res
 
 
@@ -152,13 +152,15 @@ def test_starts_at_start_and_never_exceeds_cap():
 @pytest.mark.parametrize("B,rtt,p", [(CAP / 2, 0.01, 0.0), (CAP / 4, 0.01, 0.0), (CAP / 2, 0.05, 0.0),
                                      (CAP / 2, 0.01, 0.05), (CAP / 10, 0.002, 0.0)])
 def test_congestion_converges_below_bottleneck(B, rtt, p):
-    Q = int(B * 0.1)  # a 100 ms buffer
+    Q = int(B * 0.25)  # a 250 ms buffer: the queueing delay is bounded by the controller, not by drops
     res = simulate(B=B, Q=Q, rtt=rtt, p=p, duration=10.0)
     # converged within 2 s, and stays within 0.7..1.0 x B
     for t0 in range(2, 10):
         assert 0.7 * B <= res.mean_rate(t0, t0 + 1) <= 1.0 * B, t0
-    assert res.max_qdelay(2, 10) <= 0.05
-    assert res.drop_frac(2, 10) <= 0.01
+    target = min(max(0.5 * rtt, 0.005), 0.05)  # the controller's queueing-delay target
+    assert res.mean_qdelay(2, 10) <= target
+    assert res.max_qdelay(2, 10) <= 0.1
+    assert res.drop_frac(2, 10) == 0
     assert res.goodput(2, 10) >= 0.7 * (1 - p) * B
 
 
@@ -241,9 +243,13 @@ def test_garbage_feedback_keeps_rate_in_bounds():
 
 
 def test_huge_loss_and_delay_stop_at_floor():
-    ctl = RateController(CAP, floor=2e6)
+    ctl = RateController(CAP, floor=2e6)  # all lost
     for i in range(1, 500):
-        ctl.feedback(i * REPORT, sent_bytes=1e6, delivered_bytes=1, lost_bytes=1e300, rtt=0.01 + i)
+        ctl.feedback(i * REPORT, sent_bytes=1e6, delivered_bytes=1, lost_bytes=1e300, rtt=0.01)
+    assert ctl.rate == 2e6
+    ctl = RateController(CAP, floor=2e6)  # an ever-growing queue
+    for i in range(1, 500):
+        ctl.feedback(i * REPORT, sent_bytes=1e6, delivered_bytes=1e5, lost_bytes=0, rtt=0.01 + 0.002 * i)
     assert ctl.rate == 2e6
 
 
