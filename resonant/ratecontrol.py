@@ -42,7 +42,8 @@ LOSS_BASE_MAX = 0.25          # the baseline never exceeds this: more loss than 
 LOW_GAIN = 0.75               # while there is loss to explain, every LOW_PERIOD s the rate dips to LOW_GAIN x rate
 LOW_PERIOD = 2.0              # for max(LOW_TIME, 2 rounds) (BBR's drain phase); the loss seen one lag later
 LOW_TIME = 0.1                # (and after each loss backoff) is a baseline sample: loss that does not fall
-SAMPLE_MIN_BYTES = 4 << 20    # when we send less is not ours. A sample needs this many bytes (64 frames)
+LOW_TIME_MAX = 1.0            # when we send less is not ours. A sample needs SAMPLE_MIN_BYTES (32 frames);
+SAMPLE_MIN_BYTES = 2 << 20    # at low rates the phase lasts longer (up to LOW_TIME_MAX) and comes less often
 FIRST_LOW = 0.25              # s: the first low phase comes this long after loss is first seen
 LOSS_SEEN = 0.005             # smoothed loss above this is "loss to explain"
 LOSS_TAU = 0.25               # s: time constant of the smoothed loss fraction
@@ -293,7 +294,8 @@ class RateController:
                 return  # in the low phase: hold
             self.rate = min(max(self._low_base, self.floor), self.cap)
             self._low_end = 0.0
-        span = max(LOW_TIME, 2 * rnd)
+        # an experiment lasts long enough for SAMPLE_MIN_BYTES (at most LOW_TIME_MAX)
+        span = min(LOW_TIME_MAX, max(LOW_TIME, 2 * rnd, SAMPLE_MIN_BYTES / (self.rate * LOW_GAIN)))
         if self._win is None and self.loss is not None and self.loss > LOSS_SEEN:
             if self._low_next is None:
                 self._low_next = t + FIRST_LOW
@@ -302,7 +304,7 @@ class RateController:
                 self.rate = max(self.floor, self.rate * LOW_GAIN)
                 self._low_end = t + span
                 self._experiment(t, span)
-                self._low_next = t + LOW_PERIOD
+                self._low_next = t + max(LOW_PERIOD, LOW_PERIOD / LOW_TIME * span)  # costs <= 1.25 %
                 self._counts["low_phases"] += 1
                 return
         target = min(max(QDELAY_FRAC * (self.min_rtt or 0.0), QDELAY_MIN), QDELAY_MAX)
