@@ -166,6 +166,8 @@ class RateController:
         t = _time(now)
         if t is not None:
             self._refill(t)
+        # the debt is at most this send plus one bucket (a caller that ignored next_time is not
+        # made to wait for ever)
         self._tokens = max(self._tokens - n, -float(self.burst_bytes) - n)
         self._sent_since_report += n
 
@@ -189,6 +191,7 @@ class RateController:
         if now - max(self._t_report, self._stale_mark) > stale:
             self._stale_mark = now
             self.rate = max(self.floor, self.rate * 0.5)
+            self._low_base = max(self.floor, self._low_base * 0.5)  # a low phase ends no higher
             self._counts["stale_halvings"] += 1
 
     # --- feedback ---

@@ -290,3 +290,61 @@ def test_paced_sender_gets_rate():
         ctl.sent(1200, t)
         sent += 1200
     assert sent / 10.0 == pytest.approx(1e6, rel=0.01)
+
+
+# --- the table in specs/vstream_rate_control.md: `python3 tests/test_ratecontrol.py` ---
+
+TABLE = [  # (scenario, simulate() arguments, reference rate)
+    ("B = 2 cap, no loss", dict(B=2 * CAP, Q=4 << 20), CAP),
+    ("B = 2 cap, p = 1 %", dict(B=2 * CAP, Q=4 << 20, p=0.01), CAP),
+    ("B = 2 cap, p = 5 %", dict(B=2 * CAP, Q=4 << 20, p=0.05), CAP),
+    ("B = 2 cap, p = 20 %", dict(B=2 * CAP, Q=4 << 20, p=0.2), CAP),
+    ("B = 2 cap, p = 5 %, 64 KiB packets", dict(B=2 * CAP, Q=4 << 20, p=0.05, pkt=65536), CAP),
+    ("B = 2 cap, p = 20 %, 64 KiB packets", dict(B=2 * CAP, Q=4 << 20, p=0.2, pkt=65536), CAP),
+    ("B = cap/2", dict(B=CAP / 2, Q=int(CAP / 2 * 0.25)), CAP / 2),
+    ("B = cap/4", dict(B=CAP / 4, Q=int(CAP / 4 * 0.25)), CAP / 4),
+    ("B = cap/10, RTT 2 ms", dict(B=CAP / 10, Q=int(CAP / 10 * 0.25), rtt=0.002), CAP / 10),
+    ("B = cap/2, RTT 50 ms", dict(B=CAP / 2, Q=int(CAP / 2 * 0.25), rtt=0.05), CAP / 2),
+    ("B = cap/2, RTT 100 ms", dict(B=CAP / 2, Q=int(CAP / 2 * 0.25), rtt=0.1), CAP / 2),
+    ("B = cap/2, p = 5 %", dict(B=CAP / 2, Q=int(CAP / 2 * 0.25), p=0.05), CAP / 2),
+    ("B = cap/2, p = 20 %", dict(B=CAP / 2, Q=int(CAP / 2 * 0.25), p=0.2), CAP / 2),
+    ("B = cap/2, shallow Q (8 packets, 2.6 ms)", dict(B=CAP / 2, Q=8 * PKT), CAP / 2),
+    ("B = cap/2, shallow Q, p = 5 %", dict(B=CAP / 2, Q=8 * PKT, p=0.05), CAP / 2),
+    ("B = cap/1.5, shallow Q, p = 20 %", dict(B=CAP / 1.5, Q=8 * PKT, p=0.2), CAP / 1.5),
+    ("B = cap/2, report every 100 ms", dict(B=CAP / 2, Q=int(CAP / 2 * 0.25), report_every=0.1), CAP / 2),
+]
+
+
+def print_table():
+    print("| scenario | mean rate / ref | 1-s means / ref | goodput / best | queue delay mean / max"
+          " | queue drops | backoffs delay / loss |")
+    print("|---|---|---|---|---|---|---|")
+    for name, kw, ref in TABLE:
+        r = simulate(duration=10.0, **kw)
+        p = kw.get("p", 0.0)
+        means = [r.mean_rate(i, i + 1) / ref for i in range(2, 10)]
+        s = r.ctl.stats
+        print(f"| {name} | {r.mean_rate(2, 10) / ref:.3f} | {min(means):.2f}..{max(means):.2f}"
+              f" | {r.goodput(2, 10) / min(kw['B'], (1 - p) * kw.get('cap', CAP)):.3f} | {r.mean_qdelay(2, 10) * 1e3:.1f} /"
+              f" {r.max_qdelay(2, 10) * 1e3:.1f} ms | {r.drop_frac(2, 10):.2%} | {s['backoffs_delay']} /"
+              f" {s['backoffs_loss']} |")
+    r = simulate(B=None, B_at=lambda t: CAP / 4 if t < 5 else CAP / 2 if t < 10 else 2 * CAP, Q=2 << 20,
+                 duration=15.0)
+    ups = []
+    for t0, level in ((5.0, CAP / 2), (10.0, CAP)):
+        ups.append(next((t - t0 for t, x in zip(r.times, r.rates) if t >= t0 and x >= 0.9 * level), None))
+    print(f"\nB steps cap/4 -> cap/2 (t = 5 s) -> 2 cap (t = 10 s): 0.9 x the new B (or cap) reached after "
+          f"{ups[0]:.2f} s and {ups[1]:.2f} s; means 3-5 s {r.mean_rate(3, 5) / (CAP / 4):.3f} x B, "
+          f"7-10 s {r.mean_rate(7, 10) / (CAP / 2):.3f} x B, 12-15 s {r.mean_rate(12, 15) / CAP:.3f} x cap")
+    r = simulate(B=None, B_at=lambda t: CAP if t < 4 else CAP / 4, Q=2 << 20, duration=8.0)
+    down = next((t - 4.0 for t, x in zip(r.times, r.rates) if t >= 4.0 and x <= CAP / 4), None)
+    print(f"B drops cap -> cap/4 (t = 4 s): rate <= B after {down:.2f} s; max queue delay after "
+          f"{r.max_qdelay(4, 8) * 1e3:.1f} ms")
+    for B in (CAP / 2, CAP / 10):
+        r = simulate(B=B, Q=int(B * 0.25), duration=4.0)
+        first = next(t for t, x in zip(r.times, r.rates) if x <= B)
+        print(f"start at cap with B = cap/{CAP / B:.0f}: rate <= B after {first:.2f} s")
+
+
+if __name__ == "__main__":
+    print_table()
