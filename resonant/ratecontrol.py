@@ -124,7 +124,7 @@ class RateController:
         # experiments: a low phase (a dip to LOW_GAIN x rate) or a loss backoff, measured by the
         # reports that arrive in a window one lag later
         self._low_next: float | None = None   # when the next low phase may start
-        self._low_end = 0.0                   # the low phase lasts until then (0: none)
+        self._low_end: float | None = None    # the low phase lasts until then
         self._low_base = 0.0                  # the rate to return to
         self._win: tuple[float, float] | None = None  # reports in [a, b) measure the experiment
         self._win_lost = 0.0
@@ -292,11 +292,11 @@ class RateController:
 
     def _adapt(self, t: float, dt: float, sent: float) -> None:
         rnd = self._round()
-        if self._low_end:
+        if self._low_end is not None:
             if t < self._low_end:
                 return  # in the low phase: hold
             self.rate = min(max(self._low_base, self.floor), self.cap)
-            self._low_end = 0.0
+            self._low_end = None
         # an experiment lasts long enough for SAMPLE_MIN_BYTES (at most LOW_TIME_MAX)
         span = min(LOW_TIME_MAX, max(LOW_TIME, 2 * rnd, SAMPLE_MIN_BYTES / (self.rate * LOW_GAIN)))
         if self._win is None and self.loss is not None and self.loss > LOSS_SEEN:
