@@ -336,7 +336,7 @@ class RateController:
             return  # some queue: hold
         if sent < APP_LIMITED * self.rate * dt:
             return  # app-limited: the reports say nothing about a higher rate
-        frac = dt / rnd
+        frac = min(1.0, dt / rnd)  # one report is at most one round's step (a gap is not credit)
         if self.rate >= self._w_max:
             self._inc = min(INC_MAX, self._inc * 2.0 ** frac)
         else:

@@ -219,6 +219,24 @@ def test_gap_then_report_does_not_raise_rate():
     assert ctl.rate <= r
 
 
+def test_report_after_a_gap_while_sending_does_not_raise_rate():
+    ctl = RateController(CAP, start=CAP / 2)
+    t = 0.0
+    for i in range(1, 20):
+        t = i * REPORT
+        ctl.sent(int(CAP / 2 * REPORT), t)
+        ctl.feedback(t, sent_bytes=CAP / 2 * REPORT, delivered_bytes=CAP / 2 * REPORT, lost_bytes=0, rtt=0.01)
+    r = ctl.rate
+    # the sender went on sending at its rate; the receiver's reports for 0.9 s were lost
+    for i in range(1, 46):
+        ctl.sent(int(r * REPORT), t + i * REPORT)
+    t += 0.9
+    assert ctl.rate <= r
+    # the next report covers the whole gap: at most one round's step, within 1.25 x what was delivered
+    ctl.feedback(t, sent_bytes=r * 0.9, delivered_bytes=r * 0.9, lost_bytes=0, rtt=0.01)
+    assert ctl.rate <= r * 1.25
+
+
 GARBAGE = [-1, -1e300, float("nan"), float("inf"), float("-inf"), 1e300, 10 ** 400, None, "x", 0]
 
 
