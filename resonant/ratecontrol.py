@@ -46,6 +46,8 @@ LOW_TIME_MAX = 1.0            # when we send less is not ours. A sample needs SA
 SAMPLE_MIN_BYTES = 2 << 20    # at low rates the phase lasts longer (up to LOW_TIME_MAX) and comes less often
 FIRST_LOW = 0.25              # s: the first low phase comes this long after loss is first seen
 LOSS_SEEN = 0.005             # smoothed loss above this is "loss to explain"
+DIP_MARGIN = 0.1              # a dip that cut the sending to LOW_GAIN x but the delivery by less (above
+DIP_SENT_MARGIN = 0.05        # LOW_GAIN + DIP_MARGIN) shows we were overrunning the path: back off
 LOSS_TAU = 0.25               # s: time constant of the smoothed loss fraction
 BASE_SAMPLES = 5              # the loss baseline is the median of the last BASE_SAMPLES experiment samples
 BW_WINDOW_ROUNDS = 4          # the delivery estimate is the max of the samples of the last rounds
@@ -129,8 +131,16 @@ class RateController:
         self._win: tuple[float, float] | None = None  # reports in [a, b) measure the experiment
         self._win_lost = 0.0
         self._win_total = 0.0
+        self._win_delivered = 0.0
+        self._win_dt = 0.0
+        self._dip: tuple[float, float] | None = None  # (delivery, sending rate) before a low phase
+        self._dip_sent = 0.0                  # sent while in the low phase, and over what time
+        self._dip_dt = 0.0
+        self._overrun: float | None = None    # a dip's verdict: the delivery rate we overran
+        self._dr: float | None = None         # smoothed delivery and sending rates
+        self._sr: float | None = None
         self._counts = {"reports": 0, "ignored_reports": 0, "backoffs": 0, "backoffs_delay": 0,
-                        "backoffs_loss": 0, "stale_halvings": 0, "low_phases": 0}
+                        "backoffs_loss": 0, "backoffs_dip": 0, "stale_halvings": 0, "low_phases": 0}
 
     @staticmethod
     def _arg(name: str, v: object) -> float:
@@ -210,10 +220,35 @@ class RateController:
             base = self.loss or 0.0
         return min(base, LOSS_BASE_MAX)
 
-    def _experiment(self, t: float, span: float) -> None:
+    def _experiment(self, t: float, span: float, dip: bool) -> None:
         lag = (self.srtt or 0.0) + (self._interval or 0.0)
         self._win = (t + lag, t + lag + span)
-        self._win_lost = self._win_total = 0.0
+        self._win_lost = self._win_total = self._win_delivered = self._win_dt = 0.0
+        self._dip = (self._dr, self._sr) if dip and self._dr and self._sr else None
+        self._dip_sent = self._dip_dt = 0.0
+
+    def _on_window(self, t: float, dt: float, delivered: float, lost: float, sent: float) -> None:
+        """Measure an experiment: its loss (a baseline sample) and, for a dip, its delivery."""
+        if self._low_end is not None and t <= self._low_end:
+            self._dip_sent += sent
+            self._dip_dt += dt
+        if self._win is None or t < self._win[0]:
+            return
+        self._win_lost += lost
+        self._win_total += delivered + lost
+        self._win_delivered += delivered
+        self._win_dt += dt
+        if t < self._win[1]:
+            return
+        if self._win_total >= SAMPLE_MIN_BYTES:
+            self._samples.append(self._win_lost / self._win_total)
+            if self._dip is not None and self._win_dt > 0 and self._dip_dt > 0:
+                d_before, s_before = self._dip
+                cut = self._dip_sent / self._dip_dt <= (LOW_GAIN + DIP_SENT_MARGIN) * s_before
+                if cut and self._win_delivered / self._win_dt > (LOW_GAIN + DIP_MARGIN) * d_before:
+                    self._overrun = d_before
+        self._win = None
+        self._dip = None
 
     def _bw_est(self) -> float:
         """The delivery rate: the max of the last rounds' samples (BBR's bottleneck estimate)."""
@@ -247,6 +282,10 @@ class RateController:
         self._on_delivery(t, dt, delivered)
         if dt <= 0:
             return
+        g = min(1.0, dt / LOSS_TAU)
+        self._dr = delivered / dt if self._dr is None else self._dr + g * (delivered / dt - self._dr)
+        self._sr = sent / dt if self._sr is None else self._sr + g * (sent / dt - self._sr)
+        self._on_window(t, dt, delivered, lost, sent)
         self._adapt(t, dt, sent)
 
     def _on_rtt(self, t: float, rtt: object) -> None:
@@ -273,13 +312,6 @@ class RateController:
         else:
             g = min(1.0, dt / LOSS_TAU) if dt > 0 else 0.0
             self.loss += g * (frac - self.loss)
-        if self._win is not None and t >= self._win[0]:
-            self._win_lost += lost
-            self._win_total += total
-            if t >= self._win[1]:
-                if self._win_total >= SAMPLE_MIN_BYTES:
-                    self._samples.append(self._win_lost / self._win_total)
-                self._win = None
 
     def _on_delivery(self, t: float, dt: float, delivered: float) -> None:
         if dt <= 0:
@@ -306,7 +338,7 @@ class RateController:
                 self._low_base = self.rate
                 self.rate = max(self.floor, self.rate * LOW_GAIN)
                 self._low_end = t + span
-                self._experiment(t, span)
+                self._experiment(t, span, dip=True)
                 self._low_next = t + max(LOW_PERIOD, LOW_PERIOD / LOW_TIME * span)  # costs <= 1.25 %
                 self._counts["low_phases"] += 1
                 return
@@ -315,12 +347,13 @@ class RateController:
         base = self._loss_base()
         loss_cong = (self.loss is not None and self.loss > LOSS_MULT * base + LOSS_MARGIN
                      and self._win is None)  # not while an experiment is being measured
-        if delay_cong or loss_cong:
+        overrun = self._overrun
+        if delay_cong or loss_cong or overrun:
             if t < self._next_backoff:
                 return
             if delay_cong and not loss_cong and self.qdelay < self._q_prev:
                 return  # the queue is draining (after the last backoff): give it time
-            bw = self._bw_est()
+            bw = min(self._bw_est(), overrun) if overrun else self._bw_est()
             new = min(self.rate * BETA, bw * DRAIN_GAIN) if bw > 0 else self.rate * BETA
             new = max(new, self.rate * MAX_CUT, self.floor)
             self._w_max = self.rate
@@ -328,9 +361,10 @@ class RateController:
             self._inc = INC_MIN
             self._next_backoff = t + rnd + (self._interval or 0.0)
             self._counts["backoffs"] += 1
-            self._counts["backoffs_delay" if delay_cong else "backoffs_loss"] += 1
+            self._counts["backoffs_delay" if delay_cong else "backoffs_loss" if loss_cong else "backoffs_dip"] += 1
+            self._overrun = None
             if loss_cong and self._win is None:
-                self._experiment(t, span)  # did the loss fall? (if not, it was not ours)
+                self._experiment(t, span, dip=False)  # did the loss fall? (if not, it was not ours)
             return
         if self.min_rtt is not None and self.qdelay > 0.5 * target:
             return  # some queue: hold

@@ -335,7 +335,7 @@ TABLE = [  # (scenario, simulate() arguments, reference rate)
 
 def print_table():
     print("| scenario | mean rate / ref | 1-s means / ref | goodput / best | queue delay mean / max"
-          " | queue drops | backoffs delay / loss |")
+          " | queue drops | backoffs delay / loss / dip |")
     print("|---|---|---|---|---|---|---|")
     for name, kw, ref in TABLE:
         r = simulate(duration=10.0, **kw)
@@ -345,7 +345,7 @@ def print_table():
         print(f"| {name} | {r.mean_rate(2, 10) / ref:.3f} | {min(means):.2f}..{max(means):.2f}"
               f" | {r.goodput(2, 10) / min(kw['B'], (1 - p) * kw.get('cap', CAP)):.3f} | {r.mean_qdelay(2, 10) * 1e3:.1f} /"
               f" {r.max_qdelay(2, 10) * 1e3:.1f} ms | {r.drop_frac(2, 10):.2%} | {s['backoffs_delay']} /"
-              f" {s['backoffs_loss']} |")
+              f" {s['backoffs_loss']} / {s['backoffs_dip']} |")
     r = simulate(B=None, B_at=lambda t: CAP / 4 if t < 5 else CAP / 2 if t < 10 else 2 * CAP, Q=2 << 20,
                  duration=15.0)
     ups = []
