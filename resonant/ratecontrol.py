@@ -8,6 +8,9 @@ receiver's reports (bytes delivered / lost since the previous report, an RTT sam
   non-congestion loss is learned, not punished);
 - on congestion the rate drops to just under the measured delivery rate (BBR's bottleneck
   estimate: a windowed max of delivery-rate samples), at least by BETA and at most by half;
+- while there is loss to explain, the rate dips to LOW_GAIN x every LOW_PERIOD (BBR's drain
+  phase): the loss seen then is a baseline sample, and a delivery rate that did not fall with
+  the sending shows an overrun (a backoff);
 - otherwise it probes upward: slowly near the rate of the last backoff, doubling its step each
   round beyond it (a rise of the bottleneck is found in a few rounds), never above
   PROBE_CEILING x the delivery estimate, never above `cap`.

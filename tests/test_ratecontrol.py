@@ -172,6 +172,16 @@ def test_congestion_shallow_buffer_bounded_drops():
     assert res.goodput(2, 10) >= 0.7 * B
 
 
+def test_shallow_buffer_heavy_random_loss_overrun_found_by_the_dip():
+    # 20 % random loss ahead of a shallow queue: the loss threshold (1.5 x 20 % + 3 %) alone would
+    # let the sender sit at cap with ~16 % queue drops; the low phase's delivery test finds it
+    B = CAP / 1.5
+    res = simulate(B=B, Q=8 * PKT, p=0.2, duration=10.0)
+    assert res.ctl.stats["backoffs_dip"] >= 1
+    assert res.drop_frac(2, 10) <= 0.12
+    assert res.goodput(2, 10) >= 0.85 * B
+
+
 def test_probes_upward_when_bottleneck_rises():
     def B_at(t):
         return CAP / 4 if t < 5 else CAP / 2 if t < 10 else 2 * CAP
