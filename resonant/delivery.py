@@ -93,6 +93,7 @@ class Delivery:
         self.reports = 0
         self.held = False                     # the receiver verified it; its application holds the verdict
         self._unreported = None               # an end poll() came to, for tick() to report
+        self._probe = 2 * REPORT_INTERVAL     # the wait before TAIL goes again once a report showed it arrived
 
     # -------------------------------------------------------------- state
 
@@ -127,9 +128,14 @@ class Delivery:
             return True
         if self._resend or self._next_new < self.chunks:
             return True
-        if self._tail_at is None or not self._tail_seen and now - self._tail_at >= self._rto():
+        if self._tail_at is None or now - self._tail_at >= self._tail_wait():
             return True
         return False
+
+    def _tail_wait(self) -> float:
+        """How long after TAIL it goes again: a round trip while no report showed it arrived; once
+        one did, as a probe for a verdict that may have been lost, less and less often."""
+        return self._rto() if not self._tail_seen else self._probe
 
     def next_time(self, now: float) -> float:
         """When poll() may give frames again: now when some are due (or when pacing lets them go);
@@ -141,8 +147,8 @@ class Delivery:
         t = now + REPORT_INTERVAL
         if self._head_at is not None and not self._open:
             t = min(t, self._head_at + self._rto())
-        if self._tail_at is not None and not self._tail_seen:
-            t = min(t, self._tail_at + self._rto())
+        if self._tail_at is not None:
+            t = min(t, self._tail_at + self._tail_wait())
         return t
 
     def poll(self, now: float, max_frames: int = 64) -> list[bytes]:
@@ -190,7 +196,9 @@ class Delivery:
             self._mark(self._next_new, now)
             self._next_new += 1
         if self._next_new >= self.chunks and budget > 0 and len(out) < max_frames:
-            if self._tail_at is None or (not self._tail_seen and now - self._tail_at >= rto):
+            if self._tail_at is None or now - self._tail_at >= self._tail_wait():
+                if self._tail_seen:  # (a probe: the receiver answers a TAIL of a finished stream with its verdict)
+                    self._probe = min(2 * self._probe, self.feedback_timeout / 4)
                 if self._tail is None:
                     for _ in self._new or ():  # (finishes the first pass: the stream hash)
                         pass
@@ -223,8 +231,9 @@ class Delivery:
         if doc.get("held"):
             self.held = True
             return []
-        if doc["tail"]:
+        if doc["tail"] and not self._tail_seen:
             self._tail_seen = True
+            self._probe = max(2 * REPORT_INTERVAL, self._rto())
         highest = min(doc["highest"], self.chunks)
         rtt = None
         if highest and self._sent_at[highest - 1]:

@@ -205,6 +205,9 @@ class Reassembler:
         self._verdicts: list[dict] = []       # verdict documents to send
         self._report_now: set[int] = set()    # streams to report at once (opened; TAIL with chunks missing)
         self._held: dict[int, list] = {}      # verified streams whose verdict the application holds: [doc, last report]
+        self._said: dict[int, list] = {}      # closed streams' verdicts, sent again when their frames still come:
+        #                                       [doc, when last sent] (a verdict lost on the way)
+        self.report_interval = 0.02           # (the Session sets it: report_interval_ms)
 
     # -------------------------------------------------------------- state
 
@@ -238,6 +241,8 @@ class Reassembler:
         sid = frame.stream_id
         if sid in self._closed:
             self.dropped_frames += 1  # a late or replayed frame of a finished stream (new streams take new ids)
+            if self.feedback:
+                self._say_again(sid, now)
             return []
         if isinstance(frame, Sync):
             if frame.json is None:  # HEART
@@ -353,6 +358,7 @@ class Reassembler:
                     continue
                 if now - when > lim.idle_timeout:
                     del self._closed[sid]
+                    self._said.pop(sid, None)
                 else:
                     again.append((kind, sid))
         for kind, sid in again:  # moved later since queued (after the loop: a tick pops each once)
@@ -385,11 +391,11 @@ class Reassembler:
         held = self._held.pop(sid, None)
         if held is None:
             return None
-        if ok:
-            return held[0]
         cut = handshake.MAX_STRING_CHARS
-        return {"method": "verdict", "stream_id": sid, "ok": False, "reason": (reason or "refused")[:cut],
-                "detail": detail[:cut]}
+        doc = held[0] if ok else {"method": "verdict", "stream_id": sid, "ok": False,
+                                  "reason": (reason or "refused")[:cut], "detail": detail[:cut]}
+        self._said[sid] = [doc, -math.inf]
+        return doc
 
     def reports(self, now: float, interval: float, quiet: float) -> list[dict]:
         """The report documents due at `now`: a stream that just opened or whose TAIL came with chunks
@@ -448,7 +454,9 @@ class Reassembler:
     def _close(self, sid: int, now: float) -> None:
         self._closed[sid] = now
         while len(self._closed) > 4 * self.limits.max_streams + 1024:  # bounded: forget the oldest
-            del self._closed[next(iter(self._closed))]
+            old = next(iter(self._closed))
+            del self._closed[old]
+            self._said.pop(old, None)
         self._due(_CLOSED, sid)
 
     # -------------------------------------------------------------- deadlines
@@ -676,7 +684,7 @@ class Reassembler:
             if self.hold_verdicts:
                 self._held[sid] = [doc, st.last, st.layout.chunks, st.layout.total_bytes]
             else:
-                self._verdicts.append(doc)
+                self._say(doc)
         events: list = []
         if self.limits.release == "verified":
             events = [ObjectReady(sid, o.index, o.name, o.layer, st.arrays[o.index]) for o in st.layout.objects]
@@ -686,9 +694,27 @@ class Reassembler:
         """A StreamFailed event; with feedback, its verdict is queued for the sender (not when the
         connection closed: nobody would read it)."""
         if self.feedback and reason != "closed":
-            self._verdicts.append({"method": "verdict", "stream_id": sid, "ok": False, "reason": reason,
-                                   "detail": detail[:handshake.MAX_STRING_CHARS]})
+            self._say({"method": "verdict", "stream_id": sid, "ok": False, "reason": reason,
+                       "detail": detail[:handshake.MAX_STRING_CHARS]})
         return StreamFailed(sid, reason, detail, missing or [], more)
+
+    def _say(self, doc: dict) -> None:
+        """Queue a verdict, and remember it while the stream id is remembered as closed."""
+        self._verdicts.append(doc)
+        self._said[doc["stream_id"]] = [doc, -math.inf]
+
+    def _say_again(self, sid: int, now: float) -> None:
+        """A frame of a closed stream came (the sender has not heard the verdict): the verdict again,
+        at most once per report interval; or, while the application holds it, a held report."""
+        said = self._said.get(sid)
+        if said is not None and now - said[1] >= self.report_interval:
+            said[1] = now
+            self._verdicts.append(said[0])
+            return
+        held = self._held.get(sid)
+        if held is not None and now - held[1] >= self.report_interval:
+            held[1] = -math.inf  # the next reports() lists it
+            self._report_now.add(sid)
 
     def _fail(self, sid: int, reason: str, detail: str) -> list:
         st = self._streams.pop(sid, None)

@@ -694,7 +694,7 @@ class Session(SessionCore):
     def _frame(self, data, now: float, copy: bool) -> list:
         if self._keyring is None:
             events = self._frame1(data, now, copy)
-            if self._fb and (events or self.reassembler._report_now):
+            if self._fb and (events or self.reassembler._report_now or self.reassembler._verdicts):
                 self._feedback_out(now, False)
             return events
         self._current = data  # (for the tag that an error about this frame echoes)
@@ -705,7 +705,7 @@ class Session(SessionCore):
         if self._committed is not None:  # this frame proved a pending re-key
             events.insert(0, self._committed)
             self._committed = None
-        if self._fb and (events or self.reassembler._report_now):
+        if self._fb and (events or self.reassembler._report_now or self.reassembler._verdicts):
             self._feedback_out(now, False)
         return events
 
@@ -768,7 +768,7 @@ class Session(SessionCore):
                                       "the control key after the handshake: data must use the session key")]
             else:
                 verdict = replay.check(frame.stream_id, frame.frame_seq)
-                if verdict != "ok":
+                if verdict != "ok" and not self._repair_frame(frame, verdict):
                     return self._refuse_replay(verdict, frame, now)
         if doc is None and isinstance(frame, Sync) and frame.json is not None and _is_json(frame.json.payload):
             # (a Sync whose payload is not JSON at all is no control document: a message, delivered as data)
@@ -859,6 +859,20 @@ class Session(SessionCore):
     def delivery(self, stream_id: int) -> Delivery | None:
         """The Delivery of a stream this side sends with feedback, until its verdict (see resonant.delivery)."""
         return self._deliveries.get(stream_id)
+
+    def _repair_frame(self, frame: Frame, verdict: str) -> bool:
+        """Whether an authenticated frame the replay window refuses is a V-Stream's own repair
+        traffic, taken all the same: a chunk of a stream that is open (resent after the window moved
+        past it, or a duplicate: the Reassembler places each chunk once, and a chunk has no effect
+        outside its stream), or the HEAD of a stream whose frames are held waiting for it (resent
+        after more than the window's worth of chunks arrived). Replays of anything else, and of
+        finished streams, are refused as before."""
+        r = self.reassembler
+        sid = frame.stream_id
+        if isinstance(frame, Chunk):
+            return sid in r._streams
+        return (verdict == "too_old" and isinstance(frame, Sync) and frame.frame_seq == 0 and sid in r._early
+                and sid not in r._streams and sid not in r._closed)
 
     def _strict_layout(self, data) -> bool:
         """Whether a frame must fit its type's layouts to be taken: with strict_layout, and always
@@ -1291,6 +1305,7 @@ class Session(SessionCore):
         self._fb = a.feedback and not a.reference
         r = self.reassembler
         r.feedback, r.hold_verdicts, r.max_frame_bytes = self._fb, self._fb and self.config.hold_verdicts, a.max_frame_bytes
+        r.report_interval = REPORT_INTERVAL
         self._agreed_codes = frozenset(int(DTYPE_OF_WIRE_NAME[d]) for d in a.dtypes)
         # every dtype agreed: nothing to reduce, no check (reference mode: always the Python path, _send_reference)
         self._reduce = len(self._agreed_codes) < len(DTYPE_WIRE_NAMES) or a.reference

@@ -312,3 +312,60 @@ def test_a_report_lists_missing_ranges_in_turn_when_there_are_more_than_fit():
         reports += [r for r in (json.loads(bytes(_codec.decode(f).json.payload)) for f in s.datagrams_to_send())
                     if r["method"] == "report"]
     assert seen == set(range(1, d.chunks, 2))  # every hole named within a few reports
+
+
+def test_a_lost_verdict_is_asked_for_again_and_sent_again():
+    c, s = _pair()
+    sid = c.new_stream_id()
+    x = _rng.standard_normal(50_000).astype(np.float16)
+    c.stream(sid, [x])
+    d = c.delivery(sid)
+    now, lost, out = 0.0, 0, []
+    while not d.done and now < 10:
+        for f in d.poll(now):
+            s.receive_datagram(f, now)
+        s.tick(now)
+        for f in s.datagrams_to_send():
+            doc = json.loads(bytes(_codec.decode(f).json.payload))
+            if doc["method"] == "verdict" and lost < 2:  # the first two verdicts are lost
+                lost += 1
+                continue
+            out += c.receive_datagram(f, now)
+        out += c.tick(now)
+        now += 0.01
+    (res,) = [e for e in out if isinstance(e, (StreamDelivered, StreamUndelivered))]
+    assert isinstance(res, StreamDelivered) and lost == 2
+    assert now < 2.0  # TAIL probes (the receiver answers each with the verdict), well before feedback_timeout
+
+
+@pytest.mark.parametrize("lose_head", [False, True])
+def test_keyed_repair_after_the_replay_window_moved_on(lose_head):
+    # with a key every frame passes the replay window (1,024 positions): chunks resent after TAIL of a
+    # stream of more chunks than that, and a HEAD resent after them, are repair traffic, taken
+    key = resonant_key()
+    c, s = _pair({"key": key, "max_frame_bytes": 1200}, {"key": key, "max_frame_bytes": 1200})
+    sid = c.new_stream_id()
+    x = _rng.standard_normal(1_500_000).astype(np.float16)  # 3 MB: about 2,600 chunks
+    c.stream(sid, [x])
+    d = c.delivery(sid)
+    first = d.poll(0.0, 100_000)
+    dropped = {1, 2, 3} | ({0} if lose_head else set())  # the HEAD and early chunks lost
+    events = []
+    for i, f in enumerate(first):
+        if i not in dropped:
+            events += s.receive_datagram(f, 0.0)
+    net = Net(c, s)
+    net.server_events += events
+    now = 0.01
+    while not d.done and now < 10:
+        net.step(d.poll(now, 256), now)
+        now += 0.01
+    (out,) = net.outcome()
+    assert isinstance(out, StreamDelivered), out
+    (done,) = [e for e in net.server_events if isinstance(e, StreamComplete)]
+    assert done.objects[0].tobytes() == x.tobytes()
+
+
+def resonant_key():
+    from resonant import Key
+    return Key.generate()
