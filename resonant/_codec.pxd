@@ -81,6 +81,8 @@ cdef class ChunkSink:
     cdef public object object_left       # numpy int64, chunks still missing per object
     cdef public object tail              # the TAIL document once it came (None before)
     cdef public int completed            # the object the last fast placement completed, or -1
+    cdef public Py_ssize_t last_chunk    # the chunk the last commit placed, or -1 (forward error correction's cue)
+    cdef public bint fec_watch           # the stream holds parity chunks: place_records stops after each chunk
     cdef unsigned char[::1] _dst
     cdef unsigned char[::1] _bits        # a view of `have` (which it keeps from being resized)
     cdef const int64_t[::1] _first
