@@ -138,11 +138,16 @@ class StreamSender:
 
     def _parity_frames(self, b: int, which: Sequence[int] | None = None) -> list[bytes]:
         """The parity frames of block b (all m, or parity numbers `which`)."""
-        code, lay = self._code, self.layout
+        code, lay, cb, h = self._code, self.layout, self.layout.chunk_bytes, self._header
         js = range(code.m) if which is None else which
-        return [self._encode(Chunk(Slice(I8, (lay.chunk_bytes,), p), frame_seq=_fec.parity_seq(lay.chunks, code.k, code.m, b, j),
-                                   **self._header))
-                for j, p in zip(js, code.encode(self._block_data(b), js))]
+        out = []
+        for j, p in zip(js, code.encode(self._block_data(b), js)):
+            seq = _fec.parity_seq(lay.chunks, code.k, code.m, b, j)
+            if self.codec is None and _FAST:  # as a chunk: straight from the parity into the frame
+                out.append(_codec.encode_chunk(self.stream_id, seq, h["space_hash32"], h["modality"], I8, cb, p, 0, cb))
+            else:
+                out.append(self._encode(Chunk(Slice(I8, (cb,), p), frame_seq=seq, **h)))
+        return out
 
     def parity_frame(self, b: int, j: int) -> bytes:
         """Parity frame j (0..m-1) of block b (0..blocks-1), e.g. to send it again."""

@@ -243,6 +243,7 @@ def test_recovery_through_the_fast_paths(monkeypatch):
     s = StreamSender(6, objs, max_frame_bytes=1100, fec=(4, 1))
     heads, data, parity, tail = _split(list(s), s)
     for records in (False, True):
+        before = _codec.fast_path_hits()
         r = Reassembler()
         deliver(r, heads + [parity[0][0], tail])  # parity of block 0 held; chunk 0 lost
         rest = [data[c] for c in range(1, s.layout.chunks)]
@@ -262,6 +263,9 @@ def test_recovery_through_the_fast_paths(monkeypatch):
         (done,) = of(ev, StreamComplete)
         assert_bit_exact(done.objects[0], objs[0])
         assert r.buffered_bytes == 0
+        if _codec.fast_paths():  # the chunks went the C way (with RESONANT_PURE=1 the general path did it all)
+            name = "place_records" if records else "place_chunk"
+            assert _codec.fast_path_hits()[name] - before[name] == s.layout.chunks - 1
 
 
 def _parity_frame(sid, seq, payload: bytes, dtype=DType.I8):
