@@ -321,3 +321,28 @@ def test_head_in_parts_carries_fec():
     ev = deliver(Reassembler(), heads + body + [tail])
     assert of(ev, StreamStarted)[0].layout.fec == (5, 2)
     assert of(ev, StreamComplete)
+
+
+@pytest.mark.parametrize("codec", ["zstd", "xchacha", "zstd+xchacha"])
+def test_parity_through_a_codec(codec):
+    from resonant import Codec, Key
+    key = Key.generate()
+    send, recv = {"zstd": (Codec(3), Codec(3)), "xchacha": (Codec(key=key), Codec(key=key)),
+                  "zstd+xchacha": (Codec(3, key=key), Codec(key=key))}[codec]
+    objs = _objects(np.random.default_rng(7), [5000, 33], [np.float32, np.int8])
+    s = StreamSender(12, objs, max_frame_bytes=2000, codec=send, fec=(3, 2))
+    frames = list(s)
+    assert all(len(f) <= 2000 for f in frames)
+    lay = s.layout
+    # drop data chunks 0 and 2 of every block (two of its five pieces): by position in the sending order
+    body, pos = [], 0
+    for b in range(fec.blocks(lay.chunks, 3)):
+        n = min(3, lay.chunks - 3 * b)
+        block = frames[1 + pos:1 + pos + n + 2]
+        body += [f for i, f in enumerate(block) if i not in (0, 2)]
+        pos += n + 2
+    r = Reassembler(codec=recv)
+    (done,) = of(deliver(r, [frames[0]] + body[::-1] + [frames[-1]]), StreamComplete)
+    for got, want in zip(done.objects, objs):
+        assert_bit_exact(got, want)
+    assert r.buffered_bytes == 0
