@@ -276,9 +276,9 @@ class Reassembler:
     def chunk_events(self, st: _Stream) -> list:
         """The events of a chunk just committed to st: ObjectReady (unless release="verified"),
         then completion or failure."""
-        block = st.last_chunk // st.code.k if st.fec_watch else -1  # (parity held: its block may be complete now)
-        if st.completed < 0 and st.tail is None and block not in st.parity:
+        if st.completed < 0 and st.tail is None and not st.fec_watch:
             return []
+        block = st.last_chunk // st.code.k if st.fec_watch else -1  # (parity held: its block may be complete now)
         sid = st.stream_id
         events: list = []
         if st.completed >= 0 and self.limits.release == "arrival":
@@ -568,7 +568,8 @@ class Reassembler:
         held = st.parity.get(b)
         if held is not None and j in held:
             return []  # a duplicate
-        return self._fec_block(st, b, (j, s.payload))
+        events = self._fec_block(st, b, (j, s.payload))
+        return events + self._maybe_complete(sid) if st.tail is not None else events
 
     def _fec_block(self, st: _Stream, b: int, new: tuple[int, object] | None) -> list:
         """Block b after a new piece (a parity chunk `new`, (j, payload), or a data chunk just

@@ -170,11 +170,11 @@ def test_round_trip_with_up_to_m_lost_per_block(sizes, dts, k, m, frame, seed, r
         frames = list(s)
     rnd = random.Random(seed)
     heads, body, tail = _lossy(s, frames, rnd)
-    body = body + rnd.sample(body, min(3, len(body)))  # duplicates
+    body = body + rnd.sample(body, min(3, len(body))) + [tail]  # duplicates; TAIL anywhere
     rnd.shuffle(body)
     cut = rnd.randint(0, len(body))  # some before HEAD: held as early frames
     r = Reassembler()
-    events = deliver(r, body[:cut] + heads + body[cut:] + [tail])
+    events = deliver(r, body[:cut] + heads + body[cut:])
     done = of(events, StreamComplete)
     assert done, [e for e in events if isinstance(e, StreamFailed)]
     for got, want in zip(done[0].objects, objs):
@@ -346,3 +346,16 @@ def test_parity_through_a_codec(codec):
     for got, want in zip(done.objects, objs):
         assert_bit_exact(got, want)
     assert r.buffered_bytes == 0
+
+
+def test_parity_after_tail_that_recovers_the_last_chunk_completes_the_stream():
+    objs = _objects(np.random.default_rng(8), [3000], [np.int8])
+    s = StreamSender(13, objs, max_frame_bytes=1100, fec=(3, 1))
+    heads, data, parity, tail = _split(list(s), s)
+    r = Reassembler()
+    ev = deliver(r, heads + [data[c] for c in data if c != 1] + [tail])
+    assert not of(ev, StreamComplete)
+    ev = deliver(r, [parity[0][0]])  # the last piece, after TAIL: chunk 1 recovered, the stream complete
+    (done,) = of(ev, StreamComplete)
+    assert_bit_exact(done.objects[0], objs[0])
+    assert r.buffered_bytes == 0 and 13 not in r
