@@ -116,13 +116,12 @@ class BlockCode:
 
     def _piece(self, buf) -> object:
         """A data chunk as a coding piece: itself (a view, no copy) when chunk_bytes long, else zero-padded."""
-        mv = memoryview(buf).cast("B") if not isinstance(buf, (bytes, bytearray)) else buf
-        n = len(mv)
+        n = buf.nbytes if isinstance(buf, memoryview) else len(memoryview(buf).cast("B"))
         if n == self.chunk_bytes:
-            return mv
+            return buf
         if n > self.chunk_bytes:
             raise ValueError(f"a {n}-byte chunk is longer than chunk_bytes ({self.chunk_bytes})")
-        return bytes(mv) + bytes(self.chunk_bytes - n) if n else self._zero
+        return memoryview(buf).tobytes() + bytes(self.chunk_bytes - n) if n else self._zero
 
     def encode(self, data: Sequence, which: Sequence[int] | None = None) -> list[bytes]:
         """The parity chunks (all m, or those numbered in `which`, 0..m-1) of a block whose data

@@ -129,11 +129,13 @@ class StreamSender:
 
     def _block_data(self, b: int) -> list:
         """Views of the data chunks of block b (no copy)."""
-        k, lay = self._code.k, self.layout
-        out = []
-        for c in range(b * k, min((b + 1) * k, lay.chunks)):
-            obj, start, length = lay.chunk(c)
-            out.append(self._sources[obj.index][start:start + length])
+        k, lay, cb = self._code.k, self.layout, self.layout.chunk_bytes
+        c, end, out = b * k, min((b + 1) * k, lay.chunks), []
+        while c < end:  # one object's run of the block at a time
+            obj, start, _ = lay.chunk(c)
+            src, stop = self._sources[obj.index], min(end, obj.first_chunk + obj.chunks)
+            out += [src[a:a + cb] for a in range(start, start + (stop - c) * cb, cb)]
+            c = stop
         return out
 
     def _parity_frames(self, b: int, which: Sequence[int] | None = None) -> list[bytes]:
