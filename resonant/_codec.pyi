@@ -251,6 +251,8 @@ class ChunkSink:
     last: float
     object_left: Any
     completed: int
+    last_chunk: int  # the chunk the last commit placed, or -1
+    fec_watch: bool  # the stream holds parity chunks: place_records stops after each chunk
     tail: dict[str, Any] | None
     @staticmethod
     def bitmap_bytes(nchunks: int) -> int: ...

@@ -55,6 +55,12 @@ HANDSHAKE_REPLAY_EVICTED_RANGES = 1024
 HANDSHAKE_CONTROL_TAGS_REMEMBERED = 256
 #: A keyed client remembers the authentication tags of the last this many frames it sent under its current session key; a HANDSHAKE_REQUIRED (or another error about a data frame) is acted on only when its tag echoes one of them, otherwise it is stale (see specs/security.md).
 HANDSHAKE_SENT_TAGS_REMEMBERED = 4096
+#: A V-Stream's forward error correction (HEAD's fec) codes blocks of at most this many data chunks (k).
+HANDSHAKE_MAX_FEC_K = 224
+#: A V-Stream's forward error correction adds at most this many parity chunks (m) per block; a receiver holds a block's parity only while the block is incomplete, charged to its limits, and recovering a block takes up to m more chunks of memory for a moment.
+HANDSHAKE_MAX_FEC_M = 64
+#: k + m, the pieces of one forward-error-correction block, is at most 256: the Reed-Solomon code over GF(2^8) (zfec) has no more distinct pieces.
+HANDSHAKE_MAX_FEC_PIECES = 256
 #: A client that allows the reference fallback (no key, not strict) waits this many milliseconds after its first ping for a capability or an error; then it takes the peer for a reference receiver (which reads pings but never answers them) and goes on in reference mode (see Talking to reference peers).
 HANDSHAKE_REFERENCE_FALLBACK_MS = 1000
 #: A report lists at most this many missing chunk ranges (the ranges type); a receiver with more lists those after the ones its previous report listed, in turn, so that every hole is named within a few reports.

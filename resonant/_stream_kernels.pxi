@@ -146,6 +146,8 @@ cdef class ChunkSink:
         self.completed = -1
         self.top = self.skipped = self.have_bytes = 0
         self.top_at = 0.0
+        self.last_chunk = -1
+        self.fec_watch = False
 
     def has(self, Py_ssize_t k):
         """Whether chunk k (0 <= k < chunks) has been received."""
@@ -361,6 +363,7 @@ cdef void _commit_chunk(ChunkSink st, ChunkAt *at, double now):
         st.top_at = now
     st._left[at.o] -= 1
     st.completed = <int>at.o if st._left[at.o] == 0 else -1
+    st.last_chunk = at.k
     st.last = now
     st.progress = now
 
@@ -420,7 +423,8 @@ def place_records(dict streams not None, bytearray buf not None, Py_ssize_t star
     buf[start:end] that are chunks place_chunk takes, placed one after the other. Stops before
     the first record that is incomplete, has a length outside 1..max_frame_bytes, or is not
     such a chunk (the general path takes it from there), and after a chunk that completes an
-    object or comes after its stream's TAIL (so that its events are made at once). Returns
+    object, comes after its stream's TAIL or belongs to a stream holding parity chunks
+    (fec_watch: its block may now be recoverable), so that its events are made at once. Returns
     (position reached, chunks placed, their frame bytes, the sink of the last chunk if it has
     events to make, else None)."""
     cdef unsigned char *b = <unsigned char *>buf
@@ -443,7 +447,7 @@ def place_records(dict streams not None, bytearray buf not None, Py_ssize_t star
         pos += TCP_PREFIX_BYTES + size
         count += 1
         nbytes += size
-        if st.completed >= 0 or st.tail is not None:
+        if st.completed >= 0 or st.tail is not None or st.fec_watch:
             return pos, count, nbytes, st
     return pos, count, nbytes, None
 

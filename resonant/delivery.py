@@ -70,8 +70,9 @@ class Delivery:
         self.result: StreamDelivered | StreamUndelivered | None = None
         self.pacer = RateController(rate) if rate else None
         self._heads = sender.heads()
-        self._new = None                      # the first pass over the chunks (a generator, made at the first poll)
-        self._next_new = 0                    # chunks sent by the first pass
+        self._new = None                      # the first pass: (frame, is a data chunk), made at the first poll
+        self._next_new = 0                    # data chunks sent by the first pass
+        self._first_done = False              # the first pass is over (every chunk, and parity with fec, sent once)
         self._tail: bytes | None = None
         self._sent_at = np.zeros(self.chunks, np.float64)  # when each chunk was last sent (0: never)
         self._sends = np.zeros(self.chunks, np.uint8)      # how often
@@ -116,6 +117,7 @@ class Delivery:
         """A transport that wrote every frame itself (TCP records): nothing is left to send."""
         self.start(now)
         self._next_new = self.chunks
+        self._first_done = True
         self._head_at = self._tail_at = now
 
     # -------------------------------------------------------------- sending (UDP)
@@ -126,7 +128,7 @@ class Delivery:
             return False
         if self._head_at is None or not self._open and now - self._head_at >= self._rto():
             return True
-        if self._resend or self._next_new < self.chunks:
+        if self._resend or not self._first_done:
             return True
         if self._tail_at is None or now - self._tail_at >= self._tail_wait():
             return True
@@ -187,22 +189,25 @@ class Delivery:
                 self._resend.popleft()
             else:
                 self._resend[0] = (k, b)
-        if self._new is None and self._next_new < self.chunks:
-            self._new = self.sender.chunks()
-        while self._next_new < self.chunks and budget > 0 and len(out) < max_frames:
-            frame = next(self._new)
+        if self._new is None and not self._first_done:
+            self._new = self._first_pass()
+        while not self._first_done and budget > 0 and len(out) < max_frames:
+            try:
+                frame, data = next(self._new)
+            except StopIteration:
+                self._first_done = True
+                break
             out.append(frame)
             budget -= len(frame)
-            self._mark(self._next_new, now)
-            self._next_new += 1
-        if self._next_new >= self.chunks and budget > 0 and len(out) < max_frames:
+            if data:
+                self._mark(self._next_new, now)
+                self._next_new += 1
+        if self._first_done and budget > 0 and len(out) < max_frames:
             if self._tail_at is None or now - self._tail_at >= self._tail_wait():
                 if self._tail_seen:  # (a probe: the receiver answers a TAIL of a finished stream with its verdict)
                     self._probe = min(2 * self._probe, self.feedback_timeout / 4)
                 if self._tail is None:
-                    for _ in self._new or ():  # (finishes the first pass: the stream hash)
-                        pass
-                    self._tail = self.sender.tail()
+                    self._tail = self.sender.tail()  # (the first pass fed the stream hash)
                 out.append(self._tail)
                 self._tail_at = now
         n = sum(map(len, out))
@@ -212,6 +217,21 @@ class Delivery:
         if self.pacer is not None and n:
             self.pacer.sent(n, now)
         return out
+
+    def _first_pass(self):
+        """Every frame once, in order, with whether it is a data chunk: the chunks (the stream hash fed as
+        they are made) and, with forward error correction, each block's parity after its last chunk."""
+        code = getattr(self.sender, "_code", None)
+        if code is None:
+            for frame in self.sender.chunks():
+                yield frame, True
+            return
+        k, n = code.k, self.chunks
+        for i, frame in enumerate(self.sender._data_chunks()):
+            yield frame, True
+            if (i + 1) % k == 0 or i + 1 == n:
+                for parity in self.sender._parity_frames(i // k):
+                    yield parity, False
 
     def _mark(self, k: int, now: float) -> None:
         self._sent_at[k] = now
@@ -264,7 +284,7 @@ class Delivery:
             return []
         if doc["ok"]:
             got = doc.get("xxh3_64")
-            want = self.sender.digest()[0] if self._next_new >= self.chunks else None
+            want = self.sender.digest()[0] if self._first_done else None
             if want is not None and got == f"{want:016x}" and doc.get("bytes", self.total_bytes) == self.total_bytes:
                 event = StreamDelivered(self.stream_id, want, self.total_bytes,
                                         now - self.started if self.started is not None else 0.0,
@@ -288,7 +308,7 @@ class Delivery:
         if self.result is not None or self._heard is None:
             return []
         if now - self._heard > self.feedback_timeout:
-            what = "a verdict" if self._next_new >= self.chunks else "a report"
+            what = "a verdict" if self._first_done else "a report"
             return self._finish(StreamUndelivered(self.stream_id, "no_feedback", f"nothing from the receiver for "
                                                   f"{now - self._heard:.1f} s (feedback_timeout {self.feedback_timeout} "
                                                   f"s) while waiting for {what}: it is gone or unreachable"), now)

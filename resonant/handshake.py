@@ -32,6 +32,12 @@ REPLAY_EVICTED_RANGES = 1024
 CONTROL_TAGS_REMEMBERED = 256
 #: A keyed client remembers the authentication tags of the last this many frames it sent under its current session key; a HANDSHAKE_REQUIRED (or another error about a data frame) is acted on only when its tag echoes one of them, otherwise it is stale (see specs/security.md).
 SENT_TAGS_REMEMBERED = 4096
+#: A V-Stream's forward error correction (HEAD's fec) codes blocks of at most this many data chunks (k).
+MAX_FEC_K = 224
+#: A V-Stream's forward error correction adds at most this many parity chunks (m) per block; a receiver holds a block's parity only while the block is incomplete, charged to its limits, and recovering a block takes up to m more chunks of memory for a moment.
+MAX_FEC_M = 64
+#: k + m, the pieces of one forward-error-correction block, is at most 256: the Reed-Solomon code over GF(2^8) (zfec) has no more distinct pieces.
+MAX_FEC_PIECES = 256
 #: A client that allows the reference fallback (no key, not strict) waits this many milliseconds after its first ping for a capability or an error; then it takes the peer for a reference receiver (which reads pings but never answers them) and goes on in reference mode (see Talking to reference peers).
 REFERENCE_FALLBACK_MS = 1000
 #: A report lists at most this many missing chunk ranges (the ranges type); a receiver with more lists those after the ones its previous report listed, in turn, so that every hole is named within a few reports.
@@ -54,7 +60,7 @@ SCHEMA: dict[str, dict[str, dict[str, Any]]] = {
         "crypto": {"type": "list[string]", "required": False, "const": None, "choices": ['xchacha20poly1305', 'aes256gcm', 'none'], "default": ['none'], "fields": {}},
         "max_frame_bytes": {"type": "u32", "required": False, "const": None, "choices": [], "default": 65536, "fields": {}},
         "client_random": {"type": "hex64", "required": False, "const": None, "choices": [], "fields": {}},
-        "supports": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"critique": {"type": "bool", "required": False, "const": None, "choices": [], "default": True, "fields": {}}, "dtype": {"type": "list[string]", "required": False, "const": None, "choices": ['f16', 'i8', 'q4', 'bf16', 'f32', 'q8_0', 'q4_0', 'sparse', 'sparse_coo_u32'], "fields": {}}, "feedback": {"type": "bool", "required": False, "const": None, "choices": [], "default": False, "fields": {}}}},
+        "supports": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"critique": {"type": "bool", "required": False, "const": None, "choices": [], "default": True, "fields": {}}, "dtype": {"type": "list[string]", "required": False, "const": None, "choices": ['f16', 'i8', 'q4', 'bf16', 'f32', 'q8_0', 'q4_0', 'sparse', 'sparse_coo_u32'], "fields": {}}, "feedback": {"type": "bool", "required": False, "const": None, "choices": [], "default": False, "fields": {}}, "fec": {"type": "bool", "required": False, "const": None, "choices": [], "default": False, "fields": {}}}},
         "model_signature": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"version": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "model_id": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "revision": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "dtype": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "num_layers": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "hidden_size": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "num_kv_heads": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "head_dim": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "tokenizer_hash": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}}},
     },
     "capability": {
@@ -70,7 +76,7 @@ SCHEMA: dict[str, dict[str, dict[str, Any]]] = {
         "max_frame_bytes": {"type": "u32", "required": False, "const": None, "choices": [], "default": 65536, "fields": {}},
         "client_random": {"type": "hex64", "required": False, "const": None, "choices": [], "fields": {}},
         "server_random": {"type": "hex64", "required": False, "const": None, "choices": [], "fields": {}},
-        "supports": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"critique": {"type": "bool", "required": False, "const": None, "choices": [], "default": True, "fields": {}}, "dtype": {"type": "list[string]", "required": False, "const": None, "choices": ['f16', 'i8', 'q4', 'bf16', 'f32', 'q8_0', 'q4_0', 'sparse', 'sparse_coo_u32'], "fields": {}}, "feedback": {"type": "bool", "required": False, "const": None, "choices": [], "default": False, "fields": {}}}},
+        "supports": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"critique": {"type": "bool", "required": False, "const": None, "choices": [], "default": True, "fields": {}}, "dtype": {"type": "list[string]", "required": False, "const": None, "choices": ['f16', 'i8', 'q4', 'bf16', 'f32', 'q8_0', 'q4_0', 'sparse', 'sparse_coo_u32'], "fields": {}}, "feedback": {"type": "bool", "required": False, "const": None, "choices": [], "default": False, "fields": {}}, "fec": {"type": "bool", "required": False, "const": None, "choices": [], "default": False, "fields": {}}}},
     },
     "head": {
         "method": {"type": "string", "required": True, "const": 'head', "choices": [], "fields": {}},
@@ -86,6 +92,7 @@ SCHEMA: dict[str, dict[str, dict[str, Any]]] = {
         "part": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
         "first_object": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
         "object_count": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
+        "fec": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"scheme": {"type": "string", "required": True, "const": None, "choices": ['rs'], "fields": {}}, "k": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "m": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}}},
     },
     "tail": {
         "method": {"type": "string", "required": True, "const": 'tail', "choices": [], "fields": {}},

@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from resonant import _codec, handshake
+from resonant import _codec, fec, handshake
 from resonant._spec import MAX_FRAME_BYTES
 from resonant._codec import Chunk, Frame, Slice, Sync
 from resonant.errors import HandshakeError, ResonantError
 from resonant.stream_layout import I8, PLAIN_CHUNK_MAX, StreamLayout, StreamObject
-from resonant.stream_limits import (EARLY_FRAME_BYTES, EARLY_STREAM_BYTES, PART_BYTES, MemoryBudget, StreamLimits,
-                                    committed_bytes)
+from resonant.stream_limits import (EARLY_FRAME_BYTES, EARLY_STREAM_BYTES, PARITY_BLOCK_BYTES, PARITY_CHUNK_BYTES,
+                                    PART_BYTES, MemoryBudget, StreamLimits, committed_bytes)
 
 __all__ = ["Reassembler", "StreamStarted", "ObjectReady", "StreamComplete", "StreamFailed", "set_buffer_cache"]
 
@@ -93,7 +93,8 @@ class _Stream(_codec.ChunkSink):
     """An open stream. The fields the chunk fast path writes (buffer, have, have_count,
     object_left, hasher, hashed, streaming, last) are the ChunkSink's, shared by both paths."""
 
-    __slots__ = ("stream_id", "layout", "arrays", "tail_at", "charged", "reported_at", "report_wait", "cursor")
+    __slots__ = ("stream_id", "layout", "arrays", "tail_at", "charged", "reported_at", "report_wait", "cursor",
+                 "code", "parity")
 
     def __init__(self, stream_id: int, layout: StreamLayout, now: float, buffer: np.ndarray | None = None) -> None:
         self.stream_id = stream_id
@@ -120,6 +121,9 @@ class _Stream(_codec.ChunkSink):
         self.reported_at: float | None = None  # feedback: when this stream was last reported (None: report now)
         self.report_wait = 0.0          # feedback: the wait before the next report without news
         self.cursor = 0                 # feedback: the chunk index the next report's missing ranges start from
+        # forward error correction: the block code, and the parity chunks held per incomplete block
+        self.code = None if layout.fec is None else fec.BlockCode(*layout.fec, layout.chunk_bytes)
+        self.parity: dict[int, dict[int, bytes]] = {}
 
     def deadline(self, limits: StreamLimits, repair: bool = False) -> float:
         """When tick() fails it: idle_timeout after its last frame, progress_timeout after its last
@@ -295,13 +299,16 @@ class Reassembler:
     def chunk_events(self, st: _Stream) -> list:
         """The events of a chunk just committed to st: ObjectReady (unless release="verified"),
         then completion or failure."""
-        if st.completed < 0 and st.tail is None:
+        if st.completed < 0 and st.tail is None and not st.fec_watch:
             return []
+        block = st.last_chunk // st.code.k if st.fec_watch else -1  # (parity held: its block may be complete now)
         sid = st.stream_id
         events: list = []
         if st.completed >= 0 and self.limits.release == "arrival":
             o = st.layout.objects[st.completed]
             events.append(ObjectReady(sid, o.index, o.name, o.layer, st.arrays[o.index]))
+        if block in st.parity:
+            events += self._fec_block(st, block, None)
         return events + self._maybe_complete(sid) if st.tail is not None else events
 
     def tick(self, now: float) -> list:
@@ -540,7 +547,7 @@ class Reassembler:
             self._drop_early(sid)
             return [self._failed(sid, "bad_head", "head.part: parts numbered outside 0..parts-1")]
         # parsed again one at a time, stopping at the first problem: at most max_objects objects are built
-        common = ("v", "msg_type", "chunk_bytes", "total_bytes", "hash", "parts", "object_count", "legacy_md5")
+        common = ("v", "msg_type", "chunk_bytes", "total_bytes", "hash", "parts", "object_count", "legacy_md5", "fec")
         objects: list = []
         first: dict = {}
         for k, raw in enumerate(ordered):
@@ -628,6 +635,8 @@ class Reassembler:
         st.last = now
         k = frame.frame_seq - 1
         s = frame.data
+        if k > st.layout.chunks and st.code is not None:  # above TAIL's frame_seq: a parity chunk
+            return self._parity(st, frame, now)
         outcome, o, a = st.check(k, int(s.dtype), s.nbytes)  # the fast path's own check
         if outcome == _CHUNK_OUTSIDE:
             return self._fail(sid, "bad_chunk", f"frame_seq {frame.frame_seq} is not a chunk of this stream "
@@ -643,6 +652,87 @@ class Reassembler:
         _codec.copy_payload(s, st.buffer, a, st.hasher if a == st.hashed else None, st.streaming)
         st.commit(k, o, a, s.nbytes, now)
         return self.chunk_events(st)
+
+    def _parity(self, st: _Stream, frame: Chunk, now: float) -> list:
+        """A parity chunk of a stream with fec: held (charged first) while its block is incomplete
+        and cannot be recovered yet; the block recovered as soon as k of its pieces are in."""
+        sid, lay, code, s = st.stream_id, st.layout, st.code, frame.data
+        at = fec.parity_of_seq(lay.chunks, code.k, code.m, frame.frame_seq)
+        if at is None:
+            return self._fail(sid, "bad_chunk", f"frame_seq {frame.frame_seq} is neither a chunk (1..{lay.chunks}) nor "
+                              f"a parity chunk ({lay.chunks + 2}..{fec.last_parity_seq(lay.chunks, code.k, code.m)}) "
+                              f"of this stream")
+        b, j = at
+        if s.dtype != I8 or s.nbytes != lay.chunk_bytes:
+            return self._fail(sid, "bad_chunk", f"parity chunk {j} of block {b} is {s.dtype.name} of {s.nbytes} bytes, "
+                              f"it must be I8 of chunk_bytes ({lay.chunk_bytes})")
+        held = st.parity.get(b)
+        if held is not None and j in held:
+            return []  # a duplicate
+        events = self._fec_block(st, b, (j, s.payload))
+        return events + self._maybe_complete(sid) if st.tail is not None else events
+
+    def _fec_block(self, st: _Stream, b: int, new: tuple[int, object] | None) -> list:
+        """Block b after a new piece (a parity chunk `new`, (j, payload), or a data chunk just
+        committed): its parity released when its data is complete; its missing data recovered
+        and committed when k pieces are known; else `new` held, charged before it is copied."""
+        code, lay = st.code, st.layout
+        first, end = b * code.k, min((b + 1) * code.k, lay.chunks)
+        missing = [c for c in range(first, end) if not st.has(c)]
+        held = st.parity.get(b, {})
+        if not missing:
+            self._release_parity(st, b)
+            return []
+        known = code.k - len(missing) + len(held) + (new is not None)
+        if known < code.k:
+            if new is not None:
+                cost = lay.chunk_bytes + PARITY_CHUNK_BYTES + (PARITY_BLOCK_BYTES if not held else 0)
+                lim = self.limits
+                if (self.buffered_bytes + cost > lim.max_buffered_bytes
+                        or (self.budget is not None and self.budget.used + cost > self.budget.limit)):
+                    self.dropped_frames += 1  # (optional redundancy: the data chunks may still come)
+                    return []
+                st.charged += cost
+                self._charge(cost)  # before the copy
+                st.parity.setdefault(b, {})[new[0]] = bytes(new[1])
+                st.fec_watch = True
+            return []
+        pieces: dict[int, object] = {code.k + j: p for j, p in held.items()}
+        if new is not None:
+            pieces[code.k + new[0]] = new[1]
+        for c in range(first, end):
+            if c not in missing:
+                obj, start, length = lay.chunk(c)
+                pieces[c - first] = st.buffer[obj.offset + start:obj.offset + start + length]
+        recovered = code.recover(pieces, end - first)
+        self._release_parity(st, b)
+        sid, events = st.stream_id, []
+        for c in missing:
+            obj, _, length = lay.chunk(c)
+            want = obj.dtype if _codec.element_bytes(obj.dtype) else I8
+            payload = recovered[c - first][:length]
+            self._place(st, Slice(want, (length // (_codec.element_bytes(want) or 1),), payload), c, st.last)
+            if st.completed >= 0 and self.limits.release == "arrival":
+                o = lay.objects[st.completed]
+                events.append(ObjectReady(sid, o.index, o.name, o.layer, st.arrays[o.index]))
+        return events
+
+    def _place(self, st: _Stream, s: Slice, k: int, now: float) -> None:
+        """A recovered chunk k, committed as a received one (check, copy and hash, commit)."""
+        outcome, o, a = st.check(k, int(s.dtype), s.nbytes)
+        if outcome != _CHUNK_NEW:  # (recovered from HEAD's geometry: cannot happen)
+            raise AssertionError(f"recovered chunk {k}: check says {outcome}")
+        _codec.copy_payload(s, st.buffer, a, st.hasher if a == st.hashed else None, st.streaming)
+        st.commit(k, o, a, s.nbytes, now)
+
+    def _release_parity(self, st: _Stream, b: int) -> None:
+        """Drop the parity chunks held for block b and their charge."""
+        held = st.parity.pop(b, None)
+        if held:
+            cost = len(held) * (st.layout.chunk_bytes + PARITY_CHUNK_BYTES) + PARITY_BLOCK_BYTES
+            st.charged -= cost
+            self._charge(-cost)
+        st.fec_watch = bool(st.parity)
 
     def _tail(self, sid: int, doc: dict, now: float) -> list:
         st = self._streams[sid]

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from resonant import _codec, handshake
+from resonant import fec as _fec
 from resonant.delivery import REPORT_INTERVAL, Delivery
 from resonant._codec import Chunk, Frame, MessageReceived, Slice, Sync, make_frame
 from resonant._codec import SessionCore, accept_message, count_in, message_event, next_frame_seq, queue_frame
@@ -230,6 +231,7 @@ class Agreement:
     peer_model_signature: ModelSignature | None = None
     reference: bool = False     # assumed, not agreed: no answer came and the peer is taken for a reference receiver
     feedback: bool = False      # V-Stream feedback agreed: receivers report and send verdicts, senders repair and wait
+    fec: bool = False           # the peer reads V-Streams with forward error correction (StreamSender(fec=(k, m)))
 
 
 # ------------------------------------------------------------------ events
@@ -502,6 +504,10 @@ class Session(SessionCore):
         self._used_streams.add(stream_id)
         kwargs.setdefault("max_frame_bytes", self.max_frame_bytes)
         kwargs.setdefault("space_hash32", self.config.space_hash32)
+        if kwargs.get("fec") is not None and (self._agreement is None or not self._agreement.fec):
+            raise LocalProtocolError("stream", "the peer does not read V-Streams with forward error correction "
+                                     "(its handshake did not say supports.fec: no Reed-Solomon coder there; pip install "
+                                     "'resonant[fec]' on that side); send without fec=")
         if self._reduce:  # as send() does, object by object
             objects = [self._reduce_slice(o if isinstance(o, Slice) else Slice.from_array(o), "stream")
                        for o in objects]
@@ -1023,7 +1029,8 @@ class Session(SessionCore):
         doc: dict[str, Any] = {"method": "ping", "v": max(c.versions), "space_hash32": c.space_hash32,
                                "compress": list(c.compress), "crypto": list(c.crypto),
                                "max_frame_bytes": c.max_frame_bytes,
-                               "supports": {"critique": c.critique, "dtype": list(c.dtypes), "feedback": c.feedback}}
+                               "supports": {"critique": c.critique, "dtype": list(c.dtypes), "feedback": c.feedback,
+                                            "fec": _fec.available()}}
         if c.model_signature is not None:
             doc["model_signature"] = c.model_signature.to_json()
         if self._keyring is not None:  # the client's half of the session key (kept by the retries)
@@ -1042,7 +1049,7 @@ class Session(SessionCore):
                                  "space_hash32": c.space_hash32, "compress": offer.compress_list,
                                  "crypto": offer.crypto_list, "max_frame_bytes": offer.max_frame_bytes,
                                  "supports": {"critique": c.critique and offer.critique, "dtype": list(offer.dtypes),
-                                              "feedback": offer.feedback}}
+                                              "feedback": offer.feedback, "fec": _fec.available()}}
         if c.d_model is not None:
             reply["d_model"] = c.d_model
         if c.embedding_space_id is not None:
@@ -1052,7 +1059,7 @@ class Session(SessionCore):
         # The server sends with the best of what both support, as the client will.
         agreement = Agreement(offer.proto, offer.compress_list[0], offer.crypto_list[0], offer.dtypes,
                               offer.max_frame_bytes, offer.critique, doc.get("space_hash32"), _signature(doc),
-                              feedback=offer.feedback)
+                              feedback=offer.feedback, fec=bool(handshake.get(doc, "supports.fec")))
         if self._keyring is not None:
             # The server's half of the session key: the same for every retry of one ping (the client
             # adopts whichever answer arrives first), fresh for a new client_random.
@@ -1117,7 +1124,8 @@ class Session(SessionCore):
                                    min(c.max_frame_bytes, handshake.get(doc, "max_frame_bytes")),
                                    c.critique and handshake.get(doc, "supports.critique"),
                                    doc.get("space_hash32"), _signature(doc),
-                                   feedback=c.feedback and bool(handshake.get(doc, "supports.feedback")))
+                                   feedback=c.feedback and bool(handshake.get(doc, "supports.feedback")),
+                                   fec=bool(handshake.get(doc, "supports.fec")))
         self._apply_agreement()
         if self._previous is not None:
             # A running session was replaced: confirm the new keys, so that the server (which keeps the

@@ -51,6 +51,7 @@ class StreamLayout:
     total_bytes: int
     objects: tuple[StreamObject, ...]
     legacy_md5: bool = False
+    fec: tuple[int, int] | None = None  # (k, m): forward error correction (see resonant.fec)
 
     @property
     def chunks(self) -> int:
@@ -71,14 +72,14 @@ class StreamLayout:
 
     @classmethod
     def build(cls, msg_type: int, chunk_bytes: int, specs: Sequence[tuple[DType, tuple[int, ...], int, str | None, int | None]],
-              legacy_md5: bool = False) -> "StreamLayout":
+              legacy_md5: bool = False, fec: tuple[int, int] | None = None) -> "StreamLayout":
         objects, offset, first = [], 0, 0
         for i, (dtype, shape, nbytes, name, layer) in enumerate(specs):
             n = max(1, math.ceil(nbytes / chunk_bytes))  # an empty object still takes one (empty) chunk
             objects.append(StreamObject(i, DType(dtype), tuple(shape), nbytes, offset, first, n, name, layer))
             offset += nbytes
             first += n
-        return cls(int(msg_type), chunk_bytes, offset, tuple(objects), legacy_md5)
+        return cls(int(msg_type), chunk_bytes, offset, tuple(objects), legacy_md5, fec)
 
     def head_document(self) -> dict:
         doc = {
@@ -91,6 +92,8 @@ class StreamLayout:
         }
         if self.legacy_md5:
             doc["legacy_md5"] = True
+        if self.fec is not None:
+            doc["fec"] = {"scheme": "rs", "k": self.fec[0], "m": self.fec[1]}
         return doc
 
     @classmethod
@@ -131,7 +134,17 @@ class StreamLayout:
             total += o["nbytes"]
         if total != doc["total_bytes"]:
             raise HandshakeError("head.total_bytes", f"{doc['total_bytes']}, but the objects add up to {total}")
-        return cls.build(doc["msg_type"], chunk_bytes, specs, bool(doc.get("legacy_md5", False)))
+        fec = None
+        if "fec" in doc:  # (scheme: the schema admits only "rs")
+            from resonant import fec as _fec
+            k, m = doc["fec"]["k"], doc["fec"]["m"]
+            problem = _fec.problem(k, m)
+            if problem is None and not _fec.available():
+                problem = f"this receiver cannot decode it ({_fec.INSTALL_HINT})"
+            if problem is not None:
+                raise HandshakeError("head.fec", f"rs k={k} m={m}: {problem}")
+            fec = (k, m)
+        return cls.build(doc["msg_type"], chunk_bytes, specs, bool(doc.get("legacy_md5", False)), fec)
 
 
 def compact_json(doc: dict) -> bytes:

@@ -52,6 +52,12 @@ _OBJECT_BYTES = 440
 EARLY_FRAME_BYTES = 96
 PART_BYTES = 200
 EARLY_STREAM_BYTES = 320
+# A parity chunk held while its block is incomplete (forward error correction): its bytes object
+# and dict entry, charged with its chunk_bytes; and each block holding parity (its dict and entry).
+# (tracemalloc, CPython 3.11: about 310 bytes per block holding one parity chunk, 20 per further
+# one, besides the payloads; rounded up generously.)
+PARITY_CHUNK_BYTES = 160
+PARITY_BLOCK_BYTES = 400
 
 
 def committed_bytes(layout: StreamLayout, buffer: bool = True) -> int:

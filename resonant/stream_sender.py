@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from resonant import _codec, handshake
+from resonant import fec as _fec
 from resonant._codec import Chunk, Frame, Slice, Sync
 from resonant._spec import MAX_FRAME_BYTES, TCP_LENGTH_PREFIX_BYTES, DType, Flags, Modality, MsgType
 from resonant.errors import EncodeError, HandshakeError
@@ -32,8 +33,9 @@ class StreamSender:
     def __init__(self, stream_id: int, objects: Sequence, *, msg_type: int = MsgType.CACHE,
                  names: Sequence[str] | None = None, layers: Sequence[int] | None = None,
                  max_frame_bytes: int = MAX_FRAME_BYTES, codec=None, space_hash32: int = 0,
-                 modality: int = Modality.TEXT, legacy_md5: bool = False) -> None:
+                 modality: int = Modality.TEXT, legacy_md5: bool = False, fec: tuple[int, int] | None = None) -> None:
         slices = [_source(o, i) for i, o in enumerate(objects)]
+        code = _fec_code(fec)  # (checked first: a mistake there is the caller's)
         if not slices:
             raise EncodeError("objects", "a stream needs at least one object")
         if names is not None and len(names) != len(slices):
@@ -48,7 +50,8 @@ class StreamSender:
         self.layout = StreamLayout.build(
             msg_type, chunk_bytes,
             [(s.dtype, s.shape, s.nbytes, names[i] if names else None, layers[i] if layers else None)
-             for i, s in enumerate(slices)], legacy_md5)
+             for i, s in enumerate(slices)], legacy_md5, code)
+        self._code = None if code is None else _fec.BlockCode(*code, chunk_bytes)
         try:
             handshake.validate(self.layout.head_document())
         except HandshakeError as exc:  # the caller's names/layers/object count: local misuse
@@ -113,7 +116,51 @@ class StreamSender:
 
     def chunks(self) -> Iterator[bytes]:
         """The Chunk frames, in order (send them in any order). Without a codec they are made
-        16 at a time, so a paused iteration holds up to 16 frames (1 MiB)."""
+        16 at a time, so a paused iteration holds up to 16 frames (1 MiB). With fec, each block's
+        parity frames follow its last data chunk."""
+        if self._code is None:
+            yield from self._data_chunks()
+            return
+        k, n = self._code.k, self.layout.chunks
+        for i, frame in enumerate(self._data_chunks()):
+            yield frame
+            if (i + 1) % k == 0 or i + 1 == n:
+                yield from self._parity_frames(i // k)
+
+    def _block_data(self, b: int) -> list:
+        """Views of the data chunks of block b (no copy)."""
+        k, lay, cb = self._code.k, self.layout, self.layout.chunk_bytes
+        c, end, out = b * k, min((b + 1) * k, lay.chunks), []
+        while c < end:  # one object's run of the block at a time
+            obj, start, _ = lay.chunk(c)
+            src, stop = self._sources[obj.index], min(end, obj.first_chunk + obj.chunks)
+            out += [src[a:a + cb] for a in range(start, start + (stop - c) * cb, cb)]
+            c = stop
+        return out
+
+    def _parity_frames(self, b: int, which: Sequence[int] | None = None) -> list[bytes]:
+        """The parity frames of block b (all m, or parity numbers `which`)."""
+        code, lay, cb, h = self._code, self.layout, self.layout.chunk_bytes, self._header
+        js = range(code.m) if which is None else which
+        out = []
+        for j, p in zip(js, code.encode(self._block_data(b), js)):
+            seq = _fec.parity_seq(lay.chunks, code.k, code.m, b, j)
+            if self.codec is None and _FAST:  # as a chunk: straight from the parity into the frame
+                out.append(_codec.encode_chunk(self.stream_id, seq, h["space_hash32"], h["modality"], I8, cb, p, 0, cb))
+            else:
+                out.append(self._encode(Chunk(Slice(I8, (cb,), p), frame_seq=seq, **h)))
+        return out
+
+    def parity_frame(self, b: int, j: int) -> bytes:
+        """Parity frame j (0..m-1) of block b (0..blocks-1), e.g. to send it again."""
+        if self._code is None:
+            raise EncodeError("fec", "this stream has no forward error correction (StreamSender(..., fec=(k, m)))")
+        nb = _fec.blocks(self.layout.chunks, self._code.k)
+        if not 0 <= b < nb or not 0 <= j < self._code.m:
+            raise EncodeError("parity", f"block {b}, parity {j}: blocks are 0..{nb - 1}, parity 0..{self._code.m - 1}")
+        return self._parity_frames(b, (j,))[0]
+
+    def _data_chunks(self) -> Iterator[bytes]:
         cb = self.layout.chunk_bytes
         h = _codec.Xxh3()  # the stream hash, fed while each chunk is in cache
         md5 = hashlib.md5(usedforsecurity=False) if self.layout.legacy_md5 else None
@@ -180,7 +227,7 @@ class StreamSender:
             for f in self.chunks():
                 parts += [_record_length(f), f]
                 frames, nbytes = frames + 1, nbytes + len(f)
-                if frames % per_write == 0:
+                if frames >= per_write:
                     yield parts, frames, nbytes
                     parts, frames, nbytes = [], 0, 0
         else:
@@ -199,7 +246,12 @@ class StreamSender:
                                                            dtype, n // width if width else n, src, start, n, h, True)
                     parts += [head, view[start:start + n], crc]
                     frames, nbytes = frames + 1, nbytes + len(head) - TCP_LENGTH_PREFIX_BYTES + n + len(crc)
-                    if frames % per_write == 0:
+                    c = obj.first_chunk + j
+                    if self._code is not None and ((c + 1) % self._code.k == 0 or c + 1 == self.layout.chunks):
+                        for f in self._parity_frames(c // self._code.k):  # the block's parity after its last chunk
+                            parts += [_record_length(f), f]
+                            frames, nbytes = frames + 1, nbytes + len(f)
+                    if frames >= per_write:
                         yield parts, frames, nbytes
                         parts, frames, nbytes = [], 0, 0
             self._digest = (h.intdigest(), None)
@@ -230,14 +282,32 @@ class StreamSender:
                                  **self._header))
 
     def heart(self) -> bytes:
-        """A keepalive for this stream (frame_seq above TAIL's)."""
+        """A keepalive for this stream (frame_seq above TAIL's, and above the parity frames' with fec)."""
         self._hearts += 1
-        return self._encode(Sync(frame_seq=self.layout.chunks + 1 + self._hearts, **self._header))
+        top = self.layout.chunks + 1 if self._code is None else _fec.last_parity_seq(self.layout.chunks, self._code.k,
+                                                                                       self._code.m)
+        return self._encode(Sync(frame_seq=top + self._hearts, **self._header))
 
     def __iter__(self) -> Iterator[bytes]:
         yield from self._heads
         yield from self.chunks()
         yield self.tail()
+
+
+def _fec_code(fec) -> tuple[int, int] | None:
+    """StreamSender's fec=(k, m), checked (parameters, zfec installed)."""
+    if fec is None:
+        return None
+    try:
+        k, m = fec
+    except (TypeError, ValueError):
+        raise EncodeError("fec", f"{fec!r}: give (k, m), data and parity chunks per block") from None
+    problem = _fec.problem(k, m)
+    if problem is not None:
+        raise EncodeError("fec", problem)
+    if not _fec.available():
+        raise EncodeError("fec", _fec.INSTALL_HINT)
+    return k, m
 
 
 def _record_length(frame: bytes) -> bytes:

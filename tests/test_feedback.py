@@ -369,3 +369,28 @@ def test_keyed_repair_after_the_replay_window_moved_on(lose_head):
 def resonant_key():
     from resonant import Key
     return Key.generate()
+
+
+def test_fec_is_negotiated_and_repairs_with_selective_repeat_behind_it():
+    c, s = _pair({"max_frame_bytes": 1200}, {"max_frame_bytes": 1200})
+    assert c.agreement.fec and s.agreement.fec  # (zfec is installed with the test extra)
+    sid = c.new_stream_id()
+    x = _rng.standard_normal(400_000).astype(np.float16)
+    c.stream(sid, [x], rate=50e6, fec=(16, 2))
+    net = Net(c, s, loss=0.05, seed=3)
+    d, _ = _run(net, sid)
+    (out,) = net.outcome()
+    assert isinstance(out, StreamDelivered), out
+    (done,) = [e for e in net.server_events if isinstance(e, StreamComplete)]
+    assert done.objects[0].tobytes() == x.tobytes()
+    assert d.retransmitted < 0.01 * d.chunks + 5  # parity did most of the repair
+
+
+def test_fec_is_refused_to_a_peer_that_cannot_read_it(monkeypatch):
+    from resonant import fec
+    from resonant.errors import LocalProtocolError
+    monkeypatch.setattr(fec, "available", lambda: False)
+    c, s = _pair()
+    assert not c.agreement.fec
+    with pytest.raises(LocalProtocolError, match="forward error correction"):
+        c.stream(c.new_stream_id(), [np.zeros(100, np.float16)], fec=(4, 1))
