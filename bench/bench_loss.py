@@ -39,6 +39,7 @@ if ROOT not in sys.path:
 
 import resonant  # noqa: E402
 from resonant._codec import xxh3_64  # noqa: E402
+from resonant.delivery import StreamDelivered  # noqa: E402
 from resonant.relay import Impairment, Relay  # noqa: E402
 
 TARGET = 0.8  # goodput / ideal at 5% loss
@@ -66,6 +67,10 @@ def _rate(text: str) -> float:
     return float(text[:-1] if scale != 1.0 else text) * scale
 
 
+def _f(v, spec: str) -> str:
+    return "" if v is None or v != v else format(v, spec)
+
+
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -85,14 +90,16 @@ def resonant_row(x: np.ndarray, loss: float, rate: float, frame: int, fec: tuple
                     t = time.perf_counter()
                     await peer.send_stream([x], rate=rate, **kw)
                     dt = time.perf_counter() - t
-                    return dt, peer.session.stats["bytes_out"] - d0
-            rss0 = _rss_mb()
+                    ev = None
+                    while not isinstance(ev, StreamDelivered):
+                        ev = await peer.next_event(timeout=5.0)
+                    return dt, peer.session.stats["bytes_out"] - d0, ev
             try:
-                seconds, wire = asyncio.run(go())
+                seconds, wire, ev = asyncio.run(go())
                 error = None
             except Exception as exc:  # noqa: BLE001 (a row that fails is reported, not fatal)
-                seconds, wire, error = float("nan"), 0, f"{type(exc).__name__}: {exc}"
-            sender_growth = _rss_mb() - rss0
+                seconds, wire, ev, error = float("nan"), 0, None, f"{type(exc).__name__}: {exc}"
+            sender_peak = _rss_mb()
             stats = relay.stats()
         done = json.loads(recv.stdout.readline()) if error is None else {}
     finally:
@@ -101,7 +108,8 @@ def resonant_row(x: np.ndarray, loss: float, rate: float, frame: int, fec: tuple
     ok = error is None and done.get("ok") and done.get("xxh3_64") == xxh3_64(x)
     return {"seconds": seconds, "goodput_mbs": x.nbytes / seconds / 1e6 if ok else 0.0, "ok": bool(ok),
             "error": error, "wire_bytes": wire, "overhead": wire / x.nbytes - 1 if wire else None,
-            "receiver_peak_rss_mb": done.get("peak_rss_mb"), "sender_rss_growth_mb": sender_growth,
+            "receiver_peak_rss_mb": done.get("peak_rss_mb"), "sender_peak_rss_mb": sender_peak,
+            "retransmitted": ev.retransmitted if ev else None, "pacing": ev.pacing if ev else None,
             "relay_dropped": stats["forward"]["dropped"] + stats["backward"]["dropped"]}
 
 
@@ -112,7 +120,7 @@ def quic_row(nbytes: int, loss: float, seed: int, timeout: float) -> dict:
                       timeout=timeout)
     return {"seconds": r.get("seconds"), "goodput_mbs": r.get("goodput_mbs") or 0.0, "ok": bool(r.get("ok")),
             "error": r.get("error"), "receiver_peak_rss_mb": r.get("server_peak_rss_mb"),
-            "sender_rss_growth_mb": r.get("client_peak_rss_mb")}
+            "sender_peak_rss_mb": r.get("client_peak_rss_mb")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loss {key} done", file=sys.stderr, flush=True)
     print(f"{args.mib} MiB float16 through resonant.relay (random loss both ways), rate cap "
           f"{args.rate / 1e6:.0f} MB/s, max_frame_bytes {args.frame}")
-    print(f"| loss | row | time (s) | goodput (MB/s) | / ideal | wire overhead | receiver peak RSS (MB) | "
-          f"sender RSS growth (MB) | verified |")
-    print("|---|---|--:|--:|--:|--:|--:|--:|---|")
+    print(f"| loss | row | time (s) | goodput (MB/s) | / ideal | wire overhead | final pacing rate (MB/s) | "
+          f"backoffs | receiver peak RSS (MB) | sender peak RSS (MB) | verified |")
+    print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|")
     verdict = None
     for key, by_row in rows.items():
         ideal = by_row["ideal"]["goodput_mbs"]
@@ -152,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
             ratio = r["goodput_mbs"] / ideal if ideal else None
             sec = r.get("seconds")
             ov = r.get("overhead")
-            print(f"| {key} | {name} | {'' if sec is None else f'{sec:.2f}'} | {r['goodput_mbs']:.1f} | "
-                  f"{'' if ratio is None else f'{ratio:.2f}'} | {'' if ov is None else f'{ov:.1%}'} | "
-                  f"{r.get('receiver_peak_rss_mb') or '':.4} | {r.get('sender_rss_growth_mb') or '':.4} | "
+            pc = r.get("pacing") or {}
+            backoffs = pc.get("backoffs")
+            print(f"| {key} | {name} | {_f(sec, '.2f')} | {r['goodput_mbs']:.1f} | {_f(ratio, '.2f')} | "
+                  f"{_f(ov, '.1%')} | {_f(pc.get('rate') and pc['rate'] / 1e6, '.0f')} | {_f(backoffs, 'd')} | "
+                  f"{_f(r.get('receiver_peak_rss_mb'), '.0f')} | {_f(r.get('sender_peak_rss_mb'), '.0f')} | "
                   f"{'yes' if r['ok'] else 'NO: ' + str(r.get('error'))} |")
             if key == "5%" and name == "selective repeat":
                 verdict = ratio

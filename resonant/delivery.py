@@ -39,6 +39,7 @@ class StreamDelivered:
     nbytes: int
     seconds: float        # from the first frame sent to the verdict
     retransmitted: int    # chunk frames sent again
+    pacing: dict | None = None  # UDP: the rate controller's figures at the end (rate, srtt, loss, backoffs...)
 
 
 @dataclass(frozen=True)
@@ -288,7 +289,7 @@ class Delivery:
             if want is not None and got == f"{want:016x}" and doc.get("bytes", self.total_bytes) == self.total_bytes:
                 event = StreamDelivered(self.stream_id, want, self.total_bytes,
                                         now - self.started if self.started is not None else 0.0,
-                                        self.retransmitted)
+                                        self.retransmitted, self.pacer.stats if self.pacer is not None else None)
             else:
                 event = StreamUndelivered(self.stream_id, "hash_mismatch", f"the receiver verified xxh3_64 {got} of "
                                           f"{doc.get('bytes')} bytes; this side sent "
