@@ -89,6 +89,7 @@ class Delivery:
         self._last_bytes = 0                  # the receiver's bytes and skipped at its previous report
         self._last_skipped = 0
         self._sent_since = 0                  # bytes sent since the previous report
+        self._paced_at = -math.inf            # when the pacer had its last sample
         self.frames_sent = 0
         self.bytes_sent = 0
         self.retransmitted = 0
@@ -265,11 +266,13 @@ class Delivery:
                 self.min_rtt = sample if self.min_rtt is None else min(self.min_rtt, sample)
         delivered = max(0, doc["bytes"] - self._last_bytes)
         lost = max(0, doc["skipped"] - self._last_skipped) * self._chunk_bytes
-        self._last_bytes = max(self._last_bytes, doc["bytes"])
-        self._last_skipped = max(self._last_skipped, doc["skipped"])
-        if self.pacer is not None:
+        if self.pacer is not None and now - self._paced_at >= REPORT_INTERVAL / 2:
+            # (one sample per report interval: a burst of reports listing more holes is one report to the pacer)
             self.pacer.feedback(now, sent_bytes=self._sent_since, delivered_bytes=delivered, lost_bytes=lost, rtt=rtt)
-        self._sent_since = 0
+            self._paced_at = now
+            self._sent_since = 0
+            self._last_bytes = max(self._last_bytes, doc["bytes"])
+            self._last_skipped = max(self._last_skipped, doc["skipped"])
         missing = doc["missing"]
         if missing:
             queued = {r for r in self._resend}

@@ -429,7 +429,11 @@ class Reassembler:
                     continue
                 wait = quiet
             st.reported_at, st.report_wait = now, wait
-            out.append(self._report(sid, st, now))
+            for _ in range(REPORT_BURST):  # more holes than one report lists: the next ones, in turn
+                doc = self._report(sid, st, now)
+                out.append(doc)
+                if not doc["more"]:
+                    break
         for sid, held in self._held.items():
             if now - held[1] >= quiet:
                 held[1] = now
@@ -869,6 +873,11 @@ class Reassembler:
         if self.budget is not None:
             self.budget.used += n
 
+
+# Reports one stream may send at once when its missing ranges do not fit one (each lists the
+# ranges after the last one's): at high loss on small frames, the repair would otherwise be limited
+# to max_report_ranges chunks per report interval.
+REPORT_BURST = 8
 
 # What a deadline names (Reassembler._deadlines), and ChunkSink.check's outcomes.
 _STREAM, _EARLY, _PARTS, _CLOSED = range(4)
