@@ -610,6 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
                        f"an existing FILE is never overwritten. Format: {_KEY_FILE_FORMAT}.")
     k.add_argument("file", metavar="FILE")
 
+    rl = sub.add_parser("relay", help="a deterministic UDP impairment relay (loss, bursts, duplication, "
+                        "reordering, delay, a bottleneck) for trying transports on loopback", add_help=False,
+                        description="Runs resonant.relay: see `resonant relay --help`.")
+    rl.add_argument("relay_args", nargs=argparse.REMAINDER)
     d = sub.add_parser("demo", help="a receiver and a sender on loopback, with a summary table",
                        description="Start a receiver and a sender on loopback: handshake, a Think, a multi-megabyte "
                        "KV cache as a V-Stream, and a Critique; print sizes, latencies, throughput and verification.")
@@ -623,6 +627,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["relay"]:  # its own options (resonant.relay's parser)
+        from resonant import relay
+        return relay.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "recv":

@@ -152,3 +152,9 @@ def test_cli_send_exits_1_with_one_line_when_the_receiver_dies_mid_stream(tmp_pa
     assert s.returncode == 1, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("resonant send: stream") and "no_feedback" in last, err
+
+
+def test_resonant_relay_is_a_cli_command():
+    r = subprocess.run([sys.executable, "-m", "resonant.cli", "relay", "--help"], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0 and "--loss" in r.stdout and "--seed" in r.stdout
