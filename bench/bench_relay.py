@@ -2,8 +2,8 @@
 (65,000-byte datagrams: the largest a UDP/IPv4 datagram carries is 65,507) with no impairment,
 against the same sender and receiver talking directly.
 
-A last row runs 1,200-byte datagrams through a relay with 1% loss and 1 ms delay: the path every
-datagram takes through ImpairmentModel.admit and the delay heap (a perfect path skips both).
+The "1% loss + 1 ms delay" rows take the path every datagram of an impaired relay takes
+(ImpairmentModel.admit and the delay heap; a perfect path skips both).
 
 Not part of the test suite. Run from the repository root:
 
@@ -14,6 +14,10 @@ receiver directly or through a Relay (its own process); the receiver (this proce
 arrives and the rate is taken between the first and the last datagram received. Sender,
 relay and receiver are three processes: on a 2-core machine they compete for the cores, so
 the relayed figures are a lower bound of what the relay alone does.
+
+Measured on the 2-core dev machine (shared): perfect path 1,200 B: 50-90k datagrams/s relayed
+(~120k per relay CPU-second); 65,000 B: 1.1-1.8 GB/s (~55k datagrams per CPU-second); 200 MB/s
+of 65,000-byte datagrams passes in full using ~7% of a core (1% loss + 1 ms delay: ~22%).
 """
 
 from __future__ import annotations
@@ -107,7 +111,8 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     lossy = Impairment(loss=0.01, delay=0.001, seed=1)
-    for size, rate, imp in ((1200, None, None), (1200, None, lossy), (65000, None, None), (65000, 200e6, None)):
+    for size, rate, imp in ((1200, None, None), (1200, None, lossy), (65000, None, None), (65000, 200e6, None),
+                           (65000, 200e6, lossy)):
         for relay in ((False, True) if imp is None else (True,)):
             row = measure(size, args.seconds, relay, rate, imp)
             rows.append(row)
