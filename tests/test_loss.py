@@ -63,11 +63,10 @@ def _completed(p: subprocess.Popen) -> dict:
     return done
 
 
-@pytest.mark.parametrize("frame", [65507, 1200])
+@pytest.mark.parametrize("mib, frame", [(64, 65507), (64, 1200), (256, 65507)])
 @pytest.mark.parametrize("loss", [0.0, 0.01, 0.05, 0.2])
-def test_64_mib_arrive_bit_exact_through_loss(loss, frame):
-    nbytes = 64 * _MIB if frame > 1200 else 16 * _MIB  # (1,200-byte frames: 14,000 datagrams per 16 MiB)
-    x = _tensor(nbytes, seed=int(loss * 100) + frame)
+def test_streams_arrive_bit_exact_through_loss(loss, mib, frame):
+    x = _tensor(mib * _MIB, seed=int(loss * 100) + frame + mib)  # (64 MiB in 1,200-byte frames: 58,000 datagrams)
     port = _free_udp_port()
     p = _recv_process(port)
     try:
