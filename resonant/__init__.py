@@ -54,7 +54,8 @@ __version__ = "0.1.0"
 # streams and asyncio adapters are most of what `import resonant` would cost beyond numpy and the
 # codec, and a program that only encodes and decodes frames needs none of them.
 _LAZY_MODULES = {
-    "resonant.aio": ("Peer", "Server", "connect", "serve"),
+    "resonant.aio": ("DeliveryFailed", "Peer", "Server", "connect", "serve"),
+    "resonant.delivery": ("Delivery", "StreamDelivered", "StreamUndelivered"),
     "resonant.session": ("Agreement", "ConnectionBroken", "FrameRejected", "HandshakeComplete", "HandshakeFailed",
                          "MessageReceived", "RemoteError", "Session", "SessionConfig"),
     "resonant.reassembler": ("ObjectReady", "Reassembler", "StreamComplete", "StreamFailed", "StreamStarted"),
@@ -88,6 +89,7 @@ __all__ = [
     "decode", "encode", "make_frame", "crc32", "crc32_backend", "xxh3_64", "byte_shuffle", "fast_paths",
     "Codec", "Key", "Keyring", "ModelSignature", "space_hash32",
     "connect", "serve", "Peer", "Server", "Session", "SessionConfig", "Agreement",
+    "Delivery", "DeliveryFailed", "StreamDelivered", "StreamUndelivered",
     "HandshakeComplete", "HandshakeFailed", "MessageReceived", "FrameRejected", "RemoteError", "ConnectionBroken",
     "DType", "Filters", "Flags", "Modality", "MsgType",
     "MAX_DIMS", "MAX_FRAME_BYTES", "MAX_SLICES", "MIN_FRAME_BYTES", "VERSION", "VERSION_TRANSFORMED",
