@@ -444,7 +444,8 @@ async def _send(args) -> int:
         out0 = peer.session.stats["bytes_out"]
         sid = await peer.send_stream(objects, stream_id=args.stream_id or None, names=names,
                                      msg_type=int(_TYPES[args.type]), progress=progress,
-                                     space_hash32=space, rate=args.rate)
+                                     space_hash32=space, rate=args.rate,
+                                     **({"fec": args.fec} if args.fec else {}))
         dt = time.perf_counter() - t
         verified = ("verified by the receiver (xxh3_64)" if peer.agreement is not None and peer.agreement.feedback
                     else "NOT verified (the receiver sends no verdicts" + (": --no-handshake)" if args.no_handshake
@@ -529,6 +530,18 @@ def _count(text: str) -> int:
     return v
 
 
+def _fec(text: str) -> tuple[int, int]:
+    try:
+        k, m = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not K,M: {text!r} (e.g. 16,2)") from None
+    from resonant import fec
+    problem = fec.problem(k, m)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return k, m
+
+
 def _rate(text: str) -> float:
     t = text.strip()
     scale = {"k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9}.get(t[-1:], 1.0)
@@ -593,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rate", type=_rate, metavar="BYTES/S", help="the most a V-Stream may send per second, e.g. 50M "
                    "(k, M, G: powers of 1000); UDP adapts below it to loss and delay (default 200M), TCP has no "
                    "default cap")
+    s.add_argument("--fec", type=_fec, metavar="K,M", help="forward error correction for a V-Stream: M parity chunks "
+                   "per K (e.g. 16,2), for paths where a round trip costs more than the redundancy (docs/fec.md); "
+                   "the receiver must support it")
     s.add_argument("--no-handshake", action="store_true", help="send without the handshake (as the reference does)")
     s.add_argument("--strict", action="store_true", help="never fall back to reference mode (a receiver that does not "
                    "answer the handshake is an error); check layouts")

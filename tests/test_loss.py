@@ -157,3 +157,76 @@ def test_resonant_relay_is_a_cli_command():
     r = subprocess.run([sys.executable, "-m", "resonant.cli", "relay", "--help"], capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 0 and "--loss" in r.stdout and "--seed" in r.stdout
+
+
+_FULL_DISK_RECV = r"""
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)            # writes past the limit fail with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+from resonant.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_send_exits_1_when_the_receiver_cannot_save_what_it_verified(tmp_path):
+    # the receiver verified the stream but could not write it (its disk is "full"): the sender says so
+    np.save(tmp_path / "x.npy", _tensor(8 * _MIB, seed=13))
+    port = _tcp_port()
+    p = subprocess.Popen([sys.executable, "-c", _FULL_DISK_RECV, "recv", "--listen", f"tcp://127.0.0.1:{port}",
+                          "--count", "1", "--save", str(tmp_path / "out")], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert "listening on" in p.stderr.readline()
+    s = subprocess.run([sys.executable, "-m", "resonant.cli", "send", "--to", f"tcp://127.0.0.1:{port}",
+                        str(tmp_path / "x.npy")], capture_output=True, text=True, timeout=60)
+    out, err = p.communicate(timeout=30)
+    assert s.returncode == 1, s.stderr
+    last = s.stderr.strip().splitlines()[-1]
+    assert last.startswith("resonant send: stream 1: the receiver refused: save_failed:"), s.stderr
+    assert p.returncode == 1 and "not saved" in err, err
+
+
+def test_cli_send_over_tcp_exits_1_when_the_receiver_dies_mid_stream(tmp_path):
+    np.save(tmp_path / "x.npy", _tensor(64 * _MIB, seed=14))
+    port = _tcp_port()
+    p = _recv_process_tcp(port)
+    s = subprocess.Popen([sys.executable, "-m", "resonant.cli", "send", "--to", f"tcp://127.0.0.1:{port}",
+                          str(tmp_path / "x.npy"), "--rate", "20M"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    time.sleep(1.0)
+    p.kill()
+    p.communicate()
+    out, err = s.communicate(timeout=30)
+    assert s.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("resonant send:") and "closed" in last, err
+
+
+def _recv_process_tcp(port: int) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-m", "resonant.cli", "recv", "--listen", f"tcp://127.0.0.1:{port}",
+                          "--count", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "listening on" in p.stderr.readline()
+    return p
+
+
+def test_cli_send_with_fec_through_loss(tmp_path):
+    x = _tensor(16 * _MIB, seed=15)
+    np.save(tmp_path / "x.npy", x)
+    port = _free_udp_port()
+    p = _recv_process(port)
+    try:
+        with Relay.start(("127.0.0.1", port), forward=Impairment(loss=0.05, seed=6)) as relay:
+            s = subprocess.run([sys.executable, "-m", "resonant.cli", "send", "--to",
+                                f"udp://127.0.0.1:{relay.address[1]}", str(tmp_path / "x.npy"), "--fec", "16,2"],
+                               capture_output=True, text=True, timeout=60)
+        done = _completed(p)
+    finally:
+        p.kill()
+    assert s.returncode == 0, s.stderr
+    assert "verified by the receiver" in s.stderr
+    assert done["xxh3_64"] == f"{_codec.xxh3_64(x):016x}"
