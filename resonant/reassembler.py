@@ -777,6 +777,9 @@ class Reassembler:
                    "bytes": st.layout.total_bytes}
             if self.hold_verdicts:
                 self._held[sid] = [doc, st.last, st.layout.chunks, st.layout.total_bytes]
+                if len(self._held) > 4 * self.limits.max_streams + 1024:  # bounded: the oldest is judged as verified
+                    old = next(iter(self._held))
+                    self._say(self._held.pop(old)[0])
             else:
                 self._say(doc)
         events: list = []
