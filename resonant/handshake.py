@@ -32,6 +32,10 @@ REPLAY_EVICTED_RANGES = 1024
 CONTROL_TAGS_REMEMBERED = 256
 #: A keyed client remembers the authentication tags of the last this many frames it sent under its current session key; a HANDSHAKE_REQUIRED (or another error about a data frame) is acted on only when its tag echoes one of them, otherwise it is stale (see specs/security.md).
 SENT_TAGS_REMEMBERED = 4096
+#: A sender with zstd decides per run of this many chunks of each object (4 MiB of 64 KiB chunks) whether to compress them: it compresses the run's first chunk as a probe and compresses the run only when the probe saves zstd_min_saving_permille or more (see the compression rule under V-Streams).
+ZSTD_PROBE_CHUNKS = 64
+#: The least saving, in thousandths of a chunk's body, for which a sender compresses a run of zstd_probe_chunks chunks (5%): below it zstd costs more CPU time than it saves in bytes except on links slower than a few MB/s.
+ZSTD_MIN_SAVING_PERMILLE = 50
 #: A client that allows the reference fallback (no key, not strict) waits this many milliseconds after its first ping for a capability or an error; then it takes the peer for a reference receiver (which reads pings but never answers them) and goes on in reference mode (see Talking to reference peers).
 REFERENCE_FALLBACK_MS = 1000
 
