@@ -116,7 +116,9 @@ class StreamSender:
 
     def chunks(self) -> Iterator[bytes]:
         """The Chunk frames, in order (send them in any order). Without a codec they are made
-        16 at a time, so a paused iteration holds up to 16 frames (1 MiB)."""
+        16 at a time, so a paused iteration holds up to 16 frames (1 MiB). With a codec, batches of
+        16 are encoded on resonant.parallel's pool (RESONANT_THREADS; 1: in this thread), at most
+        2 x threads batches ahead of the frame handed out."""
         cb = self.layout.chunk_bytes
         h = _codec.Xxh3()  # the stream hash, fed while each chunk is in cache
         md5 = hashlib.md5(usedforsecurity=False) if self.layout.legacy_md5 else None
