@@ -61,6 +61,16 @@ def set_threads(n: int | None) -> None:
     _override = None if n is None else _check(n, "set_threads")
 
 
+def _forget_pools() -> None:
+    """In a forked child: the parent's pool threads do not exist there; new pools are made on demand."""
+    global _lock
+    _lock = threading.Lock()
+    _pools.clear()
+
+
+os.register_at_fork(after_in_child=_forget_pools)
+
+
 def _executor(n: int) -> ThreadPoolExecutor:
     """The shared pool of n threads (one per size asked for; a pool is never shut down, so a
     stream that started on it finishes on it)."""

@@ -152,10 +152,11 @@ def _field(fields, name):
         ("vframe.yaml", lambda d: _field(d["header"], "num_slices").pop("limit"),
          "vframe.yaml: header[5].limit: header.num_slices must carry 'limit: max_slices' (the decoder checks it there)"),
         ("handshake.yaml", lambda d: d["limits"].append({"name": "max_foo", "value": 3, "doc": "Foo."}),
-         "handshake.yaml: limits[10].name: nothing enforces limit 'max_foo': name it in a field's 'limit:' that the "
+         "handshake.yaml: limits[12].name: nothing enforces limit 'max_foo': name it in a field's 'limit:' that the "
          "decoder checks, or enforce it in the runtime and list it in codegen.model.RUNTIME_LIMITS (enforced there: "
          "max_json_bytes, max_objects, max_list_items, max_string_chars, min_chunk_bytes, session_random_bytes, "
-         "replay_evicted_ranges, control_tags_remembered, sent_tags_remembered, reference_fallback_ms)"),
+         "replay_evicted_ranges, control_tags_remembered, sent_tags_remembered, reference_fallback_ms, zstd_probe_chunks, "
+         "zstd_min_saving_permille)"),
         # cross-field consistency
         ("vframe.yaml", lambda d: _lim(d, "max_slices").update(value=2),
          "vframe.yaml: limits[1].value: max_slices (2) is less than the longest layout (3 slices, Critique)"),

@@ -217,3 +217,28 @@ def test_thread_count_from_the_environment(monkeypatch):
     assert parallel.threads() >= 1
     with pytest.raises(ValueError, match="1..256"):
         parallel.set_threads(0)
+
+
+def test_a_forked_child_encodes_on_a_pool_of_its_own():
+    """The parent's pool threads do not survive fork(): the child makes its own (it hung before)."""
+    import multiprocessing
+
+    parallel.set_threads(2)
+    frames_with(2, OBJECTS[:1], Codec(3))  # the parent's pool exists
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+
+    def child(pipe) -> None:
+        pipe.send(frames_with(2, OBJECTS[:1], Codec(3)) == expected)
+
+    expected = frames_with(1, OBJECTS[:1], Codec(3))
+    p = ctx.Process(target=child, args=(there,))
+    p.start()
+    try:
+        assert here.poll(60) and here.recv() is True
+        p.join(10)
+        assert p.exitcode == 0
+    finally:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
