@@ -213,7 +213,8 @@ def _field(fields, name):
          "handshake.yaml: messages[0].fields[6].default: unknown limit 'max_everything' (defined: "
          "control_tags_remembered, max_dense_bytes, max_dims, max_frame_bytes, max_json_bytes, max_list_items, "
          "max_objects, max_segments, max_shape_elements, max_slices, max_string_chars, min_chunk_bytes, "
-         "reference_fallback_ms, replay_evicted_ranges, sent_tags_remembered, session_random_bytes)"),
+         "reference_fallback_ms, replay_evicted_ranges, sent_tags_remembered, session_random_bytes, "
+         "zstd_min_saving_permille, zstd_probe_chunks)"),
         ("handshake.yaml", lambda d: _field(_msg(d, "ping")["fields"], "supports")["fields"][1].update(choices_from="modality"),
          "handshake.yaml: messages[0].fields[8].fields[1].choices_from: unknown source 'modality' (expected one of dtype)"),
     ],
