@@ -20,8 +20,10 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 __all__ = ["threads", "set_threads", "ordered_map", "ENV_THREADS"]
 
@@ -33,7 +35,7 @@ R = TypeVar("R")
 
 _override: int | None = None
 _lock = threading.Lock()
-_pools: dict[int, ThreadPoolExecutor] = {}
+_pools: dict[int, "ThreadPoolExecutor"] = {}
 
 
 def _check(n: int, what: str) -> int:
@@ -71,9 +73,11 @@ def _forget_pools() -> None:
 os.register_at_fork(after_in_child=_forget_pools)
 
 
-def _executor(n: int) -> ThreadPoolExecutor:
+def _executor(n: int) -> "ThreadPoolExecutor":
     """The shared pool of n threads (one per size asked for; a pool is never shut down, so a
     stream that started on it finishes on it)."""
+    from concurrent.futures import ThreadPoolExecutor  # (imported on first use: import resonant stays light)
+
     with _lock:
         pool = _pools.get(n)
         if pool is None:
