@@ -67,6 +67,8 @@ RUNTIME_LIMITS = {
         "control_tags_remembered": "the Session (sealed control documents)",
         "sent_tags_remembered": "the Session (tags of sent frames)",
         "reference_fallback_ms": "the Session (the reference fallback's wait)",
+        "zstd_probe_chunks": "the V-Stream sender (StreamSender, with zstd)",
+        "zstd_min_saving_permille": "the V-Stream sender (StreamSender, with zstd)",
     },
 }
 

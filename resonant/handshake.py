@@ -38,6 +38,10 @@ MAX_FEC_K = 224
 MAX_FEC_M = 64
 #: k + m, the pieces of one forward-error-correction block, is at most 256: the Reed-Solomon code over GF(2^8) (zfec) has no more distinct pieces.
 MAX_FEC_PIECES = 256
+#: A sender with zstd decides per run of this many chunks of each object (4 MiB of 64 KiB chunks) whether to compress them: it compresses the run's first chunk as a probe and compresses the run only when the probe saves zstd_min_saving_permille or more (see the compression rule under V-Streams).
+ZSTD_PROBE_CHUNKS = 64
+#: The least saving, in thousandths of a chunk's body, for which a sender compresses a run of zstd_probe_chunks chunks (5%): below it zstd costs more CPU time than it saves in bytes except on links slower than ~30 MB/s per compressing core.
+ZSTD_MIN_SAVING_PERMILLE = 50
 #: A client that allows the reference fallback (no key, not strict) waits this many milliseconds after its first ping for a capability or an error; then it takes the peer for a reference receiver (which reads pings but never answers them) and goes on in reference mode (see Talking to reference peers).
 REFERENCE_FALLBACK_MS = 1000
 #: A report lists at most this many missing chunk ranges (the ranges type); a receiver with more lists those after the ones its previous report listed, in turn, so that every hole is named within a few reports.

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from resonant import _codec, handshake
+from resonant import _codec, handshake, parallel
 from resonant import fec as _fec
 from resonant._codec import Chunk, Frame, Slice, Sync
-from resonant._spec import MAX_FRAME_BYTES, TCP_LENGTH_PREFIX_BYTES, DType, Flags, Modality, MsgType
+from resonant._spec import (HANDSHAKE_ZSTD_MIN_SAVING_PERMILLE as ZSTD_MIN_SAVING_PERMILLE,
+                            HANDSHAKE_ZSTD_PROBE_CHUNKS as ZSTD_PROBE_CHUNKS, MAX_FRAME_BYTES,
+                            TCP_LENGTH_PREFIX_BYTES, DType, Flags, Modality, MsgType)
 from resonant.errors import EncodeError, HandshakeError
 from resonant.stream_layout import I8, StreamLayout, chunk_bytes_for, compact_json
 
@@ -116,8 +119,10 @@ class StreamSender:
 
     def chunks(self) -> Iterator[bytes]:
         """The Chunk frames, in order (send them in any order). Without a codec they are made
-        16 at a time, so a paused iteration holds up to 16 frames (1 MiB). With fec, each block's
-        parity frames follow its last data chunk."""
+        16 at a time, so a paused iteration holds up to 16 frames (1 MiB). With a codec, batches of
+        16 are encoded on resonant.parallel's pool (RESONANT_THREADS; 1: in this thread), at most
+        2 x threads batches ahead of the frame handed out. With fec, each block's parity frames
+        follow its last data chunk."""
         if self._code is None:
             yield from self._data_chunks()
             return
@@ -168,6 +173,9 @@ class StreamSender:
             src = self._sources[obj.index]
             width = _codec.element_bytes(obj.dtype)
             dtype = obj.dtype if width else I8
+            if self.codec is not None:  # every object's chunks, encoded on the pool (parallel.py), in order
+                yield from self._codec_chunks(h, md5)
+                break
             if self.codec is None and md5 is None and _FAST:  # straight from the source into the frames, 16 per call
                 for j in range(0, obj.chunks, _CHUNK_BATCH):
                     yield from _codec.encode_chunks(self.stream_id, obj.first_chunk + j + 1, self._header["space_hash32"],
@@ -203,6 +211,55 @@ class StreamSender:
             return _codec.encode_chunk(self.stream_id, k + 1, self._header["space_hash32"], self._header["modality"],
                                        dtype, n, src, start, length, None)
         return self._encode(Chunk(Slice(dtype, (n,), src[start:start + length]), frame_seq=k + 1, **self._header))
+
+    def _codec_jobs(self, h, md5) -> Iterator[list]:
+        """The chunks in batches of _CHUNK_BATCH (frame_seq, dtype, elements, piece, compress),
+        fed to the stream hash in order. With zstd, whether a chunk is compressed is decided per
+        run of ZSTD_PROBE_CHUNKS chunks of each object by compressing the run's first as a probe
+        (the spec's compression rule): here, in order, so the outcome does not depend on the pool."""
+        cb = self.layout.chunk_bytes
+        zstd = self.codec.zstd_level is not None
+        batch: list = []
+        compress = zstd
+        for obj in self.layout.objects:
+            src = self._sources[obj.index]
+            width = _codec.element_bytes(obj.dtype)
+            dtype = obj.dtype if width else I8
+            for j in range(obj.chunks):
+                piece = src[j * cb:(j + 1) * cb]
+                n = len(piece) // width if width else len(piece)
+                if zstd and j % ZSTD_PROBE_CHUNKS == 0:
+                    saving = self.codec.zstd_saving(Chunk(Slice(dtype, (n,), piece), frame_seq=0, **self._header))
+                    compress = saving * 1000 >= ZSTD_MIN_SAVING_PERMILLE
+                batch.append((obj.first_chunk + j + 1, dtype, n, piece, compress))
+                h.update(piece)
+                if md5 is not None:
+                    md5.update(piece)
+                if len(batch) == _CHUNK_BATCH:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+    def _codec_chunks(self, h, md5) -> Iterator[bytes]:
+        """The Chunk frames through the codec: batches encoded on parallel.threads() threads, each
+        with Codecs of its own (codec.clone(), with and without zstd), handed out in order; the
+        codec records the tags of the frames in that order (Codec.note_sent)."""
+        codec, header, local = self.codec, self._header, threading.local()
+        if codec.keyring is not None:
+            codec.keyring.primary  # derived once here, not by the threads at once  # noqa: B018
+
+        def encode(batch: list) -> list[bytes]:
+            mine = getattr(local, "codecs", None)
+            if mine is None:
+                mine = local.codecs = (codec.clone(zstd=False), codec.clone())
+            return [mine[compress]._encode(Chunk(Slice(dtype, (n,), piece), frame_seq=seq, **header))
+                    for seq, dtype, n, piece, compress in batch]
+
+        for frames in parallel.ordered_map(encode, self._codec_jobs(h, md5)):
+            for frame in frames:
+                codec.note_sent(frame)
+                yield frame
 
     def records(self, per_write: int = 8) -> Iterator[list]:
         """The whole stream (HEAD, chunks, TAIL) as TCP records (u32 little-endian length +

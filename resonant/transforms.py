@@ -347,6 +347,28 @@ class Codec:
             self.sent_tags.append(data[_TAG])
         return data
 
+    def note_sent(self, data) -> None:
+        """Record the tag of a frame another Codec (a clone()) encoded for this one, as encode() does."""
+        if self.sent_tags is not None and self.keyring is not None:
+            self.sent_tags.append(bytes(data[_TAG]))
+
+    def clone(self, zstd: bool = True) -> "Codec":
+        """A Codec that encodes as this one does (the same keyring, level and shuffle; without zstd
+        when zstd is False), with contexts of its own, for another thread; it records no tags
+        (the caller passes each frame it sends to note_sent)."""
+        return Codec(self.zstd_level if zstd else None, shuffle=self.shuffle, key=self.keyring,
+                     require_encryption=self.require_encryption, expected_space_hash=self.expected_space_hash)
+
+    def zstd_saving(self, frame: _codec.Frame) -> float:
+        """The fraction of the frame's body that this codec's zstd would save (0.0 without zstd;
+        below 0 when the compressed body would be larger)."""
+        if self._cctx is None:
+            return 0.0
+        raw = _codec.encode_body(frame, self.shuffle)
+        if not raw:
+            return 0.0
+        return 1.0 - sum(map(len, self._compress(raw, _plane_cuts(frame) if self.shuffle else ()))) / len(raw)
+
     def _encode(self, frame: _codec.Frame) -> bytes:
         transforms = 0
         filters = 0
