@@ -118,9 +118,10 @@ def quic_row(nbytes: int, loss: float, seed: int, timeout: float) -> dict:
     from bench_quic import quic_transfer  # aioquic (the bench-net extra)
     r = quic_transfer(nbytes, forward=Impairment(loss=loss, seed=seed), backward=Impairment(loss=loss, seed=seed + 1),
                       timeout=timeout)
-    return {"seconds": r.get("seconds"), "goodput_mbs": r.get("goodput_mbs") or 0.0, "ok": bool(r.get("ok")),
-            "error": r.get("error"), "receiver_peak_rss_mb": r.get("server_peak_rss_mb"),
-            "sender_peak_rss_mb": r.get("client_peak_rss_mb")}
+    got = r.get("received") or 0
+    return {"seconds": r.get("seconds"), "goodput_mbs": r.get("goodput_MBps") or 0.0, "ok": bool(r.get("ok")),
+            "error": None if r.get("ok") else f"{got / nbytes:.0%} of the bytes arrived within {timeout:.0f} s",
+            "receiver_peak_rss_mb": r.get("rss_server_mb"), "sender_peak_rss_mb": r.get("rss_client_mb")}
 
 
 def main(argv: list[str] | None = None) -> int:
