@@ -876,8 +876,8 @@ class Reassembler:
 
 # Reports one stream may send at once when its missing ranges do not fit one (each lists the
 # ranges after the last one's): at high loss on small frames, the repair would otherwise be limited
-# to max_report_ranges chunks per report interval.
-REPORT_BURST = 8
+# to max_report_ranges chunks per report interval (schema/handshake.yaml: report_burst).
+REPORT_BURST = handshake.REPORT_BURST
 
 # What a deadline names (Reassembler._deadlines), and ChunkSink.check's outcomes.
 _STREAM, _EARLY, _PARTS, _CLOSED = range(4)
