@@ -414,22 +414,23 @@ class Reassembler:
         now_set, self._report_now = self._report_now, set()
         for sid, st in self._streams.items():
             at = st.reported_at
+            burst = REPORT_BURST
             if sid in now_set or at is None:
                 wait = interval
-            elif st.last > at:  # frames since the last report
-                if now - at < interval:
+            elif st.progress > at:  # new chunks since the last report (not HEARTs or duplicates: a peer's few
+                if now - at < interval:  # bytes must not buy a burst of reports every interval)
                     continue
                 wait = interval
-            elif st.tail is not None:  # chunks missing after TAIL, nothing new: less and less often
+            elif st.tail is not None:  # chunks missing after TAIL, nothing new: less and less often, one at a time
                 if now - at < st.report_wait:
                     continue
-                wait = min(2 * st.report_wait, quiet)
+                wait, burst = min(2 * st.report_wait, quiet), 1
             else:
                 if now - at < quiet:
                     continue
-                wait = quiet
+                wait, burst = quiet, 1
             st.reported_at, st.report_wait = now, wait
-            for _ in range(REPORT_BURST):  # more holes than one report lists: the next ones, in turn
+            for _ in range(burst):  # more holes than one report lists: the next ones, in turn
                 doc = self._report(sid, st, now)
                 out.append(doc)
                 if not doc["more"]:

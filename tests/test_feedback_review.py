@@ -90,3 +90,32 @@ def test_a_flood_of_forged_reports_is_bounded_in_memory_and_cheap_to_poll():
     took = time.perf_counter() - t
     assert out == [] and not d._resend  # all in flight: nothing resent, the ranges are done with
     assert took < 2.0  # (a generous guard: it took ~9 s before, ~0.05 s after)
+
+
+def test_heartbeats_of_a_stream_with_holes_do_not_amplify_into_report_bursts():
+    # A hostile (or, without a key, spoofed) sender opens a stream, sends every other chunk and TAIL,
+    # then only HEARTs (a few dozen bytes each). Each HEART counted as "frames since the last report",
+    # so every report interval the receiver sent REPORT_BURST reports of max_report_ranges ranges:
+    # ~9 KB of reports per 40-byte HEART, to an address nothing validated on an unkeyed UDP server.
+    from resonant.stream_sender import StreamSender
+
+    c, s = _pair({"max_frame_bytes": 1200}, {"max_frame_bytes": 1200})
+    sid = c.new_stream_id()
+    sender = c.stream(sid, [np.zeros(1_200_000, np.float16)])
+    assert isinstance(sender, StreamSender) and sender.layout.chunks > 1500
+    frames = list(sender)
+    head, chunks, tail = frames[0], frames[1:-1], frames[-1]
+    now = 1.0
+    for f in [head] + chunks[::2] + [tail]:
+        s.receive_datagram(f, now)
+    s.tick(now)
+    s.datagrams_to_send()
+    bytes_in = bytes_out = 0
+    while now < 4.0:  # (tail_grace is 5 s)
+        now += 0.02
+        h = sender.heart()
+        bytes_in += len(h)
+        s.receive_datagram(h, now)
+        s.tick(now)
+        bytes_out += sum(map(len, s.datagrams_to_send()))
+    assert bytes_out <= 3 * bytes_in, (bytes_out, bytes_in)  # (QUIC's anti-amplification factor)
