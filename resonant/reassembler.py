@@ -15,6 +15,7 @@ from resonant import _codec, fec, handshake
 from resonant._spec import MAX_FRAME_BYTES
 from resonant._codec import Chunk, Frame, Slice, Sync
 from resonant.errors import HandshakeError, ResonantError
+from resonant.replay import IdRanges
 from resonant.stream_layout import I8, PLAIN_CHUNK_MAX, StreamLayout, StreamObject
 from resonant.stream_limits import (EARLY_FRAME_BYTES, EARLY_STREAM_BYTES, PARITY_BLOCK_BYTES, PARITY_CHUNK_BYTES,
                                     PART_BYTES, MemoryBudget, StreamLimits, committed_bytes)
@@ -212,6 +213,11 @@ class Reassembler:
         self._said: dict[int, list] = {}      # closed streams' verdicts, sent again when their frames still come:
         #                                       [doc, when last sent] (a verdict lost on the way)
         self.report_interval = 0.02           # (the Session sets it: report_interval_ms)
+        # the streams a HEAD opened (feedback: a keyed Session lets a HEAD the replay window calls too old
+        # through only for a stream never opened, see Session._repair_frame); at most replay_evicted_ranges
+        # ranges, after which none is let through (opened_overflow)
+        self.opened = IdRanges()
+        self.opened_overflow = False
 
     # -------------------------------------------------------------- state
 
@@ -624,6 +630,11 @@ class Reassembler:
         self._due(_STREAM, sid)
         if self.feedback:
             self._report_now.add(sid)
+            if not self.opened_overflow:
+                if len(self.opened) >= handshake.REPLAY_EVICTED_RANGES and self.opened.needs_range(sid):
+                    self.opened_overflow = True
+                else:
+                    self.opened.add(sid)
         events: list = [StreamStarted(sid, layout)]
         for raw, _ in self._drop_early(sid):
             if sid not in self._streams:

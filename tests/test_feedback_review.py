@@ -119,3 +119,38 @@ def test_heartbeats_of_a_stream_with_holes_do_not_amplify_into_report_bursts():
         s.tick(now)
         bytes_out += sum(map(len, s.datagrams_to_send()))
     assert bytes_out <= 3 * bytes_in, (bytes_out, bytes_in)  # (QUIC's anti-amplification factor)
+
+
+def test_a_keyed_replay_cannot_reopen_a_finished_stream_through_the_head_exemption():
+    # With a key, _repair_frame lets a HEAD that the replay window calls too_old through when frames of
+    # its stream are held waiting for it. An on-path attacker keeps one frame of stream X that the
+    # receiver never saw (here a parity frame: never resent), waits until the receiver forgets X as
+    # closed (idle_timeout after it finished), replays that frame (new to the window: held as early)
+    # and then X's HEAD: X opened again (StreamStarted), and its replayed chunks, exempt as repair
+    # traffic of an open stream, were delivered again as ObjectReady (release="arrival").
+    from resonant.reassembler import ObjectReady, StreamStarted
+
+    from tests.test_feedback import resonant_key
+
+    key = resonant_key()
+    c, s = _pair({"key": key, "max_frame_bytes": 1200}, {"key": key, "max_frame_bytes": 1200})
+    sid = c.new_stream_id()
+    x = _rng.standard_normal(800_000).astype(np.float16)  # ~1,450 chunks: more than the 1,024-frame window
+    c.stream(sid, [x], fec=(8, 2))
+    d = c.delivery(sid)
+    frames = d.poll(1.0, 10**6)
+    n_heads = len(d._heads)
+    kept = frames[n_heads + 8]  # block 0's first parity frame: the attacker keeps it, the receiver never sees it
+    events = []
+    for i, f in enumerate(frames):
+        if i != n_heads + 8:
+            events += s.receive_datagram(f, 1.0)
+    assert any(isinstance(e, StreamComplete) for e in events)
+    now = 1.0
+    while now < 40.0:  # beyond idle_timeout (30 s): the receiver forgets X as closed
+        now += 1.0
+        s.tick(now)
+    replayed = s.receive_datagram(kept, now) + s.receive_datagram(frames[0], now)
+    for f in frames[n_heads:n_heads + 40]:
+        replayed += s.receive_datagram(f, now)
+    assert not [e for e in replayed if isinstance(e, (StreamStarted, ObjectReady, StreamComplete))], replayed
