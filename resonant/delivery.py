@@ -76,7 +76,7 @@ class Delivery:
         self._next_new = 0                    # data chunks sent by the first pass
         self._first_done = False              # the first pass is over (every chunk, and parity with fec, sent once)
         self._tail: bytes | None = None
-        self._sent_at = np.zeros(self.chunks, np.float64)  # when each chunk was last sent (0: never)
+        self._sent_at = np.full(self.chunks, -np.inf)      # when each chunk was last sent (-inf: never)
         self._sends = np.zeros(self.chunks, np.uint8)      # how often
         self._resend: deque[tuple[int, int]] = deque()     # ranges a report asked for (at most MAX_RESEND_RANGES)
         self._queued: set[tuple[int, int]] = set()          # ... the same, to find one at once
@@ -176,7 +176,7 @@ class Delivery:
             # the chunks of the range not sent lately (the others are in flight still), found at once:
             # a range of many chunks all in flight costs one pass in C, not one Python step per chunk
             at = self._sent_at[a:b]
-            due = np.flatnonzero((at == 0) | (now - at >= rto))
+            due = np.flatnonzero(now - at >= rto)  # (never sent: -inf)
             k, i = b, 0
             while i < len(due) and budget > 0 and len(out) < max_frames:
                 k = a + int(due[i])
@@ -265,7 +265,7 @@ class Delivery:
             self._probe = max(2 * REPORT_INTERVAL, self._rto())
         highest = min(doc["highest"], self.chunks)
         rtt = None
-        if highest and self._sent_at[highest - 1]:
+        if highest and self._sent_at[highest - 1] > -math.inf:
             sample = now - self._sent_at[highest - 1] - doc["age_ms"] / 1000
             if 0 <= sample < self.feedback_timeout:
                 rtt = sample

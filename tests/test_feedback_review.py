@@ -154,3 +154,19 @@ def test_a_keyed_replay_cannot_reopen_a_finished_stream_through_the_head_exempti
     for f in frames[n_heads:n_heads + 40]:
         replayed += s.receive_datagram(f, now)
     assert not [e for e in replayed if isinstance(e, (StreamStarted, ObjectReady, StreamComplete))], replayed
+
+
+def test_chunks_sent_at_time_zero_count_as_sent():
+    # A sans-IO caller whose clock starts at 0.0 (as these tests' do): _sent_at used 0 for "never sent",
+    # so chunks sent at now=0.0 were resent on the first report that listed them, however recently they
+    # went, and gave no round-trip sample.
+    c, _ = _pair()
+    sid = c.new_stream_id()
+    c.stream(sid, [np.zeros(200_000, np.float16)])
+    d = c.delivery(sid)
+    assert d.poll(0.0, 10**6)
+    doc = {"method": "report", "stream_id": sid, "received": 1, "bytes": 1, "highest": d.chunks, "skipped": 0,
+           "age_ms": 0, "tail": False, "missing": [0, 1], "more": 0}
+    c.receive_datagram(_doc_frame(doc, 10), 0.004)
+    assert d.srtt is not None and abs(d.srtt - 0.004) < 1e-9
+    assert d.poll(0.005) == []  # chunk 0 went 5 ms ago: in flight still
