@@ -320,7 +320,10 @@ class Delivery:
         if self._unreported is not None:
             event, self._unreported = self._unreported, None
             return [event]
-        if self.result is not None or self._heard is None:
+        if self.result is not None:
+            return []
+        if self._heard is None:  # (a caller that sends the frames itself: the deadline counts from here)
+            self.start(now)
             return []
         if now - self._heard > self.feedback_timeout:
             what = "a verdict" if self._first_done else "a report"

@@ -170,3 +170,20 @@ def test_chunks_sent_at_time_zero_count_as_sent():
     c.receive_datagram(_doc_frame(doc, 10), 0.004)
     assert d.srtt is not None and abs(d.srtt - 0.004) < 1e-9
     assert d.poll(0.005) == []  # chunk 0 went 5 ms ago: in flight still
+
+
+def test_a_stream_whose_frames_the_caller_sent_itself_still_times_out_without_feedback():
+    # The same documented use (iterate stream(), send_encoded): the Delivery never started its feedback
+    # clock, so a receiver that never answers left it (and views of the caller's tensors) in the
+    # Session for ever, with feedback_busy (fast ticks) true for ever.
+    c, _ = _pair({"feedback_timeout": 2.0})
+    sid = c.new_stream_id()
+    for f in c.stream(sid, [np.zeros(4096, np.float16)]):
+        pass  # sent, and lost
+    events, t = [], 0.0
+    while not events and t < 10:
+        events = c.tick(t)
+        t += 0.1
+    (out,) = events
+    assert isinstance(out, StreamUndelivered) and out.reason == "no_feedback"
+    assert c.delivery(sid) is None and not c.feedback_busy
