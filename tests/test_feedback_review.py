@@ -187,3 +187,14 @@ def test_a_stream_whose_frames_the_caller_sent_itself_still_times_out_without_fe
     (out,) = events
     assert isinstance(out, StreamUndelivered) and out.reason == "no_feedback"
     assert c.delivery(sid) is None and not c.feedback_busy
+
+
+def test_a_receivers_reason_with_control_characters_stays_one_printable_line():
+    # The receiver's verdict reason and detail (any JSON string: newlines, terminal escapes) went into
+    # DeliveryFailed's message as they were, which `resonant send` prints to the user's terminal.
+    from resonant.aio import DeliveryFailed
+
+    e = DeliveryFailed(3, "save_failed\x1b[2J", "disk full\nresonant send: all good", remote=True)
+    msg = str(e)
+    assert msg.isprintable() and "\n" not in msg and "\x1b" not in msg
+    assert e.reason == "save_failed\x1b[2J"  # (the attributes keep what the receiver said)
