@@ -54,6 +54,8 @@ RUNTIME_LIMITS = {
         "max_objects": "handshake.validate (list[object])",
         "max_list_items": "handshake.validate (lists)",
         "max_report_ranges": "handshake.validate (ranges), the receiver's reports",
+        "report_burst": "resonant.reassembler (the receiver's reports)",
+        "max_resend_ranges": "resonant.delivery (the sender's resend queue)",
         "report_interval_ms": "the Session (the receiver's reports)",
         "feedback_timeout_ms": "the Session (resonant.delivery: the sender's deadline)",
         "max_retransmits": "resonant.delivery (the sender)",

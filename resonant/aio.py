@@ -78,7 +78,12 @@ class DeliveryFailed(ConnectionError):
     def __init__(self, stream_id: int, reason: str, detail: str, remote: bool = False) -> None:
         self.stream_id, self.reason, self.detail, self.remote = stream_id, reason, detail, remote
         who = "the receiver refused" if remote else "not delivered"
-        super().__init__(f"stream {stream_id}: {who}: {reason}: {detail}")
+        super().__init__(f"stream {stream_id}: {who}: {_printable(reason)}: {_printable(detail)}")
+
+
+def _printable(text: str) -> str:
+    """A peer's text for a one-line message: control characters (newlines, terminal escapes) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 _TICK = 0.05                  # seconds between timer ticks
 _FAST_TICK = REPORT_INTERVAL  # ... and for sessions with V-Stream feedback under way (reports, verdicts)

@@ -26,6 +26,7 @@ __all__ = ["Delivery", "StreamDelivered", "StreamUndelivered", "REPORT_INTERVAL"
 REPORT_INTERVAL = handshake.REPORT_INTERVAL_MS / 1000    # seconds (schema/handshake.yaml)
 FEEDBACK_TIMEOUT = handshake.FEEDBACK_TIMEOUT_MS / 1000  # seconds
 MAX_RETRANSMITS = handshake.MAX_RETRANSMITS
+MAX_RESEND_RANGES = handshake.MAX_RESEND_RANGES
 _FIRST_RTO = 0.1      # seconds before HEAD or TAIL is sent again while no round trip has been measured
 _MIN_RTO = 0.01       # the least wait before a chunk, HEAD or TAIL is sent again
 
@@ -75,9 +76,10 @@ class Delivery:
         self._next_new = 0                    # data chunks sent by the first pass
         self._first_done = False              # the first pass is over (every chunk, and parity with fec, sent once)
         self._tail: bytes | None = None
-        self._sent_at = np.zeros(self.chunks, np.float64)  # when each chunk was last sent (0: never)
+        self._sent_at = np.full(self.chunks, -np.inf)      # when each chunk was last sent (-inf: never)
         self._sends = np.zeros(self.chunks, np.uint8)      # how often
-        self._resend: deque[tuple[int, int]] = deque()     # ranges a report asked for
+        self._resend: deque[tuple[int, int]] = deque()     # ranges a report asked for (at most MAX_RESEND_RANGES)
+        self._queued: set[tuple[int, int]] = set()          # ... the same, to find one at once
         self._head_at: float | None = None
         self._tail_at: float | None = None
         self._open = False                    # a report showed the stream open (HEAD arrived)
@@ -171,11 +173,14 @@ class Delivery:
             self._head_at = now
         while self._resend and budget > 0 and len(out) < max_frames:
             a, b = self._resend[0]
-            k = a
-            while k < b and budget > 0 and len(out) < max_frames:
-                if self._sent_at[k] and now - self._sent_at[k] < rto:  # (resent lately: in flight still)
-                    k += 1
-                    continue
+            # the chunks of the range not sent lately (the others are in flight still), found at once:
+            # a range of many chunks all in flight costs one pass in C, not one Python step per chunk
+            at = self._sent_at[a:b]
+            due = np.flatnonzero(now - at >= rto)  # (never sent: -inf)
+            k, i = b, 0
+            while i < len(due) and budget > 0 and len(out) < max_frames:
+                k = a + int(due[i])
+                i += 1
                 if self._sends[k] >= self.max_retransmits:
                     self._unreported = self.result = StreamUndelivered(self.stream_id, "retransmits", f"chunk {k} was sent "
                                                    f"{self.max_retransmits} times and never arrived")
@@ -187,10 +192,12 @@ class Delivery:
                 self._mark(k, now)
                 self.retransmitted += 1
                 k += 1
-            if k >= b:
-                self._resend.popleft()
+            if i >= len(due):
+                self._queued.discard(self._resend.popleft())
             else:
+                self._queued.discard(self._resend[0])
                 self._resend[0] = (k, b)
+                self._queued.add((k, b))
         if self._new is None and not self._first_done:
             self._new = self._first_pass()
         while not self._first_done and budget > 0 and len(out) < max_frames:
@@ -258,7 +265,7 @@ class Delivery:
             self._probe = max(2 * REPORT_INTERVAL, self._rto())
         highest = min(doc["highest"], self.chunks)
         rtt = None
-        if highest and self._sent_at[highest - 1]:
+        if highest and self._sent_at[highest - 1] > -math.inf:
             sample = now - self._sent_at[highest - 1] - doc["age_ms"] / 1000
             if 0 <= sample < self.feedback_timeout:
                 rtt = sample
@@ -274,12 +281,14 @@ class Delivery:
             self._last_bytes = max(self._last_bytes, doc["bytes"])
             self._last_skipped = max(self._last_skipped, doc["skipped"])
         missing = doc["missing"]
-        if missing:
-            queued = {r for r in self._resend}
-            for i in range(0, len(missing), 2):
-                a, b = missing[i], min(missing[i + 1], self._next_new)  # never "resend" what was never sent
-                if a < b and (a, b) not in queued:
-                    self._resend.append((a, b))
+        queued = self._queued
+        for i in range(0, len(missing), 2):
+            a, b = missing[i], min(missing[i + 1], self._next_new)  # never "resend" what was never sent
+            if a < b and (a, b) not in queued:
+                if len(queued) >= MAX_RESEND_RANGES:  # (bounded: the receiver lists the others again)
+                    break
+                self._resend.append((a, b))
+                queued.add((a, b))
         return []
 
     def on_verdict(self, doc: dict, now: float) -> list:
@@ -288,15 +297,17 @@ class Delivery:
             return []
         if doc["ok"]:
             got = doc.get("xxh3_64")
-            want = self.sender.digest()[0] if self._first_done else None
-            if want is not None and got == f"{want:016x}" and doc.get("bytes", self.total_bytes) == self.total_bytes:
+            # (the sources' hash, also when this Delivery did not send the frames itself: a caller that
+            # iterated the StreamSender or wrote its records, e.g. TCP, whose verdict may come first)
+            want = self.sender.digest()[0]
+            if got == f"{want:016x}" and doc.get("bytes", self.total_bytes) == self.total_bytes:
                 event = StreamDelivered(self.stream_id, want, self.total_bytes,
                                         now - self.started if self.started is not None else 0.0,
                                         self.retransmitted, self.pacer.stats if self.pacer is not None else None)
             else:
                 event = StreamUndelivered(self.stream_id, "hash_mismatch", f"the receiver verified xxh3_64 {got} of "
                                           f"{doc.get('bytes')} bytes; this side sent "
-                                          f"{'(not all yet)' if want is None else f'{want:016x}'} of "
+                                          f"{want:016x} of "
                                           f"{self.total_bytes} bytes")
         else:
             event = StreamUndelivered(self.stream_id, doc.get("reason") or "failed", doc.get("detail") or "",
@@ -309,7 +320,10 @@ class Delivery:
         if self._unreported is not None:
             event, self._unreported = self._unreported, None
             return [event]
-        if self.result is not None or self._heard is None:
+        if self.result is not None:
+            return []
+        if self._heard is None:  # (a caller that sends the frames itself: the deadline counts from here)
+            self.start(now)
             return []
         if now - self._heard > self.feedback_timeout:
             what = "a verdict" if self._first_done else "a report"
@@ -329,4 +343,5 @@ class Delivery:
         self.sender = None  # the source tensors are the caller's again
         self._new = None
         self._resend.clear()
+        self._queued.clear()
         return [event]

@@ -46,6 +46,10 @@ ZSTD_MIN_SAVING_PERMILLE = 50
 REFERENCE_FALLBACK_MS = 1000
 #: A report lists at most this many missing chunk ranges (the ranges type); a receiver with more lists those after the ones its previous report listed, in turn, so that every hole is named within a few reports.
 MAX_REPORT_RANGES = 64
+#: A receiver sends at most this many reports of one stream at once (each listing the missing ranges after the previous one's) when its holes do not fit one report.
+REPORT_BURST = 8
+#: A sender keeps at most this many missing ranges from reports queued for resending (a range already queued is not queued again); ranges reported beyond it are dropped, the receiver lists them again.
+MAX_RESEND_RANGES = 2048
 #: With feedback agreed, a receiver reports each open stream at most this often while frames arrive (and at once when the stream opens and when TAIL comes with chunks missing); after TAIL with chunks missing and nothing new arriving, it doubles the interval after each report, up to feedback_timeout_ms / 4.
 REPORT_INTERVAL_MS = 20
 #: With feedback agreed, a sender whose stream has heard nothing from the receiver (no report, no verdict) for this long gives the stream up (the receiver is gone); a receiver reports every open stream, and every completed one whose verdict the application still holds, well within it.

@@ -15,6 +15,7 @@ from resonant import _codec, fec, handshake
 from resonant._spec import MAX_FRAME_BYTES
 from resonant._codec import Chunk, Frame, Slice, Sync
 from resonant.errors import HandshakeError, ResonantError
+from resonant.replay import IdRanges
 from resonant.stream_layout import I8, PLAIN_CHUNK_MAX, StreamLayout, StreamObject
 from resonant.stream_limits import (EARLY_FRAME_BYTES, EARLY_STREAM_BYTES, PARITY_BLOCK_BYTES, PARITY_CHUNK_BYTES,
                                     PART_BYTES, MemoryBudget, StreamLimits, committed_bytes)
@@ -212,6 +213,11 @@ class Reassembler:
         self._said: dict[int, list] = {}      # closed streams' verdicts, sent again when their frames still come:
         #                                       [doc, when last sent] (a verdict lost on the way)
         self.report_interval = 0.02           # (the Session sets it: report_interval_ms)
+        # the streams a HEAD opened (feedback: a keyed Session lets a HEAD the replay window calls too old
+        # through only for a stream never opened, see Session._repair_frame); at most replay_evicted_ranges
+        # ranges, after which none is let through (opened_overflow)
+        self.opened = IdRanges()
+        self.opened_overflow = False
 
     # -------------------------------------------------------------- state
 
@@ -414,22 +420,23 @@ class Reassembler:
         now_set, self._report_now = self._report_now, set()
         for sid, st in self._streams.items():
             at = st.reported_at
+            burst = REPORT_BURST
             if sid in now_set or at is None:
                 wait = interval
-            elif st.last > at:  # frames since the last report
-                if now - at < interval:
+            elif st.progress > at:  # new chunks since the last report (not HEARTs or duplicates: a peer's few
+                if now - at < interval:  # bytes must not buy a burst of reports every interval)
                     continue
                 wait = interval
-            elif st.tail is not None:  # chunks missing after TAIL, nothing new: less and less often
+            elif st.tail is not None:  # chunks missing after TAIL, nothing new: less and less often, one at a time
                 if now - at < st.report_wait:
                     continue
-                wait = min(2 * st.report_wait, quiet)
+                wait, burst = min(2 * st.report_wait, quiet), 1
             else:
                 if now - at < quiet:
                     continue
-                wait = quiet
+                wait, burst = quiet, 1
             st.reported_at, st.report_wait = now, wait
-            for _ in range(REPORT_BURST):  # more holes than one report lists: the next ones, in turn
+            for _ in range(burst):  # more holes than one report lists: the next ones, in turn
                 doc = self._report(sid, st, now)
                 out.append(doc)
                 if not doc["more"]:
@@ -623,6 +630,11 @@ class Reassembler:
         self._due(_STREAM, sid)
         if self.feedback:
             self._report_now.add(sid)
+            if not self.opened_overflow:
+                if len(self.opened) >= handshake.REPLAY_EVICTED_RANGES and self.opened.needs_range(sid):
+                    self.opened_overflow = True
+                else:
+                    self.opened.add(sid)
         events: list = [StreamStarted(sid, layout)]
         for raw, _ in self._drop_early(sid):
             if sid not in self._streams:
@@ -879,8 +891,8 @@ class Reassembler:
 
 # Reports one stream may send at once when its missing ranges do not fit one (each lists the
 # ranges after the last one's): at high loss on small frames, the repair would otherwise be limited
-# to max_report_ranges chunks per report interval.
-REPORT_BURST = 8
+# to max_report_ranges chunks per report interval (schema/handshake.yaml: report_burst).
+REPORT_BURST = handshake.REPORT_BURST
 
 # What a deadline names (Reassembler._deadlines), and ChunkSink.check's outcomes.
 _STREAM, _EARLY, _PARTS, _CLOSED = range(4)

@@ -870,15 +870,16 @@ class Session(SessionCore):
         """Whether an authenticated frame the replay window refuses is a V-Stream's own repair
         traffic, taken all the same: a chunk of a stream that is open (resent after the window moved
         past it, or a duplicate: the Reassembler places each chunk once, and a chunk has no effect
-        outside its stream), or the HEAD of a stream whose frames are held waiting for it (resent
-        after more than the window's worth of chunks arrived). Replays of anything else, and of
-        finished streams, are refused as before."""
+        outside its stream), or the HEAD of a stream never opened whose frames are held waiting for
+        it (resent after more than the window's worth of chunks arrived). Replays of anything else,
+        and of finished streams (also once they are forgotten as closed), are refused as before."""
         r = self.reassembler
         sid = frame.stream_id
         if isinstance(frame, Chunk):
             return sid in r._streams
         return (verdict == "too_old" and isinstance(frame, Sync) and frame.frame_seq == 0 and sid in r._early
-                and sid not in r._streams and sid not in r._closed)
+                and sid not in r._streams and sid not in r._closed
+                and not r.opened_overflow and sid not in r.opened)  # (never a stream opened before: a replay)
 
     def _strict_layout(self, data) -> bool:
         """Whether a frame must fit its type's layouts to be taken: with strict_layout, and always
