@@ -239,15 +239,21 @@ def print_targets(main_t: list[Target], info_t: list[Target], out, unit: str = "
         print(f"- info {tg.name}: {val}" + (f" ({tg.note})" if tg.note else ""), file=out)
 
 
+def write_json(dest: str | None, doc: Any) -> None:
+    """The benches' --json: the document to PATH, or to stdout for "-"; nothing without one."""
+    if not dest or doc is None:
+        return
+    text = json.dumps(doc, indent=2, ensure_ascii=False)
+    if dest == "-":
+        print(text)
+    else:
+        with open(dest, "w") as f:
+            f.write(text + "\n")
+
+
 def finish(args: argparse.Namespace, doc: dict[str, Any] | None, main_t: list[Target]) -> int:
     """Write the JSON document (--json PATH, or - for stdout); exit 1 on a failed target with --check."""
-    if args.json and doc is not None:
-        text = json.dumps(doc, indent=2, ensure_ascii=False)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+    write_json(args.json, doc)
     return 1 if args.check and any(t.status == "FAIL" for t in main_t) else 0
 
 

@@ -41,6 +41,8 @@ import resonant  # noqa: E402
 from resonant._codec import xxh3_64  # noqa: E402
 from resonant.delivery import StreamDelivered  # noqa: E402
 from resonant.relay import Impairment, Relay  # noqa: E402
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from bench_codec import write_json  # noqa: E402
 
 TARGET = 0.8  # goodput / ideal at 5% loss
 
@@ -151,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loss {key} done", file=sys.stderr, flush=True)
     print(f"{args.mib} MiB float16 through resonant.relay (random loss both ways), rate cap "
           f"{args.rate / 1e6:.0f} MB/s, max_frame_bytes {args.frame}")
-    print(f"| loss | row | time (s) | goodput (MB/s) | / ideal | wire overhead | final pacing rate (MB/s) | "
-          f"backoffs | receiver peak RSS (MB) | sender peak RSS (MB) | verified |")
+    print("| loss | row | time (s) | goodput (MB/s) | / ideal | wire overhead | final pacing rate (MB/s) | "
+          "backoffs | receiver peak RSS (MB) | sender peak RSS (MB) | verified |")
     print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|")
     verdict = None
     for key, by_row in rows.items():
@@ -174,11 +176,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({'met' if verdict >= TARGET else 'NOT met'})")
     if args.json:
         doc = {"mib": args.mib, "rate": args.rate, "frame": args.frame, "rows": rows, "target_ratio_5pct": verdict}
-        if args.json == "-":
-            json.dump(doc, sys.stdout, indent=1)
-        else:
-            with open(args.json, "w") as f:
-                json.dump(doc, f, indent=1)
+        write_json(args.json, doc)
     return 0
 
 

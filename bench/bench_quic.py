@@ -48,6 +48,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from resonant._codec import xxh3_64  # noqa: E402
+from bench_codec import write_json  # noqa: E402
 from resonant.relay import Impairment, Relay  # noqa: E402
 
 ALPN = "resonant-bench"
@@ -351,13 +352,7 @@ def main() -> None:
         print(f"{loss * 100:>5g}% {str(row['ok']):>5} {secs:>9} {rate:>8} {hs:>10} {rss:>16} "
               f"{rel.get('forward', {}).get('dropped', '-'):>10} {rel.get('backward', {}).get('dropped', '-'):>10} "
               f"{cpu:>20}", flush=True)
-    if args.json:
-        text = json.dumps(rows, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text)
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ of 65,000-byte datagrams passes in full using ~7% of a core (1% loss + 1 ms dela
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import socket
@@ -32,6 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_codec import write_json  # noqa: E402
 from resonant.relay import Impairment, Relay  # noqa: E402
 
 
@@ -122,13 +122,7 @@ def main() -> None:
                   f"  (received {row['received']:,}" + (f" of {row['relay_in']:,} the relay read; relay CPU {row['relay_cpu_s']:.2f} s ="
                      f" {row['relay_dgram_per_cpu_s']:,} dgram/CPU-s)" if relay else ")"),
                   flush=True)
-    if args.json:
-        text = json.dumps(rows, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text)
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

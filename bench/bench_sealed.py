@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
 import os
 import socket
@@ -40,7 +39,7 @@ import time
 import numpy as np
 
 import resonant
-from bench_codec import machine, print_machine  # noqa: E402  (bench/ is sys.path[0] for a script)
+from bench_codec import machine, print_machine, write_json  # noqa: E402  (bench/ is sys.path[0] for a script)
 from resonant import ConnectionBroken, FrameRejected, StreamComplete, StreamFailed, StreamStarted, parallel
 from resonant.session import MessageReceived
 
@@ -316,12 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = {"mib": args.mib, "data": what, "zstd_saving": savings, "threads": threads,
                "bare_cpu_seconds": bare, "ceiling_vs_plain": ceilings,
                "seconds": samples, "cpu_seconds": cpus, "cpu_median": cpu_median, "best": best, "median": median, "ratios": ratios, "target": TARGET, "pass": ok}
-        text = json.dumps(doc, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+        write_json(args.json, doc)
     return 0
 
 
