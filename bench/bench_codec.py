@@ -239,6 +239,24 @@ def print_targets(main_t: list[Target], info_t: list[Target], out, unit: str = "
         print(f"- info {tg.name}: {val}" + (f" ({tg.note})" if tg.note else ""), file=out)
 
 
+def peak_rss_mb(reset: bool = False) -> float:
+    """This process's peak resident memory in MiB: VmHWM (the high-water mark of its own address
+    space; ru_maxrss would carry the parent's over fork and exec); reset=True starts it again from
+    the current RSS (Linux: /proc/self/clear_refs)."""
+    try:
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def write_json(dest: str | None, doc: Any) -> None:
     """The benches' --json: the document to PATH, or to stdout for "-"; nothing without one."""
     if not dest or doc is None:

@@ -14,8 +14,8 @@ process (resonant.serve) through resonant.relay (its own process), which drops d
 random with the loss rate in both directions (seeded: every row sees the same decisions for the
 same datagrams). Goodput = tensor bytes / time from the first datagram to the verdict. The
 sender's pacing cap is --rate; the ideal row is (1 - loss) x rate, the most any scheme that sends
-at the rate can deliver; the target is goodput >= 0.8 x ideal at 5% loss. Peak RSS: the
-receiver process's, and this process's growth over the run (the tensor itself excluded).
+at the rate can deliver; the target is goodput >= 0.8 x ideal at 5% loss. Peak RSS (VmHWM): the
+receiver process's, and this process's from the start of the transfer (the tensor included).
 QUIC's row uses aioquic's defaults for loss recovery and congestion control (Reno), 1,200-byte
 datagrams, flow-control windows raised to 16 MiB (bench/bench_quic.py); it is not paced to --rate.
 """
@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -42,12 +41,15 @@ from resonant._codec import xxh3_64  # noqa: E402
 from resonant.delivery import StreamDelivered  # noqa: E402
 from resonant.relay import Impairment, Relay  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-from bench_codec import write_json  # noqa: E402
+from bench_codec import peak_rss_mb, write_json  # noqa: E402
 
 TARGET = 0.8  # goodput / ideal at 5% loss
 
 _RECEIVER = r"""
-import asyncio, json, resource, sys
+import asyncio, json, sys
+def peak_rss_mb():  # VmHWM: this process's own high-water mark (ru_maxrss would carry the parent's over fork)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
 import resonant
 from resonant.reassembler import StreamComplete, StreamFailed
 async def main():
@@ -57,7 +59,7 @@ async def main():
             if isinstance(ev, (StreamComplete, StreamFailed)):
                 doc = {"ok": isinstance(ev, StreamComplete), "xxh3_64": getattr(ev, "xxh3_64", None),
                        "reason": getattr(ev, "reason", None),
-                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                       "peak_rss_mb": peak_rss_mb()}
                 del ev
                 print(json.dumps(doc), flush=True)
 asyncio.run(main())
@@ -73,8 +75,8 @@ def _f(v, spec: str) -> str:
     return "" if v is None or v != v else format(v, spec)
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _rss_mb(reset: bool = False) -> float:
+    return peak_rss_mb(reset)
 
 
 def resonant_row(x: np.ndarray, loss: float, rate: float, frame: int, fec: tuple[int, int] | None,
@@ -89,6 +91,7 @@ def resonant_row(x: np.ndarray, loss: float, rate: float, frame: int, fec: tuple
                                             timeout=10.0) as peer:
                     kw = {"fec": fec} if fec else {}
                     d0 = peer.session.stats["bytes_out"]
+                    _rss_mb(reset=True)  # (the sender's peak from here: the tensor, held, and the transfer)
                     t = time.perf_counter()
                     await peer.send_stream([x], rate=rate, **kw)
                     dt = time.perf_counter() - t

@@ -48,7 +48,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from resonant._codec import xxh3_64  # noqa: E402
-from bench_codec import write_json  # noqa: E402
+from bench_codec import peak_rss_mb, write_json  # noqa: E402
 from resonant.relay import Impairment, Relay  # noqa: E402
 
 ALPN = "resonant-bench"
@@ -115,7 +115,7 @@ def _big_buffers(transport) -> None:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return peak_rss_mb()  # (VmHWM: ru_maxrss would include the parent's memory at fork)
 
 
 def _cpu_s() -> float:
