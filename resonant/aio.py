@@ -276,23 +276,28 @@ class _Link:
     def flush(self) -> None:
         raise NotImplementedError
 
-    _waiter: asyncio.Future | None = None
+    _waiters: set | None = None
 
     async def wait_input(self, delay: float) -> None:
-        """Sleep up to `delay` seconds, less when something arrives from the peer (or it goes away)."""
+        """Sleep up to `delay` seconds, less when something arrives from the peer (or it goes away);
+        every waiter is woken (several send_stream calls may wait on one peer)."""
         loop = asyncio.get_running_loop()
-        fut = self._waiter = loop.create_future()
+        fut = loop.create_future()
+        if self._waiters is None:
+            self._waiters = set()
+        self._waiters.add(fut)
         handle = loop.call_later(max(0.0, delay), _wake, fut)
         try:
             await fut
         finally:
             handle.cancel()
-            self._waiter = None
+            self._waiters.discard(fut)
 
     def woken(self) -> None:
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        if self._waiters:
+            for w in self._waiters:
+                if not w.done():
+                    w.set_result(None)
 
     async def drain(self) -> None:
         await self._can_write.wait()

@@ -397,3 +397,23 @@ def test_fec_is_refused_to_a_peer_that_cannot_read_it(monkeypatch):
     assert not c.agreement.fec
     with pytest.raises(LocalProtocolError, match="forward error correction"):
         c.stream(c.new_stream_id(), [np.zeros(100, np.float16)], fec=(4, 1))
+
+
+def test_two_send_streams_at_once_on_one_peer_both_return_verified():
+    import asyncio
+
+    import resonant
+
+    async def go():
+        async with resonant.serve("udp://127.0.0.1:0") as server:
+            async def drain():
+                async for _ in server:
+                    pass
+            task = asyncio.ensure_future(drain())
+            async with resonant.connect(f"udp://127.0.0.1:{server.address[1]}") as peer:
+                xs = [_rng.standard_normal(2_000_000).astype(np.float16) for _ in range(2)]
+                ids = await asyncio.wait_for(asyncio.gather(*(peer.send_stream([x]) for x in xs)), 30)
+            task.cancel()
+            return ids
+    ids = asyncio.run(go())
+    assert len(set(ids)) == 2
