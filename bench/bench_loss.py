@@ -38,6 +38,7 @@ if ROOT not in sys.path:
 
 import resonant  # noqa: E402
 from resonant._codec import xxh3_64  # noqa: E402
+from resonant.cli import _rate  # noqa: E402
 from resonant.delivery import StreamDelivered  # noqa: E402
 from resonant.relay import Impairment, Relay  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -47,9 +48,8 @@ TARGET = 0.8  # goodput / ideal at 5% loss
 
 _RECEIVER = r"""
 import asyncio, json, sys
-def peak_rss_mb():  # VmHWM: this process's own high-water mark (ru_maxrss would carry the parent's over fork)
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+sys.path.insert(0, sys.argv[2])  # bench/
+from bench_codec import peak_rss_mb
 import resonant
 from resonant.reassembler import StreamComplete, StreamFailed
 async def main():
@@ -66,11 +66,6 @@ asyncio.run(main())
 """
 
 
-def _rate(text: str) -> float:
-    scale = {"k": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:], 1.0)
-    return float(text[:-1] if scale != 1.0 else text) * scale
-
-
 def _f(v, spec: str) -> str:
     return "" if v is None or v != v else format(v, spec)
 
@@ -81,7 +76,7 @@ def _rss_mb(reset: bool = False) -> float:
 
 def resonant_row(x: np.ndarray, loss: float, rate: float, frame: int, fec: tuple[int, int] | None,
                  seed: int) -> dict:
-    recv = subprocess.Popen([sys.executable, "-c", _RECEIVER, str(frame)], stdout=subprocess.PIPE, text=True)
+    recv = subprocess.Popen([sys.executable, "-c", _RECEIVER, str(frame), os.path.join(ROOT, "bench")], stdout=subprocess.PIPE, text=True)
     try:
         port = json.loads(recv.stdout.readline())["port"]
         fwd, back = Impairment(loss=loss, seed=seed), Impairment(loss=loss, seed=seed + 1)
@@ -133,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--loss", default="0,0.01,0.05,0.2")
-    ap.add_argument("--rate", type=_rate, default=100e6, help="the sender's pacing cap, bytes/s (default 100M)")
+    ap.add_argument("--rate", type=_rate, default=100e6,  # (resonant send --rate's parser: 50M, 1.5G, ...)
+                    help="the sender's pacing cap, bytes/s (default 100M)")
     ap.add_argument("--frame", type=int, default=65507, help="max_frame_bytes (1200 for small-MTU paths)")
     ap.add_argument("--fec", default="16,2", help="k,m for the FEC row ('' for none)")
     ap.add_argument("--no-quic", action="store_true")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
 import queue
 import socket
@@ -37,7 +36,7 @@ import numpy as np
 
 import resonant
 import resonant.stream  # (set_buffer_cache; `import resonant` alone no longer imports resonant.stream since the layout split)
-from bench_codec import best_of, machine, print_machine  # noqa: E402  (bench/ is sys.path[0] for a script)
+from bench_codec import best_of, machine, print_machine, write_json  # noqa: E402  (bench/ is sys.path[0] for a script)
 from resonant import ConnectionBroken, FrameRejected, Reassembler, StreamComplete, StreamFailed, StreamSender
 from resonant.session import MessageReceived, Session
 
@@ -318,12 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                "aio_seconds": aio, "aio_gbps": nbytes / min(aio) / 1e9,
                "tcp_target": TARGET_TCP_RATIO, "tcp_pass_reused": tcp_reused_ok,
                "tcp_pass": tcp_ok}
-        text = json.dumps(doc, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+        write_json(args.json, doc)
     return 0
 
 

@@ -199,7 +199,7 @@ class Delivery:
                 self._resend[0] = (k, b)
                 self._queued.add((k, b))
         if self._new is None and not self._first_done:
-            self._new = self._first_pass()
+            self._new = self.sender.chunks_tagged()  # (data chunks, and parity after each block with fec)
         while not self._first_done and budget > 0 and len(out) < max_frames:
             try:
                 frame, data = next(self._new)
@@ -226,21 +226,6 @@ class Delivery:
         if self.pacer is not None and n:
             self.pacer.sent(n, now)
         return out
-
-    def _first_pass(self):
-        """Every frame once, in order, with whether it is a data chunk: the chunks (the stream hash fed as
-        they are made) and, with forward error correction, each block's parity after its last chunk."""
-        code = getattr(self.sender, "_code", None)
-        if code is None:
-            for frame in self.sender.chunks():
-                yield frame, True
-            return
-        k, n = code.k, self.chunks
-        for i, frame in enumerate(self.sender._data_chunks()):
-            yield frame, True
-            if (i + 1) % k == 0 or i + 1 == n:
-                for parity in self.sender._parity_frames(i // k):
-                    yield parity, False
 
     def _mark(self, k: int, now: float) -> None:
         self._sent_at[k] = now

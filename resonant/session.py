@@ -700,7 +700,7 @@ class Session(SessionCore):
     def _frame(self, data, now: float, copy: bool) -> list:
         if self._keyring is None:
             events = self._frame1(data, now, copy)
-            if self._fb and (events or self.reassembler._report_now or self.reassembler._verdicts):
+            if self._fb:
                 self._feedback_out(now, False)
             return events
         self._current = data  # (for the tag that an error about this frame echoes)
@@ -711,7 +711,7 @@ class Session(SessionCore):
         if self._committed is not None:  # this frame proved a pending re-key
             events.insert(0, self._committed)
             self._committed = None
-        if self._fb and (events or self.reassembler._report_now or self.reassembler._verdicts):
+        if self._fb:  # (what this frame queued: a report, a verdict)
             self._feedback_out(now, False)
         return events
 
@@ -831,8 +831,9 @@ class Session(SessionCore):
         """Queue the receiver's due verdicts and reports (periodic: the timer's reports too; else only
         those due at once) on stream 0, under the session's encoding."""
         r = self.reassembler
-        for doc in r.take_verdicts():
-            self._send_doc(doc)
+        if r._verdicts:
+            for doc in r.take_verdicts():
+                self._send_doc(doc)
         if periodic or r._report_now:
             for doc in r.reports(now, REPORT_INTERVAL, self.config.feedback_timeout / 4):
                 self._send_doc(doc)

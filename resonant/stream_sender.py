@@ -123,14 +123,22 @@ class StreamSender:
         16 are encoded on resonant.parallel's pool (RESONANT_THREADS; 1: in this thread), at most
         2 x threads batches ahead of the frame handed out. With fec, each block's parity frames
         follow its last data chunk."""
+        for frame, _data in self.chunks_tagged():
+            yield frame
+
+    def chunks_tagged(self) -> Iterator[tuple[bytes, bool]]:
+        """chunks(), each frame with whether it is a data chunk (False: a parity frame), in the same
+        order: the stream hash is fed as the data chunks are made."""
         if self._code is None:
-            yield from self._data_chunks()
+            for frame in self._data_chunks():
+                yield frame, True
             return
         k, n = self._code.k, self.layout.chunks
         for i, frame in enumerate(self._data_chunks()):
-            yield frame
+            yield frame, True
             if (i + 1) % k == 0 or i + 1 == n:
-                yield from self._parity_frames(i // k)
+                for parity in self._parity_frames(i // k):
+                    yield parity, False
 
     def _block_data(self, b: int) -> list:
         """Views of the data chunks of block b (no copy)."""

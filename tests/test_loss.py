@@ -32,8 +32,8 @@ def _free_udp_port() -> int:
         return s.getsockname()[1]
 
 
-def _recv_process(port: int, *args: str) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-m", "resonant.cli", "recv", "--listen", f"udp://127.0.0.1:{port}",
+def _recv_process(port: int, *args: str, scheme: str = "udp") -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-m", "resonant.cli", "recv", "--listen", f"{scheme}://127.0.0.1:{port}",
                           "--json", "--count", "1", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     line = p.stderr.readline()  # "listening on ..."
@@ -193,7 +193,7 @@ def test_cli_send_exits_1_when_the_receiver_cannot_save_what_it_verified(tmp_pat
 def test_cli_send_over_tcp_exits_1_when_the_receiver_dies_mid_stream(tmp_path):
     np.save(tmp_path / "x.npy", _tensor(64 * _MIB, seed=14))
     port = _tcp_port()
-    p = _recv_process_tcp(port)
+    p = _recv_process(port, scheme="tcp")
     s = subprocess.Popen([sys.executable, "-m", "resonant.cli", "send", "--to", f"tcp://127.0.0.1:{port}",
                           str(tmp_path / "x.npy"), "--rate", "20M"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
@@ -204,13 +204,6 @@ def test_cli_send_over_tcp_exits_1_when_the_receiver_dies_mid_stream(tmp_path):
     assert s.returncode == 1, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("resonant send:") and "closed" in last, err
-
-
-def _recv_process_tcp(port: int) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-m", "resonant.cli", "recv", "--listen", f"tcp://127.0.0.1:{port}",
-                          "--count", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert "listening on" in p.stderr.readline()
-    return p
 
 
 def test_cli_send_with_fec_through_loss(tmp_path):
