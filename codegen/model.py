@@ -58,6 +58,7 @@ RUNTIME_LIMITS = {
         "max_resend_ranges": "resonant.delivery (the sender's resend queue)",
         "report_interval_ms": "the Session (the receiver's reports)",
         "feedback_timeout_ms": "the Session (resonant.delivery: the sender's deadline)",
+        "feedback_probes": "the Session (the receiver's reports), resonant.delivery (the sender's probes)",
         "max_retransmits": "resonant.delivery (the sender)",
         "max_string_chars": "handshake.validate (strings)",
         "min_chunk_bytes": "the V-Stream Reassembler (HEAD)",

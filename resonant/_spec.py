@@ -73,10 +73,12 @@ HANDSHAKE_MAX_REPORT_RANGES = 64
 HANDSHAKE_REPORT_BURST = 8
 #: A sender keeps at most this many missing ranges from reports queued for resending (a range already queued is not queued again); ranges reported beyond it are dropped, the receiver lists them again.
 HANDSHAKE_MAX_RESEND_RANGES = 2048
-#: With feedback agreed, a receiver reports each open stream at most this often while frames arrive (and at once when the stream opens and when TAIL comes with chunks missing); after TAIL with chunks missing and nothing new arriving, it doubles the interval after each report, up to feedback_timeout_ms / 4.
+#: With feedback agreed, a receiver reports each open stream at most this often while frames arrive (and at once when the stream opens and when TAIL comes with chunks missing); after TAIL with chunks missing and nothing new arriving, it doubles the interval after each report, up to feedback_timeout_ms / feedback_probes.
 HANDSHAKE_REPORT_INTERVAL_MS = 20
 #: With feedback agreed, a sender whose stream has heard nothing from the receiver (no report, no verdict) for this long gives the stream up (the receiver is gone); a receiver reports every open stream, and every completed one whose verdict the application still holds, well within it.
 HANDSHAKE_FEEDBACK_TIMEOUT_MS = 5000
+#: How many chances to be heard each side has within feedback_timeout_ms when there is no news: a receiver's reports of an open stream, and a sender's TAIL probes of a stream whose verdict it awaits, are never further apart than feedback_timeout_ms / feedback_probes (with 20% loss each way, eight exchanges all fail with probability 0.36^8, about 3e-4).
+HANDSHAKE_FEEDBACK_PROBES = 8
 #: A sender sends one chunk at most this many times in all (the first time included) before it gives the stream up (the path loses everything); together with feedback_timeout_ms it bounds the repair rounds.
 HANDSHAKE_MAX_RETRANSMITS = 64
 

@@ -323,17 +323,19 @@ async def _recv(args) -> int:
 async def _linger(server) -> None:
     """--count reached over UDP with feedback: the verdict just sent may be lost, and a sender that has
     not heard it probes with TAIL, which the server answers with the verdict again. So stay while
-    frames keep coming: until none came for the sender's longest probe gap (feedback_timeout_ms / 4,
-    plus a report interval), at most feedback_timeout_ms. (Exiting at once made `resonant send`
-    fail with no_feedback after 5 s for a stream the receiver had verified, once per lost verdict.)"""
+    frames keep coming: until none came for two of the sender's longest probe gaps (a probe may be
+    lost too; feedback_timeout_ms / feedback_probes each, plus a report interval), at most
+    feedback_timeout_ms and that gap (the sender gives up feedback_timeout_ms after the last report
+    it heard, which came before the verdict). (Exiting at once made `resonant send` fail with
+    no_feedback after 5 s for a stream the receiver had verified, once per lost verdict.)"""
     from resonant import handshake
 
     if server._udp is None or not any(link.session._fb for link in server.links.values()):
         return
-    quiet = (handshake.FEEDBACK_TIMEOUT_MS / 4 + handshake.REPORT_INTERVAL_MS) / 1000
+    quiet = (2 * handshake.FEEDBACK_TIMEOUT_MS / handshake.FEEDBACK_PROBES + handshake.REPORT_INTERVAL_MS) / 1000
     start = last = time.monotonic()
     seen = -1
-    while time.monotonic() - start < handshake.FEEDBACK_TIMEOUT_MS / 1000:
+    while time.monotonic() - start < handshake.FEEDBACK_TIMEOUT_MS / 1000 + quiet:
         n = sum(link.session.stats["frames_in"] for link in server.links.values())
         now = time.monotonic()
         if n != seen:

@@ -214,7 +214,7 @@ class Delivery:
         if self._first_done and budget > 0 and len(out) < max_frames:
             if self._tail_at is None or now - self._tail_at >= self._tail_wait():
                 if self._tail_seen:  # (a probe: the receiver answers a TAIL of a finished stream with its verdict)
-                    self._probe = min(2 * self._probe, self.feedback_timeout / 4)
+                    self._probe = min(2 * self._probe, self.feedback_timeout / handshake.FEEDBACK_PROBES)
                 if self._tail is None:
                     self._tail = self.sender.tail()  # (the first pass fed the stream hash)
                 out.append(self._tail)

@@ -753,7 +753,9 @@ class Reassembler:
     def _tail(self, sid: int, doc: dict, now: float) -> list:
         st = self._streams[sid]
         st.last = now
-        if st.tail is not None:
+        if st.tail is not None:  # a probe of a sender that has not heard of the missing chunks lately
+            if self.feedback and (st.reported_at is None or now - st.reported_at >= self.report_interval):
+                self._report_now.add(sid)  # (a report at most once per report interval, however many come)
             return []
         if doc["chunks"] != st.layout.chunks or doc["total_bytes"] != st.layout.total_bytes:
             return self._fail(sid, "bad_tail", f"TAIL says {doc['chunks']} chunks of {doc['total_bytes']} bytes, "

@@ -835,7 +835,7 @@ class Session(SessionCore):
             for doc in r.take_verdicts():
                 self._send_doc(doc)
         if periodic or r._report_now:
-            for doc in r.reports(now, REPORT_INTERVAL, self.config.feedback_timeout / 4):
+            for doc in r.reports(now, REPORT_INTERVAL, self.config.feedback_timeout / handshake.FEEDBACK_PROBES):
                 self._send_doc(doc)
 
     def _send_doc(self, doc: dict) -> None:
