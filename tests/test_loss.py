@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import select
 import socket
 import subprocess
 import sys
@@ -39,6 +40,21 @@ def _recv_process(port: int, *args: str, scheme: str = "udp") -> subprocess.Pope
     line = p.stderr.readline()  # "listening on ..."
     assert "listening on" in line, line + p.stderr.read()
     return p
+
+
+def _wait_for_handshake(p: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Until the `resonant recv` process says it completed a handshake (the sender is streaming)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([p.stderr], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        line = p.stderr.readline()
+        if not line:
+            break
+        if "handshake:" in line:
+            return
+    raise AssertionError(f"no handshake reached the receiver within {timeout} s")
 
 
 def _tensor(nbytes: int, seed: int) -> np.ndarray:
@@ -141,7 +157,8 @@ def test_cli_send_exits_1_with_one_line_when_the_receiver_dies_mid_stream(tmp_pa
             s = subprocess.Popen([sys.executable, "-m", "resonant.cli", "send", "--to",
                                   f"udp://127.0.0.1:{relay.address[1]}", str(tmp_path / "x.npy"), "--rate", "20M"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            time.sleep(1.0)
+            _wait_for_handshake(p)  # (a loaded machine takes a while to start the sender)
+            time.sleep(0.5)
             p.kill()
             out, err = s.communicate(timeout=30)
     finally:
@@ -197,7 +214,8 @@ def test_cli_send_over_tcp_exits_1_when_the_receiver_dies_mid_stream(tmp_path):
     s = subprocess.Popen([sys.executable, "-m", "resonant.cli", "send", "--to", f"tcp://127.0.0.1:{port}",
                           str(tmp_path / "x.npy"), "--rate", "20M"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
-    time.sleep(1.0)
+    _wait_for_handshake(p)
+    time.sleep(0.5)
     p.kill()
     p.communicate()
     out, err = s.communicate(timeout=30)
