@@ -606,9 +606,11 @@ class Reassembler:
         if layout.kv is not None and self.expected_signature is not None:  # before anything is allocated
             from resonant.kv import model_problem
             mismatch = model_problem(layout.kv, self.expected_signature)
-            if mismatch is not None:
+            if mismatch is not None:  # refused for good: its later frames are dropped, not held as early ones
                 self._drop_early(sid)
-                return [self._failed(sid, "model_mismatch", mismatch)]
+                failed = self._failed(sid, "model_mismatch", mismatch)
+                self._close(sid, now)
+                return [failed]
         lim = self.limits
         problem = None
         if layout.total_bytes > lim.max_stream_bytes:
