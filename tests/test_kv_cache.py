@@ -196,6 +196,57 @@ def test_model_mismatch_holds_no_memory_beyond_head(tiny):
     assert r.buffered_bytes == 0
 
 
+_RECEIVER = """
+import asyncio, json, sys
+import torch, resonant
+from transformers import LlamaConfig, LlamaForCausalLM
+
+async def main():
+    async with resonant.serve("tcp://127.0.0.1:0", max_frame_bytes=4096) as server:
+        print(server.address[1], flush=True)
+        while True:
+            _, e = await server.next_event(timeout=60)
+            if isinstance(e, resonant.KVCacheReceived):
+                break
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    cache, nxt, out = e.cache, torch.tensor([[int(sys.argv[1])]]), []
+    with torch.no_grad():
+        for _ in range(8):
+            o = model(nxt, cache=cache, use_cache=True)
+            cache, nxt = o.cache, o.logits[:, -1].argmax(-1, keepdim=True)
+            out.append(int(nxt))
+    print(json.dumps({"tokens": out, "seq_len": e.seq_len, "dtype": str(e.cache.layers[0].keys.dtype)}), flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow  # (~10 s: the receiver imports torch and transformers)
+def test_between_two_processes(tiny):
+    import json
+    import subprocess
+
+    model, ids, sig = tiny
+    cache, first = prefill(model, ids)
+    want = greedy(model, copy.deepcopy(cache), first, 8)
+    proc = subprocess.Popen([sys.executable, "-c", _RECEIVER, str(int(first))], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+
+        async def send():
+            async with resonant.connect(f"tcp://127.0.0.1:{port}", max_frame_bytes=4096) as peer:
+                await peer.send_kv_cache(cache, signature=sig)
+
+        asyncio.run(send())
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    got = json.loads(out)
+    assert got == {"tokens": want, "seq_len": PROMPT, "dtype": "torch.float32"}
+
+
 # ------------------------------------------------------------------ sans-IO and HEAD checks
 
 
