@@ -150,6 +150,17 @@ class KVCacheReceived:
     nbytes: int
 
 
+_READY: list = []
+
+
+def _torch_ready() -> bool:
+    """Whether torch and transformers are installed (checked once, without importing them)."""
+    if not _READY:
+        import importlib.util
+        _READY.append(all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers")))
+    return _READY[0]
+
+
 _INPUT = frozenset((StreamStarted, ObjectReady, StreamComplete, StreamFailed))  # the events feed() looks at
 
 
@@ -166,7 +177,9 @@ class _Open:
 class KVReceiver:
     """Sans-IO: pass a session's events through expand() and get them back with KVLayerReceived /
     KVCacheReceived added after the events that complete them (for streams whose HEAD has kv; every
-    other event passes unchanged). A Session has one (Session.kv); resonant.connect / serve use it."""
+    other event passes unchanged). A Session has one (Session.kv); resonant.connect / serve use it.
+    Without torch and transformers installed it adds nothing: the application sees the stream's
+    plain events (StreamComplete's objects are the keys and values, layer by layer)."""
 
     def __init__(self) -> None:
         self._open: dict[int, _Open] = {}
@@ -197,7 +210,7 @@ class KVReceiver:
             return self._layers(e.stream_id, st)
         if t is StreamStarted:
             kv = getattr(e.layout, "kv", None)
-            if kv is not None:
+            if kv is not None and _torch_ready():  # (without torch and transformers: the plain events only)
                 self._open[e.stream_id] = _Open(kv, e.layout)
             return []
         if t is StreamComplete:

@@ -68,9 +68,10 @@ class ModelSignature:
         """The signature of a Hugging Face transformers model (its config: num_hidden_layers,
         hidden_size, num_key_value_heads, head_dim or hidden_size / num_attention_heads; its
         parameters' dtype) and of its tokenizer (a SHA-256 of the vocabulary, token -> id, sorted;
-        "" without one). model_id: by default the GGUF file's name when the model was read from one,
-        else the config's name_or_path (a local path: its last component, so that two machines
-        with the model in different places agree). revision: by default the config's commit hash, or "".
+        "" without one). model_id: by default the config's name_or_path (a local path: its last
+        component, so that two machines with the model in different places agree); transformers
+        does not keep the name of a GGUF file a model was read from, so pass model_id= (e.g. that
+        file's name) for one. revision: by default the config's commit hash, or "".
         Imports nothing itself (torch and transformers are the caller's)."""
         config = getattr(model, "config", model)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -83,9 +84,8 @@ class ModelSignature:
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         head_dim = getattr(text, "head_dim", None) or hidden // heads
         if model_id is None:
-            gguf = getattr(config, "gguf_file", None) or getattr(model, "gguf_file", None)
-            name = str(gguf or getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "") or "")
-            model_id = os.path.basename(name.rstrip("/\\")) if gguf or os.path.isabs(name) or os.path.exists(name) else name
+            name = str(getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "") or "")
+            model_id = os.path.basename(name.rstrip("/\\")) if os.path.isabs(name) or os.path.exists(name) else name
         if revision is None:
             revision = str(getattr(config, "_commit_hash", None) or "")
         dtype = getattr(model, "dtype", None) or getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)

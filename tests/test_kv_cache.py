@@ -393,7 +393,7 @@ def smollm2():
 @pytest.mark.pure_skip
 def test_smollm2_continues_identically_after_a_tcp_handoff(smollm2):
     tok, model = smollm2
-    sig = ModelSignature.from_hf(model, tok)
+    sig = ModelSignature.from_hf(model, tok, model_id=_smollm2.GGUF_FILE)
     assert (sig.num_layers, sig.num_kv_heads, sig.head_dim) == (30, 3, 64)
     ids = _smollm2.prompt_ids(tok, 24)
     cache, first = prefill(model, ids)
