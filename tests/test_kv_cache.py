@@ -123,6 +123,23 @@ def test_cache_continues_generation_identically(tiny, scheme):
     assert not torch.equal(layers[0].keys, layers[1].keys)
 
 
+def test_a_serve_handler_gets_the_kv_events_too(tiny):
+    model, ids, sig = tiny
+    cache, _ = prefill(model, ids)
+    seen: list = []
+
+    async def run():
+        async with resonant.serve("tcp://127.0.0.1:0", handler=lambda addr, e: seen.append(e)) as server:
+            host, port = server.address
+            async with resonant.connect(f"tcp://{host}:{port}") as peer:
+                await peer.send_kv_cache(cache, signature=sig)
+
+    asyncio.run(run())
+    assert [e.layer for e in seen if isinstance(e, KVLayerReceived)] == [0, 1, 2, 3]
+    (done,) = [e for e in seen if isinstance(e, KVCacheReceived)]
+    assert done.signature == sig and done.cache.get_seq_length() == PROMPT
+
+
 @pytest.mark.parametrize("wire, tol", [("bf16", 2e-2), ("f16", 2e-3), ("q8_0", 2e-2), ("q4_0", 0.2)])
 def test_wire_dtypes_arrive_in_the_senders_dtype(tiny, wire, tol):
     model, ids, sig = tiny
