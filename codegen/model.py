@@ -56,6 +56,7 @@ RUNTIME_LIMITS = {
         "max_report_ranges": "handshake.validate (ranges), the receiver's reports",
         "report_burst": "resonant.reassembler (the receiver's reports)",
         "max_resend_ranges": "resonant.delivery (the sender's resend queue)",
+        "max_kv_layers": "resonant.kv.check_layout (a V-Stream HEAD's kv)",
         "report_interval_ms": "the Session (the receiver's reports)",
         "feedback_timeout_ms": "the Session (resonant.delivery: the sender's deadline)",
         "feedback_probes": "the Session (the receiver's reports), resonant.delivery (the sender's probes)",

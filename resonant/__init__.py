@@ -63,6 +63,7 @@ _LAZY_MODULES = {
     "resonant.stream_sender": ("StreamSender",),
     "resonant.transforms": ("Codec", "Key", "Keyring"),
     "resonant.space": ("ModelSignature", "space_hash32"),
+    "resonant.kv": ("KVLayerReceived", "KVCacheReceived"),
 }
 _LAZY = {name: module for module, names in _LAZY_MODULES.items() for name in names}
 
@@ -87,7 +88,7 @@ __all__ = [
     *_MESSAGE_CLASSES.values(), "Frame", "Slice",
     "StreamSender", "Reassembler", "StreamLimits", "MemoryBudget", "StreamStarted", "ObjectReady", "StreamComplete", "StreamFailed",
     "decode", "encode", "make_frame", "crc32", "crc32_backend", "xxh3_64", "byte_shuffle", "fast_paths",
-    "Codec", "Key", "Keyring", "ModelSignature", "space_hash32",
+    "Codec", "Key", "Keyring", "ModelSignature", "space_hash32", "KVLayerReceived", "KVCacheReceived",
     "connect", "serve", "Peer", "Server", "Session", "SessionConfig", "Agreement",
     "Delivery", "DeliveryFailed", "StreamDelivered", "StreamUndelivered",
     "HandshakeComplete", "HandshakeFailed", "MessageReceived", "FrameRejected", "RemoteError", "ConnectionBroken",

@@ -79,6 +79,8 @@ HANDSHAKE_REPORT_INTERVAL_MS = 20
 HANDSHAKE_FEEDBACK_TIMEOUT_MS = 5000
 #: How many chances to be heard each side has within feedback_timeout_ms when there is no news: a receiver's reports of an open stream, and a sender's TAIL probes of a stream whose verdict it awaits, are never further apart than feedback_timeout_ms / feedback_probes (with 20% loss each way, eight exchanges all fail with probability 0.36^8, about 3e-4).
 HANDSHAKE_FEEDBACK_PROBES = 8
+#: A KV-cache V-Stream (HEAD's kv) carries at most this many layers: two objects (keys, values) per layer within max_objects.
+HANDSHAKE_MAX_KV_LAYERS = 2048
 #: A sender sends one chunk at most this many times in all (the first time included) before it gives the stream up (the path loses everything); together with feedback_timeout_ms it bounds the repair rounds.
 HANDSHAKE_MAX_RETRANSMITS = 64
 

@@ -329,6 +329,7 @@ class _Link:
     _ready: asyncio.Event | None = None
 
     def deliver(self, events: list) -> None:
+        events = self.session.kv.expand(events)  # KV-cache streams: KVLayerReceived, KVCacheReceived added
         put = self.events.put_nowait
         for e in events:
             t = type(e)
@@ -538,6 +539,30 @@ class Peer:
         MB/s). Over TCP, `rate` caps the rate too (default: none). Without feedback (a peer that
         does not offer it), it returns once every frame was handed to the transport. The objects
         must not change until it returns. progress(sent_bytes, total_bytes) is called as frames go out."""
+        return await self._send_stream(lambda sid, rate: self.session.stream(sid, objects, rate=rate, **kwargs),
+                                       stream_id, progress, rate)
+
+    async def send_kv_cache(self, cache: Any, *, signature: Any = None, dtype: str | None = None,
+                            stream_id: int | None = None, progress: Callable[[int, int], None] | None = None,
+                            rate: float | None = None, **kwargs: Any) -> int:
+        """Send a transformers KV cache (DynamicCache or legacy tuple) as a V-Stream; returns its
+        stream id once the receiver has verified it, as send_stream() (over TCP and UDP alike). The
+        receiver gets KVLayerReceived events layer by layer and a KVCacheReceived with a ready
+        DynamicCache in the cache's own torch dtype (resonant.kv).
+
+        signature: the model's ModelSignature (ModelSignature.from_hf(model, tokenizer)); a receiver
+        that declared its model (expected_signature=) refuses a cache of another model, or of none:
+        DeliveryFailed with reason "model_mismatch" and the differing fields in its detail. dtype: None
+        sends the tensors as they are; "f32", "f16", "bf16", "q8_0" or "q4_0" on the wire (the receiver
+        converts back to the cache's dtype; q8_0 / q4_0 are lossy, ~4x / ~7x smaller than float32).
+        Other keywords as send_stream (fec=, ...). Needs torch on both sides."""
+        return await self._send_stream(
+            lambda sid, rate: self.session.kv_stream(sid, cache, signature=signature, dtype=dtype, rate=rate, **kwargs),
+            stream_id, progress, rate)
+
+    async def _send_stream(self, build: Callable[[int, float | None], Any], stream_id: int | None,
+                           progress: Callable[[int, int], None] | None, rate: float | None) -> int:
+        """send_stream's work for the StreamSender build(stream_id, rate) makes on the session."""
         if self._link.rehandshaking:
             await self._await_rehandshake()
         self._check_open()
@@ -546,7 +571,7 @@ class Peer:
         if rate is None and udp:
             rate = _UDP_RATE
         session = self.session
-        sender = session.stream(sid, objects, rate=rate if udp else None, **kwargs)
+        sender = build(sid, rate if udp else None)
         delivery = session.delivery(sid)
         total = sender.layout.total_bytes
         start = _now()
@@ -818,6 +843,8 @@ class Server:
         caller sends them), or else to the application's queue. session None: the peer is gone
         and answers are dropped."""
         handler = self.handler
+        if session is not None:
+            events = session.kv.expand(events)  # KV-cache streams: KVLayerReceived, KVCacheReceived added
         if handler is None:
             if events:
                 put = self.events.put_nowait

@@ -56,6 +56,8 @@ REPORT_INTERVAL_MS = 20
 FEEDBACK_TIMEOUT_MS = 5000
 #: How many chances to be heard each side has within feedback_timeout_ms when there is no news: a receiver's reports of an open stream, and a sender's TAIL probes of a stream whose verdict it awaits, are never further apart than feedback_timeout_ms / feedback_probes (with 20% loss each way, eight exchanges all fail with probability 0.36^8, about 3e-4).
 FEEDBACK_PROBES = 8
+#: A KV-cache V-Stream (HEAD's kv) carries at most this many layers: two objects (keys, values) per layer within max_objects.
+MAX_KV_LAYERS = 2048
 #: A sender sends one chunk at most this many times in all (the first time included) before it gives the stream up (the path loses everything); together with feedback_timeout_ms it bounds the repair rounds.
 MAX_RETRANSMITS = 64
 
@@ -103,6 +105,7 @@ SCHEMA: dict[str, dict[str, dict[str, Any]]] = {
         "first_object": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
         "object_count": {"type": "u32", "required": False, "const": None, "choices": [], "fields": {}},
         "fec": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"scheme": {"type": "string", "required": True, "const": None, "choices": ['rs'], "fields": {}}, "k": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "m": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}}},
+        "kv": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"layers": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "seq_len": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "torch_dtype": {"type": "string", "required": True, "const": None, "choices": ['float32', 'float16', 'bfloat16'], "fields": {}}, "wire_dtype": {"type": "string", "required": True, "const": None, "choices": ['f32', 'f16', 'bf16', 'q8_0', 'q4_0'], "fields": {}}, "model_signature": {"type": "object", "required": False, "const": None, "choices": [], "fields": {"version": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "model_id": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "revision": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "dtype": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}, "num_layers": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "hidden_size": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "num_kv_heads": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "head_dim": {"type": "u32", "required": True, "const": None, "choices": [], "fields": {}}, "tokenizer_hash": {"type": "string", "required": True, "const": None, "choices": [], "fields": {}}}}}},
     },
     "tail": {
         "method": {"type": "string", "required": True, "const": 'tail', "choices": [], "fields": {}},

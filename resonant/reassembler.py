@@ -77,7 +77,8 @@ class StreamComplete:
 @dataclass(frozen=True)
 class StreamFailed:
     """The stream was dropped and its memory released. reason: 'hash_mismatch', 'gap_after_tail',
-    'timeout', 'limit', 'bad_head', 'bad_chunk', 'bad_tail', 'closed'. missing: the byte ranges
+    'timeout', 'limit', 'bad_head', 'bad_chunk', 'bad_tail', 'closed', 'model_mismatch' (a KV stream of another
+    model than expected_signature: refused at HEAD, nothing allocated). missing: the byte ranges
     never received, (start, end) with start < end, in order (at most
     StreamLimits.max_missing_ranges; an empty object's missing chunk is no bytes and is not listed);
     missing_more: how many more ranges there were beyond those listed."""
@@ -184,8 +185,9 @@ class Reassembler:
     """
 
     def __init__(self, limits: StreamLimits = StreamLimits(), *, codec=None, expected_space_hash: int | None = None,
-                 budget: MemoryBudget | None = None, allocate=None) -> None:
+                 budget: MemoryBudget | None = None, allocate=None, expected_signature=None) -> None:
         self.limits = limits
+        self.expected_signature = expected_signature  # a ModelSignature: KV streams of another model are refused
         self.budget = budget
         self.allocate = allocate
         self.codec = codec
@@ -558,7 +560,8 @@ class Reassembler:
             self._drop_early(sid)
             return [self._failed(sid, "bad_head", "head.part: parts numbered outside 0..parts-1")]
         # parsed again one at a time, stopping at the first problem: at most max_objects objects are built
-        common = ("v", "msg_type", "chunk_bytes", "total_bytes", "hash", "parts", "object_count", "legacy_md5", "fec")
+        common = ("v", "msg_type", "chunk_bytes", "total_bytes", "hash", "parts", "object_count", "legacy_md5", "fec",
+                  "kv")
         objects: list = []
         first: dict = {}
         for k, raw in enumerate(ordered):
@@ -600,6 +603,14 @@ class Reassembler:
         except HandshakeError as exc:
             self._drop_early(sid)
             return [self._failed(sid, "bad_head", str(exc))]
+        if layout.kv is not None and self.expected_signature is not None:  # before anything is allocated
+            from resonant.kv import model_problem
+            mismatch = model_problem(layout.kv, self.expected_signature)
+            if mismatch is not None:  # refused for good: its later frames are dropped, not held as early ones
+                self._drop_early(sid)
+                failed = self._failed(sid, "model_mismatch", mismatch)
+                self._close(sid, now)
+                return [failed]
         lim = self.limits
         problem = None
         if layout.total_bytes > lim.max_stream_bytes:

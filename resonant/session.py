@@ -51,6 +51,7 @@ from resonant.errors import (
     SpaceMismatch,
 )
 from resonant.space import ModelSignature
+from resonant.kv import KVReceiver
 from resonant.reassembler import Reassembler
 from resonant.records import RecordReader, frame_record
 from resonant.replay import IdRanges, ReplayWindow
@@ -126,6 +127,10 @@ class SessionConfig:
     for fields of the ping (client) or capability (server) that the Session does not set itself,
     e.g. an optional field added to schema/handshake.yaml (absent ones are sent with their default).
 
+    expected_signature: the model this side runs (ModelSignature.from_hf); a KV-cache stream (HEAD's
+    kv) whose model signature differs, or that names none, fails at its HEAD with reason model_mismatch
+    (the sender's send_kv_cache raises DeliveryFailed with it), before anything is allocated.
+
     reference_fallback (client): when no capability and no error came within reference_fallback_wait
     seconds of the first ping (default: reference_fallback_ms of schema/handshake.yaml), take the peer
     for a reference receiver (which reads pings but never answers them) and go on in reference mode
@@ -172,6 +177,7 @@ class SessionConfig:
     feedback: bool = True                     # offer V-Stream feedback (reports, verdicts; supports.feedback)
     hold_verdicts: bool = False               # receiver: a verified stream's verdict waits for verdict() (the application)
     feedback_timeout: float = handshake.FEEDBACK_TIMEOUT_MS / 1000  # sender: give a stream up after this silence
+    expected_signature: ModelSignature | None = None  # receiver: refuse KV streams of another model (model_mismatch)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", Role(self.role))
@@ -358,7 +364,9 @@ class Session(SessionCore):
         self._fb = False  # V-Stream feedback agreed (and not in reference mode)
         self._deliveries: dict[int, Delivery] = {}  # this side's streams waiting for their verdict
         self._next_stream_id = 1
-        self.reassembler = Reassembler(config.stream_limits, codec=self._decoder, budget=budget, allocate=allocate)
+        self.reassembler = Reassembler(config.stream_limits, codec=self._decoder, budget=budget, allocate=allocate,
+                                       expected_signature=config.expected_signature)
+        self.kv = KVReceiver()  # KV-cache streams' events (kv.expand(events): KVLayerReceived, KVCacheReceived)
         self.replay = ReplayWindow(config.replay_window, config.replay_streams, config.replay_ranges)
         self.records = RecordReader(config.max_frame_bytes)
         self._out: list[bytes] = []
@@ -515,6 +523,24 @@ class Session(SessionCore):
         if self._fb:  # the receiver will report and judge it: kept (views of the objects) until then
             self._deliveries[stream_id] = Delivery(sender, rate=rate, feedback_timeout=self.config.feedback_timeout)
         return sender
+
+    def kv_stream(self, stream_id: int, cache: Any, *, signature: ModelSignature | None = None,
+                  dtype: str | None = None, **kwargs: Any) -> StreamSender:
+        """stream() of a transformers KV cache (DynamicCache or legacy tuple): objects l{i}.keys,
+        l{i}.values per layer and HEAD's kv (layers, seq_len, the tensors' torch dtype, the wire dtype,
+        the model signature), which the receiver checks and turns into a DynamicCache (resonant.kv).
+        dtype: None as they are, or "f32", "f16", "bf16", "q8_0", "q4_0" on the wire (see
+        torch_utils.kv_objects). signature: the sender's model (ModelSignature.from_hf), checked against
+        the cache's shapes here and against the receiver's model there. Needs torch."""
+        from resonant import torch_utils  # (torch only when a KV cache is sent)
+
+        objects, names, layers, kv = torch_utils.kv_objects(cache, signature=signature, dtype=dtype)
+        a = self._agreement
+        if a is not None and kv.wire_dtype not in a.dtypes:
+            raise LocalProtocolError("kv_stream", f"the peer does not accept {kv.wire_dtype} tensors (it agreed to "
+                                     f"{', '.join(a.dtypes)}): send the cache with dtype= one of them")
+        kwargs.setdefault("msg_type", MsgType.CACHE)
+        return self.stream(stream_id, objects, names=names, layers=layers, kv=kv, **kwargs)
 
     def stream_records(self, stream_id: int, objects: Sequence, *, per_write: int = 8,
                        **kwargs: Any) -> Iterator[list]:

@@ -14,12 +14,16 @@ layer count, hidden size, KV heads, head dim, tokenizer hash); the handshake car
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from resonant.errors import HandshakeError
 
 __all__ = ["space_hash32", "ModelSignature"]
+
+# torch dtype names as the handshake's short dtype names (ModelSignature.dtype)
+_SHORT_DTYPE = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
 
 def space_hash32(space_id: str, arch: str, data_sig: str) -> int:
@@ -57,6 +61,45 @@ class ModelSignature:
     def space_hash32(self) -> int:
         """space_hash32 with space_id = model_id, arch and data_sig derived from this signature."""
         return space_hash32(self.model_id, self.arch, self.data_sig)
+
+    @classmethod
+    def from_hf(cls, model: Any, tokenizer: Any = None, model_id: str | None = None,
+                revision: str | None = None) -> "ModelSignature":
+        """The signature of a Hugging Face transformers model (its config: num_hidden_layers,
+        hidden_size, num_key_value_heads, head_dim or hidden_size / num_attention_heads; its
+        parameters' dtype) and of its tokenizer (a SHA-256 of the vocabulary, token -> id, sorted;
+        "" without one). model_id: by default the config's name_or_path (a local path: its last
+        component, so that two machines with the model in different places agree); transformers
+        does not keep the name of a GGUF file a model was read from, so pass model_id= (e.g. that
+        file's name) for one. revision: by default the config's commit hash, or "".
+        Imports nothing itself (torch and transformers are the caller's)."""
+        config = getattr(model, "config", model)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        layers = getattr(text, "num_hidden_layers", None)
+        hidden = getattr(text, "hidden_size", None)
+        heads = getattr(text, "num_attention_heads", None)
+        if not all(isinstance(v, int) and v > 0 for v in (layers, hidden, heads)):
+            raise TypeError(f"{type(model).__name__}: its config lacks num_hidden_layers, hidden_size or "
+                            "num_attention_heads (not a transformers decoder model?)")
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or hidden // heads
+        if model_id is None:
+            name = str(getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "") or "")
+            model_id = os.path.basename(name.rstrip("/\\")) if os.path.isabs(name) or os.path.exists(name) else name
+        if revision is None:
+            revision = str(getattr(config, "_commit_hash", None) or "")
+        dtype = getattr(model, "dtype", None) or getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
+        dtype_name = str(dtype).removeprefix("torch.")
+        dtype_name = _SHORT_DTYPE.get(dtype_name, dtype_name)
+        tok_hash = ""
+        if tokenizer is not None:
+            vocab = tokenizer.get_vocab()
+            h = hashlib.sha256()
+            for token, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
+                h.update(f"{idx}\t{token}\n".encode("utf-8", "surrogatepass"))
+            tok_hash = h.hexdigest()
+        return cls(model_id=model_id, revision=revision, dtype=dtype_name, num_layers=layers, hidden_size=hidden,
+                   num_kv_heads=kv_heads, head_dim=head_dim, tokenizer_hash=tok_hash)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from resonant import _codec, handshake
 from resonant._spec import (CHUNK_OVERHEAD_BYTES, MAX_FRAME_BYTES, MAX_SHAPE_ELEMENTS, TRANSFORM_OVERHEAD_BYTES,
@@ -52,6 +53,7 @@ class StreamLayout:
     objects: tuple[StreamObject, ...]
     legacy_md5: bool = False
     fec: tuple[int, int] | None = None  # (k, m): forward error correction (see resonant.fec)
+    kv: Any = None  # a resonant.kv.KVInfo: the objects are a KV cache (HEAD's kv), checked against it
 
     @property
     def chunks(self) -> int:
@@ -72,14 +74,14 @@ class StreamLayout:
 
     @classmethod
     def build(cls, msg_type: int, chunk_bytes: int, specs: Sequence[tuple[DType, tuple[int, ...], int, str | None, int | None]],
-              legacy_md5: bool = False, fec: tuple[int, int] | None = None) -> "StreamLayout":
+              legacy_md5: bool = False, fec: tuple[int, int] | None = None, kv: Any = None) -> "StreamLayout":
         objects, offset, first = [], 0, 0
         for i, (dtype, shape, nbytes, name, layer) in enumerate(specs):
             n = max(1, math.ceil(nbytes / chunk_bytes))  # an empty object still takes one (empty) chunk
             objects.append(StreamObject(i, DType(dtype), tuple(shape), nbytes, offset, first, n, name, layer))
             offset += nbytes
             first += n
-        return cls(int(msg_type), chunk_bytes, offset, tuple(objects), legacy_md5, fec)
+        return cls(int(msg_type), chunk_bytes, offset, tuple(objects), legacy_md5, fec, kv)
 
     def head_document(self) -> dict:
         doc = {
@@ -94,6 +96,8 @@ class StreamLayout:
             doc["legacy_md5"] = True
         if self.fec is not None:
             doc["fec"] = {"scheme": "rs", "k": self.fec[0], "m": self.fec[1]}
+        if self.kv is not None:
+            doc["kv"] = self.kv.to_json()
         return doc
 
     @classmethod
@@ -144,7 +148,13 @@ class StreamLayout:
             if problem is not None:
                 raise HandshakeError("head.fec", f"rs k={k} m={m}: {problem}")
             fec = (k, m)
-        return cls.build(doc["msg_type"], chunk_bytes, specs, bool(doc.get("legacy_md5", False)), fec)
+        layout = cls.build(doc["msg_type"], chunk_bytes, specs, bool(doc.get("legacy_md5", False)), fec)
+        if "kv" in doc:  # a KV cache: its metadata and objects checked against each other
+            from resonant import kv as _kv
+            info = _kv.KVInfo.from_json(doc["kv"])
+            _kv.check_layout(layout, info)
+            layout = replace(layout, kv=info)
+        return layout
 
 
 def compact_json(doc: dict) -> bytes:

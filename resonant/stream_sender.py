@@ -8,6 +8,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from typing import Any
+
 import numpy as np
 
 from resonant import _codec, handshake, parallel
@@ -36,7 +38,8 @@ class StreamSender:
     def __init__(self, stream_id: int, objects: Sequence, *, msg_type: int = MsgType.CACHE,
                  names: Sequence[str] | None = None, layers: Sequence[int] | None = None,
                  max_frame_bytes: int = MAX_FRAME_BYTES, codec=None, space_hash32: int = 0,
-                 modality: int = Modality.TEXT, legacy_md5: bool = False, fec: tuple[int, int] | None = None) -> None:
+                 modality: int = Modality.TEXT, legacy_md5: bool = False, fec: tuple[int, int] | None = None,
+                 kv: Any = None) -> None:
         slices = [_source(o, i) for i, o in enumerate(objects)]
         code = _fec_code(fec)  # (checked first: a mistake there is the caller's)
         if not slices:
@@ -53,7 +56,7 @@ class StreamSender:
         self.layout = StreamLayout.build(
             msg_type, chunk_bytes,
             [(s.dtype, s.shape, s.nbytes, names[i] if names else None, layers[i] if layers else None)
-             for i, s in enumerate(slices)], legacy_md5, code)
+             for i, s in enumerate(slices)], legacy_md5, code, kv)
         self._code = None if code is None else _fec.BlockCode(*code, chunk_bytes)
         try:
             handshake.validate(self.layout.head_document())
@@ -64,6 +67,12 @@ class StreamSender:
                 if m:
                     path = f"{field_name}s[{m.group(1)}]"
             raise EncodeError(path, exc.detail) from None
+        if kv is not None:  # what a receiver will check: a mistake here is the caller's
+            from resonant.kv import check_layout
+            try:
+                check_layout(self.layout, kv)
+            except HandshakeError as exc:
+                raise EncodeError(exc.path, exc.detail) from None
         self.max_frame_bytes = max_frame_bytes
         self._hearts = 0
         self._digest: tuple[int, str | None] | None = None

@@ -22,7 +22,7 @@ import numpy as np
 
 from resonant._codec import Cache, Slice
 from resonant._spec import DType, MsgType
-from resonant.errors import UnsupportedDType
+from resonant.errors import EncodeError, UnsupportedDType
 from resonant.quant import dequantize
 from resonant.stream_layout import StreamLayout
 from resonant.stream_sender import StreamSender
@@ -34,7 +34,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
                       "pip install '.[torch]'") from exc
 
 __all__ = ["to_numpy", "to_slice", "to_torch", "kv_layers", "kv_stream", "kv_from_arrays", "kv_from_stream",
-           "kv_messages", "kv_from_messages"]
+           "kv_messages", "kv_from_messages", "kv_objects", "kv_tensor", "dynamic_cache"]
 
 _TORCH_TO_NUMPY = {torch.float16: np.float16, torch.float32: np.float32, torch.int8: np.int8}
 
@@ -117,6 +117,12 @@ def kv_from_arrays(arrays: Sequence[np.ndarray], *, legacy: bool = False) -> Any
     pairs = tuple((to_torch(arrays[i]), to_torch(arrays[i + 1])) for i in range(0, len(arrays), 2))
     if legacy:
         return pairs
+    return dynamic_cache(pairs)
+
+
+def dynamic_cache(pairs: Sequence[tuple["torch.Tensor", "torch.Tensor"]]) -> Any:
+    """A transformers DynamicCache holding these (keys, values) per layer: the tensors themselves
+    (no copy) where the Cache layout allows."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
@@ -131,6 +137,54 @@ def kv_from_arrays(arrays: Sequence[np.ndarray], *, legacy: bool = False) -> Any
                 continue
         cache.update(k, v, i)  # an older Cache layout: it keeps a copy
     return cache
+
+
+def kv_objects(cache: Any, *, signature: Any = None, dtype: str | None = None) -> tuple[list, list, list, Any]:
+    """What a KV stream of `cache` sends: (objects, names, layers, kv), kv the HEAD's metadata
+    (resonant.kv.KVInfo). dtype: None sends the tensors as they are (float32, float16, bfloat16);
+    "f32", "f16", "bf16" convert them (a copy unless already so); "q8_0", "q4_0" quantize them
+    (resonant.quant, from float32). seq_len is the cache's get_seq_length()."""
+    from resonant import kv as _kv
+    from resonant.quant import quantize
+
+    pairs = kv_layers(cache)
+    if not pairs:
+        raise EncodeError("cache", "the KV cache has no layers")
+    src = pairs[0][0].dtype
+    torch_name = str(src).removeprefix("torch.")
+    if torch_name not in _kv.TORCH_DTYPES:
+        raise UnsupportedDType("cache", f"{src}: a KV cache is sent from float32, float16 or bfloat16 tensors")
+    wire = _kv.SAME_WIRE[torch_name] if dtype is None else str(dtype).lower()
+    if wire not in _kv.WIRE_DTYPES:
+        raise UnsupportedDType("dtype", f"{dtype!r}: expected None (as is) or one of {', '.join(_kv.WIRE_DTYPES)}")
+    target = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}.get(wire, torch.float32)
+    objects, names, layers = [], [], []
+    for i, pair in enumerate(pairs):
+        for t, part in zip(pair, ("keys", "values")):
+            if t.dtype != src:
+                raise EncodeError(f"cache[{i}].{part}", f"{t.dtype}, but layer 0 is {src}: one dtype for the whole cache")
+            t = t.detach()
+            if t.dtype != target:
+                t = t.to(target)
+            objects.append(quantize(to_numpy(t), wire) if wire in _kv.QUANTIZED else to_numpy(t))
+            names.append(f"l{i}.{part}")
+            layers.append(i)
+    seq = cache.get_seq_length() if hasattr(cache, "get_seq_length") else pairs[0][0].shape[-2]
+    return objects, names, layers, _kv.KVInfo(len(pairs), int(seq), torch_name, wire, signature)
+
+
+def kv_tensor(array: np.ndarray, shape: Sequence[int], wire: str, torch_dtype: str) -> "torch.Tensor":
+    """One received object of a KV stream as a tensor of the sender's torch dtype: a view of the
+    received bytes when the wire dtype carries it as it is, else converted (q8_0 / q4_0 dequantized
+    to float32 first)."""
+    if wire in ("q8_0", "q4_0"):
+        from resonant._spec import DTYPE_OF_WIRE_NAME
+
+        t = torch.from_numpy(dequantize(Slice(DTYPE_OF_WIRE_NAME[wire], tuple(shape), array)))
+    else:
+        t = to_torch(array)
+    want = getattr(torch, torch_dtype)
+    return t if t.dtype == want else t.to(want)
 
 
 def kv_from_stream(event: Any, layout: StreamLayout | None = None, *, legacy: bool = False) -> Any:

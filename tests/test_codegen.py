@@ -152,10 +152,10 @@ def _field(fields, name):
         ("vframe.yaml", lambda d: _field(d["header"], "num_slices").pop("limit"),
          "vframe.yaml: header[5].limit: header.num_slices must carry 'limit: max_slices' (the decoder checks it there)"),
         ("handshake.yaml", lambda d: d["limits"].append({"name": "max_foo", "value": 3, "doc": "Foo."}),
-         "handshake.yaml: limits[22].name: nothing enforces limit 'max_foo': name it in a field's 'limit:' "
+         "handshake.yaml: limits[23].name: nothing enforces limit 'max_foo': name it in a field's 'limit:' "
          "that the decoder checks, or enforce it in the runtime and list it in codegen.model.RUNTIME_LIMITS "
          "(enforced there: max_json_bytes, max_objects, max_list_items, max_report_ranges, report_burst, "
-         "max_resend_ranges, report_interval_ms, feedback_timeout_ms, feedback_probes, max_retransmits, max_string_chars, "
+         "max_resend_ranges, max_kv_layers, report_interval_ms, feedback_timeout_ms, feedback_probes, max_retransmits, max_string_chars, "
          "min_chunk_bytes, max_fec_k, max_fec_m, max_fec_pieces, session_random_bytes, replay_evicted_ranges, "
          "control_tags_remembered, sent_tags_remembered, reference_fallback_ms, zstd_probe_chunks, "
          "zstd_min_saving_permille)"),
@@ -214,7 +214,7 @@ def _field(fields, name):
         ("handshake.yaml", lambda d: _field(_msg(d, "ping")["fields"], "max_frame_bytes").update(default="max_everything"),
          "handshake.yaml: messages[0].fields[6].default: unknown limit 'max_everything' (defined: "
          "control_tags_remembered, feedback_probes, feedback_timeout_ms, max_dense_bytes, max_dims, max_fec_k, max_fec_m, "
-         "max_fec_pieces, max_frame_bytes, max_json_bytes, max_list_items, max_objects, max_report_ranges, "
+         "max_fec_pieces, max_frame_bytes, max_json_bytes, max_kv_layers, max_list_items, max_objects, max_report_ranges, "
          "max_resend_ranges, max_retransmits, max_segments, max_shape_elements, max_slices, max_string_chars, "
          "min_chunk_bytes, reference_fallback_ms, replay_evicted_ranges, report_burst, report_interval_ms, "
          "sent_tags_remembered, session_random_bytes, zstd_min_saving_permille, zstd_probe_chunks)"),
