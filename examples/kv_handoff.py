@@ -25,8 +25,9 @@ Columns (everything from this one run; CLOCK_MONOTONIC, which both processes sha
   B/token    growth of A's session.stats["bytes_out"] during the send (HEAD, chunks, TAIL, any
              resends; TCP adds 4 bytes of record length per frame), per token of context. The f32
              payload is 30 layers x 2 x 3 heads x 64 x 4 B = 46,080 B per token
-  xfer ms    A hands the first frame to its session -> B's event loop has the verified stream
-             (StreamComplete: chunk CRCs and the stream's xxh3_64 checked)
+  enc ms     A: the float32 cache -> the wire dtype (cast or quantize), timed on its own
+  xfer ms    A calls send_cache (the conversion above included, then the first frame) -> B's event
+             loop has the verified stream (StreamComplete: chunk CRCs and the stream's xxh3_64 checked)
   load ms    B: the received stream -> a float32 DynamicCache (cast or dequantize)
   ttft ms    B: verified stream -> the id of the first token B computes (load + one decode step)
   prefill ms B: its own prefill of the same prompt -> the first token's id (no handoff)
@@ -79,23 +80,27 @@ def now_ns() -> int:
 # (One function each: when peer.send_kv_cache / KVCacheReceived land, these two change.)
 
 
-async def send_cache(peer, cache, dtype: str, stream_id: int) -> int:
-    """Stream a KV cache (a DynamicCache or ((k, v), ...)) in the wire dtype; returns once B's
-    session has verified it. The layout is resonant.torch_utils.kv_stream's (Cache, l{i}.keys /
-    l{i}.values, layer i); q8_0 goes as resonant.quant Slices, which kv_stream cannot take."""
+def wire_tensor(t, dtype: str):
+    """One cache tensor as it travels: a numpy view (f32, or a bf16 / f16 cast) or Q8_0 blocks."""
     import torch
-    from resonant.torch_utils import kv_layers, to_numpy
+    from resonant.torch_utils import to_numpy
 
-    def wire(t):
-        if dtype == "f32":
-            return to_numpy(t.float())
-        if dtype in ("bf16", "f16"):
-            return to_numpy(t.to(torch.bfloat16 if dtype == "bf16" else torch.float16))
-        return quant.quantize(to_numpy(t.float()), dtype)
+    if dtype in ("bf16", "f16"):
+        return to_numpy(t.to(torch.bfloat16 if dtype == "bf16" else torch.float16))
+    arr = to_numpy(t.float())
+    return arr if dtype == "f32" else quant.quantize(arr, dtype)
+
+
+async def send_cache(peer, cache, dtype: str, stream_id: int | None = None) -> int:
+    """Stream a KV cache (a DynamicCache or ((k, v), ...)) in the wire dtype; returns the stream
+    id once B's session has verified it (its xxh3_64 verdict). The layout is
+    resonant.torch_utils.kv_stream's (message type Cache, objects l{i}.keys / l{i}.values tagged
+    with layer i), built here because kv_stream takes tensors and q8_0 travels as quant Slices."""
+    from resonant.torch_utils import kv_layers
 
     objects, names, layers = [], [], []
     for i, (k, v) in enumerate(kv_layers(cache)):
-        objects += [wire(k), wire(v)]
+        objects += [wire_tensor(k, dtype), wire_tensor(v, dtype)]
         names += [f"l{i}.keys", f"l{i}.values"]
         layers += [i, i]
     return await peer.send_stream(objects, stream_id=stream_id, names=names, layers=layers,
@@ -347,6 +352,10 @@ async def run(args, b: Decoder) -> dict:
 async def handoff(peer, b: Decoder, sid: int, kv, dtype: str, first: int, new_tokens: int, prompt, tmp) -> dict:
     await b.order({"sid": sid, "first_token": first, "new_tokens": new_tokens, "tmpdir": tmp,
                    "prompt": prompt[0].tolist()})
+    e0 = now_ns()
+    for k, v in kv:  # (untimed below: the conversion alone, for the "enc ms" column)
+        wire_tensor(k, dtype), wire_tensor(v, dtype)
+    enc_ns = now_ns() - e0
     before = peer.session.stats["bytes_out"]
     t0 = now_ns()
     await send_cache(peer, kv, dtype, sid)
@@ -357,7 +366,7 @@ async def handoff(peer, b: Decoder, sid: int, kv, dtype: str, first: int, new_to
         raise VerificationError(f"process B reported stream {rep.get('sid')}, expected {sid}")
     logits = np.load(rep["logits"])
     os.unlink(rep["logits"])
-    return {"rep": rep, "t0": t0, "t_verdict": t_verdict, "wire": wire, "logits": logits}
+    return {"rep": rep, "t0": t0, "t_verdict": t_verdict, "wire": wire, "logits": logits, "enc_ns": enc_ns}
 
 
 def compare(r: dict, transport: str, dtype: str, n_ctx: int, ref_ids, ref_logits, first: int,
@@ -375,7 +384,7 @@ def compare(r: dict, transport: str, dtype: str, n_ctx: int, ref_ids, ref_logits
            "same": same, "of": len(ref_ids), "identical": ids == ref_ids, "first_diff": diff,
            "max_abs_dlogit": max_dlogit, "dlogit_steps": steps,
            "wire_bytes": r["wire"], "payload_bytes": rep["nbytes"], "wire_bytes_per_token": r["wire"] / n_ctx,
-           "xfer_ms": xfer_ns / 1e6, "verdict_ms": (r["t_verdict"] - r["t0"]) / 1e6,
+           "enc_ms": r["enc_ns"] / 1e6, "xfer_ms": xfer_ns / 1e6, "verdict_ms": (r["t_verdict"] - r["t0"]) / 1e6,
            "first_frame_ms": (rep["t_first_frame_ns"] - r["t0"]) / 1e6,
            "load_ms": rep["load_ns"] / 1e6, "ttft_ms": ttft_ns / 1e6 if ttft_ns else None,
            "b_prefill_ms": rep["prefill_ns"] / 1e6, "a_prefill_ms": a_prefill_ns / 1e6,
@@ -391,13 +400,13 @@ def compare(r: dict, transport: str, dtype: str, n_ctx: int, ref_ids, ref_logits
 def print_table(result: dict) -> None:
     th = result["torch_threads"]
     print(f"{result['model']}, {result['new_tokens']} new tokens, torch threads A {th['A']} / B {th['B']}")
-    head = ("transport", "tokens", "dtype", "same", "1st diff", "max|dlogit|", "B/token", "xfer ms", "load ms",
+    head = ("transport", "tokens", "dtype", "same", "1st diff", "max|dlogit|", "B/token", "enc ms", "xfer ms", "load ms",
             "ttft ms", "prefill ms", "speedup", "w/ xfer")
     rows = []
     for r in result["results"]:
         rows.append((r["transport"], str(r["tokens"]), r["dtype"], f"{r['same']}/{r['of']}",
                      "-" if r["first_diff"] is None else str(r["first_diff"]), f"{r['max_abs_dlogit']:.3g}",
-                     f"{r['wire_bytes_per_token']:,.0f}", f"{r['xfer_ms']:.1f}", f"{r['load_ms']:.1f}",
+                     f"{r['wire_bytes_per_token']:,.0f}", f"{r['enc_ms']:.1f}", f"{r['xfer_ms']:.1f}", f"{r['load_ms']:.1f}",
                      f"{r['ttft_ms']:.1f}", f"{r['b_prefill_ms']:.1f}", f"{r['speedup']:.1f}x",
                      f"{r['speedup_with_xfer']:.1f}x"))
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
