@@ -4,18 +4,20 @@
     python examples/kv_handoff.py --quick                 # a short prompt, f32, 8 tokens (what the test runs)
     python examples/kv_handoff.py --json --transport udp --tokens 1000 --dtypes f32,q8_0 --new-tokens 16
 
-Process A (this process) loads the model, prefills a prompt and streams the prompt's KV cache
-(30 layers of keys and values, 1 x 3 heads x tokens x 64) to process B over resonant: a V-Stream
-of message type Cache, objects l{i}.keys / l{i}.values tagged with their layer, converted first to
-the wire dtype (f32 as is, bf16 / f16 casts, q8_0 ggml blocks via resonant.quant). Over TCP, and
-over UDP with resonant's loss recovery (selective repeat); either way send_stream returns once
-B's session has verified the stream's xxh3_64 (its verdict). B (a subprocess A starts: it loads
-the model too, listens on 127.0.0.1 port 0 and tells A its port on stdout) rebuilds a float32
-DynamicCache from the stream and continues greedy generation from it: the first new token is the
-argmax of A's prefill logits (A sends its id, with the run's parameters, as a JSON control line on
-B's stdin before the stream), B computes the rest. B reports the token ids and timings as a JSON
-line on its stdout and writes the logits of its decode steps to a .npy file in a temporary
-directory A made; A compares both with its own one-process greedy generation from the same cache.
+Process A (this process) loads the model, prefills a prompt and hands the prompt's KV cache
+(30 layers of keys and values, 1 x 3 heads x tokens x 64) to process B with
+`peer.send_kv_cache(cache, signature=sig, dtype=...)`: a V-Stream of message type Cache whose HEAD
+carries the cache's metadata (layers, seq_len, dtype, the model signature), in the wire dtype (f32 as
+is, bf16 / f16 casts, q8_0 ggml blocks). Over TCP, and over UDP with resonant's loss recovery
+(selective repeat); either way it returns once B has verified the stream's xxh3_64 (its verdict).
+B (a subprocess A starts: it loads the model too, serves on 127.0.0.1 port 0 with
+expected_signature=sig, so a cache of another model is refused, and tells A its port on stdout)
+gets the cache layer by layer (KVLayerReceived) and then ready (KVCacheReceived, a float32
+DynamicCache) and continues greedy generation from it: the first new token is the argmax of A's
+prefill logits (A sends its id, with the run's parameters, as a JSON control line on B's stdin
+before the stream), B computes the rest. B reports the token ids and timings as a JSON line on its
+stdout and writes the logits of its decode steps to a .npy file in a temporary directory A made; A
+compares both with its own one-process greedy generation from the same cache.
 
 Columns (everything from this one run; CLOCK_MONOTONIC, which both processes share):
   same       tokens identical to A's one-process greedy generation, n of N
@@ -28,7 +30,9 @@ Columns (everything from this one run; CLOCK_MONOTONIC, which both processes sha
   enc ms     A: the float32 cache -> the wire dtype (cast or quantize), timed on its own
   xfer ms    A calls send_cache (the conversion above included, then the first frame) -> B's event
              loop has the verified stream (StreamComplete: chunk CRCs and the stream's xxh3_64 checked)
-  load ms    B: the received stream -> a float32 DynamicCache (cast or dequantize)
+  load ms    B: the verified stream (StreamComplete) -> its KVCacheReceived: B's cache is built layer
+             by layer while the stream arrives (KVLayerReceived: cast or dequantize per layer), so
+             this is only what is left at the end
   ttft ms    B: verified stream -> the id of the first token B computes (load + one decode step)
   prefill ms B: its own prefill of the same prompt -> the first token's id (no handoff)
   speedup    prefill / ttft, and prefill / (xfer + ttft): what B saves by receiving the cache
@@ -58,7 +62,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 import resonant  # noqa: E402
-from resonant import quant  # noqa: E402
 
 import _smollm2  # noqa: E402
 
@@ -77,54 +80,33 @@ def now_ns() -> int:
 
 
 # ------------------------------------------------------------------ the handoff: send and receive
-# (One function each: when peer.send_kv_cache / KVCacheReceived land, these two change.)
 
 
-def wire_tensor(t, dtype: str):
-    """One cache tensor as it travels: a numpy view (f32, or a bf16 / f16 cast) or Q8_0 blocks."""
-    import torch
-    from resonant.torch_utils import to_numpy
-
-    if dtype in ("bf16", "f16"):
-        return to_numpy(t.to(torch.bfloat16 if dtype == "bf16" else torch.float16))
-    arr = to_numpy(t.float())
-    return arr if dtype == "f32" else quant.quantize(arr, dtype)
+def signature(model, tok) -> "resonant.ModelSignature":
+    """The model's signature: B serves with it (expected_signature) and refuses a cache of any other."""
+    return resonant.ModelSignature.from_hf(model, tok, model_id=_smollm2.GGUF_FILE)
 
 
-async def send_cache(peer, cache, dtype: str, stream_id: int | None = None) -> int:
+def wire_objects(cache, dtype: str):
+    """What send_kv_cache sends for dtype (the conversion alone, timed for the "enc ms" column)."""
+    from resonant.torch_utils import kv_objects
+
+    return kv_objects(cache, dtype=dtype)
+
+
+async def send_cache(peer, cache, dtype: str, stream_id: int | None = None, sig=None) -> int:
     """Stream a KV cache (a DynamicCache or ((k, v), ...)) in the wire dtype; returns the stream
-    id once B's session has verified it (its xxh3_64 verdict). The layout is
-    resonant.torch_utils.kv_stream's (message type Cache, objects l{i}.keys / l{i}.values tagged
-    with layer i), built here because kv_stream takes tensors and q8_0 travels as quant Slices."""
-    from resonant.torch_utils import kv_layers
-
-    objects, names, layers = [], [], []
-    for i, (k, v) in enumerate(kv_layers(cache)):
-        objects += [wire_tensor(k, dtype), wire_tensor(v, dtype)]
-        names += [f"l{i}.keys", f"l{i}.values"]
-        layers += [i, i]
-    return await peer.send_stream(objects, stream_id=stream_id, names=names, layers=layers,
-                                  msg_type=resonant.MsgType.CACHE)
+    id once B has verified it (its xxh3_64 verdict). B gets KVLayerReceived events layer by layer
+    and a KVCacheReceived with a ready DynamicCache."""
+    return await peer.send_kv_cache(cache, signature=sig, dtype=dtype, stream_id=stream_id)
 
 
-def cache_from(event, layout):
-    """A float32 DynamicCache from a verified KV stream (StreamComplete, with its StreamStarted
-    layout): f32 used as received (no copy), bf16 / f16 cast, q8_0 dequantized."""
-    from resonant.torch_utils import kv_from_arrays, kv_from_stream, to_torch
-
-    if all(o.dtype == resonant.DType.F32 for o in layout.objects):
-        return kv_from_stream(event, layout)  # (checks that the layout is a KV cache's)
-    names = [o.name or "" for o in layout.objects]
-    if layout.msg_type != resonant.MsgType.CACHE or any(not n.endswith((".keys", ".values")) for n in names):
-        raise VerificationError(f"stream {event.stream_id} is not a KV cache: type {layout.msg_type}, {names[:4]}...")
-    arrays = []
-    for o in sorted(layout.objects, key=lambda o: o.index):
-        data = event.objects[o.index]
-        if o.dtype in (resonant.DType.Q8_0, resonant.DType.Q4_0):  # (the raw ggml blocks)
-            arrays.append(quant.dequantize(resonant.Slice(o.dtype, tuple(o.shape), data)))
-        else:
-            arrays.append(to_torch(np.asarray(data)).float().numpy())
-    return kv_from_arrays(arrays)
+def cache_from(event):
+    """The DynamicCache of a KVCacheReceived (in the sender's dtype, float32: bf16 / f16 cast back,
+    q8_0 dequantized, f32 the received bytes themselves)."""
+    if not isinstance(event, resonant.KVCacheReceived):
+        raise VerificationError(f"expected a KVCacheReceived, got {type(event).__name__}")
+    return event.cache
 
 
 # ------------------------------------------------------------------ generation
@@ -166,7 +148,8 @@ def prefill(model, prompt):
 async def decoder_main(args) -> int:
     import torch
 
-    _, model = _smollm2.load()
+    tok, model = _smollm2.load()
+    sig = signature(model, tok)
     loop = asyncio.get_running_loop()
     control: asyncio.Queue = asyncio.Queue()
 
@@ -180,7 +163,7 @@ async def decoder_main(args) -> int:
         sys.stdout.flush()
 
     transports = ["tcp", "udp"] if args.transport == "both" else [args.transport]
-    servers = {t: resonant.serve(f"{t}://127.0.0.1:0") for t in transports}
+    servers = {t: resonant.serve(f"{t}://127.0.0.1:0", expected_signature=sig) for t in transports}
     opened = {t: await s.__aenter__() for t, s in servers.items()}
     events: asyncio.Queue = asyncio.Queue()
 
@@ -194,7 +177,7 @@ async def decoder_main(args) -> int:
             "torch_threads": torch.get_num_threads()})
     prefills: dict[tuple, tuple[int, int]] = {}
     try:
-        layouts, firsts, orders = {}, {}, {}
+        layouts, firsts, orders, verified = {}, {}, {}, {}
         stop = asyncio.ensure_future(control_wait(control, orders))
         while True:
             getter = asyncio.ensure_future(events.get())
@@ -207,12 +190,14 @@ async def decoder_main(args) -> int:
             if isinstance(ev, resonant.StreamStarted):
                 layouts[ev.stream_id], firsts[ev.stream_id] = ev.layout, t
             elif isinstance(ev, resonant.StreamComplete):
+                verified[ev.stream_id] = t
+            elif isinstance(ev, resonant.KVCacheReceived):
                 while ev.stream_id not in orders:  # (A writes the control line before the stream)
                     await asyncio.sleep(0.001)
                 order = orders.pop(ev.stream_id)
                 layout = layouts.pop(ev.stream_id)
-                t0 = now_ns()
-                cache = cache_from(ev, layout)
+                t0 = t = verified.pop(ev.stream_id, t)
+                cache = cache_from(ev)
                 t_loaded = now_ns()
                 ids, logits, t_first = greedy(model, cache, order["first_token"], order["new_tokens"])
                 del cache
@@ -314,6 +299,7 @@ async def run(args, b: Decoder) -> dict:
     from resonant.torch_utils import kv_layers
 
     tok, model = _smollm2.load()
+    sig = signature(model, tok)
     hello = await b.line(180.0)
     failures: list[str] = []
     transports = ["tcp", "udp"] if args.transport == "both" else [args.transport]
@@ -327,7 +313,7 @@ async def run(args, b: Decoder) -> dict:
             warm_cache, warm_tok = prefill(model, warm_prompt)
             for t in transports:
                 await handoff(peers[t], b, next(sid), kv_layers(warm_cache), "f32", warm_tok, 2,
-                              warm_prompt, tmp)
+                              warm_prompt, tmp, sig)
             for n in args.tokens:
                 prompt = _smollm2.prompt_ids(tok, n)
                 t0 = now_ns()
@@ -338,7 +324,7 @@ async def run(args, b: Decoder) -> dict:
                 del cache
                 for t in transports:
                     for dtype in args.dtypes:
-                        r = await handoff(peers[t], b, next(sid), kv, dtype, first, args.new_tokens, prompt, tmp)
+                        r = await handoff(peers[t], b, next(sid), kv, dtype, first, args.new_tokens, prompt, tmp, sig)
                         rows.append(compare(r, t, dtype, prompt.shape[1], ref_ids, ref_logits, first,
                                             a_prefill_ns, failures))
         finally:
@@ -349,16 +335,15 @@ async def run(args, b: Decoder) -> dict:
             "f32_payload_bytes_per_token": F32_BYTES_PER_TOKEN, "results": rows, "failures": failures}
 
 
-async def handoff(peer, b: Decoder, sid: int, kv, dtype: str, first: int, new_tokens: int, prompt, tmp) -> dict:
+async def handoff(peer, b: Decoder, sid: int, kv, dtype: str, first: int, new_tokens: int, prompt, tmp, sig) -> dict:
     await b.order({"sid": sid, "first_token": first, "new_tokens": new_tokens, "tmpdir": tmp,
                    "prompt": prompt[0].tolist()})
     e0 = now_ns()
-    for k, v in kv:  # (untimed below: the conversion alone, for the "enc ms" column)
-        wire_tensor(k, dtype), wire_tensor(v, dtype)
+    wire_objects(kv, dtype)  # (the conversion alone, for the "enc ms" column)
     enc_ns = now_ns() - e0
     before = peer.session.stats["bytes_out"]
     t0 = now_ns()
-    await send_cache(peer, kv, dtype, sid)
+    await send_cache(peer, kv, dtype, sid, sig)
     t_verdict = now_ns()
     wire = peer.session.stats["bytes_out"] - before
     rep = await b.line()

@@ -46,7 +46,7 @@ def _tiny_llama():
 
 
 async def _handoffs(ex, kv, dtypes):
-    """Send kv once per dtype with send_cache; cache_from of each received stream."""
+    """Send kv once per dtype with send_cache (peer.send_kv_cache); cache_from of each KVCacheReceived."""
     out = {}
     async with resonant.serve("tcp://127.0.0.1:0") as server:
         async with resonant.connect(f"tcp://127.0.0.1:{server.address[1]}") as peer:
@@ -57,11 +57,11 @@ async def _handoffs(ex, kv, dtypes):
                     _, ev = await server.next_event(10.0)
                     if isinstance(ev, resonant.StreamStarted):
                         layout = ev.layout
-                    elif isinstance(ev, resonant.StreamComplete):
+                    elif isinstance(ev, resonant.KVCacheReceived):
                         break
                     assert not isinstance(ev, resonant.StreamFailed), ev
                 assert await asyncio.wait_for(sending, 10.0) == sid
-                out[dtype] = (layout, ex.cache_from(ev, layout))
+                out[dtype] = (layout, ex.cache_from(ev))
     return out
 
 
