@@ -3,8 +3,8 @@ under an error budget, and SparseCoo with a specified layout.
 
     s = resonant.quant.quantize(hidden, "q8_0")        # a Slice: ggml blocks, the shape kept
     x = resonant.quant.dequantize(s)                   # float32, the original shape
-    choice = resonant.quant.choose(hidden, min_cosine=0.999)
-    choice.dtype, choice.cosine, choice.nbytes         # what it picked and why
+    choice = resonant.quant.choose(hidden, min_cosine=0.999)   # every token (row) >= 0.999
+    choice.dtype, choice.cosine, choice.cosine_row, choice.nbytes  # what it picked, the worst token and where
 
 The Q8_0 / Q4_0 kernels are C (in the codec extension), with ggml's reference formulas and
 rounding, so llama.cpp's dequantize_row_q8_0 / _q4_0 read the payloads byte for byte.

@@ -46,6 +46,17 @@ class StreamObject:
     layer: int | None = None
 
 
+def _object(*values) -> StreamObject:
+    """StreamObject(*values) without the frozen dataclass's __init__ (a setattr per field through
+    object.__setattr__): the same instance, a HEAD of many objects built ~3x faster."""
+    o = object.__new__(StreamObject)
+    o.__dict__.update(zip(_OBJECT_FIELDS, values))
+    return o
+
+
+_OBJECT_FIELDS = tuple(StreamObject.__dataclass_fields__)
+
+
 @dataclass(frozen=True)
 class StreamLayout:
     """The geometry of a stream, derived from its HEAD alone."""
@@ -80,8 +91,8 @@ class StreamLayout:
         objects, offset, first = [], 0, 0
         for i, (dtype, shape, nbytes, name, layer) in enumerate(specs):
             n = max(1, math.ceil(nbytes / chunk_bytes))  # an empty object still takes one (empty) chunk
-            objects.append(StreamObject(i, _DTYPE_OF.get(dtype) or DType(dtype), tuple(shape), nbytes, offset, first, n,
-                                        name, layer))
+            objects.append(_object(i, _DTYPE_OF.get(dtype) or DType(dtype), tuple(shape), nbytes, offset, first, n,
+                                   name, layer))
             offset += nbytes
             first += n
         return cls(int(msg_type), chunk_bytes, offset, tuple(objects), legacy_md5, fec)
@@ -116,19 +127,18 @@ class StreamLayout:
                                  f"({handshake.MIN_CHUNK_BYTES})")
         specs, total = [], 0
         for i, o in enumerate(doc["objects"]):
-            path = f"head.objects[{i}]"
             dtype = _DTYPE_OF.get(o["dtype"])
             if dtype is None:
-                raise HandshakeError(f"{path}.dtype", f"{o['dtype']} is not a dtype")
+                raise HandshakeError(f"head.objects[{i}].dtype", f"{o['dtype']} is not a dtype")
             shape = o["shape"]
             elements = math.prod(shape)
             if (elements if elements else math.prod(d or 1 for d in shape)) > MAX_SHAPE_ELEMENTS:  # as for a slice's
-                raise HandshakeError(f"{path}.shape", f"{tuple(o['shape'])}: the product of the dimensions, each 0 "
+                raise HandshakeError(f"head.objects[{i}].shape", f"{tuple(o['shape'])}: the product of the dimensions, each 0 "
                                      f"counted as 1, is more than max_shape_elements ({MAX_SHAPE_ELEMENTS})")
             width = _WIDTH[dtype]
             need = expected_size(int(dtype), elements)  # the dtype's size rule; None: any size
             if need is not None and o["nbytes"] != need:
-                raise HandshakeError(f"{path}.nbytes", f"{o['nbytes']}, but {dtype.name} of shape "
+                raise HandshakeError(f"head.objects[{i}].nbytes", f"{o['nbytes']}, but {dtype.name} of shape "
                                      f"{tuple(o['shape'])} is {need} bytes")
             if width:
                 if chunk_bytes % width:
