@@ -388,9 +388,9 @@ class _Source:
     payload: memoryview
 
 
-# numpy dtype -> DType for the dtypes numpy holds exactly as the wire does (little-endian).
-_NATIVE = {np.dtype(_codec.numpy_dtype(d)): d for d in DType
-           if _codec.numpy_dtype(d) is not None and _codec.dtype_of_numpy(np.dtype(_codec.numpy_dtype(d))) == d}
+# numpy dtype -> DType for the dtypes numpy holds exactly as the wire does (little-endian), numpy's
+# own ones (BF16's, ml_dtypes', is not imported with resonant: such arrays take the general path).
+_NATIVE = {np.dtype(_codec.numpy_dtype(d)): d for d in (DType.F16, DType.I8, DType.F32)}
 
 
 def _source(obj, i: int) -> _Source:
