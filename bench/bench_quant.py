@@ -161,6 +161,7 @@ def run_part_b(states: list[np.ndarray]) -> tuple[list[RowB], list[dict[str, Any
                 entry[f"cos>={budget}"] = {"dtype": None, "error": f"{type(exc).__name__}: {exc}"}
                 continue
             entry[f"cos>={budget}"] = {"dtype": DType(ch.dtype).name, "bytes": ch.nbytes, "cosine": ch.cosine,
+                                      "worst_token": ch.cosine_row, "array_cosine": ch.array_cosine,
                                       "rel_error": ch.rel_error,
                                       "tried": [[t[0], t[1], t[4]] for t in ch.tried]}
         picks.append(entry)
@@ -184,7 +185,7 @@ def table_b(rows: list[RowB], states: list[np.ndarray]) -> str:
 
 def table_choose(picks: list[dict[str, Any]]) -> str:
     head = " | ".join(f"choose(min_cosine={b}) | cosine" for b in BUDGETS)
-    lines = ["### choose() per state (cosine over the whole state)", "",
+    lines = ["### choose() per state (per row: the worst token's cosine)", "",
              f"| state | Q4_0 cosine | {head} |", "|--:|--:|" + "---|--:|" * len(BUDGETS)]
     for p in picks:
         cells = []

@@ -168,6 +168,12 @@ EXAMPLES: dict[str, dict[str, Any]] = {
 _HEX = {"hex32": re.compile(r"[0-9a-f]{32}").fullmatch, "hex64": re.compile(r"[0-9a-f]{64}").fullmatch}
 
 
+#: The largest value of each integer type (the fast paths below: a HEAD of many objects is checked
+#: field by field, and a path string per field and per shape item cost more than the checks).
+_INT_TOP = {"u32": 0xFFFFFFFF, "u64": 0xFFFFFFFFFFFFFFFF}
+_LIST_TOP = {f"list[{t}]": top for t, top in _INT_TOP.items()}
+
+
 def _check(value: Any, spec: dict[str, Any], path: str) -> None:
     t = spec["type"]
     if t == "string":
@@ -201,6 +207,15 @@ def _check(value: Any, spec: dict[str, Any], path: str) -> None:
         limit, limit_name = (MAX_OBJECTS, "max_objects") if t == "list[object]" else (MAX_LIST_ITEMS, "max_list_items")
         if len(value) > limit:
             raise HandshakeError(path, f"{len(value)} items, more than {limit_name} ({limit})")
+        top = _INT_TOP.get(t[5:-1])
+        if top is not None and all(type(v) is int and 0 <= v <= top for v in value):
+            return  # a list of integers in range (a shape): no path per item; else the item that fails, below
+        if t == "list[object]":  # (a HEAD's objects: each item's path built only on a failure)
+            for i, v in enumerate(value):
+                if not isinstance(v, dict):
+                    raise HandshakeError(f"{path}[{i}]", f"expected an object, got {type(v).__name__}")
+                _check_fields(v, spec["fields"], path, True, i)
+            return
         # unknown choices in a list of strings are tolerated (a newer peer may offer more); only types are checked
         item = {"type": t[5:-1], "const": None, "choices": (), "fields": spec["fields"]}
         for i, v in enumerate(value):
@@ -229,17 +244,36 @@ def _check_ranges(value: Any, path: str) -> None:
         last = v
 
 
-def _check_fields(doc: dict[str, Any], fields: dict[str, dict[str, Any]], path: str, open_keys: bool) -> None:
+def _check_fields(doc: dict[str, Any], fields: dict[str, dict[str, Any]], path: str, open_keys: bool,
+                  index: int | None = None) -> None:
+    """index: doc is item `index` of the list at `path` (its path is built only when needed)."""
+    present = 0
     for name, spec in fields.items():
         if name in doc:
-            _check(doc[name], spec, f"{path}.{name}")
+            present += 1
+            value = doc[name]
+            t = spec["type"]
+            top = _INT_TOP.get(t)
+            if top is not None and type(value) is int and 0 <= value <= top:
+                continue  # an integer in range, _check's outcome without building the field's path
+            top = _LIST_TOP.get(t)
+            if (top is not None and type(value) is list and len(value) <= MAX_LIST_ITEMS
+                    and all(type(v) is int and 0 <= v <= top for v in value)):
+                continue  # a list of integers in range (a shape), likewise
+            _check(value, spec, f"{_item_path(path, index)}.{name}")
         elif spec["required"]:
-            raise HandshakeError(f"{path}.{name}", "required field is missing")
+            raise HandshakeError(f"{_item_path(path, index)}.{name}", "required field is missing")
+    if present == len(doc):
+        return  # (no key besides the fields)
     for key in doc:
         if key not in fields and not (open_keys and key.startswith("x-")):
             if not open_keys:
                 continue  # unknown top-level keys are ignored, as the reference's extensions expect
-            raise HandshakeError(f"{path}.{key}", "unknown key (extensions start with 'x-')")
+            raise HandshakeError(f"{_item_path(path, index)}.{key}", "unknown key (extensions start with 'x-')")
+
+
+def _item_path(path: str, index: int | None) -> str:
+    return path if index is None else f"{path}[{index}]"
 
 
 def validate(doc: Any) -> dict[str, Any]:

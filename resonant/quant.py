@@ -3,8 +3,8 @@ under an error budget, and SparseCoo with a specified layout.
 
     s = resonant.quant.quantize(hidden, "q8_0")        # a Slice: ggml blocks, the shape kept
     x = resonant.quant.dequantize(s)                   # float32, the original shape
-    choice = resonant.quant.choose(hidden, min_cosine=0.999)
-    choice.dtype, choice.cosine, choice.nbytes         # what it picked and why
+    choice = resonant.quant.choose(hidden, min_cosine=0.999)   # every token (row) >= 0.999
+    choice.dtype, choice.cosine, choice.cosine_row, choice.nbytes  # what it picked, the worst token and where
 
 The Q8_0 / Q4_0 kernels are C (in the codec extension), with ggml's reference formulas and
 rounding, so llama.cpp's dequantize_row_q8_0 / _q4_0 read the payloads byte for byte.
@@ -24,7 +24,7 @@ from resonant._codec import Slice
 from resonant._spec import DTYPE_OF_WIRE_NAME, MAX_DENSE_BYTES, NUMPY_DTYPES, DType
 from resonant.errors import LimitExceeded, SizeMismatch, UnsupportedDType
 
-__all__ = ["quantize", "dequantize", "to_float", "Choice", "choose", "error_of",
+__all__ = ["quantize", "dequantize", "to_float", "Choice", "choose", "error_of", "row_errors",
            "sparse_from_dense", "sparse_from_scipy", "sparse_to_dense", "SparseCoo", "parse_sparse"]
 
 _KIND = {DType.Q8_0: 8, DType.Q4_0: 4}
@@ -81,9 +81,18 @@ def to_float(s: Slice) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Choice:
-    """What choose() picked: the dtype, its slice, and the error it measured (relative L2
-    error ||x - x'|| / ||x||, max relative error max|x - x'| / max|x|, cosine similarity),
-    and every candidate it tried, smallest first."""
+    """What choose() picked: the dtype, its slice, the error it measured, and every candidate
+    it tried, smallest first.
+
+    The errors are the relative L2 error ||x - x'|| / ||x||, the max relative error
+    max|x - x'| / max|x| and the cosine similarity. With per_row=True (choose()'s default)
+    rel_error, max_rel_error and cosine are the WORST row's (the highest errors, the lowest
+    cosine: what the budget was checked against), each measured within its row, and
+    rel_error_row / max_rel_error_row / cosine_row say which row (an index into x.shape[:-1];
+    () for a 1-D array); worst_row is the row that came closest to its bound. The
+    array_rel_error / array_max_rel_error / array_cosine are the same figures over the whole
+    array (per_row=False: those are the ones checked, and rel_error == array_rel_error ...,
+    the rows are None)."""
 
     dtype: DType
     slice: Slice
@@ -92,10 +101,19 @@ class Choice:
     cosine: float
     nbytes: int
     tried: tuple[tuple[str, int, float, float, float], ...]  # (dtype, bytes, rel_error, max_rel_error, cosine)
+    per_row: bool = False
+    rel_error_row: tuple[int, ...] | None = None
+    max_rel_error_row: tuple[int, ...] | None = None
+    cosine_row: tuple[int, ...] | None = None
+    worst_row: tuple[int, ...] | None = None
+    array_rel_error: float = 0.0
+    array_max_rel_error: float = 0.0
+    array_cosine: float = 1.0
 
 
 def error_of(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """(relative L2 error, max relative error, cosine similarity) of y as an approximation of x."""
+    """(relative L2 error, max relative error, cosine similarity) of y as an approximation of x,
+    over the whole array (row_errors() gives them per row)."""
     a = np.asarray(x, np.float64).ravel()
     b = np.asarray(y, np.float64).ravel()
     na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
@@ -107,6 +125,59 @@ def error_of(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     return rel, mrel, cos
 
 
+def row_errors(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """error_of() of every row: three float64 arrays of shape x.shape[:-1] (relative L2 error,
+    max relative error, cosine), row i measuring y[i] against x[i], a row being the last axis
+    (one token's vector of a (tokens, dim) state; one head's vector of one token of a
+    (batch, heads, seq, head_dim) KV tensor). A 1-D array is one row (shape ()); a 0-d one too.
+    Vectorized; the edge cases (a zero row) as error_of's."""
+    a = np.asarray(x, np.float64)
+    b = np.asarray(y, np.float64)
+    if a.ndim == 0:
+        a, b = a.reshape(1), b.reshape(1)
+    if a.shape[-1] == 0:
+        shape = a.shape[:-1]
+        return np.zeros(shape), np.zeros(shape), np.ones(shape)
+    diff = a - b
+    na = np.sqrt(np.einsum("...i,...i->...", a, a))
+    nb = np.sqrt(np.einsum("...i,...i->...", b, b))
+    nd = np.sqrt(np.einsum("...i,...i->...", diff, diff))
+    dot = np.einsum("...i,...i->...", a, b)
+    amax = np.abs(a).max(axis=-1)
+    dmax = np.abs(diff).max(axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(na > 0, nd / np.where(na > 0, na, 1), (nd > 0).astype(np.float64))
+        mrel = np.where(amax > 0, dmax / np.where(amax > 0, amax, 1), (dmax > 0).astype(np.float64))
+        both = (na > 0) & (nb > 0)
+        cos = np.where(both, dot / np.where(both, na * nb, 1), np.where(na == nb, 1.0, 0.0))
+    return rel, mrel, cos
+
+
+def _worst(rel: np.ndarray, mrel: np.ndarray, cos: np.ndarray):
+    """The worst figure of each kind and its row (an index tuple into the rows' shape)."""
+    def at(flat: int) -> tuple[int, ...]:
+        return tuple(int(i) for i in np.unravel_index(flat, rel.shape))
+    if rel.size == 0:
+        return 0.0, 0.0, 1.0, None, None, None
+    i, j, k = int(np.argmax(rel)), int(np.argmax(mrel)), int(np.argmin(cos))
+    return (float(rel.flat[i]), float(mrel.flat[j]), float(cos.flat[k]), at(i), at(j), at(k))
+
+
+def _closest_row(rels, mrels, coss, max_rel_error, max_abs_rel_error, min_cosine) -> tuple[int, ...]:
+    """The row whose error comes closest to (or goes furthest over) its bound: the largest
+    error / bound ((1 - cosine) / (1 - min_cosine) for the cosine) of the bounds given."""
+    def ratio(err: np.ndarray, bound: float) -> np.ndarray:
+        return err / bound if bound > 0 else np.where(err > 0, np.inf, 0.0)
+    m = np.zeros(rels.shape)
+    if max_rel_error is not None:
+        m = np.maximum(m, ratio(rels, max_rel_error))
+    if max_abs_rel_error is not None:
+        m = np.maximum(m, ratio(mrels, max_abs_rel_error))
+    if min_cosine is not None:
+        m = np.maximum(m, ratio(1 - coss, 1 - min_cosine))
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(m)), rels.shape))
+
+
 def _encode_as(x: np.ndarray, d: DType) -> Slice:
     if d in _KIND:
         return quantize(x, d)
@@ -115,27 +186,47 @@ def _encode_as(x: np.ndarray, d: DType) -> Slice:
 
 def choose(x, *, max_rel_error: float | None = None, min_cosine: float | None = None,
            max_abs_rel_error: float | None = None,
-           candidates: Sequence[str] = ("q4_0", "q8_0", "f16", "f32")) -> Choice:
+           candidates: Sequence[str] = ("q4_0", "q8_0", "f16", "f32"), per_row: bool = True) -> Choice:
     """The smallest candidate whose error stays within the budget (every bound given must
     hold): max_rel_error bounds ||x - x'|| / ||x||, max_abs_rel_error bounds
     max|x - x'| / max|x|, min_cosine bounds the cosine similarity. The last candidate is
-    taken when none fits (check the returned errors)."""
+    taken when none fits (check the returned errors).
+
+    per_row=True (the default): every bound must hold for EVERY row, a row being the last
+    axis -- one token's vector of a (..., tokens, dim) state, one head's vector of one token
+    of a (batch, kv_heads, seq, head_dim) KV tensor; a 1-D array is one row. The choice is
+    made on the worst row, so no token is sent with more error than the budget (over the
+    whole array, a few bad tokens hide among many good ones: MiniLM's states passed
+    min_cosine=0.9999 as a whole with a token at 0.99989). per_row=False measures the whole
+    array as one vector (the behaviour before per-row; a looser test). Choice says which row
+    was worst and keeps the whole-array figures too."""
     if max_rel_error is None and min_cosine is None and max_abs_rel_error is None:
         raise ValueError("give an error budget: max_rel_error, max_abs_rel_error and/or min_cosine")
     arr = np.asarray(x)
     order = sorted((_dtype(c) for c in candidates), key=lambda d: _size_of(d, arr.size))
+
     tried = []
     best = None
     for d in order:
         s = _encode_as(arr, d)
-        rel, mrel, cos = error_of(arr, to_float(s))
+        y = to_float(s)
+        whole = error_of(arr, y)
+        if per_row:
+            rels, mrels, coss = row_errors(arr, y)
+            rel, mrel, cos, r_rel, r_mrel, r_cos = _worst(rels, mrels, coss)
+            rows = (r_rel, r_mrel, r_cos)
+            worst = None if r_cos is None else _closest_row(rels, mrels, coss, max_rel_error, max_abs_rel_error,
+                                                            min_cosine)
+        else:
+            rel, mrel, cos = whole
+            rows, worst = (None, None, None), None
         tried.append((d.name, s.nbytes, rel, mrel, cos))
-        best = (d, s, rel, mrel, cos)
+        best = (d, s, rel, mrel, cos, rows, worst, whole)
         if ((max_rel_error is None or rel <= max_rel_error) and (min_cosine is None or cos >= min_cosine)
                 and (max_abs_rel_error is None or mrel <= max_abs_rel_error)):
             break
-    d, s, rel, mrel, cos = best
-    return Choice(d, s, rel, mrel, cos, s.nbytes, tuple(tried))
+    d, s, rel, mrel, cos, rows, worst, whole = best
+    return Choice(d, s, rel, mrel, cos, s.nbytes, tuple(tried), per_row, *rows, worst, *whole)
 
 
 def _size_of(d: DType, n: int) -> int:

@@ -26,6 +26,10 @@ _TRANSFORM_OVERHEAD = TRANSFORM_OVERHEAD_BYTES
 # makes; a compressed frame may carry more (its body is up to 64 KiB before compression).
 PLAIN_CHUNK_MAX = MAX_FRAME_BYTES - _CHUNK_OVERHEAD
 I8 = DType.I8
+# DType by code and each dtype's element width (0: a blocked or opaque dtype), looked up once per
+# object of a HEAD rather than through the enum's constructor (a stream may carry thousands).
+_DTYPE_OF = {int(d): d for d in DType}
+_WIDTH = {d: _codec.element_bytes(d) for d in DType}
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,8 @@ class StreamLayout:
         objects, offset, first = [], 0, 0
         for i, (dtype, shape, nbytes, name, layer) in enumerate(specs):
             n = max(1, math.ceil(nbytes / chunk_bytes))  # an empty object still takes one (empty) chunk
-            objects.append(StreamObject(i, DType(dtype), tuple(shape), nbytes, offset, first, n, name, layer))
+            objects.append(StreamObject(i, _DTYPE_OF.get(dtype) or DType(dtype), tuple(shape), nbytes, offset, first, n,
+                                        name, layer))
             offset += nbytes
             first += n
         return cls(int(msg_type), chunk_bytes, offset, tuple(objects), legacy_md5, fec, kv)
@@ -87,9 +92,7 @@ class StreamLayout:
         doc = {
             "method": "head", "v": STREAM_VERSION, "msg_type": self.msg_type, "chunk_bytes": self.chunk_bytes,
             "total_bytes": self.total_bytes,
-            "objects": [{**({"name": o.name} if o.name is not None else {}),
-                         **({"layer": o.layer} if o.layer is not None else {}),
-                         "dtype": int(o.dtype), "shape": list(o.shape), "nbytes": o.nbytes} for o in self.objects],
+            "objects": [_object_doc(o) for o in self.objects],
             "hash": "xxh3_64",
         }
         if self.legacy_md5:
@@ -117,18 +120,18 @@ class StreamLayout:
                                  f"({handshake.MIN_CHUNK_BYTES})")
         specs, total = [], 0
         for i, o in enumerate(doc["objects"]):
-            path = f"head.objects[{i}]"
-            try:
-                dtype = DType(o["dtype"])
-            except ValueError:
-                raise HandshakeError(f"{path}.dtype", f"{o['dtype']} is not a dtype") from None
-            if math.prod(d or 1 for d in o["shape"]) > MAX_SHAPE_ELEMENTS:  # as for a slice's shape
-                raise HandshakeError(f"{path}.shape", f"{tuple(o['shape'])}: the product of the dimensions, each 0 "
+            dtype = _DTYPE_OF.get(o["dtype"])
+            if dtype is None:
+                raise HandshakeError(f"head.objects[{i}].dtype", f"{o['dtype']} is not a dtype")
+            shape = o["shape"]
+            elements = math.prod(shape)
+            if (elements if elements else math.prod(d or 1 for d in shape)) > MAX_SHAPE_ELEMENTS:  # as for a slice's
+                raise HandshakeError(f"head.objects[{i}].shape", f"{tuple(o['shape'])}: the product of the dimensions, each 0 "
                                      f"counted as 1, is more than max_shape_elements ({MAX_SHAPE_ELEMENTS})")
-            width = _codec.element_bytes(dtype)
-            need = expected_size(int(dtype), math.prod(o["shape"]))  # the dtype's size rule; None: any size
+            width = _WIDTH[dtype]
+            need = expected_size(int(dtype), elements)  # the dtype's size rule; None: any size
             if need is not None and o["nbytes"] != need:
-                raise HandshakeError(f"{path}.nbytes", f"{o['nbytes']}, but {dtype.name} of shape "
+                raise HandshakeError(f"head.objects[{i}].nbytes", f"{o['nbytes']}, but {dtype.name} of shape "
                                      f"{tuple(o['shape'])} is {need} bytes")
             if width:
                 if chunk_bytes % width:
@@ -155,6 +158,19 @@ class StreamLayout:
             _kv.check_layout(layout, info)
             layout = replace(layout, kv=info)
         return layout
+
+
+def _object_doc(o: StreamObject) -> dict:
+    """An object's entry of the HEAD document (keys in this order: name, layer, dtype, shape, nbytes)."""
+    if o.name is None and o.layer is None:
+        return {"dtype": int(o.dtype), "shape": list(o.shape), "nbytes": o.nbytes}
+    doc: dict = {}
+    if o.name is not None:
+        doc["name"] = o.name
+    if o.layer is not None:
+        doc["layer"] = o.layer
+    doc.update(dtype=int(o.dtype), shape=list(o.shape), nbytes=o.nbytes)
+    return doc
 
 
 def compact_json(doc: dict) -> bytes:

@@ -58,8 +58,9 @@ class StreamSender:
             [(s.dtype, s.shape, s.nbytes, names[i] if names else None, layers[i] if layers else None)
              for i, s in enumerate(slices)], legacy_md5, code, kv)
         self._code = None if code is None else _fec.BlockCode(*code, chunk_bytes)
+        doc = self.layout.head_document()
         try:
-            handshake.validate(self.layout.head_document())
+            handshake.validate(doc)
         except HandshakeError as exc:  # the caller's names/layers/object count: local misuse
             path = exc.path.replace("head.objects", "objects")
             for field_name in ("name", "layer"):
@@ -76,7 +77,7 @@ class StreamSender:
         self.max_frame_bytes = max_frame_bytes
         self._hearts = 0
         self._digest: tuple[int, str | None] | None = None
-        self._heads = self._head_frames()  # one frame, or parts when the HEAD does not fit one
+        self._heads = self._head_frames(doc)  # one frame, or parts when the HEAD does not fit one
         size = len(self._tail_frame(0, "0" * 32 if legacy_md5 else None))
         if size > max_frame_bytes:
             raise EncodeError("max_frame_bytes", f"{max_frame_bytes} is too small for this stream's TAIL ({size} bytes)")
@@ -87,8 +88,7 @@ class StreamSender:
     def _head_frame(self, doc: dict) -> bytes:
         return self._encode(Sync(compact_json(doc), frame_seq=0, **self._header))
 
-    def _head_frames(self) -> list[bytes]:
-        doc = self.layout.head_document()
+    def _head_frames(self, doc: dict) -> list[bytes]:
         try:
             whole = self._head_frame(doc)
             if len(whole) <= self.max_frame_bytes:
@@ -397,14 +397,22 @@ class _Source:
     payload: memoryview
 
 
+# numpy dtype -> DType for the dtypes numpy holds exactly as the wire does (little-endian), numpy's
+# own ones (BF16's, ml_dtypes', is not imported with resonant: such arrays take the general path).
+_NATIVE = {np.dtype(_codec.numpy_dtype(d)): d for d in (DType.F16, DType.I8, DType.F32)}
+
+
 def _source(obj, i: int) -> _Source:
     """A stream object as dtype, shape and a zero-copy byte view (a copy only to make an array
     C-contiguous and little-endian)."""
     if isinstance(obj, Slice):
         return _Source(obj.dtype, obj.shape, obj.nbytes, obj.payload)
     arr = np.asarray(obj)
-    code = _codec.dtype_of_numpy(arr.dtype)
-    if code is None:
-        raise EncodeError(f"objects[{i}].dtype", f"no dtype for numpy {arr.dtype}; convert it (e.g. to float16) first")
-    arr = np.asarray(arr, dtype=_codec.numpy_dtype(code), order="C")  # keeps 0-d shapes
-    return _Source(DType(code), arr.shape, arr.nbytes, memoryview(arr.reshape(-1).view(np.uint8)))
+    known = _NATIVE.get(arr.dtype)  # (a C-order array of a wire dtype, as stored: no conversion to check)
+    if known is None or not arr.flags.c_contiguous:
+        code = _codec.dtype_of_numpy(arr.dtype)
+        if code is None:
+            raise EncodeError(f"objects[{i}].dtype", f"no dtype for numpy {arr.dtype}; convert it (e.g. to float16) first")
+        arr = np.asarray(arr, dtype=_codec.numpy_dtype(code), order="C")  # keeps 0-d shapes
+        known = DType(code)
+    return _Source(known, arr.shape, arr.nbytes, memoryview(arr.reshape(-1).view(np.uint8)))

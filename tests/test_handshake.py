@@ -54,6 +54,35 @@ def test_invalid_documents_name_the_path(doc, message):
     assert str(exc.value) == message
 
 
+def _head_of(objects) -> dict:
+    return {"method": "head", "v": 1, "msg_type": 1, "chunk_bytes": 8, "total_bytes": 1, "hash": "xxh3_64",
+            "objects": [{"dtype": 1, "shape": [2, 3], "nbytes": 12}] * 5 + objects}
+
+
+@pytest.mark.parametrize("obj, message", [
+    ({"dtype": 1, "shape": [1], "nbytes": 2, "colour": 3}, "head.objects[5].colour: unknown key (extensions start with 'x-')"),
+    ({"dtype": 1, "nbytes": 2, "colour": 3}, "head.objects[5].shape: required field is missing"),
+    ({"dtype": True, "shape": [1], "nbytes": 2}, "head.objects[5].dtype: expected an integer in [0, 4294967295], got True"),
+    ({"dtype": 1, "shape": [1, False], "nbytes": 2}, "head.objects[5].shape[1]: expected an integer in [0, 4294967295], got False"),
+    ({"dtype": 1, "shape": [1, 2**32], "nbytes": 2}, "head.objects[5].shape[1]: expected an integer in [0, 4294967295], got 4294967296"),
+    ({"dtype": 1, "shape": [1.0], "nbytes": 2}, "head.objects[5].shape[0]: expected an integer in [0, 4294967295], got 1.0"),
+    ({"dtype": 1, "shape": (1,), "nbytes": 2}, "head.objects[5].shape: expected a list, got tuple"),
+    ({"dtype": 1, "shape": [1] * 65, "nbytes": 2}, "head.objects[5].shape: 65 items, more than max_list_items (64)"),
+    ({"dtype": 1, "shape": [1], "nbytes": -1}, "head.objects[5].nbytes: expected an integer in [0, 18446744073709551615], got -1"),
+    ({"dtype": 1, "shape": [1], "nbytes": 2, "name": 7}, "head.objects[5].name: expected a string, got int"),
+    ([1], "head.objects[5]: expected an object, got list"),
+])
+def test_head_objects_are_checked_field_by_field(obj, message):
+    """The checks of a HEAD's objects (fast paths for integers, shapes and object items: the
+    path of an item is built only when it fails) reject what the general check rejects, with
+    the same path."""
+    with pytest.raises(HandshakeError) as exc:
+        handshake.validate(_head_of([obj]))
+    assert str(exc.value) == message
+    ok = _head_of([{"name": "k", "layer": 0, "x-note": 1, "dtype": 1, "shape": [], "nbytes": 2}])
+    assert handshake.validate(ok) is ok
+
+
 def test_extensions_and_unknown_top_level_keys_pass():
     doc = {"method": "capability", "v": 1, "agreed_proto": 1, "supports": {"x-custom": True}, "future": 1}
     assert handshake.validate(doc) is doc

@@ -696,7 +696,10 @@ def test_choose_q8_0_for_four_nines():
     assert [t[0] for t in c.tried] == ["Q4_0", "Q8_0"]
     assert c.tried[0][4] < 0.9999 <= c.cosine
     rel, mrel, cos = quant.error_of(x, quant.dequantize(c.slice))
-    assert (rel, mrel, cos) == (c.rel_error, c.max_rel_error, c.cosine)
+    assert (rel, mrel, cos) == (c.array_rel_error, c.array_max_rel_error, c.array_cosine)
+    old = quant.choose(x, min_cosine=0.9999, per_row=False)  # the whole-array measure, as before
+    assert (old.dtype, old.rel_error, old.max_rel_error, old.cosine) == (DType.Q8_0, rel, mrel, cos)
+    assert old.cosine_row is None and old.worst_row is None
 
 
 @pytest.mark.parametrize("budget", [dict(min_cosine=0.9999999), dict(max_rel_error=1e-3),
@@ -725,6 +728,106 @@ def test_choose_tried_is_ordered_by_size():
     assert {t[0] for t in c.tried} == {"Q4_0", "Q8_0", "F16", "BF16", "F32"}
     errs = {t[0]: t[2] for t in c.tried}
     assert errs["Q4_0"] > errs["Q8_0"] > errs["BF16"] > errs["F16"] > errs["F32"] == 0
+
+
+def _bad_row(shape, row) -> np.ndarray:
+    """Gaussian rows of 256 values and one row (at index `row` of shape[:-1]) that Q4_0 handles
+    badly: one 1.0 and 31 values of ~0.05 per block of 32 (Q4_0's step is 1/8, so the small ones
+    round to 0 or +-0.125: that row's cosine is ~0.96), small enough for the whole array's
+    cosine to stay above 0.99."""
+    x = _gaussian(shape, seed=21)
+    r = np.random.default_rng(3).standard_normal(shape[-1]).astype(np.float32) * 0.05
+    r[::32] = 1.0
+    x[row] = r
+    return x
+
+
+def _brute_rows(x, y):
+    """error_of of every row, by a loop (the check of row_errors' vectorized figures)."""
+    rows = np.ndindex(x.shape[:-1])
+    return {idx: quant.error_of(x[idx], y[idx]) for idx in rows}
+
+
+# a row is the last axis: a token's vector of (tokens, dim), of (batch, tokens, dim), and of a KV
+# tensor (batch, heads, seq, head_dim) one head's vector of one token
+ROW_CASES = [((256,), ()), ((16, 256), (5,)), ((3, 8, 256), (2, 6)), ((2, 3, 8, 256), (1, 2, 7))]
+
+
+@pytest.mark.parametrize("shape, row", ROW_CASES)
+def test_choose_per_row_catches_the_row_the_whole_array_hides(shape, row):
+    x = _bad_row(shape, row)
+    q4 = quant.dequantize(quant.quantize(x, "q4_0"))
+    row_cos = quant.error_of(x[row], q4[row])[2]
+    assert row_cos < 0.99
+    c = quant.choose(x, min_cosine=0.99)
+    if len(shape) == 1:  # a 1-D array is one row: per row and whole array are the same measure
+        assert c.dtype == DType.Q8_0 and c.cosine_row == c.worst_row == ()
+        assert c.cosine == pytest.approx(c.array_cosine, abs=1e-12)
+        return
+    assert quant.error_of(x, q4)[2] >= 0.99  # the whole array passes with Q4_0 ...
+    old = quant.choose(x, min_cosine=0.99, per_row=False)
+    assert old.dtype == DType.Q4_0 and old.cosine == old.array_cosine >= 0.99
+    assert c.dtype == DType.Q8_0  # ... per row, the bad row needs Q8_0
+    assert [t[0] for t in c.tried] == ["Q4_0", "Q8_0"] and c.tried[0][4] == pytest.approx(row_cos, abs=1e-12)
+    y = quant.dequantize(c.slice)
+    brute = _brute_rows(x, y)
+    assert c.cosine == pytest.approx(min(e[2] for e in brute.values()), abs=1e-12)
+    assert c.rel_error == pytest.approx(max(e[0] for e in brute.values()), abs=1e-12)
+    assert c.max_rel_error == pytest.approx(max(e[1] for e in brute.values()), abs=1e-12)
+    assert brute[c.cosine_row][2] == pytest.approx(c.cosine, abs=1e-12)
+    assert (c.array_rel_error, c.array_max_rel_error, c.array_cosine) == quant.error_of(x, y)
+
+
+@pytest.mark.parametrize("shape, row", ROW_CASES)
+@pytest.mark.parametrize("budget", [dict(min_cosine=0.99), dict(max_rel_error=0.05), dict(max_abs_rel_error=0.02)])
+def test_choose_reports_the_worst_row(shape, row, budget):
+    """Every bound is checked per row; the row reported is the planted one (Q4_0 tried first)."""
+    x = _bad_row(shape, row)
+    c = quant.choose(x, candidates=("q4_0",), **budget)  # one candidate: its figures reported
+    assert c.per_row and c.dtype == DType.Q4_0
+    brute = _brute_rows(x, quant.dequantize(c.slice))
+    want = {"min_cosine": min(brute, key=lambda k: brute[k][2]),
+            "max_rel_error": max(brute, key=lambda k: brute[k][0]),
+            "max_abs_rel_error": max(brute, key=lambda k: brute[k][1])}[next(iter(budget))]
+    assert c.worst_row == want
+    if next(iter(budget)) != "max_abs_rel_error":  # max|x - x'| / max|x| is ~1/16 of every Q4_0 row
+        assert want == row
+    assert c.cosine_row == min(brute, key=lambda k: brute[k][2]) == row
+    assert c.rel_error_row == max(brute, key=lambda k: brute[k][0]) == row
+    assert c.max_rel_error_row == max(brute, key=lambda k: brute[k][1])
+
+
+@pytest.mark.parametrize("budget", [dict(max_rel_error=0.12), dict(max_abs_rel_error=0.08)])
+def test_choose_per_row_every_bound_picks_the_stricter_dtype(budget):
+    """The relative-error bounds are per row too: one row ten times larger than the others
+    sets the whole array's norm and max, so the other rows' errors hide under the whole-array
+    figures (Q4_0: ~0.09 and ~0.06) but not under their own (up to ~0.18 and ~0.11)."""
+    x = _bad_row((16, 256), (5,))
+    x[11] *= 10
+    old = quant.choose(x, per_row=False, **budget)
+    assert old.dtype == DType.Q4_0
+    c = quant.choose(x, **budget)
+    assert c.dtype == DType.Q8_0 and c.tried[0][0] == "Q4_0"
+    brute = _brute_rows(x, quant.dequantize(quant.quantize(x, "q4_0")))
+    k = 0 if "max_rel_error" in budget else 1
+    bad = max(brute, key=lambda r: brute[r][k])
+    assert c.tried[0][2 + k] == pytest.approx(brute[bad][k], abs=1e-12)
+    assert brute[bad][k] > next(iter(budget.values()))
+    if k == 0:
+        assert bad == (5,)
+
+
+def test_row_errors_edge_cases():
+    rel, mrel, cos = quant.row_errors(np.zeros((3, 4)), np.zeros((3, 4)))
+    assert rel.shape == (3,) and not rel.any() and not mrel.any() and (cos == 1).all()
+    x = np.array([[0.0, 0.0], [3.0, 4.0], [1.0, 0.0]])
+    y = np.array([[1.0, 1.0], [6.0, 8.0], [0.0, 1.0]])
+    rel, mrel, cos = quant.row_errors(x, y)
+    for i in range(3):
+        assert (rel[i], mrel[i], cos[i]) == pytest.approx(quant.error_of(x[i], y[i]))
+    assert quant.row_errors(np.ones(5), np.ones(5))[2].shape == ()
+    assert quant.row_errors(np.float32(2.0), np.float32(2.0))[2] == 1.0
+    assert quant.row_errors(np.zeros((2, 0)), np.zeros((2, 0)))[2].tolist() == [1.0, 1.0]
 
 
 def test_choose_needs_a_budget():
