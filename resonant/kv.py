@@ -15,6 +15,7 @@ This module imports torch only when a KV stream's first layer is handed out."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ TORCH_DTYPES = ("float32", "float16", "bfloat16")
 #: The wire dtype that carries each torch dtype as it is (no conversion, and a zero-copy cache).
 SAME_WIRE = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 QUANTIZED = ("q8_0", "q4_0")
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,16 @@ def check_layout(layout: Any, kv: KVInfo, path: str = "head") -> None:
         if sig is not None and (o.shape[1] != sig.num_kv_heads or o.shape[3] != sig.head_dim):
             raise HandshakeError(f"{at}.shape", f"{list(o.shape)}: the model signature says {sig.num_kv_heads} KV heads "
                                  f"of head_dim {sig.head_dim}")
+
+
+def converted_bytes(layout: Any) -> int:
+    """The memory a receiver builds for a KV stream beyond its buffer, charged with it at HEAD: the
+    tensors converted from wire_dtype to torch_dtype (q4_0 to float32: ~7x the wire bytes); 0 when
+    the wire carries the torch dtype as it is (the tensors are views of the buffer)."""
+    kv = layout.kv
+    if kv is None or SAME_WIRE[kv.torch_dtype] == kv.wire_dtype:
+        return 0
+    return _ITEMSIZE[kv.torch_dtype] * sum(math.prod(o.shape) for o in layout.objects)
 
 
 def model_problem(kv: KVInfo, expected: ModelSignature) -> str | None:

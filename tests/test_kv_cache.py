@@ -213,6 +213,35 @@ def test_model_mismatch_holds_no_memory_beyond_head(tiny):
     assert r.buffered_bytes == 0
 
 
+
+@pytest.mark.parametrize("wire, size", [("q4_0", 4), ("q8_0", 4), ("f16", 4), ("f32", 0)])
+def test_a_cache_converted_on_arrival_is_charged_at_head(tiny, wire, size):
+    # (review: a float32 cache sent as q4_0 is dequantized layer by layer into ~7x the wire bytes,
+    # held until the stream completes; none of it counted against max_buffered_bytes or a budget)
+    import math
+
+    model, ids, sig = tiny
+    cache, _ = prefill(model, ids)
+    objects, kw = _kv_args(cache, sig, dtype=wire)
+    sender = StreamSender(5, objects, **kw)
+    layout = sender.layout
+    converted = size * sum(math.prod(o.shape) for o in layout.objects)
+    budget = resonant.MemoryBudget(layout.total_bytes + 16_384 + converted // 2)
+    events = []
+    r = Reassembler(budget=budget)
+    for h in sender.heads():
+        events += r.receive(h, 0.0)
+    if size:  # too little room for what the receiver builds: refused at HEAD
+        assert [(type(e), e.reason) for e in events] == [(StreamFailed, "limit")]
+        assert budget.used == 0
+    else:  # as is: the tensors are views of the buffer, nothing more to charge
+        assert [type(e) for e in events] == [StreamStarted]
+    r = Reassembler()
+    for h in sender.heads():
+        r.receive(h, 0.0)
+    assert layout.total_bytes + converted <= r.buffered_bytes < layout.total_bytes + converted + 16_384
+
+
 _RECEIVER = """
 import asyncio, json, sys
 import torch, resonant
