@@ -162,6 +162,14 @@ class KVCacheReceived:
     nbytes: int
 
 
+def held_bytes(e: KVCacheReceived) -> int:
+    """What a queued KVCacheReceived keeps alive: its cache's tensors (views of the stream's buffer,
+    or the tensors converted from the wire dtype), charged to a server's max_memory until taken."""
+    from resonant.torch_utils import kv_layers
+
+    return sum(k.nbytes + v.nbytes for k, v in kv_layers(e.cache))
+
+
 _READY: list = []
 
 
