@@ -53,6 +53,7 @@ from resonant._codec import Frame
 from resonant._spec import MAX_UDP_FRAME_BYTES, MIN_FRAME_BYTES, VERSION, VERSION_TRANSFORMED, MsgType
 from resonant.errors import DecodeError, HandshakeRefused
 from resonant.delivery import REPORT_INTERVAL, StreamDelivered, StreamUndelivered
+from resonant.kv import KVCacheReceived, held_bytes
 from resonant.reassembler import StreamComplete
 from resonant.session import (
     ConnectionBroken,
@@ -257,6 +258,17 @@ def _expire(w: asyncio.Future) -> None:
 
 
 # ------------------------------------------------------------------ protocols
+
+
+def _queued_bytes(event) -> int:
+    """The bytes a queued event keeps alive, charged to a server's max_memory until it is taken:
+    a completed stream's buffer; a KV cache's tensors (resonant.kv.held_bytes)."""
+    t = type(event)
+    if t is StreamComplete:
+        return event.nbytes
+    if t is KVCacheReceived:
+        return held_bytes(event)
+    return 0
 
 
 class _Link:
@@ -851,8 +863,9 @@ class Server:
                 key = address if session is not None else _SESSIONLESS
                 for e in events:
                     put((address, e))
-                    if type(e) is StreamComplete:  # its buffers stay charged until the application takes it
-                        self._hold(key, e.nbytes)
+                    n = _queued_bytes(e)
+                    if n:  # its buffers stay charged until the application takes it
+                        self._hold(key, n)
                 q = self._queued
                 q[key] = q.get(key, 0) + len(events)
             return
@@ -893,16 +906,17 @@ class Server:
             q[key] = n
         else:
             q.pop(key, None)
-        if type(event) is StreamComplete:
+        nbytes = _queued_bytes(event)
+        if nbytes:
             held = self._held
-            hkey = address if held.get(address, 0) >= event.nbytes else _SESSIONLESS
-            left = held.get(hkey, 0) - event.nbytes
+            hkey = address if held.get(address, 0) >= nbytes else _SESSIONLESS
+            left = held.get(hkey, 0) - nbytes
             if left > 0:
                 held[hkey] = left
             else:
                 held.pop(hkey, None)
             if self.budget is not None:
-                self.budget.used -= event.nbytes
+                self.budget.used -= nbytes
         if self._paused and address in self._paused and n <= self._share() // 2 \
                 and self._held.get(address, 0) <= self.max_peer_memory // 2:
             link = self._paused.pop(address)

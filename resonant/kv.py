@@ -15,6 +15,7 @@ This module imports torch only when a KV stream's first layer is handed out."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ TORCH_DTYPES = ("float32", "float16", "bfloat16")
 #: The wire dtype that carries each torch dtype as it is (no conversion, and a zero-copy cache).
 SAME_WIRE = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 QUANTIZED = ("q8_0", "q4_0")
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,16 @@ def check_layout(layout: Any, kv: KVInfo, path: str = "head") -> None:
                                  f"of head_dim {sig.head_dim}")
 
 
+def converted_bytes(layout: Any) -> int:
+    """The memory a receiver builds for a KV stream beyond its buffer, charged with it at HEAD: the
+    tensors converted from wire_dtype to torch_dtype (q4_0 to float32: ~7x the wire bytes); 0 when
+    the wire carries the torch dtype as it is (the tensors are views of the buffer)."""
+    kv = layout.kv
+    if kv is None or SAME_WIRE[kv.torch_dtype] == kv.wire_dtype:
+        return 0
+    return _ITEMSIZE[kv.torch_dtype] * sum(math.prod(o.shape) for o in layout.objects)
+
+
 def model_problem(kv: KVInfo, expected: ModelSignature) -> str | None:
     """Why a receiver that runs `expected` refuses this KV stream (model_mismatch), or None."""
     if kv.signature is None:
@@ -148,6 +160,14 @@ class KVCacheReceived:
     torch_dtype: str
     wire_dtype: str
     nbytes: int
+
+
+def held_bytes(e: KVCacheReceived) -> int:
+    """What a queued KVCacheReceived keeps alive: its cache's tensors (views of the stream's buffer,
+    or the tensors converted from the wire dtype), charged to a server's max_memory until taken."""
+    from resonant.torch_utils import kv_layers
+
+    return sum(k.nbytes + v.nbytes for k, v in kv_layers(e.cache))
 
 
 _READY: list = []

@@ -211,6 +211,7 @@ class Reassembler:
         self.max_frame_bytes = MAX_FRAME_BYTES
         self._verdicts: list[dict] = []       # verdict documents to send
         self._report_now: set[int] = set()    # streams to report at once (opened; TAIL with chunks missing)
+        self._probed: set[int] = set()        # of those, streams whose TAIL came again (a probe): one report only
         self._held: dict[int, list] = {}      # verified streams whose verdict the application holds: [doc, last report]
         self._said: dict[int, list] = {}      # closed streams' verdicts, sent again when their frames still come:
         #                                       [doc, when last sent] (a verdict lost on the way)
@@ -420,10 +421,13 @@ class Reassembler:
         is there)."""
         out = []
         now_set, self._report_now = self._report_now, set()
+        probed, self._probed = self._probed, set()
         for sid, st in self._streams.items():
             at = st.reported_at
             burst = REPORT_BURST
-            if sid in now_set or at is None:
+            if sid in probed and at is not None and st.progress <= at:  # a repeated TAIL, nothing new: one report,
+                wait, burst = max(st.report_wait, interval), 1  # the quiet backoff left as it was
+            elif sid in now_set or at is None:
                 wait = interval
             elif st.progress > at:  # new chunks since the last report (not HEARTs or duplicates: a peer's few
                 if now - at < interval:  # bytes must not buy a burst of reports every interval)
@@ -765,8 +769,10 @@ class Reassembler:
         st = self._streams[sid]
         st.last = now
         if st.tail is not None:  # a probe of a sender that has not heard of the missing chunks lately
-            if self.feedback and (st.reported_at is None or now - st.reported_at >= self.report_interval):
+            if self.feedback and sid not in self._report_now and (st.reported_at is None
+                                                                  or now - st.reported_at >= self.report_interval):
                 self._report_now.add(sid)  # (a report at most once per report interval, however many come)
+                self._probed.add(sid)  # (one report, not a burst: a peer's few bytes buy few bytes)
             return []
         if doc["chunks"] != st.layout.chunks or doc["total_bytes"] != st.layout.total_bytes:
             return self._fail(sid, "bad_tail", f"TAIL says {doc['chunks']} chunks of {doc['total_bytes']} bytes, "

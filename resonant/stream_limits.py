@@ -62,8 +62,12 @@ PARITY_BLOCK_BYTES = 400
 
 def committed_bytes(layout: StreamLayout, buffer: bool = True) -> int:
     """Memory a stream takes once open, charged before any of it is allocated: its output
-    buffer (unless the caller's), its chunk bitmap (a bit per chunk), its objects and the rest."""
+    buffer (unless the caller's), its chunk bitmap (a bit per chunk), its objects and the rest
+    (a KV stream: the tensors its receiver converts from the wire dtype too)."""
     objects = sum(_OBJECT_BYTES + len(o.name or "") + 40 * len(o.shape) for o in layout.objects)
+    if getattr(layout, "kv", None) is not None:  # a KV cache converted on arrival (resonant.kv)
+        from resonant.kv import converted_bytes
+        objects += converted_bytes(layout)
     return ((layout.total_bytes if buffer else 0) + _codec.ChunkSink.bitmap_bytes(layout.chunks)
             + _STREAM_BYTES + objects)
 

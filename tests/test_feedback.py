@@ -394,6 +394,31 @@ def test_the_senders_probes_and_the_receivers_quiet_reports_come_feedback_probes
     assert len(probes) >= 8 and len(reports) >= 8
 
 
+def test_a_repeated_tail_buys_one_small_report_not_a_burst():
+    # (review: a repeated TAIL of a stream with many holes was answered like a first TAIL: up to
+    # report_burst full reports at once, every report interval, and the quiet backoff restarted:
+    # ~100 bytes in bought ~8 KB out, 50 times a second, from a peer that sends nothing else)
+    c, s = _pair({"max_frame_bytes": 1200}, {"max_frame_bytes": 1200,
+                                             "stream_limits": StreamLimits(tail_grace=30.0)})
+    sid = c.new_stream_id()
+    c.stream(sid, [_rng.standard_normal(400_000).astype(np.float16)])
+    frames = c.delivery(sid).poll(0.0, 10_000)
+    tail = frames[-1]
+    for f in frames[:1] + frames[2:-1:2] + [tail]:  # every other chunk lost: hundreds of holes
+        s.receive_datagram(f, 0.0)
+    s.tick(0.0)
+    first = [d for d in _docs(s) if d["method"] == "report"]
+    assert len(first) > 1 and first[-1]["more"]  # the first TAIL: a burst naming many holes
+    t, answers = 0.0, []
+    for _ in range(50):  # one second of TAILs, one per report interval
+        t += handshake.REPORT_INTERVAL_MS / 1000
+        s.receive_datagram(tail, t)
+        s.tick(t)
+        answers.append(s.datagrams_to_send())
+    assert max(len(a) for a in answers) == 1  # each probe: one report (naming the next holes in turn)
+    assert sum(len(f) for a in answers for f in a) <= 50 * 1200
+
+
 def _docs(s) -> list[dict]:
     return [json.loads(bytes(_codec.decode(f).json.payload)) for f in s.datagrams_to_send()]
 

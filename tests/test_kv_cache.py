@@ -140,6 +140,33 @@ def test_a_serve_handler_gets_the_kv_events_too(tiny):
     assert done.signature == sig and done.cache.get_seq_length() == PROMPT
 
 
+
+def test_a_queued_kv_cache_stays_charged_to_max_memory_until_taken(tiny):
+    # (review: a queued StreamComplete is charged to max_memory until the application takes it, but
+    # the KVCacheReceived right behind it was not: taking the StreamComplete released the charge while
+    # the cache (the same buffer, or ~7x its bytes dequantized from q4_0) still sat in the queue)
+    model, ids, sig = tiny
+    cache, _ = prefill(model, ids)
+    f32 = sum(k.nbytes + v.nbytes for k, v in torch_utils.kv_layers(cache))
+
+    async def run():
+        async with resonant.serve("tcp://127.0.0.1:0", max_memory=1 << 30) as server:
+            host, port = server.address
+            async with resonant.connect(f"tcp://{host}:{port}") as peer:
+                await peer.send_kv_cache(cache, signature=sig, dtype="q4_0")
+                used = []
+                while True:
+                    _, e = await server.next_event(timeout=10)
+                    used.append((type(e).__name__, server.budget.used))
+                    if isinstance(e, KVCacheReceived):
+                        return used, server.budget.used
+
+    used, after = asyncio.run(run())
+    (at_complete,) = [u for name, u in used if name == "StreamComplete"]
+    assert at_complete >= f32  # the StreamComplete taken, the float32 cache still queued: charged
+    assert after < f32 // 4  # taken: released
+
+
 @pytest.mark.parametrize("wire, tol", [("bf16", 2e-2), ("f16", 2e-3), ("q8_0", 2e-2), ("q4_0", 0.2)])
 def test_wire_dtypes_arrive_in_the_senders_dtype(tiny, wire, tol):
     model, ids, sig = tiny
@@ -211,6 +238,35 @@ def test_model_mismatch_holds_no_memory_beyond_head(tiny):
     for f in frames[len(heads):]:
         assert r.receive(f, 0.0) == []  # dropped as frames of a closed stream
     assert r.buffered_bytes == 0
+
+
+
+@pytest.mark.parametrize("wire, size", [("q4_0", 4), ("q8_0", 4), ("f16", 4), ("f32", 0)])
+def test_a_cache_converted_on_arrival_is_charged_at_head(tiny, wire, size):
+    # (review: a float32 cache sent as q4_0 is dequantized layer by layer into ~7x the wire bytes,
+    # held until the stream completes; none of it counted against max_buffered_bytes or a budget)
+    import math
+
+    model, ids, sig = tiny
+    cache, _ = prefill(model, ids)
+    objects, kw = _kv_args(cache, sig, dtype=wire)
+    sender = StreamSender(5, objects, **kw)
+    layout = sender.layout
+    converted = size * sum(math.prod(o.shape) for o in layout.objects)
+    budget = resonant.MemoryBudget(layout.total_bytes + 16_384 + converted // 2)
+    events = []
+    r = Reassembler(budget=budget)
+    for h in sender.heads():
+        events += r.receive(h, 0.0)
+    if size:  # too little room for what the receiver builds: refused at HEAD
+        assert [(type(e), e.reason) for e in events] == [(StreamFailed, "limit")]
+        assert budget.used == 0
+    else:  # as is: the tensors are views of the buffer, nothing more to charge
+        assert [type(e) for e in events] == [StreamStarted]
+    r = Reassembler()
+    for h in sender.heads():
+        r.receive(h, 0.0)
+    assert layout.total_bytes + converted <= r.buffered_bytes < layout.total_bytes + converted + 16_384
 
 
 _RECEIVER = """
