@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from resonant import _codec, fec, handshake
-from resonant._spec import MAX_FRAME_BYTES
+from resonant._spec import MAX_FRAME_BYTES, DType
 from resonant._codec import Chunk, Frame, Slice, Sync
 from resonant.errors import HandshakeError, ResonantError
 from resonant.replay import IdRanges
@@ -107,11 +107,11 @@ class _Stream(_codec.ChunkSink):
             n = layout.total_bytes
             buffer = np.frombuffer(_codec.output_block(n), np.uint8) if n >= BLOCK_BYTES else np.empty(n, np.uint8)
         objs = layout.objects
-        self._geometry(buffer, np.array([o.first_chunk for o in objs], np.int64),
-                       np.array([o.offset for o in objs], np.int64), np.array([o.nbytes for o in objs], np.int64),
-                       np.array([o.dtype if _codec.element_bytes(o.dtype) else I8 for o in objs], np.uint8),
+        # per object, one row each: first chunk, byte offset, bytes, chunks (one array built at once)
+        geo = np.array([(o.first_chunk, o.offset, o.nbytes, o.chunks) for o in objs], np.int64).T.copy()
+        self._geometry(buffer, geo[0], geo[1], geo[2], np.array([_CHUNK_DTYPE[o.dtype] for o in objs], np.uint8),
                        layout.chunk_bytes, layout.chunks)
-        self.object_left[:] = [o.chunks for o in objs]
+        self.object_left[:] = geo[3]
         self.streaming = layout.total_bytes >= STREAMING_STORE_BYTES
         self.arrays = [_object_view(self.buffer, o) for o in objs]
         self.tail: dict | None = None
@@ -155,11 +155,19 @@ def _caller_buffer(buffer, layout: StreamLayout) -> np.ndarray | None:
 
 
 def _object_view(buffer: np.ndarray, o: StreamObject) -> np.ndarray:
-    raw = buffer[o.offset:o.offset + o.nbytes]
-    npdt = _codec.numpy_dtype(o.dtype)
+    npdt = _NUMPY_DTYPE.get(o.dtype, _UNSEEN)
+    if npdt is _UNSEEN:  # (looked up once per dtype: bfloat16's loads ml_dtypes on first use)
+        npdt = _NUMPY_DTYPE[o.dtype] = _codec.numpy_dtype(o.dtype)
     if npdt is None:
-        return raw
-    return raw.view(npdt).reshape(o.shape)
+        return buffer[o.offset:o.offset + o.nbytes]
+    return np.ndarray(o.shape, npdt, buffer, o.offset)  # (a view of the buffer, in one call)
+
+
+# The dtype each object's chunks carry (its own, or I8 for a blocked or opaque dtype), and the
+# numpy dtype of its view (None: raw bytes), per DType.
+_CHUNK_DTYPE = {d: d if _codec.element_bytes(d) else I8 for d in DType}
+_NUMPY_DTYPE: dict = {}
+_UNSEEN = object()
 
 
 class Reassembler:
