@@ -7,7 +7,7 @@ import hashlib
 import heapq
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -46,7 +46,7 @@ class StreamStarted:
     layout: StreamLayout
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ObjectReady:
     """Every chunk of one object has arrived (each checked by its CRC; the stream hash is checked
     at StreamComplete). `array` is the object, a view of the stream's one output buffer.
@@ -64,6 +64,22 @@ class ObjectReady:
     name: str | None
     layer: int | None
     array: np.ndarray
+
+
+# ObjectReady's slot setters in the fields' order: one is made per object of a stream, at twice the
+# cost through its frozen __init__ (chunk_events).
+_READY_SETTERS = tuple(getattr(ObjectReady, f.name).__set__ for f in fields(ObjectReady))
+
+
+def _object_ready(stream_id: int, index: int, name: str | None, layer: int | None, array: np.ndarray) -> ObjectReady:
+    ev = object.__new__(ObjectReady)
+    s_sid, s_index, s_name, s_layer, s_array = _READY_SETTERS
+    s_sid(ev, stream_id)
+    s_index(ev, index)
+    s_name(ev, name)
+    s_layer(ev, layer)
+    s_array(ev, array)
+    return ev
 
 
 @dataclass(frozen=True)
@@ -322,7 +338,7 @@ class Reassembler:
         events: list = []
         if st.completed >= 0 and self.limits.release == "arrival":
             o = st.layout.objects[st.completed]
-            events.append(ObjectReady(sid, o.index, o.name, o.layer, st.arrays[o.index]))
+            events.append(_object_ready(sid, o.index, o.name, o.layer, st.arrays[o.index]))
         if block in st.parity:
             events += self._fec_block(st, block, None)
         return events + self._maybe_complete(sid) if st.tail is not None else events
@@ -749,7 +765,7 @@ class Reassembler:
             self._place(st, Slice(want, (length // (_codec.element_bytes(want) or 1),), payload), c, st.last)
             if st.completed >= 0 and self.limits.release == "arrival":
                 o = lay.objects[st.completed]
-                events.append(ObjectReady(sid, o.index, o.name, o.layer, st.arrays[o.index]))
+                events.append(_object_ready(sid, o.index, o.name, o.layer, st.arrays[o.index]))
         return events
 
     def _place(self, st: _Stream, s: Slice, k: int, now: float) -> None:
@@ -817,7 +833,7 @@ class Reassembler:
                 self._say(doc)
         events: list = []
         if self.limits.release == "verified":
-            events = [ObjectReady(sid, o.index, o.name, o.layer, st.arrays[o.index]) for o in st.layout.objects]
+            events = [_object_ready(sid, o.index, o.name, o.layer, st.arrays[o.index]) for o in st.layout.objects]
         return events + [StreamComplete(sid, st.arrays, got, st.layout.total_bytes)]
 
     def _failed(self, sid: int, reason: str, detail: str, missing: list | None = None, more: int = 0) -> StreamFailed:

@@ -118,6 +118,21 @@ class StreamLayout:
             doc["kv"] = self.kv.to_json()
         return doc
 
+    def head_json(self, doc: dict) -> bytes:
+        """compact_json(doc), byte for byte, of this layout's head_document() `doc`, each distinct
+        object entry encoded once (a KV cache's objects are alike but for their names)."""
+        memo: dict = {}
+        entries = []
+        for o, entry in zip(self.objects, doc["objects"]):
+            key = (o.dtype, o.shape, o.nbytes, o.name, o.layer)  # (what the entry is made of)
+            text = memo.get(key)
+            if text is None:
+                text = memo[key] = json.dumps(entry, separators=(",", ":"))
+            entries.append(text)
+        whole = json.dumps({**doc, "objects": _OBJECTS_MARK}, separators=(",", ":"))
+        # (the mark is the first string after the fixed fields: the objects' place)
+        return whole.replace(f'"{_OBJECTS_MARK}"', f"[{','.join(entries)}]", 1).encode()
+
     @classmethod
     def from_head(cls, doc: dict) -> "StreamLayout":
         """Check a validated head document for consistency and derive the layout."""
@@ -173,6 +188,9 @@ class StreamLayout:
             _kv.check_layout(layout, info)
             layout = replace(layout, kv=info)
         return layout
+
+
+_OBJECTS_MARK = "@objects@"
 
 
 def _object_doc(o: StreamObject) -> dict:

@@ -90,7 +90,7 @@ class StreamSender:
 
     def _head_frames(self, doc: dict) -> list[bytes]:
         try:
-            whole = self._head_frame(doc)
+            whole = self._encode(Sync(self.layout.head_json(doc), frame_seq=0, **self._header))
             if len(whole) <= self.max_frame_bytes:
                 return [whole]
         except EncodeError:  # larger than any frame
@@ -424,13 +424,17 @@ class _Source(NamedTuple):  # (a tuple: made once per object, cheaper than a fro
 # numpy dtype -> DType for the dtypes numpy holds exactly as the wire does (little-endian), numpy's
 # own ones (BF16's, ml_dtypes', is not imported with resonant: such arrays take the general path).
 _NATIVE = {np.dtype(_codec.numpy_dtype(d)): d for d in (DType.F16, DType.I8, DType.F32)}
+# The same by the dtype objects' identity (numpy's usual ones; hashing a dtype costs more), each
+# kept alive here so that its id is not another object's.
+_NATIVE_DTYPES = [np.dtype(t) for t in ("<f2", "<f4", "i1")]
+_NATIVE_BY_ID = {id(dt): _NATIVE[dt] for dt in _NATIVE_DTYPES}
 
 
 def _source(obj, i: int) -> _Source:
     """A stream object as dtype, shape and a zero-copy byte view (a copy only to make an array
     C-contiguous and little-endian)."""
     if type(obj) is np.ndarray and obj.size and obj.ndim and obj.flags.c_contiguous:  # the common case, in short
-        known = _NATIVE.get(obj.dtype)
+        known = _NATIVE_BY_ID.get(id(obj.dtype)) or _NATIVE.get(obj.dtype)
         if known is not None:
             return _Source(known, obj.shape, obj.nbytes, memoryview(obj).cast("B"))
     if isinstance(obj, Slice):
