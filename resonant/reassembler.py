@@ -7,12 +7,12 @@ import hashlib
 import heapq
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
 from resonant import _codec, fec, handshake
-from resonant._spec import MAX_FRAME_BYTES
+from resonant._spec import MAX_FRAME_BYTES, DType
 from resonant._codec import Chunk, Frame, Slice, Sync
 from resonant.errors import HandshakeError, ResonantError
 from resonant.replay import IdRanges
@@ -46,7 +46,7 @@ class StreamStarted:
     layout: StreamLayout
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ObjectReady:
     """Every chunk of one object has arrived (each checked by its CRC; the stream hash is checked
     at StreamComplete). `array` is the object, a view of the stream's one output buffer.
@@ -64,6 +64,22 @@ class ObjectReady:
     name: str | None
     layer: int | None
     array: np.ndarray
+
+
+# ObjectReady's slot setters in the fields' order: one is made per object of a stream, at twice the
+# cost through its frozen __init__ (chunk_events).
+_READY_SETTERS = tuple(getattr(ObjectReady, f.name).__set__ for f in fields(ObjectReady))
+
+
+def _object_ready(stream_id: int, index: int, name: str | None, layer: int | None, array: np.ndarray) -> ObjectReady:
+    ev = object.__new__(ObjectReady)
+    s_sid, s_index, s_name, s_layer, s_array = _READY_SETTERS
+    s_sid(ev, stream_id)
+    s_index(ev, index)
+    s_name(ev, name)
+    s_layer(ev, layer)
+    s_array(ev, array)
+    return ev
 
 
 @dataclass(frozen=True)
@@ -107,11 +123,11 @@ class _Stream(_codec.ChunkSink):
             n = layout.total_bytes
             buffer = np.frombuffer(_codec.output_block(n), np.uint8) if n >= BLOCK_BYTES else np.empty(n, np.uint8)
         objs = layout.objects
-        self._geometry(buffer, np.array([o.first_chunk for o in objs], np.int64),
-                       np.array([o.offset for o in objs], np.int64), np.array([o.nbytes for o in objs], np.int64),
-                       np.array([o.dtype if _codec.element_bytes(o.dtype) else I8 for o in objs], np.uint8),
+        # per object, one row each: first chunk, byte offset, bytes, chunks (one array built at once)
+        geo = np.array([(o.first_chunk, o.offset, o.nbytes, o.chunks) for o in objs], np.int64).T.copy()
+        self._geometry(buffer, geo[0], geo[1], geo[2], np.array([_CHUNK_DTYPE[o.dtype] for o in objs], np.uint8),
                        layout.chunk_bytes, layout.chunks)
-        self.object_left[:] = [o.chunks for o in objs]
+        self.object_left[:] = geo[3]
         self.streaming = layout.total_bytes >= STREAMING_STORE_BYTES
         self.arrays = [_object_view(self.buffer, o) for o in objs]
         self.tail: dict | None = None
@@ -155,11 +171,19 @@ def _caller_buffer(buffer, layout: StreamLayout) -> np.ndarray | None:
 
 
 def _object_view(buffer: np.ndarray, o: StreamObject) -> np.ndarray:
-    raw = buffer[o.offset:o.offset + o.nbytes]
-    npdt = _codec.numpy_dtype(o.dtype)
+    npdt = _NUMPY_DTYPE.get(o.dtype, _UNSEEN)
+    if npdt is _UNSEEN:  # (looked up once per dtype: bfloat16's loads ml_dtypes on first use)
+        npdt = _NUMPY_DTYPE[o.dtype] = _codec.numpy_dtype(o.dtype)
     if npdt is None:
-        return raw
-    return raw.view(npdt).reshape(o.shape)
+        return buffer[o.offset:o.offset + o.nbytes]
+    return np.ndarray(o.shape, npdt, buffer, o.offset)  # (a view of the buffer, in one call)
+
+
+# The dtype each object's chunks carry (its own, or I8 for a blocked or opaque dtype), and the
+# numpy dtype of its view (None: raw bytes), per DType.
+_CHUNK_DTYPE = {d: d if _codec.element_bytes(d) else I8 for d in DType}
+_NUMPY_DTYPE: dict = {}
+_UNSEEN = object()
 
 
 class Reassembler:
@@ -315,7 +339,7 @@ class Reassembler:
         events: list = []
         if st.completed >= 0 and self.limits.release == "arrival":
             o = st.layout.objects[st.completed]
-            events.append(ObjectReady(sid, o.index, o.name, o.layer, st.arrays[o.index]))
+            events.append(_object_ready(sid, o.index, o.name, o.layer, st.arrays[o.index]))
         if block in st.parity:
             events += self._fec_block(st, block, None)
         return events + self._maybe_complete(sid) if st.tail is not None else events
@@ -745,7 +769,7 @@ class Reassembler:
             self._place(st, Slice(want, (length // (_codec.element_bytes(want) or 1),), payload), c, st.last)
             if st.completed >= 0 and self.limits.release == "arrival":
                 o = lay.objects[st.completed]
-                events.append(ObjectReady(sid, o.index, o.name, o.layer, st.arrays[o.index]))
+                events.append(_object_ready(sid, o.index, o.name, o.layer, st.arrays[o.index]))
         return events
 
     def _place(self, st: _Stream, s: Slice, k: int, now: float) -> None:
@@ -815,7 +839,7 @@ class Reassembler:
                 self._say(doc)
         events: list = []
         if self.limits.release == "verified":
-            events = [ObjectReady(sid, o.index, o.name, o.layer, st.arrays[o.index]) for o in st.layout.objects]
+            events = [_object_ready(sid, o.index, o.name, o.layer, st.arrays[o.index]) for o in st.layout.objects]
         return events + [StreamComplete(sid, st.arrays, got, st.layout.total_bytes)]
 
     def _failed(self, sid: int, reason: str, detail: str, missing: list | None = None, more: int = 0) -> StreamFailed:

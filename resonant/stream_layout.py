@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from resonant import _codec, handshake
@@ -32,7 +32,7 @@ _DTYPE_OF = {int(d): d for d in DType}
 _WIDTH = {d: _codec.element_bytes(d) for d in DType}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StreamObject:
     """One tensor of a stream and where its bytes sit."""
 
@@ -45,6 +45,10 @@ class StreamObject:
     chunks: int          # number of its chunks
     name: str | None = None
     layer: int | None = None
+
+
+# Each StreamObject slot's setter, in the fields' order (StreamLayout.build).
+_OBJECT_SETTERS = tuple(getattr(StreamObject, f.name).__set__ for f in fields(StreamObject))
 
 
 @dataclass(frozen=True)
@@ -80,10 +84,21 @@ class StreamLayout:
     def build(cls, msg_type: int, chunk_bytes: int, specs: Sequence[tuple[DType, tuple[int, ...], int, str | None, int | None]],
               legacy_md5: bool = False, fec: tuple[int, int] | None = None, kv: Any = None) -> "StreamLayout":
         objects, offset, first = [], 0, 0
+        new, dtype_of = object.__new__, _DTYPE_OF
+        s_index, s_dtype, s_shape, s_nbytes, s_offset, s_first, s_chunks, s_name, s_layer = _OBJECT_SETTERS
         for i, (dtype, shape, nbytes, name, layer) in enumerate(specs):
-            n = max(1, math.ceil(nbytes / chunk_bytes))  # an empty object still takes one (empty) chunk
-            objects.append(StreamObject(i, _DTYPE_OF.get(dtype) or DType(dtype), tuple(shape), nbytes, offset, first, n,
-                                        name, layer))
+            n = -(-nbytes // chunk_bytes) or 1  # an empty object still takes one (empty) chunk
+            o = new(StreamObject)  # (its slots set directly: the frozen __init__ costs twice as much)
+            s_index(o, i)
+            s_dtype(o, dtype_of.get(dtype) or DType(dtype))
+            s_shape(o, tuple(shape))
+            s_nbytes(o, nbytes)
+            s_offset(o, offset)
+            s_first(o, first)
+            s_chunks(o, n)
+            s_name(o, name)
+            s_layer(o, layer)
+            objects.append(o)
             offset += nbytes
             first += n
         return cls(int(msg_type), chunk_bytes, offset, tuple(objects), legacy_md5, fec, kv)
@@ -102,6 +117,21 @@ class StreamLayout:
         if self.kv is not None:
             doc["kv"] = self.kv.to_json()
         return doc
+
+    def head_json(self, doc: dict) -> bytes:
+        """compact_json(doc), byte for byte, of this layout's head_document() `doc`, each distinct
+        object entry encoded once (a KV cache's objects are alike but for their names)."""
+        memo: dict = {}
+        entries = []
+        for o, entry in zip(self.objects, doc["objects"]):
+            key = (o.dtype, o.shape, o.nbytes, o.name, o.layer)  # (what the entry is made of)
+            text = memo.get(key)
+            if text is None:
+                text = memo[key] = json.dumps(entry, separators=(",", ":"))
+            entries.append(text)
+        whole = json.dumps({**doc, "objects": _OBJECTS_MARK}, separators=(",", ":"))
+        # (the mark is the first string after the fixed fields: the objects' place)
+        return whole.replace(f'"{_OBJECTS_MARK}"', f"[{','.join(entries)}]", 1).encode()
 
     @classmethod
     def from_head(cls, doc: dict) -> "StreamLayout":
@@ -160,6 +190,9 @@ class StreamLayout:
         return layout
 
 
+_OBJECTS_MARK = "@objects@"
+
+
 def _object_doc(o: StreamObject) -> dict:
     """An object's entry of the HEAD document (keys in this order: name, layer, dtype, shape, nbytes)."""
     if o.name is None and o.layer is None:
@@ -181,6 +214,6 @@ def compact_json(doc: dict) -> bytes:
 def chunk_bytes_for(max_frame_bytes: int, dtypes: Iterable[DType], transformed: bool) -> int:
     if not MIN_STREAM_FRAME <= max_frame_bytes <= MAX_FRAME_BYTES:
         raise EncodeError("max_frame_bytes", f"{max_frame_bytes} is not in {MIN_STREAM_FRAME}..{MAX_FRAME_BYTES}")
-    unit = math.lcm(1, *(_codec.element_bytes(d) or 1 for d in dtypes))
+    unit = math.lcm(1, *(_codec.element_bytes(d) or 1 for d in set(dtypes)))
     room = max_frame_bytes - _CHUNK_OVERHEAD - (_TRANSFORM_OVERHEAD if transformed else 0)
     return max(unit, room // unit * unit)

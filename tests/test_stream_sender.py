@@ -135,3 +135,15 @@ def test_records_are_the_frames_behind_their_lengths(kind, per_write, max_frame,
 def test_records_per_write_is_checked():
     with pytest.raises(ValueError, match="per_write 0 is outside 1..1024"):
         next(StreamSender(1, [np.ones(10, np.float16)]).records(0))
+
+
+@pytest.mark.parametrize("names, layers", [(None, None), (["k0", "v0", "k0", "x"], [0, 0, 1, 1]), (None, [3, 3, 2, 2])])
+def test_head_frame_carries_the_head_document_as_compact_json(names, layers):
+    """The HEAD's JSON (each distinct object entry encoded once) is compact_json of head_document(),
+    byte for byte, alike and different objects, with and without names and layers."""
+    from resonant.stream_layout import compact_json
+    objects = [np.zeros((2, 3), np.float32), np.zeros((2, 3), np.float32), np.ones(5, np.float16),
+               np.zeros((2, 3), np.float32)]
+    sender = StreamSender(1, objects, names=names, layers=layers)
+    frame = resonant.decode(sender.head())
+    assert bytes(frame.json.payload) == compact_json(sender.layout.head_document())
