@@ -74,11 +74,15 @@ async def run_beside(b: ProcessB, work, t_start: float) -> tuple[dict, int]:
 
 
 def report(result: dict, as_json: bool, print_table) -> int:
-    """The result as JSON on stdout or as the example's table; the exit status (0: every check held)."""
+    """The result as JSON on stdout, or as the example's table with what failed and OK / FAILED; the
+    exit status (0: every check held)."""
     if as_json:
         print(json.dumps(result, indent=2))
     else:
         print_table(result)
+        for f in result["failures"]:
+            print("FAIL:", f)
+        print("OK" if result["ok"] else "FAILED")
     return 0 if result["ok"] else 1
 
 

@@ -346,9 +346,6 @@ def print_table(result: dict) -> None:
         print(f"  {r['transport']} {r['tokens']} tokens {r['dtype']}: continuation {verdict}")
     print(f"(f32 payload: {result['f32_payload_bytes_per_token']:,} B per token of context; "
           f"B exit status {result['decoder_exit_status']}; total {result['elapsed_s']} s)")
-    for f in result["failures"]:
-        print("FAIL:", f)
-    print("OK" if result["ok"] else "FAILED")
 
 
 def main(argv=None) -> int:

@@ -613,9 +613,6 @@ def print_table(r: dict) -> None:
     print(f"text: {r['text']!r}")
     print(f"load {r['timing_s']['load']} s, generation {r['timing_s']['generation']} s, total {r['elapsed_s']} s; "
           f"B exit status {r['checks']['tail_exit_status']}")
-    for f in r["failures"]:
-        print("FAIL:", f)
-    print("OK" if r["ok"] else "FAILED")
 
 
 def main(argv=None) -> int:

@@ -516,9 +516,6 @@ def print_table(result: dict) -> None:
     print(f"checks: split in one process vs unsplit max|diff| = {c['split_local_max_abs_diff']:g}; "
           f"B exit status {c['tail_exit_status']}; load {result['timing_s']['load_and_reference']} s, "
           f"transfers {result['timing_s']['transfers']} s, total {result['elapsed_s']} s")
-    for f in result["failures"]:
-        print("FAIL:", f)
-    print("OK" if result["ok"] else "FAILED")
 
 
 def main(argv=None) -> int:

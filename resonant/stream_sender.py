@@ -59,8 +59,7 @@ class StreamSender:
         self._code = None if code is None else _fec.BlockCode(*code, chunk_bytes)
         doc = self.layout.head_document()
         try:
-            # (the objects' entries, when they pass for sure, are left out of the schema's check)
-            handshake.validate({**doc, "objects": []} if _objects_pass(self.layout, names, layers) else doc)
+            handshake.validate(doc)  # (the schema's check, its objects column by column: one check for both sides)
         except HandshakeError as exc:  # the caller's names/layers/object count: local misuse
             path = exc.path.replace("head.objects", "objects")
             for field_name in ("name", "layer"):
@@ -382,31 +381,6 @@ def _fec_code(fec) -> tuple[int, int] | None:
     if not _fec.available():
         raise EncodeError("fec", _fec.INSTALL_HINT)
     return k, m
-
-
-_U32, _U64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
-
-
-def _objects_pass(layout: StreamLayout, names, layers) -> bool:
-    """Whether the HEAD's objects entries (layout.head_document()'s) pass the schema for sure: their
-    count, shapes (at most max_list_items u32 dimensions), nbytes (u64), names (strings of at
-    most max_string_chars) and layers (u32), checked a column at a time. False: unsure (the
-    schema's check finds the error and its path)."""
-    objs = layout.objects
-    if len(objs) > handshake.MAX_OBJECTS:
-        return False
-    shapes = [o.shape for o in objs]
-    if max(map(len, shapes)) > handshake.MAX_LIST_ITEMS:
-        return False
-    dims = [d for shape in shapes for d in shape]
-    if dims and (set(map(type, dims)) != {int} or min(dims) < 0 or max(dims) > _U32):
-        return False
-    sizes = [o.nbytes for o in objs]
-    if set(map(type, sizes)) != {int} or min(sizes) < 0 or max(sizes) > _U64:
-        return False
-    if names is not None and (set(map(type, names)) != {str} or max(map(len, names)) > handshake.MAX_STRING_CHARS):
-        return False
-    return layers is None or (set(map(type, layers)) == {int} and min(layers) >= 0 and max(layers) <= _U32)
 
 
 def _record_length(frame: bytes) -> bytes:
