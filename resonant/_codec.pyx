@@ -126,5 +126,6 @@ include "_gen_messages.pxi"     # generated: Frame and the message classes
 include "_decode.pxi"           # decode()
 include "_encode.pxi"           # encode() and Codec's pieces
 include "_session_core.pxi"     # the Session's C paths
+include "_layout.pxi"            # V-Stream layouts: objects, checks, views
 include "_stream_kernels.pxi"   # the V-Stream's C paths
 include "_quant.pxi"            # Q8_0 / Q4_0 kernels

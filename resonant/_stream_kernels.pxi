@@ -124,20 +124,33 @@ cdef class ChunkSink:
         """The bytes of the chunk bitmap of a stream of nchunks chunks."""
         return (nchunks + 7) >> 3
 
-    def _geometry(self, buffer, first_chunk, offset, nbytes, want, Py_ssize_t chunk_bytes, Py_ssize_t nchunks):
-        """Arrays per object (int64 first chunk, byte offset, bytes; uint8 dtype a chunk must carry);
+    def _geometry(self, buffer, tuple objects, Py_ssize_t chunk_bytes, Py_ssize_t nchunks):
+        """Takes the layout's objects (StreamObject: first chunk, byte offset, bytes, chunks, and
+        the dtype a chunk must carry: its own, or I8 for a blocked or opaque dtype) into C arrays;
         allocates the bitmap (bitmap_bytes(nchunks), zeroed)."""
+        cdef Py_ssize_t i, n = len(objects)
+        cdef StreamObject o
         if chunk_bytes < 1 or nchunks < 0:
             raise ValueError("chunk_bytes must be >= 1 and nchunks >= 0")
+        first = _np.empty(n, _np.int64)
+        offset = _np.empty(n, _np.int64)
+        nbytes = _np.empty(n, _np.int64)
+        want = _np.empty(n, _np.uint8)
+        self.object_left = _np.empty(n, _np.int64)
+        cdef int64_t[::1] f = first, a = offset, b = nbytes, left = self.object_left
+        cdef uint8_t[::1] w = want
+        for i in range(n):
+            o = objects[i]
+            f[i], a[i], b[i], left[i] = o.first_chunk, o.offset, o.nbytes, o.chunks
+            w[i] = o.dtype if _element_bytes(<uint8_t>o.dtype) else DTYPE_I8
         self.buffer = buffer
         self._dst = buffer
-        self._first = first_chunk
+        self._first = first
         self._offset = offset
         self._nbytes = nbytes
         self._want = want
-        self.object_left = _np.array([0] * len(first_chunk), _np.int64)
         self._left = self.object_left
-        self._nobj = len(first_chunk)
+        self._nobj = n
         self._chunk_bytes = chunk_bytes
         self._nchunks = nchunks
         self.have = bytearray((nchunks + 7) >> 3)

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from resonant import _codec, fec, handshake
-from resonant._spec import MAX_FRAME_BYTES, DType
+from resonant._spec import MAX_FRAME_BYTES
 from resonant._codec import Chunk, Frame, Slice, Sync
 from resonant.errors import HandshakeError, ResonantError
 from resonant.replay import IdRanges
-from resonant.stream_layout import I8, PLAIN_CHUNK_MAX, StreamLayout, StreamObject
+from resonant.stream_layout import I8, PLAIN_CHUNK_MAX, StreamLayout
 from resonant.stream_limits import (EARLY_FRAME_BYTES, EARLY_STREAM_BYTES, PARITY_BLOCK_BYTES, PARITY_CHUNK_BYTES,
                                     PART_BYTES, MemoryBudget, StreamLimits, committed_bytes)
 
@@ -122,14 +122,9 @@ class _Stream(_codec.ChunkSink):
         if buffer is None:
             n = layout.total_bytes
             buffer = np.frombuffer(_codec.output_block(n), np.uint8) if n >= BLOCK_BYTES else np.empty(n, np.uint8)
-        objs = layout.objects
-        # per object, one row each: first chunk, byte offset, bytes, chunks (one array built at once)
-        geo = np.array([(o.first_chunk, o.offset, o.nbytes, o.chunks) for o in objs], np.int64).T.copy()
-        self._geometry(buffer, geo[0], geo[1], geo[2], np.array([_CHUNK_DTYPE[o.dtype] for o in objs], np.uint8),
-                       layout.chunk_bytes, layout.chunks)
-        self.object_left[:] = geo[3]
+        self._geometry(buffer, layout.objects, layout.chunk_bytes, layout.chunks)  # (the objects' places, in C arrays)
         self.streaming = layout.total_bytes >= STREAMING_STORE_BYTES
-        self.arrays = [_object_view(self.buffer, o) for o in objs]
+        self.arrays = _codec.object_views(self.buffer, layout.objects)
         self.tail: dict | None = None
         self.tail_at = 0.0
         self.last = now
@@ -168,22 +163,6 @@ def _caller_buffer(buffer, layout: StreamLayout) -> np.ndarray | None:
     if view.nbytes != layout.total_bytes:
         raise ValueError(f"allocate returned {view.nbytes} bytes; the stream needs exactly {layout.total_bytes}")
     return np.frombuffer(view.cast("B"), np.uint8)
-
-
-def _object_view(buffer: np.ndarray, o: StreamObject) -> np.ndarray:
-    npdt = _NUMPY_DTYPE.get(o.dtype, _UNSEEN)
-    if npdt is _UNSEEN:  # (looked up once per dtype: bfloat16's loads ml_dtypes on first use)
-        npdt = _NUMPY_DTYPE[o.dtype] = _codec.numpy_dtype(o.dtype)
-    if npdt is None:
-        return buffer[o.offset:o.offset + o.nbytes]
-    return np.ndarray(o.shape, npdt, buffer, o.offset)  # (a view of the buffer, in one call)
-
-
-# The dtype each object's chunks carry (its own, or I8 for a blocked or opaque dtype), and the
-# numpy dtype of its view (None: raw bytes), per DType.
-_CHUNK_DTYPE = {d: d if _codec.element_bytes(d) else I8 for d in DType}
-_NUMPY_DTYPE: dict = {}
-_UNSEEN = object()
 
 
 class Reassembler:

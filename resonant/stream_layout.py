@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from resonant import _codec, handshake
-from resonant._spec import (CHUNK_OVERHEAD_BYTES, MAX_FRAME_BYTES, MAX_SHAPE_ELEMENTS, TRANSFORM_OVERHEAD_BYTES,
-                            DType, MsgType)
+from resonant._spec import CHUNK_OVERHEAD_BYTES, MAX_FRAME_BYTES, TRANSFORM_OVERHEAD_BYTES, DType, MsgType
 from resonant.errors import EncodeError, HandshakeError
-from resonant.refcodec import expected_size
 
 __all__ = ["StreamLayout", "StreamObject", "MIN_STREAM_FRAME", "STREAM_VERSION"]
 
@@ -26,29 +24,11 @@ _TRANSFORM_OVERHEAD = TRANSFORM_OVERHEAD_BYTES
 # makes; a compressed frame may carry more (its body is up to 64 KiB before compression).
 PLAIN_CHUNK_MAX = MAX_FRAME_BYTES - _CHUNK_OVERHEAD
 I8 = DType.I8
-# DType by code and each dtype's element width (0: a blocked or opaque dtype), looked up once per
-# object of a HEAD rather than through the enum's constructor (a stream may carry thousands).
-_DTYPE_OF = {int(d): d for d in DType}
-_WIDTH = {d: _codec.element_bytes(d) for d in DType}
 
 
-@dataclass(frozen=True, slots=True)
-class StreamObject:
-    """One tensor of a stream and where its bytes sit."""
-
-    index: int
-    dtype: DType
-    shape: tuple[int, ...]
-    nbytes: int
-    offset: int          # byte offset in the stream (objects laid end to end)
-    first_chunk: int     # index of its first chunk
-    chunks: int          # number of its chunks
-    name: str | None = None
-    layer: int | None = None
-
-
-# Each StreamObject slot's setter, in the fields' order (StreamLayout.build).
-_OBJECT_SETTERS = tuple(getattr(StreamObject, f.name).__set__ for f in fields(StreamObject))
+# One tensor of a stream and where its bytes sit (index, dtype, shape, nbytes, offset in the stream,
+# first_chunk, chunks, name, layer): made in C, a HEAD's objects in one loop (_codec.layout_objects).
+StreamObject = _codec.StreamObject
 
 
 @dataclass(frozen=True)
@@ -83,25 +63,13 @@ class StreamLayout:
     @classmethod
     def build(cls, msg_type: int, chunk_bytes: int, specs: Sequence[tuple[DType, tuple[int, ...], int, str | None, int | None]],
               legacy_md5: bool = False, fec: tuple[int, int] | None = None, kv: Any = None) -> "StreamLayout":
-        objects, offset, first = [], 0, 0
-        new, dtype_of = object.__new__, _DTYPE_OF
-        s_index, s_dtype, s_shape, s_nbytes, s_offset, s_first, s_chunks, s_name, s_layer = _OBJECT_SETTERS
-        for i, (dtype, shape, nbytes, name, layer) in enumerate(specs):
-            n = -(-nbytes // chunk_bytes) or 1  # an empty object still takes one (empty) chunk
-            o = new(StreamObject)  # (its slots set directly: the frozen __init__ costs twice as much)
-            s_index(o, i)
-            s_dtype(o, dtype_of.get(dtype) or DType(dtype))
-            s_shape(o, tuple(shape))
-            s_nbytes(o, nbytes)
-            s_offset(o, offset)
-            s_first(o, first)
-            s_chunks(o, n)
-            s_name(o, name)
-            s_layer(o, layer)
-            objects.append(o)
-            offset += nbytes
-            first += n
-        return cls(int(msg_type), chunk_bytes, offset, tuple(objects), legacy_md5, fec, kv)
+        """The layout of objects given as (dtype, shape, nbytes, name, layer), checked as a HEAD's
+        objects are (HandshakeError)."""
+        dtypes, shapes, nbytes, names, layers = (list(c) for c in zip(*specs)) if specs else ([], [], [], [], [])
+        objects, total = _codec.layout_objects(chunk_bytes, dtypes, shapes, nbytes,
+                                               None if not any(n is not None for n in names) else names,
+                                               None if not any(x is not None for x in layers) else layers)
+        return cls(int(msg_type), chunk_bytes, total, objects, legacy_md5, fec, kv)
 
     def head_document(self) -> dict:
         doc = {
@@ -148,27 +116,10 @@ class StreamLayout:
         if chunk_bytes < handshake.MIN_CHUNK_BYTES:  # a bitmap and a failure path out of proportion to the stream
             raise HandshakeError("head.chunk_bytes", f"{chunk_bytes} is less than min_chunk_bytes "
                                  f"({handshake.MIN_CHUNK_BYTES})")
-        specs, total = [], 0
-        for i, o in enumerate(doc["objects"]):
-            dtype = _DTYPE_OF.get(o["dtype"])
-            if dtype is None:
-                raise HandshakeError(f"head.objects[{i}].dtype", f"{o['dtype']} is not a dtype")
-            shape = o["shape"]
-            elements = math.prod(shape)
-            if (elements if elements else math.prod(d or 1 for d in shape)) > MAX_SHAPE_ELEMENTS:  # as for a slice's
-                raise HandshakeError(f"head.objects[{i}].shape", f"{tuple(o['shape'])}: the product of the dimensions, each 0 "
-                                     f"counted as 1, is more than max_shape_elements ({MAX_SHAPE_ELEMENTS})")
-            width = _WIDTH[dtype]
-            need = expected_size(int(dtype), elements)  # the dtype's size rule; None: any size
-            if need is not None and o["nbytes"] != need:
-                raise HandshakeError(f"head.objects[{i}].nbytes", f"{o['nbytes']}, but {dtype.name} of shape "
-                                     f"{tuple(o['shape'])} is {need} bytes")
-            if width:
-                if chunk_bytes % width:
-                    raise HandshakeError("head.chunk_bytes", f"{chunk_bytes} is not a multiple of {dtype.name}'s "
-                                         f"{width}-byte elements")
-            specs.append((dtype, tuple(o["shape"]), o["nbytes"], o.get("name"), o.get("layer")))
-            total += o["nbytes"]
+        items = doc["objects"]  # (each checked by the schema: integers in range, a shape of them)
+        objects, total = _codec.layout_objects(
+            chunk_bytes, [o["dtype"] for o in items], [o["shape"] for o in items], [o["nbytes"] for o in items],
+            [o.get("name") for o in items], [o.get("layer") for o in items])
         if total != doc["total_bytes"]:
             raise HandshakeError("head.total_bytes", f"{doc['total_bytes']}, but the objects add up to {total}")
         fec = None
@@ -181,7 +132,7 @@ class StreamLayout:
             if problem is not None:
                 raise HandshakeError("head.fec", f"rs k={k} m={m}: {problem}")
             fec = (k, m)
-        layout = cls.build(doc["msg_type"], chunk_bytes, specs, bool(doc.get("legacy_md5", False)), fec)
+        layout = cls(doc["msg_type"], chunk_bytes, total, objects, bool(doc.get("legacy_md5", False)), fec)
         if "kv" in doc:  # a KV cache: its metadata and objects checked against each other
             from resonant import kv as _kv
             info = _kv.KVInfo.from_json(doc["kv"])

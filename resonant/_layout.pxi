@@ -1,0 +1,152 @@
+# --------------------------------------------------------------------------- V-Stream layouts
+# The per-object work of a V-Stream's HEAD, on both sides, in one C loop: where each object's bytes
+# and chunks sit (resonant.stream_layout.StreamLayout.build, for the sender's objects and for a
+# received HEAD's), the receiver's checks of each object (its dtype, shape and size), and the
+# numpy views of a received stream's objects. A KV cache is 60 objects; a HEAD may list max_objects.
+
+# The DType member of each code (None: not a dtype).
+cdef list _DTYPE_MEMBER = [None] * 256
+for _d in DType:
+    _DTYPE_MEMBER[int(_d)] = _d
+
+
+@cython.final
+cdef class StreamObject:
+    """One tensor of a stream and where its bytes sit (immutable)."""
+
+    cdef readonly Py_ssize_t index
+    cdef readonly object dtype
+    cdef readonly tuple shape
+    cdef readonly Py_ssize_t nbytes
+    cdef readonly Py_ssize_t offset       # byte offset in the stream (objects laid end to end)
+    cdef readonly Py_ssize_t first_chunk  # index of its first chunk
+    cdef readonly Py_ssize_t chunks       # number of its chunks
+    cdef readonly object name
+    cdef readonly object layer
+
+    def __init__(self, Py_ssize_t index, dtype, shape, Py_ssize_t nbytes, Py_ssize_t offset, Py_ssize_t first_chunk,
+                 Py_ssize_t chunks, name=None, layer=None):
+        self.index, self.dtype, self.shape, self.nbytes = index, DType(dtype), tuple(shape), nbytes
+        self.offset, self.first_chunk, self.chunks, self.name, self.layer = offset, first_chunk, chunks, name, layer
+
+    def _fields(self):
+        return (self.index, self.dtype, self.shape, self.nbytes, self.offset, self.first_chunk, self.chunks,
+                self.name, self.layer)
+
+    def __eq__(self, other):
+        if type(other) is not StreamObject:
+            return NotImplemented
+        return self._fields() == (<StreamObject>other)._fields()
+
+    def __hash__(self):
+        return hash(self._fields())
+
+    def __repr__(self):
+        return ("StreamObject(index={!r}, dtype={!r}, shape={!r}, nbytes={!r}, offset={!r}, first_chunk={!r}, "
+                "chunks={!r}, name={!r}, layer={!r})").format(*self._fields())
+
+
+def layout_objects(Py_ssize_t chunk_bytes, list dtypes, list shapes, list nbytes, list names=None,
+                   list layers=None):
+    """The objects of a stream laid end to end, each cut into chunks of chunk_bytes (an empty
+    object takes one empty chunk): (tuple of StreamObject, total bytes). Per object, a HEAD's
+    rules are checked (the sender's objects pass them by construction): a known dtype, a shape
+    within max_shape_elements (each 0 counted as 1), nbytes the dtype's size for that shape, and
+    chunk_bytes a multiple of the dtype's element width; HandshakeError (path head.objects[i]...)
+    otherwise. dtypes: int codes; shapes: sequences of non-negative ints (a HEAD's were checked
+    by its schema); names, layers: None or one per object."""
+    cdef Py_ssize_t n = len(dtypes), i, offset = 0, first = 0, size, count
+    cdef uint64_t elems, fit, d
+    cdef long long need
+    cdef int width
+    cdef object code, shape, dim
+    cdef StreamObject o
+    if chunk_bytes < 1:
+        raise ValueError("chunk_bytes must be >= 1")
+    if len(shapes) != n or len(nbytes) != n or (names is not None and len(names) != n) or (
+            layers is not None and len(layers) != n):
+        raise ValueError("one dtype, shape, nbytes (and name, layer) per object")
+    out = PyTuple_New(n)
+    for i in range(n):
+        code = dtypes[i]
+        if not 0 <= code < 256 or _DTYPE_MEMBER[code] is None:
+            raise HandshakeError(f"head.objects[{i}].dtype", f"{code} is not a dtype")
+        shape = tuple(shapes[i])
+        elems = fit = 1
+        for dim in shape:
+            d = <uint64_t>dim
+            elems *= d
+            if elems > ELEMS_SATURATE:
+                elems = ELEMS_SATURATE + 1
+            if d > 1:
+                fit = fit * d if d <= MAX_SHAPE_ELEMENTS // fit else MAX_SHAPE_ELEMENTS + 1
+        if fit > MAX_SHAPE_ELEMENTS:  # (as for a slice's shape)
+            raise HandshakeError(f"head.objects[{i}].shape", f"{shape}: the product of the dimensions, each 0 "
+                                 f"counted as 1, is more than max_shape_elements ({MAX_SHAPE_ELEMENTS})")
+        size = nbytes[i]
+        if size < 0:
+            raise ValueError(f"objects[{i}]: nbytes must be >= 0")
+        need = _expected_size(<uint8_t>code, elems)  # the dtype's size rule (-1: any size)
+        if need >= 0 and size != need:
+            raise HandshakeError(f"head.objects[{i}].nbytes", f"{size}, but {_DTYPE_MEMBER[code].name} of shape "
+                                 f"{shape} is {need} bytes")
+        width = _element_bytes(<uint8_t>code)
+        if width and chunk_bytes % width:
+            raise HandshakeError("head.chunk_bytes", f"{chunk_bytes} is not a multiple of "
+                                 f"{_DTYPE_MEMBER[code].name}'s {width}-byte elements")
+        count = (size + chunk_bytes - 1) // chunk_bytes if size else 1
+        o = StreamObject.__new__(StreamObject)
+        o.index, o.dtype, o.shape, o.nbytes = i, _DTYPE_MEMBER[code], shape, size
+        o.offset, o.first_chunk, o.chunks = offset, first, count
+        o.name = None if names is None else names[i]
+        o.layer = None if layers is None else layers[i]
+        Py_INCREF(o)  # PyTuple_SET_ITEM steals a reference
+        PyTuple_SET_ITEM(out, i, o)
+        offset += size
+        first += count
+    return out, offset
+
+
+# The numpy dtype of each DType code's views (None: raw bytes), looked up on first use (bfloat16's
+# loads ml_dtypes then).
+cdef object _UNSEEN = object()
+cdef list _VIEW_DTYPE = [_UNSEEN] * 256
+
+
+def object_views(buffer, tuple objects):
+    """The received objects as views of the stream's buffer (a writable, C-contiguous uint8
+    numpy array of the layout's total bytes): one array per object, of its numpy dtype
+    (numpy_dtype()) and shape, or its raw bytes (a uint8 slice) for a dtype numpy cannot hold."""
+    cdef cnp.ndarray buf = buffer
+    cdef StreamObject o
+    cdef Py_ssize_t i, k, ndim, end = 0
+    cdef cnp.npy_intp dims[64]
+    cdef unsigned char *base = <unsigned char *>cnp.PyArray_DATA(buf)
+    if buf.ndim != 1 or buf.dtype.itemsize != 1 or not buf.flags.c_contiguous or not buf.flags.writeable:
+        raise ValueError("the buffer must be a writable, C-contiguous uint8 array")
+    for i in range(len(objects)):
+        o = objects[i]
+        end = o.offset + o.nbytes if o.offset + o.nbytes > end else end
+    if end > buf.shape[0]:
+        raise ValueError(f"the objects need {end} bytes, the buffer is {buf.shape[0]}")
+    out = []
+    for i in range(len(objects)):
+        o = objects[i]
+        npdt = _VIEW_DTYPE[o.dtype]
+        if npdt is _UNSEEN:
+            npdt = _VIEW_DTYPE[o.dtype] = numpy_dtype(o.dtype)
+        if npdt is None:  # raw bytes (a blocked or opaque dtype)
+            out.append(buf[o.offset:o.offset + o.nbytes])
+            continue
+        ndim = len(o.shape)
+        if ndim > 64:  # (numpy's limit; a HEAD's shapes have at most max_list_items, 64)
+            raise ValueError(f"objects[{i}]: {ndim} dimensions, numpy holds at most 64")
+        for k in range(ndim):
+            dims[k] = o.shape[k]
+        Py_INCREF(npdt)  # PyArray_NewFromDescr steals a reference to the descr
+        arr = PyArray_NewFromDescr(<PyTypeObject *>cnp.ndarray, <cnp.dtype>npdt, <int>ndim, dims, NULL,
+                                   <void *>(base + o.offset), cnp.NPY_ARRAY_WRITEABLE, None)
+        Py_INCREF(buf)  # PyArray_SetBaseObject steals a reference to the base
+        cnp.PyArray_SetBaseObject(<cnp.ndarray>arr, buf)
+        out.append(arr)
+    return out
