@@ -95,10 +95,13 @@ cdef enum FastPath:
     FP_ENCODE_CHUNK_PARTS  # StreamSender.records: a chunk's head and CRC around a view of its source
     FP_INIT_MESSAGE        # a message built from arrays/Slices without the layout search
     FP_SLICE_OF_ARRAY      # an exact C-contiguous ndarray viewed as a Slice in C
+    FP_STREAM_SOURCE       # StreamSender: an exact C-contiguous ndarray taken as a stream object in C
+    FP_OBJECTS_PASS        # a handshake document's list of objects (a HEAD's) checked in one C pass
     FP_COUNT
 
 _FAST_PATH_NAMES = ("message_event", "place_chunk", "place_records", "queue_numbered", "encode_chunk",
-                    "encode_chunk_parts", "init_message", "slice_of_array")
+                    "encode_chunk_parts", "init_message", "slice_of_array", "stream_source",
+                    "objects_pass")
 cdef Py_ssize_t _fp_hits[<int>FP_COUNT]
 
 

@@ -150,3 +150,89 @@ def object_views(buffer, tuple objects):
         cnp.PyArray_SetBaseObject(<cnp.ndarray>arr, buf)
         out.append(arr)
     return out
+
+
+cdef bint _LITTLE = _sys.byteorder == "little"
+
+
+def stream_sources(list objects, general):
+    """A StreamSender's objects as four lists (dtypes, shapes, nbytes, payloads), each payload a
+    zero-copy unsigned-byte memoryview of its object. The common case, an exact, C-contiguous,
+    non-empty ndarray of float16, int8 or float32 as the wire holds them (little-endian), is taken
+    in C (a fast path); any other object goes through general(obj, i) -> (dtype, shape, nbytes,
+    payload), the Python path, which also converts what needs it and raises the errors."""
+    cdef Py_ssize_t i, n = len(objects)
+    cdef cnp.ndarray a
+    cdef int t
+    dtypes, shapes, nbytes, payloads = [None] * n, [None] * n, [None] * n, [None] * n
+    for i in range(n):
+        obj = objects[i]
+        code = None
+        if FAST_PATHS and _LITTLE and type(obj) is cnp.ndarray:
+            a = <cnp.ndarray>obj
+            t = cnp.PyArray_TYPE(a)
+            if (cnp.PyArray_NDIM(a) and cnp.PyArray_SIZE(a) and cnp.PyArray_IS_C_CONTIGUOUS(a)
+                    and cnp.PyArray_ISNOTSWAPPED(a)):
+                code = (_DTYPE_MEMBER[DTYPE_F32] if t == cnp.NPY_FLOAT32 else _DTYPE_MEMBER[DTYPE_F16]
+                        if t == cnp.NPY_FLOAT16 else _DTYPE_MEMBER[DTYPE_I8] if t == cnp.NPY_INT8 else None)
+        if code is None:
+            dtypes[i], shapes[i], nbytes[i], payloads[i] = general(obj, i)
+            continue
+        dtypes[i], shapes[i], nbytes[i] = code, obj.shape, cnp.PyArray_NBYTES(a)
+        payloads[i] = memoryview(a).cast("B")
+        _fp_hits[<int>FP_STREAM_SOURCE] += 1
+    return dtypes, shapes, nbytes, payloads
+
+
+def objects_pass(list items, tuple columns, Py_ssize_t max_list_items, Py_ssize_t max_string_chars):
+    """Whether every item of a handshake document's list of objects (a HEAD's objects) surely
+    passes its schema, in one C pass (a fast path): each a dict whose keys are all among the
+    columns, with the required ones, each value of its column's kind. columns: (name, kind, top,
+    required) per field, kind 0 an integer in 0..top, 1 a list of at most max_list_items such
+    integers, 2 a string of at most max_string_chars characters. False: unsure (an "x-" key, a
+    failure, or RESONANT_PURE): the caller checks item by item, which finds the error and its path."""
+    cdef Py_ssize_t i, j, k, matched, ncol = len(columns)
+    cdef int kind
+    cdef unsigned long long top
+    if not FAST_PATHS:
+        return False
+    for i in range(len(items)):
+        item = items[i]
+        if type(item) is not dict:
+            return False
+        matched = 0
+        for j in range(ncol):
+            name, kind, top, required = columns[j]
+            v = (<dict>item).get(name, _UNSEEN)
+            if v is _UNSEEN:
+                if required:
+                    return False
+                continue
+            matched += 1
+            if kind == 0:
+                if not _int_in(v, top):
+                    return False
+            elif kind == 1:
+                if type(v) is not list or len(<list>v) > max_list_items:
+                    return False
+                for k in range(len(<list>v)):
+                    if not _int_in((<list>v)[k], top):
+                        return False
+            elif type(v) is not str or len(<str>v) > max_string_chars:
+                return False
+        if matched != len(<dict>item):
+            return False
+    _fp_hits[<int>FP_OBJECTS_PASS] += 1
+    return True
+
+
+cdef inline bint _int_in(object v, unsigned long long top):
+    """v is an int (not a bool) in 0..top."""
+    cdef unsigned long long x
+    if type(v) is not int:
+        return False
+    try:
+        x = PyLong_AsUnsignedLongLong(v)
+    except OverflowError:  # negative, or above u64
+        return False
+    return x <= top

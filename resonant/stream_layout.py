@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -61,14 +61,12 @@ class StreamLayout:
         return obj, start, min(self.chunk_bytes, obj.nbytes - start)
 
     @classmethod
-    def build(cls, msg_type: int, chunk_bytes: int, specs: Sequence[tuple[DType, tuple[int, ...], int, str | None, int | None]],
-              legacy_md5: bool = False, fec: tuple[int, int] | None = None, kv: Any = None) -> "StreamLayout":
-        """The layout of objects given as (dtype, shape, nbytes, name, layer), checked as a HEAD's
-        objects are (HandshakeError)."""
-        dtypes, shapes, nbytes, names, layers = (list(c) for c in zip(*specs)) if specs else ([], [], [], [], [])
-        objects, total = _codec.layout_objects(chunk_bytes, dtypes, shapes, nbytes,
-                                               None if not any(n is not None for n in names) else names,
-                                               None if not any(x is not None for x in layers) else layers)
+    def build(cls, msg_type: int, chunk_bytes: int, dtypes: list, shapes: list, nbytes: list,
+              names: list | None = None, layers: list | None = None, legacy_md5: bool = False,
+              fec: tuple[int, int] | None = None, kv: Any = None) -> "StreamLayout":
+        """The layout of objects given column by column (dtype, shape, nbytes; names and layers
+        None or one per object), checked as a HEAD's objects are (HandshakeError)."""
+        objects, total = _codec.layout_objects(chunk_bytes, dtypes, shapes, nbytes, names, layers)
         return cls(int(msg_type), chunk_bytes, total, objects, legacy_md5, fec, kv)
 
     def head_document(self) -> dict:

@@ -39,34 +39,32 @@ class StreamSender:
                  max_frame_bytes: int = MAX_FRAME_BYTES, codec=None, space_hash32: int = 0,
                  modality: int = Modality.TEXT, legacy_md5: bool = False, fec: tuple[int, int] | None = None,
                  kv: Any = None) -> None:
-        slices = [_source(o, i) for i, o in enumerate(objects)]
+        dtypes, shapes, sizes, self._sources = _codec.stream_sources(list(objects), _source)  # zero-copy byte views
         code = _fec_code(fec)  # (checked first: a mistake there is the caller's)
-        if not slices:
+        if not dtypes:
             raise EncodeError("objects", "a stream needs at least one object")
-        if names is not None and len(names) != len(slices):
-            raise EncodeError("names", f"{len(names)} names for {len(slices)} objects")
-        if layers is not None and len(layers) != len(slices):
-            raise EncodeError("layers", f"{len(layers)} layers for {len(slices)} objects")
+        if names is not None and len(names) != len(dtypes):
+            raise EncodeError("names", f"{len(names)} names for {len(dtypes)} objects")
+        if layers is not None and len(layers) != len(dtypes):
+            raise EncodeError("layers", f"{len(layers)} layers for {len(dtypes)} objects")
         self.stream_id = stream_id
         self.codec = codec
         self._header = {"stream_id": stream_id, "space_hash32": space_hash32, "modality": modality}
-        self._sources = [s.payload for s in slices]  # zero-copy byte views of the sources
-        chunk_bytes = chunk_bytes_for(max_frame_bytes, [s.dtype for s in slices], codec is not None)
-        self.layout = StreamLayout.build(
-            msg_type, chunk_bytes,
-            [(s.dtype, s.shape, s.nbytes, names[i] if names else None, layers[i] if layers else None)
-             for i, s in enumerate(slices)], legacy_md5, code, kv)
-        self._code = None if code is None else _fec.BlockCode(*code, chunk_bytes)
-        doc = self.layout.head_document()
-        try:
-            handshake.validate(doc)  # (the schema's check, its objects column by column: one check for both sides)
-        except HandshakeError as exc:  # the caller's names/layers/object count: local misuse
+        chunk_bytes = chunk_bytes_for(max_frame_bytes, dtypes, codec is not None)
+        try:  # a receiver's checks of the objects (layout_objects, the schema's): one check for both sides
+            self.layout = StreamLayout.build(msg_type, chunk_bytes, dtypes, shapes, sizes,
+                                             None if names is None else list(names),
+                                             None if layers is None else list(layers), legacy_md5, code, kv)
+            doc = self.layout.head_document()
+            handshake.validate(doc)
+        except HandshakeError as exc:  # the caller's objects, names, layers or object count: local misuse
             path = exc.path.replace("head.objects", "objects")
             for field_name in ("name", "layer"):
                 m = re.match(rf"objects\[(\d+)\]\.{field_name}$", path)
                 if m:
                     path = f"{field_name}s[{m.group(1)}]"
             raise EncodeError(path, exc.detail) from None
+        self._code = None if code is None else _fec.BlockCode(*code, chunk_bytes)
         if kv is not None:  # what a receiver will check: a mistake here is the caller's
             from resonant.kv import check_layout
             try:
@@ -396,21 +394,14 @@ class _Source(NamedTuple):  # (a tuple: made once per object, cheaper than a fro
 
 
 # numpy dtype -> DType for the dtypes numpy holds exactly as the wire does (little-endian), numpy's
-# own ones (BF16's, ml_dtypes', is not imported with resonant: such arrays take the general path).
+# own ones (BF16's, ml_dtypes', is not imported with resonant: such arrays take the conversion).
 _NATIVE = {np.dtype(_codec.numpy_dtype(d)): d for d in (DType.F16, DType.I8, DType.F32)}
-# The same by the dtype objects' identity (numpy's usual ones; hashing a dtype costs more), each
-# kept alive here so that its id is not another object's.
-_NATIVE_DTYPES = [np.dtype(t) for t in ("<f2", "<f4", "i1")]
-_NATIVE_BY_ID = {id(dt): _NATIVE[dt] for dt in _NATIVE_DTYPES}
 
 
 def _source(obj, i: int) -> _Source:
     """A stream object as dtype, shape and a zero-copy byte view (a copy only to make an array
-    C-contiguous and little-endian)."""
-    if type(obj) is np.ndarray and obj.size and obj.ndim and obj.flags.c_contiguous:  # the common case, in short
-        known = _NATIVE_BY_ID.get(id(obj.dtype)) or _NATIVE.get(obj.dtype)
-        if known is not None:
-            return _Source(known, obj.shape, obj.nbytes, memoryview(obj).cast("B"))
+    C-contiguous and little-endian): the general path of _codec.stream_sources, which takes an
+    exact, C-contiguous ndarray of a native dtype in C."""
     if isinstance(obj, Slice):
         return _Source(obj.dtype, obj.shape, obj.nbytes, obj.payload)
     arr = np.asarray(obj)
