@@ -276,7 +276,15 @@ class StreamObject:
 def layout_objects(chunk_bytes: int, dtypes: list[Any], shapes: list[Any], nbytes: list[int],
                    names: list[str | None] | None = None,
                    layers: list[int | None] | None = None) -> tuple[tuple[StreamObject, ...], int]: ...
-def object_views(buffer: np.ndarray, objects: tuple[StreamObject, ...]) -> list[np.ndarray]: ...
+class ObjectReady:
+    stream_id: int
+    index: int
+    name: str | None
+    layer: int | None
+    array: np.ndarray
+    def __init__(self, stream_id: int, index: int, name: str | None, layer: int | None, array: np.ndarray) -> None: ...
+def object_views(buffer: np.ndarray, objects: tuple[StreamObject, ...],
+                 stream_id: int) -> tuple[list[np.ndarray], list[ObjectReady]]: ...
 def stream_sources(objects: list[Any], general: Any) -> tuple[list[DType], list[tuple[int, ...]], list[int],
                                                                list[memoryview]]: ...
 def objects_pass(items: list[Any], columns: tuple[tuple[str, int, int, bool], ...], max_list_items: int,

@@ -107,20 +107,49 @@ def layout_objects(Py_ssize_t chunk_bytes, list dtypes, list shapes, list nbytes
     return out, offset
 
 
+@cython.final
+cdef class ObjectReady:
+    """Every chunk of one object has arrived (each checked by its CRC; the stream hash is checked
+    at StreamComplete). `array` is the object, a view of the stream's one output buffer.
+
+    By default (StreamLimits(release="arrival")) it comes as soon as the object's chunks are in,
+    before the TAIL's hash is checked: a CRC only catches accidents, so on frames that are not
+    encrypted (no Codec with a key) a forged chunk is handed out as it came, and the stream may
+    still fail (hash_mismatch, or never complete). With release="verified", every ObjectReady of a
+    stream comes at once when its hash has matched, just before StreamComplete, and never for a
+    stream that fails. (Unencrypted, a forger who also sends a TAIL with the hash of the forged
+    bytes passes that check too: only a Codec with a key authenticates the sender.)"""
+
+    cdef readonly object stream_id
+    cdef readonly object index
+    cdef readonly object name
+    cdef readonly object layer
+    cdef readonly object array
+
+    def __init__(self, stream_id, index, name, layer, array):
+        self.stream_id, self.index, self.name, self.layer, self.array = stream_id, index, name, layer, array
+
+    def __repr__(self):
+        return (f"ObjectReady(stream_id={self.stream_id!r}, index={self.index!r}, name={self.name!r}, "
+                f"layer={self.layer!r}, array={self.array!r})")
+
+
 # The numpy dtype of each DType code's views (None: raw bytes), looked up on first use (bfloat16's
 # loads ml_dtypes then).
 cdef object _UNSEEN = object()
 cdef list _VIEW_DTYPE = [_UNSEEN] * 256
 
 
-def object_views(buffer, tuple objects):
+def object_views(buffer, tuple objects, stream_id):
     """The received objects as views of the stream's buffer (a writable, C-contiguous uint8
     numpy array of the layout's total bytes): one array per object, of its numpy dtype
-    (numpy_dtype()) and shape, or its raw bytes (a uint8 slice) for a dtype numpy cannot hold."""
+    (numpy_dtype()) and shape, or its raw bytes (a uint8 slice) for a dtype numpy cannot hold;
+    and the ObjectReady event of each (made here, handed out when the object is in).
+    Returns (arrays, events)."""
+    cdef ObjectReady ev
     cdef cnp.ndarray buf = buffer
     cdef StreamObject o
-    cdef Py_ssize_t i, k, ndim, end = 0
-    cdef cnp.npy_intp dims[64]
+    cdef Py_ssize_t i, end = 0
     cdef unsigned char *base = <unsigned char *>cnp.PyArray_DATA(buf)
     if buf.ndim != 1 or buf.dtype.itemsize != 1 or not buf.flags.c_contiguous or not buf.flags.writeable:
         raise ValueError("the buffer must be a writable, C-contiguous uint8 array")
@@ -129,27 +158,38 @@ def object_views(buffer, tuple objects):
         end = o.offset + o.nbytes if o.offset + o.nbytes > end else end
     if end > buf.shape[0]:
         raise ValueError(f"the objects need {end} bytes, the buffer is {buf.shape[0]}")
-    out = []
+    out, events = [], []
     for i in range(len(objects)):
         o = objects[i]
         npdt = _VIEW_DTYPE[o.dtype]
         if npdt is _UNSEEN:
             npdt = _VIEW_DTYPE[o.dtype] = numpy_dtype(o.dtype)
         if npdt is None:  # raw bytes (a blocked or opaque dtype)
-            out.append(buf[o.offset:o.offset + o.nbytes])
-            continue
-        ndim = len(o.shape)
-        if ndim > 64:  # (numpy's limit; a HEAD's shapes have at most max_list_items, 64)
-            raise ValueError(f"objects[{i}]: {ndim} dimensions, numpy holds at most 64")
-        for k in range(ndim):
-            dims[k] = o.shape[k]
-        Py_INCREF(npdt)  # PyArray_NewFromDescr steals a reference to the descr
-        arr = PyArray_NewFromDescr(<PyTypeObject *>cnp.ndarray, <cnp.dtype>npdt, <int>ndim, dims, NULL,
-                                   <void *>(base + o.offset), cnp.NPY_ARRAY_WRITEABLE, None)
-        Py_INCREF(buf)  # PyArray_SetBaseObject steals a reference to the base
-        cnp.PyArray_SetBaseObject(<cnp.ndarray>arr, buf)
+            arr = buf[o.offset:o.offset + o.nbytes]
+        else:
+            arr = _view(buf, o, base, npdt)
         out.append(arr)
-    return out
+        ev = ObjectReady.__new__(ObjectReady)
+        ev.stream_id, ev.index, ev.name, ev.layer, ev.array = stream_id, o.index, o.name, o.layer, arr
+        events.append(ev)
+    return out, events
+
+
+cdef object _view(cnp.ndarray buf, StreamObject o, unsigned char *base, object npdt):
+    """Object o's array: a view of buf of its numpy dtype npdt and shape."""
+    cdef cnp.npy_intp dims[64]
+    cdef Py_ssize_t k, ndim
+    ndim = len(o.shape)
+    if ndim > 64:  # (numpy's limit; a HEAD's shapes have at most max_list_items, 64)
+        raise ValueError(f"objects[{o.index}]: {ndim} dimensions, numpy holds at most 64")
+    for k in range(ndim):
+        dims[k] = o.shape[k]
+    Py_INCREF(npdt)  # PyArray_NewFromDescr steals a reference to the descr
+    arr = PyArray_NewFromDescr(<PyTypeObject *>cnp.ndarray, <cnp.dtype>npdt, <int>ndim, dims, NULL,
+                               <void *>(base + o.offset), cnp.NPY_ARRAY_WRITEABLE, None)
+    Py_INCREF(buf)  # PyArray_SetBaseObject steals a reference to the base
+    cnp.PyArray_SetBaseObject(<cnp.ndarray>arr, buf)
+    return arr
 
 
 cdef bint _LITTLE = _sys.byteorder == "little"

@@ -7,7 +7,7 @@ import hashlib
 import heapq
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -46,40 +46,10 @@ class StreamStarted:
     layout: StreamLayout
 
 
-@dataclass(frozen=True, slots=True)
-class ObjectReady:
-    """Every chunk of one object has arrived (each checked by its CRC; the stream hash is checked
-    at StreamComplete). `array` is the object, a view of the stream's one output buffer.
-
-    By default (StreamLimits(release="arrival")) it comes as soon as the object's chunks are in,
-    before the TAIL's hash is checked: a CRC only catches accidents, so on frames that are not
-    encrypted (no Codec with a key) a forged chunk is handed out as it came, and the stream may
-    still fail (hash_mismatch, or never complete). With release="verified", every ObjectReady of a
-    stream comes at once when its hash has matched, just before StreamComplete, and never for a
-    stream that fails. (Unencrypted, a forger who also sends a TAIL with the hash of the forged
-    bytes passes that check too: only a Codec with a key authenticates the sender.)"""
-
-    stream_id: int
-    index: int
-    name: str | None
-    layer: int | None
-    array: np.ndarray
-
-
-# ObjectReady's slot setters in the fields' order: one is made per object of a stream, at twice the
-# cost through its frozen __init__ (chunk_events).
-_READY_SETTERS = tuple(getattr(ObjectReady, f.name).__set__ for f in fields(ObjectReady))
-
-
-def _object_ready(stream_id: int, index: int, name: str | None, layer: int | None, array: np.ndarray) -> ObjectReady:
-    ev = object.__new__(ObjectReady)
-    s_sid, s_index, s_name, s_layer, s_array = _READY_SETTERS
-    s_sid(ev, stream_id)
-    s_index(ev, index)
-    s_name(ev, name)
-    s_layer(ev, layer)
-    s_array(ev, array)
-    return ev
+# Every chunk of one object has arrived (stream_id, index, name, layer, array; its docstring says
+# more): made in C with the stream's views at HEAD (_codec.object_views), handed out when the
+# object is in.
+ObjectReady = _codec.ObjectReady
 
 
 @dataclass(frozen=True)
@@ -111,20 +81,21 @@ class _Stream(_codec.ChunkSink):
     """An open stream. The fields the chunk fast path writes (buffer, have, have_count,
     object_left, hasher, hashed, streaming, last) are the ChunkSink's, shared by both paths."""
 
-    __slots__ = ("stream_id", "layout", "arrays", "tail_at", "charged", "reported_at", "report_wait", "cursor",
+    __slots__ = ("stream_id", "layout", "arrays", "ready", "tail_at", "charged", "reported_at", "report_wait", "cursor",
                  "code", "parity")
 
-    def __init__(self, stream_id: int, layout: StreamLayout, now: float, buffer: np.ndarray | None = None) -> None:
+    def __init__(self, stream_id: int, layout: StreamLayout, now: float, buffer: np.ndarray | None = None,
+                 charged: int | None = None) -> None:
         self.stream_id = stream_id
         self.layout = layout
-        self.charged = committed_bytes(layout, buffer is None)
+        self.charged = committed_bytes(layout, buffer is None) if charged is None else charged  # (the caller's charge)
         # the one copy: chunks land here (in the caller's buffer when its allocate hook gave one)
         if buffer is None:
             n = layout.total_bytes
             buffer = np.frombuffer(_codec.output_block(n), np.uint8) if n >= BLOCK_BYTES else np.empty(n, np.uint8)
         self._geometry(buffer, layout.objects, layout.chunk_bytes, layout.chunks)  # (the objects' places, in C arrays)
         self.streaming = layout.total_bytes >= STREAMING_STORE_BYTES
-        self.arrays = _codec.object_views(self.buffer, layout.objects)
+        self.arrays, self.ready = _codec.object_views(self.buffer, layout.objects, stream_id)  # views, ObjectReady events
         self.tail: dict | None = None
         self.tail_at = 0.0
         self.last = now
@@ -313,12 +284,13 @@ class Reassembler:
         then completion or failure."""
         if st.completed < 0 and st.tail is None and not st.fec_watch:
             return []
+        if st.tail is None and not st.fec_watch and self.limits.release == "arrival":  # (an object is in: the usual case)
+            return [st.ready[st.completed]]
         block = st.last_chunk // st.code.k if st.fec_watch else -1  # (parity held: its block may be complete now)
         sid = st.stream_id
         events: list = []
         if st.completed >= 0 and self.limits.release == "arrival":
-            o = st.layout.objects[st.completed]
-            events.append(_object_ready(sid, o.index, o.name, o.layer, st.arrays[o.index]))
+            events.append(st.ready[st.completed])
         if block in st.parity:
             events += self._fec_block(st, block, None)
         return events + self._maybe_complete(sid) if st.tail is not None else events
@@ -641,7 +613,7 @@ class Reassembler:
             return [self._failed(sid, "limit", problem)]
         self._charge(cost)  # before the buffer, bitmap and arrays are allocated
         try:
-            self._streams[sid] = _Stream(sid, layout, now, buffer)
+            self._streams[sid] = _Stream(sid, layout, now, buffer, cost)
         except BaseException:
             self._charge(-cost)
             raise
@@ -740,15 +712,14 @@ class Reassembler:
                 pieces[c - first] = st.buffer[obj.offset + start:obj.offset + start + length]
         recovered = code.recover(pieces, end - first)
         self._release_parity(st, b)
-        sid, events = st.stream_id, []
+        events: list = []
         for c in missing:
             obj, _, length = lay.chunk(c)
             want = obj.dtype if _codec.element_bytes(obj.dtype) else I8
             payload = recovered[c - first][:length]
             self._place(st, Slice(want, (length // (_codec.element_bytes(want) or 1),), payload), c, st.last)
             if st.completed >= 0 and self.limits.release == "arrival":
-                o = lay.objects[st.completed]
-                events.append(_object_ready(sid, o.index, o.name, o.layer, st.arrays[o.index]))
+                events.append(st.ready[st.completed])
         return events
 
     def _place(self, st: _Stream, s: Slice, k: int, now: float) -> None:
@@ -818,7 +789,7 @@ class Reassembler:
                 self._say(doc)
         events: list = []
         if self.limits.release == "verified":
-            events = [_object_ready(sid, o.index, o.name, o.layer, st.arrays[o.index]) for o in st.layout.objects]
+            events = list(st.ready)
         return events + [StreamComplete(sid, st.arrays, got, st.layout.total_bytes)]
 
     def _failed(self, sid: int, reason: str, detail: str, missing: list | None = None, more: int = 0) -> StreamFailed:
