@@ -465,24 +465,33 @@ def place_records(dict streams not None, bytearray buf not None, Py_ssize_t star
     return pos, count, nbytes, None
 
 
-def encode_chunks(uint32_t stream_id, uint64_t first_seq, uint32_t space_hash32, uint8_t modality, uint8_t dtype,
-                   int width, source, Py_ssize_t chunk_bytes, Py_ssize_t first, Py_ssize_t count, Xxh3 hasher=None):
-    """Chunks first .. first + count - 1 of one object (source: its bytes, cut every chunk_bytes),
-    as encode_chunk makes them one by one: frame_seq first_seq + i, element count length //
-    width (width 0: length). One call for a batch, so the per-frame Python is paid once."""
-    cdef const unsigned char[::1] src = source
-    cdef Py_ssize_t i, k, start, length
-    if chunk_bytes < 1 or first < 0 or count < 0:
-        raise ValueError("chunk_bytes must be >= 1, first and count >= 0")
+def encode_layout_chunks(uint32_t stream_id, uint32_t space_hash32, uint8_t modality, tuple objects, list sources,
+                         Py_ssize_t chunk_bytes, Py_ssize_t first, Py_ssize_t count, Xxh3 hasher=None):
+    """Chunks first .. first + count - 1 of a stream laid out as `objects` (StreamObject, in
+    order; sources: each one's bytes), across objects, as encode_chunk makes them one by one:
+    frame_seq k + 1, the object's dtype (I8 for a blocked or opaque one) and its element count.
+    One call for a batch, so the per-frame and per-object Python is paid once."""
+    cdef Py_ssize_t k, o = 0, n = len(objects), j, start, length, nb
+    cdef StreamObject obj
+    cdef int width
+    if chunk_bytes < 1 or first < 0 or count < 0 or len(sources) != n:
+        raise ValueError("chunk_bytes must be >= 1, first and count >= 0, one source per object")
     out = []
-    for i in range(count):
-        k = first + i
-        start = k * chunk_bytes
-        length = min(chunk_bytes, src.shape[0] - start)
-        if length < 0:
-            raise EncodeError("source", f"chunk {k} starts past the end of a {src.shape[0]}-byte source")
-        out.append(encode_chunk(stream_id, first_seq + i, space_hash32, modality, dtype,
-                                 length // width if width else length, source, start, length, hasher))
+    for k in range(first, first + count):
+        while o < n and (<StreamObject>objects[o]).first_chunk + (<StreamObject>objects[o]).chunks <= k:
+            o += 1
+        if o == n:
+            raise EncodeError("chunk", f"chunk {k} is past the stream's last chunk")
+        obj = objects[o]
+        j = k - obj.first_chunk
+        if j < 0:  # (the objects' chunks are consecutive from 0: cannot happen for a layout's objects)
+            raise EncodeError("chunk", f"chunk {k} is before object {o}'s first chunk")
+        start = j * chunk_bytes
+        nb = obj.nbytes
+        length = min(chunk_bytes, nb - start)
+        width = _element_bytes(<uint8_t>obj.dtype)
+        out.append(encode_chunk(stream_id, k + 1, space_hash32, modality, obj.dtype if width else DTYPE_I8,
+                                length // width if width else length, sources[o], start, length, hasher))
     return out
 
 

@@ -180,35 +180,34 @@ class StreamSender:
         return self._parity_frames(b, (j,))[0]
 
     def _data_chunks(self) -> Iterator[bytes]:
-        cb = self.layout.chunk_bytes
+        lay, cb = self.layout, self.layout.chunk_bytes
         h = _codec.Xxh3()  # the stream hash, fed while each chunk is in cache
-        md5 = hashlib.md5(usedforsecurity=False) if self.layout.legacy_md5 else None
-        for obj in self.layout.objects:
-            src = self._sources[obj.index]
-            width = _codec.element_bytes(obj.dtype)
-            dtype = obj.dtype if width else I8
-            if self.codec is not None:  # every object's chunks, encoded on the pool (parallel.py), in order
-                yield from self._codec_chunks(h, md5)
-                break
-            if self.codec is None and md5 is None and _FAST:  # straight from the source into the frames, 16 per call
-                for j in range(0, obj.chunks, _CHUNK_BATCH):
-                    yield from _codec.encode_chunks(self.stream_id, obj.first_chunk + j + 1, self._header["space_hash32"],
-                                                     self._header["modality"], dtype, width, src, cb, j,
-                                                     min(_CHUNK_BATCH, obj.chunks - j), h)
-                continue
-            for j in range(obj.chunks):
-                piece = src[j * cb:(j + 1) * cb]
-                n = len(piece) // width if width else len(piece)
-                if self.codec is None and _FAST:  # straight from the source into the frame
-                    frame = _codec.encode_chunk(self.stream_id, obj.first_chunk + j + 1, self._header["space_hash32"],
-                                                 self._header["modality"], dtype, n, src, j * cb, len(piece), h)
-                else:
-                    frame = self._encode(Chunk(Slice(dtype, (n,), piece), frame_seq=obj.first_chunk + j + 1,
-                                               **self._header))
-                    h.update(piece)
-                if md5 is not None:
-                    md5.update(piece)
-                yield frame
+        md5 = hashlib.md5(usedforsecurity=False) if lay.legacy_md5 else None
+        if self.codec is not None:  # every object's chunks, encoded on the pool (parallel.py), in order
+            yield from self._codec_chunks(h, md5)
+        elif md5 is None and _FAST:  # straight from the sources into the frames, 16 per call across objects
+            for k in range(0, lay.chunks, _CHUNK_BATCH):
+                yield from _codec.encode_layout_chunks(self.stream_id, self._header["space_hash32"],
+                                                       self._header["modality"], lay.objects, self._sources, cb, k,
+                                                       min(_CHUNK_BATCH, lay.chunks - k), h)
+        else:
+            for obj in lay.objects:
+                src = self._sources[obj.index]
+                width = _codec.element_bytes(obj.dtype)
+                dtype = obj.dtype if width else I8
+                for j in range(obj.chunks):
+                    piece = src[j * cb:(j + 1) * cb]
+                    n = len(piece) // width if width else len(piece)
+                    if _FAST:  # straight from the source into the frame
+                        frame = _codec.encode_chunk(self.stream_id, obj.first_chunk + j + 1, self._header["space_hash32"],
+                                                     self._header["modality"], dtype, n, src, j * cb, len(piece), h)
+                    else:
+                        frame = self._encode(Chunk(Slice(dtype, (n,), piece), frame_seq=obj.first_chunk + j + 1,
+                                                   **self._header))
+                        h.update(piece)
+                    if md5 is not None:
+                        md5.update(piece)
+                    yield frame
         self._digest = (h.intdigest(), md5.hexdigest() if md5 is not None else None)
 
     def chunk_frame(self, k: int) -> bytes:
