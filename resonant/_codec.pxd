@@ -87,6 +87,7 @@ cdef class ChunkSink:
     cdef public Py_ssize_t have_bytes    # payload bytes of the chunks received
     cdef public Py_ssize_t last_chunk    # the chunk the last commit placed, or -1 (forward error correction's cue)
     cdef public bint fec_watch           # the stream holds parity chunks: place_records stops after each chunk
+    cdef public list ready               # each object's ObjectReady event (resonant.reassembler's _Stream sets it)
     cdef unsigned char[::1] _dst
     cdef unsigned char[::1] _bits        # a view of `have` (which it keeps from being resized)
     cdef const int64_t[::1] _first

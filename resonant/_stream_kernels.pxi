@@ -431,15 +431,17 @@ def place_chunk(dict streams not None, data, expected_space_hash, double now):
 
 
 def place_records(dict streams not None, bytearray buf not None, Py_ssize_t start, Py_ssize_t end,
-                   Py_ssize_t max_frame_bytes, expected_space_hash, double now):
+                   Py_ssize_t max_frame_bytes, expected_space_hash, double now, list ready=None):
     """The TCP receive fast path: the whole records (u32 little-endian length, frame) in
     buf[start:end] that are chunks place_chunk takes, placed one after the other. Stops before
     the first record that is incomplete, has a length outside 1..max_frame_bytes, or is not
     such a chunk (the general path takes it from there), and after a chunk that completes an
     object, comes after its stream's TAIL or belongs to a stream holding parity chunks
-    (fec_watch: its block may now be recoverable), so that its events are made at once. Returns
-    (position reached, chunks placed, their frame bytes, the sink of the last chunk if it has
-    events to make, else None)."""
+    (fec_watch: its block may now be recoverable), so that its events are made at once; with
+    `ready` (a list), a chunk that only completes an object appends that object's ObjectReady
+    (its sink's `ready`) to it instead, and the placing goes on. Returns (position reached,
+    chunks placed, their frame bytes, the sink of the last chunk if it has events to make, else
+    None)."""
     cdef unsigned char *b = <unsigned char *>buf
     cdef Py_ssize_t pos = start, size, count = 0, nbytes = 0
     cdef ChunkAt at
@@ -460,9 +462,40 @@ def place_records(dict streams not None, bytearray buf not None, Py_ssize_t star
         pos += TCP_PREFIX_BYTES + size
         count += 1
         nbytes += size
-        if st.completed >= 0 or st.tail is not None or st.fec_watch:
+        if st.tail is not None or st.fec_watch:
             return pos, count, nbytes, st
+        if st.completed >= 0:
+            if ready is None or st.ready is None:
+                return pos, count, nbytes, st
+            ready.append(st.ready[st.completed])
     return pos, count, nbytes, None
+
+
+cdef struct LayoutChunk:
+    Py_ssize_t o        # the object
+    Py_ssize_t start    # the chunk's byte offset in the object
+    Py_ssize_t length   # its bytes
+    uint8_t dtype       # the dtype it carries (the object's, I8 for a blocked or opaque one)
+    uint32_t count      # its element count
+
+
+cdef int _layout_chunk(tuple objects, Py_ssize_t chunk_bytes, Py_ssize_t k, LayoutChunk *c) except -1:
+    """Where chunk k of a stream laid out as `objects` (StreamObject, in order) sits; c.o is where
+    the search starts (objects before it hold no chunk >= k: callers go through k in order)."""
+    cdef Py_ssize_t n = len(objects)
+    cdef StreamObject obj
+    cdef int width
+    while c.o < n and (<StreamObject>objects[c.o]).first_chunk + (<StreamObject>objects[c.o]).chunks <= k:
+        c.o += 1
+    if c.o == n or k < (<StreamObject>objects[c.o]).first_chunk:
+        raise EncodeError("chunk", f"chunk {k} is not a chunk of this layout")
+    obj = objects[c.o]
+    c.start = (k - obj.first_chunk) * chunk_bytes
+    c.length = min(chunk_bytes, obj.nbytes - c.start)
+    width = _element_bytes(<uint8_t>obj.dtype)
+    c.dtype = <uint8_t>obj.dtype if width else DTYPE_I8
+    c.count = <uint32_t>(c.length // width if width else c.length)
+    return 0
 
 
 def encode_layout_chunks(uint32_t stream_id, uint32_t space_hash32, uint8_t modality, tuple objects, list sources,
@@ -471,28 +504,40 @@ def encode_layout_chunks(uint32_t stream_id, uint32_t space_hash32, uint8_t moda
     order; sources: each one's bytes), across objects, as encode_chunk makes them one by one:
     frame_seq k + 1, the object's dtype (I8 for a blocked or opaque one) and its element count.
     One call for a batch, so the per-frame and per-object Python is paid once."""
-    cdef Py_ssize_t k, o = 0, n = len(objects), j, start, length, nb
-    cdef StreamObject obj
-    cdef int width
-    if chunk_bytes < 1 or first < 0 or count < 0 or len(sources) != n:
+    cdef Py_ssize_t k
+    cdef LayoutChunk c
+    if chunk_bytes < 1 or first < 0 or count < 0 or len(sources) != len(objects):
         raise ValueError("chunk_bytes must be >= 1, first and count >= 0, one source per object")
+    c.o = 0
     out = []
     for k in range(first, first + count):
-        while o < n and (<StreamObject>objects[o]).first_chunk + (<StreamObject>objects[o]).chunks <= k:
-            o += 1
-        if o == n:
-            raise EncodeError("chunk", f"chunk {k} is past the stream's last chunk")
-        obj = objects[o]
-        j = k - obj.first_chunk
-        if j < 0:  # (the objects' chunks are consecutive from 0: cannot happen for a layout's objects)
-            raise EncodeError("chunk", f"chunk {k} is before object {o}'s first chunk")
-        start = j * chunk_bytes
-        nb = obj.nbytes
-        length = min(chunk_bytes, nb - start)
-        width = _element_bytes(<uint8_t>obj.dtype)
-        out.append(encode_chunk(stream_id, k + 1, space_hash32, modality, obj.dtype if width else DTYPE_I8,
-                                length // width if width else length, sources[o], start, length, hasher))
+        _layout_chunk(objects, chunk_bytes, k, &c)
+        out.append(encode_chunk(stream_id, k + 1, space_hash32, modality, c.dtype, c.count, sources[c.o], c.start,
+                                c.length, hasher))
     return out
+
+
+def layout_record_parts(uint32_t stream_id, uint32_t space_hash32, uint8_t modality, tuple objects, list sources,
+                        Py_ssize_t chunk_bytes, Py_ssize_t first, Py_ssize_t count, Xxh3 hasher=None):
+    """encode_layout_chunks as TCP records for a scatter-gather send, without copying payloads:
+    per chunk, encode_chunk_parts' head (with the record's length) and CRC around a memoryview of
+    its source. Returns (parts, frame bytes)."""
+    cdef Py_ssize_t k, nbytes = 0
+    cdef LayoutChunk c
+    if chunk_bytes < 1 or first < 0 or count < 0 or len(sources) != len(objects):
+        raise ValueError("chunk_bytes must be >= 1, first and count >= 0, one source per object")
+    c.o = 0
+    parts = []
+    for k in range(first, first + count):
+        _layout_chunk(objects, chunk_bytes, k, &c)
+        src = sources[c.o]
+        head, crc = encode_chunk_parts(stream_id, k + 1, space_hash32, modality, c.dtype, c.count, src, c.start,
+                                       c.length, hasher, True)
+        parts.append(head)
+        parts.append((src if type(src) is memoryview else memoryview(src))[c.start:c.start + c.length])
+        parts.append(crc)
+        nbytes += CHUNK_HEAD + c.length + CRC_SIZE
+    return parts, nbytes
 
 
 def copy_payload(Slice s not None, dest, Py_ssize_t offset, Xxh3 hasher=None, bint streaming=False):

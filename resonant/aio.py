@@ -196,6 +196,12 @@ class _Inbox:
         if self._waiters:
             self._wake_next()
 
+    def put_all(self, items: list) -> None:
+        """put_nowait of each item, in order."""
+        self._items.extend(items)
+        for _ in range(min(len(items), len(self._waiters))):  # (a waiter per item, as put_nowait wakes)
+            self._wake_next()
+
     def get_nowait(self) -> Any:
         if not self._items:
             raise asyncio.QueueEmpty
@@ -258,6 +264,10 @@ def _expire(w: asyncio.Future) -> None:
 
 
 # ------------------------------------------------------------------ protocols
+
+
+# The events that keep buffers alive while queued (_queued_bytes).
+_HELD_TYPES = frozenset((StreamComplete, KVCacheReceived))
 
 
 def _queued_bytes(event) -> int:
@@ -859,13 +869,13 @@ class Server:
             events = session.kv.expand(events)  # KV-cache streams: KVLayerReceived, KVCacheReceived added
         if handler is None:
             if events:
-                put = self.events.put_nowait
                 key = address if session is not None else _SESSIONLESS
-                for e in events:
-                    put((address, e))
-                    n = _queued_bytes(e)
-                    if n:  # its buffers stay charged until the application takes it
-                        self._hold(key, n)
+                self.events.put_all([(address, e) for e in events])
+                if not _HELD_TYPES.isdisjoint(map(type, events)):
+                    for e in events:
+                        n = _queued_bytes(e)
+                        if n:  # its buffers stay charged until the application takes it
+                            self._hold(key, n)
                 q = self._queued
                 q[key] = q.get(key, 0) + len(events)
             return
@@ -900,7 +910,11 @@ class Server:
         a completed stream's charge; resume a paused peer at half its share."""
         address, event = item
         q = self._queued
-        key = address if q.get(address) else _SESSIONLESS
+        n = q.get(address, 0) - 1
+        if n > 0 and type(event) not in _HELD_TYPES and not self._paused:  # (the usual case, in short)
+            q[address] = n
+            return
+        key = address if n >= 0 else _SESSIONLESS
         n = q.get(key, 0) - 1
         if n > 0:
             q[key] = n
@@ -930,8 +944,9 @@ class Server:
 
     async def _iter(self):
         n = 0
+        waiting = self.events._items
         while True:
-            item = await self.events.get()
+            item = waiting.popleft() if waiting else await self.events.get()
             if item is None:
                 self.events.put_nowait(None)  # stays closed for the next caller
                 return

@@ -399,6 +399,19 @@ def parse(data: bytes | bytearray | memoryview | str) -> dict[str, Any]:
     return validate(doc)
 
 
+def parse_if_json(data: bytes | bytearray | memoryview) -> dict[str, Any] | None:
+    """parse() for a Sync's payload that may be other text: None when it is not UTF-8 JSON at all (a
+    message, not a control document); else the document, validated (HandshakeError as parse())."""
+    raw = bytes(data)
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if len(raw) > MAX_JSON_BYTES:
+        raise HandshakeError("$", f"{len(raw)} bytes, more than max_json_bytes ({MAX_JSON_BYTES})")
+    return validate(doc)
+
+
 # --------------------------------------------------------------------------- the session's state machine
 # Each peer runs this table. Received bytes are first classified into exactly one input, so every (role, state, input) has one action and one next state; a property test drives every pair. A server never enters await_capability or failed.
 

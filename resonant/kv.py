@@ -205,8 +205,8 @@ class KVReceiver:
         self._open: dict[int, _Open] = {}
 
     def expand(self, events: list) -> list:
-        if not events:
-            return events
+        if not events or (not self._open and StreamStarted not in map(type, events)):
+            return events  # (no KV stream open or opening: nothing to add)
         out: list | None = None
         for i, e in enumerate(events):
             more = self.feed(e) if type(e) in _INPUT else None

@@ -81,7 +81,7 @@ class _Stream(_codec.ChunkSink):
     """An open stream. The fields the chunk fast path writes (buffer, have, have_count,
     object_left, hasher, hashed, streaming, last) are the ChunkSink's, shared by both paths."""
 
-    __slots__ = ("stream_id", "layout", "arrays", "ready", "tail_at", "charged", "reported_at", "report_wait", "cursor",
+    __slots__ = ("stream_id", "layout", "arrays", "tail_at", "charged", "reported_at", "report_wait", "cursor",
                  "code", "parity")
 
     def __init__(self, stream_id: int, layout: StreamLayout, now: float, buffer: np.ndarray | None = None,
@@ -212,8 +212,9 @@ class Reassembler:
 
     # -------------------------------------------------------------- input
 
-    def receive(self, data, now: float) -> list:
-        """Take one frame (bytes or a decoded Frame); return the events it causes."""
+    def receive(self, data, now: float, doc: dict | None = None) -> list:
+        """Take one frame (bytes or a decoded Frame); return the events it causes. doc: a Sync
+        frame's document, already parsed and validated (handshake.parse), or None."""
         if isinstance(data, Frame):
             frame = data
         else:
@@ -237,7 +238,8 @@ class Reassembler:
                     self._streams[sid].last = now
                 return []
             try:
-                doc = handshake.parse(frame.json.payload)
+                if doc is None:
+                    doc = handshake.parse(frame.json.payload)
             except HandshakeError as exc:
                 if exc.path.startswith("tail") and sid in self._streams:
                     return self._fail(sid, "bad_tail", str(exc))
@@ -275,9 +277,12 @@ class Reassembler:
         that are plain chunks of open streams, placed in one C call. Returns (the position
         reached, chunks placed, their frame bytes, events); the record at that position, if
         whole, is for the general path."""
+        ready = [] if self.limits.release == "arrival" else None  # (objects that come in on the way, C-side)
         pos, count, nbytes, st = _codec.place_records(self._streams, buf, start, end, max_frame_bytes,
-                                                       expected_space_hash, now)
-        return pos, count, nbytes, ([] if st is None else self.chunk_events(st))
+                                                       expected_space_hash, now, ready)
+        if st is not None:
+            return pos, count, nbytes, (ready + self.chunk_events(st) if ready else self.chunk_events(st))
+        return pos, count, nbytes, ready or []
 
     def chunk_events(self, st: _Stream) -> list:
         """The events of a chunk just committed to st: ObjectReady (unless release="verified"),

@@ -802,10 +802,10 @@ class Session(SessionCore):
                 verdict = replay.check(frame.stream_id, frame.frame_seq)
                 if verdict != "ok" and not self._repair_frame(frame, verdict):
                     return self._refuse_replay(verdict, frame, now)
-        if doc is None and isinstance(frame, Sync) and frame.json is not None and _is_json(frame.json.payload):
+        if doc is None and isinstance(frame, Sync) and frame.json is not None:
             # (a Sync whose payload is not JSON at all is no control document: a message, delivered as data)
             try:
-                doc = handshake.parse(frame.json.payload)
+                doc = handshake.parse_if_json(frame.json.payload)
             except HandshakeError as exc:
                 return self._step(Input.BAD_FRAME, now, frame, exc)
         if doc is not None:
@@ -1198,7 +1198,7 @@ class Session(SessionCore):
         if isinstance(frame, Chunk) or (isinstance(frame, Sync) and (
                 frame.json is None and frame.stream_id in self.reassembler
                 or doc is not None and doc["method"] in ("head", "tail"))):
-            return self.reassembler.receive(frame, now)
+            return self.reassembler.receive(frame, now, doc)
         return accept_message(frame, doc, self.stats)
 
     def _do_accept_if_lenient(self, now, frame, doc) -> list:
@@ -1437,15 +1437,6 @@ class Session(SessionCore):
         self._control({"method": "error", "code": code, "message": message[:cut],
                        **{k: v[:cut] if isinstance(v, str) else v for k, v in extra.items()}}, 0, plain)
         self.stats["errors_sent"] += 1
-
-
-def _is_json(payload) -> bool:
-    """Whether a Sync's payload is UTF-8 JSON (a control document, to be validated), not other text."""
-    try:
-        json.loads(bytes(payload).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return False
-    return True
 
 
 def _plain_control(data) -> tuple[Sync, dict] | None:

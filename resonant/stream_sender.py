@@ -300,30 +300,25 @@ class StreamSender:
                 if frames >= per_write:
                     yield parts, frames, nbytes
                     parts, frames, nbytes = [], 0, 0
-        else:
-            cb = self.layout.chunk_bytes
-            h = _codec.Xxh3()
-            for obj in self.layout.objects:
-                src = self._sources[obj.index]
-                view = memoryview(src)
-                width = _codec.element_bytes(obj.dtype)
-                dtype = obj.dtype if width else I8
-                for j in range(obj.chunks):
-                    start = j * cb
-                    n = min(cb, len(view) - start)
-                    head, crc = _codec.encode_chunk_parts(self.stream_id, obj.first_chunk + j + 1,
-                                                           self._header["space_hash32"], self._header["modality"],
-                                                           dtype, n // width if width else n, src, start, n, h, True)
-                    parts += [head, view[start:start + n], crc]
-                    frames, nbytes = frames + 1, nbytes + len(head) - TCP_LENGTH_PREFIX_BYTES + n + len(crc)
-                    c = obj.first_chunk + j
-                    if self._code is not None and ((c + 1) % self._code.k == 0 or c + 1 == self.layout.chunks):
-                        for f in self._parity_frames(c // self._code.k):  # the block's parity after its last chunk
-                            parts += [_record_length(f), f]
-                            frames, nbytes = frames + 1, nbytes + len(f)
-                    if frames >= per_write:
-                        yield parts, frames, nbytes
-                        parts, frames, nbytes = [], 0, 0
+        else:  # per list, the run of chunks up to per_write frames made in one C call (across objects)
+            lay, h, k, n = self.layout, _codec.Xxh3(), 0, self.layout.chunks
+            block = self._code.k if self._code is not None else 0
+            while k < n:
+                take = min(max(1, per_write - frames), n - k)
+                if block:  # a block's parity follows its last data chunk
+                    take = min(take, (k // block + 1) * block - k)
+                more, size = _codec.layout_record_parts(self.stream_id, self._header["space_hash32"],
+                                                        self._header["modality"], lay.objects, self._sources,
+                                                        lay.chunk_bytes, k, take, h)
+                parts += more
+                frames, nbytes, k = frames + take, nbytes + size, k + take
+                if block and (k % block == 0 or k == n):
+                    for f in self._parity_frames((k - 1) // block):
+                        parts += [_record_length(f), f]
+                        frames, nbytes = frames + 1, nbytes + len(f)
+                if frames >= per_write:
+                    yield parts, frames, nbytes
+                    parts, frames, nbytes = [], 0, 0
             self._digest = (h.intdigest(), None)
         tail = self.tail()
         yield parts + [_record_length(tail), tail], frames + 1, nbytes + len(tail)
