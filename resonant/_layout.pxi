@@ -276,3 +276,45 @@ cdef inline bint _int_in(object v, unsigned long long top):
     except OverflowError:  # negative, or above u64
         return False
     return x <= top
+
+
+def layout_of_items(Py_ssize_t chunk_bytes, list items):
+    """layout_objects for a HEAD's objects as its document lists them (dicts with dtype, shape,
+    nbytes and optional name and layer, checked by the schema first)."""
+    cdef Py_ssize_t i, n = len(items)
+    cdef dict d
+    dtypes, shapes, nbytes, names, layers = [None] * n, [None] * n, [None] * n, [None] * n, [None] * n
+    for i in range(n):
+        d = items[i]
+        dtypes[i], shapes[i], nbytes[i] = d["dtype"], d["shape"], d["nbytes"]
+        names[i], layers[i] = d.get("name"), d.get("layer")
+    return layout_objects(chunk_bytes, dtypes, shapes, nbytes, names, layers)
+
+
+def object_docs(tuple objects):
+    """Each object's entry of a HEAD document: {name, layer (when set), dtype, shape, nbytes}, in
+    that order."""
+    cdef StreamObject o
+    cdef dict d
+    out = []
+    for o in objects:
+        d = {}
+        if o.name is not None:
+            d["name"] = o.name
+        if o.layer is not None:
+            d["layer"] = o.layer
+        d["dtype"] = int(o.dtype)
+        d["shape"] = list(o.shape)
+        d["nbytes"] = o.nbytes
+        out.append(d)
+    return out
+
+
+def objects_charge(tuple objects, Py_ssize_t per_object, Py_ssize_t per_dim):
+    """The memory charged for a stream's objects: per_object each, plus the characters of its
+    name, plus per_dim per dimension of its shape."""
+    cdef StreamObject o
+    cdef Py_ssize_t total = 0
+    for o in objects:
+        total += per_object + per_dim * len(o.shape) + (len(<str>o.name) if o.name is not None else 0)
+    return total

@@ -73,7 +73,7 @@ class StreamLayout:
         doc = {
             "method": "head", "v": STREAM_VERSION, "msg_type": self.msg_type, "chunk_bytes": self.chunk_bytes,
             "total_bytes": self.total_bytes,
-            "objects": [_object_doc(o) for o in self.objects],
+            "objects": _codec.object_docs(self.objects),
             "hash": "xxh3_64",
         }
         if self.legacy_md5:
@@ -114,10 +114,7 @@ class StreamLayout:
         if chunk_bytes < handshake.MIN_CHUNK_BYTES:  # a bitmap and a failure path out of proportion to the stream
             raise HandshakeError("head.chunk_bytes", f"{chunk_bytes} is less than min_chunk_bytes "
                                  f"({handshake.MIN_CHUNK_BYTES})")
-        items = doc["objects"]  # (each checked by the schema: integers in range, a shape of them)
-        objects, total = _codec.layout_objects(
-            chunk_bytes, [o["dtype"] for o in items], [o["shape"] for o in items], [o["nbytes"] for o in items],
-            [o.get("name") for o in items], [o.get("layer") for o in items])
+        objects, total = _codec.layout_of_items(chunk_bytes, doc["objects"])  # (each item checked by the schema)
         if total != doc["total_bytes"]:
             raise HandshakeError("head.total_bytes", f"{doc['total_bytes']}, but the objects add up to {total}")
         fec = None
@@ -140,19 +137,6 @@ class StreamLayout:
 
 
 _OBJECTS_MARK = "@objects@"
-
-
-def _object_doc(o: StreamObject) -> dict:
-    """An object's entry of the HEAD document (keys in this order: name, layer, dtype, shape, nbytes)."""
-    if o.name is None and o.layer is None:
-        return {"dtype": int(o.dtype), "shape": list(o.shape), "nbytes": o.nbytes}
-    doc: dict = {}
-    if o.name is not None:
-        doc["name"] = o.name
-    if o.layer is not None:
-        doc["layer"] = o.layer
-    doc.update(dtype=int(o.dtype), shape=list(o.shape), nbytes=o.nbytes)
-    return doc
 
 
 def compact_json(doc: dict) -> bytes:

@@ -64,7 +64,7 @@ def committed_bytes(layout: StreamLayout, buffer: bool = True) -> int:
     """Memory a stream takes once open, charged before any of it is allocated: its output
     buffer (unless the caller's), its chunk bitmap (a bit per chunk), its objects and the rest
     (a KV stream: the tensors its receiver converts from the wire dtype too)."""
-    objects = sum(_OBJECT_BYTES + len(o.name or "") + 40 * len(o.shape) for o in layout.objects)
+    objects = _codec.objects_charge(layout.objects, _OBJECT_BYTES, 40)  # (and each name's characters)
     if getattr(layout, "kv", None) is not None:  # a KV cache converted on arrival (resonant.kv)
         from resonant.kv import converted_bytes
         objects += converted_bytes(layout)
