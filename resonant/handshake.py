@@ -12,6 +12,8 @@ import json
 import re
 from typing import Any
 
+import orjson
+
 from resonant import _codec
 from resonant.errors import HandshakeError
 
@@ -387,13 +389,33 @@ def check_field(method: str, name: str, value: Any) -> None:
         _check(value, SCHEMA[method][name], f"{method}.{name}")
 
 
+def loads(raw: bytes) -> Any:
+    """json.loads of UTF-8 bytes, the same results, through orjson (3x faster on a HEAD of many
+    objects); what orjson refuses goes to json.loads, which takes it (NaN, an integer above 64 bits,
+    a lone surrogate escape) or raises as before (UnicodeDecodeError, ValueError, RecursionError)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw.decode("utf-8"))
+
+
+def dumps(doc: Any) -> bytes:
+    """Compact JSON (no spaces) as UTF-8 bytes, through orjson (9x faster than json.dumps on a HEAD
+    of many objects; strings as UTF-8, not \\u escapes); what orjson cannot write (an integer above
+    64 bits, NaN) through json.dumps."""
+    try:
+        return orjson.dumps(doc)
+    except TypeError:
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+
 def parse(data: bytes | bytearray | memoryview | str) -> dict[str, Any]:
     """Parse and validate a handshake document from the bytes of a json slice."""
     raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
     if len(raw) > MAX_JSON_BYTES:
         raise HandshakeError("$", f"{len(raw)} bytes, more than max_json_bytes ({MAX_JSON_BYTES})")
     try:
-        doc = json.loads(raw.decode("utf-8"))
+        doc = loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise HandshakeError("$", f"not valid UTF-8 JSON: {exc}") from None
     return validate(doc)
@@ -404,7 +426,7 @@ def parse_if_json(data: bytes | bytearray | memoryview) -> dict[str, Any] | None
     message, not a control document); else the document, validated (HandshakeError as parse())."""
     raw = bytes(data)
     try:
-        doc = json.loads(raw.decode("utf-8"))
+        doc = loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     if len(raw) > MAX_JSON_BYTES:

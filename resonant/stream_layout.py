@@ -3,7 +3,6 @@ and the chunk size a sender picks for a frame size."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -84,21 +83,6 @@ class StreamLayout:
             doc["kv"] = self.kv.to_json()
         return doc
 
-    def head_json(self, doc: dict) -> bytes:
-        """compact_json(doc), byte for byte, of this layout's head_document() `doc`, each distinct
-        object entry encoded once (a KV cache's objects are alike but for their names)."""
-        memo: dict = {}
-        entries = []
-        for o, entry in zip(self.objects, doc["objects"]):
-            key = (o.dtype, o.shape, o.nbytes, o.name, o.layer)  # (what the entry is made of)
-            text = memo.get(key)
-            if text is None:
-                text = memo[key] = json.dumps(entry, separators=(",", ":"))
-            entries.append(text)
-        whole = json.dumps({**doc, "objects": _OBJECTS_MARK}, separators=(",", ":"))
-        # (the mark is the first string after the fixed fields: the objects' place)
-        return whole.replace(f'"{_OBJECTS_MARK}"', f"[{','.join(entries)}]", 1).encode()
-
     @classmethod
     def from_head(cls, doc: dict) -> "StreamLayout":
         """Check a validated head document for consistency and derive the layout."""
@@ -136,12 +120,9 @@ class StreamLayout:
         return layout
 
 
-_OBJECTS_MARK = "@objects@"
-
-
 def compact_json(doc: dict) -> bytes:
     """HEAD and TAIL documents as compact UTF-8 JSON (they must fit one frame)."""
-    return json.dumps(doc, separators=(",", ":")).encode()
+    return handshake.dumps(doc)
 
 
 def chunk_bytes_for(max_frame_bytes: int, dtypes: Iterable[DType], transformed: bool) -> int:

@@ -87,7 +87,7 @@ class StreamSender:
 
     def _head_frames(self, doc: dict) -> list[bytes]:
         try:
-            whole = self._encode(Sync(self.layout.head_json(doc), frame_seq=0, **self._header))
+            whole = self._encode(Sync(compact_json(doc), frame_seq=0, **self._header))
             if len(whole) <= self.max_frame_bytes:
                 return [whole]
         except EncodeError:  # larger than any frame
