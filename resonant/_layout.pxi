@@ -234,18 +234,24 @@ def objects_pass(list items, tuple columns, Py_ssize_t max_list_items, Py_ssize_
     cdef Py_ssize_t i, j, k, matched, ncol = len(columns)
     cdef int kind
     cdef unsigned long long top
-    if not FAST_PATHS:
+    cdef int kinds[64]
+    cdef unsigned long long tops[64]
+    cdef bint required[64]
+    if not FAST_PATHS or ncol > 64:
         return False
+    names = [c[0] for c in columns]
+    for j in range(ncol):
+        _, kinds[j], tops[j], required[j] = columns[j]
     for i in range(len(items)):
         item = items[i]
         if type(item) is not dict:
             return False
         matched = 0
         for j in range(ncol):
-            name, kind, top, required = columns[j]
-            v = (<dict>item).get(name, _UNSEEN)
+            kind, top = kinds[j], tops[j]
+            v = (<dict>item).get(names[j], _UNSEEN)
             if v is _UNSEEN:
-                if required:
+                if required[j]:
                     return False
                 continue
             matched += 1

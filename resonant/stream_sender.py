@@ -129,8 +129,9 @@ class StreamSender:
         16 are encoded on resonant.parallel's pool (RESONANT_THREADS; 1: in this thread), at most
         2 x threads batches ahead of the frame handed out. With fec, each block's parity frames
         follow its last data chunk."""
-        for frame, _data in self.chunks_tagged():
-            yield frame
+        if self._code is None:  # (no parity: the data chunks as they are made)
+            return self._data_chunks()
+        return (frame for frame, _data in self.chunks_tagged())
 
     def chunks_tagged(self) -> Iterator[tuple[bytes, bool]]:
         """chunks(), each frame with whether it is a data chunk (False: a parity frame), in the same
