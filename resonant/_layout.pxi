@@ -4,6 +4,10 @@
 # received HEAD's), the receiver's checks of each object (its dtype, shape and size), and the
 # numpy views of a received stream's objects. A KV cache is 60 objects; a HEAD may list max_objects.
 
+# The most bytes a layout's objects may add up to (no stream comes near: a receiver's
+# max_stream_bytes refuses far less); it keeps offsets and chunk counts in range of a C integer.
+cdef Py_ssize_t LAYOUT_BYTES_MAX = (<Py_ssize_t>1) << 62
+
 # The DType member of each code (None: not a dtype).
 cdef list _DTYPE_MEMBER = [None] * 256
 for _d in DType:
@@ -83,9 +87,13 @@ def layout_objects(Py_ssize_t chunk_bytes, list dtypes, list shapes, list nbytes
         if fit > MAX_SHAPE_ELEMENTS:  # (as for a slice's shape)
             raise HandshakeError(f"head.objects[{i}].shape", f"{shape}: the product of the dimensions, each 0 "
                                  f"counted as 1, is more than max_shape_elements ({MAX_SHAPE_ELEMENTS})")
-        size = nbytes[i]
-        if size < 0:
-            raise ValueError(f"objects[{i}]: nbytes must be >= 0")
+        dim = nbytes[i]
+        if not 0 <= dim <= LAYOUT_BYTES_MAX - offset:  # (an opaque dtype's size is free: sums kept in range)
+            if dim < 0:
+                raise ValueError(f"objects[{i}]: nbytes must be >= 0")
+            raise HandshakeError(f"head.objects[{i}].nbytes", f"{dim}: the objects would add up to more than "
+                                 f"{LAYOUT_BYTES_MAX} bytes, more than any stream can hold")
+        size = dim
         need = _expected_size(<uint8_t>code, elems)  # the dtype's size rule (-1: any size)
         if need >= 0 and size != need:
             raise HandshakeError(f"head.objects[{i}].nbytes", f"{size}, but {_DTYPE_MEMBER[code].name} of shape "

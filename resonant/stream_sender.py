@@ -192,24 +192,31 @@ class StreamSender:
                                                        self._header["modality"], lay.objects, self._sources, cb, k,
                                                        min(_CHUNK_BATCH, lay.chunks - k), h)
         else:
-            for obj in lay.objects:
-                src = self._sources[obj.index]
-                width = _codec.element_bytes(obj.dtype)
-                dtype = obj.dtype if width else I8
-                for j in range(obj.chunks):
-                    piece = src[j * cb:(j + 1) * cb]
-                    n = len(piece) // width if width else len(piece)
-                    if _FAST:  # straight from the source into the frame
-                        frame = _codec.encode_chunk(self.stream_id, obj.first_chunk + j + 1, self._header["space_hash32"],
-                                                     self._header["modality"], dtype, n, src, j * cb, len(piece), h)
-                    else:
-                        frame = self._encode(Chunk(Slice(dtype, (n,), piece), frame_seq=obj.first_chunk + j + 1,
-                                                   **self._header))
-                        h.update(piece)
-                    if md5 is not None:
-                        md5.update(piece)
-                    yield frame
+            for obj, j, dtype, n, piece in self._pieces():
+                if _FAST:  # straight from the source into the frame
+                    frame = _codec.encode_chunk(self.stream_id, obj.first_chunk + j + 1, self._header["space_hash32"],
+                                                 self._header["modality"], dtype, n, self._sources[obj.index], j * cb,
+                                                 len(piece), h)
+                else:
+                    frame = self._encode(Chunk(Slice(dtype, (n,), piece), frame_seq=obj.first_chunk + j + 1,
+                                               **self._header))
+                    h.update(piece)
+                if md5 is not None:
+                    md5.update(piece)
+                yield frame
         self._digest = (h.intdigest(), md5.hexdigest() if md5 is not None else None)
+
+    def _pieces(self) -> Iterator[tuple[Any, int, DType, int, memoryview]]:
+        """Every chunk in order, as (its object, its index j in the object, the dtype it carries: the
+        object's, or I8 for a blocked or opaque one, its element count, its bytes: a view of the source)."""
+        cb = self.layout.chunk_bytes
+        for obj in self.layout.objects:
+            src = self._sources[obj.index]
+            width = _codec.element_bytes(obj.dtype)
+            dtype = obj.dtype if width else I8
+            for j in range(obj.chunks):
+                piece = src[j * cb:(j + 1) * cb]
+                yield obj, j, dtype, (len(piece) // width if width else len(piece)), piece
 
     def chunk_frame(self, k: int) -> bytes:
         """Chunk k (0 <= k < layout.chunks) as one encoded frame, again (a resend: the stream hash
@@ -231,27 +238,20 @@ class StreamSender:
         fed to the stream hash in order. With zstd, whether a chunk is compressed is decided per
         run of ZSTD_PROBE_CHUNKS chunks of each object by compressing the run's first as a probe
         (the spec's compression rule): here, in order, so the outcome does not depend on the pool."""
-        cb = self.layout.chunk_bytes
         zstd = self.codec.zstd_level is not None
         batch: list = []
         compress = zstd
-        for obj in self.layout.objects:
-            src = self._sources[obj.index]
-            width = _codec.element_bytes(obj.dtype)
-            dtype = obj.dtype if width else I8
-            for j in range(obj.chunks):
-                piece = src[j * cb:(j + 1) * cb]
-                n = len(piece) // width if width else len(piece)
-                if zstd and j % ZSTD_PROBE_CHUNKS == 0:
-                    saving = self.codec.zstd_saving(Chunk(Slice(dtype, (n,), piece), frame_seq=0, **self._header))
-                    compress = saving * 1000 >= ZSTD_MIN_SAVING_PERMILLE
-                batch.append((obj.first_chunk + j + 1, dtype, n, piece, compress))
-                h.update(piece)
-                if md5 is not None:
-                    md5.update(piece)
-                if len(batch) == _CHUNK_BATCH:
-                    yield batch
-                    batch = []
+        for obj, j, dtype, n, piece in self._pieces():
+            if zstd and j % ZSTD_PROBE_CHUNKS == 0:
+                saving = self.codec.zstd_saving(Chunk(Slice(dtype, (n,), piece), frame_seq=0, **self._header))
+                compress = saving * 1000 >= ZSTD_MIN_SAVING_PERMILLE
+            batch.append((obj.first_chunk + j + 1, dtype, n, piece, compress))
+            h.update(piece)
+            if md5 is not None:
+                md5.update(piece)
+            if len(batch) == _CHUNK_BATCH:
+                yield batch
+                batch = []
         if batch:
             yield batch
 

@@ -6,6 +6,8 @@ import json
 
 import pytest
 from conftest import vector_bytes
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import resonant
 from resonant import handshake
@@ -113,3 +115,38 @@ def test_model_signature_travels_in_the_handshake():
     missing = {k: v for k, v in sig.to_json().items() if k != "head_dim"}
     with pytest.raises(HandshakeError, match=r"^ping.model_signature.head_dim: required field is missing$"):
         handshake.validate({"method": "ping", "model_signature": missing})
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSON_VALUES)
+def test_loads_reads_what_json_loads_reads(value):
+    """handshake.loads (orjson, then json for what orjson refuses) gives json.loads's results, on
+    documents json.dumps writes: NaN and infinities, integers of any size, any text."""
+    raw = json.dumps(value).encode()
+    assert repr(handshake.loads(raw)) == repr(json.loads(raw))
+
+
+@pytest.mark.parametrize("raw", [b'{"a": NaN}', b"[18446744073709551616, -9223372036854775809]", b'"\\ud800"',
+                                 b'{"a": 1, "a": 2}', b"1e400"])
+def test_loads_takes_what_orjson_refuses_as_json_does(raw):
+    assert repr(handshake.loads(raw)) == repr(json.loads(raw))
+
+
+@pytest.mark.parametrize("raw, error", [(b'{"method": ', ValueError), (b"\xff\xfe", UnicodeDecodeError),
+                                        (b"[" * 5000 + b"]" * 5000, RecursionError), (b"\xef\xbb\xbf{}", ValueError)])
+def test_loads_raises_what_json_loads_raises(raw, error):
+    with pytest.raises(error):
+        handshake.loads(raw)
+
+
+def test_dumps_is_compact_json_and_takes_big_integers():
+    doc = {"method": "head", "name": "kv \u00e9\u4e2d", "n": [1, 2**40], "big": 2**70}
+    out = handshake.dumps(doc)
+    assert b" " not in out.replace("kv ".encode(), b"") and json.loads(out) == doc
+    assert handshake.dumps({"a": [1, "b"]}) == b'{"a":[1,"b"]}'

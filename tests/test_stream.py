@@ -37,7 +37,8 @@ from resonant import (
     StreamStarted,
     Sync,
 )
-from resonant.errors import DecodeError, EncodeError
+from resonant.errors import DecodeError, EncodeError, HandshakeError
+from resonant.stream import StreamLayout, StreamObject
 
 from stream_helpers import (
     BF16,
@@ -565,3 +566,34 @@ def test_q4_head_with_wrong_nbytes_is_bad_head():
     doc = head_doc([{"dtype": int(DType.Q4), "shape": [10], "nbytes": 1000}])
     (event,) = Reassembler().receive(head_frame(doc, 117), 0.0)
     assert isinstance(event, StreamFailed) and event.reason == "bad_head"
+
+
+@pytest.mark.parametrize("objects, total", [
+    ([{"dtype": int(DType.SPARSE_COO), "shape": [1], "nbytes": 2**64 - 1}], 2**64 - 1),
+    ([{"dtype": int(DType.SPARSE_COO), "shape": [1], "nbytes": 2**62}] * 4, 2**64 - 1),
+])
+def test_head_whose_objects_add_up_past_any_stream_is_bad_head(objects, total):
+    """An opaque dtype's size is free: sizes a peer announces are kept in range before any sum
+    (a HandshakeError naming the object, never an OverflowError or a wrapped total)."""
+    doc = head_doc(objects)
+    doc["total_bytes"] = total
+    with pytest.raises(HandshakeError, match=r"head\.objects\[\d\]\.nbytes: .* more than any stream can hold"):
+        StreamLayout.from_head(doc)
+    (event,) = Reassembler().receive(head_frame(doc, 118), 0.0)
+    assert isinstance(event, StreamFailed) and event.reason == "bad_head"
+
+
+def test_stream_objects_and_ready_events_read_like_records():
+    sender = StreamSender(119, [np.zeros((2, 3), np.float16), np.ones(5, np.int8)], names=["a", "b"], layers=[0, 1])
+    a, b = sender.layout.objects
+    assert (a.index, a.dtype, a.shape, a.nbytes, a.offset, a.first_chunk, a.chunks, a.name, a.layer) == \
+        (0, DType.F16, (2, 3), 12, 0, 0, 1, "a", 0)
+    assert (b.offset, b.first_chunk, b.name, b.layer) == (12, 1, "b", 1)
+    assert a == StreamObject(0, DType.F16, (2, 3), 12, 0, 0, 1, "a", 0) and a != b and len({a, b, a}) == 2
+    assert repr(a) == ("StreamObject(index=0, dtype=<DType.F16: 1>, shape=(2, 3), nbytes=12, offset=0, "
+                       "first_chunk=0, chunks=1, name='a', layer=0)")
+    with pytest.raises(AttributeError):
+        a.nbytes = 3  # (immutable)
+    ready = of(deliver(Reassembler(), sender), ObjectReady)
+    assert [(e.stream_id, e.index, e.name, e.layer) for e in ready] == [(119, 0, "a", 0), (119, 1, "b", 1)]
+    assert ready[1].array.tolist() == [1] * 5 and repr(ready[0]).startswith("ObjectReady(stream_id=119, index=0")
