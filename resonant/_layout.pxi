@@ -162,13 +162,13 @@ def object_views(buffer, tuple objects, stream_id):
     if buf.ndim != 1 or buf.dtype.itemsize != 1 or not buf.flags.c_contiguous or not buf.flags.writeable:
         raise ValueError("the buffer must be a writable, C-contiguous uint8 array")
     for i in range(len(objects)):
-        o = objects[i]
+        o = <StreamObject?>objects[i]
         end = o.offset + o.nbytes if o.offset + o.nbytes > end else end
     if end > buf.shape[0]:
         raise ValueError(f"the objects need {end} bytes, the buffer is {buf.shape[0]}")
     out, events = [], []
     for i in range(len(objects)):
-        o = objects[i]
+        o = <StreamObject?>objects[i]
         npdt = _VIEW_DTYPE[o.dtype]
         if npdt is _UNSEEN:
             npdt = _VIEW_DTYPE[o.dtype] = numpy_dtype(o.dtype)
@@ -311,7 +311,8 @@ def object_docs(tuple objects):
     cdef StreamObject o
     cdef dict d
     out = []
-    for o in objects:
+    for x in objects:
+        o = <StreamObject?>x
         d = {}
         if o.name is not None:
             d["name"] = o.name
@@ -329,6 +330,7 @@ def objects_charge(tuple objects, Py_ssize_t per_object, Py_ssize_t per_dim):
     name, plus per_dim per dimension of its shape."""
     cdef StreamObject o
     cdef Py_ssize_t total = 0
-    for o in objects:
-        total += per_object + per_dim * len(o.shape) + (len(<str>o.name) if o.name is not None else 0)
+    for x in objects:
+        o = <StreamObject?>x
+        total += per_object + per_dim * len(o.shape) + (len(o.name) if o.name is not None else 0)
     return total

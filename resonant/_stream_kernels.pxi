@@ -140,7 +140,7 @@ cdef class ChunkSink:
         cdef int64_t[::1] f = first, a = offset, b = nbytes, left = self.object_left
         cdef uint8_t[::1] w = want
         for i in range(n):
-            o = objects[i]
+            o = <StreamObject?>objects[i]
             f[i], a[i], b[i], left[i] = o.first_chunk, o.offset, o.nbytes, o.chunks
             w[i] = o.dtype if _element_bytes(<uint8_t>o.dtype) else DTYPE_I8
         self.buffer = buffer
@@ -485,11 +485,11 @@ cdef int _layout_chunk(tuple objects, Py_ssize_t chunk_bytes, Py_ssize_t k, Layo
     cdef Py_ssize_t n = len(objects)
     cdef StreamObject obj
     cdef int width
-    while c.o < n and (<StreamObject>objects[c.o]).first_chunk + (<StreamObject>objects[c.o]).chunks <= k:
+    while c.o < n and (<StreamObject?>objects[c.o]).first_chunk + (<StreamObject>objects[c.o]).chunks <= k:
         c.o += 1
-    if c.o == n or k < (<StreamObject>objects[c.o]).first_chunk:
+    if c.o == n or k < (<StreamObject?>objects[c.o]).first_chunk:
         raise EncodeError("chunk", f"chunk {k} is not a chunk of this layout")
-    obj = objects[c.o]
+    obj = <StreamObject?>objects[c.o]
     c.start = (k - obj.first_chunk) * chunk_bytes
     c.length = min(chunk_bytes, obj.nbytes - c.start)
     width = _element_bytes(<uint8_t>obj.dtype)
