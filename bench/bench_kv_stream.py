@@ -1,7 +1,7 @@
 """The cost of many small objects: a KV cache (60 tensors) as one V-Stream, against the same
 bytes as ONE object, in the same run.
 
-    python3 bench/bench_kv_stream.py [--tokens 121] [--repeat 21] [--net-repeat 11] [--json PATH|-]
+    python3 bench/bench_kv_stream.py [--tokens 121] [--repeat 21] [--net-repeat 41] [--json PATH|-]
 
 The cache has SmolLM2-135M's shapes (30 layers x keys, values of (1, 3, tokens, 64) float32:
 46,080 B per token; 121 tokens = 5.58 MB), seeded standard-normal values (the model is not
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=121, help="tokens of context (default 121: 5.58 MB)")
     ap.add_argument("--repeat", type=int, default=21, help="in-process samples per case (default 21)")
-    ap.add_argument("--net-repeat", type=int, default=11, help="TCP / UDP samples per case (default 11)")
+    ap.add_argument("--net-repeat", type=int, default=41, help="TCP / UDP samples per case (default 41: a single run of a few ms is noisy here)")
     ap.add_argument("--no-net", action="store_true", help="the in-process rows only")
     ap.add_argument("--json", help="write the results as JSON to PATH, or - for stdout")
     args = ap.parse_args(argv)

@@ -334,3 +334,19 @@ def objects_charge(tuple objects, Py_ssize_t per_object, Py_ssize_t per_dim):
         o = <StreamObject?>x
         total += per_object + per_dim * len(o.shape) + (len(o.name) if o.name is not None else 0)
     return total
+
+
+def has_digit_run(const unsigned char[::1] data, Py_ssize_t n):
+    """Whether data holds n or more ASCII digits in a row (handshake.loads: orjson reads an integer
+    outside 64 bits, 19 digits or more, as a float; such text goes to json.loads)."""
+    cdef Py_ssize_t i, run = 0
+    if n < 1:
+        return True
+    for i in range(data.shape[0]):
+        if 48 <= data[i] <= 57:
+            run += 1
+            if run >= n:
+                return True
+        else:
+            run = 0
+    return False

@@ -394,15 +394,12 @@ def loads(raw: bytes) -> Any:
     objects). orjson reads an integer outside 64 bits as a float: text with a run of 19 digits or
     more goes to json.loads, as does what orjson refuses (NaN, a lone surrogate escape), which
     json.loads takes or raises as before (UnicodeDecodeError, ValueError, RecursionError)."""
-    if _LONG_DIGITS(raw) is None:
+    if not _codec.has_digit_run(raw, 19):
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
             pass
     return json.loads(raw.decode("utf-8"))
-
-
-_LONG_DIGITS = re.compile(rb"[0-9]{19}").search
 
 
 def dumps(doc: Any) -> bytes:
