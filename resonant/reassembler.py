@@ -219,11 +219,11 @@ class Reassembler:
             frame = data
         else:
             codec = self.codec
-            if codec is None or not codec.require_encryption:  # the bulk of a stream: one C call
-                events = self.receive_chunk(data, now, self.expected_space_hash if codec is None
-                                            else codec.expected_space_hash)
-                if events is not None:
-                    return events
+            if codec is None or not codec.require_encryption:  # the bulk of a stream: one C call (receive_chunk)
+                st = _codec.place_chunk(self._streams, data, self.expected_space_hash if codec is None
+                                        else codec.expected_space_hash, now)
+                if st is not None:
+                    return [] if st.completed < 0 and st.tail is None and not st.fec_watch else self.chunk_events(st)
             frame = (self.codec.decode(data, strict=True) if self.codec is not None  # (stream frames fit their layouts)
                      else _codec.decode(data, expected_space_hash=self.expected_space_hash, strict=True))
         sid = frame.stream_id
@@ -269,7 +269,7 @@ class Reassembler:
         st = _codec.place_chunk(self._streams, data, expected_space_hash, now)
         if st is None:
             return None
-        return self.chunk_events(st)
+        return [] if st.completed < 0 and st.tail is None and not st.fec_watch else self.chunk_events(st)
 
     def place_records(self, buf: bytearray, start: int, end: int, max_frame_bytes: int,
                       expected_space_hash: int | None, now: float) -> tuple[int, int, int, list]:
