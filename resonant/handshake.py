@@ -421,7 +421,7 @@ def parse(data: bytes | bytearray | memoryview | str) -> dict[str, Any]:
         doc = loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise HandshakeError("$", f"not valid UTF-8 JSON: {exc}") from None
-    return validate(doc)
+    return _validate_read(doc)
 
 
 def parse_if_json(data: bytes | bytearray | memoryview) -> dict[str, Any] | None:
@@ -434,7 +434,16 @@ def parse_if_json(data: bytes | bytearray | memoryview) -> dict[str, Any] | None
         return None
     if len(raw) > MAX_JSON_BYTES:
         raise HandshakeError("$", f"{len(raw)} bytes, more than max_json_bytes ({MAX_JSON_BYTES})")
-    return validate(doc)
+    return _validate_read(doc)
+
+
+def _validate_read(doc: Any) -> dict[str, Any]:
+    """validate() of a document read from a peer: orjson reads values nested up to 1024 deep (json.loads
+    stopped near 1000), too deep for an error's repr of them; that is a HandshakeError too."""
+    try:
+        return validate(doc)
+    except RecursionError:
+        raise HandshakeError("$", "nested too deeply to check") from None
 
 
 # --------------------------------------------------------------------------- the session's state machine

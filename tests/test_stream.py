@@ -597,3 +597,11 @@ def test_stream_objects_and_ready_events_read_like_records():
     ready = of(deliver(Reassembler(), sender), ObjectReady)
     assert [(e.stream_id, e.index, e.name, e.layer) for e in ready] == [(119, 0, "a", 0), (119, 1, "b", 1)]
     assert ready[1].array.tolist() == [1] * 5 and repr(ready[0]).startswith("ObjectReady(stream_id=119, index=0")
+
+
+def test_head_nested_as_deep_as_orjson_reads_is_bad_head():
+    """A HEAD whose field nests past json.loads's depth (orjson reads up to 1024) fails as
+    bad_head, not with a RecursionError out of receive."""
+    raw = b'{"method":"head","v":' + b"[" * 1010 + b"]" * 1010 + b"}"
+    (event,) = Reassembler().receive(resonant.encode(Sync(raw, stream_id=120, frame_seq=0)), 0.0)
+    assert isinstance(event, StreamFailed) and event.reason == "bad_head"
