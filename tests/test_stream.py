@@ -605,3 +605,14 @@ def test_head_nested_as_deep_as_orjson_reads_is_bad_head():
     raw = b'{"method":"head","v":' + b"[" * 1010 + b"]" * 1010 + b"}"
     (event,) = Reassembler().receive(resonant.encode(Sync(raw, stream_id=120, frame_seq=0)), 0.0)
     assert isinstance(event, StreamFailed) and event.reason == "bad_head"
+
+
+@pytest.mark.parametrize("obj", [StreamObject(0, DType.F16, (10_000_000,), 2, 0, 0, 1),  # shape past its nbytes
+                                 StreamObject(0, DType.F16, (1,), 2, -16, 0, 1),          # before the buffer
+                                 StreamObject(0, DType.Q4, (4,), -2, 4, 0, 1)])            # negative size
+def test_object_views_refuse_an_object_outside_its_bytes(obj):
+    """The C views trust nothing of a StreamObject made by hand (the numpy constructor they replace
+    checked the buffer's bounds): a view past the buffer is a ValueError, not a read of other memory."""
+    from resonant import _codec
+    with pytest.raises(ValueError):
+        _codec.object_views(np.zeros(8, np.uint8), (obj,), 1)
