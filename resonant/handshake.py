@@ -215,7 +215,7 @@ def _check(value: Any, spec: dict[str, Any], path: str) -> None:
             return  # a list of integers in range (a shape): no path per item; else the item that fails, below
         if t == "list[object]":  # (a HEAD's objects: each item's path built only on a failure)
             if _objects_pass(value, spec["fields"]):
-                return  # every item passes (checked column by column); else the item that fails, below
+                return  # every item passes (one C pass, _objects_pass); else the item that fails, below
             for i, v in enumerate(value):
                 if not isinstance(v, dict):
                     raise HandshakeError(f"{path}[{i}]", f"expected an object, got {type(v).__name__}")
