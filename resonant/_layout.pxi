@@ -163,6 +163,8 @@ def object_views(buffer, tuple objects, stream_id):
         raise ValueError("the buffer must be a writable, C-contiguous uint8 array")
     for i in range(len(objects)):
         o = <StreamObject?>objects[i]
+        if o.offset < 0 or o.nbytes < 0:  # (a StreamObject made by hand: nothing of it is trusted)
+            raise ValueError(f"objects[{o.index}]: offset {o.offset}, nbytes {o.nbytes}")
         end = o.offset + o.nbytes if o.offset + o.nbytes > end else end
     if end > buf.shape[0]:
         raise ValueError(f"the objects need {end} bytes, the buffer is {buf.shape[0]}")
@@ -187,11 +189,24 @@ cdef object _view(cnp.ndarray buf, StreamObject o, unsigned char *base, object n
     """Object o's array: a view of buf of its numpy dtype npdt and shape."""
     cdef cnp.npy_intp dims[64]
     cdef Py_ssize_t k, ndim
+    cdef Py_ssize_t size = (<cnp.dtype>npdt).itemsize
+    cdef bint negative = False, zero = False, past = False
     ndim = len(o.shape)
     if ndim > 64:  # (numpy's limit; a HEAD's shapes have at most max_list_items, 64)
         raise ValueError(f"objects[{o.index}]: {ndim} dimensions, numpy holds at most 64")
     for k in range(ndim):
         dims[k] = o.shape[k]
+        if dims[k] <= 0:
+            negative = negative or dims[k] < 0
+            zero = True
+        elif not past:
+            if size > o.nbytes // dims[k]:  # (o.nbytes >= 0: checked by the caller; no overflow)
+                past = True
+            else:
+                size *= dims[k]
+    # (a HEAD's objects match by its size rule; one made by hand may not)
+    if negative or (o.nbytes != 0 if zero else past or size != o.nbytes):
+        raise ValueError(f"objects[{o.index}]: shape {o.shape} does not fit its {o.nbytes} bytes")
     Py_INCREF(npdt)  # PyArray_NewFromDescr steals a reference to the descr
     arr = PyArray_NewFromDescr(<PyTypeObject *>cnp.ndarray, <cnp.dtype>npdt, <int>ndim, dims, NULL,
                                <void *>(base + o.offset), cnp.NPY_ARRAY_WRITEABLE, None)

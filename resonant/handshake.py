@@ -215,7 +215,7 @@ def _check(value: Any, spec: dict[str, Any], path: str) -> None:
             return  # a list of integers in range (a shape): no path per item; else the item that fails, below
         if t == "list[object]":  # (a HEAD's objects: each item's path built only on a failure)
             if _objects_pass(value, spec["fields"]):
-                return  # every item passes (checked column by column); else the item that fails, below
+                return  # every item passes (one C pass, _objects_pass); else the item that fails, below
             for i, v in enumerate(value):
                 if not isinstance(v, dict):
                     raise HandshakeError(f"{path}[{i}]", f"expected an object, got {type(v).__name__}")
@@ -422,7 +422,7 @@ def parse(data: bytes | bytearray | memoryview | str) -> dict[str, Any]:
         doc = loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise HandshakeError("$", f"not valid UTF-8 JSON: {exc}") from None
-    return validate(doc)
+    return _validate_read(doc)
 
 
 def parse_if_json(data: bytes | bytearray | memoryview) -> dict[str, Any] | None:
@@ -435,7 +435,16 @@ def parse_if_json(data: bytes | bytearray | memoryview) -> dict[str, Any] | None
         return None
     if len(raw) > MAX_JSON_BYTES:
         raise HandshakeError("$", f"{len(raw)} bytes, more than max_json_bytes ({MAX_JSON_BYTES})")
-    return validate(doc)
+    return _validate_read(doc)
+
+
+def _validate_read(doc: Any) -> dict[str, Any]:
+    """validate() of a document read from a peer: orjson reads values nested up to 1024 deep (json.loads
+    stopped near 1000), too deep for an error's repr of them; that is a HandshakeError too."""
+    try:
+        return validate(doc)
+    except RecursionError:
+        raise HandshakeError("$", "nested too deeply to check") from None
 
 
 # --------------------------------------------------------------------------- the session's state machine

@@ -150,3 +150,14 @@ def test_dumps_is_compact_json_and_takes_big_integers():
     out = handshake.dumps(doc)
     assert b" " not in out.replace("kv ".encode(), b"") and json.loads(out) == doc
     assert handshake.dumps({"a": [1, "b"]}) == b'{"a":[1,"b"]}'
+
+
+@pytest.mark.parametrize("depth", [1005, 1020])
+@pytest.mark.parametrize("parse", [handshake.parse, handshake.parse_if_json])
+def test_a_document_nested_as_deep_as_orjson_reads_is_a_handshake_error(parse, depth):
+    """orjson reads nesting up to 1024 deep, past where json.loads raised RecursionError (~1000):
+    checking such a document (an error's repr of the value) must still end in a HandshakeError,
+    never a RecursionError."""
+    raw = b'{"method": "head", "v": ' + b"[" * depth + b"]" * depth + b"}"
+    with pytest.raises(HandshakeError, match=r"^\$"):
+        parse(raw)

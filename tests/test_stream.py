@@ -597,3 +597,22 @@ def test_stream_objects_and_ready_events_read_like_records():
     ready = of(deliver(Reassembler(), sender), ObjectReady)
     assert [(e.stream_id, e.index, e.name, e.layer) for e in ready] == [(119, 0, "a", 0), (119, 1, "b", 1)]
     assert ready[1].array.tolist() == [1] * 5 and repr(ready[0]).startswith("ObjectReady(stream_id=119, index=0")
+
+
+def test_head_nested_as_deep_as_orjson_reads_is_bad_head():
+    """A HEAD whose field nests past json.loads's depth (orjson reads up to 1024) fails as
+    bad_head, not with a RecursionError out of receive."""
+    raw = b'{"method":"head","v":' + b"[" * 1010 + b"]" * 1010 + b"}"
+    (event,) = Reassembler().receive(resonant.encode(Sync(raw, stream_id=120, frame_seq=0)), 0.0)
+    assert isinstance(event, StreamFailed) and event.reason == "bad_head"
+
+
+@pytest.mark.parametrize("obj", [StreamObject(0, DType.F16, (10_000_000,), 2, 0, 0, 1),  # shape past its nbytes
+                                 StreamObject(0, DType.F16, (1,), 2, -16, 0, 1),          # before the buffer
+                                 StreamObject(0, DType.Q4, (4,), -2, 4, 0, 1)])            # negative size
+def test_object_views_refuse_an_object_outside_its_bytes(obj):
+    """The C views trust nothing of a StreamObject made by hand (the numpy constructor they replace
+    checked the buffer's bounds): a view past the buffer is a ValueError, not a read of other memory."""
+    from resonant import _codec
+    with pytest.raises(ValueError):
+        _codec.object_views(np.zeros(8, np.uint8), (obj,), 1)

@@ -139,7 +139,7 @@ def test_records_per_write_is_checked():
 
 @pytest.mark.parametrize("names, layers", [(None, None), (["k0", "v0", "k0", "x"], [0, 0, 1, 1]), (None, [3, 3, 2, 2])])
 def test_head_frame_carries_the_head_document_as_compact_json(names, layers):
-    """The HEAD's JSON (each distinct object entry encoded once) is compact_json of head_document(),
+    """The HEAD's JSON is compact_json of head_document(),
     byte for byte, alike and different objects, with and without names and layers."""
     from resonant.stream_layout import compact_json
     objects = [np.zeros((2, 3), np.float32), np.zeros((2, 3), np.float32), np.ones(5, np.float16),
