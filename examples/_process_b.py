@@ -86,6 +86,16 @@ def report(result: dict, as_json: bool, print_table) -> int:
     return 0 if result["ok"] else 1
 
 
+def run_a(main) -> int:
+    """Process A's run of the coroutine `main`: its exit status, or 1 with FAILED and the reason on
+    stderr when it raised VerificationError (B misbehaved, or an event was not what it should be)."""
+    try:
+        return asyncio.run(main)
+    except VerificationError as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+
+
 # ------------------------------------------------------------------ B's side
 
 

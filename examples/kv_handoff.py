@@ -64,7 +64,7 @@ import numpy as np  # noqa: E402
 import resonant  # noqa: E402
 
 import _smollm2  # noqa: E402
-from _process_b import ProcessB, VerificationError, report, run_beside, say  # noqa: E402
+from _process_b import ProcessB, VerificationError, report, run_a, run_beside, say  # noqa: E402
 
 DTYPES = ("f32", "bf16", "f16", "q8_0")
 TOKENS = (100, 1000, 4000)
@@ -374,11 +374,7 @@ def main(argv=None) -> int:
     if not _smollm2.available():
         print(f"SmolLM2 is not installed: {_smollm2.INSTALL_HINT}", file=sys.stderr)
         return 2
-    try:
-        return asyncio.run(head_main(args))
-    except VerificationError as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
-        return 1
+    return run_a(head_main(args))
 
 
 if __name__ == "__main__":

